@@ -1,0 +1,153 @@
+"""Wiring: receiver -> queue -> window stage -> baselines and detectors -> sinks.
+
+One direction of data flow. The receiver threads only decode and enqueue; one pipeline
+thread owns the windows, baselines and detectors, so their state needs no locks and the
+same spans in the same order always give the same output; the Redis sink writes on a
+thread of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+
+import redis
+
+from processor.baseline import BaselineStage
+from processor.config import Config
+from processor.detect.first_seen import FirstSeen
+from processor.receiver.decode import Batch
+from processor.receiver.grpc import GrpcReceiver, Overloaded
+from processor.sinks.prometheus import Metrics, serve_http
+from processor.sinks.redis_streams import RedisSink
+from processor.window import ClosedWindow, WindowStage
+
+log = logging.getLogger("backflow")
+
+_STOP = object()
+
+
+class Pipeline:
+    """Everything after the receiver; single-threaded and deterministic given its input."""
+
+    def __init__(self, cfg: Config, sink: RedisSink, metrics: Metrics, known_keys: set[str]):
+        self.cfg = cfg
+        self.sink = sink
+        self.metrics = metrics
+        self.windows = WindowStage(cfg.window_ns, cfg.lateness_ns, cfg.idle_timeout, cfg.exemplars)
+        self.baselines = BaselineStage(cfg.window, cfg.baseline_half_life)
+        self.first_seen = FirstSeen(known_keys)
+        self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue_batches)
+        self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+
+    def offer(self, batch: Batch) -> None:
+        """Called by receiver threads; raises Overloaded when the queue stays full."""
+        try:
+            self.queue.put(batch, timeout=0.05)
+        except queue.Full:
+            raise Overloaded(delay_s=1.0) from None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float) -> None:
+        """Process everything queued, close all open windows, hand results to the sink."""
+        self.queue.put(_STOP)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        last_idle_check = time.monotonic()
+        while True:
+            try:
+                item = self.queue.get(timeout=0.5)
+            except queue.Empty:
+                item = None
+            if item is _STOP:
+                self._emit(self.windows.flush_all())
+                return
+            if item is not None:
+                before_late = self.windows.stats["late"]
+                before_spans = self.windows.stats["spans"]
+                self._emit(self.windows.ingest(item))
+                self.metrics.late.inc(self.windows.stats["late"] - before_late)
+                self.metrics.processed.inc(self.windows.stats["spans"] - before_spans)
+            now = time.monotonic()
+            if now - last_idle_check >= 1.0:
+                last_idle_check = now
+                self._emit(self.windows.flush_idle())
+            self.metrics.queue.set(self.queue.qsize())
+            self.metrics.open_windows.set(self.windows.open_windows())
+            self.metrics.active_keys.set(len(self.windows.tables.locations))
+            self.metrics.redis_pending.set(self.sink.pending())
+            self.metrics.redis_up.set(1 if self.sink.reachable else 0)
+
+    def _emit(self, closed: list[ClosedWindow]) -> None:
+        for cw in closed:
+            events = []
+            for lw in cw.locations:
+                events += self.first_seen.update(cw, lw)
+            changed = self.baselines.update(cw)
+            self.metrics.observe_window(cw)
+            self.sink.submit(events, [(b.location.key, b.fields()) for b in changed])
+
+
+class Backflow:
+    """The whole process: ``start()``, then ``stop()`` on SIGTERM."""
+
+    def __init__(self, cfg: Config, metrics: Metrics | None = None):
+        self.cfg = cfg
+        self.metrics = metrics or Metrics(max_locations=cfg.metrics_max_locations)
+        client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=5,
+                                      health_check_interval=30)
+        self.sink = RedisSink(client, cfg.prefix, cfg.events_maxlen, cfg.redis_buffer,
+                              on_event_written=lambda t: self.metrics.events.labels(type=t).inc(),
+                              on_dropped=self.metrics.redis_dropped.inc)
+        self.pipeline: Pipeline | None = None
+        self.receiver: GrpcReceiver | None = None
+        self.http = None
+        self._listening = False
+
+    def healthy(self) -> bool:
+        return self._listening and self.sink.reachable
+
+    def start(self) -> None:
+        self.http = serve_http(self.cfg.metrics, self.metrics.registry, self.healthy)
+        if not self.sink.ping():
+            log.warning("Redis at %s is not answering yet; writes are buffered until it does",
+                        _redacted(self.cfg.redis_url))
+        known = self.sink.known_keys() if self.sink.reachable else set()
+        self.pipeline = Pipeline(self.cfg, self.sink, self.metrics, known)
+        self.pipeline.start()
+        self.sink.start()
+        self.receiver = GrpcReceiver(self.cfg.otlp_grpc, self.cfg.max_request_bytes,
+                                     self.pipeline.offer, self.metrics)
+        self.receiver.start()
+        self._listening = True
+        if self.cfg.otlp_http != "off":
+            log.info("OTLP/HTTP (%s) is not served yet; send OTLP/gRPC to %s",
+                     self.cfg.otlp_http, self.cfg.otlp_grpc)
+
+    def stop(self, deadline: float = 20.0) -> None:
+        """Stop accepting, drain the queue, close every window, write it all out."""
+        t0 = time.monotonic()
+        self._listening = False
+        if self.receiver:
+            self.receiver.stop(grace=min(5.0, deadline / 4))
+        if self.pipeline:
+            self.pipeline.stop(timeout=max(1.0, deadline - (time.monotonic() - t0)))
+        left = max(0.5, deadline - (time.monotonic() - t0))
+        if not self.sink.stop(timeout=left):
+            log.error("exiting with %d Redis writes not delivered", self.sink.pending())
+        if self.http:
+            self.http.shutdown()
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for logs."""
+    from urllib.parse import urlparse
+    u = urlparse(url)
+    if u.password:
+        return url.replace(f":{u.password}@", ":***@")
+    return url

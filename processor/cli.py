@@ -1,0 +1,61 @@
+"""Command line: ``backflow serve``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+
+from processor import __version__
+from processor.config import ConfigError, add_arguments, resolve
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="backflow", description=(
+        "Backflow: per-function baselines and regression events from OpenTelemetry spans."))
+    p.add_argument("--version", action="version", version=f"backflow {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the OTLP receiver, the detectors and the sinks")
+    add_arguments(serve)
+    return p
+
+
+def serve(cfg) -> int:
+    from processor.app import Backflow  # heavy imports only when serving
+
+    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = Backflow(cfg)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        app.start()
+    except OSError as e:
+        logging.getLogger("backflow").error("cannot start: %s", e)
+        app.stop(deadline=2.0)
+        return 1
+    logging.getLogger("backflow").info("backflow %s serving; metrics on %s", __version__, cfg.metrics)
+    while not stop.wait(timeout=1.0):
+        pass
+    logging.getLogger("backflow").info("stopping: closing open windows and flushing")
+    app.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        import os
+        try:
+            cfg = resolve(vars(args), dict(os.environ))
+        except ConfigError as e:
+            print(f"backflow: {e}", file=sys.stderr)
+            return 2
+        return serve(cfg)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

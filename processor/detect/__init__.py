@@ -1,0 +1,1 @@
+"""Detectors: read closed windows of one code location, emit events."""

@@ -1,0 +1,34 @@
+"""``first_seen``: a code location seen for the first time ever.
+
+Known keys are loaded from ``{prefix}:keys`` at start, so a restart does not announce old
+locations again; the Redis sink adds a key and writes its event in one script, so two
+processes sharing Redis cannot both announce it.
+"""
+
+from __future__ import annotations
+
+from processor.events import Event
+from processor.window import ClosedWindow, LocationWindow
+
+
+class FirstSeen:
+    def __init__(self, known_keys: set[str] | None = None):
+        self.known = set(known_keys or ())
+
+    def update(self, cw: ClosedWindow, lw: LocationWindow) -> list[Event]:
+        key = lw.location.key
+        if key in self.known:
+            return []
+        self.known.add(key)
+        v = lw.main_version
+        q50, q99 = lw.sketch.quantiles([0.5, 0.99]) / 1e6
+        where = f" ({lw.location.file}:{lw.location.line})" if lw.location.file else ""
+        in_version = f" in {v.version[1]}" if v.version[1] else ""
+        return [Event(
+            type="first_seen", location=lw.location, version=v.version,
+            window_start_ns=cw.start_ns, window_end_ns=cw.end_ns, severity="info",
+            summary=(f"{lw.location.function}{where} first seen{in_version}: "
+                     f"{lw.count} calls, p50 {q50:.3g} ms, p99 {q99:.3g} ms"),
+            detail={"count": lw.count, "errors": lw.errors, "p50_ms": round(q50, 6),
+                    "p99_ms": round(q99, 6), "exemplars": lw.exemplars},
+        )]

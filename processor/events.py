@@ -1,0 +1,61 @@
+"""Events as CONTRACT.md publishes them on ``{prefix}:events``.
+
+>>> from processor.location import Location
+>>> e = Event("first_seen", Location("prod", "shop", "shop.cart.apply", "cart.py", "12"),
+...           ("shop", "1.4.3", "abc123"), 60_000_000_000, 120_000_000_000, "info",
+...           "first call of shop.cart.apply in 1.4.3", {"count": 3})
+>>> f = e.fields()
+>>> f["type"], f["service.version"], f["window.start"], f["detail"]
+('first_seen', '1.4.3', '60000', '{"count": 3}')
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from processor.location import Location
+
+EVENT_TYPES = ("first_seen", "latency_regression", "error_regression", "new_exception",
+               "scaling_regression", "dormant")
+SEVERITIES = ("info", "warning", "critical")
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str
+    location: Location
+    version: tuple[str, str, str]  # (service, service.version, vcs.ref.head.revision)
+    window_start_ns: int
+    window_end_ns: int
+    severity: str
+    summary: str
+    detail: dict = field(default_factory=dict)
+
+    @property
+    def id(self) -> str:
+        """Deterministic: the same location, type and window always give the same id."""
+        raw = f"{self.location.key}\x00{self.type}\x00{self.window_start_ns}".encode()
+        return hashlib.blake2b(raw, digest_size=12).hexdigest()
+
+    def fields(self) -> dict[str, str]:
+        loc = self.location
+        return {
+            "id": self.id,
+            "type": self.type,
+            "key": loc.key,
+            "service.name": loc.service,
+            "deployment.environment.name": loc.environment,
+            "code.function.name": loc.function,
+            "code.file.path": loc.file,
+            "code.line.number": loc.line,
+            "otel.scope.name": loc.scope,
+            "service.version": self.version[1],
+            "vcs.ref.head.revision": self.version[2],
+            "window.start": str(self.window_start_ns // 1_000_000),
+            "window.end": str(self.window_end_ns // 1_000_000),
+            "severity": self.severity,
+            "summary": self.summary,
+            "detail": json.dumps(self.detail, sort_keys=True, separators=(", ", ": ")),
+        }

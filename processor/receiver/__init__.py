@@ -1,0 +1,1 @@
+"""Receivers: take OTLP requests, decode them into columnar batches, hand them over."""

@@ -1,0 +1,99 @@
+"""OTLP/gRPC receiver: TraceService/Export plus grpc.health.v1.
+
+The handler takes the raw request bytes (no generated deserializer, so each request is
+parsed exactly once, by ``decode``), hands the batch to the pipeline and answers with OTLP
+partial success for the spans it refused. When the pipeline is full it answers UNAVAILABLE
+with a google.rpc.RetryInfo delay: the OTLP throttling rule, which exporters retry.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from typing import Callable
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+from processor.receiver.decode import Batch, MalformedRequest, decode_request
+
+log = logging.getLogger("backflow.grpc")
+
+SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+
+
+class Overloaded(Exception):
+    """The pipeline cannot take the batch now; the sender should retry after ``delay_s``."""
+
+    def __init__(self, delay_s: float):
+        super().__init__(f"pipeline full, retry in {delay_s:g}s")
+        self.delay_s = delay_s
+
+
+def _unavailable(context: grpc.ServicerContext, delay_s: float) -> None:
+    detail = error_details_pb2.RetryInfo(retry_delay=Duration(
+        seconds=int(delay_s), nanos=int((delay_s % 1) * 1e9)))
+    status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message="Backflow is overloaded, retry later")
+    status.details.add().Pack(detail)
+    context.set_trailing_metadata((("grpc-status-details-bin", status.SerializeToString()),))
+    context.abort(grpc.StatusCode.UNAVAILABLE, status.message)
+
+
+class GrpcReceiver:
+    """``on_batch(batch)`` hands a decoded batch on; it raises ``Overloaded`` when full."""
+
+    def __init__(self, address: str, max_request_bytes: int, on_batch: Callable[[Batch], None],
+                 metrics, workers: int = 8):
+        self.address = address
+        self.on_batch = on_batch
+        self.metrics = metrics
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-grpc"),
+            options=[
+                ("grpc.max_receive_message_length", max_request_bytes),
+                ("grpc.so_reuseport", 0),  # a second Backflow on the same port must fail, not share
+            ],
+        )
+        handler = grpc.method_handlers_generic_handler(SERVICE, {
+            "Export": grpc.unary_unary_rpc_method_handler(self._export),  # raw bytes in and out
+        })
+        self.server.add_generic_rpc_handlers((handler,))
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+
+    def start(self) -> None:
+        if self.server.add_insecure_port(self.address) == 0:
+            raise OSError(f"cannot listen on {self.address}")
+        self.server.start()
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("OTLP/gRPC listening on %s", self.address)
+
+    def stop(self, grace: float) -> None:
+        """Stop taking requests; requests in flight get ``grace`` seconds to finish."""
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace).wait()
+
+    def _export(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            batch = decode_request(request)
+        except MalformedRequest as e:
+            self.metrics.refused_requests.labels(transport="grpc", reason="malformed").inc()
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if batch.rejected:
+            self.metrics.refused.labels(transport="grpc", reason="invalid_span").inc(batch.rejected)
+        if len(batch):
+            try:
+                self.on_batch(batch)
+            except Overloaded as e:
+                self.metrics.refused.labels(transport="grpc", reason="overloaded").inc(len(batch))
+                _unavailable(context, e.delay_s)
+            self.metrics.accepted.labels(transport="grpc").inc(len(batch))
+        resp = ExportTraceServiceResponse()
+        if batch.rejected:
+            resp.partial_success.rejected_spans = batch.rejected
+            resp.partial_success.error_message = batch.error_message()
+        return resp.SerializeToString()

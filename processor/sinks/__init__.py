@@ -1,0 +1,1 @@
+"""Sinks: write what the detectors and baselines produced. They only write."""

@@ -1,0 +1,155 @@
+"""Prometheus: self-metrics, per-location gauges under a cardinality limit, /healthz.
+
+Per-location series are limited to ``max_locations`` code locations (the first ones seen);
+the others fold into one overflow series with ``code_function="__overflow__"``, as the
+collector's spanmetrics connector does, so a cardinality explosion cannot blow up the
+scrape.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from processor.baseline import QUANTILES
+from processor.sketch import LogSketch
+from processor.window import ClosedWindow
+
+OVERFLOW = "__overflow__"
+_LABELS = ["service_name", "deployment_environment_name", "code_function_name"]
+
+
+class LocationGauges:
+    """A custom collector: latest closed window's figures per code location."""
+
+    def __init__(self, max_locations: int):
+        self.max_locations = max_locations
+        self._lock = threading.Lock()
+        self._rows: dict[tuple[str, str, str], tuple] = {}  # labels -> (quantiles ms, err, rate)
+        self.overflowed: set[str] = set()
+
+    def observe(self, cw: ClosedWindow) -> None:
+        window_s = (cw.end_ns - cw.start_ns) / 1e9
+        spill = LogSketch()
+        spill_count = spill_errors = 0
+        with self._lock:
+            for lw in cw.locations:
+                loc = lw.location
+                labels = (loc.service, loc.environment, loc.function)
+                if labels not in self._rows and len(self._rows) >= self.max_locations:
+                    self.overflowed.add(loc.key)
+                    spill = spill.merge(lw.sketch)
+                    spill_count += lw.count
+                    spill_errors += lw.errors
+                    continue
+                self._rows[labels] = (lw.sketch.quantiles(QUANTILES) / 1e6,
+                                      lw.errors / lw.count, lw.count / window_s)
+            if spill_count:
+                self._rows[("", "", OVERFLOW)] = (spill.quantiles(QUANTILES) / 1e6,
+                                                  spill_errors / spill_count, spill_count / window_s)
+
+    def collect(self):
+        lat = GaugeMetricFamily("backflow_location_latency_milliseconds",
+                                "Span duration per code location at a quantile, latest closed window",
+                                labels=_LABELS + ["quantile"])
+        err = GaugeMetricFamily("backflow_location_error_ratio",
+                                "Share of spans with status ERROR per code location, latest closed window",
+                                labels=_LABELS)
+        rate = GaugeMetricFamily("backflow_location_calls_per_second",
+                                 "Spans per second per code location, latest closed window",
+                                 labels=_LABELS)
+        with self._lock:
+            rows = list(self._rows.items())
+        for labels, (qs, e, r) in rows:
+            for q, v in zip(QUANTILES, qs):
+                lat.add_metric(list(labels) + [str(q)], float(v))
+            err.add_metric(list(labels), float(e))
+            rate.add_metric(list(labels), float(r))
+        yield from (lat, err, rate)
+
+
+class Metrics:
+    """Every metric Backflow exports, on one registry passed in (tests build their own)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, max_locations: int = 1000):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.accepted = Counter("backflow_receiver_accepted_spans", "Spans accepted by the receiver",
+                                ["transport"], registry=r)
+        self.refused = Counter("backflow_receiver_refused_spans",
+                               "Spans refused by the receiver (malformed, or pipeline full)",
+                               ["transport", "reason"], registry=r)
+        self.refused_requests = Counter("backflow_receiver_refused_requests",
+                                        "Whole requests refused (not OTLP, too large)",
+                                        ["transport", "reason"], registry=r)
+        self.late = Counter("backflow_late_spans", "Spans dropped because their window had closed",
+                            registry=r)
+        self.processed = Counter("backflow_processed_spans",
+                                 "Spans aggregated into a window by the window stage", registry=r)
+        self.events = Counter("backflow_events", "Events written to the events stream", ["type"],
+                              registry=r)
+        self.windows = Counter("backflow_windows_closed", "Windows closed (service x window)",
+                               registry=r)
+        self.active_keys = Gauge("backflow_active_keys", "Code locations held in memory",
+                                 registry=r)
+        self.open_windows = Gauge("backflow_open_windows", "Windows open (service x window)",
+                                  registry=r)
+        self.queue = Gauge("backflow_queue_batches", "Decoded requests waiting for the window stage",
+                           registry=r)
+        self.redis_pending = Gauge("backflow_redis_pending_writes",
+                                   "Writes waiting for Redis (buffered while it is away)", registry=r)
+        self.redis_dropped = Counter("backflow_redis_dropped_writes",
+                                     "Writes dropped because the Redis buffer was full", registry=r)
+        self.redis_up = Gauge("backflow_redis_up", "1 when the last Redis call succeeded", registry=r)
+        self.overflow_locations = Gauge("backflow_metrics_overflow_locations",
+                                        "Code locations folded into the overflow series",
+                                        registry=r)
+        self.locations = LocationGauges(max_locations)
+        r.register(self.locations)
+        for t in ("first_seen",):
+            self.events.labels(type=t)
+
+    def observe_window(self, cw: ClosedWindow) -> None:
+        self.windows.inc()
+        self.locations.observe(cw)
+        self.overflow_locations.set(len(self.locations.overflowed))
+
+
+def serve_http(address: str, registry: CollectorRegistry, healthy: Callable[[], bool]) -> ThreadingHTTPServer:
+    """Serve ``/metrics`` and ``/healthz`` (200 when healthy, else 503) on a thread."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's naming)
+            path = self.path.split("?")[0]
+            if path == "/metrics":
+                body, status, ctype = generate_latest(registry), 200, CONTENT_TYPE_LATEST
+            elif path == "/healthz":
+                ok = healthy()
+                body = b"ok\n" if ok else b"not ready\n"
+                status, ctype = (200 if ok else 503), "text/plain"
+            else:
+                body, status, ctype = b"not found\n", 404, "text/plain"
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):  # scrapes are not worth a log line
+            pass
+
+    class Server(ThreadingHTTPServer):
+        daemon_threads = True
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+    server = Server((host, int(port)), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

@@ -1,0 +1,366 @@
+"""Event-time tumbling windows per service, with watermarks, lateness and idle flush.
+
+A span belongs to the window ``[start, start + W)`` holding its end timestamp. Each service
+has a watermark: the latest end timestamp seen from it, less the allowed lateness. A window
+closes when its service's watermark passes its end, when the service sent nothing for
+``idle_timeout`` seconds of processing time, or at shutdown. A span whose window has
+already closed is late: counted and dropped.
+
+Lateness is decided span by span in arrival order (the watermark a span sees is the one
+left by the spans before it, even within one batch), so the same spans in the same order
+give the same windows whatever the batching and whatever the replay speed.
+
+All per-span work here is numpy on whole batches; Python loops run per service, per
+window or per code location, never per span.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from processor.location import Location
+from processor.receiver.decode import Batch
+from processor.sketch import MAX_BUCKET, LogSketch, bucket_index
+
+_NB = MAX_BUCKET + 1
+_COMPACT_AT = 1 << 18  # packed entries held before an accumulator compacts them
+
+
+class _Growable:
+    """An int32 array that grows by doubling; ``view`` is the filled part."""
+
+    def __init__(self):
+        self._a = np.zeros(64, np.int32)
+        self.n = 0
+
+    def append(self, v: int) -> None:
+        if self.n == len(self._a):
+            self._a = np.concatenate([self._a, np.zeros(len(self._a), np.int32)])
+        self._a[self.n] = v
+        self.n += 1
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._a[: self.n]
+
+
+class Tables:
+    """Interned ids for locations, services, versions and (location, version) series."""
+
+    def __init__(self):
+        self.locations: list[Location] = []
+        self._loc_ids: dict[tuple, int] = {}
+        self.loc_service = _Growable()
+        self.services: list[str] = []
+        self._svc_ids: dict[str, int] = {}
+        self.versions: list[tuple[str, str, str]] = []
+        self._ver_ids: dict[tuple, int] = {}
+        self.series_loc = _Growable()
+        self.series_ver = _Growable()
+        self._series_ids: dict[int, int] = {}
+
+    def location_id(self, loc: Location) -> int:
+        i = self._loc_ids.get(loc.identity)
+        if i is None:
+            i = self._loc_ids[loc.identity] = len(self.locations)
+            self.locations.append(loc)
+            self.loc_service.append(self.service_id(loc.service))
+        return i
+
+    def service_id(self, name: str) -> int:
+        i = self._svc_ids.get(name)
+        if i is None:
+            i = self._svc_ids[name] = len(self.services)
+            self.services.append(name)
+        return i
+
+    def version_id(self, v: tuple[str, str, str]) -> int:
+        i = self._ver_ids.get(v)
+        if i is None:
+            i = self._ver_ids[v] = len(self.versions)
+            self.versions.append(v)
+        return i
+
+    def series_ids(self, loc: np.ndarray, ver: np.ndarray) -> np.ndarray:
+        """Series id of each (location, version) pair; one dict lookup per distinct pair."""
+        packed = (loc.astype(np.int64) << 32) | ver.astype(np.int64)
+        uniq, inv = np.unique(packed, return_inverse=True)
+        ids = np.empty(len(uniq), np.int64)
+        for j, p in enumerate(uniq.tolist()):
+            s = self._series_ids.get(p)
+            if s is None:
+                s = self._series_ids[p] = len(self._series_ids)
+                self.series_loc.append(p >> 32)
+                self.series_ver.append(p & 0xFFFFFFFF)
+            ids[j] = s
+        return ids[inv]
+
+
+@dataclass
+class VersionFigures:
+    version: tuple[str, str, str]  # (service, service.version, vcs.ref.head.revision)
+    count: int
+    errors: int
+    sketch: LogSketch
+
+
+@dataclass
+class LocationWindow:
+    """What one closed window holds for one code location."""
+    loc_id: int
+    location: Location
+    count: int
+    errors: int
+    sketch: LogSketch
+    versions: list[VersionFigures]
+    exceptions: Counter = field(default_factory=Counter)
+    exemplars: list[str] = field(default_factory=list)  # trace ids (hex), slowest first
+
+    @property
+    def main_version(self) -> VersionFigures:
+        """The version that served most of this window's spans."""
+        return max(self.versions, key=lambda v: (v.count, v.version))
+
+
+@dataclass
+class ClosedWindow:
+    service: str
+    start_ns: int
+    end_ns: int
+    locations: list[LocationWindow]
+
+
+def _top_k(series: np.ndarray, dur: np.ndarray, tid: np.ndarray, k: int) -> np.ndarray:
+    """Rows of the k slowest spans per series (ties broken by trace id), deterministic."""
+    order = np.lexsort((tid[:, 1], tid[:, 0], -dur, series))
+    s = series[order]
+    first = np.r_[True, s[1:] != s[:-1]]
+    starts = np.flatnonzero(first)
+    rank = np.arange(len(s)) - starts[np.cumsum(first) - 1]
+    return order[rank < k]
+
+
+class _Accumulator:
+    """One service's spans in one window, kept as packed (series, bucket, error) counts."""
+
+    def __init__(self, exemplars: int):
+        self.k = exemplars
+        self.codes: list[np.ndarray] = []
+        self.counts: list[np.ndarray] = []
+        self.held = 0
+        self.ex_series: list[np.ndarray] = []
+        self.ex_dur: list[np.ndarray] = []
+        self.ex_tid: list[np.ndarray] = []
+        self.ex_held = 0
+        self.exceptions: Counter = Counter()
+
+    def add(self, series, bucket, error, dur, tid) -> None:
+        codes = (series * _NB + bucket) * 2 + error
+        self.codes.append(codes)
+        self.counts.append(np.ones(len(codes), np.int64))
+        self.held += len(codes)
+        if self.held > _COMPACT_AT:
+            self._compact()
+        if self.k:
+            rows = _top_k(series, dur, tid, self.k)
+            self.ex_series.append(series[rows])
+            self.ex_dur.append(dur[rows])
+            self.ex_tid.append(tid[rows])
+            self.ex_held += len(rows)
+            if self.ex_held > _COMPACT_AT // 4:
+                self._compact_exemplars()
+
+    def _compact(self) -> tuple[np.ndarray, np.ndarray]:
+        codes = np.concatenate(self.codes)
+        uniq, inv = np.unique(codes, return_inverse=True)
+        counts = np.bincount(inv, weights=np.concatenate(self.counts), minlength=len(uniq))
+        counts = counts.astype(np.int64)
+        self.codes, self.counts, self.held = [uniq], [counts], len(uniq)
+        return uniq, counts
+
+    def _compact_exemplars(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.ex_series:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 2), np.uint64)
+        s, d, t = (np.concatenate(x) for x in (self.ex_series, self.ex_dur, self.ex_tid))
+        rows = _top_k(s, d, t, self.k)
+        s, d, t = s[rows], d[rows], t[rows]
+        self.ex_series, self.ex_dur, self.ex_tid, self.ex_held = [s], [d], [t], len(s)
+        return s, d, t
+
+    def close(self, tables: Tables) -> list[LocationWindow]:
+        codes, counts = self._compact()
+        err = (codes & 1).astype(bool)
+        rest = codes >> 1
+        bucket = (rest % _NB).astype(np.int32)
+        series = rest // _NB
+        loc_of = tables.series_loc.view[series].astype(np.int64)
+        ver_of = tables.series_ver.view
+
+        per_version: dict[int, list[VersionFigures]] = {}
+        # Entries are sorted by (series, bucket, error): split per series.
+        bounds = np.flatnonzero(np.diff(series)) + 1
+        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(series)]):
+            s = int(series[lo])
+            b, c, e = bucket[lo:hi], counts[lo:hi], err[lo:hi]
+            ub, inv = np.unique(b, return_inverse=True)
+            sk = LogSketch(ub, np.bincount(inv, weights=c, minlength=len(ub)))
+            per_version.setdefault(int(loc_of[lo]), []).append(VersionFigures(
+                version=tables.versions[int(ver_of[s])], count=int(c.sum()),
+                errors=int(c[e].sum()), sketch=sk))
+
+        exemplars: dict[int, list[tuple[int, str]]] = {}
+        if self.k:
+            es, ed, et = self._compact_exemplars()
+            eloc = tables.series_loc.view[es] if len(es) else es
+            for loc, d, t in zip(eloc.tolist(), ed.tolist(), et):
+                exemplars.setdefault(loc, []).append((d, t.astype(">u8").tobytes().hex()))
+
+        exceptions: dict[int, Counter] = {}
+        for (s, etype), n in self.exceptions.items():
+            exceptions.setdefault(int(tables.series_loc.view[s]), Counter())[etype] += n
+
+        out = []
+        for loc, versions in sorted(per_version.items()):
+            sketch = versions[0].sketch
+            for v in versions[1:]:
+                sketch = sketch.merge(v.sketch)
+            ex = sorted(exemplars.get(loc, []), key=lambda x: (-x[0], x[1]))[: self.k]
+            out.append(LocationWindow(
+                loc_id=loc, location=tables.locations[loc],
+                count=sum(v.count for v in versions), errors=sum(v.errors for v in versions),
+                sketch=sketch, versions=versions, exceptions=exceptions.get(loc, Counter()),
+                exemplars=[t for _, t in ex]))
+        return out
+
+
+@dataclass
+class _ServiceClock:
+    max_end: int = -(1 << 62)         # latest end timestamp seen (ns)
+    closed_through: int = -(1 << 62)  # every window ending at or before this is closed
+    last_arrival: float = 0.0         # processing time (monotonic) of the latest span
+    windows: dict[int, _Accumulator] = field(default_factory=dict)
+
+
+class WindowStage:
+    """Turns batches into closed windows. Single-threaded: one stage owns its state.
+
+    >>> stage = WindowStage(window_ns=60_000_000_000, lateness_ns=0)
+    >>> stage.stats["late"]
+    0
+    """
+
+    def __init__(self, window_ns: int, lateness_ns: int, idle_timeout: float = 60.0,
+                 exemplars: int = 3, clock=time.monotonic):
+        if window_ns <= 0:
+            raise ValueError("window_ns must be > 0")
+        self.window_ns = window_ns
+        self.lateness_ns = lateness_ns
+        self.idle_timeout = idle_timeout
+        self.exemplars = exemplars
+        self.clock = clock
+        self.tables = Tables()
+        self.services: dict[int, _ServiceClock] = {}
+        self.stats = Counter(spans=0, late=0, windows=0)
+
+    def ingest(self, batch: Batch) -> list[ClosedWindow]:
+        """Add a batch; return the windows it closed (oldest first)."""
+        n = len(batch)
+        if n == 0:
+            return []
+        t = self.tables
+        gloc = np.array([t.location_id(l) for l in batch.locations], np.int64)[batch.loc]
+        gver = np.array([t.version_id(v) for v in batch.versions], np.int64)[batch.ver]
+        svc = t.loc_service.view[gloc]
+        end = batch.end
+        win_start = end - end % self.window_ns
+        win_end = win_start + self.window_ns
+        keep = np.ones(n, bool)
+        now = self.clock()
+        touched = []
+        for s in np.unique(svc).tolist():
+            clock = self.services.get(s)
+            if clock is None:
+                clock = self.services[s] = _ServiceClock()
+            rows = np.flatnonzero(svc == s)
+            e = end[rows]
+            prior_max = np.maximum.accumulate(np.r_[clock.max_end, e[:-1]])
+            closed = np.maximum(prior_max - self.lateness_ns, clock.closed_through)
+            keep[rows] = win_end[rows] > closed
+            clock.max_end = max(clock.max_end, int(e.max()))
+            clock.last_arrival = now
+            touched.append(s)
+        late = n - int(keep.sum())
+        self.stats["late"] += late
+        self.stats["spans"] += n - late
+
+        rows = np.flatnonzero(keep)
+        if len(rows):
+            series = t.series_ids(gloc[rows], gver[rows])
+            bucket = bucket_index(batch.end[rows] - batch.start[rows]).astype(np.int64)
+            err = batch.error[rows].astype(np.int64)
+            dur = batch.end[rows] - batch.start[rows]
+            tid = batch.trace_id[rows].view(">u8").reshape(-1, 2).astype(np.uint64)
+            rsvc, rws = svc[rows], win_start[rows]
+            order = np.lexsort((rws, rsvc))
+            change = (np.diff(rsvc[order]) != 0) | (np.diff(rws[order]) != 0)
+            bounds = np.flatnonzero(change) + 1
+            group = np.empty(len(rows), np.int64)  # accumulator number of each kept span
+            accs = []
+            for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(rows)]):
+                sel = order[lo:hi]
+                s, ws = int(rsvc[sel[0]]), int(rws[sel[0]])
+                acc = self.services[s].windows.get(ws)
+                if acc is None:
+                    acc = self.services[s].windows[ws] = _Accumulator(self.exemplars)
+                group[sel] = len(accs)
+                accs.append(acc)
+                acc.add(series[sel], bucket[sel], err[sel], dur[sel], tid[sel])
+            if batch.exceptions:
+                pos_of_row = np.full(n, -1, np.int64)
+                pos_of_row[rows] = np.arange(len(rows))
+                for r, etype in batch.exceptions:
+                    p = pos_of_row[r]
+                    if p >= 0:
+                        accs[int(group[p])].exceptions[(int(series[p]), etype)] += 1
+
+        closed: list[ClosedWindow] = []
+        for s in touched:
+            clock = self.services[s]
+            watermark = clock.max_end - self.lateness_ns
+            closed += self._close(s, lambda ws: ws + self.window_ns <= watermark)
+            clock.closed_through = max(clock.closed_through, watermark)
+        return sorted(closed, key=lambda c: (c.end_ns, c.service))
+
+    def flush_idle(self) -> list[ClosedWindow]:
+        """Close the windows of services that sent nothing for ``idle_timeout`` seconds."""
+        now = self.clock()
+        out = []
+        for s, clock in self.services.items():
+            if clock.windows and now - clock.last_arrival >= self.idle_timeout:
+                out += self._close(s, lambda ws: True)
+        return sorted(out, key=lambda c: (c.end_ns, c.service))
+
+    def flush_all(self) -> list[ClosedWindow]:
+        """Close every open window (shutdown)."""
+        out = []
+        for s in self.services:
+            out += self._close(s, lambda ws: True)
+        return sorted(out, key=lambda c: (c.end_ns, c.service))
+
+    def open_windows(self) -> int:
+        return sum(len(c.windows) for c in self.services.values())
+
+    def _close(self, s: int, due) -> list[ClosedWindow]:
+        clock = self.services[s]
+        out = []
+        for ws in sorted(w for w in clock.windows if due(w)):
+            acc = clock.windows.pop(ws)
+            we = ws + self.window_ns
+            clock.closed_through = max(clock.closed_through, we)
+            out.append(ClosedWindow(self.tables.services[s], ws, we, acc.close(self.tables)))
+            self.stats["windows"] += 1
+        return out
