@@ -84,7 +84,7 @@ class LogSketch:
             return np.full(len(qs), np.nan)
         cum = np.cumsum(self.counts)
         # The bucket holding rank floor(q * (n - 1)): first one whose cumulative count exceeds it.
-        ranks = np.floor(qs * (total - 1) + 1e-9)
+        ranks = np.floor(qs * (total - 1))
         pos = np.searchsorted(cum, ranks, side="right")
         pos = np.minimum(pos, len(cum) - 1)
         return bucket_value(self.index[pos].astype(np.float64))

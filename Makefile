@@ -1,0 +1,35 @@
+# One command to run Backflow, one to run the tests. Both create .venv and install what
+# they need, redis-server included (from Debian's packages) when it is missing.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+ARGS   ?=
+
+.PHONY: run test bench-ingest install redis-server clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+redis-server:
+	@command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || \
+	  { echo "installing redis-server (Debian package)"; \
+	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+
+# Runs `backflow serve` with a local redis-server unless BACKFLOW_REDIS_URL is set.
+run: install redis-server
+	$(PY) -m processor.devredis run -- $(VENV)/bin/backflow serve $(ARGS)
+
+test: install redis-server
+	$(PY) -m pytest $(ARGS)
+
+bench-ingest: install redis-server
+	$(PY) -m benchmarks.ingest $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,798 @@
+"""Ingest benchmark: OTLP/gRPC spans in, aggregated windows out, against real processes.
+
+    python -m benchmarks.ingest            # full run, about 3 minutes
+    python -m benchmarks.ingest --quick    # short run, under a minute
+
+What it measures, all in one run:
+
+1. End-to-end spans/s: N client processes send pre-encoded ExportTraceServiceRequest bytes
+   to a real ``backflow serve`` (with a real redis-server behind it). The clock runs from
+   the first send until the server's ``backflow_processed_spans_total`` reaches the number
+   of spans sent, i.e. until every span has been aggregated into a window, not just
+   accepted. The accepted-only rate (until the last Export call returned) is printed too.
+2. Decode-only ceiling: ``ExportTraceServiceRequest().ParseFromString`` over the same
+   requests in this process (one core), and the project's own
+   ``processor.receiver.decode.decode_request``, in spans/s.
+3. Memory: the server's peak RSS (VmHWM) in the throughput phase, and the RSS per active
+   code location from a second phase on a fresh server fed 10,000 distinct locations.
+
+Requests are built once from protobuf templates; the fixed-width fields (trace and span
+ids, start and end timestamps, which are fixed64 in OTLP) are then patched in place with
+numpy, so building a million spans takes seconds and the clients do nothing per span
+while the clock runs. Event time is synthetic: it starts at a fixed epoch and advances
+``--gap-ms`` per span of a service, with ``--window 1 --allowed-lateness 0``, so windows
+close (and baselines are written to Redis) throughout the run.
+
+Each client thread ("lane") owns its own services and sends its requests one after the
+other, so every service's spans reach the server in event-time order and none is late.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import math
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+
+import numpy as np
+
+EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+EPOCH_NS = 1_700_000_000 * 1_000_000_000  # 2023-11-14, a fixed event-time origin
+SERVICES_PER_LANE = 4                     # resources (services) per request, owned by one lane
+
+SERVICE_NAMES = [
+    "checkout", "cart", "payment", "catalog", "inventory", "shipping", "accounts", "auth",
+    "search", "recommendation", "notification", "orders", "pricing", "reviews", "ads", "gateway",
+]
+ENVIRONMENTS = ["production", "staging", "qa", "perf"]
+MODULES = ["handlers", "service", "repository", "client", "models", "tasks", "views", "utils"]
+CLASSES = ["OrderHandler", "CartService", "UserRepository", "PaymentClient", "ItemModel",
+           "SyncTask", "ApiView", "CacheHelper"]
+VERBS = ["get", "list", "create", "update", "delete", "apply", "validate", "compute"]
+NOUNS = ["order", "item", "user", "discount", "price", "session", "invoice", "stock"]
+DB_SYSTEMS = [("postgresql", 5432), ("mysql", 3306), ("redis", 6379), ("mongodb", 27017)]
+EXCEPTIONS = ["TimeoutError", "ValueError", "KeyError", "ConnectionResetError",
+              "psycopg2.errors.DeadlockDetected"]
+SCOPES = {"http": "opentelemetry.instrumentation.flask",
+          "db": "opentelemetry.instrumentation.psycopg2",
+          "rpc": "opentelemetry.instrumentation.requests"}
+
+
+# --- workload ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Workload:
+    """What every lane sends; picklable so that client processes rebuild the same bytes."""
+    lanes: int
+    locations: int      # distinct (environment, service, function) over all lanes
+    spans_min: int      # spans per request, drawn per template in [spans_min, spans_max]
+    spans_max: int
+    gap_ns: int         # event time a service's clock advances per span of that service
+    seed: int
+    coverage: str       # "zipf": popular functions; "roundrobin": every function in turn
+    templates: int      # templates per lane for "zipf" ("roundrobin" takes what covers all)
+
+    @property
+    def services(self) -> int:
+        return self.lanes * SERVICES_PER_LANE
+
+    def functions_of(self, g: int) -> int:
+        base, extra = divmod(self.locations, self.services)
+        return base + (1 if g < extra else 0)
+
+
+def service_identity(g: int) -> tuple[str, str]:
+    """(service.name, deployment.environment.name) of global service number g; all distinct."""
+    name = SERVICE_NAMES[g % len(SERVICE_NAMES)]
+    env = ENVIRONMENTS[(g // len(SERVICE_NAMES)) % len(ENVIRONMENTS)]
+    rounds = g // (len(SERVICE_NAMES) * len(ENVIRONMENTS))
+    return (f"{name}-{rounds + 1}" if rounds else name), env
+
+
+def _function_table(w: Workload, g: int) -> dict[str, np.ndarray | list]:
+    """Per-function properties of service g: name, file, line, kind, latency parameters."""
+    name, _ = service_identity(g)
+    pkg = name.replace("-", "_")
+    n = w.functions_of(g)
+    rng = np.random.default_rng([w.seed, 7, g])
+    fns, files = [], []
+    for j in range(n):
+        a, b, c, d, e = (j % 8, (j // 8) % 8, (j // 64) % 8, (j // 512) % 8, j // 4096)
+        method = f"{VERBS[c]}_{NOUNS[d]}" + (f"_{e}" if e else "")
+        fns.append(f"{pkg}.{MODULES[a]}.{CLASSES[b]}.{method}")
+        files.append(f"src/{pkg}/{MODULES[a]}.py")
+    kinds = rng.choice(["http", "db", "rpc"], size=n, p=[0.5, 0.3, 0.2])
+    # Lognormal durations: per-function median between ~0.3 ms and ~300 ms, sigma 0.3..1.0.
+    median_ms = np.exp(rng.uniform(np.log(0.3), np.log(300.0), size=n))
+    return {
+        "function": fns, "file": files, "line": rng.integers(10, 1500, size=n).tolist(),
+        "kind": kinds.tolist(), "mu": np.log(median_ms * 1e6), "sigma": rng.uniform(0.3, 1.0, size=n),
+        "db": rng.integers(0, len(DB_SYSTEMS), size=n).tolist(),
+    }
+
+
+def _set_attr(attrs, key: str, value) -> None:
+    kv = attrs.add()
+    kv.key = key
+    if isinstance(value, bool):
+        kv.value.bool_value = value
+    elif isinstance(value, int):
+        kv.value.int_value = value
+    elif isinstance(value, float):
+        kv.value.double_value = value
+    else:
+        kv.value.string_value = value
+
+
+def _span_attributes(kind: str, fn: str, file: str, line: int, j: int, db: int, rng) -> list[tuple]:
+    attrs = [("code.function.name", fn), ("code.file.path", file), ("code.line.number", line),
+             ("thread.id", int(rng.integers(1, 64))), ("thread.name", "MainThread")]
+    noun = NOUNS[(j // 512) % 8]
+    if kind == "http":
+        method = ["GET", "POST", "PUT", "DELETE"][j % 4]
+        attrs += [("http.request.method", method), ("http.route", f"/api/v1/{noun}s/{{id}}"),
+                  ("http.response.status_code", 200), ("url.scheme", "https"),
+                  ("url.path", f"/api/v1/{noun}s/{int(rng.integers(1, 10**6))}"),
+                  ("server.address", "api.example.com"), ("server.port", 443),
+                  ("network.protocol.version", "1.1"), ("net.peer.name", "10.0.3.17"),
+                  ("user_agent.original", "Mozilla/5.0 (X11; Linux x86_64) python-requests/2.32")]
+    elif kind == "db":
+        system, port = DB_SYSTEMS[db]
+        attrs += [("db.system", system), ("db.name", "shop"), ("db.operation", "SELECT"),
+                  ("db.statement", f"SELECT id, {noun}_total, updated_at FROM {noun}s WHERE id = $1 "
+                                   "AND tenant_id = $2 ORDER BY updated_at DESC LIMIT 50"),
+                  ("db.sql.table", f"{noun}s"), ("server.address", f"{system}.internal"),
+                  ("server.port", port), ("net.peer.name", f"{system}-0.{system}.svc"),
+                  ("net.peer.port", port), ("network.transport", "tcp")]
+    else:
+        attrs += [("http.request.method", "POST"), ("url.full", f"http://{noun}-svc:8080/v2/{noun}s"),
+                  ("http.response.status_code", 200), ("server.address", f"{noun}-svc"),
+                  ("server.port", 8080), ("net.peer.name", f"{noun}-svc"), ("net.peer.port", 8080),
+                  ("network.protocol.name", "http"), ("rpc.system", "http")]
+    return attrs
+
+
+@dataclasses.dataclass
+class Template:
+    data: bytes
+    n: int
+    k: np.ndarray        # position of each span within its resource (event-time step)
+    kmax: int
+    mu: np.ndarray       # log-duration parameters per span
+    sigma: np.ndarray
+    tid_idx: np.ndarray  # flat byte positions of the fields patched per request
+    sid_idx: np.ndarray
+    st_idx: np.ndarray
+    en_idx: np.ndarray
+
+
+def _offsets(data: bytes, prefix: bytes, values: list[bytes]) -> np.ndarray:
+    """Byte offset of each value (in order) right after ``prefix`` (tag and length)."""
+    out, pos = [], 0
+    for v in values:
+        i = data.find(prefix + v, pos)
+        if i < 0:
+            raise RuntimeError("template field not found; encoding changed?")
+        pos = i + len(prefix)
+        out.append(pos)
+    return np.array(out, np.int64)
+
+
+def build_templates(w: Workload, lane: int) -> list[Template]:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.trace.v1 import trace_pb2
+
+    services = [lane * SERVICES_PER_LANE + r for r in range(SERVICES_PER_LANE)]
+    tables = {g: _function_table(w, g) for g in services}
+    rng = np.random.default_rng([w.seed, 11, lane])
+    zipf = {}
+    for g in services:
+        p = 1.0 / np.arange(1, w.functions_of(g) + 1) ** 0.8
+        zipf[g] = p / p.sum()
+    if w.coverage == "roundrobin":
+        per_res = w.spans_max // SERVICES_PER_LANE
+        count = max(math.ceil(w.functions_of(g) / per_res) for g in services)
+    else:
+        count = w.templates
+    kinds = {"http": trace_pb2.Span.SPAN_KIND_SERVER, "db": trace_pb2.Span.SPAN_KIND_CLIENT,
+             "rpc": trace_pb2.Span.SPAN_KIND_CLIENT}
+    out = []
+    for t in range(count):
+        n = w.spans_max if w.coverage == "roundrobin" else int(rng.integers(w.spans_min, w.spans_max + 1))
+        req = ExportTraceServiceRequest()
+        tids, sids, sts, ens, ks, mus, sigmas = [], [], [], [], [], [], []
+        for r, g in enumerate(services):
+            name, env = service_identity(g)
+            n_r = n // SERVICES_PER_LANE + (1 if r < n % SERVICES_PER_LANE else 0)
+            rs = req.resource_spans.add()
+            ra = rs.resource.attributes
+            for key, value in (
+                    ("service.name", name), ("service.version", f"1.{g % 7}.{g % 3}"),
+                    ("deployment.environment.name", env), ("service.namespace", "shop"),
+                    ("service.instance.id", f"{name}-7d9f8b6c4-{g:05x}"),
+                    ("host.name", f"ip-10-0-{g % 250}-{(g * 7) % 250}.ec2.internal"),
+                    ("vcs.ref.head.revision", hashlib.sha1(name.encode()).hexdigest()),
+                    ("telemetry.sdk.name", "opentelemetry"), ("telemetry.sdk.language", "python"),
+                    ("telemetry.sdk.version", "1.25.0"), ("process.pid", 1000 + g)):
+                _set_attr(ra, key, value)
+            tab = tables[g]
+            nf = w.functions_of(g)
+            if w.coverage == "roundrobin":
+                chosen = [(t * n_r + k) % nf for k in range(n_r)]
+            else:
+                chosen = rng.choice(nf, size=n_r, p=zipf[g]).tolist()
+            by_scope: dict[str, list[tuple[int, int]]] = {}
+            for k, j in enumerate(chosen):
+                by_scope.setdefault(tab["kind"][j], []).append((k, j))
+            # Spans are grouped per scope (as SDK exporters send them); the event-time step k
+            # follows the order in the request, so every service's end times only go forward.
+            k = -1
+            for kind, items in by_scope.items():
+                ss = rs.scope_spans.add()
+                ss.scope.name = SCOPES[kind]
+                ss.scope.version = "0.46b0"
+                for _, j in items:
+                    k += 1
+                    sp = ss.spans.add()
+                    tid = bytes([0xA5]) + rng.bytes(15)
+                    sid = bytes([0x5A]) + rng.bytes(7)
+                    st, en = rng.bytes(8), rng.bytes(8)  # sentinels, patched per request
+                    sp.trace_id, sp.span_id = tid, sid
+                    if k % 3:
+                        sp.parent_span_id = rng.bytes(8)
+                    sp.name = (f"{['GET', 'POST', 'PUT', 'DELETE'][j % 4]} /api/v1/{NOUNS[(j // 512) % 8]}s/{{id}}"
+                               if kind == "http" else tab["function"][j].rsplit(".", 1)[1])
+                    sp.kind = kinds[kind]
+                    sp.start_time_unix_nano = int.from_bytes(st, "little")
+                    sp.end_time_unix_nano = int.from_bytes(en, "little")
+                    for key, value in _span_attributes(kind, tab["function"][j], tab["file"][j],
+                                                       tab["line"][j], j, tab["db"][j], rng):
+                        _set_attr(sp.attributes, key, value)
+                    if rng.random() < 0.01:
+                        sp.status.code = trace_pb2.Status.STATUS_CODE_ERROR
+                        sp.status.message = "request failed"
+                        ev = sp.events.add()
+                        ev.name = "exception"
+                        ev.time_unix_nano = EPOCH_NS
+                        exc = EXCEPTIONS[int(rng.integers(len(EXCEPTIONS)))]
+                        _set_attr(ev.attributes, "exception.type", exc)
+                        _set_attr(ev.attributes, "exception.message", f"{exc} while handling {tab['function'][j]}")
+                    else:
+                        sp.status.code = trace_pb2.Status.STATUS_CODE_OK if kind == "http" else 0
+                    tids.append(tid), sids.append(sid), sts.append(st), ens.append(en)
+                    ks.append(k), mus.append(tab["mu"][j]), sigmas.append(tab["sigma"][j])
+        data = req.SerializeToString()
+        ar16, ar8 = np.arange(16), np.arange(8)
+        tpl = Template(
+            data=data, n=n, k=np.array(ks, np.int64), kmax=max(ks),
+            mu=np.array(mus), sigma=np.array(sigmas),
+            tid_idx=(_offsets(data, b"\x0a\x10", tids)[:, None] + ar16).ravel(),
+            sid_idx=(_offsets(data, b"\x12\x08", sids)[:, None] + ar8).ravel(),
+            st_idx=(_offsets(data, b"\x39", sts)[:, None] + ar8).ravel(),
+            en_idx=(_offsets(data, b"\x41", ens)[:, None] + ar8).ravel(),
+        )
+        out.append(tpl)
+    return out
+
+
+def render(tpl: Template, t0_ns: int, gap_ns: int, rng) -> bytes:
+    """The template with fresh ids, lognormal durations and end times t0 + k * gap."""
+    arr = np.frombuffer(tpl.data, np.uint8).copy()
+    ids = rng.integers(0, 256, size=(tpl.n, 24), dtype=np.uint8)
+    ids[:, 0] |= 1
+    ids[:, 16] |= 1
+    arr[tpl.tid_idx] = ids[:, :16].ravel()
+    arr[tpl.sid_idx] = ids[:, 16:].ravel()
+    end = t0_ns + tpl.k * gap_ns
+    dur = np.maximum(np.exp(tpl.mu + tpl.sigma * rng.standard_normal(tpl.n)), 1000.0).astype(np.int64)
+    arr[tpl.st_idx] = (end - dur).astype("<u8").view(np.uint8)
+    arr[tpl.en_idx] = end.astype("<u8").view(np.uint8)
+    return arr.tobytes()
+
+
+def lane_requests(w: Workload, lane: int, count: int) -> tuple[list[bytes], int]:
+    """The first ``count`` requests of a lane and how many spans they hold."""
+    templates = build_templates(w, lane)
+    rng = np.random.default_rng([w.seed, 13, lane])
+    t, out, spans = EPOCH_NS, [], 0
+    for i in range(count):
+        tpl = templates[i % len(templates)]
+        out.append(render(tpl, t, w.gap_ns, rng))
+        spans += tpl.n
+        t += (tpl.kmax + 1) * w.gap_ns
+    return out, spans
+
+
+# --- client processes -------------------------------------------------------------------------
+
+def client_main(proc: int, w: Workload, lanes: list[int], per_lane: int, target: str,
+                retry_sleep: float, ready_q, start_evt, result_q) -> None:
+    """One client process: builds its lanes' requests, then sends them when told to start."""
+    try:
+        import grpc
+
+        reqs = {}
+        spans = 0
+        for lane in lanes:
+            reqs[lane], n = lane_requests(w, lane, per_lane)
+            spans += n
+        channel = grpc.insecure_channel(target, options=[
+            ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 16 << 20)])
+        grpc.channel_ready_future(channel).result(timeout=20)
+        call = channel.unary_unary(EXPORT_METHOD)  # no serializers: raw bytes in and out
+        ready_q.put((proc, spans, sum(len(b) for r in reqs.values() for b in r)))
+        if not start_evt.wait(timeout=300):
+            return
+        stats = {"first": [], "last": [], "retries": 0, "rejected": 0, "errors": []}
+        lock = threading.Lock()
+
+        def lane_run(batch: list[bytes]) -> None:
+            retries = rejected = 0
+            first = time.monotonic()
+            try:
+                for b in batch:
+                    while True:
+                        try:
+                            resp = call(b, timeout=120)
+                            break
+                        except grpc.RpcError as e:
+                            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                                retries += 1
+                                time.sleep(retry_sleep)
+                                continue
+                            raise
+                    if resp:  # partial success: some spans refused
+                        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+                            ExportTraceServiceResponse)
+                        rejected += ExportTraceServiceResponse.FromString(resp).partial_success.rejected_spans
+            except Exception as e:  # reported to the parent, which fails the run
+                with lock:
+                    stats["errors"].append(f"{type(e).__name__}: {e}")
+            with lock:
+                stats["first"].append(first)
+                stats["last"].append(time.monotonic())
+                stats["retries"] += retries
+                stats["rejected"] += rejected
+
+        threads = [threading.Thread(target=lane_run, args=(reqs[lane],)) for lane in lanes]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        channel.close()
+        result_q.put({"proc": proc, "first": min(stats["first"]), "last": max(stats["last"]),
+                      "retries": stats["retries"], "rejected": stats["rejected"],
+                      "errors": stats["errors"]})
+    except Exception:
+        err = traceback.format_exc()
+        ready_q.put((proc, -1, err))
+        result_q.put({"proc": proc, "errors": [err]})
+
+
+# --- processes under test ---------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop_process(p: subprocess.Popen | None, timeout: float = 10.0) -> None:
+    if p is None or p.poll() is not None:
+        return
+    p.terminate()
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait(5)
+
+
+def proc_status_kb(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Prometheus text -> {metric name: sum over its label sets}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        head, _, value = line.rpartition(" ")
+        name = head.split("{", 1)[0]
+        out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+class Stack:
+    """A redis-server and a ``backflow serve`` in a temp dir; always torn down."""
+
+    def __init__(self, tmp: str, name: str, extra_args: list[str]):
+        self.tmp = os.path.join(tmp, name)
+        os.makedirs(self.tmp)
+        self.extra_args = extra_args
+        self.redis: subprocess.Popen | None = None
+        self.server: subprocess.Popen | None = None
+
+    def __enter__(self) -> "Stack":
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        import redis
+
+        self.redis_port = free_port()
+        self.redis = subprocess.Popen(
+            ["redis-server", "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", self.tmp, "--daemonize", "no", "--loglevel", "warning"],
+            stdout=open(os.path.join(self.tmp, "redis.log"), "wb"), stderr=subprocess.STDOUT)
+        self.rclient = redis.Redis(port=self.redis_port)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                self.rclient.ping()
+                break
+            except redis.RedisError:
+                if self.redis.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("redis-server did not start; see " + self.tmp)
+                time.sleep(0.05)
+        self.grpc_port, self.metrics_port = free_port(), free_port()
+        self.target = f"127.0.0.1:{self.grpc_port}"
+        cmd = [sys.executable, "-m", "processor", "serve",
+               "--otlp-grpc", self.target, "--otlp-http", "off",
+               "--metrics", f"127.0.0.1:{self.metrics_port}",
+               "--redis-url", f"redis://127.0.0.1:{self.redis_port}/0",
+               "--window", "1", "--allowed-lateness", "0", "--log-level", "warning", *self.extra_args]
+        self.cmd = cmd
+        self.log_path = os.path.join(self.tmp, "backflow.log")
+        self.server = subprocess.Popen(cmd, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
+                                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        deadline = time.monotonic() + 30
+        while True:
+            if self.server.poll() is not None:
+                raise RuntimeError(f"backflow serve exited with {self.server.returncode}:\n{self.log()}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except (urllib.error.URLError, OSError):
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("backflow serve not healthy after 30 s:\n" + self.log())
+            time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        return self.server.pid
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()[-3000:]
+        except OSError:
+            return ""
+
+    def metrics(self) -> dict[str, float]:
+        return scrape(self.metrics_port)
+
+    def close(self) -> None:
+        try:
+            stop_process(self.server, timeout=15)
+        finally:
+            stop_process(self.redis, timeout=5)
+
+
+def run_clients(w: Workload, clients: int, inflight: int, per_lane: int, target: str,
+                retry_sleep: float, on_started=None) -> dict:
+    """Spawn the client processes, start them together, return their combined figures."""
+    ctx = mp.get_context("spawn")
+    ready_q, result_q, start_evt = ctx.Queue(), ctx.Queue(), ctx.Event()
+    procs = []
+    try:
+        for p in range(clients):
+            lanes = list(range(p * inflight, (p + 1) * inflight))
+            proc = ctx.Process(target=client_main, daemon=True, name=f"bench-client-{p}",
+                               args=(p, w, lanes, per_lane, target, retry_sleep, ready_q, start_evt, result_q))
+            proc.start()
+            procs.append(proc)
+        spans = nbytes = 0
+        for _ in procs:
+            try:
+                _, n, b = ready_q.get(timeout=300)
+            except queue.Empty:
+                raise RuntimeError("client processes did not get ready") from None
+            if n < 0:
+                raise RuntimeError(f"client failed while preparing:\n{b}")
+            spans += n
+            nbytes += b
+        t_set = time.monotonic()
+        start_evt.set()
+        if on_started:
+            on_started()
+        results = []
+        for _ in procs:
+            try:
+                results.append(result_q.get(timeout=600))
+            except queue.Empty:
+                raise RuntimeError("client processes did not finish") from None
+        errors = [e for r in results for e in r.get("errors", [])]
+        if errors:
+            raise RuntimeError("client errors:\n" + "\n".join(errors[:5]))
+        for proc in procs:
+            proc.join(timeout=10)
+        return {"spans": spans, "bytes": nbytes, "start_set": t_set,
+                "first": min(r["first"] for r in results), "last": max(r["last"] for r in results),
+                "retries": sum(r["retries"] for r in results),
+                "rejected": sum(r["rejected"] for r in results)}
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+
+
+def wait_for(stack: Stack, cond, timeout: float, interval: float) -> tuple[float, dict]:
+    """Scrape until ``cond(metrics)``; returns the monotonic time it held and the metrics."""
+    deadline = time.monotonic() + timeout
+    while True:
+        m = stack.metrics()
+        t = time.monotonic()
+        if cond(m):
+            return t, m
+        if stack.server.poll() is not None:
+            raise RuntimeError("backflow serve died:\n" + stack.log())
+        if t > deadline:
+            raise RuntimeError(f"timed out waiting for the server; metrics: "
+                               f"{ {k: v for k, v in m.items() if not k.startswith('backflow_location')} }")
+        time.sleep(interval)
+
+
+# --- phases -----------------------------------------------------------------------------------
+
+def phase_throughput(args, tmp: str) -> dict:
+    lanes = args.clients * args.inflight
+    w = Workload(lanes=lanes, locations=args.locations, spans_min=512, spans_max=1000,
+                 gap_ns=int(args.gap_ms * 1e6), seed=args.seed, coverage="zipf", templates=args.templates)
+    per_lane = max(1, math.ceil(args.spans / 756 / lanes))  # 756: mean of 512..1000
+    with Stack(tmp, "throughput", []) as stack:
+        cpu0 = proc_cpu_seconds(stack.pid)
+        print(f"  server up (pid {stack.pid}); {args.clients} client processes x {args.inflight} lanes "
+              f"building {per_lane} requests per lane ...", flush=True)
+        r = run_clients(w, args.clients, args.inflight, per_lane, stack.target, args.retry_sleep)
+        total = r["spans"] - r["rejected"]
+        print(f"  all {r['spans']:,} spans accepted after {r['last'] - r['first']:.2f} s; "
+              f"waiting for the window stage ...", flush=True)
+        t_done, m = wait_for(stack, lambda m: m.get("backflow_processed_spans_total", 0)
+                             + m.get("backflow_late_spans_total", 0) >= total,
+                             timeout=600, interval=args.poll)
+        cpu1 = proc_cpu_seconds(stack.pid)
+        hwm = proc_status_kb(stack.pid, "VmHWM") * 1024
+        rss = proc_status_kb(stack.pid, "VmRSS") * 1024
+        e2e_s = t_done - r["first"]
+        acc_s = r["last"] - r["first"]
+        return {
+            "workload": w, "spans": r["spans"], "bytes": r["bytes"], "requests": per_lane * lanes,
+            "e2e_s": e2e_s, "accepted_s": acc_s,
+            "e2e_rate": r["spans"] / e2e_s, "accepted_rate": r["spans"] / acc_s,
+            "retries": r["retries"], "rejected": r["rejected"],
+            "late": m.get("backflow_late_spans_total", 0), "processed": m.get("backflow_processed_spans_total", 0),
+            "windows": m.get("backflow_windows_closed_total", 0), "keys": m.get("backflow_active_keys", 0),
+            "events": m.get("backflow_events_total", 0),
+            "overloaded": m.get("backflow_receiver_refused_spans_total", 0),
+            "cpu_s": cpu1 - cpu0, "hwm": hwm, "rss": rss,
+        }
+
+
+def phase_memory(args, tmp: str) -> dict:
+    import grpc
+
+    lanes = 2
+    w = Workload(lanes=lanes, locations=args.mem_locations, spans_min=1000, spans_max=1000,
+                 gap_ns=int(args.gap_ms * 1e6), seed=args.seed + 1, coverage="roundrobin", templates=0)
+    per_res = 1000 // SERVICES_PER_LANE
+    cover = max(math.ceil(w.functions_of(g) / per_res) for g in range(w.services))
+    per_lane = cover * args.mem_passes
+    with Stack(tmp, "memory", ["--idle-timeout", "1"]) as stack:
+        # Warm the request path without creating a location: every span has a zero trace id,
+        # so the whole request is decoded and refused (partial success).
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+        warm = ExportTraceServiceRequest()
+        sp = warm.resource_spans.add().scope_spans.add().spans.add()
+        sp.trace_id, sp.span_id = bytes(16), b"\x01" * 8
+        sp.start_time_unix_nano, sp.end_time_unix_nano = EPOCH_NS, EPOCH_NS + 1
+        with grpc.insecure_channel(stack.target) as ch:
+            ch.unary_unary(EXPORT_METHOD)(warm.SerializeToString(), timeout=10)
+        stack.metrics()
+        time.sleep(1.5)
+        m0 = stack.metrics()
+        assert m0.get("backflow_active_keys", 0) == 0, m0.get("backflow_active_keys")
+        rss0 = proc_status_kb(stack.pid, "VmRSS") * 1024
+        redis0 = stack.rclient.info("memory")["used_memory"]
+        r = run_clients(w, 1, lanes, per_lane, stack.target, args.retry_sleep)
+        total = r["spans"] - r["rejected"]
+        t_fed = time.monotonic()
+        _, m = wait_for(stack, lambda m: (m.get("backflow_processed_spans_total", 0)
+                                          + m.get("backflow_late_spans_total", 0) >= total
+                                          and m.get("backflow_open_windows", 1) == 0
+                                          and m.get("backflow_redis_pending_writes", 1) == 0),
+                        timeout=60, interval=0.2)
+        settle = time.monotonic() - t_fed
+        time.sleep(0.5)
+        m = stack.metrics()
+        rss1 = proc_status_kb(stack.pid, "VmRSS") * 1024
+        hwm = proc_status_kb(stack.pid, "VmHWM") * 1024
+        redis1 = stack.rclient.info("memory")["used_memory"]
+        keys = int(m.get("backflow_active_keys", 0))
+        return {
+            "workload": w, "spans": r["spans"], "keys": keys, "rss0": rss0, "rss1": rss1, "hwm": hwm,
+            "per_key": (rss1 - rss0) / max(keys, 1), "redis_per_key": (redis1 - redis0) / max(keys, 1),
+            "late": m.get("backflow_late_spans_total", 0), "windows": m.get("backflow_windows_closed_total", 0),
+            "settle_s": settle, "baselines": stack.rclient.scard("backflow:keys"),
+        }
+
+
+def phase_decode(args) -> dict:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from processor.receiver.decode import decode_request
+
+    w = Workload(lanes=args.clients * args.inflight, locations=args.locations, spans_min=512,
+                 spans_max=1000, gap_ns=int(args.gap_ms * 1e6), seed=args.seed, coverage="zipf",
+                 templates=args.templates)
+    reqs, spans = lane_requests(w, 0, args.decode_requests)  # lane 0's first requests, byte for byte
+
+    def parse(b):
+        ExportTraceServiceRequest().ParseFromString(b)
+
+    out = {"requests": len(reqs), "spans": spans, "bytes_per_span": sum(map(len, reqs)) / spans}
+    for name, fn in (("parse", parse), ("decode", decode_request)):
+        rates = []
+        deadline = time.monotonic() + args.decode_seconds
+        while time.monotonic() < deadline or len(rates) < 3:
+            t0 = time.perf_counter()
+            for b in reqs:
+                fn(b)
+            rates.append(spans / (time.perf_counter() - t0))
+        out[name] = max(rates)
+        out[name + "_median"] = statistics.median(rates)
+        out[name + "_passes"] = len(rates)
+    return out
+
+
+# --- main -------------------------------------------------------------------------------------
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="python -m benchmarks.ingest", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="short run (< 1 min)")
+    p.add_argument("--spans", type=int, help="spans to send in the throughput phase "
+                   "(default 1,200,000; 200,000 with --quick)")
+    p.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
+    p.add_argument("--inflight", type=int, default=4,
+                   help="concurrent Export calls per client process, one lane each (default 4)")
+    p.add_argument("--locations", type=int, default=2000, help="code locations in the throughput phase")
+    p.add_argument("--mem-locations", type=int, default=10_000, help="code locations in the memory phase")
+    p.add_argument("--mem-passes", type=int, default=3, help="times each location is sent in the memory phase")
+    p.add_argument("--gap-ms", type=float, default=2.0,
+                   help="event time a service's clock advances per span of that service (default 2 ms)")
+    p.add_argument("--templates", type=int, default=6, help="request templates per lane")
+    p.add_argument("--retry-sleep", type=float, default=0.05, help="sleep before retrying UNAVAILABLE")
+    p.add_argument("--poll", type=float, default=0.05, help="seconds between /metrics scrapes at the end")
+    p.add_argument("--decode-seconds", type=float, help="time budget per decoder (default 8; 3 with --quick)")
+    p.add_argument("--decode-requests", type=int, default=40, help="requests in the decode sample")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--skip-memory", action="store_true", help="skip the 10,000-location memory phase")
+    args = p.parse_args(argv)
+    if args.spans is None:
+        args.spans = 200_000 if args.quick else 1_200_000
+    if args.decode_seconds is None:
+        args.decode_seconds = 3.0 if args.quick else 8.0
+    if args.quick:
+        args.decode_requests = min(args.decode_requests, 20)
+    if not shutil.which("redis-server"):
+        print("redis-server not found on PATH", file=sys.stderr)
+        return 2
+    command = "python -m benchmarks.ingest" + ("".join(" " + a for a in argv))
+    t_start = time.monotonic()
+    tmp = tempfile.mkdtemp(prefix="backflow-bench-")
+    try:
+        print(f"[1/3] throughput: {args.spans:,} spans, {args.locations:,} locations, "
+              f"window 1 s, lateness 0, event time +{args.gap_ms:g} ms per span per service", flush=True)
+        tp = phase_throughput(args, tmp)
+        print("[2/3] decode-only ceiling (this process, one core)", flush=True)
+        dec = phase_decode(args)
+        mem = None
+        if not args.skip_memory:
+            print(f"[3/3] memory: fresh server, {args.mem_locations:,} locations", flush=True)
+            mem = phase_memory(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    w = tp["workload"]
+    rows = [
+        ("workload", f"{tp['spans']:,} spans in {tp['requests']:,} requests "
+                     f"({tp['bytes'] / tp['spans']:.0f} B/span, 512..1000 spans, 14-15 attrs/span)"),
+        ("", f"{w.services} services in {w.lanes} lanes ({args.clients} procs x {args.inflight} in flight), "
+             f"{int(tp['keys']):,} locations seen"),
+        ("end-to-end (all aggregated)", f"{tp['e2e_rate']:>12,.0f} spans/s   ({tp['e2e_s']:.2f} s)"),
+        ("accepted only (Export done)", f"{tp['accepted_rate']:>12,.0f} spans/s   ({tp['accepted_s']:.2f} s)"),
+        ("decode ceiling: ParseFromString", f"{dec['parse']:>12,.0f} spans/s   (best of {dec['parse_passes']}; "
+                                            f"median {dec['parse_median']:,.0f})"),
+        ("project decode_request", f"{dec['decode']:>12,.0f} spans/s   (best of {dec['decode_passes']}; "
+                                   f"median {dec['decode_median']:,.0f})"),
+        ("end-to-end / parse ceiling", f"{tp['e2e_rate'] / dec['parse']:>12.3f}"),
+        ("end-to-end / decode_request", f"{tp['e2e_rate'] / dec['decode']:>12.3f}"),
+        ("server CPU during run", f"{tp['cpu_s']:>12.1f} s   ({tp['cpu_s'] / tp['e2e_s']:.2f} cores, "
+                                  f"{tp['cpu_s'] / tp['spans'] * 1e6:.1f} us/span)"),
+        ("UNAVAILABLE retries", f"{tp['retries']:>12,}   ({tp['overloaded']:,.0f} spans refused as overloaded)"),
+        ("late / rejected spans", f"{tp['late']:>12,.0f} / {tp['rejected']:,}"),
+        ("windows closed, events", f"{tp['windows']:>12,.0f}, {tp['events']:,.0f}"),
+        ("server peak RSS (VmHWM)", f"{_fmt_bytes(tp['hwm']):>16}"),
+    ]
+    if mem:
+        rows += [
+            (f"memory phase: locations", f"{mem['keys']:>12,}   (backflow_active_keys; "
+                                         f"{mem['baselines']:,} in backflow:keys; {mem['spans']:,} spans)"),
+            ("RSS idle -> after", f"{_fmt_bytes(mem['rss0']):>16} -> {_fmt_bytes(mem['rss1'])} "
+                                  f"(peak {_fmt_bytes(mem['hwm'])})"),
+            ("RSS per active location", f"{mem['per_key']:>12,.0f} B"),
+            ("Redis used_memory per location", f"{mem['redis_per_key']:>12,.0f} B"),
+        ]
+    width = max(len(k) for k, _ in rows)
+    print()
+    print("Backflow ingest benchmark" + (" (quick)" if args.quick else ""))
+    print("-" * (width + 60))
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print("-" * (width + 60))
+    print(f"total time {time.monotonic() - t_start:.0f} s; {os.cpu_count()} CPUs; "
+          f"python {sys.version.split()[0]}")
+    print(f"command: {command}")
+    if mem and mem["keys"] != args.mem_locations:
+        print(f"WARNING: memory phase saw {mem['keys']} locations, expected {args.mem_locations}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The log-bucket sketch: at most 1% relative error at every quantile, exact merges."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processor.sketch import ALPHA, LogSketch, bucket_index, bucket_value
+
+TOLERANCE = ALPHA * (1 + 1e-9)  # floating-point slack at bucket boundaries only
+
+
+def lognormal(seed: int, n: int, sigma: float) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.round(rng.lognormal(np.log(5e6), sigma, n)).astype(np.int64) + 1  # ns around 5 ms
+
+
+def pareto(seed: int, n: int, shape: float) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.round((rng.pareto(shape, n) + 1) * 1e5).astype(np.int64)  # from 0.1 ms, heavy tail
+
+
+def assert_quantiles_within_alpha(values: np.ndarray, qs) -> None:
+    sketch = LogSketch.from_values(values)
+    got = sketch.quantiles(qs)
+    exact = np.quantile(values, qs, method="lower")
+    rel = np.abs(got - exact) / exact
+    assert rel.max() <= TOLERANCE, (qs[int(rel.argmax())], got[int(rel.argmax())], exact[int(rel.argmax())])
+
+
+QS = st.lists(st.floats(0.0, 1.0), min_size=1, max_size=20).map(
+    lambda l: np.array(l + [0.5, 0.9, 0.99, 0.999, 0.0, 1.0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 20_000), sigma=st.floats(0.05, 3.0), qs=QS)
+def test_lognormal_quantiles_within_one_percent(seed, n, sigma, qs):
+    assert_quantiles_within_alpha(lognormal(seed, n, sigma), qs)
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 20_000), shape=st.floats(0.5, 4.0), qs=QS)
+def test_pareto_quantiles_within_one_percent(seed, n, shape, qs):
+    assert_quantiles_within_alpha(pareto(seed, n, shape), qs)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 5_000), cut=st.floats(0, 1))
+def test_merge_of_parts_equals_sketch_of_whole(seed, n, cut):
+    values = pareto(seed, n, 1.5)
+    k = int(cut * n)
+    merged = LogSketch.from_values(values[:k]).merge(LogSketch.from_values(values[k:]))
+    whole = LogSketch.from_values(values)
+    assert merged.index.tolist() == whole.index.tolist()
+    assert merged.counts.tolist() == whole.counts.tolist()
+
+
+@given(st.floats(1.0, 1e15))
+def test_every_value_is_within_alpha_of_its_bucket(x):
+    rep = bucket_value(bucket_index(np.array([x]))[0])
+    assert abs(rep - x) / x <= TOLERANCE
+
+
+def test_zero_and_sub_nanosecond_durations_count_as_one_ns():
+    s = LogSketch.from_values(np.array([0, 0, 1]))
+    assert s.count == 3 and abs(s.quantile(0.5) - 1.0) <= TOLERANCE
+
+
+def test_empty_sketch_has_no_quantiles():
+    assert np.isnan(LogSketch().quantile(0.5)) and LogSketch().count == 0
+
+
+def test_scaling_decays_counts_and_drops_negligible_buckets():
+    s = LogSketch.from_values(np.array([1_000, 1_000, 2_000_000]))
+    half = s.scaled(0.5)
+    assert half.count == 1.5
+    assert len(s.scaled(1e-4).index) == 0
