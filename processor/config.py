@@ -252,3 +252,15 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
     add_arguments(parser)
     ns = parser.parse_args(argv or [])
     return resolve(vars(ns), dict(os.environ) if environ is None else environ)
+
+
+def reference_markdown() -> str:
+    """The settings table of docs/configuration.md (a test keeps the file in sync)."""
+    rows = ["| YAML key | flag | environment | default | meaning |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        rows.append(f"| `{s.name}` | `{s.flag} {s.metavar}` | `{s.env}` | `{s.default}` | {s.help} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")
