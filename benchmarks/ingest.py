@@ -58,7 +58,8 @@ SERVICE_NAMES = [
     "checkout", "cart", "payment", "catalog", "inventory", "shipping", "accounts", "auth",
     "search", "recommendation", "notification", "orders", "pricing", "reviews", "ads", "gateway",
 ]
-ENVIRONMENTS = ["production", "staging", "qa", "perf"]
+ENVIRONMENTS = ["production", "production", "production", "staging"]
+REGIONS = ["", "-eu", "-ap", "-us"]
 MODULES = ["handlers", "service", "repository", "client", "models", "tasks", "views", "utils"]
 CLASSES = ["OrderHandler", "CartService", "UserRepository", "PaymentClient", "ItemModel",
            "SyncTask", "ApiView", "CacheHelper"]
@@ -96,11 +97,16 @@ class Workload:
 
 
 def service_identity(g: int) -> tuple[str, str]:
-    """(service.name, deployment.environment.name) of global service number g; all distinct."""
+    """(service.name, deployment.environment.name) of global service number g.
+
+    Service names are distinct on their own, not only with the environment: the window stage
+    keeps one watermark per service.name, so the same name in two environments fed by two
+    lanes would make one lane's spans late for the other.
+    """
     name = SERVICE_NAMES[g % len(SERVICE_NAMES)]
-    env = ENVIRONMENTS[(g // len(SERVICE_NAMES)) % len(ENVIRONMENTS)]
-    rounds = g // (len(SERVICE_NAMES) * len(ENVIRONMENTS))
-    return (f"{name}-{rounds + 1}" if rounds else name), env
+    rounds = g // len(SERVICE_NAMES)
+    suffix = REGIONS[rounds % len(REGIONS)] + (f"-{rounds // len(REGIONS) + 1}" if rounds >= len(REGIONS) else "")
+    return name + suffix, ENVIRONMENTS[g % len(ENVIRONMENTS)]
 
 
 def _function_table(w: Workload, g: int) -> dict[str, np.ndarray | list]:

@@ -1,0 +1,102 @@
+"""Sinks: the Redis sink survives outages in order and bounded; Prometheus stays bounded."""
+
+import time
+
+import numpy as np
+import redis
+from prometheus_client import CollectorRegistry, generate_latest
+
+from processor.devredis import RedisServer
+from processor.events import Event
+from processor.location import Location
+from processor.sinks.prometheus import OVERFLOW, Metrics
+from processor.sinks.redis_streams import RedisSink
+from processor.sketch import LogSketch
+from processor.window import ClosedWindow, LocationWindow, VersionFigures
+
+LOC = Location("prod", "shop", "shop.f", "shop.py", "3")
+
+
+def event(i: int) -> Event:
+    return Event("latency_regression", LOC, ("shop", "1", ""), i * 60_000_000_000,
+                 (i + 1) * 60_000_000_000, "warning", f"event {i}", {"i": i})
+
+
+def test_events_written_while_redis_is_away_arrive_in_order_once_it_is_back():
+    srv = RedisServer()
+    client = redis.Redis(port=srv.port, socket_timeout=1, socket_connect_timeout=1)
+    written = []
+    sink = RedisSink(client, "t", 1000, buffer_limit=100, on_event_written=written.append)
+    sink.start()
+    try:
+        for i in range(5):
+            sink.submit([event(i)], [])
+        assert not sink.flush(timeout=0.5) and sink.pending() == 5 and not sink.reachable
+        srv.start()
+        assert sink.flush(timeout=20)
+        entries = client.xrange("t:events")
+        assert [e[b"summary"].decode() for _, e in entries] == [f"event {i}" for i in range(5)]
+        assert written == ["latency_regression"] * 5 and sink.reachable
+    finally:
+        sink.stop(1)
+        srv.stop()
+
+
+def test_a_full_buffer_drops_the_oldest_writes_and_counts_them():
+    dropped = []
+    client = redis.Redis(port=1, socket_timeout=0.2, socket_connect_timeout=0.2)  # nothing there
+    sink = RedisSink(client, "t", 1000, buffer_limit=3, on_dropped=dropped.append)
+    for i in range(5):
+        sink.submit([event(i)], [])
+    assert sum(dropped) == 2 and sink.pending() == 3
+    assert [w.fields["summary"] for w in sink.buffer] == ["event 2", "event 3", "event 4"]
+
+
+def test_first_seen_is_written_once_even_if_submitted_twice(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    written = []
+    sink = RedisSink(client, "t", 1000, 100, on_event_written=written.append)
+    sink.start()
+    first = Event("first_seen", LOC, ("shop", "1", ""), 0, 60_000_000_000, "info", "new", {})
+    sink.submit([first], [(LOC.key, {"count": "1"})])
+    sink.submit([first], [])
+    assert sink.flush(10)
+    sink.stop(1)
+    assert client.xlen("t:events") == 1 and written == ["first_seen"]
+    assert client.smembers("t:keys") == {LOC.key.encode()}
+
+
+def test_events_stream_is_trimmed_approximately(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    sink = RedisSink(client, "t", events_maxlen=100, buffer_limit=10_000)
+    sink.start()
+    sink.submit([event(i) for i in range(2000)], [])
+    assert sink.flush(20)
+    sink.stop(1)
+    assert 100 <= client.xlen("t:events") < 2000
+
+
+def _window(n_locations: int) -> ClosedWindow:
+    lws = []
+    for i in range(n_locations):
+        sk = LogSketch.from_values(np.array([1_000_000 * (i + 1)] * 10))
+        loc = Location("prod", "shop", f"f{i}")
+        lws.append(LocationWindow(i, loc, 10, 1, sk, [VersionFigures(("shop", "1", ""), 10, 1, sk)]))
+    return ClosedWindow("shop", 0, 60_000_000_000, lws)
+
+
+def test_per_location_series_beyond_the_limit_fold_into_one_overflow_series():
+    m = Metrics(CollectorRegistry(), max_locations=3)
+    m.observe_window(_window(10))
+    text = generate_latest(m.registry).decode()
+    lines = [l for l in text.splitlines() if l.startswith("backflow_location_error_ratio{")]
+    assert len(lines) == 4  # three locations and the overflow series
+    assert sum(f'code_function_name="{OVERFLOW}"' in l for l in lines) == 1
+    assert m.registry.get_sample_value("backflow_metrics_overflow_locations") == 7
+    overflow_p50 = m.registry.get_sample_value("backflow_location_latency_milliseconds", {
+        "service_name": "", "deployment_environment_name": "", "code_function_name": OVERFLOW,
+        "quantile": "0.5"})
+    # the overflow series is the merged sketch of f3..f9 (4 ms .. 10 ms, 10 spans each)
+    assert abs(overflow_p50 - 7.0) / 7.0 <= 0.0101
