@@ -12,12 +12,14 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import dataclass
 
 import redis
 
-from processor.baseline import BaselineStage
+from processor.baseline import Baseline, BaselineStage
 from processor.config import Config
 from processor.detect.first_seen import FirstSeen
+from processor.events import Event
 from processor.receiver.decode import Batch
 from processor.receiver.grpc import GrpcReceiver, Overloaded
 from processor.sinks.prometheus import Metrics, serve_http
@@ -29,16 +31,55 @@ log = logging.getLogger("backflow")
 _STOP = object()
 
 
+class Engine:
+    """Windows -> baselines -> detectors, with no threads and no I/O: batches in, results out.
+
+    Deterministic: the same batches in the same order give the same results. The pipeline
+    thread drives one; benchmarks and tests can drive one directly.
+    """
+
+    def __init__(self, cfg: Config, known_keys: set[str] | None = None, clock=time.monotonic):
+        self.cfg = cfg
+        self.windows = WindowStage(cfg.window_ns, cfg.lateness_ns, cfg.idle_timeout, cfg.exemplars,
+                                   clock=clock)
+        self.baselines = BaselineStage(cfg.window, cfg.baseline_half_life)
+        self.first_seen = FirstSeen(known_keys)
+
+    def ingest(self, batch: Batch) -> list[WindowResult]:
+        return self._evaluate(self.windows.ingest(batch))
+
+    def flush_idle(self) -> list[WindowResult]:
+        return self._evaluate(self.windows.flush_idle())
+
+    def flush_all(self) -> list[WindowResult]:
+        return self._evaluate(self.windows.flush_all())
+
+    def _evaluate(self, closed: list[ClosedWindow]) -> list[WindowResult]:
+        out = []
+        for cw in closed:
+            events = []
+            for lw in cw.locations:
+                events += self.first_seen.update(cw, lw)
+            out.append(WindowResult(cw, events, self.baselines.update(cw)))
+        return out
+
+
+@dataclass
+class WindowResult:
+    """What one closed window produced: its events and the baselines it changed."""
+    window: ClosedWindow
+    events: list[Event]
+    baselines: list[Baseline]
+
+
 class Pipeline:
-    """Everything after the receiver; single-threaded and deterministic given its input."""
+    """The engine on a thread of its own, fed by a bounded queue, writing to the sinks."""
 
     def __init__(self, cfg: Config, sink: RedisSink, metrics: Metrics, known_keys: set[str]):
         self.cfg = cfg
         self.sink = sink
         self.metrics = metrics
-        self.windows = WindowStage(cfg.window_ns, cfg.lateness_ns, cfg.idle_timeout, cfg.exemplars)
-        self.baselines = BaselineStage(cfg.window, cfg.baseline_half_life)
-        self.first_seen = FirstSeen(known_keys)
+        self.engine = Engine(cfg, known_keys)
         self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue_batches)
         self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
 
@@ -58,6 +99,7 @@ class Pipeline:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        engine, stats = self.engine, self.engine.windows.stats
         last_idle_check = time.monotonic()
         while True:
             try:
@@ -65,32 +107,27 @@ class Pipeline:
             except queue.Empty:
                 item = None
             if item is _STOP:
-                self._emit(self.windows.flush_all())
+                self._emit(engine.flush_all())
                 return
             if item is not None:
-                before_late = self.windows.stats["late"]
-                before_spans = self.windows.stats["spans"]
-                self._emit(self.windows.ingest(item))
-                self.metrics.late.inc(self.windows.stats["late"] - before_late)
-                self.metrics.processed.inc(self.windows.stats["spans"] - before_spans)
+                late, spans = stats["late"], stats["spans"]
+                self._emit(engine.ingest(item))
+                self.metrics.late.inc(stats["late"] - late)
+                self.metrics.processed.inc(stats["spans"] - spans)
             now = time.monotonic()
             if now - last_idle_check >= 1.0:
                 last_idle_check = now
-                self._emit(self.windows.flush_idle())
+                self._emit(engine.flush_idle())
             self.metrics.queue.set(self.queue.qsize())
-            self.metrics.open_windows.set(self.windows.open_windows())
-            self.metrics.active_keys.set(len(self.windows.tables.locations))
+            self.metrics.open_windows.set(engine.windows.open_windows())
+            self.metrics.active_keys.set(len(engine.windows.tables.locations))
             self.metrics.redis_pending.set(self.sink.pending())
             self.metrics.redis_up.set(1 if self.sink.reachable else 0)
 
-    def _emit(self, closed: list[ClosedWindow]) -> None:
-        for cw in closed:
-            events = []
-            for lw in cw.locations:
-                events += self.first_seen.update(cw, lw)
-            changed = self.baselines.update(cw)
-            self.metrics.observe_window(cw)
-            self.sink.submit(events, [(b.location.key, b.fields()) for b in changed])
+    def _emit(self, results: list[WindowResult]) -> None:
+        for r in results:
+            self.metrics.observe_window(r.window)
+            self.sink.submit(r.events, [(b.location.key, b.fields()) for b in r.baselines])
 
 
 class Backflow:
