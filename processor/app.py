@@ -18,7 +18,9 @@ import redis
 
 from processor.baseline import Baseline, BaselineStage
 from processor.config import Config
+from processor.detect import Detector, Observation, build_detectors
 from processor.detect.first_seen import FirstSeen
+from processor.detect.stats import mean_ns
 from processor.events import Event
 from processor.receiver.decode import Batch
 from processor.receiver.grpc import GrpcReceiver, Overloaded
@@ -44,6 +46,9 @@ class Engine:
                                    clock=clock)
         self.baselines = BaselineStage(cfg.window, cfg.baseline_half_life)
         self.first_seen = FirstSeen(known_keys)
+        self.detectors: dict[int, list[Detector]] = {}        # location id -> its detectors
+        self.service_locations: dict[str, list[int]] = {}     # service -> its location ids
+        self.version_first_seen: dict[str, dict] = {}         # service -> version -> first window end
 
     def ingest(self, batch: Batch) -> list[WindowResult]:
         return self._evaluate(self.windows.ingest(batch))
@@ -60,8 +65,40 @@ class Engine:
             events = []
             for lw in cw.locations:
                 events += self.first_seen.update(cw, lw)
+            events += self._detect(cw)
             out.append(WindowResult(cw, events, self.baselines.update(cw)))
         return out
+
+    def _detect(self, cw: ClosedWindow) -> list[Event]:
+        """Feed every location of the window's service: present ones with their figures,
+        absent ones (to the detectors that want silence) with none."""
+        window_ns = cw.end_ns - cw.start_ns
+        by_version: dict = {}
+        inflight = 0.0
+        for lw in cw.locations:
+            inflight += mean_ns(lw.sketch) * lw.count / window_ns
+            for v in lw.versions:
+                by_version[v.version] = by_version.get(v.version, 0) + v.count
+        first_seen = self.version_first_seen.setdefault(cw.service, {})
+        for v in sorted(by_version):
+            first_seen.setdefault(v, cw.end_ns)
+        service_version = max(by_version, key=lambda v: (by_version[v], v)) if by_version else ("", "", "")
+        present = {lw.loc_id: lw for lw in cw.locations}
+        known = self.service_locations.setdefault(cw.service, [])
+        for loc_id in present:
+            if loc_id not in self.detectors:
+                self.detectors[loc_id] = build_detectors(self.cfg)
+                known.append(loc_id)
+        events: list[Event] = []
+        locations = self.windows.tables.locations
+        for loc_id in known:
+            lw = present.get(loc_id)
+            obs = Observation(locations[loc_id], cw.start_ns, cw.end_ns, lw, inflight,
+                              service_version, first_seen)
+            for det in self.detectors[loc_id]:
+                if lw is not None or det.wants_absent:
+                    events += det.update(obs)
+        return events
 
 
 @dataclass

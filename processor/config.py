@@ -178,6 +178,12 @@ class Config:
     metrics_max_locations: int
     log_level: str
     config: str | None = None
+    detectors: Any = None  # processor.detect.settings.DetectorSettings
+
+    def __post_init__(self):
+        if self.detectors is None:
+            from processor.detect.settings import DetectorSettings
+            object.__setattr__(self, "detectors", DetectorSettings())
 
     @property
     def window_ns(self) -> int:
@@ -194,7 +200,7 @@ class Config:
         return cls(**values)
 
 
-assert {f.name for f in dataclasses.fields(Config)} == set(_BY_NAME) | {"config"}
+assert {f.name for f in dataclasses.fields(Config)} == set(_BY_NAME) | {"config", "detectors"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -220,7 +226,7 @@ def _read_yaml(path: str) -> dict:
         raise ConfigError(f"config: {path!r} must hold a mapping of settings")
     for key in data:
         name = str(key).replace("-", "_")
-        if name not in _BY_NAME:
+        if name not in _BY_NAME and name != "detectors":
             raise ConfigError(f"config: unknown key {key!r} in {path!r}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
@@ -244,7 +250,9 @@ def resolve(flags: dict[str, Any], environ: dict[str, str]) -> Config:
             values[s.name] = s.parse(raw)
         except ValueError as e:
             raise ConfigError(f"invalid setting {s.name} ({where}): {e}") from None
-    return Config(config=config_path, **values)
+    from processor.detect.settings import parse_detector_settings
+    detectors = parse_detector_settings(from_yaml.get("detectors"), where=str(config_path))
+    return Config(config=config_path, detectors=detectors, **values)
 
 
 def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:

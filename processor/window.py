@@ -106,6 +106,7 @@ class VersionFigures:
     count: int
     errors: int
     sketch: LogSketch
+    exceptions: Counter = field(default_factory=Counter)
 
 
 @dataclass
@@ -201,6 +202,9 @@ class _Accumulator:
         ver_of = tables.series_ver.view
 
         per_version: dict[int, list[VersionFigures]] = {}
+        version_exceptions: dict[int, Counter] = {}
+        for (s, etype), n in self.exceptions.items():
+            version_exceptions.setdefault(s, Counter())[etype] += n
         # Entries are sorted by (series, bucket, error): split per series.
         bounds = np.flatnonzero(np.diff(series)) + 1
         for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(series)]):
@@ -210,7 +214,7 @@ class _Accumulator:
             sk = LogSketch(ub, np.bincount(inv, weights=c, minlength=len(ub)))
             per_version.setdefault(int(loc_of[lo]), []).append(VersionFigures(
                 version=tables.versions[int(ver_of[s])], count=int(c.sum()),
-                errors=int(c[e].sum()), sketch=sk))
+                errors=int(c[e].sum()), sketch=sk, exceptions=version_exceptions.get(s, Counter())))
 
         exemplars: dict[int, list[tuple[int, str]]] = {}
         if self.k:
@@ -220,8 +224,8 @@ class _Accumulator:
                 exemplars.setdefault(loc, []).append((d, t.astype(">u8").tobytes().hex()))
 
         exceptions: dict[int, Counter] = {}
-        for (s, etype), n in self.exceptions.items():
-            exceptions.setdefault(int(tables.series_loc.view[s]), Counter())[etype] += n
+        for s, counter in version_exceptions.items():
+            exceptions.setdefault(int(tables.series_loc.view[s]), Counter()).update(counter)
 
         out = []
         for loc, versions in sorted(per_version.items()):

@@ -1,1 +1,49 @@
-"""Detectors: read closed windows of one code location, emit events."""
+"""Detectors: read closed windows of one code location, emit events.
+
+``build_detectors(cfg)`` makes the set each new code location gets, from the settings.
+"""
+
+from __future__ import annotations
+
+from processor.detect.base import Detector, Observation
+from processor.detect.dormant import Dormant
+from processor.detect.errors import ErrorRateShift
+from processor.detect.exceptions import NewException
+from processor.detect.latency import LatencyShift
+from processor.detect.scaling import ScalingShift
+
+__all__ = ["Detector", "Observation", "build_detectors", "Dormant", "ErrorRateShift",
+           "NewException", "LatencyShift", "ScalingShift"]
+
+
+def build_detectors(cfg) -> list[Detector]:
+    d, w, half = cfg.detectors, cfg.window, cfg.baseline_half_life
+    common = dict(window_s=w, half_life_s=half, warmup_windows=d.warmup_windows)
+    out: list[Detector] = []
+    if d.latency.enabled:
+        lt = d.latency
+        out.append(LatencyShift(**common, threshold=lt.threshold, median_delta=lt.median_delta,
+                                tail_ratio=lt.tail_ratio, min_tail_expected=lt.min_tail_expected,
+                                min_relative=lt.min_relative, min_absolute_ms=lt.min_absolute_ms,
+                                alpha=lt.alpha, resolve_windows=d.resolve_windows,
+                                accept_windows=d.accept_windows))
+    if d.errors.enabled:
+        er = d.errors
+        out.append(ErrorRateShift(**common, threshold=er.threshold, ratio=er.ratio,
+                                  prior_share=er.prior_share, prior_spans=er.prior_spans,
+                                  min_ratio=er.min_ratio, min_absolute=er.min_absolute, alpha=er.alpha,
+                                  resolve_windows=d.resolve_windows, accept_windows=d.accept_windows))
+    if d.exceptions.enabled:
+        out.append(NewException(warmup_windows=d.warmup_windows, max_types=d.exceptions.max_types))
+    if d.scaling.enabled:
+        sc = d.scaling
+        out.append(ScalingShift(window_s=w, half_life_s=half, warmup_windows=sc.warmup_windows,
+                                recent_windows=sc.recent_windows, z_threshold=sc.z_threshold,
+                                persist_windows=sc.persist_windows, min_relative=sc.min_relative,
+                                min_load_range=sc.min_load_range, resolve_windows=d.resolve_windows,
+                                accept_windows=d.accept_windows))
+    if d.dormant.enabled:
+        dm = d.dormant
+        out.append(Dormant(window_s=w, warmup_windows=d.warmup_windows, min_silence_s=dm.min_silence_s,
+                           min_presence=dm.min_presence, alpha=dm.alpha))
+    return out

@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from processor.baseline import QUANTILES
+from processor.events import EVENT_TYPES
 from processor.sketch import LogSketch
 from processor.window import ClosedWindow
 
@@ -112,7 +113,7 @@ class Metrics:
                                         registry=r)
         self.locations = LocationGauges(max_locations)
         r.register(self.locations)
-        for t in ("first_seen",):
+        for t in EVENT_TYPES + ("resolved",):
             self.events.labels(type=t)
 
     def observe_window(self, cw: ClosedWindow) -> None:

@@ -1,0 +1,96 @@
+"""``dormant``: a location that was called steadily stopped being called."""
+
+from __future__ import annotations
+
+import math
+
+from river import stats
+
+from processor.detect.base import Detector, Observation, Version
+from processor.events import Event
+
+
+class Dormant(Detector):
+    """A steadily called location fell silent.
+
+    Fed every closed window of the location's service, also those without the location.
+    Presence (share of windows with calls) and calls per window are exponentially weighted
+    means (River's ``stats.EWMean``). A silence is reported once it has lasted
+    ``min_silence_s`` and is too long to be chance (``P(no call) = exp(-rate * silence) <
+    alpha``) for a location present in at least ``min_presence`` of its windows. The event
+    names the version that replaced the one that last called the location.
+
+    Examples
+    --------
+    >>> from processor.detect.base import Observation
+    >>> from processor.location import Location
+    >>> from processor.sketch import LogSketch
+    >>> from processor.window import LocationWindow, VersionFigures
+    >>> det, loc, events = Dormant(warmup_windows=10, min_silence_s=300), Location("p", "s", "f"), []
+    >>> v1, v2 = ("s", "1", ""), ("s", "2", "")
+    >>> for i in range(40):
+    ...     lw = None if i >= 20 else LocationWindow(0, loc, 300, 0, LogSketch(), [VersionFigures(v1, 300, 0, LogSketch())])
+    ...     obs = Observation(loc, i * 60 * 10**9, (i + 1) * 60 * 10**9, lw, service_version=v1 if i < 20 else v2)
+    ...     events += det.update(obs)
+    >>> [(e.type, e.version[1], e.detail["last_version"], e.window_start_ns // (60 * 10**9)) for e in events]
+    [('dormant', '2', '1', 24)]
+    """
+
+    event_type = "dormant"
+    wants_absent = True
+
+    def __init__(self, window_s: float = 60.0, warmup_windows: int = 30, min_silence_s: float = 600.0,
+                 min_presence: float = 0.9, alpha: float = 1e-6, fading_factor: float = 0.02):
+        self.window_s = window_s
+        self.warmup_windows = warmup_windows
+        self.min_silence_s = min_silence_s
+        self.min_presence = min_presence
+        self.alpha = alpha
+        self.fading_factor = fading_factor
+        self.presence = stats.EWMean(fading_factor)
+        self.calls = stats.EWMean(fading_factor)  # calls per window, over windows with calls
+        self.windows = 0
+        self.last_seen_ns = 0
+        self.last_version: Version = ("", "", "")
+        self.presence_when_last_seen = 0.0
+        self.silent = False
+
+    def update(self, obs: Observation) -> list[Event]:
+        if obs.window is not None and obs.window.count > 0:
+            self.presence.update(1.0)
+            self.calls.update(obs.window.count)
+            self.windows += 1
+            self.last_seen_ns = obs.end_ns
+            self.last_version = obs.window.main_version.version
+            self.presence_when_last_seen = self.presence.get()
+            if self.silent:
+                self.silent = False
+                return [obs.event("resolved", "info",
+                                  f"{obs.location.function} is called again",
+                                  {"resolves": self.event_type, "reason": "called again",
+                                   "count": obs.window.count})]
+            return []
+        if self.windows == 0:
+            return []
+        self.presence.update(0.0)
+        if self.silent or self.windows < self.warmup_windows:
+            return []
+        silence_s = (obs.end_ns - self.last_seen_ns) / 1e9
+        rate = self.calls.get() / self.window_s  # calls per second while it was called
+        p_silence = math.exp(-rate * silence_s)
+        if (silence_s < self.min_silence_s or p_silence >= self.alpha
+                or self.presence_when_last_seen < self.min_presence):
+            return []
+        self.silent = True
+        replaced = obs.service_version != self.last_version and obs.service_version != ("", "", "")
+        version = obs.service_version if replaced else self.last_version
+        return [obs.event(
+            self.event_type, "info",
+            f"{obs.location.function} has not been called for {silence_s / 60:.0f} min "
+            f"(it was called {rate:.3g}/s)" + (f"; {version[1]} replaced {self.last_version[1]}"
+                                               if replaced else ""),
+            {"silence_s": round(silence_s, 3), "rate_per_s": round(rate, 6),
+             "p_silence": p_silence, "alpha": self.alpha, "presence": round(self.presence_when_last_seen, 4),
+             "last_seen": self.last_seen_ns // 1_000_000, "last_version": self.last_version[1],
+             "last_revision": self.last_version[2], "threshold_s": self.min_silence_s},
+            version)]

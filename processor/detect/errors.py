@@ -1,0 +1,149 @@
+"""``error_regression``: the share of spans with status ERROR rose."""
+
+from __future__ import annotations
+
+from processor.detect.base import Detector, Observation, VersionTally
+from processor.detect.stats import BinomialCUSUM, binomial_greater
+from processor.events import Event
+
+
+class ErrorRateShift(Detector):
+    """The error share rose, judged on binomial evidence accumulated over windows.
+
+    The baseline share ``p0`` is a decayed count of errors over spans, shrunk towards
+    ``prior_share`` by ``prior_spans`` pseudo-spans so that a location with few spans
+    does not start from zero. A binomial CUSUM tests ``p0`` against ``ratio * p0``; when
+    it crosses ``threshold`` the segment must pass an exact binomial test at ``alpha``,
+    rise at least ``min_ratio`` times and by ``min_absolute`` in share.
+
+    Examples
+    --------
+    >>> from processor.detect.base import Observation
+    >>> from processor.location import Location
+    >>> from processor.sketch import LogSketch
+    >>> from processor.window import LocationWindow, VersionFigures
+    >>> det, loc, events = ErrorRateShift(warmup_windows=10), Location("prod", "shop", "f"), []
+    >>> for i in range(60):
+    ...     errors, version = (10, ("shop", "2", "")) if i >= 30 else (i % 3 == 0, ("shop", "1", ""))
+    ...     lw = LocationWindow(0, loc, 1000, int(errors), LogSketch(),
+    ...                         [VersionFigures(version, 1000, int(errors), LogSketch())])
+    ...     events += det.update(Observation(loc, i * 60 * 10**9, (i + 1) * 60 * 10**9, lw))
+    >>> [(e.type, e.version[1], e.window_start_ns // (60 * 10**9)) for e in events]
+    [('error_regression', '2', 31)]
+    """
+
+    event_type = "error_regression"
+
+    def __init__(self, window_s: float = 60.0, half_life_s: float = 21600.0, warmup_windows: int = 30,
+                 threshold: float = 12.0, ratio: float = 3.0, prior_share: float = 0.001,
+                 prior_spans: float = 2000.0, min_ratio: float = 1.5, min_absolute: float = 0.001,
+                 alpha: float = 1e-3, resolve_windows: int = 5, accept_windows: int = 120):
+        self.window_s = window_s
+        self.half_life_s = half_life_s
+        self.warmup_windows = warmup_windows
+        self.threshold = threshold
+        self.ratio = ratio
+        self.prior_share = prior_share
+        self.prior_spans = prior_spans
+        self.min_ratio = min_ratio
+        self.min_absolute = min_absolute
+        self.alpha = alpha
+        self.resolve_windows = resolve_windows
+        self.accept_windows = accept_windows
+        self.decay = 0.5 ** (window_s / half_life_s)
+        self.errors = 0.0
+        self.spans = 0.0
+        self.windows = 0
+        self.cusum = BinomialCUSUM(threshold)
+        self.seg_errors = 0.0
+        self.seg_spans = 0.0
+        self.seg_windows = 0
+        self.versions = VersionTally()
+        self.open: dict | None = None
+
+    @property
+    def p0(self) -> float:
+        return (self.errors + self.prior_share * self.prior_spans) / (self.spans + self.prior_spans)
+
+    def _absorb(self, errors: float, spans: float) -> None:
+        self.errors = self.errors * self.decay + errors
+        self.spans = self.spans * self.decay + spans
+        self.windows += 1
+
+    def _reset_segment(self) -> None:
+        self.cusum.reset()
+        self.seg_errors = self.seg_spans = 0.0
+        self.seg_windows = 0
+        self.versions.clear()
+
+    def update(self, obs: Observation) -> list[Event]:
+        lw = obs.window
+        if lw is None or lw.count == 0:
+            return []
+        if self.windows < self.warmup_windows:
+            self._absorb(lw.errors, lw.count)
+            return []
+        if self.open is not None:
+            return self._follow_open(obs)
+        p0 = self.p0
+        self.cusum.update(lw.errors, lw.count, p0, min(self.ratio * p0, 0.9))
+        if self.cusum.statistic <= 0:
+            self._reset_segment()
+            self._absorb(lw.errors, lw.count)
+            return []
+        self.seg_errors += lw.errors
+        self.seg_spans += lw.count
+        self.seg_windows += 1
+        for v in lw.versions:
+            self.versions.add(v.version, v.errors, v.count)
+        if not self.cusum.drift_detected:
+            return []
+        share = self.seg_errors / self.seg_spans
+        p_value = binomial_greater(self.seg_errors, self.seg_spans, p0)
+        if share < p0 * self.min_ratio or share - p0 < self.min_absolute or p_value >= self.alpha:
+            self._reset_segment()  # real but small: let the baseline take it in
+            self._absorb(lw.errors, lw.count)
+            return []
+        version, attribution = self.versions.blame(p0, obs.version_first_seen)
+        v = version or lw.main_version.version
+        self.open = {"baseline": p0, "windows": 0, "calm": 0, "errors": 0.0, "spans": 0.0}
+        detail = {
+            "baseline_share": round(p0, 6), "current_share": round(share, 6),
+            "ratio": round(share / p0, 4), "statistic": "binomial_cusum",
+            "cusum": round(self.cusum.statistic, 3), "threshold": self.threshold,
+            "test": "binomial", "p_value": p_value, "alpha": self.alpha,
+            "errors": int(self.seg_errors), "spans": int(self.seg_spans), "windows": self.seg_windows,
+            "exemplars": lw.exemplars, **attribution,
+        }
+        self._reset_segment()
+        severity = "critical" if share >= 0.05 or share / p0 >= 10 else "warning"
+        where = f" in {v[1]}" if v[1] else ""
+        return [obs.event(self.event_type, severity,
+                          f"error share of {obs.location.function} rose {share / p0:.1f}x "
+                          f"({p0:.2%} to {share:.2%}){where}", detail, v)]
+
+    def _follow_open(self, obs: Observation) -> list[Event]:
+        o, lw = self.open, obs.window
+        o["windows"] += 1
+        o["errors"] += lw.errors
+        o["spans"] += lw.count
+        share = lw.errors / lw.count
+        # calm: this window's errors are what the baseline makes likely
+        calm = binomial_greater(lw.errors, lw.count, o["baseline"] * self.min_ratio) >= 0.05
+        o["calm"] = o["calm"] + 1 if calm else 0
+        reason = None
+        if o["calm"] >= self.resolve_windows:
+            reason = "recovered"
+        elif o["windows"] >= self.accept_windows:
+            reason = "accepted"
+            self.errors, self.spans = o["errors"], o["spans"]
+        if reason is None:
+            return []
+        self.open = None
+        return [obs.event("resolved", "info",
+                          f"error share of {obs.location.function} "
+                          + ("is back to its baseline" if reason == "recovered" else
+                             f"stayed at {share:.2%}; accepted as the new baseline"),
+                          {"resolves": self.event_type, "reason": reason,
+                           "baseline_share": round(o["baseline"], 6), "current_share": round(share, 6),
+                           "windows": o["windows"]})]

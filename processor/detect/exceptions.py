@@ -1,0 +1,68 @@
+"""``new_exception``: an ``exception.type`` never seen before at this location."""
+
+from __future__ import annotations
+
+from processor.detect.base import Detector, Observation
+from processor.events import Event
+
+
+class NewException(Detector):
+    """A new exception type at a location, after the location's warm-up.
+
+    Types seen during warm-up are learnt silently. The set of known types is bounded by
+    ``max_types``; beyond it the oldest-learnt are forgotten (a type that comes back after
+    being forgotten is reported again, which a location with that many types has earned).
+
+    Examples
+    --------
+    >>> from collections import Counter
+    >>> from processor.detect.base import Observation
+    >>> from processor.location import Location
+    >>> from processor.sketch import LogSketch
+    >>> from processor.window import LocationWindow, VersionFigures
+    >>> det, loc = NewException(warmup_windows=2), Location("prod", "shop", "f")
+    >>> def window(i, types, version="1"):
+    ...     vf = VersionFigures(("shop", version, ""), 10, len(types), LogSketch(), Counter(types))
+    ...     lw = LocationWindow(0, loc, 10, len(types), LogSketch(), [vf], Counter(types))
+    ...     return det.update(Observation(loc, i, i + 1, lw))
+    >>> window(0, ["KeyError"]) + window(1, []) + window(2, ["KeyError"])
+    []
+    >>> [(e.detail["exception_type"], e.version[1]) for e in window(3, ["TimeoutError"], "2")]
+    [('TimeoutError', '2')]
+    """
+
+    event_type = "new_exception"
+
+    def __init__(self, warmup_windows: int = 30, max_types: int = 64):
+        self.warmup_windows = warmup_windows
+        self.max_types = max_types
+        self.known: dict[str, int] = {}  # type -> order learnt (dicts keep insertion order)
+        self.windows = 0
+
+    def update(self, obs: Observation) -> list[Event]:
+        lw = obs.window
+        if lw is None or lw.count == 0:
+            return []
+        self.windows += 1
+        events = []
+        for etype in sorted(lw.exceptions):
+            if etype in self.known:
+                continue
+            self.known[etype] = self.windows
+            if len(self.known) > self.max_types:
+                del self.known[next(iter(self.known))]
+            if self.windows <= self.warmup_windows:
+                continue
+            by_version = {v.version: v.exceptions.get(etype, 0) for v in lw.versions}
+            version = max(by_version, key=lambda v: (by_version[v], obs.version_first_seen.get(v, 0), v))
+            n = lw.exceptions[etype]
+            events.append(obs.event(
+                self.event_type, "warning",
+                f"{obs.location.function} raised {etype} for the first time"
+                + (f" in {version[1]}" if version[1] else "") + f" ({n} of {lw.count} calls)",
+                {"exception_type": etype, "count": n, "spans": lw.count,
+                 "known_types": sorted(k for k in self.known if k != etype),
+                 "versions": {v[1] or "(none)": c for v, c in sorted(by_version.items())},
+                 "exemplars": lw.exemplars},
+                version))
+        return events

@@ -1,0 +1,244 @@
+"""``latency_regression``: the latency distribution shifted up, at the median or in the tail."""
+
+from __future__ import annotations
+
+import math
+
+from processor.detect.base import Detector, Observation, VersionTally
+from processor.detect.stats import (
+    BinomialCUSUM, DecayedLinearFit, binomial_greater, mass_above, mean_log_ms, quantile_bucket,
+    rank_test_greater, shifted,
+)
+from processor.events import Event
+from processor.sketch import LogSketch
+
+QUANTILES = {"p50": 0.5, "p99": 0.99, "p999": 0.999}
+
+
+class _Watch:
+    """Evidence for one quantile: a CUSUM on exceedances of the baseline's quantile and the
+    suspect segment (the windows since the CUSUM last stood at zero)."""
+
+    def __init__(self, threshold: float):
+        self.cusum = BinomialCUSUM(threshold)
+        self.segment = LogSketch()
+        self.hits = 0.0
+        self.trials = 0.0
+        self.windows = 0
+        self.versions = VersionTally()
+
+    def reset(self) -> None:
+        self.cusum.reset()
+        self.segment = LogSketch()
+        self.hits = self.trials = 0.0
+        self.windows = 0
+        self.versions.clear()
+
+
+class LatencyShift(Detector):
+    """Latency shifted up at p50, p99 or p99.9, against a slowly decaying baseline.
+
+    Each window, for each watched quantile q, the spans above the baseline's q-bucket are
+    counted; a binomial CUSUM accumulates the evidence that their share rose from the
+    baseline's ``p0`` to ``p0 + median_delta`` (median) or ``tail_ratio * p0`` (tail). When it
+    crosses ``threshold`` the suspect segment is confirmed with a rank test (median) or an
+    exact binomial test (tail) at ``alpha``, and must clear both effect-size gates
+    (``min_relative`` and ``min_absolute_ms`` on the quantile itself). One event opens a
+    regression; the baseline stays frozen until ``resolve_windows`` calm windows close it,
+    or until ``accept_windows`` windows make the new level the baseline.
+
+    Where the baseline shows latency rising with the service's load (spans in flight in
+    the rest of the service, a significant slope), windows are compared after removing
+    that expected load effect, so a busy hour is not a regression.
+
+    Parameters
+    ----------
+    window_s, half_life_s, warmup_windows, threshold, median_delta, tail_ratio,
+    min_tail_expected, min_relative, min_absolute_ms, alpha, resolve_windows, accept_windows
+        See docs/detection.md.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from processor.detect.base import Observation
+    >>> from processor.location import Location
+    >>> from processor.window import LocationWindow, VersionFigures
+    >>> rng = np.random.default_rng(1)
+    >>> det, loc, events = LatencyShift(warmup_windows=10), Location("prod", "shop", "f"), []
+    >>> for i in range(40):
+    ...     factor, version = (1.5, ("shop", "2", "")) if i >= 25 else (1.0, ("shop", "1", ""))
+    ...     sk = LogSketch.from_values(rng.lognormal(np.log(20e6 * factor), 0.5, 400))
+    ...     lw = LocationWindow(0, loc, 400, 0, sk, [VersionFigures(version, 400, 0, sk)])
+    ...     events += det.update(Observation(loc, i * 60 * 10**9, (i + 1) * 60 * 10**9, lw))
+    >>> [(e.type, e.detail["quantile"], e.version[1]) for e in events]
+    [('latency_regression', 'p50', '2')]
+
+    References
+    ----------
+    Page (1954), CUSUM; Mann and Whitney (1947); Sentry's trend detection (EMA, CUSUM
+    breakpoint, Welch t-test); Netflix Kayenta (Mann-Whitney U with an effect-size band).
+    """
+
+    event_type = "latency_regression"
+
+    def __init__(self, window_s: float = 60.0, half_life_s: float = 21600.0, warmup_windows: int = 30,
+                 threshold: float = 12.0, median_delta: float = 0.1, tail_ratio: float = 2.5,
+                 min_tail_expected: float = 20.0, min_relative: float = 0.1,
+                 min_absolute_ms: float = 0.5, alpha: float = 1e-3, resolve_windows: int = 5,
+                 accept_windows: int = 120):
+        self.window_s = window_s
+        self.half_life_s = half_life_s
+        self.warmup_windows = warmup_windows
+        self.threshold = threshold
+        self.median_delta = median_delta
+        self.tail_ratio = tail_ratio
+        self.min_tail_expected = min_tail_expected
+        self.min_relative = min_relative
+        self.min_absolute_ms = min_absolute_ms
+        self.alpha = alpha
+        self.resolve_windows = resolve_windows
+        self.accept_windows = accept_windows
+        self.decay = 0.5 ** (window_s / half_life_s)
+        self.baseline = LogSketch()
+        self.baseline_windows = 0
+        self.load = DecayedLinearFit(self.decay)
+        self.watches = {name: _Watch(threshold) for name in QUANTILES}
+        self.open: dict | None = None  # the regression being reported, while it lasts
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _load_x(self, obs: Observation) -> float | None:
+        own = obs.window.sketch if obs.window else None
+        from processor.detect.stats import mean_ns
+        others = obs.service_inflight - (mean_ns(own) * obs.count / (self.window_s * 1e9) if own else 0.0)
+        return math.log(others) if others > 1e-9 else None
+
+    def _load_adjustment(self, x: float | None) -> float:
+        """log-factor by which this window is expected to be slower than the baseline's load."""
+        if x is None or self.load.n < self.warmup_windows:
+            return 0.0
+        effective = min(self.load.n, 1.0 / (1.0 - self.decay))
+        if self.load.slope <= 0 or self.load.slope_t(effective) < 4.0:
+            return 0.0
+        return self.load.slope * (x - self.load.mean_x)
+
+    def _absorb(self, sketch: LogSketch) -> None:
+        self.baseline = self.baseline.scaled(self.decay).merge(sketch)
+        self.baseline_windows += 1
+
+    # -- the interface ----------------------------------------------------------------------
+    def update(self, obs: Observation) -> list[Event]:
+        lw = obs.window
+        if lw is None or lw.count == 0:
+            return []
+        x = self._load_x(obs)
+        current = shifted(lw.sketch, -self._load_adjustment(x))
+        if self.baseline_windows < self.warmup_windows:
+            self._absorb(current)
+            if x is not None:
+                self.load.update(x, mean_log_ms(lw.sketch))
+            return []
+        if self.open is not None:
+            return self._follow_open(obs, current)
+
+        events: list[Event] = []
+        base_total = self.baseline.count
+        suspicious = False
+        for name, q in QUANTILES.items():
+            if q > 0.5 and base_total * (1 - q) < self.min_tail_expected:
+                continue  # too few baseline spans to know this tail yet
+            w = self.watches[name]
+            b = quantile_bucket(self.baseline, q)
+            p0 = mass_above(self.baseline, b) / base_total
+            if p0 <= 0:
+                continue
+            p1 = p0 + self.median_delta if q == 0.5 else min(self.tail_ratio * p0, 0.5)
+            hits = mass_above(current, b)
+            w.cusum.update(hits, current.count, p0, p1)
+            if w.cusum.statistic <= 0:
+                w.reset()
+                continue
+            suspicious = True
+            w.segment = w.segment.merge(current)
+            w.hits += hits
+            w.trials += current.count
+            w.windows += 1
+            for v in lw.versions:
+                w.versions.add(v.version, mass_above(shifted(v.sketch, -self._load_adjustment(x)), b),
+                               v.count)
+            if w.cusum.drift_detected and not events:
+                event = self._confirm(obs, name, q, b, p0, w)
+                if event is not None:
+                    events.append(event)
+                else:
+                    w.reset()  # a real but small change: accept it into the baseline
+        if not suspicious and not events:
+            self._absorb(current)
+            if x is not None:
+                self.load.update(x, mean_log_ms(lw.sketch))
+        return events
+
+    def _confirm(self, obs: Observation, name: str, q: float, b: int, p0: float, w: _Watch):
+        base_q = self.baseline.quantile(q) / 1e6
+        seg_q = w.segment.quantile(q) / 1e6
+        if seg_q < base_q * (1 + self.min_relative) or seg_q - base_q < self.min_absolute_ms:
+            return None
+        if q == 0.5:
+            p_value, effect = rank_test_greater(w.segment, self.baseline)
+            test = "mann_whitney_u"
+        else:
+            p_value, effect = binomial_greater(w.hits, w.trials, p0), w.hits / w.trials
+            test = "binomial_exceedance"
+        if p_value >= self.alpha:
+            return None
+        version, attribution = w.versions.blame(p0, obs.version_first_seen)
+        ratio = seg_q / base_q
+        self.open = {"quantile": name, "q": q, "baseline_ms": base_q, "since": obs.end_ns,
+                     "windows": 0, "calm": 0, "sketch": LogSketch()}
+        lw = obs.window
+        severity = "critical" if ratio >= 2 else "warning"
+        v = version or lw.main_version.version
+        where = f" in {v[1]}" if v[1] else ""
+        detail = {
+            "quantile": name, "baseline_ms": round(base_q, 6), "current_ms": round(seg_q, 6),
+            "ratio": round(ratio, 4), "statistic": "binomial_cusum",
+            "cusum": round(w.cusum.statistic, 3), "threshold": self.threshold,
+            "exceedance_baseline": round(p0, 6), "exceedance_current": round(w.hits / w.trials, 6),
+            "test": test, "p_value": p_value, "alpha": self.alpha, "effect": round(effect, 6),
+            "spans": int(w.trials), "windows": w.windows,
+            "baseline_spans": int(round(self.baseline.count)),
+            "load_adjusted": self._load_adjustment(self._load_x(obs)) != 0.0,
+            "exemplars": lw.exemplars, **attribution,
+        }
+        summary = (f"{name} of {obs.location.function} rose {ratio:.2f}x "
+                   f"({base_q:.3g} ms to {seg_q:.3g} ms){where}")
+        for other in self.watches.values():
+            other.reset()
+        return obs.event(self.event_type, severity, summary, detail, v)
+
+    def _follow_open(self, obs: Observation, current: LogSketch) -> list[Event]:
+        o = self.open
+        o["windows"] += 1
+        o["sketch"] = o["sketch"].merge(current)
+        now_q = current.quantile(o["q"]) / 1e6
+        calm = now_q < o["baseline_ms"] * (1 + self.min_relative / 2)
+        o["calm"] = o["calm"] + 1 if calm else 0
+        if o["calm"] >= self.resolve_windows:
+            self.open = None
+            return [obs.event("resolved", "info",
+                              f"{o['quantile']} of {obs.location.function} is back to its baseline "
+                              f"({now_q:.3g} ms vs {o['baseline_ms']:.3g} ms)",
+                              {"resolves": self.event_type, "quantile": o["quantile"],
+                               "baseline_ms": round(o["baseline_ms"], 6), "current_ms": round(now_q, 6),
+                               "reason": "recovered", "windows": o["windows"]})]
+        if o["windows"] >= self.accept_windows:
+            # The new level held for long enough: it becomes the baseline.
+            self.open = None
+            self.baseline = o["sketch"]
+            self.baseline_windows = self.warmup_windows
+            return [obs.event("resolved", "info",
+                              f"{o['quantile']} of {obs.location.function} stayed at {now_q:.3g} ms; "
+                              f"accepted as the new baseline",
+                              {"resolves": self.event_type, "quantile": o["quantile"],
+                               "reason": "accepted", "current_ms": round(now_q, 6),
+                               "windows": o["windows"]})]
+        return []

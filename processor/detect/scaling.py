@@ -1,0 +1,155 @@
+"""``scaling_regression``: latency grows with load more than the baseline's relation did."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from processor.detect.base import Detector, Observation
+from processor.detect.stats import DecayedLinearFit, mean_log_ms, mean_ns
+from processor.events import Event
+
+
+class ScalingShift(Detector):
+    """The slope of latency against concurrency rose.
+
+    Each window gives one point: x = log of the spans in flight in the rest of the service
+    (Little's law over the window: summed span time / window length, this location's own
+    spans left out so its latency does not feed its load), y = mean log latency of this
+    location. The baseline is a decayed weighted least-squares line through these points.
+    The residuals of the last ``recent_windows`` windows are regressed on x; when their
+    slope is positive with ``t >= z_threshold`` for ``persist_windows`` windows in a row,
+    and the extra latency it implies across the recent load range is at least
+    ``min_relative``, a regression opens. Latency that rises with load exactly as the
+    baseline line predicts leaves residuals flat and raises nothing.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from processor.detect.base import Observation
+    >>> from processor.location import Location
+    >>> from processor.sketch import LogSketch
+    >>> from processor.window import LocationWindow, VersionFigures
+    >>> rng = np.random.default_rng(3)
+    >>> det, loc, events = ScalingShift(warmup_windows=60), Location("prod", "shop", "f"), []
+    >>> for i in range(240):
+    ...     load = float(rng.lognormal(0, 0.3))
+    ...     beta = 0.3 if i < 150 else 2.0          # version 2 scales worse
+    ...     version = ("shop", "1" if i < 150 else "2", "")
+    ...     ms = 20 * (1 + beta * max(load - 0.7, 0))
+    ...     sk = LogSketch.from_values(rng.lognormal(np.log(ms * 1e6), 0.4, 500))
+    ...     lw = LocationWindow(0, loc, 500, 0, sk, [VersionFigures(version, 500, 0, sk)])
+    ...     obs = Observation(loc, i * 60 * 10**9, (i + 1) * 60 * 10**9, lw, service_inflight=50 * load)
+    ...     events += det.update(obs)
+    >>> [(e.type, e.version[1]) for e in events]
+    [('scaling_regression', '2')]
+    """
+
+    event_type = "scaling_regression"
+
+    def __init__(self, window_s: float = 60.0, half_life_s: float = 21600.0, warmup_windows: int = 60,
+                 recent_windows: int = 30, z_threshold: float = 4.5, persist_windows: int = 3,
+                 min_relative: float = 0.1, min_load_range: float = 0.2, resolve_windows: int = 10,
+                 accept_windows: int = 120):
+        self.window_s = window_s
+        self.half_life_s = half_life_s
+        self.warmup_windows = warmup_windows
+        self.recent_windows = recent_windows
+        self.z_threshold = z_threshold
+        self.persist_windows = persist_windows
+        self.min_relative = min_relative
+        self.min_load_range = min_load_range
+        self.resolve_windows = resolve_windows
+        self.accept_windows = accept_windows
+        self.decay = 0.5 ** (window_s / half_life_s)
+        self.fit = DecayedLinearFit(self.decay)
+        self.recent = np.full((recent_windows, 3), np.nan)  # (x, residual, y) ring
+        self.pos = 0
+        self.streak = 0
+        self.open: dict | None = None
+
+    def _point(self, obs: Observation) -> tuple[float, float] | None:
+        lw = obs.window
+        own = mean_ns(lw.sketch) * lw.count / (self.window_s * 1e9)
+        others = obs.service_inflight - own
+        if others <= 1e-9:
+            return None
+        return math.log(others), mean_log_ms(lw.sketch)
+
+    def _recent_slope(self) -> tuple[float, float, float]:
+        """(slope, t, x range) of the residuals on x over the recent ring."""
+        pts = self.recent[~np.isnan(self.recent[:, 0])]
+        if len(pts) < max(5, self.recent_windows // 2):
+            return 0.0, 0.0, 0.0
+        x, r = pts[:, 0], pts[:, 1]
+        xc = x - x.mean()
+        sxx = float((xc * xc).sum())
+        if sxx <= 1e-12:
+            return 0.0, 0.0, 0.0
+        slope = float((xc * (r - r.mean())).sum()) / sxx
+        resid = r - r.mean() - slope * xc
+        se = math.sqrt(max(float((resid * resid).sum()) / (len(pts) - 2), 1e-12) / sxx)
+        return slope, slope / se, float(x.max() - x.min())
+
+    def update(self, obs: Observation) -> list[Event]:
+        lw = obs.window
+        if lw is None or lw.count == 0:
+            return []
+        point = self._point(obs)
+        if point is None:
+            return []
+        x, y = point
+        if self.fit.n < self.warmup_windows:
+            self.fit.update(x, y)
+            return []
+        residual = y - (self.fit.intercept + self.fit.slope * x)
+        self.recent[self.pos % self.recent_windows] = (x, residual, y)
+        self.pos += 1
+        slope, t, x_range = self._recent_slope()
+        if self.open is not None:
+            return self._follow_open(obs, slope, t, x, y)
+        rising = slope > 0 and t >= self.z_threshold and x_range >= self.min_load_range
+        extra = math.exp(slope * x_range) - 1 if rising else 0.0
+        self.streak = self.streak + 1 if rising and extra >= self.min_relative else 0
+        if self.streak == 0 and t < self.z_threshold / 2:
+            self.fit.update(x, y)  # calm: the baseline line follows slowly
+        if self.streak < self.persist_windows:
+            return []
+        self.streak = 0
+        first_seen = obs.version_first_seen
+        version = max((v.version for v in lw.versions if v.count >= 0.05 * lw.count),
+                      key=lambda v: (first_seen.get(v, 0), v))
+        self.open = {"windows": 0, "calm": 0}
+        detail = {
+            "baseline_slope": round(self.fit.slope, 4), "current_slope": round(self.fit.slope + slope, 4),
+            "slope_increase": round(slope, 4), "statistic": "t_residual_slope", "t": round(t, 3),
+            "threshold": self.z_threshold, "extra_latency_at_high_load": round(extra, 4),
+            "load_range_log": round(x_range, 4), "windows": int(min(self.pos, self.recent_windows)),
+            "spans": lw.count, "inflight_others": round(math.exp(x), 3),
+            "exemplars": lw.exemplars,
+            "versions": {v.version[1] or "(none)": v.count for v in lw.versions},
+        }
+        return [obs.event(self.event_type, "warning",
+                          f"{obs.location.function} slows down with load {1 + extra:.2f}x more "
+                          f"across the recent load range than its baseline did"
+                          + (f" in {version[1]}" if version[1] else ""), detail, version)]
+
+    def _follow_open(self, obs, slope, t, x, y) -> list[Event]:
+        o = self.open
+        o["windows"] += 1
+        o["calm"] = o["calm"] + 1 if t < 1.0 else 0
+        reason = "recovered" if o["calm"] >= self.resolve_windows else (
+            "accepted" if o["windows"] >= self.accept_windows else None)
+        if reason is None:
+            return []
+        if reason == "accepted":
+            self.fit = DecayedLinearFit(self.decay)
+            for px, _, py in self.recent[~np.isnan(self.recent[:, 0])]:
+                self.fit.update(float(px), float(py))  # restart from the recent points
+        self.recent[:] = np.nan
+        self.open = None
+        return [obs.event("resolved", "info",
+                          f"{obs.location.function} scales with load as before" if reason == "recovered"
+                          else f"{obs.location.function}'s new load relation accepted as its baseline",
+                          {"resolves": self.event_type, "reason": reason, "windows": o["windows"]})]
