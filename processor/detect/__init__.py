@@ -25,14 +25,13 @@ def build_detectors(cfg) -> list[Detector]:
         out.append(LatencyShift(**common, threshold=lt.threshold, median_delta=lt.median_delta,
                                 tail_ratio=lt.tail_ratio, min_tail_expected=lt.min_tail_expected,
                                 min_relative=lt.min_relative, min_absolute_ms=lt.min_absolute_ms,
-                                alpha=lt.alpha, resolve_windows=d.resolve_windows,
-                                accept_windows=d.accept_windows))
+                                alpha=lt.alpha, accept_windows=d.accept_windows))
     if d.errors.enabled:
         er = d.errors
         out.append(ErrorRateShift(**common, threshold=er.threshold, ratio=er.ratio,
                                   prior_share=er.prior_share, prior_spans=er.prior_spans,
                                   min_ratio=er.min_ratio, min_absolute=er.min_absolute, alpha=er.alpha,
-                                  resolve_windows=d.resolve_windows, accept_windows=d.accept_windows))
+                                  accept_windows=d.accept_windows))
     if d.exceptions.enabled:
         out.append(NewException(warmup_windows=d.warmup_windows, max_types=d.exceptions.max_types))
     if d.scaling.enabled:
@@ -40,7 +39,7 @@ def build_detectors(cfg) -> list[Detector]:
         out.append(ScalingShift(window_s=w, half_life_s=half, warmup_windows=sc.warmup_windows,
                                 recent_windows=sc.recent_windows, z_threshold=sc.z_threshold,
                                 persist_windows=sc.persist_windows, min_relative=sc.min_relative,
-                                min_load_range=sc.min_load_range, resolve_windows=d.resolve_windows,
+                                min_load_range=sc.min_load_range, resolve_windows=sc.resolve_windows,
                                 accept_windows=d.accept_windows))
     if d.dormant.enabled:
         dm = d.dormant

@@ -37,7 +37,7 @@ class ErrorRateShift(Detector):
     def __init__(self, window_s: float = 60.0, half_life_s: float = 21600.0, warmup_windows: int = 30,
                  threshold: float = 12.0, ratio: float = 3.0, prior_share: float = 0.001,
                  prior_spans: float = 2000.0, min_ratio: float = 1.5, min_absolute: float = 0.001,
-                 alpha: float = 1e-3, resolve_windows: int = 5, accept_windows: int = 120):
+                 alpha: float = 1e-3, accept_windows: int = 120):
         self.window_s = window_s
         self.half_life_s = half_life_s
         self.warmup_windows = warmup_windows
@@ -48,7 +48,6 @@ class ErrorRateShift(Detector):
         self.min_ratio = min_ratio
         self.min_absolute = min_absolute
         self.alpha = alpha
-        self.resolve_windows = resolve_windows
         self.accept_windows = accept_windows
         self.decay = 0.5 ** (window_s / half_life_s)
         self.errors = 0.0
@@ -91,6 +90,9 @@ class ErrorRateShift(Detector):
             self._reset_segment()
             self._absorb(lw.errors, lw.count)
             return []
+        # Suspicious windows go into the baseline too (leaving them out biases it low); only
+        # an open regression freezes it.
+        self._absorb(lw.errors, lw.count)
         self.seg_errors += lw.errors
         self.seg_spans += lw.count
         self.seg_windows += 1
@@ -101,12 +103,12 @@ class ErrorRateShift(Detector):
         share = self.seg_errors / self.seg_spans
         p_value = binomial_greater(self.seg_errors, self.seg_spans, p0)
         if share < p0 * self.min_ratio or share - p0 < self.min_absolute or p_value >= self.alpha:
-            self._reset_segment()  # real but small: let the baseline take it in
-            self._absorb(lw.errors, lw.count)
+            self._reset_segment()  # real but small: the baseline takes it in
             return []
         version, attribution = self.versions.blame(p0, obs.version_first_seen)
         v = version or lw.main_version.version
-        self.open = {"baseline": p0, "windows": 0, "calm": 0, "errors": 0.0, "spans": 0.0}
+        self.open = {"baseline": p0, "current": share, "windows": 0, "errors": 0.0, "spans": 0.0,
+                     "back": BinomialCUSUM(self.threshold)}
         detail = {
             "baseline_share": round(p0, 6), "current_share": round(share, 6),
             "ratio": round(share / p0, 4), "statistic": "binomial_cusum",
@@ -123,16 +125,15 @@ class ErrorRateShift(Detector):
                           f"({p0:.2%} to {share:.2%}){where}", detail, v)]
 
     def _follow_open(self, obs: Observation) -> list[Event]:
+        """Resolved once the evidence for "back at the baseline share" beats "still at the
+        regressed share" by the same CUSUM threshold that opened it."""
         o, lw = self.open, obs.window
         o["windows"] += 1
         o["errors"] += lw.errors
         o["spans"] += lw.count
-        share = lw.errors / lw.count
-        # calm: this window's errors are what the baseline makes likely
-        calm = binomial_greater(lw.errors, lw.count, o["baseline"] * self.min_ratio) >= 0.05
-        o["calm"] = o["calm"] + 1 if calm else 0
+        o["back"].update(lw.count - lw.errors, lw.count, 1 - o["current"], 1 - o["baseline"])
         reason = None
-        if o["calm"] >= self.resolve_windows:
+        if o["back"].drift_detected:
             reason = "recovered"
         elif o["windows"] >= self.accept_windows:
             reason = "accepted"
@@ -140,10 +141,11 @@ class ErrorRateShift(Detector):
         if reason is None:
             return []
         self.open = None
+        share = o["errors"] / o["spans"] if o["spans"] else 0.0
         return [obs.event("resolved", "info",
                           f"error share of {obs.location.function} "
                           + ("is back to its baseline" if reason == "recovered" else
                              f"stayed at {share:.2%}; accepted as the new baseline"),
                           {"resolves": self.event_type, "reason": reason,
-                           "baseline_share": round(o["baseline"], 6), "current_share": round(share, 6),
+                           "baseline_share": round(o["baseline"], 6), "open_share": round(share, 6),
                            "windows": o["windows"]})]

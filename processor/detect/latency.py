@@ -44,8 +44,9 @@ class LatencyShift(Detector):
     crosses ``threshold`` the suspect segment is confirmed with a rank test (median) or an
     exact binomial test (tail) at ``alpha``, and must clear both effect-size gates
     (``min_relative`` and ``min_absolute_ms`` on the quantile itself). One event opens a
-    regression; the baseline stays frozen until ``resolve_windows`` calm windows close it,
-    or until ``accept_windows`` windows make the new level the baseline.
+    regression; the baseline stays frozen until a reverse CUSUM finds the exceedance share
+    back at the baseline's (a ``resolved`` event), or until ``accept_windows`` windows make
+    the new level the baseline.
 
     Where the baseline shows latency rising with the service's load (spans in flight in
     the rest of the service, a significant slope), windows are compared after removing
@@ -54,7 +55,7 @@ class LatencyShift(Detector):
     Parameters
     ----------
     window_s, half_life_s, warmup_windows, threshold, median_delta, tail_ratio,
-    min_tail_expected, min_relative, min_absolute_ms, alpha, resolve_windows, accept_windows
+    min_tail_expected, min_relative, min_absolute_ms, alpha, accept_windows
         See docs/detection.md.
 
     Examples
@@ -84,7 +85,7 @@ class LatencyShift(Detector):
     def __init__(self, window_s: float = 60.0, half_life_s: float = 21600.0, warmup_windows: int = 30,
                  threshold: float = 12.0, median_delta: float = 0.1, tail_ratio: float = 2.5,
                  min_tail_expected: float = 20.0, min_relative: float = 0.1,
-                 min_absolute_ms: float = 0.5, alpha: float = 1e-3, resolve_windows: int = 5,
+                 min_absolute_ms: float = 0.5, alpha: float = 1e-3,
                  accept_windows: int = 120):
         self.window_s = window_s
         self.half_life_s = half_life_s
@@ -96,7 +97,6 @@ class LatencyShift(Detector):
         self.min_relative = min_relative
         self.min_absolute_ms = min_absolute_ms
         self.alpha = alpha
-        self.resolve_windows = resolve_windows
         self.accept_windows = accept_windows
         self.decay = 0.5 ** (window_s / half_life_s)
         self.baseline = LogSketch()
@@ -142,7 +142,6 @@ class LatencyShift(Detector):
 
         events: list[Event] = []
         base_total = self.baseline.count
-        suspicious = False
         for name, q in QUANTILES.items():
             if q > 0.5 and base_total * (1 - q) < self.min_tail_expected:
                 continue  # too few baseline spans to know this tail yet
@@ -157,7 +156,6 @@ class LatencyShift(Detector):
             if w.cusum.statistic <= 0:
                 w.reset()
                 continue
-            suspicious = True
             w.segment = w.segment.merge(current)
             w.hits += hits
             w.trials += current.count
@@ -165,13 +163,16 @@ class LatencyShift(Detector):
             for v in lw.versions:
                 w.versions.add(v.version, mass_above(shifted(v.sketch, -self._load_adjustment(x)), b),
                                v.count)
-            if w.cusum.drift_detected and not events:
+            if w.cusum.drift_detected:
                 event = self._confirm(obs, name, q, b, p0, w)
                 if event is not None:
                     events.append(event)
-                else:
-                    w.reset()  # a real but small change: accept it into the baseline
-        if not suspicious and not events:
+                    break  # one regression at a time; the watches start afresh after it
+                w.reset()  # a real but small change: the baseline takes it in
+        # Every window goes into the baseline unless it opened a regression: leaving out the
+        # windows that merely looked suspicious would bias the baseline low. A change is
+        # detected long before its windows weigh in a baseline with a half-life of hours.
+        if not events:
             self._absorb(current)
             if x is not None:
                 self.load.update(x, mean_log_ms(lw.sketch))
@@ -192,8 +193,9 @@ class LatencyShift(Detector):
             return None
         version, attribution = w.versions.blame(p0, obs.version_first_seen)
         ratio = seg_q / base_q
-        self.open = {"quantile": name, "q": q, "baseline_ms": base_q, "since": obs.end_ns,
-                     "windows": 0, "calm": 0, "sketch": LogSketch()}
+        self.open = {"quantile": name, "q": q, "baseline_ms": base_q, "bucket": b, "p0": p0,
+                     "p_open": w.hits / w.trials, "windows": 0, "sketch": LogSketch(),
+                     "back": BinomialCUSUM(self.threshold)}
         lw = obs.window
         severity = "critical" if ratio >= 2 else "warning"
         v = version or lw.main_version.version
@@ -220,9 +222,11 @@ class LatencyShift(Detector):
         o["windows"] += 1
         o["sketch"] = o["sketch"].merge(current)
         now_q = current.quantile(o["q"]) / 1e6
-        calm = now_q < o["baseline_ms"] * (1 + self.min_relative / 2)
-        o["calm"] = o["calm"] + 1 if calm else 0
-        if o["calm"] >= self.resolve_windows:
+        # Resolved once "back at the baseline's exceedance share" beats "still at the share
+        # that opened it" by the threshold that opened it: a reverse CUSUM.
+        hits = mass_above(current, o["bucket"])
+        o["back"].update(current.count - hits, current.count, 1 - o["p_open"], 1 - o["p0"])
+        if o["back"].drift_detected:
             self.open = None
             return [obs.event("resolved", "info",
                               f"{o['quantile']} of {obs.location.function} is back to its baseline "

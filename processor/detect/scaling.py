@@ -112,8 +112,7 @@ class ScalingShift(Detector):
         rising = slope > 0 and t >= self.z_threshold and x_range >= self.min_load_range
         extra = math.exp(slope * x_range) - 1 if rising else 0.0
         self.streak = self.streak + 1 if rising and extra >= self.min_relative else 0
-        if self.streak == 0 and t < self.z_threshold / 2:
-            self.fit.update(x, y)  # calm: the baseline line follows slowly
+        self.fit.update(x, y)  # the baseline line follows slowly; only an open regression freezes it
         if self.streak < self.persist_windows:
             return []
         self.streak = 0

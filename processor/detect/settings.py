@@ -46,7 +46,6 @@ class DetectorSetting:
 S = DetectorSetting
 DETECTOR_SETTINGS: tuple[DetectorSetting, ...] = (
     S("", "warmup_windows", 30, positive_int, "windows a location is watched silently before any detector speaks"),
-    S("", "resolve_windows", 5, positive_int, "calm windows in a row that close an open regression (a `resolved` event)"),
     S("", "accept_windows", 120, positive_int, "windows after which a lasting change becomes the new baseline"),
     S("latency", "enabled", True, _bool, "watch latency at p50, p99 and p99.9"),
     S("latency", "threshold", 12.0, positive_float, "CUSUM decision interval (nats) on exceedances of the baseline's quantile"),
@@ -73,6 +72,7 @@ DETECTOR_SETTINGS: tuple[DetectorSetting, ...] = (
     S("scaling", "persist_windows", 3, positive_int, "windows in a row the rise must hold"),
     S("scaling", "min_relative", 0.1, non_negative_float, "smallest extra latency across the recent load range that is reported"),
     S("scaling", "min_load_range", 0.2, non_negative_float, "smallest spread of log load in the recent windows to judge a slope"),
+    S("scaling", "resolve_windows", 10, positive_int, "windows in a row with a flat residual slope that close a scaling regression"),
     S("dormant", "enabled", True, _bool, "report steadily called locations that fall silent"),
     S("dormant", "min_silence_s", 600.0, positive_float, "silence (event-time seconds) before a location is called dormant"),
     S("dormant", "min_presence", 0.9, _probability, "share of windows with calls that makes a location steady"),

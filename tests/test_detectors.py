@@ -1,0 +1,90 @@
+"""Each detector fires on its own injected change, once, attributed to the new version,
+and stays silent on stationary data from the same generator with other seeds."""
+
+import pytest
+
+from processor.config import Config
+from processor.detect import (
+    Dormant, ErrorRateShift, LatencyShift, NewException, ScalingShift, build_detectors,
+)
+from tests.windows import V2, observations
+
+CHANGE = 200
+
+
+def make(cls):
+    return next(d for d in build_detectors(Config.defaults()) if isinstance(d, cls))
+
+
+def events_of(cls, **kw):
+    det = make(cls)
+    return [e for obs in observations(**kw) for e in det.update(obs)]
+
+
+def onset(events, type_):
+    found = [e for e in events if e.type == type_]
+    assert len(found) == 1, [e.summary for e in events]
+    return found[0]
+
+
+@pytest.mark.parametrize("seed", [11, 12, 13])
+def test_latency_median_shift_is_caught_at_p50(seed):
+    e = onset(events_of(LatencyShift, seed=seed, windows=CHANGE + 60, change_at=CHANGE,
+                        kind="median", effect=1.5), "latency_regression")
+    assert e.detail["quantile"] == "p50" and e.version == V2
+    assert 1.3 < e.detail["ratio"] < 1.7
+    assert e.window_start_ns // (60 * 10**9) - CHANGE <= 5
+
+
+@pytest.mark.parametrize("seed", [21, 22, 23])
+def test_latency_tail_only_shift_is_caught_in_the_tail(seed):
+    e = onset(events_of(LatencyShift, seed=seed, windows=CHANGE + 60, change_at=CHANGE,
+                        kind="tail", effect=3.0), "latency_regression")
+    assert e.detail["quantile"] in ("p99", "p999") and e.version == V2
+    assert e.detail["p_value"] < e.detail["alpha"]
+
+
+def test_latency_regression_is_one_event_then_resolved_when_it_ends():
+    det = make(LatencyShift)
+    stream = list(observations(31, CHANGE + 60, change_at=CHANGE, kind="median", effect=2.0))
+    calm = list(observations(32, 40))
+    events = [e for obs in stream for e in det.update(obs)]
+    events += [e for obs in calm for e in det.update(obs)]
+    assert [e.type for e in events] == ["latency_regression", "resolved"]
+    assert events[1].detail["reason"] == "recovered"
+
+
+@pytest.mark.parametrize("seed", [41, 42, 43])
+def test_error_share_rise_is_caught(seed):
+    e = onset(events_of(ErrorRateShift, seed=seed, windows=CHANGE + 60, change_at=CHANGE,
+                        kind="errors", effect=10.0), "error_regression")
+    assert e.version == V2 and e.detail["current_share"] > 5 * e.detail["baseline_share"]
+
+
+def test_new_exception_type_is_reported_once():
+    events = events_of(NewException, seed=51, windows=CHANGE + 30, change_at=CHANGE, kind="exception")
+    e = onset(events, "new_exception")
+    assert e.detail["exception_type"] == "ZeroDivisionError" and e.version == V2
+    assert e.window_start_ns // (60 * 10**9) == CHANGE
+
+
+@pytest.mark.parametrize("seed", [61, 62])
+def test_steeper_growth_with_load_is_a_scaling_regression(seed):
+    e = onset(events_of(ScalingShift, seed=seed, windows=CHANGE + 90, change_at=CHANGE,
+                        kind="scaling", effect=2.0), "scaling_regression")
+    assert e.version == V2 and e.detail["slope_increase"] > 0
+
+
+def test_vanished_location_is_dormant_attributed_to_the_replacing_version():
+    e = onset(events_of(Dormant, seed=71, windows=CHANGE + 30, change_at=CHANGE, kind="vanish"),
+              "dormant")
+    assert e.version == V2 and e.detail["last_version"] == "1.0"
+    assert 10 <= e.window_start_ns // (60 * 10**9) - CHANGE + 1 <= 11  # 10 min silence
+
+
+@pytest.mark.parametrize("seed", range(100, 106))
+@pytest.mark.parametrize("cls", [LatencyShift, ErrorRateShift, NewException, ScalingShift, Dormant],
+                         ids=lambda c: c.__name__)
+def test_silent_on_stationary_data(cls, seed):
+    # six hours of a load-sensitive location with diurnal load and bursts
+    assert events_of(cls, seed=seed, windows=360) == []
