@@ -73,3 +73,27 @@ def test_console_script_exits_2_on_unknown_yaml_key(tmp_path):
 def test_missing_config_file_is_named():
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(["--config", "/nonexistent/backflow.yaml"], environ={})
+
+
+def test_detector_settings_come_from_the_yaml_detectors_section(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("detectors:\n  warmup_windows: 12\n  latency:\n    threshold: 9.5\n  dormant:\n    enabled: false\n")
+    cfg = load_config(["--config", str(f)], environ={})
+    assert cfg.detectors.warmup_windows == 12
+    assert cfg.detectors.latency.threshold == 9.5
+    assert cfg.detectors.dormant.enabled is False
+    assert cfg.detectors.errors.ratio == 3.0  # default
+
+
+@pytest.mark.parametrize("yaml_text,named", [
+    ("detectors:\n  latency:\n    treshold: 3\n", "unknown key 'detectors.latency.treshold'"),
+    ("detectors:\n  latency:\n    threshold: -3\n", "detectors.latency.threshold"),
+    ("detectors:\n  errors:\n    alpha: 2\n", "detectors.errors.alpha"),
+    ("detectors:\n  latency: 5\n", "detectors.latency"),
+    ("detectors: [1]\n", "detectors"),
+])
+def test_bad_detector_setting_is_named(tmp_path, yaml_text, named):
+    f = tmp_path / "c.yaml"
+    f.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=__import__("re").escape(named)):
+        load_config(["--config", str(f)], environ={})

@@ -30,7 +30,8 @@ def send(target, spans, resource=RESOURCE, compression=None):
     """Export spans through the SDK: (start_ns, end_ns, attributes, error, exception, name)."""
     provider = TracerProvider(resource=Resource.create(resource))
     exporter = OTLPSpanExporter(endpoint=target, insecure=True, compression=compression)
-    provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=512))
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_export_batch_size=512,
+                                                   max_queue_size=max(2048, len(spans))))
     tracer = provider.get_tracer("shop.tracer")
     for sp in spans:
         start, end, attrs = sp[0], sp[1], sp[2]
@@ -207,3 +208,37 @@ def test_health_service_and_healthz_report_serving(backflow, redis_client):
             assert resp.status == health_pb2.HealthCheckResponse.SERVING
     assert bf.http_status("/healthz") == 200
     assert bf.http_status("/nope") == 404
+
+
+def test_regressions_of_a_new_version_are_reported_over_grpc(backflow, redis_client, tmp_path):
+    """A new version whose function is twice as slow, fails more and raises a new exception."""
+    cfg = tmp_path / "backflow.yaml"
+    cfg.write_text("detectors:\n  warmup_windows: 10\n")
+    bf = backflow("--window", "1", "--allowed-lateness", "0", "--config", str(cfg))
+    rng = np.random.default_rng(7)
+    attrs = {"code.function.name": "shop.cart.apply_discount", "code.file.path": "shop/cart.py"}
+
+    def spans(first, last, slow, error_share, exception):
+        out = []
+        for w in range(first, last):
+            for j in range(200):
+                end = T0 + w * SEC + j * (SEC // 200)
+                dur = int(rng.lognormal(np.log(20e6 * slow), 0.5))
+                err = rng.random() < error_share
+                out.append((end - dur, end, attrs, err, exception() if err else None))
+        return out
+
+    send(bf.grpc_target, spans(0, 30, 1.0, 0.002, lambda: TimeoutError("slow db")))
+    v2 = {**RESOURCE, "service.version": "2.0.0", "vcs.ref.head.revision": "def456"}
+    send(bf.grpc_target, spans(30, 45, 2.0, 0.05, lambda: ZeroDivisionError("oops")), resource=v2)
+    assert bf.stop(signal.SIGTERM) == 0
+    events = {e["type"]: e for e in stream(redis_client)}
+    assert {"first_seen", "latency_regression", "error_regression", "new_exception"} <= set(events)
+    for type_ in ("latency_regression", "error_regression", "new_exception"):
+        e = events[type_]
+        assert (e["service.version"], e["vcs.ref.head.revision"]) == ("2.0.0", "def456"), type_
+        assert int(e["window.start"]) >= (T0 + 30 * SEC) // 10**6
+        assert e["code.function.name"] == "shop.cart.apply_discount"
+    latency = json.loads(events["latency_regression"]["detail"])
+    assert latency["quantile"] == "p50" and 1.7 < latency["ratio"] < 2.3
+    assert json.loads(events["new_exception"]["detail"])["exception_type"] == "ZeroDivisionError"
