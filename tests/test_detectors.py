@@ -88,3 +88,31 @@ def test_vanished_location_is_dormant_attributed_to_the_replacing_version():
 def test_silent_on_stationary_data(cls, seed):
     # six hours of a load-sensitive location with diurnal load and bursts
     assert events_of(cls, seed=seed, windows=360) == []
+
+
+def test_canary_regression_is_blamed_on_the_new_version_running_side_by_side():
+    import numpy as np
+
+    from processor.detect.base import Observation
+    from processor.sketch import LogSketch
+    from processor.window import LocationWindow, VersionFigures
+    from tests.windows import LOC, V1, W_NS
+
+    rng = np.random.default_rng(81)
+    det = make(LatencyShift)
+    events = []
+    for i in range(CHANGE + 30):
+        old = rng.lognormal(np.log(20e6), 0.5, 400)
+        parts = [(V1, old)]
+        if i >= CHANGE:  # a canary: 10% of the calls, three times slower
+            parts = [(V1, old[:360]), (V2, rng.lognormal(np.log(60e6), 0.5, 40))]
+        figures = [VersionFigures(v, len(d), 0, LogSketch.from_values(d)) for v, d in parts]
+        sk = LogSketch.from_values(np.concatenate([d for _, d in parts]))
+        lw = LocationWindow(0, LOC, 400, 0, sk, figures)
+        first_seen = {V1: W_NS, V2: (CHANGE + 1) * W_NS}
+        events += det.update(Observation(LOC, i * W_NS, (i + 1) * W_NS, lw, 0.0, V1, first_seen))
+    e = onset(events, "latency_regression")
+    assert e.version == V2  # though V1 still serves 90% of the calls
+    assert e.detail["side_by_side"]["newest"] == "1.1"
+    assert e.detail["side_by_side"]["z_newest_vs_others"] > 3
+    assert e.detail["versions"]["1.1"]["share"] > 5 * e.detail["versions"]["1.0"]["share"]
