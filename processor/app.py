@@ -75,8 +75,10 @@ class Engine:
         window_ns = cw.end_ns - cw.start_ns
         by_version: dict = {}
         inflight = 0.0
+        calls = 0
         for lw in cw.locations:
             inflight += mean_ns(lw.sketch) * lw.count / window_ns
+            calls += lw.count
             for v in lw.versions:
                 by_version[v.version] = by_version.get(v.version, 0) + v.count
         first_seen = self.version_first_seen.setdefault(cw.service, {})
@@ -94,7 +96,7 @@ class Engine:
         for loc_id in known:
             lw = present.get(loc_id)
             obs = Observation(locations[loc_id], cw.start_ns, cw.end_ns, lw, inflight,
-                              service_version, first_seen)
+                              service_version, first_seen, calls / (window_ns / 1e9))
             for det in self.detectors[loc_id]:
                 if lw is not None or det.wants_absent:
                     events += det.update(obs)

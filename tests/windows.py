@@ -32,7 +32,8 @@ def observations(seed: int, windows: int = 300, change_at: int | None = None, ki
             first_seen.setdefault(V2, (i + 1) * W_NS)
         load = float(np.exp(0.25 * np.sin(2 * np.pi * i / 1440) + rng.normal(0, 0.15)))
         if kind == "vanish" and changed:
-            yield Observation(LOC, i * W_NS, (i + 1) * W_NS, None, 40 * load, V2, dict(first_seen))
+            yield Observation(LOC, i * W_NS, (i + 1) * W_NS, None, 40 * load, V2, dict(first_seen),
+                              service_calls=200 * load)
             continue
         n = int(rng.poisson(rate * 60 * load))
         beta = beta0 + (effect if changed and kind == "scaling" else 0.0)
@@ -50,5 +51,5 @@ def observations(seed: int, windows: int = 300, change_at: int | None = None, ki
         sk = LogSketch.from_values(d)
         lw = LocationWindow(0, LOC, n, errors, sk, [VersionFigures(version, n, errors, sk, exceptions)],
                             exceptions, [])
-        yield Observation(LOC, i * W_NS, (i + 1) * W_NS, lw, 40 * load + sk.count * 0, version,
-                          dict(first_seen))
+        yield Observation(LOC, i * W_NS, (i + 1) * W_NS, lw, 40 * load, version, dict(first_seen),
+                          service_calls=200 * load + n / 60)

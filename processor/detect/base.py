@@ -8,6 +8,7 @@ picklable for checkpoints, and depends only on the observations fed, in order.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from river import base
@@ -29,10 +30,19 @@ class Observation:
     service_inflight: float = 0.0      # mean spans in flight in the service (Little's law)
     service_version: Version = ("", "", "")  # the version serving most of the service's spans
     version_first_seen: dict[Version, int] = field(default_factory=dict)  # version -> first window end (ns)
+    service_calls: float = 0.0         # spans per second of the whole service in this window
 
     @property
     def count(self) -> int:
         return self.window.count if self.window else 0
+
+    def others_load(self) -> float | None:
+        """log of the calls per second in the rest of the service: the load this location
+        sees. Calls, not spans in flight: in flight is calls times latency, so a rollout that
+        slows down or removes other functions would move it with no change in load, and the
+        location's own latency would feed its own load measure."""
+        others = self.service_calls - self.count / ((self.end_ns - self.start_ns) / 1e9)
+        return math.log(others) if others > 1e-9 else None
 
     def event(self, type_: str, severity: str, summary: str, detail: dict,
               version: Version | None = None) -> Event:

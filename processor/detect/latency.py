@@ -106,12 +106,6 @@ class LatencyShift(Detector):
         self.open: dict | None = None  # the regression being reported, while it lasts
 
     # -- helpers ----------------------------------------------------------------------------
-    def _load_x(self, obs: Observation) -> float | None:
-        own = obs.window.sketch if obs.window else None
-        from processor.detect.stats import mean_ns
-        others = obs.service_inflight - (mean_ns(own) * obs.count / (self.window_s * 1e9) if own else 0.0)
-        return math.log(others) if others > 1e-9 else None
-
     def _load_adjustment(self, x: float | None) -> float:
         """log-factor by which this window is expected to be slower than the baseline's load."""
         if x is None or self.load.n < self.warmup_windows:
@@ -130,7 +124,7 @@ class LatencyShift(Detector):
         lw = obs.window
         if lw is None or lw.count == 0:
             return []
-        x = self._load_x(obs)
+        x = obs.others_load()
         current = shifted(lw.sketch, -self._load_adjustment(x))
         if self.baseline_windows < self.warmup_windows:
             self._absorb(current)
@@ -192,6 +186,20 @@ class LatencyShift(Detector):
         if p_value >= self.alpha:
             return None
         version, attribution = w.versions.blame(p0, obs.version_first_seen)
+        # Name the lowest quantile that moved past both gates: a tail shift often reaches
+        # p99.9's CUSUM first, but it is a p99 shift when p99 moved too.
+        figures = {}
+        for other, oq in QUANTILES.items():
+            if oq > 0.5 and self.baseline.count * (1 - oq) < self.min_tail_expected:
+                continue
+            bq, sq = self.baseline.quantile(oq) / 1e6, w.segment.quantile(oq) / 1e6
+            figures[other] = {"baseline_ms": round(bq, 6), "current_ms": round(sq, 6),
+                              "ratio": round(sq / bq, 4)}
+        for other, f in figures.items():
+            bq, sq = f["baseline_ms"], f["current_ms"]
+            if QUANTILES[other] < q and sq >= bq * (1 + self.min_relative) and sq - bq >= self.min_absolute_ms:
+                name, q, base_q, seg_q = other, QUANTILES[other], bq, sq
+                break
         ratio = seg_q / base_q
         self.open = {"quantile": name, "q": q, "baseline_ms": base_q, "bucket": b, "p0": p0,
                      "p_open": w.hits / w.trials, "windows": 0, "sketch": LogSketch(),
@@ -208,7 +216,7 @@ class LatencyShift(Detector):
             "test": test, "p_value": p_value, "alpha": self.alpha, "effect": round(effect, 6),
             "spans": int(w.trials), "windows": w.windows,
             "baseline_spans": int(round(self.baseline.count)),
-            "load_adjusted": self._load_adjustment(self._load_x(obs)) != 0.0,
+            "load_adjusted": self._load_adjustment(obs.others_load()) != 0.0, "quantiles": figures,
             "exemplars": lw.exemplars, **attribution,
         }
         summary = (f"{name} of {obs.location.function} rose {ratio:.2f}x "

@@ -7,16 +7,15 @@ import math
 import numpy as np
 
 from processor.detect.base import Detector, Observation
-from processor.detect.stats import DecayedLinearFit, mean_log_ms, mean_ns
+from processor.detect.stats import DecayedLinearFit, mean_log_ms
 from processor.events import Event
 
 
 class ScalingShift(Detector):
     """The slope of latency against concurrency rose.
 
-    Each window gives one point: x = log of the spans in flight in the rest of the service
-    (Little's law over the window: summed span time / window length, this location's own
-    spans left out so its latency does not feed its load), y = mean log latency of this
+    Each window gives one point: x = log of the calls per second in the rest of the
+    service (its load; see ``Observation.others_load``), y = mean log latency of this
     location. The baseline is a decayed weighted least-squares line through these points.
     The residuals of the last ``recent_windows`` windows are regressed on x; when their
     slope is positive with ``t >= z_threshold`` for ``persist_windows`` windows in a row,
@@ -40,7 +39,7 @@ class ScalingShift(Detector):
     ...     ms = 20 * (1 + beta * max(load - 0.7, 0))
     ...     sk = LogSketch.from_values(rng.lognormal(np.log(ms * 1e6), 0.4, 500))
     ...     lw = LocationWindow(0, loc, 500, 0, sk, [VersionFigures(version, 500, 0, sk)])
-    ...     obs = Observation(loc, i * 60 * 10**9, (i + 1) * 60 * 10**9, lw, service_inflight=50 * load)
+    ...     obs = Observation(loc, i * 60 * 10**9, (i + 1) * 60 * 10**9, lw, service_calls=500 * load)
     ...     events += det.update(obs)
     >>> [(e.type, e.version[1]) for e in events]
     [('scaling_regression', '2')]
@@ -70,12 +69,8 @@ class ScalingShift(Detector):
         self.open: dict | None = None
 
     def _point(self, obs: Observation) -> tuple[float, float] | None:
-        lw = obs.window
-        own = mean_ns(lw.sketch) * lw.count / (self.window_s * 1e9)
-        others = obs.service_inflight - own
-        if others <= 1e-9:
-            return None
-        return math.log(others), mean_log_ms(lw.sketch)
+        x = obs.others_load()
+        return None if x is None else (x, mean_log_ms(obs.window.sketch))
 
     def _recent_slope(self) -> tuple[float, float, float]:
         """(slope, t, x range) of the residuals on x over the recent ring."""
@@ -125,7 +120,8 @@ class ScalingShift(Detector):
             "slope_increase": round(slope, 4), "statistic": "t_residual_slope", "t": round(t, 3),
             "threshold": self.z_threshold, "extra_latency_at_high_load": round(extra, 4),
             "load_range_log": round(x_range, 4), "windows": int(min(self.pos, self.recent_windows)),
-            "spans": lw.count, "inflight_others": round(math.exp(x), 3),
+            "spans": lw.count, "load_calls_per_s": round(math.exp(x), 3),
+            "service_inflight": round(obs.service_inflight, 3),
             "exemplars": lw.exemplars,
             "versions": {v.version[1] or "(none)": v.count for v in lw.versions},
         }
