@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 
-.PHONY: run test bench-ingest install redis-server clean
+.PHONY: run test bench-ingest bench-detection install redis-server clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,9 @@ test: install redis-server
 
 bench-ingest: install redis-server
 	$(PY) -m benchmarks.ingest $(ARGS)
+
+bench-detection: install redis-server
+	$(PY) -m benchmarks.detection $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
