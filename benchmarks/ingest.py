@@ -1,15 +1,18 @@
 """Ingest benchmark: OTLP/gRPC spans in, aggregated windows out, against real processes.
 
-    python -m benchmarks.ingest            # full run, about 3 minutes
+    python -m benchmarks.ingest            # full run, about 2 minutes
     python -m benchmarks.ingest --quick    # short run, under a minute
 
 What it measures, all in one run:
 
 1. End-to-end spans/s: N client processes send pre-encoded ExportTraceServiceRequest bytes
-   to a real ``backflow serve`` (with a real redis-server behind it). The clock runs from
-   the first send until the server's ``backflow_processed_spans_total`` reaches the number
-   of spans sent, i.e. until every span has been aggregated into a window, not just
-   accepted. The accepted-only rate (until the last Export call returned) is printed too.
+   to a real ``backflow serve`` (with a real redis-server behind it) for ``--duration``
+   seconds (or until the built requests run out). The clock runs from the first send until
+   the server's ``backflow_processed_spans_total`` reaches the number of spans accepted,
+   i.e. until every span has been aggregated into a window, not just accepted; the backlog
+   queued in the server when sending stops is part of it. The accepted-only rate (until the
+   last Export call returned) is printed too. A request refused with UNAVAILABLE is sent
+   again after the delay of the server's RetryInfo (``--retry-sleep`` fixes one instead).
 2. Decode-only ceiling: ``ExportTraceServiceRequest().ParseFromString`` over the same
    requests in this process (one core), and the project's own
    ``processor.receiver.decode.decode_request``, in spans/s.
@@ -37,6 +40,7 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -180,6 +184,7 @@ class Template:
     kmax: int
     mu: np.ndarray       # log-duration parameters per span
     sigma: np.ndarray
+    loc: np.ndarray      # global code-location number of each span
     tid_idx: np.ndarray  # flat byte positions of the fields patched per request
     sid_idx: np.ndarray
     st_idx: np.ndarray
@@ -217,10 +222,11 @@ def build_templates(w: Workload, lane: int) -> list[Template]:
     kinds = {"http": trace_pb2.Span.SPAN_KIND_SERVER, "db": trace_pb2.Span.SPAN_KIND_CLIENT,
              "rpc": trace_pb2.Span.SPAN_KIND_CLIENT}
     out = []
+    protos: dict[tuple[int, int], object] = {}
     for t in range(count):
         n = w.spans_max if w.coverage == "roundrobin" else int(rng.integers(w.spans_min, w.spans_max + 1))
         req = ExportTraceServiceRequest()
-        tids, sids, sts, ens, ks, mus, sigmas = [], [], [], [], [], [], []
+        tids, sids, sts, ens, ks, mus, sigmas, locs = [], [], [], [], [], [], [], []
         for r, g in enumerate(services):
             name, env = service_identity(g)
             n_r = n // SERVICES_PER_LANE + (1 if r < n % SERVICES_PER_LANE else 0)
@@ -253,39 +259,44 @@ def build_templates(w: Workload, lane: int) -> list[Template]:
                 ss.scope.version = "0.46b0"
                 for _, j in items:
                     k += 1
+                    proto = protos.get((g, j))
+                    if proto is None:  # name, kind and attributes of this function's spans
+                        proto = protos[(g, j)] = trace_pb2.Span(
+                            name=(f"{['GET', 'POST', 'PUT', 'DELETE'][j % 4]} /api/v1/{NOUNS[(j // 512) % 8]}s/{{id}}"
+                                  if kind == "http" else tab["function"][j].rsplit(".", 1)[1]),
+                            kind=kinds[kind])
+                        for key, value in _span_attributes(kind, tab["function"][j], tab["file"][j],
+                                                           tab["line"][j], j, tab["db"][j], rng):
+                            _set_attr(proto.attributes, key, value)
                     sp = ss.spans.add()
-                    tid = bytes([0xA5]) + rng.bytes(15)
-                    sid = bytes([0x5A]) + rng.bytes(7)
-                    st, en = rng.bytes(8), rng.bytes(8)  # sentinels, patched per request
+                    sp.CopyFrom(proto)
+                    rnd = rng.bytes(48)
+                    tid, sid = b"\xa5" + rnd[:15], b"\x5a" + rnd[15:22]
+                    st, en = rnd[22:30], rnd[30:38]  # sentinels, patched per request
                     sp.trace_id, sp.span_id = tid, sid
                     if k % 3:
-                        sp.parent_span_id = rng.bytes(8)
-                    sp.name = (f"{['GET', 'POST', 'PUT', 'DELETE'][j % 4]} /api/v1/{NOUNS[(j // 512) % 8]}s/{{id}}"
-                               if kind == "http" else tab["function"][j].rsplit(".", 1)[1])
-                    sp.kind = kinds[kind]
+                        sp.parent_span_id = b"\x01" + rnd[38:45]
                     sp.start_time_unix_nano = int.from_bytes(st, "little")
                     sp.end_time_unix_nano = int.from_bytes(en, "little")
-                    for key, value in _span_attributes(kind, tab["function"][j], tab["file"][j],
-                                                       tab["line"][j], j, tab["db"][j], rng):
-                        _set_attr(sp.attributes, key, value)
-                    if rng.random() < 0.01:
+                    if rnd[45] < 3:  # 3/256: about 1% of spans fail, with an exception event
                         sp.status.code = trace_pb2.Status.STATUS_CODE_ERROR
                         sp.status.message = "request failed"
                         ev = sp.events.add()
                         ev.name = "exception"
                         ev.time_unix_nano = EPOCH_NS
-                        exc = EXCEPTIONS[int(rng.integers(len(EXCEPTIONS)))]
+                        exc = EXCEPTIONS[rnd[46] % len(EXCEPTIONS)]
                         _set_attr(ev.attributes, "exception.type", exc)
                         _set_attr(ev.attributes, "exception.message", f"{exc} while handling {tab['function'][j]}")
-                    else:
-                        sp.status.code = trace_pb2.Status.STATUS_CODE_OK if kind == "http" else 0
+                    elif kind == "http":
+                        sp.status.code = trace_pb2.Status.STATUS_CODE_OK
                     tids.append(tid), sids.append(sid), sts.append(st), ens.append(en)
                     ks.append(k), mus.append(tab["mu"][j]), sigmas.append(tab["sigma"][j])
+                    locs.append(g * 1_000_000 + j)
         data = req.SerializeToString()
         ar16, ar8 = np.arange(16), np.arange(8)
         tpl = Template(
             data=data, n=n, k=np.array(ks, np.int64), kmax=max(ks),
-            mu=np.array(mus), sigma=np.array(sigmas),
+            mu=np.array(mus), sigma=np.array(sigmas), loc=np.array(locs, np.int64),
             tid_idx=(_offsets(data, b"\x0a\x10", tids)[:, None] + ar16).ravel(),
             sid_idx=(_offsets(data, b"\x12\x08", sids)[:, None] + ar8).ravel(),
             st_idx=(_offsets(data, b"\x39", sts)[:, None] + ar8).ravel(),
@@ -310,57 +321,83 @@ def render(tpl: Template, t0_ns: int, gap_ns: int, rng) -> bytes:
     return arr.tobytes()
 
 
-def lane_requests(w: Workload, lane: int, count: int) -> tuple[list[bytes], int]:
-    """The first ``count`` requests of a lane and how many spans they hold."""
+def lane_requests(w: Workload, lane: int, count: int, window_ns: int = 1_000_000_000
+                  ) -> tuple[list[bytes], list[int], list[np.ndarray]]:
+    """The first ``count`` requests of a lane, the spans in each, and the (code location,
+    window) pairs of each: how much per-location window work the spans make."""
     templates = build_templates(w, lane)
     rng = np.random.default_rng([w.seed, 13, lane])
-    t, out, spans = EPOCH_NS, [], 0
+    t, out, spans, pairs = EPOCH_NS, [], [], []
     for i in range(count):
         tpl = templates[i % len(templates)]
         out.append(render(tpl, t, w.gap_ns, rng))
-        spans += tpl.n
+        spans.append(tpl.n)
+        pairs.append(np.unique(tpl.loc * 1_000_000 + (t + tpl.k * w.gap_ns - EPOCH_NS) // window_ns))
         t += (tpl.kmax + 1) * w.gap_ns
-    return out, spans
+    return out, spans, pairs
 
 
 # --- client processes -------------------------------------------------------------------------
 
+def _retry_delay(err, default: float) -> float:
+    """The google.rpc.RetryInfo delay an UNAVAILABLE carries (OTLP throttling), else default."""
+    from google.rpc import error_details_pb2, status_pb2
+
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for detail in status.details:
+                info = error_details_pb2.RetryInfo()
+                if detail.Unpack(info):
+                    return info.retry_delay.seconds + info.retry_delay.nanos / 1e9
+    return default
+
+
 def client_main(proc: int, w: Workload, lanes: list[int], per_lane: int, target: str,
-                retry_sleep: float, ready_q, start_evt, result_q) -> None:
-    """One client process: builds its lanes' requests, then sends them when told to start."""
+                duration: float, retry_sleep: float | None, ready_q, start_evt, result_q) -> None:
+    """One client process: builds its lanes' requests, then, when told to start, sends them
+    for at most ``duration`` seconds, one lane per thread, each lane one call at a time."""
     try:
         import grpc
 
-        reqs = {}
-        spans = 0
-        for lane in lanes:
-            reqs[lane], n = lane_requests(w, lane, per_lane)
-            spans += n
+        lanes_data = {lane: lane_requests(w, lane, per_lane) for lane in lanes}
         channel = grpc.insecure_channel(target, options=[
             ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 16 << 20)])
         grpc.channel_ready_future(channel).result(timeout=20)
         call = channel.unary_unary(EXPORT_METHOD)  # no serializers: raw bytes in and out
-        ready_q.put((proc, spans, sum(len(b) for r in reqs.values() for b in r)))
+        built = sum(sum(n) for _, n, _ in lanes_data.values())
+        ready_q.put((proc, built, None))
         if not start_evt.wait(timeout=300):
             return
-        stats = {"first": [], "last": [], "retries": 0, "rejected": 0, "errors": []}
+        stats = {"first": [], "last": [], "retries": 0, "rejected": 0, "errors": [],
+                 "spans": 0, "bytes": 0, "requests": 0, "pairs": 0, "exhausted": 0}
         lock = threading.Lock()
 
-        def lane_run(batch: list[bytes]) -> None:
-            retries = rejected = 0
+        def lane_run(batch: list[bytes], counts: list[int], pairs: list[np.ndarray]) -> None:
+            retries = rejected = sent = nbytes = 0
             first = time.monotonic()
+            deadline = first + duration
             try:
                 for b in batch:
+                    if time.monotonic() >= deadline:
+                        break
                     while True:
                         try:
                             resp = call(b, timeout=120)
                             break
                         except grpc.RpcError as e:
-                            if e.code() == grpc.StatusCode.UNAVAILABLE:
-                                retries += 1
-                                time.sleep(retry_sleep)
-                                continue
-                            raise
+                            if e.code() != grpc.StatusCode.UNAVAILABLE:
+                                raise
+                            retries += 1
+                            delay = retry_sleep if retry_sleep is not None else _retry_delay(e, 0.05)
+                            if time.monotonic() + delay >= deadline:
+                                resp = None
+                                break
+                            time.sleep(delay)
+                    if resp is None:  # time is up while the server was refusing it
+                        break
+                    sent += 1
+                    nbytes += len(b)
                     if resp:  # partial success: some spans refused
                         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
                             ExportTraceServiceResponse)
@@ -368,25 +405,31 @@ def client_main(proc: int, w: Workload, lanes: list[int], per_lane: int, target:
             except Exception as e:  # reported to the parent, which fails the run
                 with lock:
                     stats["errors"].append(f"{type(e).__name__}: {e}")
+            last = time.monotonic()
+            n_pairs = len(np.unique(np.concatenate(pairs[:sent]))) if sent else 0
             with lock:
                 stats["first"].append(first)
-                stats["last"].append(time.monotonic())
+                stats["last"].append(last)
                 stats["retries"] += retries
                 stats["rejected"] += rejected
+                stats["spans"] += sum(counts[:sent])
+                stats["bytes"] += nbytes
+                stats["requests"] += sent
+                stats["pairs"] += n_pairs
+                stats["exhausted"] += sent == len(batch)
 
-        threads = [threading.Thread(target=lane_run, args=(reqs[lane],)) for lane in lanes]
+        threads = [threading.Thread(target=lane_run, args=lanes_data[lane]) for lane in lanes]
         for th in threads:
             th.start()
         for th in threads:
             th.join()
         channel.close()
-        result_q.put({"proc": proc, "first": min(stats["first"]), "last": max(stats["last"]),
-                      "retries": stats["retries"], "rejected": stats["rejected"],
-                      "errors": stats["errors"]})
+        stats["first"], stats["last"] = min(stats["first"]), max(stats["last"])
+        result_q.put(stats)
     except Exception:
         err = traceback.format_exc()
         ready_q.put((proc, -1, err))
-        result_q.put({"proc": proc, "errors": [err]})
+        result_q.put({"errors": [err]})
 
 
 # --- processes under test ---------------------------------------------------------------------
@@ -522,7 +565,7 @@ class Stack:
 
 
 def run_clients(w: Workload, clients: int, inflight: int, per_lane: int, target: str,
-                retry_sleep: float, on_started=None) -> dict:
+                duration: float, retry_sleep: float | None) -> dict:
     """Spawn the client processes, start them together, return their combined figures."""
     ctx = mp.get_context("spawn")
     ready_q, result_q, start_evt = ctx.Queue(), ctx.Queue(), ctx.Event()
@@ -531,38 +574,39 @@ def run_clients(w: Workload, clients: int, inflight: int, per_lane: int, target:
         for p in range(clients):
             lanes = list(range(p * inflight, (p + 1) * inflight))
             proc = ctx.Process(target=client_main, daemon=True, name=f"bench-client-{p}",
-                               args=(p, w, lanes, per_lane, target, retry_sleep, ready_q, start_evt, result_q))
+                               args=(p, w, lanes, per_lane, target, duration, retry_sleep,
+                                     ready_q, start_evt, result_q))
             proc.start()
             procs.append(proc)
-        spans = nbytes = 0
+        def get(q, timeout: float, what: str):
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    return q.get(timeout=0.2)
+                except queue.Empty:
+                    dead = [pr.name for pr in procs if pr.exitcode not in (None, 0)]
+                    if dead or time.monotonic() > deadline:
+                        raise RuntimeError(f"client processes did not {what} ({', '.join(dead) or 'timeout'})"
+                                           ) from None
+
+        built = 0
         for _ in procs:
-            try:
-                _, n, b = ready_q.get(timeout=300)
-            except queue.Empty:
-                raise RuntimeError("client processes did not get ready") from None
+            _, n, err = get(ready_q, 300, "get ready")
             if n < 0:
-                raise RuntimeError(f"client failed while preparing:\n{b}")
-            spans += n
-            nbytes += b
-        t_set = time.monotonic()
+                raise RuntimeError(f"client failed while preparing:\n{err}")
+            built += n
         start_evt.set()
-        if on_started:
-            on_started()
-        results = []
-        for _ in procs:
-            try:
-                results.append(result_q.get(timeout=600))
-            except queue.Empty:
-                raise RuntimeError("client processes did not finish") from None
+        results = [get(result_q, duration + 300, "finish") for _ in procs]
         errors = [e for r in results for e in r.get("errors", [])]
         if errors:
             raise RuntimeError("client errors:\n" + "\n".join(errors[:5]))
         for proc in procs:
             proc.join(timeout=10)
-        return {"spans": spans, "bytes": nbytes, "start_set": t_set,
-                "first": min(r["first"] for r in results), "last": max(r["last"] for r in results),
-                "retries": sum(r["retries"] for r in results),
-                "rejected": sum(r["rejected"] for r in results)}
+        out = {k: sum(r[k] for r in results)
+               for k in ("spans", "bytes", "requests", "pairs", "retries", "rejected", "exhausted")}
+        out.update(built=built, first=min(r["first"] for r in results),
+                   last=max(r["last"] for r in results))
+        return out
     finally:
         for proc in procs:
             if proc.is_alive():
@@ -583,7 +627,7 @@ def wait_processed(stack: Stack, total: int, min_interval: float, timeout: float
     ``resolution`` is the gap between the last scrape that fell short and the one that did not.
     """
     deadline = time.monotonic() + timeout
-    prev = None
+    first = prev = None
     scrapes = 0
     while True:
         t = time.monotonic()
@@ -597,11 +641,13 @@ def wait_processed(stack: Stack, total: int, min_interval: float, timeout: float
             raise RuntimeError("backflow serve died:\n" + stack.log())
         if t > deadline:
             raise RuntimeError(f"timed out: {done:,.0f} of {total:,} spans processed")
-        pause = 1.0
-        if prev and done > prev[1]:
-            pause = 0.85 * (total - done) / ((done - prev[1]) / (t - prev[0]))
+        pause = 0.5
+        if first and done > first[1]:
+            left = (total - done) / ((done - first[1]) / (t - first[0]))  # predicted seconds
+            pause = 0.6 * left if left > 0.5 else left + 0.03
+        first = first or (t, done)
         prev = (t, done)
-        time.sleep(min(max(pause, min_interval), 5.0))
+        time.sleep(min(max(pause, min_interval), 2.0))
 
 
 def wait_for(stack: Stack, cond, timeout: float, interval: float) -> tuple[float, dict]:
@@ -629,29 +675,30 @@ def phase_throughput(args, tmp: str) -> dict:
     per_lane = max(1, math.ceil(args.spans / 756 / lanes))  # 756: mean of 512..1000
     with Stack(tmp, "throughput", []) as stack:
         cpu0 = proc_cpu_seconds(stack.pid)
-        print(f"  server up (pid {stack.pid}); {args.clients} client processes x {args.inflight} lanes "
-              f"building {per_lane} requests per lane ...", flush=True)
-        r = run_clients(w, args.clients, args.inflight, per_lane, stack.target, args.retry_sleep)
+        print(f"  server up (pid {stack.pid}); {args.clients} client processes x {args.inflight} lanes, "
+              f"{per_lane} requests built per lane, sending for at most {args.duration:g} s ...", flush=True)
+        r = run_clients(w, args.clients, args.inflight, per_lane, stack.target, args.duration,
+                        args.retry_sleep)
         total = r["spans"] - r["rejected"]
-        print(f"  all {r['spans']:,} spans accepted after {r['last'] - r['first']:.2f} s; "
-              f"waiting for the window stage ...", flush=True)
+        print(f"  {r['spans']:,} spans accepted in {r['last'] - r['first']:.1f} s "
+              f"({r['retries']:,} UNAVAILABLE retries); waiting for the window stage ...", flush=True)
         done = wait_processed(stack, total, args.poll)
         t_done, m = done["t"], done["metrics"]
         cpu1 = proc_cpu_seconds(stack.pid)
         hwm = proc_status_kb(stack.pid, "VmHWM") * 1024
-        rss = proc_status_kb(stack.pid, "VmRSS") * 1024
         e2e_s = t_done - r["first"]
         acc_s = r["last"] - r["first"]
         return {
-            "workload": w, "spans": r["spans"], "bytes": r["bytes"], "requests": per_lane * lanes,
+            "workload": w, "spans": r["spans"], "bytes": r["bytes"], "requests": r["requests"],
+            "built": r["built"], "exhausted": r["exhausted"], "lanes": lanes, "pairs": r["pairs"],
             "e2e_s": e2e_s, "accepted_s": acc_s,
             "e2e_rate": r["spans"] / e2e_s, "accepted_rate": r["spans"] / acc_s,
             "retries": r["retries"], "rejected": r["rejected"],
-            "late": m.get("backflow_late_spans_total", 0), "processed": m.get("backflow_processed_spans_total", 0),
+            "late": m.get("backflow_late_spans_total", 0),
             "windows": m.get("backflow_windows_closed_total", 0), "keys": m.get("backflow_active_keys", 0),
             "events": m.get("backflow_events_total", 0),
             "overloaded": m.get("backflow_receiver_refused_spans_total", 0),
-            "cpu_s": cpu1 - cpu0, "hwm": hwm, "rss": rss,
+            "cpu_s": cpu1 - cpu0, "hwm": hwm,
             "scrapes": done["scrapes"], "resolution": done["resolution"],
         }
 
@@ -665,7 +712,11 @@ def phase_memory(args, tmp: str) -> dict:
     per_res = 1000 // SERVICES_PER_LANE
     cover = max(math.ceil(w.functions_of(g) / per_res) for g in range(w.services))
     per_lane = cover * args.mem_passes
-    with Stack(tmp, "memory", ["--idle-timeout", "1"]) as stack:
+    # Windows left open at the end close after --idle-timeout seconds without spans from their
+    # service. The pipeline measures that silence when it takes a batch off its queue, not when
+    # the batch arrived, so a timeout shorter than the queueing delay closes windows whose
+    # spans are still queued (they are then counted late): hence 5 s, not 1 s.
+    with Stack(tmp, "memory", ["--idle-timeout", str(args.mem_idle_timeout)]) as stack:
         # Warm the request path without creating a location: every span has a zero trace id,
         # so the whole request is decoded and refused (partial success).
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -681,7 +732,7 @@ def phase_memory(args, tmp: str) -> dict:
         assert m0.get("backflow_active_keys", 0) == 0, m0.get("backflow_active_keys")
         rss0 = proc_status_kb(stack.pid, "VmRSS") * 1024
         redis0 = stack.rclient.info("memory")["used_memory"]
-        r = run_clients(w, 1, lanes, per_lane, stack.target, args.retry_sleep)
+        r = run_clients(w, 1, lanes, per_lane, stack.target, 300.0, args.retry_sleep)
         total = r["spans"] - r["rejected"]
         t_fed = time.monotonic()
         _, m = wait_for(stack, lambda m: (m.get("backflow_processed_spans_total", 0)
@@ -712,7 +763,8 @@ def phase_decode(args) -> dict:
     w = Workload(lanes=args.clients * args.inflight, locations=args.locations, spans_min=512,
                  spans_max=1000, gap_ns=int(args.gap_ms * 1e6), seed=args.seed, coverage="zipf",
                  templates=args.templates)
-    reqs, spans = lane_requests(w, 0, args.decode_requests)  # lane 0's first requests, byte for byte
+    reqs, counts, _ = lane_requests(w, 0, args.decode_requests)  # lane 0's first requests, byte for byte
+    spans = sum(counts)
 
     def parse(b):
         ExportTraceServiceRequest().ParseFromString(b)
@@ -734,6 +786,14 @@ def phase_decode(args) -> dict:
 
 # --- main -------------------------------------------------------------------------------------
 
+def _revision() -> str:
+    try:
+        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
+                              timeout=5, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
 def _fmt_bytes(n: float) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
@@ -742,55 +802,78 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="python -m benchmarks.ingest", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="short run (< 1 min)")
-    p.add_argument("--spans", type=int, help="spans to send in the throughput phase "
-                   "(default 1,200,000; 200,000 with --quick)")
+    p.add_argument("--duration", type=float, help="seconds the clients send in the throughput phase "
+                   "(default 50; 5 with --quick); the backlog is then drained and timed too")
+    p.add_argument("--spans", type=int, help="spans built beforehand, the most that can be sent "
+                   "(default 1,200,000; 80,000 with --quick)")
     p.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
     p.add_argument("--inflight", type=int, default=4,
                    help="concurrent Export calls per client process, one lane each (default 4)")
     p.add_argument("--locations", type=int, default=2000, help="code locations in the throughput phase")
     p.add_argument("--mem-locations", type=int, default=10_000, help="code locations in the memory phase")
-    p.add_argument("--mem-passes", type=int, default=3, help="times each location is sent in the memory phase")
+    p.add_argument("--mem-passes", type=int, help="times each location is sent in the memory phase "
+                   "(default 2; 1 with --quick)")
     p.add_argument("--gap-ms", type=float, default=2.0,
                    help="event time a service's clock advances per span of that service (default 2 ms)")
+    p.add_argument("--mem-idle-timeout", type=float, default=5.0,
+                   help="--idle-timeout of the memory-phase server, which closes its last windows")
     p.add_argument("--templates", type=int, default=6, help="request templates per lane")
-    p.add_argument("--retry-sleep", type=float, default=0.05, help="sleep before retrying UNAVAILABLE")
+    p.add_argument("--retry-sleep", type=float, default=None,
+                   help="fixed sleep before retrying UNAVAILABLE; by default the delay of the "
+                        "server's google.rpc.RetryInfo, as OTLP exporters do")
     p.add_argument("--poll", type=float, default=0.05, help="seconds between /metrics scrapes at the end")
-    p.add_argument("--decode-seconds", type=float, help="time budget per decoder (default 8; 3 with --quick)")
+    p.add_argument("--decode-seconds", type=float, help="time budget per decoder (default 6; 2 with --quick)")
     p.add_argument("--decode-requests", type=int, default=40, help="requests in the decode sample")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--skip-memory", action="store_true", help="skip the 10,000-location memory phase")
     args = p.parse_args(argv)
     if args.spans is None:
-        args.spans = 200_000 if args.quick else 1_200_000
+        args.spans = 80_000 if args.quick else 1_200_000
+    if args.duration is None:
+        args.duration = 5.0 if args.quick else 50.0
+    if args.mem_passes is None:
+        args.mem_passes = 1 if args.quick else 2
     if args.decode_seconds is None:
-        args.decode_seconds = 3.0 if args.quick else 8.0
+        args.decode_seconds = 2.0 if args.quick else 6.0
     if args.quick:
         args.decode_requests = min(args.decode_requests, 20)
     if not shutil.which("redis-server"):
         print("redis-server not found on PATH", file=sys.stderr)
         return 2
     command = "python -m benchmarks.ingest" + ("".join(" " + a for a in argv))
-    t_start = time.monotonic()
+
+    def interrupted(signum, frame):  # SIGTERM unwinds like Ctrl-C, so every finally runs
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
+    t_start, load0 = time.monotonic(), os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="backflow-bench-")
     try:
-        print(f"[1/3] throughput: {args.spans:,} spans, {args.locations:,} locations, "
+        print(f"[1/3] throughput: up to {args.spans:,} spans, {args.locations:,} locations, "
               f"window 1 s, lateness 0, event time +{args.gap_ms:g} ms per span per service", flush=True)
         tp = phase_throughput(args, tmp)
-        print("[2/3] decode-only ceiling (this process, one core)", flush=True)
+        print(f"[2/3] decode-only ceiling (this process, one core)   [{time.monotonic() - t_start:.0f} s]",
+              flush=True)
         dec = phase_decode(args)
         mem = None
         if not args.skip_memory:
-            print(f"[3/3] memory: fresh server, {args.mem_locations:,} locations", flush=True)
+            print(f"[3/3] memory: fresh server, {args.mem_locations:,} locations   "
+                  f"[{time.monotonic() - t_start:.0f} s]", flush=True)
             mem = phase_memory(args, tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
     w = tp["workload"]
+    retry = ("RetryInfo delay" if args.retry_sleep is None else f"fixed {args.retry_sleep:g} s")
     rows = [
-        ("workload", f"{tp['spans']:,} spans in {tp['requests']:,} requests "
+        ("workload", f"{tp['spans']:,} spans sent in {tp['requests']:,} requests "
                      f"({tp['bytes'] / tp['spans']:.0f} B/span, 512..1000 spans, 14-15 attrs/span)"),
+        ("", f"sending stopped after {args.duration:g} s or when the {tp['built']:,} built spans ran out "
+             f"({tp['exhausted']} of {tp['lanes']} lanes ran out)"),
         ("", f"{w.services} services in {w.lanes} lanes ({args.clients} procs x {args.inflight} in flight), "
              f"{int(tp['keys']):,} locations seen"),
+        ("", f"{tp['pairs']:,} (location, window) pairs, {tp['spans'] / max(tp['pairs'], 1):.1f} spans each "
+             f"(event time +{args.gap_ms:g} ms/span/service)"),
         ("end-to-end (all aggregated)", f"{tp['e2e_rate']:>12,.0f} spans/s   ({tp['e2e_s']:.2f} s, "
                                         f"resolution {tp['resolution']:.2f} s, {tp['scrapes']} scrapes)"),
         ("accepted only (Export done)", f"{tp['accepted_rate']:>12,.0f} spans/s   ({tp['accepted_s']:.2f} s)"),
@@ -802,15 +885,17 @@ def main(argv: list[str] | None = None) -> int:
         ("end-to-end / decode_request", f"{tp['e2e_rate'] / dec['decode']:>12.3f}"),
         ("server CPU during run", f"{tp['cpu_s']:>12.1f} s   ({tp['cpu_s'] / tp['e2e_s']:.2f} cores, "
                                   f"{tp['cpu_s'] / tp['spans'] * 1e6:.1f} us/span)"),
-        ("UNAVAILABLE retries", f"{tp['retries']:>12,}   ({tp['overloaded']:,.0f} spans refused as overloaded)"),
+        ("UNAVAILABLE retries", f"{tp['retries']:>12,}   ({tp['overloaded']:,.0f} spans refused as overloaded; "
+                                f"retry after {retry})"),
         ("late / rejected spans", f"{tp['late']:>12,.0f} / {tp['rejected']:,}"),
         ("windows closed, events", f"{tp['windows']:>12,.0f}, {tp['events']:,.0f}"),
         ("server peak RSS (VmHWM)", f"{_fmt_bytes(tp['hwm']):>16}"),
     ]
     if mem:
         rows += [
-            (f"memory phase: locations", f"{mem['keys']:>12,}   (backflow_active_keys; "
-                                         f"{mem['baselines']:,} in backflow:keys; {mem['spans']:,} spans)"),
+            ("memory phase: locations", f"{mem['keys']:>12,}   (backflow_active_keys; "
+                                        f"{mem['baselines']:,} in backflow:keys; {mem['spans']:,} spans, "
+                                        f"{mem['late']:,.0f} late)"),
             ("RSS idle -> after", f"{_fmt_bytes(mem['rss0']):>16} -> {_fmt_bytes(mem['rss1'])} "
                                   f"(peak {_fmt_bytes(mem['hwm'])})"),
             ("RSS per active location", f"{mem['per_key']:>12,.0f} B"),
@@ -823,14 +908,22 @@ def main(argv: list[str] | None = None) -> int:
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
     print("-" * (width + 60))
-    print(f"total time {time.monotonic() - t_start:.0f} s; {os.cpu_count()} CPUs; "
-          f"python {sys.version.split()[0]}")
-    print(f"command: {command}")
+    print(f"total time {time.monotonic() - t_start:.0f} s; {os.cpu_count()} CPUs; load average "
+          f"{load0[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; python {sys.version.split()[0]}")
+    print(f"command: {command}   (in {os.getcwd()}, backflow at {_revision()})")
+    status = 0
     if mem and mem["keys"] != args.mem_locations:
         print(f"WARNING: memory phase saw {mem['keys']} locations, expected {args.mem_locations}")
-        return 1
-    return 0
+        status = 1
+    if tp["late"] or (mem and mem["late"]):
+        print("WARNING: spans were counted late; every service's spans were sent in event-time order")
+        status = 1
+    return status
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("\ninterrupted; redis-server, backflow and the clients were stopped", file=sys.stderr)
+        sys.exit(130)

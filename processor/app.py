@@ -23,7 +23,7 @@ from processor.detect.first_seen import FirstSeen
 from processor.detect.stats import mean_ns
 from processor.events import Event
 from processor.receiver.decode import Batch
-from processor.receiver.grpc import GrpcReceiver, Overloaded
+from processor.receiver.grpc import OVERLOAD_RETRY_S, GrpcReceiver, Overloaded
 from processor.sinks.prometheus import Metrics, serve_http
 from processor.sinks.redis_streams import RedisSink
 from processor.window import ClosedWindow, WindowStage
@@ -47,8 +47,8 @@ class Engine:
         self.baselines = BaselineStage(cfg.window, cfg.baseline_half_life)
         self.first_seen = FirstSeen(known_keys)
         self.detectors: dict[int, list[Detector]] = {}        # location id -> its detectors
-        self.service_locations: dict[str, list[int]] = {}     # service -> its location ids
-        self.version_first_seen: dict[str, dict] = {}         # service -> version -> first window end
+        self.service_locations: dict[tuple, list[int]] = {}   # (env, service) -> its location ids
+        self.version_first_seen: dict[tuple, dict] = {}       # (env, service) -> version -> first window end
 
     def ingest(self, batch: Batch) -> list[WindowResult]:
         return self._evaluate(self.windows.ingest(batch))
@@ -81,12 +81,13 @@ class Engine:
             calls += lw.count
             for v in lw.versions:
                 by_version[v.version] = by_version.get(v.version, 0) + v.count
-        first_seen = self.version_first_seen.setdefault(cw.service, {})
+        service = (cw.environment, cw.service)
+        first_seen = self.version_first_seen.setdefault(service, {})
         for v in sorted(by_version):
             first_seen.setdefault(v, cw.end_ns)
         service_version = max(by_version, key=lambda v: (by_version[v], v)) if by_version else ("", "", "")
         present = {lw.loc_id: lw for lw in cw.locations}
-        known = self.service_locations.setdefault(cw.service, [])
+        known = self.service_locations.setdefault(service, [])
         for loc_id in present:
             if loc_id not in self.detectors:
                 self.detectors[loc_id] = build_detectors(self.cfg)
@@ -127,7 +128,10 @@ class Pipeline:
         try:
             self.queue.put(batch, timeout=0.05)
         except queue.Full:
-            raise Overloaded(delay_s=1.0) from None
+            raise Overloaded(delay_s=OVERLOAD_RETRY_S) from None
+
+    def has_room(self) -> bool:
+        return not self.queue.full()
 
     def start(self) -> None:
         self._thread.start()
@@ -198,7 +202,7 @@ class Backflow:
         self.pipeline.start()
         self.sink.start()
         self.receiver = GrpcReceiver(self.cfg.otlp_grpc, self.cfg.max_request_bytes,
-                                     self.pipeline.offer, self.metrics)
+                                     self.pipeline.offer, self.metrics, has_room=self.pipeline.has_room)
         self.receiver.start()
         self._listening = True
         if self.cfg.otlp_http != "off":

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Mapping
 
 # Only these span attributes are read on the hot path; everything else is skipped.
@@ -104,7 +105,7 @@ class Location:
     def identity(self) -> tuple[str, str, str]:
         return (self.environment, self.service, self.function)
 
-    @property
+    @cached_property  # hashed once per location, not at every window
     def key(self) -> str:
         return location_key(*self.identity)
 

@@ -1,7 +1,8 @@
 """Event-time tumbling windows per service, with watermarks, lateness and idle flush.
 
 A span belongs to the window ``[start, start + W)`` holding its end timestamp. Each service
-has a watermark: the latest end timestamp seen from it, less the allowed lateness. A window
+has a watermark: the latest end timestamp seen from it, less the allowed lateness. A service is
+identified by (environment, service.name), as locations are. A window
 closes when its service's watermark passes its end, when the service sent nothing for
 ``idle_timeout`` seconds of processing time, or at shutdown. A span whose window has
 already closed is late: counted and dropped.
@@ -55,8 +56,8 @@ class Tables:
         self.locations: list[Location] = []
         self._loc_ids: dict[tuple, int] = {}
         self.loc_service = _Growable()
-        self.services: list[str] = []
-        self._svc_ids: dict[str, int] = {}
+        self.services: list[tuple[str, str]] = []  # (environment, service)
+        self._svc_ids: dict[tuple[str, str], int] = {}
         self.versions: list[tuple[str, str, str]] = []
         self._ver_ids: dict[tuple, int] = {}
         self.series_loc = _Growable()
@@ -68,10 +69,10 @@ class Tables:
         if i is None:
             i = self._loc_ids[loc.identity] = len(self.locations)
             self.locations.append(loc)
-            self.loc_service.append(self.service_id(loc.service))
+            self.loc_service.append(self.service_id((loc.environment, loc.service)))
         return i
 
-    def service_id(self, name: str) -> int:
+    def service_id(self, name: tuple[str, str]) -> int:
         i = self._svc_ids.get(name)
         if i is None:
             i = self._svc_ids[name] = len(self.services)
@@ -133,6 +134,7 @@ class ClosedWindow:
     start_ns: int
     end_ns: int
     locations: list[LocationWindow]
+    environment: str = ""
 
 
 def _top_k(series: np.ndarray, dur: np.ndarray, tid: np.ndarray, k: int) -> np.ndarray:
@@ -283,7 +285,9 @@ class WindowStage:
         win_start = end - end % self.window_ns
         win_end = win_start + self.window_ns
         keep = np.ones(n, bool)
-        now = self.clock()
+        # Idle time counts from when the spans arrived, not from when this stage got to
+        # them: a backlog in the queue must not make a busy service look idle.
+        now = batch.received_at if batch.received_at is not None else self.clock()
         touched = []
         for s in np.unique(svc).tolist():
             clock = self.services.get(s)
@@ -365,6 +369,7 @@ class WindowStage:
             acc = clock.windows.pop(ws)
             we = ws + self.window_ns
             clock.closed_through = max(clock.closed_through, we)
-            out.append(ClosedWindow(self.tables.services[s], ws, we, acc.close(self.tables)))
+            env, service = self.tables.services[s]
+            out.append(ClosedWindow(service, ws, we, acc.close(self.tables), env))
             self.stats["windows"] += 1
         return out

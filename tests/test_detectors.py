@@ -113,6 +113,7 @@ def test_canary_regression_is_blamed_on_the_new_version_running_side_by_side():
         events += det.update(Observation(LOC, i * W_NS, (i + 1) * W_NS, lw, 0.0, V1, first_seen))
     e = onset(events, "latency_regression")
     assert e.version == V2  # though V1 still serves 90% of the calls
-    assert e.detail["side_by_side"]["newest"] == "1.1"
-    assert e.detail["side_by_side"]["z_newest_vs_others"] > 3
-    assert e.detail["versions"]["1.1"]["share"] > 5 * e.detail["versions"]["1.0"]["share"]
+    assert e.detail["side_by_side"]["version"] == "1.1"
+    assert e.detail["side_by_side"]["z_vs_others"] > 3
+    assert e.detail["versions"]["1.1"]["share"] > 5 * e.detail["versions"]["(others)"]["share"]
+    assert e.window_start_ns // W_NS - CHANGE <= 3  # judged on its own spans, not averaged away

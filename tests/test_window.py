@@ -142,3 +142,24 @@ def test_replay_in_any_batching_gives_identical_windows(seed, cuts):
     as_cut, late_b = run_split(cuts)
     assert late_a == late_b > 0
     assert _canonical(one_by_one) == _canonical(as_cut)
+
+
+def test_environments_of_one_service_have_their_own_watermarks():
+    st_ = stage(lateness=0)
+    st_.ingest(batch([S(T0 + SEC, env="prod"), S(T0 + 3 * W, env="staging")]))
+    st_.ingest(batch([S(T0 + 2 * SEC, env="prod")]))  # prod's first window is still open
+    assert st_.stats["late"] == 0
+    closed = st_.flush_all()
+    assert sorted((c.environment, c.service) for c in closed) == [("prod", "shop"), ("staging", "shop")]
+
+
+def test_idle_time_counts_from_arrival_not_from_processing():
+    clock = FakeClock()
+    st_ = stage(idle=30.0, clock=clock)
+    b = batch([S(T0 + SEC, service="busy")])
+    b.received_at = 100.0  # arrived at 100 s, processed later after a backlog
+    clock.t = 120.0
+    st_.ingest(b)
+    assert st_.flush_idle() == []  # idle for 20 s since arrival, not for 120 s
+    clock.t = 130.0
+    assert len(st_.flush_idle()) == 1

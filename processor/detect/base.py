@@ -66,45 +66,46 @@ class Detector(base.Base):
         raise NotImplementedError
 
 
-class VersionTally:
-    """Per-version (hits, trials) over a suspect segment, for attribution; at most
-    ``limit`` versions are kept (the ones with most trials), so state stays bounded."""
+class VersionWatches:
+    """Evidence kept per version, so a canary is judged on its own spans rather than
+    diluted in the old version's; the ``limit`` most recently seen versions are kept."""
 
-    def __init__(self, limit: int = 8):
+    def __init__(self, make, limit: int = 4):
+        self.make = make
         self.limit = limit
-        self.counts: dict[Version, list[float]] = {}
+        self.by_version: dict[Version, object] = {}
+        self.last_seen: dict[Version, int] = {}
+        self.tick = 0
 
-    def add(self, version: Version, hits: float, trials: float) -> None:
-        c = self.counts.setdefault(version, [0.0, 0.0])
-        c[0] += hits
-        c[1] += trials
-        if len(self.counts) > self.limit:
-            drop = min(self.counts, key=lambda v: (self.counts[v][1], v))
-            del self.counts[drop]
+    def get(self, version: Version):
+        self.last_seen[version] = self.tick
+        w = self.by_version.get(version)
+        if w is None:
+            w = self.by_version[version] = self.make()
+            if len(self.by_version) > self.limit:
+                oldest = min(self.by_version, key=lambda v: (self.last_seen[v], v))
+                del self.by_version[oldest], self.last_seen[oldest]
+        return w
 
-    def clear(self) -> None:
-        self.counts.clear()
+    def next_window(self) -> None:
+        self.tick += 1
 
-    def blame(self, p0: float, first_seen: dict[Version, int]) -> tuple[Version | None, dict]:
-        """The version whose share of hits stands out most against ``p0``; when several
-        versions ran side by side, also how the newest compares with the others."""
-        from processor.detect.stats import two_proportion_z
+    def reset_all(self) -> None:
+        for w in self.by_version.values():
+            w.reset()
 
-        if not self.counts:
-            return None, {}
-        def z(v):
-            h, n = self.counts[v]
-            return (h - n * p0) / max((n * p0 * (1 - p0)) ** 0.5, 1e-12)
-        ranked = sorted(self.counts, key=lambda v: (-z(v), v))
-        figures = {v[1] or "(none)": {"hits": round(h, 3), "spans": round(n, 3),
-                                       "share": round(h / n, 6) if n else None}
-                   for v, (h, n) in sorted(self.counts.items())}
-        detail: dict = {"versions": figures}
-        if len(self.counts) > 1:
-            newest = max(self.counts, key=lambda v: (first_seen.get(v, 0), v))
-            others = [self.counts[v] for v in self.counts if v != newest]
-            oh, on = sum(o[0] for o in others), sum(o[1] for o in others)
-            nh, nn = self.counts[newest]
-            detail["side_by_side"] = {"newest": newest[1], "z_newest_vs_others": round(
-                two_proportion_z(nh, nn, oh, on), 3)}
-        return ranked[0], detail
+
+def attribution(version: Version, hits: float, spans: float, others_hits: float, others_spans: float,
+                first_seen: dict[Version, int]) -> dict:
+    """Per-version figures over the evidence windows, and, where other versions ran in the
+    same windows, how this one compares with them (two-proportion z)."""
+    from processor.detect.stats import two_proportion_z
+
+    detail: dict = {"versions": {version[1] or "(none)": {
+        "hits": round(hits, 3), "spans": round(spans, 3), "share": round(hits / spans, 6) if spans else None}}}
+    if others_spans > 0:
+        detail["versions"]["(others)"] = {"hits": round(others_hits, 3), "spans": round(others_spans, 3),
+                                          "share": round(others_hits / others_spans, 6)}
+        detail["side_by_side"] = {"version": version[1],
+                                  "z_vs_others": round(two_proportion_z(hits, spans, others_hits, others_spans), 3)}
+    return detail

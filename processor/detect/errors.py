@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
-from processor.detect.base import Detector, Observation, VersionTally
+from functools import partial
+
+from processor.detect.base import Detector, Observation, VersionWatches, attribution
 from processor.detect.stats import BinomialCUSUM, binomial_greater
 from processor.events import Event
+
+
+class _Watch:
+    """One version's evidence: its CUSUM, its errors and spans since the CUSUM left zero,
+    and the other versions' in the same windows."""
+
+    def __init__(self, threshold: float):
+        self.cusum = BinomialCUSUM(threshold)
+        self.reset()
+
+    def reset(self) -> None:
+        self.cusum.reset()
+        self.errors = self.spans = self.others_errors = self.others_spans = 0.0
+        self.windows = 0
 
 
 class ErrorRateShift(Detector):
@@ -53,11 +69,7 @@ class ErrorRateShift(Detector):
         self.errors = 0.0
         self.spans = 0.0
         self.windows = 0
-        self.cusum = BinomialCUSUM(threshold)
-        self.seg_errors = 0.0
-        self.seg_spans = 0.0
-        self.seg_windows = 0
-        self.versions = VersionTally()
+        self.watches = VersionWatches(partial(_Watch, threshold))
         self.open: dict | None = None
 
     @property
@@ -69,12 +81,6 @@ class ErrorRateShift(Detector):
         self.spans = self.spans * self.decay + spans
         self.windows += 1
 
-    def _reset_segment(self) -> None:
-        self.cusum.reset()
-        self.seg_errors = self.seg_spans = 0.0
-        self.seg_windows = 0
-        self.versions.clear()
-
     def update(self, obs: Observation) -> list[Event]:
         lw = obs.window
         if lw is None or lw.count == 0:
@@ -85,53 +91,65 @@ class ErrorRateShift(Detector):
         if self.open is not None:
             return self._follow_open(obs)
         p0 = self.p0
-        self.cusum.update(lw.errors, lw.count, p0, min(self.ratio * p0, 0.9))
-        if self.cusum.statistic <= 0:
-            self._reset_segment()
-            self._absorb(lw.errors, lw.count)
-            return []
         # Suspicious windows go into the baseline too (leaving them out biases it low); only
         # an open regression freezes it.
         self._absorb(lw.errors, lw.count)
-        self.seg_errors += lw.errors
-        self.seg_spans += lw.count
-        self.seg_windows += 1
-        for v in lw.versions:
-            self.versions.add(v.version, v.errors, v.count)
-        if not self.cusum.drift_detected:
-            return []
-        share = self.seg_errors / self.seg_spans
-        p_value = binomial_greater(self.seg_errors, self.seg_spans, p0)
+        self.watches.next_window()
+        # Each version is judged on its own spans: a canary is not averaged away.
+        for vf in sorted(lw.versions, key=lambda v: v.version):
+            if vf.count == 0:
+                continue
+            w = self.watches.get(vf.version)
+            w.cusum.update(vf.errors, vf.count, p0, min(self.ratio * p0, 0.9))
+            if w.cusum.statistic <= 0:
+                w.reset()
+                continue
+            w.errors += vf.errors
+            w.spans += vf.count
+            w.others_errors += lw.errors - vf.errors
+            w.others_spans += lw.count - vf.count
+            w.windows += 1
+            if w.cusum.drift_detected:
+                event = self._confirm(obs, p0, w, vf.version)
+                if event is not None:
+                    return [event]
+                w.reset()  # real but small: the baseline takes it in
+        return []
+
+    def _confirm(self, obs: Observation, p0: float, w: _Watch, v) -> Event | None:
+        share = w.errors / w.spans
+        p_value = binomial_greater(w.errors, w.spans, p0)
         if share < p0 * self.min_ratio or share - p0 < self.min_absolute or p_value >= self.alpha:
-            self._reset_segment()  # real but small: the baseline takes it in
-            return []
-        version, attribution = self.versions.blame(p0, obs.version_first_seen)
-        v = version or lw.main_version.version
-        self.open = {"baseline": p0, "current": share, "windows": 0, "errors": 0.0, "spans": 0.0,
+            return None
+        self.open = {"version": v, "baseline": p0, "current": share, "windows": 0, "errors": 0.0, "spans": 0.0,
                      "back": BinomialCUSUM(self.threshold)}
         detail = {
             "baseline_share": round(p0, 6), "current_share": round(share, 6),
             "ratio": round(share / p0, 4), "statistic": "binomial_cusum",
-            "cusum": round(self.cusum.statistic, 3), "threshold": self.threshold,
+            "cusum": round(w.cusum.statistic, 3), "threshold": self.threshold,
             "test": "binomial", "p_value": p_value, "alpha": self.alpha,
-            "errors": int(self.seg_errors), "spans": int(self.seg_spans), "windows": self.seg_windows,
-            "exemplars": lw.exemplars, **attribution,
+            "errors": int(w.errors), "spans": int(w.spans), "windows": w.windows,
+            "exemplars": obs.window.exemplars,
+            **attribution(v, w.errors, w.spans, w.others_errors, w.others_spans, obs.version_first_seen),
         }
-        self._reset_segment()
+        self.watches.reset_all()
         severity = "critical" if share >= 0.05 or share / p0 >= 10 else "warning"
         where = f" in {v[1]}" if v[1] else ""
-        return [obs.event(self.event_type, severity,
-                          f"error share of {obs.location.function} rose {share / p0:.1f}x "
-                          f"({p0:.2%} to {share:.2%}){where}", detail, v)]
+        return obs.event(self.event_type, severity,
+                         f"error share of {obs.location.function} rose {share / p0:.1f}x "
+                         f"({p0:.2%} to {share:.2%}){where}", detail, v)
 
     def _follow_open(self, obs: Observation) -> list[Event]:
         """Resolved once the evidence for "back at the baseline share" beats "still at the
         regressed share" by the same CUSUM threshold that opened it."""
         o, lw = self.open, obs.window
+        # the version that regressed while it runs, the whole location once it is gone
+        vf = next((v for v in lw.versions if v.version == o["version"] and v.count), None)
+        errors, count = (vf.errors, vf.count) if vf else (lw.errors, lw.count)
         o["windows"] += 1
-        o["errors"] += lw.errors
-        o["spans"] += lw.count
-        o["back"].update(lw.count - lw.errors, lw.count, 1 - o["current"], 1 - o["baseline"])
+        o["errors"] += errors
+        o["spans"] += count
+        o["back"].update(count - errors, count, 1 - o["current"], 1 - o["baseline"])
         reason = None
         if o["back"].drift_detected:
             reason = "recovered"

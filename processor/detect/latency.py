@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 
-from processor.detect.base import Detector, Observation, VersionTally
+from processor.detect.base import Detector, Observation, VersionWatches, attribution
 from processor.detect.stats import (
     BinomialCUSUM, DecayedLinearFit, binomial_greater, mass_above, mean_log_ms, quantile_bucket,
     rank_test_greater, shifted,
@@ -16,23 +17,29 @@ QUANTILES = {"p50": 0.5, "p99": 0.99, "p999": 0.999}
 
 
 class _Watch:
-    """Evidence for one quantile: a CUSUM on exceedances of the baseline's quantile and the
-    suspect segment (the windows since the CUSUM last stood at zero)."""
+    """Evidence for one quantile of one version: a CUSUM on exceedances of the baseline's
+    quantile, and the suspect segment (the windows since the CUSUM last stood at zero),
+    with what the other versions did in those windows."""
 
     def __init__(self, threshold: float):
         self.cusum = BinomialCUSUM(threshold)
-        self.segment = LogSketch()
-        self.hits = 0.0
-        self.trials = 0.0
-        self.windows = 0
-        self.versions = VersionTally()
+        self.reset()
 
     def reset(self) -> None:
         self.cusum.reset()
         self.segment = LogSketch()
         self.hits = self.trials = 0.0
+        self.others_hits = self.others_trials = 0.0
         self.windows = 0
-        self.versions.clear()
+
+
+class _QuantileWatches:
+    def __init__(self, threshold: float):
+        self.by_quantile = {name: _Watch(threshold) for name in QUANTILES}
+
+    def reset(self) -> None:
+        for w in self.by_quantile.values():
+            w.reset()
 
 
 class LatencyShift(Detector):
@@ -102,7 +109,7 @@ class LatencyShift(Detector):
         self.baseline = LogSketch()
         self.baseline_windows = 0
         self.load = DecayedLinearFit(self.decay)
-        self.watches = {name: _Watch(threshold) for name in QUANTILES}
+        self.watches = VersionWatches(partial(_QuantileWatches, threshold))
         self.open: dict | None = None  # the regression being reported, while it lasts
 
     # -- helpers ----------------------------------------------------------------------------
@@ -132,37 +139,52 @@ class LatencyShift(Detector):
                 self.load.update(x, mean_log_ms(lw.sketch))
             return []
         if self.open is not None:
-            return self._follow_open(obs, current)
+            # Follow the version that regressed while it runs (a canary beside the old
+            # version must not look recovered), the whole location once it is gone.
+            vf = next((v for v in lw.versions if v.version == self.open["version"] and v.count), None)
+            return self._follow_open(obs, shifted(vf.sketch, -self._load_adjustment(x)) if vf else current)
 
         events: list[Event] = []
         base_total = self.baseline.count
+        tests = {}
         for name, q in QUANTILES.items():
             if q > 0.5 and base_total * (1 - q) < self.min_tail_expected:
                 continue  # too few baseline spans to know this tail yet
-            w = self.watches[name]
             b = quantile_bucket(self.baseline, q)
             p0 = mass_above(self.baseline, b) / base_total
-            if p0 <= 0:
+            if p0 > 0:
+                p1 = p0 + self.median_delta if q == 0.5 else min(self.tail_ratio * p0, 0.5)
+                tests[name] = (q, b, p0, p1, mass_above(current, b))
+        adjustment = self._load_adjustment(x)
+        self.watches.next_window()
+        # Each version is tested on its own spans against the location's baseline: a canary
+        # serving 5% of the calls is not averaged away by the old version's 95%.
+        for vf in sorted(lw.versions, key=lambda v: v.version):
+            if vf.count == 0:
                 continue
-            p1 = p0 + self.median_delta if q == 0.5 else min(self.tail_ratio * p0, 0.5)
-            hits = mass_above(current, b)
-            w.cusum.update(hits, current.count, p0, p1)
-            if w.cusum.statistic <= 0:
-                w.reset()
-                continue
-            w.segment = w.segment.merge(current)
-            w.hits += hits
-            w.trials += current.count
-            w.windows += 1
-            for v in lw.versions:
-                w.versions.add(v.version, mass_above(shifted(v.sketch, -self._load_adjustment(x)), b),
-                               v.count)
-            if w.cusum.drift_detected:
-                event = self._confirm(obs, name, q, b, p0, w)
-                if event is not None:
-                    events.append(event)
-                    break  # one regression at a time; the watches start afresh after it
-                w.reset()  # a real but small change: the baseline takes it in
+            vs = shifted(vf.sketch, -adjustment)
+            watches = self.watches.get(vf.version).by_quantile
+            for name, (q, b, p0, p1, all_hits) in tests.items():
+                w = watches[name]
+                hits = mass_above(vs, b)
+                w.cusum.update(hits, vf.count, p0, p1)
+                if w.cusum.statistic <= 0:
+                    w.reset()
+                    continue
+                w.segment = w.segment.merge(vs)
+                w.hits += hits
+                w.trials += vf.count
+                w.others_hits += all_hits - hits
+                w.others_trials += current.count - vf.count
+                w.windows += 1
+                if w.cusum.drift_detected:
+                    event = self._confirm(obs, name, q, b, p0, w, vf.version)
+                    if event is not None:
+                        events.append(event)
+                        break  # one regression at a time; the watches start afresh after it
+                    w.reset()  # a real but small change: the baseline takes it in
+            if events:
+                break
         # Every window goes into the baseline unless it opened a regression: leaving out the
         # windows that merely looked suspicious would bias the baseline low. A change is
         # detected long before its windows weigh in a baseline with a half-life of hours.
@@ -172,7 +194,7 @@ class LatencyShift(Detector):
                 self.load.update(x, mean_log_ms(lw.sketch))
         return events
 
-    def _confirm(self, obs: Observation, name: str, q: float, b: int, p0: float, w: _Watch):
+    def _confirm(self, obs: Observation, name: str, q: float, b: int, p0: float, w: _Watch, version):
         base_q = self.baseline.quantile(q) / 1e6
         seg_q = w.segment.quantile(q) / 1e6
         if seg_q < base_q * (1 + self.min_relative) or seg_q - base_q < self.min_absolute_ms:
@@ -185,7 +207,8 @@ class LatencyShift(Detector):
             test = "binomial_exceedance"
         if p_value >= self.alpha:
             return None
-        version, attribution = w.versions.blame(p0, obs.version_first_seen)
+        evidence = attribution(version, w.hits, w.trials, w.others_hits, w.others_trials,
+                               obs.version_first_seen)
         # Name the lowest quantile that moved past both gates: a tail shift often reaches
         # p99.9's CUSUM first, but it is a p99 shift when p99 moved too.
         figures = {}
@@ -201,12 +224,12 @@ class LatencyShift(Detector):
                 name, q, base_q, seg_q = other, QUANTILES[other], bq, sq
                 break
         ratio = seg_q / base_q
-        self.open = {"quantile": name, "q": q, "baseline_ms": base_q, "bucket": b, "p0": p0,
+        self.open = {"version": version, "quantile": name, "q": q, "baseline_ms": base_q, "bucket": b, "p0": p0,
                      "p_open": w.hits / w.trials, "windows": 0, "sketch": LogSketch(),
                      "back": BinomialCUSUM(self.threshold)}
         lw = obs.window
         severity = "critical" if ratio >= 2 else "warning"
-        v = version or lw.main_version.version
+        v = version
         where = f" in {v[1]}" if v[1] else ""
         detail = {
             "quantile": name, "baseline_ms": round(base_q, 6), "current_ms": round(seg_q, 6),
@@ -217,12 +240,11 @@ class LatencyShift(Detector):
             "spans": int(w.trials), "windows": w.windows,
             "baseline_spans": int(round(self.baseline.count)),
             "load_adjusted": self._load_adjustment(obs.others_load()) != 0.0, "quantiles": figures,
-            "exemplars": lw.exemplars, **attribution,
+            "exemplars": lw.exemplars, **evidence,
         }
         summary = (f"{name} of {obs.location.function} rose {ratio:.2f}x "
                    f"({base_q:.3g} ms to {seg_q:.3g} ms){where}")
-        for other in self.watches.values():
-            other.reset()
+        self.watches.reset_all()
         return obs.event(self.event_type, severity, summary, detail, v)
 
     def _follow_open(self, obs: Observation, current: LogSketch) -> list[Event]:

@@ -44,6 +44,7 @@ class Batch:
     exceptions: list[tuple[int, str]] = field(default_factory=list)  # (row, exception.type)
     rejected: int = 0
     reasons: Counter = field(default_factory=Counter)
+    received_at: float | None = None  # processing time (monotonic) the receiver got it
 
     def __len__(self) -> int:
         return len(self.end)
@@ -61,6 +62,16 @@ def _scalar(value):
     if kind is None:
         return None
     return getattr(value, kind)
+
+
+def count_spans(data: bytes) -> int:
+    """Spans in a request, without reading them (to count what is refused unread)."""
+    req = ExportTraceServiceRequest()
+    try:
+        req.ParseFromString(data)
+    except DecodeError:
+        return 0
+    return sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
 
 
 def decode_request(data: bytes) -> Batch:

@@ -9,6 +9,7 @@ with a google.rpc.RetryInfo delay: the OTLP throttling rule, which exporters ret
 from __future__ import annotations
 
 import logging
+import time
 from concurrent import futures
 from typing import Callable
 
@@ -18,11 +19,12 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from processor.receiver.decode import Batch, MalformedRequest, decode_request
+from processor.receiver.decode import Batch, MalformedRequest, count_spans, decode_request
 
 log = logging.getLogger("backflow.grpc")
 
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+OVERLOAD_RETRY_S = 1.0  # RetryInfo delay sent with UNAVAILABLE when the pipeline is full
 
 
 class Overloaded(Exception):
@@ -46,9 +48,10 @@ class GrpcReceiver:
     """``on_batch(batch)`` hands a decoded batch on; it raises ``Overloaded`` when full."""
 
     def __init__(self, address: str, max_request_bytes: int, on_batch: Callable[[Batch], None],
-                 metrics, workers: int = 8):
+                 metrics, workers: int = 8, has_room: Callable[[], bool] = lambda: True):
         self.address = address
         self.on_batch = on_batch
+        self.has_room = has_room
         self.metrics = metrics
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-grpc"),
@@ -78,6 +81,12 @@ class GrpcReceiver:
         self.server.stop(grace).wait()
 
     def _export(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        if not self.has_room():
+            # Refuse before decoding: under overload, decoding what will be refused anyway
+            # only takes the CPU the pipeline needs to catch up.
+            self.metrics.refused.labels(transport="grpc", reason="overloaded").inc(count_spans(request))
+            _unavailable(context, OVERLOAD_RETRY_S)
+        received_at = time.monotonic()
         try:
             batch = decode_request(request)
         except MalformedRequest as e:
@@ -85,6 +94,7 @@ class GrpcReceiver:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if batch.rejected:
             self.metrics.refused.labels(transport="grpc", reason="invalid_span").inc(batch.rejected)
+        batch.received_at = received_at
         if len(batch):
             try:
                 self.on_batch(batch)
