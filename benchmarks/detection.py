@@ -52,7 +52,7 @@ import time
 import urllib.request
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -79,6 +79,8 @@ class Ev:
     window_start_ns: int
     window_end_ns: int
     quantile: str = ""      # detail["quantile"] of latency events
+    summary: str = field(default="", compare=False)  # for reading false events, not compared
+    detail: str = field(default="", compare=False)
 
     @property
     def identity(self) -> tuple[str, str, int]:
@@ -92,7 +94,8 @@ def events_of(results) -> list[Ev]:
         for e in r.events:
             detail = e.detail if isinstance(e.detail, dict) else {}
             out.append(Ev(e.type, e.location.key, e.version[1], e.window_start_ns, e.window_end_ns,
-                          str(detail.get("quantile", ""))))
+                          str(detail.get("quantile", "")), e.summary,
+                          json.dumps(detail, sort_keys=True, default=str)))
     return out
 
 

@@ -91,7 +91,7 @@ class LatencyShift(Detector):
 
     def __init__(self, window_s: float = 60.0, half_life_s: float = 21600.0, warmup_windows: int = 30,
                  threshold: float = 12.0, median_delta: float = 0.1, tail_ratio: float = 2.5,
-                 min_tail_expected: float = 20.0, min_relative: float = 0.1,
+                 min_tail_expected: float = 20.0, min_relative: float = 0.15,
                  min_absolute_ms: float = 0.5, alpha: float = 1e-3,
                  accept_windows: int = 120):
         self.window_s = window_s

@@ -48,8 +48,8 @@ class ScalingShift(Detector):
     event_type = "scaling_regression"
 
     def __init__(self, window_s: float = 60.0, half_life_s: float = 21600.0, warmup_windows: int = 60,
-                 recent_windows: int = 30, z_threshold: float = 4.5, persist_windows: int = 3,
-                 min_relative: float = 0.1, min_load_range: float = 0.2, resolve_windows: int = 10,
+                 recent_windows: int = 30, z_threshold: float = 5.0, persist_windows: int = 3,
+                 min_relative: float = 0.15, min_load_range: float = 0.2, resolve_windows: int = 10,
                  accept_windows: int = 120):
         self.window_s = window_s
         self.half_life_s = half_life_s
