@@ -1,8 +1,8 @@
 """A local redis-server for development, tests and ``make run``.
 
 ``python -m processor.devredis run -- backflow serve`` starts a redis-server on
-localhost:6379 when ``BACKFLOW_REDIS_URL`` is unset and nothing answers there, runs the
-command, and stops that redis-server when the command ends. Tests use ``RedisServer``
+localhost:6379 (keeping its data in .run/redis) when ``BACKFLOW_REDIS_URL`` is unset and
+nothing answers there, runs the command, and stops that redis-server when the command ends. Tests use ``RedisServer``
 to get a throwaway server on a free port.
 """
 
@@ -51,12 +51,17 @@ class RedisServer:
     'redis://127.0.0.1:40123/0'
     """
 
-    def __init__(self, port: int | None = None, binary: str | None = None):
+    def __init__(self, port: int | None = None, binary: str | None = None, data_dir: str | None = None):
         self.port = port or free_port()
         self.binary = binary or find_redis_server()
         if not self.binary:
             raise FileNotFoundError("redis-server not found; install it (apt-get install redis-server)")
-        self.dir = tempfile.mkdtemp(prefix="backflow-redis-")
+        # With a data_dir the server keeps an append-only file there, so what Backflow
+        # learnt (the first-seen set above all) survives a restart; without one it is a
+        # throwaway server in a temporary folder.
+        self.persistent = data_dir is not None
+        self.dir = data_dir or tempfile.mkdtemp(prefix="backflow-redis-")
+        os.makedirs(self.dir, exist_ok=True)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -66,7 +71,8 @@ class RedisServer:
     def start(self, timeout: float = 10.0) -> "RedisServer":
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", self.dir, "--protected-mode", "yes"],
+             "--appendonly", "yes" if self.persistent else "no", "--dir", os.path.abspath(self.dir),
+             "--protected-mode", "yes"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not answers_ping("127.0.0.1", self.port):
@@ -84,7 +90,8 @@ class RedisServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if not self.persistent:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> "RedisServer":
         return self.start()
@@ -100,8 +107,9 @@ def run(command: list[str]) -> int:
         if answers_ping("127.0.0.1", 6379):
             print("backflow: using the redis-server already on localhost:6379", file=sys.stderr)
         else:
-            own = RedisServer(port=6379).start()
-            print("backflow: started a local redis-server on localhost:6379", file=sys.stderr)
+            own = RedisServer(port=6379, data_dir=os.path.join(".run", "redis")).start()
+            print("backflow: started a local redis-server on localhost:6379 (data in .run/redis)",
+                  file=sys.stderr)
     proc = subprocess.Popen(command)
     forward = lambda sig, _frame: proc.send_signal(sig)  # noqa: E731
     signal.signal(signal.SIGINT, forward)
