@@ -6,9 +6,9 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 
-.PHONY: run test bench-ingest bench-detection install redis-server clean
+.PHONY: run test bench-ingest bench-detection bench-decode install redis-server clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py processor/receiver/_fastdecode.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -33,6 +33,9 @@ bench-ingest: install redis-server
 
 bench-detection: install redis-server
 	$(PY) -m benchmarks.detection $(ARGS)
+
+bench-decode: install
+	$(PY) -m benchmarks.decode $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

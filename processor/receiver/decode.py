@@ -1,13 +1,23 @@
 """OTLP ExportTraceServiceRequest -> one columnar ``Batch``.
 
-The only per-span Python work in Backflow happens here, so it reads just what keying and
+The only per-span work in Backflow happens here, so it reads just what keying and
 aggregation need: the code.* attributes, timestamps, status, trace id and exception
 events. Spans that cannot be used are refused with a reason and counted (OTLP partial
 success); the rest of the request goes on.
+
+Two decoders give the same ``Batch``: ``decode_message`` below (Python over protobuf's
+upb messages, the reference) and the compiled ``_fastdecode`` (C, built by setup.py when
+a compiler is there), which reads the wire format itself and accepts and refuses exactly
+the bytes ``ParseFromString`` does. ``decode_request`` uses the compiled one when it was
+built, unless ``BACKFLOW_PURE_PYTHON=1``, and also falls back to Python for a request in
+which an attribute that is read holds a bytes, array or kvlist value (whose ``str()`` the C
+code does not reproduce).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -20,10 +30,20 @@ from processor.location import (
     file_of, function_of, line_of, resource_of,
 )
 
+log = logging.getLogger("backflow.decode")
+
 STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.STATUS_CODE_ERROR
 _EMPTY: dict = {}
 # Spans whose end lies beyond 2**62 ns (year 2116) are refused: the int64 columns stay exact.
 _MAX_TIME_NS = 1 << 62
+# Why a span is refused, in the order the checks run; _fastdecode reports these by number.
+REASONS = (
+    "trace_id not 16 bytes or zero",
+    "span_id not 8 bytes or zero",
+    "missing start or end time",
+    "end before start",
+    "end time too far in the future",
+)
 
 
 class MalformedRequest(ValueError):
@@ -66,6 +86,11 @@ def _scalar(value):
 
 def count_spans(data: bytes) -> int:
     """Spans in a request, without reading them (to count what is refused unread)."""
+    if _fastdecode is not None:
+        try:
+            return _fastdecode.count_spans(data)
+        except ValueError:
+            return 0
     req = ExportTraceServiceRequest()
     try:
         req.ParseFromString(data)
@@ -75,12 +100,66 @@ def count_spans(data: bytes) -> int:
 
 
 def decode_request(data: bytes) -> Batch:
+    """The request's spans as a ``Batch``; ``MalformedRequest`` when it does not parse."""
+    if _fastdecode is not None:
+        return decode_request_compiled(data)
+    return decode_request_python(data)
+
+
+def decode_request_python(data: bytes) -> Batch:
     req = ExportTraceServiceRequest()
     try:
         req.ParseFromString(data)
     except DecodeError as e:
         raise MalformedRequest(f"not an OTLP ExportTraceServiceRequest: {e}") from None
     return decode_message(req)
+
+
+def decode_request_compiled(data: bytes) -> Batch:
+    """``decode_request`` by ``_fastdecode``, or by Python for the requests it leaves to it."""
+    batch = compiled_batch(data)
+    return batch if batch is not None else decode_request_python(data)
+
+
+# Location objects by their fields: a location recurs in request after request and a
+# dataclass costs microseconds to build (they are frozen, so batches may share them).
+_LOCATIONS: dict[tuple, Location] = {}
+_LOCATIONS_MAX = 1 << 15
+
+
+def _location(fields: tuple) -> Location:
+    loc = _LOCATIONS.get(fields)
+    if loc is None:
+        if len(_LOCATIONS) >= _LOCATIONS_MAX:
+            _LOCATIONS.clear()
+        loc = _LOCATIONS[fields] = Location(*fields)
+    return loc
+
+
+def compiled_batch(data: bytes) -> Batch | None:
+    """The ``Batch`` from ``_fastdecode`` alone; None when it leaves the request to Python."""
+    if _compiled is None:
+        raise RuntimeError("processor.receiver._fastdecode is not built")
+    try:
+        out = _compiled.decode(data)
+    except ValueError as e:
+        raise MalformedRequest(f"not an OTLP ExportTraceServiceRequest: {e}") from None
+    if out is None:
+        return None
+    n, loc, ver, start, end, error, trace_id, locations, versions, exceptions, reasons = out
+    return Batch(
+        locations=[_location(t) for t in locations],
+        versions=versions,
+        loc=np.frombuffer(loc, dtype=np.int32),
+        ver=np.frombuffer(ver, dtype=np.int32),
+        start=np.frombuffer(start, dtype=np.int64),
+        end=np.frombuffer(end, dtype=np.int64),
+        error=np.frombuffer(error, dtype=bool),
+        trace_id=np.frombuffer(trace_id, dtype=np.uint8).reshape(n, 16),
+        exceptions=exceptions,
+        rejected=sum(count for _, count in reasons),
+        reasons=Counter({REASONS[i]: count for i, count in reasons}),
+    )
 
 
 def decode_message(req: ExportTraceServiceRequest) -> Batch:
@@ -113,20 +192,20 @@ def decode_message(req: ExportTraceServiceRequest) -> Batch:
                 st = span.start_time_unix_nano
                 en = span.end_time_unix_nano
                 if len(tid) != 16 or not any(tid):
-                    reasons["trace_id not 16 bytes or zero"] += 1
+                    reasons[REASONS[0]] += 1
                     continue
                 sid = span.span_id
                 if len(sid) != 8 or not any(sid):
-                    reasons["span_id not 8 bytes or zero"] += 1
+                    reasons[REASONS[1]] += 1
                     continue
                 if not st or not en:
-                    reasons["missing start or end time"] += 1
+                    reasons[REASONS[2]] += 1
                     continue
                 if en < st:
-                    reasons["end before start"] += 1
+                    reasons[REASONS[3]] += 1
                     continue
                 if en >= _MAX_TIME_NS:
-                    reasons["end time too far in the future"] += 1
+                    reasons[REASONS[4]] += 1
                     continue
                 code = None
                 for kv in span.attributes:
@@ -174,3 +253,48 @@ def decode_message(req: ExportTraceServiceRequest) -> Batch:
         rejected=sum(reasons.values()),
         reasons=reasons,
     )
+
+
+# --- the compiled decoder ---------------------------------------------------------------
+
+def descriptor_schema() -> dict:
+    """{message: {field number: (type, repeated, message type)}} of the installed
+    opentelemetry-proto, from ExportTraceServiceRequest down: what _fastdecode must match."""
+    out: dict = {}
+    todo = [ExportTraceServiceRequest.DESCRIPTOR]
+    while todo:
+        d = todo.pop()
+        if d.full_name in out:
+            continue
+        fields = out[d.full_name] = {}
+        for f in d.fields:
+            repeated = (f.is_repeated if hasattr(f, "is_repeated")
+                        else f.label == f.LABEL_REPEATED)
+            fields[f.number] = (f.type, repeated, f.message_type.full_name if f.message_type else None)
+            if f.message_type is not None:
+                todo.append(f.message_type)
+    return out
+
+
+def _load_compiled():
+    try:
+        from processor.receiver import _fastdecode as mod
+    except ImportError:
+        return None
+    if mod.schema() != descriptor_schema():
+        log.warning("processor.receiver._fastdecode was built for another OTLP schema than the "
+                    "installed opentelemetry-proto; decoding in Python")
+        return None
+    if (set(mod.CODE_ATTRIBUTES) != CODE_ATTRIBUTES
+            or set(mod.RESOURCE_ATTRIBUTES) != RESOURCE_ATTRIBUTES):
+        log.warning("processor.receiver._fastdecode reads other attributes than processor.location "
+                    "names; decoding in Python")
+        return None
+    return mod
+
+
+# The compiled module when it is built and matches the installed schema (tests use it even
+# when BACKFLOW_PURE_PYTHON is set); _fastdecode is what decode_request uses.
+_compiled = _load_compiled()
+_fastdecode = None if os.environ.get("BACKFLOW_PURE_PYTHON", "") not in ("", "0") else _compiled
+COMPILED = _fastdecode is not None  # decode_request runs the compiled decoder
