@@ -1,6 +1,5 @@
 """Sinks: the Redis sink survives outages in order and bounded; Prometheus stays bounded."""
 
-import time
 
 import numpy as np
 import redis

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 from processor.detect.base import Detector, Observation, VersionWatches, attribution
