@@ -207,16 +207,25 @@ class _Accumulator:
         version_exceptions: dict[int, Counter] = {}
         for (s, etype), n in self.exceptions.items():
             version_exceptions.setdefault(s, Counter())[etype] += n
-        # Entries are sorted by (series, bucket, error): split per series.
-        bounds = np.flatnonzero(np.diff(series)) + 1
-        for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(series)]):
-            s = int(series[lo])
-            b, c, e = bucket[lo:hi], counts[lo:hi], err[lo:hi]
-            ub, inv = np.unique(b, return_inverse=True)
-            sk = LogSketch(ub, np.bincount(inv, weights=c, minlength=len(ub)))
-            per_version.setdefault(int(loc_of[lo]), []).append(VersionFigures(
+        # Entries are sorted by (series, bucket, error). One vectorised pass folds the error
+        # flag away (a bucket's error and non-error counts are adjacent), then split per series.
+        first = np.concatenate(([True], rest[1:] != rest[:-1]))
+        group = np.cumsum(first) - 1
+        merged_counts = np.bincount(group, weights=counts)
+        merged_errors = np.bincount(group, weights=counts * err)
+        u_bucket, u_series = bucket[first], series[first]
+        bounds = np.flatnonzero(np.diff(u_series)) + 1
+        starts = np.concatenate(([0], bounds))
+        ends = np.concatenate((bounds, [len(u_series)]))
+        loc_of_u = loc_of[first]
+        for lo, hi in zip(starts.tolist(), ends.tolist()):
+            s = int(u_series[lo])
+            c = merged_counts[lo:hi]
+            sk = LogSketch(u_bucket[lo:hi], c)
+            per_version.setdefault(int(loc_of_u[lo]), []).append(VersionFigures(
                 version=tables.versions[int(ver_of[s])], count=int(c.sum()),
-                errors=int(c[e].sum()), sketch=sk, exceptions=version_exceptions.get(s, Counter())))
+                errors=int(merged_errors[lo:hi].sum()), sketch=sk,
+                exceptions=version_exceptions.get(s, Counter())))
 
         exemplars: dict[int, list[tuple[int, str]]] = {}
         if self.k:
