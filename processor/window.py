@@ -141,7 +141,7 @@ def _top_k(series: np.ndarray, dur: np.ndarray, tid: np.ndarray, k: int) -> np.n
     """Rows of the k slowest spans per series (ties broken by trace id), deterministic."""
     order = np.lexsort((tid[:, 1], tid[:, 0], -dur, series))
     s = series[order]
-    first = np.r_[True, s[1:] != s[:-1]]
+    first = np.concatenate(([True], s[1:] != s[:-1]))
     starts = np.flatnonzero(first)
     rank = np.arange(len(s)) - starts[np.cumsum(first) - 1]
     return order[rank < k]
@@ -304,7 +304,7 @@ class WindowStage:
                 clock = self.services[s] = _ServiceClock()
             rows = np.flatnonzero(svc == s)
             e = end[rows]
-            prior_max = np.maximum.accumulate(np.r_[clock.max_end, e[:-1]])
+            prior_max = np.maximum.accumulate(np.concatenate(([clock.max_end], e[:-1])))
             closed = np.maximum(prior_max - self.lateness_ns, clock.closed_through)
             keep[rows] = win_end[rows] > closed
             clock.max_end = max(clock.max_end, int(e.max()))
@@ -327,7 +327,7 @@ class WindowStage:
             bounds = np.flatnonzero(change) + 1
             group = np.empty(len(rows), np.int64)  # accumulator number of each kept span
             accs = []
-            for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(rows)]):
+            for lo, hi in zip(np.concatenate(([0], bounds)), np.concatenate((bounds, [len(rows)]))):
                 sel = order[lo:hi]
                 s, ws = int(rsvc[sel[0]]), int(rws[sel[0]])
                 acc = self.services[s].windows.get(ws)

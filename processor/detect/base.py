@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from river import base
 
+from processor.detect.stats import two_proportion_z
 from processor.events import Event
 from processor.location import Location
 from processor.window import LocationWindow
@@ -99,8 +100,6 @@ def attribution(version: Version, hits: float, spans: float, others_hits: float,
                 first_seen: dict[Version, int]) -> dict:
     """Per-version figures over the evidence windows, and, where other versions ran in the
     same windows, how this one compares with them (two-proportion z)."""
-    from processor.detect.stats import two_proportion_z
-
     detail: dict = {"versions": {version[1] or "(none)": {
         "hits": round(hits, 3), "spans": round(spans, 3), "share": round(hits / spans, 6) if spans else None}}}
     if others_spans > 0:

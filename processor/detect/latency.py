@@ -131,7 +131,8 @@ class LatencyShift(Detector):
         if lw is None or lw.count == 0:
             return []
         x = obs.others_load()
-        current = shifted(lw.sketch, -self._load_adjustment(x))
+        adjustment = self._load_adjustment(x)
+        current = shifted(lw.sketch, -adjustment)
         if self.baseline_windows < self.warmup_windows:
             self._absorb(current)
             if x is not None:
@@ -141,7 +142,7 @@ class LatencyShift(Detector):
             # Follow the version that regressed while it runs (a canary beside the old
             # version must not look recovered), the whole location once it is gone.
             vf = next((v for v in lw.versions if v.version == self.open["version"] and v.count), None)
-            return self._follow_open(obs, shifted(vf.sketch, -self._load_adjustment(x)) if vf else current)
+            return self._follow_open(obs, shifted(vf.sketch, -adjustment) if vf else current)
 
         events: list[Event] = []
         base_total = self.baseline.count
@@ -154,7 +155,6 @@ class LatencyShift(Detector):
             if p0 > 0:
                 p1 = p0 + self.median_delta if q == 0.5 else min(self.tail_ratio * p0, 0.5)
                 tests[name] = (q, b, p0, p1, mass_above(current, b))
-        adjustment = self._load_adjustment(x)
         self.watches.next_window()
         # Each version is tested on its own spans against the location's baseline: a canary
         # serving 5% of the calls is not averaged away by the old version's 95%.
@@ -177,7 +177,7 @@ class LatencyShift(Detector):
                 w.others_trials += current.count - vf.count
                 w.windows += 1
                 if w.cusum.drift_detected:
-                    event = self._confirm(obs, name, q, b, p0, w, vf.version)
+                    event = self._confirm(obs, name, q, b, p0, w, vf.version, adjustment)
                     if event is not None:
                         events.append(event)
                         break  # one regression at a time; the watches start afresh after it
@@ -193,7 +193,8 @@ class LatencyShift(Detector):
                 self.load.update(x, mean_log_ms(lw.sketch))
         return events
 
-    def _confirm(self, obs: Observation, name: str, q: float, b: int, p0: float, w: _Watch, version):
+    def _confirm(self, obs: Observation, name: str, q: float, b: int, p0: float, w: _Watch, version,
+                 adjustment: float):
         base_q = self.baseline.quantile(q) / 1e6
         seg_q = w.segment.quantile(q) / 1e6
         if seg_q < base_q * (1 + self.min_relative) or seg_q - base_q < self.min_absolute_ms:
@@ -228,8 +229,7 @@ class LatencyShift(Detector):
                      "back": BinomialCUSUM(self.threshold)}
         lw = obs.window
         severity = "critical" if ratio >= 2 else "warning"
-        v = version
-        where = f" in {v[1]}" if v[1] else ""
+        where = f" in {version[1]}" if version[1] else ""
         detail = {
             "quantile": name, "baseline_ms": round(base_q, 6), "current_ms": round(seg_q, 6),
             "ratio": round(ratio, 4), "statistic": "binomial_cusum",
@@ -238,13 +238,13 @@ class LatencyShift(Detector):
             "test": test, "p_value": p_value, "alpha": self.alpha, "effect": round(effect, 6),
             "spans": int(w.trials), "windows": w.windows,
             "baseline_spans": int(round(self.baseline.count)),
-            "load_adjusted": self._load_adjustment(obs.others_load()) != 0.0, "quantiles": figures,
+            "load_adjusted": adjustment != 0.0, "quantiles": figures,
             "exemplars": lw.exemplars, **evidence,
         }
         summary = (f"{name} of {obs.location.function} rose {ratio:.2f}x "
                    f"({base_q:.3g} ms to {seg_q:.3g} ms){where}")
         self.watches.reset_all()
-        return obs.event(self.event_type, severity, summary, detail, v)
+        return obs.event(self.event_type, severity, summary, detail, version)
 
     def _follow_open(self, obs: Observation, current: LogSketch) -> list[Event]:
         o = self.open
