@@ -353,14 +353,14 @@ def _retry_delay(err, default: float) -> float:
     return default
 
 
-def client_main(proc: int, w: Workload, lanes: list[int], per_lane: int, target: str,
+def client_main(proc: int, w: Workload, lanes: list[int], per_lane: int, window_ns: int, target: str,
                 duration: float, retry_sleep: float | None, ready_q, start_evt, result_q) -> None:
     """One client process: builds its lanes' requests, then, when told to start, sends them
     for at most ``duration`` seconds, one lane per thread, each lane one call at a time."""
     try:
         import grpc
 
-        lanes_data = {lane: lane_requests(w, lane, per_lane) for lane in lanes}
+        lanes_data = {lane: lane_requests(w, lane, per_lane, window_ns) for lane in lanes}
         channel = grpc.insecure_channel(target, options=[
             ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 16 << 20)])
         grpc.channel_ready_future(channel).result(timeout=20)
@@ -482,7 +482,8 @@ def scrape(port: int) -> dict[str, float]:
 class Stack:
     """A redis-server and a ``backflow serve`` in a temp dir; always torn down."""
 
-    def __init__(self, tmp: str, name: str, extra_args: list[str]):
+    def __init__(self, tmp: str, name: str, extra_args: list[str], window: float = 60.0):
+        self.window = window
         self.tmp = os.path.join(tmp, name)
         os.makedirs(self.tmp)
         self.extra_args = extra_args
@@ -524,7 +525,7 @@ class Stack:
                "--otlp-grpc", self.target, "--otlp-http", "off",
                "--metrics", f"127.0.0.1:{self.metrics_port}",
                "--redis-url", f"redis://127.0.0.1:{self.redis_port}/0",
-               "--window", "1", "--allowed-lateness", "0", "--log-level", "warning", *self.extra_args]
+               "--window", f"{self.window:g}", "--allowed-lateness", "0", "--log-level", "warning", *self.extra_args]
         self.cmd = cmd
         self.log_path = os.path.join(self.tmp, "backflow.log")
         self.server = subprocess.Popen(cmd, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
@@ -564,7 +565,7 @@ class Stack:
             stop_process(self.redis, timeout=5)
 
 
-def run_clients(w: Workload, clients: int, inflight: int, per_lane: int, target: str,
+def run_clients(w: Workload, clients: int, inflight: int, per_lane: int, window_ns: int, target: str,
                 duration: float, retry_sleep: float | None) -> dict:
     """Spawn the client processes, start them together, return their combined figures."""
     ctx = mp.get_context("spawn")
@@ -574,7 +575,7 @@ def run_clients(w: Workload, clients: int, inflight: int, per_lane: int, target:
         for p in range(clients):
             lanes = list(range(p * inflight, (p + 1) * inflight))
             proc = ctx.Process(target=client_main, daemon=True, name=f"bench-client-{p}",
-                               args=(p, w, lanes, per_lane, target, duration, retry_sleep,
+                               args=(p, w, lanes, per_lane, window_ns, target, duration, retry_sleep,
                                      ready_q, start_evt, result_q))
             proc.start()
             procs.append(proc)
@@ -673,11 +674,11 @@ def phase_throughput(args, tmp: str) -> dict:
     w = Workload(lanes=lanes, locations=args.locations, spans_min=512, spans_max=1000,
                  gap_ns=int(args.gap_ms * 1e6), seed=args.seed, coverage="zipf", templates=args.templates)
     per_lane = max(1, math.ceil(args.spans / 756 / lanes))  # 756: mean of 512..1000
-    with Stack(tmp, "throughput", []) as stack:
+    with Stack(tmp, "throughput", [], window=args.window) as stack:
         cpu0 = proc_cpu_seconds(stack.pid)
         print(f"  server up (pid {stack.pid}); {args.clients} client processes x {args.inflight} lanes, "
               f"{per_lane} requests built per lane, sending for at most {args.duration:g} s ...", flush=True)
-        r = run_clients(w, args.clients, args.inflight, per_lane, stack.target, args.duration,
+        r = run_clients(w, args.clients, args.inflight, per_lane, int(args.window * 1e9), stack.target, args.duration,
                         args.retry_sleep)
         total = r["spans"] - r["rejected"]
         print(f"  {r['spans']:,} spans accepted in {r['last'] - r['first']:.1f} s "
@@ -716,7 +717,7 @@ def phase_memory(args, tmp: str) -> dict:
     # service. The pipeline measures that silence when it takes a batch off its queue, not when
     # the batch arrived, so a timeout shorter than the queueing delay closes windows whose
     # spans are still queued (they are then counted late): hence 5 s, not 1 s.
-    with Stack(tmp, "memory", ["--idle-timeout", str(args.mem_idle_timeout)]) as stack:
+    with Stack(tmp, "memory", ["--idle-timeout", str(args.mem_idle_timeout)], window=args.window) as stack:
         # Warm the request path without creating a location: every span has a zero trace id,
         # so the whole request is decoded and refused (partial success).
         from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -732,7 +733,7 @@ def phase_memory(args, tmp: str) -> dict:
         assert m0.get("backflow_active_keys", 0) == 0, m0.get("backflow_active_keys")
         rss0 = proc_status_kb(stack.pid, "VmRSS") * 1024
         redis0 = stack.rclient.info("memory")["used_memory"]
-        r = run_clients(w, 1, lanes, per_lane, stack.target, 300.0, args.retry_sleep)
+        r = run_clients(w, 1, lanes, per_lane, int(args.window * 1e9), stack.target, 300.0, args.retry_sleep)
         total = r["spans"] - r["rejected"]
         t_fed = time.monotonic()
         _, m = wait_for(stack, lambda m: (m.get("backflow_processed_spans_total", 0)
@@ -825,6 +826,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-seconds", type=float, help="time budget per decoder (default 6; 2 with --quick)")
     p.add_argument("--decode-requests", type=int, default=40, help="requests in the decode sample")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--window", type=float, default=60.0, help="--window of the server, event-time seconds")
     p.add_argument("--skip-memory", action="store_true", help="skip the 10,000-location memory phase")
     args = p.parse_args(argv)
     if args.spans is None:
@@ -850,7 +852,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = tempfile.mkdtemp(prefix="backflow-bench-")
     try:
         print(f"[1/3] throughput: up to {args.spans:,} spans, {args.locations:,} locations, "
-              f"window 1 s, lateness 0, event time +{args.gap_ms:g} ms per span per service", flush=True)
+              f"window {args.window:g} s, lateness 0, event time +{args.gap_ms:g} ms per span per service", flush=True)
         tp = phase_throughput(args, tmp)
         print(f"[2/3] decode-only ceiling (this process, one core)   [{time.monotonic() - t_start:.0f} s]",
               flush=True)

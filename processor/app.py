@@ -20,7 +20,6 @@ from processor.baseline import Baseline, BaselineStage
 from processor.config import Config
 from processor.detect import Detector, Observation, build_detectors
 from processor.detect.first_seen import FirstSeen
-from processor.detect.stats import mean_ns
 from processor.events import Event
 from processor.receiver.decode import Batch
 from processor.receiver.grpc import OVERLOAD_RETRY_S, GrpcReceiver, Overloaded
@@ -74,10 +73,9 @@ class Engine:
         absent ones (to the detectors that want silence) with none."""
         window_ns = cw.end_ns - cw.start_ns
         by_version: dict = {}
-        inflight = 0.0
+        inflight = cw.busy_ns / window_ns
         calls = 0
         for lw in cw.locations:
-            inflight += mean_ns(lw.sketch) * lw.count / window_ns
             calls += lw.count
             for v in lw.versions:
                 by_version[v.version] = by_version.get(v.version, 0) + v.count

@@ -101,7 +101,7 @@ class Location:
     line: str = ""
     scope: str = ""  # instrumentation scope, kept for span-name locations
 
-    @property
+    @cached_property  # the interning key of every batch: built once, not per lookup
     def identity(self) -> tuple[str, str, str]:
         return (self.environment, self.service, self.function)
 

@@ -65,6 +65,12 @@ class LogSketch:
             return LogSketch(self.index, self.counts)
         if not len(self.index):
             return LogSketch(other.index, other.counts)
+        # Fast path: other's buckets are all among ours (a baseline absorbing a window).
+        pos = np.searchsorted(self.index, other.index)
+        if pos[-1] < len(self.index) and np.array_equal(self.index[pos], other.index):
+            counts = self.counts.astype(np.float64)  # a copy: sketches are values, never shared
+            counts[pos] += other.counts
+            return LogSketch(self.index, counts)
         idx = np.concatenate([self.index, other.index])
         cnt = np.concatenate([self.counts, other.counts])
         uniq, inv = np.unique(idx, return_inverse=True)

@@ -25,7 +25,7 @@ import numpy as np
 
 from processor.location import Location
 from processor.receiver.decode import Batch
-from processor.sketch import MAX_BUCKET, LogSketch, bucket_index
+from processor.sketch import MAX_BUCKET, LogSketch, bucket_index, bucket_value
 
 _NB = MAX_BUCKET + 1
 _COMPACT_AT = 1 << 18  # packed entries held before an accumulator compacts them
@@ -63,6 +63,8 @@ class Tables:
         self.series_loc = _Growable()
         self.series_ver = _Growable()
         self._series_ids: dict[int, int] = {}
+        self._known = np.zeros(0, np.int64)      # packed (location, version) pairs, sorted
+        self._known_ids = np.zeros(0, np.int64)  # their series ids
 
     def location_id(self, loc: Location) -> int:
         i = self._loc_ids.get(loc.identity)
@@ -87,18 +89,24 @@ class Tables:
         return i
 
     def series_ids(self, loc: np.ndarray, ver: np.ndarray) -> np.ndarray:
-        """Series id of each (location, version) pair; one dict lookup per distinct pair."""
+        """Series id of each (location, version) pair; a Python step only for new pairs."""
         packed = (loc.astype(np.int64) << 32) | ver.astype(np.int64)
         uniq, inv = np.unique(packed, return_inverse=True)
-        ids = np.empty(len(uniq), np.int64)
-        for j, p in enumerate(uniq.tolist()):
-            s = self._series_ids.get(p)
-            if s is None:
-                s = self._series_ids[p] = len(self._series_ids)
+        pos = np.searchsorted(self._known, uniq)
+        pos_c = np.minimum(pos, len(self._known) - 1)
+        hit = (self._known[pos_c] == uniq) if len(self._known) else np.zeros(len(uniq), bool)
+        if not hit.all():
+            for p in uniq[~hit].tolist():
+                self._series_ids[p] = len(self._series_ids)
                 self.series_loc.append(p >> 32)
                 self.series_ver.append(p & 0xFFFFFFFF)
-            ids[j] = s
-        return ids[inv]
+            # Rebuilt only when a batch brings new pairs, which stops once traffic is known.
+            self._known = np.fromiter(self._series_ids, np.int64, len(self._series_ids))
+            order = np.argsort(self._known)
+            self._known = self._known[order]
+            self._known_ids = np.fromiter(self._series_ids.values(), np.int64, len(self._series_ids))[order]
+            pos_c = np.searchsorted(self._known, uniq)
+        return self._known_ids[pos_c][inv]
 
 
 @dataclass
@@ -135,6 +143,7 @@ class ClosedWindow:
     end_ns: int
     locations: list[LocationWindow]
     environment: str = ""
+    busy_ns: float = 0.0  # summed span durations (bucket values) over the whole service
 
 
 def _top_k(series: np.ndarray, dur: np.ndarray, tid: np.ndarray, k: int) -> np.ndarray:
@@ -160,22 +169,24 @@ class _Accumulator:
         self.ex_tid: list[np.ndarray] = []
         self.ex_held = 0
         self.exceptions: Counter = Counter()
+        self.busy_ns = 0.0
 
-    def add(self, series, bucket, error, dur, tid) -> None:
+    def add(self, series, bucket, error) -> None:
         codes = (series * _NB + bucket) * 2 + error
         self.codes.append(codes)
         self.counts.append(np.ones(len(codes), np.int64))
         self.held += len(codes)
         if self.held > _COMPACT_AT:
             self._compact()
-        if self.k:
-            rows = _top_k(series, dur, tid, self.k)
-            self.ex_series.append(series[rows])
-            self.ex_dur.append(dur[rows])
-            self.ex_tid.append(tid[rows])
-            self.ex_held += len(rows)
-            if self.ex_held > _COMPACT_AT // 4:
-                self._compact_exemplars()
+
+    def add_exemplars(self, series, dur, tid) -> None:
+        """Candidates: the batch's k slowest spans per series (the caller selects them)."""
+        self.ex_series.append(series)
+        self.ex_dur.append(dur)
+        self.ex_tid.append(tid)
+        self.ex_held += len(series)
+        if self.ex_held > _COMPACT_AT // 4:
+            self._compact_exemplars()
 
     def _compact(self) -> tuple[np.ndarray, np.ndarray]:
         codes = np.concatenate(self.codes)
@@ -214,6 +225,7 @@ class _Accumulator:
         merged_counts = np.bincount(group, weights=counts)
         merged_errors = np.bincount(group, weights=counts * err)
         u_bucket, u_series = bucket[first], series[first]
+        self.busy_ns = float(merged_counts @ bucket_value(u_bucket)) if len(u_bucket) else 0.0
         bounds = np.flatnonzero(np.diff(u_series)) + 1
         starts = np.concatenate(([0], bounds))
         ends = np.concatenate((bounds, [len(u_series)]))
@@ -287,7 +299,11 @@ class WindowStage:
         if n == 0:
             return []
         t = self.tables
-        gloc = np.array([t.location_id(l) for l in batch.locations], np.int64)[batch.loc]
+        get = t._loc_ids.get
+        ids = [get(loc.identity) for loc in batch.locations]
+        if None in ids:
+            ids = [t.location_id(loc) for loc in batch.locations]
+        gloc = np.array(ids, np.int64)[batch.loc]
         gver = np.array([t.version_id(v) for v in batch.versions], np.int64)[batch.ver]
         svc = t.loc_service.view[gloc]
         end = batch.end
@@ -335,7 +351,14 @@ class WindowStage:
                     acc = self.services[s].windows[ws] = _Accumulator(self.exemplars)
                 group[sel] = len(accs)
                 accs.append(acc)
-                acc.add(series[sel], bucket[sel], err[sel], dur[sel], tid[sel])
+                acc.add(series[sel], bucket[sel], err[sel])
+            if self.exemplars:
+                # One selection for the whole batch: the k slowest spans per (window, series).
+                top = _top_k((group << 32) | series, dur, tid, self.exemplars)
+                top = top[np.argsort(group[top], kind="stable")]
+                cut = np.flatnonzero(np.diff(group[top])) + 1
+                for part in np.split(top, cut):
+                    accs[int(group[part[0]])].add_exemplars(series[part], dur[part], tid[part])
             if batch.exceptions:
                 pos_of_row = np.full(n, -1, np.int64)
                 pos_of_row[rows] = np.arange(len(rows))
@@ -379,6 +402,6 @@ class WindowStage:
             we = ws + self.window_ns
             clock.closed_through = max(clock.closed_through, we)
             env, service = self.tables.services[s]
-            out.append(ClosedWindow(service, ws, we, acc.close(self.tables), env))
+            out.append(ClosedWindow(service, ws, we, acc.close(self.tables), env, acc.busy_ns))
             self.stats["windows"] += 1
         return out

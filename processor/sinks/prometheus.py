@@ -19,7 +19,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from processor.baseline import QUANTILES
 from processor.events import EVENT_TYPES
-from processor.sketch import LogSketch
 from processor.window import ClosedWindow
 
 OVERFLOW = "__overflow__"
@@ -32,28 +31,29 @@ class LocationGauges:
     def __init__(self, max_locations: int):
         self.max_locations = max_locations
         self._lock = threading.Lock()
-        self._rows: dict[tuple[str, str, str], tuple] = {}  # labels -> (quantiles ms, err, rate)
+        self._rows: dict[tuple[str, str, str], tuple] = {}  # labels -> (sketch, errors, count, window s)
         self.overflowed: set[str] = set()
 
     def observe(self, cw: ClosedWindow) -> None:
+        # Only references are kept here; quantiles are computed when scraped, because
+        # windows close far more often per location than Prometheus scrapes.
         window_s = (cw.end_ns - cw.start_ns) / 1e9
-        spill = LogSketch()
-        spill_count = spill_errors = 0
+        spill = []
         with self._lock:
             for lw in cw.locations:
                 loc = lw.location
                 labels = (loc.service, loc.environment, loc.function)
                 if labels not in self._rows and len(self._rows) >= self.max_locations:
                     self.overflowed.add(loc.key)
-                    spill = spill.merge(lw.sketch)
-                    spill_count += lw.count
-                    spill_errors += lw.errors
+                    spill.append(lw)
                     continue
-                self._rows[labels] = (lw.sketch.quantiles(QUANTILES) / 1e6,
-                                      lw.errors / lw.count, lw.count / window_s)
-            if spill_count:
-                self._rows[("", "", OVERFLOW)] = (spill.quantiles(QUANTILES) / 1e6,
-                                                  spill_errors / spill_count, spill_count / window_s)
+                self._rows[labels] = (lw.sketch, lw.errors, lw.count, window_s)
+            if spill:
+                sketch = spill[0].sketch
+                for lw in spill[1:]:
+                    sketch = sketch.merge(lw.sketch)
+                self._rows[("", "", OVERFLOW)] = (sketch, sum(lw.errors for lw in spill),
+                                                  sum(lw.count for lw in spill), window_s)
 
     def collect(self):
         lat = GaugeMetricFamily("backflow_location_latency_milliseconds",
@@ -67,11 +67,11 @@ class LocationGauges:
                                  labels=_LABELS)
         with self._lock:
             rows = list(self._rows.items())
-        for labels, (qs, e, r) in rows:
-            for q, v in zip(QUANTILES, qs):
+        for labels, (sketch, errors, count, window_s) in rows:
+            for q, v in zip(QUANTILES, sketch.quantiles(QUANTILES) / 1e6):
                 lat.add_metric(list(labels) + [str(q)], float(v))
-            err.add_metric(list(labels), float(e))
-            rate.add_metric(list(labels), float(r))
+            err.add_metric(list(labels), errors / count)
+            rate.add_metric(list(labels), count / window_s)
         yield from (lat, err, rate)
 
 
