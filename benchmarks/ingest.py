@@ -459,10 +459,37 @@ def proc_status_kb(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def proc_cpu_seconds(pid: int) -> float:
+def _stat(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return f.read().rsplit(")", 1)[1].split()
+
+
+def proc_tree(pid: int) -> list[int]:
+    """pid and all its descendants (the server's receiver processes)."""
+    parents: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                parents[int(d)] = int(_stat(int(d))[1])
+            except (OSError, IndexError):
+                pass
+    tree, frontier = [pid], [pid]
+    while frontier:
+        frontier = [c for c, p in parents.items() if p in frontier]
+        tree += frontier
+    return tree
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) of pid and its live descendants."""
+    total = 0
+    for p in proc_tree(pid):
+        try:
+            fields = _stat(p)
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def scrape(port: int) -> dict[str, float]:
@@ -669,12 +696,12 @@ def wait_for(stack: Stack, cond, timeout: float, interval: float) -> tuple[float
 
 # --- phases -----------------------------------------------------------------------------------
 
-def phase_throughput(args, tmp: str) -> dict:
+def phase_throughput(args, tmp: str, workers: int = 1) -> dict:
     lanes = args.clients * args.inflight
     w = Workload(lanes=lanes, locations=args.locations, spans_min=512, spans_max=1000,
                  gap_ns=int(args.gap_ms * 1e6), seed=args.seed, coverage="zipf", templates=args.templates)
     per_lane = max(1, math.ceil(args.spans / 756 / lanes))  # 756: mean of 512..1000
-    with Stack(tmp, "throughput", [], window=args.window) as stack:
+    with Stack(tmp, "throughput", ["--workers", str(workers)], window=args.window) as stack:
         cpu0 = proc_cpu_seconds(stack.pid)
         print(f"  server up (pid {stack.pid}); {args.clients} client processes x {args.inflight} lanes, "
               f"{per_lane} requests built per lane, sending for at most {args.duration:g} s ...", flush=True)
@@ -853,7 +880,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         print(f"[1/3] throughput: up to {args.spans:,} spans, {args.locations:,} locations, "
               f"window {args.window:g} s, lateness 0, event time +{args.gap_ms:g} ms per span per service", flush=True)
-        tp = phase_throughput(args, tmp)
+        tp = phase_throughput(args, tmp, int(os.environ.get("BW", "1")))
         print(f"[2/3] decode-only ceiling (this process, one core)   [{time.monotonic() - t_start:.0f} s]",
               flush=True)
         dec = phase_decode(args)

@@ -23,13 +23,15 @@ from processor.detect.first_seen import FirstSeen
 from processor.events import Event
 from processor.receiver.decode import Batch
 from processor.receiver.grpc import OVERLOAD_RETRY_S, GrpcReceiver, Overloaded
+from processor.receiver.workers import ReceiverPool
 from processor.sinks.prometheus import Metrics, serve_http
 from processor.sinks.redis_streams import RedisSink
-from processor.window import ClosedWindow, WindowStage
+from processor.window import ClosedWindow, LocationWindow, WindowStage, is_overflow
 
 log = logging.getLogger("backflow")
 
 _STOP = object()
+_COALESCE_SPANS = 16_384  # most spans the pipeline takes off its queue in one step
 
 
 class Engine:
@@ -42,7 +44,7 @@ class Engine:
     def __init__(self, cfg: Config, known_keys: set[str] | None = None, clock=time.monotonic):
         self.cfg = cfg
         self.windows = WindowStage(cfg.window_ns, cfg.lateness_ns, cfg.idle_timeout, cfg.exemplars,
-                                   clock=clock)
+                                   clock=clock, max_locations=cfg.max_locations)
         self.baselines = BaselineStage(cfg.window, cfg.baseline_half_life)
         self.first_seen = FirstSeen(known_keys)
         self.detectors: dict[int, list[Detector]] = {}        # location id -> its detectors
@@ -61,14 +63,17 @@ class Engine:
     def _evaluate(self, closed: list[ClosedWindow]) -> list[WindowResult]:
         out = []
         for cw in closed:
+            # The overflow location counts in its service's totals but has no baseline, no
+            # detectors and no first_seen: it is many functions mixed, not one.
+            tracked = [lw for lw in cw.locations if not is_overflow(lw.location)]
             events = []
-            for lw in cw.locations:
+            for lw in tracked:
                 events += self.first_seen.update(cw, lw)
-            events += self._detect(cw)
-            out.append(WindowResult(cw, events, self.baselines.update(cw)))
+            events += self._detect(cw, tracked)
+            out.append(WindowResult(cw, events, self.baselines.update(cw, tracked)))
         return out
 
-    def _detect(self, cw: ClosedWindow) -> list[Event]:
+    def _detect(self, cw: ClosedWindow, tracked: list[LocationWindow]) -> list[Event]:
         """Feed every location of the window's service: present ones with their figures,
         absent ones (to the detectors that want silence) with none."""
         window_ns = cw.end_ns - cw.start_ns
@@ -84,7 +89,7 @@ class Engine:
         for v in sorted(by_version):
             first_seen.setdefault(v, cw.end_ns)
         service_version = max(by_version, key=lambda v: (by_version[v], v)) if by_version else ("", "", "")
-        present = {lw.loc_id: lw for lw in cw.locations}
+        present = {lw.loc_id: lw for lw in tracked}
         known = self.service_locations.setdefault(service, [])
         for loc_id in present:
             if loc_id not in self.detectors:
@@ -120,6 +125,12 @@ class Pipeline:
         self.engine = Engine(cfg, known_keys)
         self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue_batches)
         self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
+        self.on_tick = lambda: None  # called after every step (receiver processes' backpressure)
+
+    def put(self, batch: Batch) -> None:
+        """Called by the readers of receiver processes: waits while the queue is full (the
+        receivers are told to refuse meanwhile, see ``has_room``)."""
+        self.queue.put(batch)
 
     def offer(self, batch: Batch) -> None:
         """Called by receiver threads; raises Overloaded when the queue stays full."""
@@ -147,14 +158,30 @@ class Pipeline:
                 item = self.queue.get(timeout=0.5)
             except queue.Empty:
                 item = None
-            if item is _STOP:
-                self._emit(engine.flush_all())
-                return
-            if item is not None:
-                late, spans = stats["late"], stats["spans"]
-                self._emit(engine.ingest(item))
+            stop = item is _STOP
+            batches = [] if item is None or stop else [item]
+            # Take what else is queued, up to _COALESCE_SPANS, as one batch: under load the
+            # per-batch cost of the window stage is then paid once for many requests.
+            n = sum(len(b) for b in batches)
+            while batches and not stop and n < _COALESCE_SPANS:
+                try:
+                    more = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is _STOP:
+                    stop = True
+                else:
+                    batches.append(more)
+                    n += len(more)
+            if batches:
+                late, spans, overflow = stats["late"], stats["spans"], stats["overflow"]
+                self._emit(engine.ingest(Batch.concat(batches)))
                 self.metrics.late.inc(stats["late"] - late)
                 self.metrics.processed.inc(stats["spans"] - spans)
+                self.metrics.overflow_spans.inc(stats["overflow"] - overflow)
+            if stop:
+                self._emit(engine.flush_all())
+                return
             now = time.monotonic()
             if now - last_idle_check >= 1.0:
                 last_idle_check = now
@@ -164,6 +191,7 @@ class Pipeline:
             self.metrics.active_keys.set(len(engine.windows.tables.locations))
             self.metrics.redis_pending.set(self.sink.pending())
             self.metrics.redis_up.set(1 if self.sink.reachable else 0)
+            self.on_tick()
 
     def _emit(self, results: list[WindowResult]) -> None:
         for r in results:
@@ -184,11 +212,13 @@ class Backflow:
                               on_dropped=self.metrics.redis_dropped.inc)
         self.pipeline: Pipeline | None = None
         self.receiver: GrpcReceiver | None = None
+        self.receivers: ReceiverPool | None = None
         self.http = None
         self._listening = False
 
     def healthy(self) -> bool:
-        return self._listening and self.sink.reachable
+        receivers_up = self.receivers.alive() if self.receivers else True
+        return self._listening and receivers_up and self.sink.reachable
 
     def start(self) -> None:
         self.http = serve_http(self.cfg.metrics, self.metrics.registry, self.healthy)
@@ -199,9 +229,15 @@ class Backflow:
         self.pipeline = Pipeline(self.cfg, self.sink, self.metrics, known)
         self.pipeline.start()
         self.sink.start()
-        self.receiver = GrpcReceiver(self.cfg.otlp_grpc, self.cfg.max_request_bytes,
-                                     self.pipeline.offer, self.metrics, has_room=self.pipeline.has_room)
-        self.receiver.start()
+        if self.cfg.receiver_processes > 1:
+            self.receivers = ReceiverPool(self.cfg, self.cfg.receiver_processes, self.pipeline.put,
+                                          self.pipeline.has_room, self.metrics)
+            self.pipeline.on_tick = self.receivers.update_backpressure
+            self.receivers.start()
+        else:
+            self.receiver = GrpcReceiver(self.cfg.otlp_grpc, self.cfg.max_request_bytes,
+                                         self.pipeline.offer, self.metrics, has_room=self.pipeline.has_room)
+            self.receiver.start()
         self._listening = True
         if self.cfg.otlp_http != "off":
             log.info("OTLP/HTTP (%s) is not served yet; send OTLP/gRPC to %s",
@@ -213,6 +249,8 @@ class Backflow:
         self._listening = False
         if self.receiver:
             self.receiver.stop(grace=min(5.0, deadline / 4))
+        if self.receivers:
+            self.receivers.stop()
         if self.pipeline:
             self.pipeline.stop(timeout=max(1.0, deadline - (time.monotonic() - t0)))
         left = max(0.5, deadline - (time.monotonic() - t0))

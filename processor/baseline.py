@@ -80,10 +80,10 @@ class BaselineStage:
         self.half_life_s = half_life_s
         self.baselines: dict[int, Baseline] = {}
 
-    def update(self, cw: ClosedWindow) -> list[Baseline]:
-        """Merge a closed window; return the baselines it changed."""
+    def update(self, cw: ClosedWindow, locations: list[LocationWindow] | None = None) -> list[Baseline]:
+        """Merge a closed window (or the given locations of it); return the baselines changed."""
         out = []
-        for lw in cw.locations:
+        for lw in cw.locations if locations is None else locations:
             b = self.baselines.get(lw.loc_id)
             if b is None:
                 b = self.baselines[lw.loc_id] = Baseline(lw.location, LogSketch())

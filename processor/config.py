@@ -141,6 +141,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("queue_batches", 256, positive_int,
             "decoded requests waiting for the window stage; when full, senders are told to retry",
             "N"),
+    Setting("workers", 1, non_negative_int,
+            "receiver processes; 1 receives in the main process, N > 1 runs N processes sharing "
+            "the OTLP ports (SO_REUSEPORT) that decode and hand their spans to the main one; "
+            "0 means one per CPU", "N"),
+    Setting("max_locations", 100_000, positive_int,
+            "code locations held in memory; spans of further locations fold into one "
+            "__overflow__ location per service, counted", "N"),
     Setting("exemplars", 3, non_negative_int,
             "trace ids kept per code location and window (the slowest spans)", "N"),
     Setting("baseline_half_life", 86400.0, positive_float,
@@ -171,6 +178,8 @@ class Config:
     idle_timeout: float
     max_request_bytes: int
     queue_batches: int
+    workers: int
+    max_locations: int
     exemplars: int
     baseline_half_life: float
     events_maxlen: int
@@ -184,6 +193,11 @@ class Config:
         if self.detectors is None:
             from processor.detect.settings import DetectorSettings
             object.__setattr__(self, "detectors", DetectorSettings())
+
+    @property
+    def receiver_processes(self) -> int:
+        """Receiver processes to run: ``workers``, with 0 meaning one per CPU."""
+        return self.workers or len(os.sched_getaffinity(0))
 
     @property
     def window_ns(self) -> int:

@@ -49,10 +49,27 @@ class _Growable:
         return self._a[: self.n]
 
 
-class Tables:
-    """Interned ids for locations, services, versions and (location, version) series."""
+OVERFLOW_FUNCTION = "__overflow__"
 
-    def __init__(self):
+
+def is_overflow(loc: Location) -> bool:
+    """The location that holds a service's spans beyond the location limit."""
+    return loc.function == OVERFLOW_FUNCTION
+
+
+class Tables:
+    """Interned ids for locations, services, versions and (location, version) series.
+
+    At most ``max_locations`` code locations get an id of their own; the spans of any
+    further one go to its service's overflow location (``__overflow__``), or, for a service
+    not seen before the limit, to one shared overflow location, so that a cardinality
+    explosion (a function name with an id in it) costs no more memory than the limit.
+    """
+
+    def __init__(self, max_locations: int = 1 << 62):
+        self.max_locations = max_locations
+        self.real_locations = 0
+        self.overflow = _Growable()  # 1 at the ids of overflow locations
         self.locations: list[Location] = []
         self._loc_ids: dict[tuple, int] = {}
         self.loc_service = _Growable()
@@ -69,9 +86,25 @@ class Tables:
     def location_id(self, loc: Location) -> int:
         i = self._loc_ids.get(loc.identity)
         if i is None:
-            i = self._loc_ids[loc.identity] = len(self.locations)
-            self.locations.append(loc)
-            self.loc_service.append(self.service_id((loc.environment, loc.service)))
+            if self.real_locations >= self.max_locations or is_overflow(loc):
+                return self._overflow_id(loc)
+            self.real_locations += 1
+            i = self._add(loc, overflow=False)
+        return i
+
+    def _overflow_id(self, loc: Location) -> int:
+        if (loc.environment, loc.service) in self._svc_ids:
+            spill = Location(loc.environment, loc.service, OVERFLOW_FUNCTION)
+        else:
+            spill = Location("", OVERFLOW_FUNCTION, OVERFLOW_FUNCTION)
+        i = self._loc_ids.get(spill.identity)
+        return self._add(spill, overflow=True) if i is None else i
+
+    def _add(self, loc: Location, overflow: bool) -> int:
+        i = self._loc_ids[loc.identity] = len(self.locations)
+        self.locations.append(loc)
+        self.loc_service.append(self.service_id((loc.environment, loc.service)))
+        self.overflow.append(1 if overflow else 0)
         return i
 
     def service_id(self, name: tuple[str, str]) -> int:
@@ -281,7 +314,7 @@ class WindowStage:
     """
 
     def __init__(self, window_ns: int, lateness_ns: int, idle_timeout: float = 60.0,
-                 exemplars: int = 3, clock=time.monotonic):
+                 exemplars: int = 3, clock=time.monotonic, max_locations: int = 1 << 62):
         if window_ns <= 0:
             raise ValueError("window_ns must be > 0")
         self.window_ns = window_ns
@@ -289,9 +322,9 @@ class WindowStage:
         self.idle_timeout = idle_timeout
         self.exemplars = exemplars
         self.clock = clock
-        self.tables = Tables()
+        self.tables = Tables(max_locations)
         self.services: dict[int, _ServiceClock] = {}
-        self.stats = Counter(spans=0, late=0, windows=0)
+        self.stats = Counter(spans=0, late=0, windows=0, overflow=0)
 
     def ingest(self, batch: Batch) -> list[ClosedWindow]:
         """Add a batch; return the windows it closed (oldest first)."""
@@ -304,6 +337,8 @@ class WindowStage:
         if None in ids:
             ids = [t.location_id(loc) for loc in batch.locations]
         gloc = np.array(ids, np.int64)[batch.loc]
+        if t.real_locations >= t.max_locations:
+            self.stats["overflow"] += int(t.overflow.view[gloc].sum())
         gver = np.array([t.version_id(v) for v in batch.versions], np.int64)[batch.ver]
         svc = t.loc_service.view[gloc]
         end = batch.end

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -68,6 +69,59 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.end)
+
+    @staticmethod
+    def concat(batches: list["Batch"]) -> "Batch":
+        """One batch holding the given ones in order (the window stage's result does not
+        depend on batching, so the pipeline takes queued batches together: fewer, larger
+        numpy calls). Per-batch tables are concatenated; duplicates in them are harmless.
+
+        >>> b = decode_request(b"")
+        >>> len(Batch.concat([b, b]))
+        0
+        """
+        if len(batches) == 1:
+            return batches[0]
+        locations, versions, exceptions = [], [], []
+        loc, ver, offset = [], [], 0
+        reasons: Counter = Counter()
+        for b in batches:
+            loc.append(b.loc + len(locations))
+            ver.append(b.ver + len(versions))
+            locations += b.locations
+            versions += b.versions
+            exceptions += [(r + offset, t) for r, t in b.exceptions]
+            offset += len(b)
+            reasons.update(b.reasons)
+        arrivals = [b.received_at for b in batches if b.received_at is not None]
+        return Batch(
+            locations=locations, versions=versions,
+            loc=np.concatenate(loc).astype(np.int32), ver=np.concatenate(ver).astype(np.int32),
+            start=np.concatenate([b.start for b in batches]),
+            end=np.concatenate([b.end for b in batches]),
+            error=np.concatenate([b.error for b in batches]),
+            trace_id=np.concatenate([b.trace_id for b in batches]),
+            exceptions=exceptions, rejected=sum(b.rejected for b in batches), reasons=reasons,
+            received_at=max(arrivals) if arrivals else None)
+
+    def to_wire(self) -> bytes:
+        """Bytes for another process (receiver workers -> pipeline); see ``from_wire``."""
+        return pickle.dumps((
+            [(x.environment, x.service, x.function, x.file, x.line, x.scope) for x in self.locations],
+            self.versions, self.loc, self.ver, self.start, self.end, self.error, self.trace_id,
+            self.exceptions, self.rejected, dict(self.reasons), self.received_at), protocol=5)
+
+    @staticmethod
+    def from_wire(data: bytes) -> "Batch":
+        """The batch ``to_wire`` wrote, locations interned as the decoder does.
+
+        >>> b = decode_request(b"")
+        >>> len(Batch.from_wire(b.to_wire())) == len(b)
+        True
+        """
+        locs, versions, loc, ver, start, end, error, tid, exc, rejected, reasons, at = pickle.loads(data)
+        return Batch([_location(t) for t in locs], versions, loc, ver, start, end, error, tid,
+                     exc, rejected, Counter(reasons), at)
 
     def error_message(self) -> str:
         """OTLP partial-success message: how many spans were refused and why."""

@@ -48,7 +48,8 @@ class GrpcReceiver:
     """``on_batch(batch)`` hands a decoded batch on; it raises ``Overloaded`` when full."""
 
     def __init__(self, address: str, max_request_bytes: int, on_batch: Callable[[Batch], None],
-                 metrics, workers: int = 8, has_room: Callable[[], bool] = lambda: True):
+                 metrics, workers: int = 8, has_room: Callable[[], bool] = lambda: True,
+                 reuse_port: bool = False):
         self.address = address
         self.on_batch = on_batch
         self.has_room = has_room
@@ -57,7 +58,9 @@ class GrpcReceiver:
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-grpc"),
             options=[
                 ("grpc.max_receive_message_length", max_request_bytes),
-                ("grpc.so_reuseport", 0),  # a second Backflow on the same port must fail, not share
+                # A second Backflow on the same port must fail, not share it; only the
+                # receiver processes of one Backflow share it (see receiver/workers.py).
+                ("grpc.so_reuseport", 1 if reuse_port else 0),
             ],
         )
         handler = grpc.method_handlers_generic_handler(SERVICE, {

@@ -91,6 +91,9 @@ class Metrics:
                                         ["transport", "reason"], registry=r)
         self.late = Counter("backflow_late_spans", "Spans dropped because their window had closed",
                             registry=r)
+        self.overflow_spans = Counter("backflow_overflow_spans",
+                                      "Spans of code locations beyond --max-locations, folded into "
+                                      "their service's __overflow__ location", registry=r)
         self.processed = Counter("backflow_processed_spans",
                                  "Spans aggregated into a window by the window stage", registry=r)
         self.events = Counter("backflow_events", "Events written to the events stream", ["type"],
