@@ -739,11 +739,10 @@ def phase_memory(args, tmp: str) -> dict:
                  gap_ns=int(args.gap_ms * 1e6), seed=args.seed + 1, coverage="roundrobin", templates=0)
     per_res = 1000 // SERVICES_PER_LANE
     cover = max(math.ceil(w.functions_of(g) / per_res) for g in range(w.services))
+    keys_expected = args.mem_locations
     per_lane = cover * args.mem_passes
     # Windows left open at the end close after --idle-timeout seconds without spans from their
-    # service. The pipeline measures that silence when it takes a batch off its queue, not when
-    # the batch arrived, so a timeout shorter than the queueing delay closes windows whose
-    # spans are still queued (they are then counted late): hence 5 s, not 1 s.
+    # service (measured from when spans arrived, so a backlog in the queue does not count).
     with Stack(tmp, "memory", ["--idle-timeout", str(args.mem_idle_timeout)], window=args.window) as stack:
         # Warm the request path without creating a location: every span has a zero trace id,
         # so the whole request is decoded and refused (partial success).
@@ -767,7 +766,7 @@ def phase_memory(args, tmp: str) -> dict:
                                           + m.get("backflow_late_spans_total", 0) >= total
                                           and m.get("backflow_open_windows", 1) == 0
                                           and m.get("backflow_redis_pending_writes", 1) == 0),
-                        timeout=60, interval=0.2)
+                        timeout=max(60.0, keys_expected / 500), interval=0.2)
         settle = time.monotonic() - t_fed
         time.sleep(0.5)
         m = stack.metrics()

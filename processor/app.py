@@ -8,6 +8,7 @@ thread of its own.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
@@ -54,8 +55,8 @@ class Engine:
     def ingest(self, batch: Batch) -> list[WindowResult]:
         return self._evaluate(self.windows.ingest(batch))
 
-    def flush_idle(self) -> list[WindowResult]:
-        return self._evaluate(self.windows.flush_idle())
+    def flush_idle(self, now: float | None = None) -> list[WindowResult]:
+        return self._evaluate(self.windows.flush_idle(now))
 
     def flush_all(self) -> list[WindowResult]:
         return self._evaluate(self.windows.flush_all())
@@ -152,7 +153,7 @@ class Pipeline:
 
     def _run(self) -> None:
         engine, stats = self.engine, self.engine.windows.stats
-        last_idle_check = time.monotonic()
+        last_idle_check = last_arrival = time.monotonic()
         while True:
             try:
                 item = self.queue.get(timeout=0.5)
@@ -183,9 +184,13 @@ class Pipeline:
                 self._emit(engine.flush_all())
                 return
             now = time.monotonic()
+            if batches and batches[-1].received_at is not None:
+                last_arrival = batches[-1].received_at
             if now - last_idle_check >= 1.0:
                 last_idle_check = now
-                self._emit(engine.flush_idle())
+                # With a backlog, "now" is when the newest batch taken arrived: the batches
+                # still queued arrived later, so a service that sent some is not idle.
+                self._emit(engine.flush_idle(now if self.queue.empty() else last_arrival))
             self.metrics.queue.set(self.queue.qsize())
             self.metrics.open_windows.set(engine.windows.open_windows())
             self.metrics.active_keys.set(len(engine.windows.tables.locations))
@@ -194,9 +199,25 @@ class Pipeline:
             self.on_tick()
 
     def _emit(self, results: list[WindowResult]) -> None:
+        locations = 0
         for r in results:
             self.metrics.observe_window(r.window)
-            self.sink.submit(r.events, [(b.location.key, b.fields()) for b in r.baselines])
+            self.sink.submit(r.events, [(b.location.key, b) for b in r.baselines])
+            locations += len(r.window.locations)
+        if locations >= _TRIM_AFTER_LOCATIONS:
+            _release_free_memory()
+
+
+# Closing windows of many locations allocates and frees per-location figures by the
+# hundred thousand; glibc keeps the freed heap unless asked, so RSS would stay at the peak.
+_TRIM_AFTER_LOCATIONS = 20_000
+
+
+def _release_free_memory() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass
 
 
 class Backflow:

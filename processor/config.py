@@ -155,8 +155,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("events_maxlen", 100_000, positive_int,
             "approximate length the events stream is trimmed to (XADD MAXLEN ~)", "N"),
     Setting("redis_buffer", 100_000, positive_int,
-            "Redis writes held while Redis is unreachable; beyond this the oldest are dropped "
-            "and counted", "N"),
+            "events held while Redis is unreachable; beyond this the oldest are dropped and "
+            "counted (baselines are held as one latest state per location, never dropped)", "N"),
     Setting("metrics_max_locations", 1000, non_negative_int,
             "code locations with their own Prometheus series; the rest fold into one overflow "
             "series", "N"),

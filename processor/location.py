@@ -22,8 +22,7 @@ A location is identified by (environment, service, function); its key is a stabl
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 # Only these span attributes are read on the hot path; everything else is skipped.
@@ -91,23 +90,26 @@ def resource_of(attrs: Mapping[str, Any]) -> Resource:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Location:
-    """One code location; ``key`` is its stable id across processes and restarts."""
+    """One code location; ``key`` is its stable id across processes and restarts.
+
+    Slots, and the identity and key computed once at construction: a gateway holds one of
+    these per code location, up to ``--max-locations`` of them.
+    """
     environment: str
     service: str
     function: str
     file: str = ""
     line: str = ""
     scope: str = ""  # instrumentation scope, kept for span-name locations
+    identity: tuple[str, str, str] = field(init=False, repr=False, compare=False)
+    key: str = field(init=False, repr=False, compare=False)
 
-    @cached_property  # the interning key of every batch: built once, not per lookup
-    def identity(self) -> tuple[str, str, str]:
-        return (self.environment, self.service, self.function)
-
-    @cached_property  # hashed once per location, not at every window
-    def key(self) -> str:
-        return location_key(*self.identity)
+    def __post_init__(self):
+        identity = (self.environment, self.service, self.function)
+        object.__setattr__(self, "identity", identity)
+        object.__setattr__(self, "key", location_key(*identity))
 
 
 def location_key(environment: str, service: str, function: str) -> str:

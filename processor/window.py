@@ -142,13 +142,18 @@ class Tables:
         return self._known_ids[pos_c][inv]
 
 
+# Shared by every window without exceptions (most of them): window figures are read-only
+# once closed, and an empty Counter per location and version is memory at every close.
+NO_EXCEPTIONS: Counter = Counter()
+
+
 @dataclass
 class VersionFigures:
     version: tuple[str, str, str]  # (service, service.version, vcs.ref.head.revision)
     count: int
     errors: int
     sketch: LogSketch
-    exceptions: Counter = field(default_factory=Counter)
+    exceptions: Counter = field(default_factory=lambda: NO_EXCEPTIONS)
 
 
 @dataclass
@@ -160,7 +165,7 @@ class LocationWindow:
     errors: int
     sketch: LogSketch
     versions: list[VersionFigures]
-    exceptions: Counter = field(default_factory=Counter)
+    exceptions: Counter = field(default_factory=lambda: NO_EXCEPTIONS)
     exemplars: list[str] = field(default_factory=list)  # trace ids (hex), slowest first
 
     @property
@@ -270,7 +275,7 @@ class _Accumulator:
             per_version.setdefault(int(loc_of_u[lo]), []).append(VersionFigures(
                 version=tables.versions[int(ver_of[s])], count=int(c.sum()),
                 errors=int(merged_errors[lo:hi].sum()), sketch=sk,
-                exceptions=version_exceptions.get(s, Counter())))
+                exceptions=version_exceptions.get(s, NO_EXCEPTIONS)))
 
         exemplars: dict[int, list[tuple[int, str]]] = {}
         if self.k:
@@ -292,7 +297,7 @@ class _Accumulator:
             out.append(LocationWindow(
                 loc_id=loc, location=tables.locations[loc],
                 count=sum(v.count for v in versions), errors=sum(v.errors for v in versions),
-                sketch=sketch, versions=versions, exceptions=exceptions.get(loc, Counter()),
+                sketch=sketch, versions=versions, exceptions=exceptions.get(loc, NO_EXCEPTIONS),
                 exemplars=[t for _, t in ex]))
         return out
 
@@ -410,9 +415,10 @@ class WindowStage:
             clock.closed_through = max(clock.closed_through, watermark)
         return sorted(closed, key=lambda c: (c.end_ns, c.service))
 
-    def flush_idle(self) -> list[ClosedWindow]:
-        """Close the windows of services that sent nothing for ``idle_timeout`` seconds."""
-        now = self.clock()
+    def flush_idle(self, now: float | None = None) -> list[ClosedWindow]:
+        """Close the windows of services that sent nothing for ``idle_timeout`` seconds
+        before ``now`` (processing time; the clock when not given)."""
+        now = self.clock() if now is None else now
         out = []
         for s, clock in self.services.items():
             if clock.windows and now - clock.last_arrival >= self.idle_timeout:

@@ -41,6 +41,40 @@ def test_events_written_while_redis_is_away_arrive_in_order_once_it_is_back():
         srv.stop()
 
 
+class _Source:
+    """Stands for a Baseline: rendered only when written."""
+
+    def __init__(self, value: int):
+        self.value, self.rendered = value, 0
+
+    def fields(self) -> dict[str, str]:
+        self.rendered += 1
+        return {"count": str(self.value)}
+
+
+def test_baselines_coalesce_per_key_while_redis_is_away_and_follow_their_key_s_first_seen():
+    srv = RedisServer()
+    client = redis.Redis(port=srv.port, socket_timeout=1, socket_connect_timeout=1, decode_responses=True)
+    sink = RedisSink(client, "t", 1000, buffer_limit=10)
+    sink.start()
+    try:
+        first = Event("first_seen", LOC, ("shop", "1", ""), 0, 60_000_000_000, "info", "new", {})
+        sources = [_Source(i) for i in range(1000)]
+        sink.submit([first], [(LOC.key, sources[0])])
+        for src in sources[1:]:  # a thousand windows of the same location during the outage
+            sink.submit([], [(LOC.key, src), ("other", src)])
+        assert sink.pending() == 3  # one event and one baseline per key, not a thousand
+        srv.start()
+        assert sink.flush(timeout=20)
+        assert client.hgetall(f"t:baseline:{LOC.key}") == {"count": "999"}
+        assert sum(s.rendered for s in sources) <= 2 + 2 * 50  # rendered when written, not queued
+        # the baseline's SADD did not beat the first_seen script to the key set
+        assert [e["type"] for _, e in client.xrange("t:events")] == ["first_seen"]
+    finally:
+        sink.stop(1)
+        srv.stop()
+
+
 def test_a_full_buffer_drops_the_oldest_writes_and_counts_them():
     dropped = []
     client = redis.Redis(port=1, socket_timeout=0.2, socket_connect_timeout=0.2)  # nothing there
@@ -48,7 +82,7 @@ def test_a_full_buffer_drops_the_oldest_writes_and_counts_them():
     for i in range(5):
         sink.submit([event(i)], [])
     assert sum(dropped) == 2 and sink.pending() == 3
-    assert [w.fields["summary"] for w in sink.buffer] == ["event 2", "event 3", "event 4"]
+    assert [w.source.summary for w in sink.buffer] == ["event 2", "event 3", "event 4"]
 
 
 def test_first_seen_is_written_once_even_if_submitted_twice(redis_server):

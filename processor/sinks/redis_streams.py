@@ -1,8 +1,13 @@
 """Redis sink: baseline hashes, the key set and the events stream, written in pipelines.
 
-Writes are queued in a bounded buffer and sent by one thread, in order. When Redis is
-unreachable the thread retries with backoff and keeps the buffer; when the buffer is full
-the oldest writes are dropped and counted, never silently.
+Events are queued in a bounded buffer and sent by one thread, in order. Baselines are not
+queued: the sink keeps, per location key, a reference to the latest baseline submitted and
+renders its hash only when it writes it, so a location that closes several windows while
+Redis is slow or away is written once, with its latest figures, and pending baselines cost
+a dict entry each, whatever the number of windows. Events go before baselines (a baseline
+write adds its key to ``{prefix}:keys``, which must not precede the key's first_seen).
+When Redis is unreachable the thread retries with backoff and keeps everything; when the
+event buffer is full the oldest events are dropped and counted, never silently.
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ return false
 class _Write:
     kind: str            # "event", "first_seen" or "baseline"
     key: str
-    fields: dict[str, str]
+    fields: dict[str, str] | None  # a baseline's hash; None for events (rendered from source)
     event_type: str = ""
+    source: object = None  # the Event, or the baseline object (put back if the write fails)
 
 
 def _flat(fields: dict[str, str]) -> list[str]:
@@ -56,6 +62,7 @@ class RedisSink:
         self.keys_key = f"{prefix}:keys"
         self.maxlen = events_maxlen
         self.buffer: deque[_Write] = deque()
+        self.baselines: dict[str, object] = {}  # key -> latest baseline not yet written
         self.buffer_limit = buffer_limit
         self.batch_size = batch_size
         self.on_event_written = on_event_written
@@ -85,10 +92,12 @@ class RedisSink:
             return set()
 
     # --- writing ----------------------------------------------------------------------------
-    def submit(self, events: list[Event], baselines: list[tuple[str, dict[str, str]]]) -> None:
+    def submit(self, events: list[Event], baselines: list[tuple[str, object]]) -> None:
+        """Queue events; note baselines as (key, object with ``fields()`` or a fields dict)."""
+        # Events are rendered to their fields when written, not here: a window that closes
+        # with a hundred thousand new locations must not hold a hundred thousand dicts.
         writes = [_Write("first_seen" if e.type == "first_seen" else "event", e.location.key,
-                         e.fields(), e.type) for e in events]
-        writes += [_Write("baseline", key, fields) for key, fields in baselines]
+                         None, e.type, e) for e in events]
         with self._cv:
             self.buffer.extend(writes)
             over = len(self.buffer) - self.buffer_limit
@@ -96,7 +105,9 @@ class RedisSink:
                 for _ in range(over):
                     self.buffer.popleft()
                 self.on_dropped(over)
-                log.warning("Redis buffer full: dropped the %d oldest writes", over)
+                log.warning("Redis buffer full: dropped the %d oldest events", over)
+            for key, source in baselines:
+                self.baselines[key] = source
             self._cv.notify()
 
     def start(self) -> None:
@@ -105,7 +116,7 @@ class RedisSink:
 
     def pending(self) -> int:
         with self._cv:
-            return len(self.buffer) + self._inflight
+            return len(self.buffer) + len(self.baselines) + self._inflight
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything submitted so far is written; False on timeout."""
@@ -125,15 +136,29 @@ class RedisSink:
             self._thread.join(timeout=1.0)
         return ok
 
+    def _take(self) -> list[_Write]:
+        """The next writes: events first, baselines (rendered now) once no event waits."""
+        if self.buffer:
+            return [self.buffer.popleft() for _ in range(min(self.batch_size, len(self.buffer)))]
+        # (events are rendered in _write, so a retried one is rendered again, identically)
+        keys = []
+        for key in self.baselines:
+            keys.append(key)
+            if len(keys) == self.batch_size:
+                break
+        sources = [self.baselines.pop(key) for key in keys]
+        return [_Write("baseline", key, src if isinstance(src, dict) else src.fields(), source=src)
+                for key, src in zip(keys, sources)]
+
     def _run(self) -> None:
         backoff = 0.1
         while True:
             with self._cv:
-                while not self.buffer and not self._stop:
+                while not self.buffer and not self.baselines and not self._stop:
                     self._cv.wait(timeout=1.0)
-                if self._stop and not self.buffer:
+                if self._stop and not self.buffer and not self.baselines:
                     return
-                batch = [self.buffer.popleft() for _ in range(min(self.batch_size, len(self.buffer)))]
+                batch = self._take()
                 self._inflight = len(batch)
             try:
                 self._write(batch)
@@ -146,7 +171,11 @@ class RedisSink:
                     log.warning("Redis write failed (%s); retrying with backoff", e)
                 self.reachable = False
                 with self._cv:
-                    self.buffer.extendleft(reversed(batch))  # retry in the same order
+                    # retry in the same order; a baseline submitted meanwhile is newer: it wins
+                    self.buffer.extendleft(reversed([w for w in batch if w.kind != "baseline"]))
+                    for w in batch:
+                        if w.kind == "baseline":
+                            self.baselines.setdefault(w.key, w.source)
                     self._inflight = 0
                     if self._stop:
                         return
@@ -161,9 +190,9 @@ class RedisSink:
                 pipe.sadd(self.keys_key, w.key)
             elif w.kind == "first_seen":
                 self._first_seen(keys=[self.keys_key, self.events_key],
-                                 args=[w.key, self.maxlen, *_flat(w.fields)], client=pipe)
+                                 args=[w.key, self.maxlen, *_flat(w.source.fields())], client=pipe)
             else:
-                pipe.xadd(self.events_key, w.fields, maxlen=self.maxlen, approximate=True)
+                pipe.xadd(self.events_key, w.source.fields(), maxlen=self.maxlen, approximate=True)
         results = pipe.execute()
         i = 0
         for w in batch:
