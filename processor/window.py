@@ -93,12 +93,13 @@ class Tables:
         return i
 
     def _overflow_id(self, loc: Location) -> int:
-        if (loc.environment, loc.service) in self._svc_ids:
-            spill = Location(loc.environment, loc.service, OVERFLOW_FUNCTION)
-        else:
-            spill = Location("", OVERFLOW_FUNCTION, OVERFLOW_FUNCTION)
-        i = self._loc_ids.get(spill.identity)
-        return self._add(spill, overflow=True) if i is None else i
+        service = (loc.environment, loc.service)
+        if service not in self._svc_ids:
+            service = ("", OVERFLOW_FUNCTION)
+        i = self._loc_ids.get((*service, OVERFLOW_FUNCTION))
+        if i is None:
+            i = self._add(Location(*service, OVERFLOW_FUNCTION), overflow=True)
+        return i
 
     def _add(self, loc: Location, overflow: bool) -> int:
         i = self._loc_ids[loc.identity] = len(self.locations)

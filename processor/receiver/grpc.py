@@ -95,16 +95,19 @@ class GrpcReceiver:
         except MalformedRequest as e:
             self.metrics.refused_requests.labels(transport="grpc", reason="malformed").inc()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if batch.rejected:
-            self.metrics.refused.labels(transport="grpc", reason="invalid_span").inc(batch.rejected)
         batch.received_at = received_at
         if len(batch):
             try:
                 self.on_batch(batch)
             except Overloaded as e:
-                self.metrics.refused.labels(transport="grpc", reason="overloaded").inc(len(batch))
+                # The whole request is refused and will be sent again: count all its spans
+                # as overloaded (as the refusal before decoding does), none as invalid yet.
+                self.metrics.refused.labels(transport="grpc", reason="overloaded").inc(
+                    len(batch) + batch.rejected)
                 _unavailable(context, e.delay_s)
             self.metrics.accepted.labels(transport="grpc").inc(len(batch))
+        if batch.rejected:
+            self.metrics.refused.labels(transport="grpc", reason="invalid_span").inc(batch.rejected)
         resp = ExportTraceServiceResponse()
         if batch.rejected:
             resp.partial_success.rejected_spans = batch.rejected
