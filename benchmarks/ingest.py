@@ -734,6 +734,12 @@ def phase_throughput(args, tmp: str, workers: int = 1, rate: float = 0.0) -> dic
         cpu0 = proc_cpu_seconds(stack.pid)
         print(f"  server up (pid {stack.pid}); {args.clients} client processes x {args.inflight} lanes, "
               f"{per_lane} requests built per lane, sending for at most {args.duration:g} s ...", flush=True)
+        spy = None
+        if args.profile and workers == 1 and not rate:
+            beside = os.path.join(os.path.dirname(sys.executable), "py-spy")  # in the venv
+            spy = subprocess.Popen([beside if os.path.exists(beside) else "py-spy", "record", "-p", str(stack.pid), "-o", args.profile, "-f", "raw",
+                                    "-r", "100", "--nonblocking"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         r = run_clients(w, args.clients, args.inflight, per_lane, int(args.window * 1e9), stack.target,
                         args.duration, args.retry_sleep, rate=rate)
         total = r["spans"] - r["rejected"]
@@ -741,6 +747,9 @@ def phase_throughput(args, tmp: str, workers: int = 1, rate: float = 0.0) -> dic
               f"({r['retries']:,} UNAVAILABLE retries); waiting for the window stage ...", flush=True)
         done = wait_processed(stack, total, args.poll)
         t_done, m = done["t"], done["metrics"]
+        if spy:  # py-spy writes its profile on SIGINT
+            spy.send_signal(signal.SIGINT)
+            spy.wait(30)
         cpu1 = proc_cpu_seconds(stack.pid)
         hwm = sum(proc_status_kb(p, "VmHWM") for p in proc_tree(stack.pid)) * 1024
         e2e_s = t_done - r["first"]
@@ -921,6 +930,23 @@ def phase_decode(args) -> dict:
     return out
 
 
+def profile_top(path: str, n: int) -> list[tuple[str, float]]:
+    """The ``n`` frames with the most self time in a py-spy raw profile (idle threads
+    waiting on a lock or a socket are not sampled with --nonblocking's default idle filter)."""
+    self_time: dict[str, int] = {}
+    total = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            if not stack:
+                continue
+            total += int(count)
+            frame = stack.rsplit(";", 1)[-1]
+            self_time[frame] = self_time.get(frame, 0) + int(count)
+    top = sorted(self_time.items(), key=lambda kv: -kv[1])[:n]
+    return [(frame, c / total) for frame, c in top]
+
+
 # --- main -------------------------------------------------------------------------------------
 
 def _revision() -> str:
@@ -965,6 +991,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--window", type=float, default=60.0, help="--window of the server, event-time seconds")
     p.add_argument("--skip-memory", action="store_true", help="skip the memory phase")
+    p.add_argument("--profile", metavar="FILE",
+                   help="record the 1-process throughput run with py-spy (raw format) into FILE and "
+                        "print its top entries (needs py-spy on PATH)")
     p.add_argument("--workers", type=int, default=None,
                    help="receiver processes of the second throughput run (default: one per CPU)")
     p.add_argument("--latency-load", type=float, default=0.8,
@@ -1092,6 +1121,9 @@ def main(argv: list[str] | None = None) -> int:
             ("  RSS idle -> after", f"{_fmt_bytes(ex['rss0']):>16} -> {_fmt_bytes(ex['rss1'])} "
                                     f"(peak {_fmt_bytes(ex['hwm'])})"),
         ]
+    if args.profile and os.path.exists(args.profile):
+        rows += [("profile (1 process): self time", f"{share:>11.1%}   {frame}")
+                 for frame, share in profile_top(args.profile, 12)]
     width = max(len(k) for k, _ in rows)
     print()
     print("Backflow ingest benchmark" + (" (quick)" if args.quick else ""))

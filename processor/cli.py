@@ -26,6 +26,9 @@ def serve(cfg) -> int:
     from processor.app import Backflow  # heavy imports only when serving
 
     logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Receiver threads answer Export calls while the pipeline thread computes: a shorter
+    # GIL switch interval (5 ms by default) bounds how long a call waits for its turn.
+    sys.setswitchinterval(0.001)
     app = Backflow(cfg)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

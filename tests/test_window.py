@@ -100,16 +100,19 @@ def test_closed_window_counts_errors_versions_exceptions_and_exemplars():
     assert lw.exemplars == slowest
 
 
-def _random_spans(seed: int, n: int) -> list[S]:
-    """Several services and functions, ends mostly increasing with bounded disorder."""
+def _random_spans(seed: int, n: int, tied: bool = False) -> list[S]:
+    """Several services and functions, ends mostly increasing with bounded disorder;
+    ``tied``: durations from three values only, so the slowest spans tie everywhere."""
     rng = np.random.default_rng(seed)
     ends = T0 + np.cumsum(rng.exponential(0.3 * SEC, n)).astype(np.int64)
     ends = ends - rng.integers(0, 20 * SEC, n)  # out of order by up to 20 s
-    return [S(int(e), duration=int(rng.lognormal(14, 1)) + 1,
+    durations = (rng.integers(1, 4, n) * 1_000_000 if tied
+                 else rng.lognormal(14, 1, n).astype(np.int64) + 1)
+    return [S(int(e), duration=int(d),
               function=f"f{rng.integers(0, 6)}", service=f"s{rng.integers(0, 3)}",
               version=str(rng.integers(1, 3)), error=bool(rng.random() < 0.05),
               exceptions=("E",) if rng.random() < 0.02 else ())
-            for e in ends]
+            for e, d in zip(ends, durations)]
 
 
 def _canonical(closed):
@@ -124,9 +127,10 @@ def _canonical(closed):
 
 
 @settings(max_examples=10, deadline=None)
-@given(seed=st.integers(0, 2**31), cuts=st.lists(st.integers(1, 599), max_size=30))
-def test_replay_in_any_batching_gives_identical_windows(seed, cuts):
-    spans = _random_spans(seed, 600)
+@given(seed=st.integers(0, 2**31), cuts=st.lists(st.integers(1, 599), max_size=30),
+       tied=st.booleans())
+def test_replay_in_any_batching_gives_identical_windows(seed, cuts, tied):
+    spans = _random_spans(seed, 600, tied)
     # Per-span trace ids must match across batchings, so encode span by span and join.
     singles = [encoded([s]) for s in spans]
     def run_split(points):
@@ -163,3 +167,21 @@ def test_idle_time_counts_from_arrival_not_from_processing():
     assert st_.flush_idle() == []  # idle for 20 s since arrival, not for 120 s
     clock.t = 130.0
     assert len(st_.flush_idle()) == 1
+
+
+def test_exemplar_ties_are_settled_by_trace_id_whatever_the_batching():
+    # Five equally slow spans of one function, trace ids decreasing in arrival order: the
+    # exemplars must be the two smallest trace ids whether they came in one batch or five.
+    spans = [S(T0 + i * SEC, duration=3_000_000) for i in range(5)]
+    singles = [encoded([s]) for s in reversed(spans)][::-1]  # ids fall as the spans arrive
+
+    def exemplars(batches):
+        st_ = stage()
+        for b in batches:
+            st_.ingest(decode_request(b))
+        (closed,) = st_.flush_all()
+        return closed.locations[0].exemplars
+
+    together, apart = exemplars([b"".join(singles)]), exemplars(singles)
+    assert together == apart
+    assert together == sorted(together) and len(together) == 2
