@@ -5,6 +5,7 @@ import numpy as np
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
+from processor.baseline import Baseline
 from processor.devredis import RedisServer
 from processor.events import Event
 from processor.location import Location
@@ -133,3 +134,105 @@ def test_per_location_series_beyond_the_limit_fold_into_one_overflow_series():
         "quantile": "0.5"})
     # the overflow series is the merged sketch of f3..f9 (4 ms .. 10 ms, 10 spans each)
     assert abs(overflow_p50 - 7.0) / 7.0 <= 0.0101
+
+
+# --- the sink encodes its commands in RESP itself: check what lands in Redis, exactly ----------
+
+PI = Location("prodé", "boutique", "café.naïve_ß", "données/π.py", "7")
+
+
+def _pi_event(kind: str, i: int) -> Event:
+    return Event(kind, PI, ("boutique", "1.2-β", "ümlaut"), i * 60_000_000_000, (i + 1) * 60_000_000_000,
+                 "info", f"régression {i} ✓ 日本語 🚀 100%", {"note": "ü", "i": i})
+
+
+def test_a_mixed_batch_with_non_ascii_text_lands_in_redis_exactly(redis_server):
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.flushall()
+    written = []
+    sink = RedisSink(client, "t:ü", 1000, 100, on_event_written=written.append)
+    baseline = Baseline(PI, LogSketch.from_values(np.array([1e6, 2e6, 3e6])), 3, 1, 60, 1,
+                        60_000_000_000, ("boutique", "1.2-β", "ümlaut"))
+    odd = {"naïve %s %d": "100% ✓", "empty": "", "🚀": "x" * 300}  # '%' must survive templates
+    events = [_pi_event("latency_regression", 0), _pi_event("first_seen", 1),
+              _pi_event("first_seen", 2),  # the same key again: the script writes nothing
+              _pi_event("error_regression", 3), event(4)]
+    sink.submit(events, [(PI.key, baseline), ("clé ✓", odd)])
+    sink.start()
+    try:
+        assert sink.flush(10)
+    finally:
+        sink.stop(1)
+    stream = client.xrange("t:ü:events")
+    expected = [events[i] for i in (0, 1, 3, 4)]
+    # every field, in the order written, in the order submitted
+    assert [list(fields.items()) for _, fields in stream] == [list(e.fields().items()) for e in expected]
+    assert written == ["latency_regression", "first_seen", "error_regression", "latency_regression"]
+    assert client.hgetall(f"t:ü:baseline:{PI.key}") == baseline.fields()
+    assert client.hgetall("t:ü:baseline:clé ✓") == odd
+    assert client.smembers("t:ü:keys") == {PI.key, "clé ✓"}
+    assert sink.reachable and sink.pending() == 0
+
+
+def test_first_seen_survives_a_flushed_script_cache(redis_server):
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.flushall()
+    written = []
+    sink = RedisSink(client, "t", 1000, 100, on_event_written=written.append)
+    other = Location("prod", "shop", "shop.g")
+    sink.submit([_pi_event("first_seen", 0)], [])
+    sink._write(sink._take())
+    client.script_flush()  # as after a Redis restart: loaded again ahead of the next batch
+    sink.submit([event(1), Event("first_seen", other, ("shop", "1", ""), 0, 1, "info", "g", {}),
+                 event(2)], [])
+    sink._write(sink._take())
+    # and if the script is missing anyway (flushed between SCRIPT LOAD and EVALSHA), EVAL:
+    # a sink whose EVALSHA names a script Redis never has
+    sink = RedisSink(client, "t", 1000, 100, on_event_written=written.append)
+    sink._sha = "0" * 40
+    last = Location("prod", "shop", "shop.h")
+    sink.submit([Event("first_seen", last, ("shop", "1", ""), 0, 1, "info", "h", {}),
+                 _pi_event("first_seen", 3)], [])
+    sink._write(sink._take())
+    assert [e["summary"] for _, e in client.xrange("t:events")] == [
+        "régression 0 ✓ 日本語 🚀 100%", "event 1", "g", "event 2", "h"]
+    assert written == ["first_seen", "latency_regression", "first_seen", "latency_regression",
+                       "first_seen"]
+    assert client.smembers("t:keys") == {PI.key, other.key, last.key}
+
+
+def test_an_error_reply_raises_after_the_whole_batch_and_the_connection_stays_usable(redis_server):
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.flushall()
+    client.set("t:baseline:bad", "not a hash")
+    sink = RedisSink(client, "t", 1000, 100)
+    sink.submit([], [("a", {"n": "1"}), ("bad", {"n": "2"}), ("c", {"n": "3"})])
+    batch = sink._take()
+    try:
+        sink._write(batch)
+        raise AssertionError("the WRONGTYPE reply did not raise")
+    except redis.ResponseError as e:
+        assert "WRONGTYPE" in str(e) and "command #3" in str(e)
+    # the commands after the failing one ran, and their replies were all read
+    assert client.hgetall("t:baseline:c") == {"n": "3"}
+    assert client.smembers("t:keys") == {"a", "bad", "c"}
+    client.delete("t:baseline:bad")
+    sink._write(batch)  # a retry on the same pooled connection, in sync
+    assert client.hgetall("t:baseline:bad") == {"n": "2"}
+
+
+def test_the_sink_uses_the_client_s_password_and_database():
+    srv = RedisServer().start()
+    try:
+        redis.Redis(port=srv.port).config_set("requirepass", "sécret")
+        client = redis.Redis.from_url(f"redis://:s%C3%A9cret@127.0.0.1:{srv.port}/3")
+        sink = RedisSink(client, "t", 1000, 100)
+        sink.submit([_pi_event("first_seen", 0)], [(PI.key, {"n": "1"})])
+        sink.start()
+        assert sink.flush(10)
+        sink.stop(1)
+        assert client.xlen("t:events") == 1 and client.hgetall(f"t:baseline:{PI.key}") == {b"n": b"1"}
+        assert client.dbsize() == 3
+        assert redis.Redis(port=srv.port, password="sécret", db=0).dbsize() == 0
+    finally:
+        srv.stop()

@@ -8,10 +8,16 @@ a dict entry each, whatever the number of windows. Events go before baselines (a
 write adds its key to ``{prefix}:keys``, which must not precede the key's first_seen).
 When Redis is unreachable the thread retries with backoff and keeps everything; when the
 event buffer is full the oldest events are dropped and counted, never silently.
+
+A batch is encoded in RESP here, not by redis-py's pipeline: its generic packing (an encoder
+call and several isinstance checks per argument) cost most of the sink's CPU, which the
+ingest pipeline shares (one GIL). The commands are the same ones the pipeline sent; the
+connection comes from the client's pool, so URL, TLS, password and db all still apply.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -33,6 +39,7 @@ if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
 end
 return false
 """
+_FIRST_SEEN_SHA = hashlib.sha1(_FIRST_SEEN_LUA.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -44,11 +51,19 @@ class _Write:
     source: object = None  # the Event, or the baseline object (put back if the write fails)
 
 
-def _flat(fields: dict[str, str]) -> list[str]:
-    out = []
-    for k, v in fields.items():
-        out += [k, v]
-    return out
+def _template(args: list[bytes | None]) -> bytes:
+    """A command in RESP with a ``%d``/``%b`` pair (length, bytes) for each None argument.
+
+    Filled with ``template % (len(a), a, len(b), b, ...)``: one bytes formatting per command
+    instead of packing every constant argument (the field names above all) again.
+    """
+    out = [b"*%d\r\n" % len(args)]
+    for a in args:
+        if a is None:
+            out.append(b"$%d\r\n%b\r\n")
+        else:
+            out.append(b"$%d\r\n" % len(a) + a.replace(b"%", b"%%") + b"\r\n")
+    return b"".join(out)
 
 
 class RedisSink:
@@ -68,7 +83,17 @@ class RedisSink:
         self.on_event_written = on_event_written
         self.on_dropped = on_dropped
         self.reachable = False
-        self._first_seen = self.r.register_script(_FIRST_SEEN_LUA)
+        encoder = client.connection_pool.get_encoder()
+        self._encoding, self._errors = encoder.encoding, encoder.encoding_errors
+        self._sha = _FIRST_SEEN_SHA
+        self._templates: dict[tuple, bytes] = {}  # (kind, field names) -> RESP template
+        self._hash_prefix = self._encode(f"{prefix}:baseline:")
+        self._sadd = _template([b"SADD", self._encode(self.keys_key), None])
+        # Sent ahead of every batch with a first_seen, in the same write: the script is then
+        # loaded (again, after a Redis restart or SCRIPT FLUSH) before any EVALSHA of the batch
+        # runs, so first_seen events keep their place in the stream. (redis-py's pipeline
+        # made a SCRIPT EXISTS round trip for the same purpose.)
+        self._script_load = _template([b"SCRIPT", b"LOAD", self._encode(_FIRST_SEEN_LUA)])
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -183,22 +208,122 @@ class RedisSink:
                 backoff = min(backoff * 2, 5.0)
 
     def _write(self, batch: list[_Write]) -> None:
-        pipe = self.r.pipeline(transaction=False)
+        # Every command is rendered before a connection is taken: a bad value fails here.
+        commands: list[bytes] = []
+        events: list[tuple[_Write, int]] = []  # each event with the index of its reply
         for w in batch:
+            key = self._encode(w.key)
             if w.kind == "baseline":
-                pipe.hset(f"{self.prefix}:baseline:{w.key}", mapping=w.fields)
-                pipe.sadd(self.keys_key, w.key)
-            elif w.kind == "first_seen":
-                self._first_seen(keys=[self.keys_key, self.events_key],
-                                 args=[w.key, self.maxlen, *_flat(w.source.fields())], client=pipe)
+                commands.append(self._render("baseline", self._hash_prefix + key, w.fields))
+                commands.append(self._sadd % (len(key), key))
             else:
-                pipe.xadd(self.events_key, w.source.fields(), maxlen=self.maxlen, approximate=True)
-        results = pipe.execute()
-        i = 0
-        for w in batch:
-            if w.kind == "baseline":
-                i += 2
-                continue
-            if results[i]:
+                events.append((w, len(commands)))
+                if w.kind == "first_seen":
+                    commands.append(self._render("first_seen", key, w.source.fields()))
+                else:
+                    commands.append(self._render("event", None, w.source.fields()))
+        with_script = any(w.kind == "first_seen" for w, _ in events)
+        replies = self._send(commands, with_script)
+
+        # NOSCRIPT despite the SCRIPT LOAD ahead of the batch: a SCRIPT FLUSH ran in between
+        # (rare). Those first_seen events, and only those (the rest of the batch is written),
+        # go again with EVAL, which needs no cached script; they land after the batch's other
+        # events, which is better than writing those twice by retrying the whole batch.
+        again = [(w, i) for w, i in events if isinstance(replies[i], redis.exceptions.NoScriptError)]
+        if again:
+            evals = [self._render("first_seen_eval", self._encode(w.key), w.source.fields())
+                     for w, _ in again]
+            for (_, i), reply in zip(again, self._send(evals, False)):
+                replies[i] = reply
+
+        # Like the pipeline's execute(): an error reply raises (all replies were read, so the
+        # connection is in sync) and nothing counts as written; _run retries the batch.
+        for i, reply in enumerate(replies):
+            if isinstance(reply, redis.ResponseError):
+                reply.args = (f"command #{i + 1} of {len(replies)} in the batch failed: "
+                              f"{reply.args[0] if reply.args else ''}",) + reply.args[1:]
+                raise reply
+        for w, i in events:
+            if replies[i]:  # a stream id; nil from the script when the key was already known
                 self.on_event_written(w.event_type)
-            i += 1
+
+    def _render(self, kind: str, key: bytes | None, fields: dict) -> bytes:
+        """One command in RESP: the kind's constant arguments, ``key`` if given, the fields."""
+        names = tuple(fields)
+        template = self._templates.get((kind, names))
+        if template is None:
+            template = self._template(kind, names)
+        args: list = [] if key is None else [len(key), key]
+        encoding, errors = self._encoding, self._errors
+        for v in fields.values():
+            b = v.encode(encoding, errors) if v.__class__ is str else self._encode(v)
+            args += (len(b), b)
+        return template % tuple(args)
+
+    def _template(self, kind: str, names: tuple) -> bytes:
+        maxlen = str(self.maxlen).encode()
+        events, keys = self._encode(self.events_key), self._encode(self.keys_key)
+        head: list[bytes | None] = {
+            "baseline": [b"HSET", None],
+            "event": [b"XADD", events, b"MAXLEN", b"~", maxlen, b"*"],
+            "first_seen": [b"EVALSHA", self._sha.encode(), b"2", keys, events, None, maxlen],
+            "first_seen_eval": [b"EVAL", _FIRST_SEEN_LUA.encode(), b"2", keys, events, None, maxlen],
+        }[kind]
+        for name in names:
+            head += [self._encode(name), None]
+        if len(self._templates) >= 64:  # field names come from a few fixed sets; stay bounded
+            self._templates.clear()
+        template = self._templates[(kind, names)] = _template(head)
+        return template
+
+    def _encode(self, value) -> bytes:
+        """An argument as redis-py's encoder would send it."""
+        if isinstance(value, str):
+            return value.encode(self._encoding, self._errors)
+        if isinstance(value, (bytes, memoryview)):
+            return bytes(value)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return repr(value).encode()
+        raise redis.DataError(f"invalid value for a Redis argument: {type(value).__name__}")
+
+    def _send(self, commands: list[bytes], with_script: bool) -> list:
+        """Send the commands in one write on a pooled connection; their replies, in order.
+
+        An error reply is returned as its ResponseError, not raised, so every reply is read.
+        Connection failures are retried as the client's pipeline would (its Retry object);
+        then they raise, with the connection disconnected, a redis.RedisError for _run.
+        """
+        payload = [b"".join([self._script_load, *commands] if with_script else commands)]
+        count = len(commands) + with_script
+
+        def exchange() -> list:
+            conn.send_packed_command(payload)
+            replies = []
+            for _ in range(count):
+                try:
+                    # (not decoded: only an error or a reply's truth is looked at)
+                    replies.append(conn.read_response(disable_decoding=True))
+                except redis.ResponseError as e:
+                    replies.append(e)
+            return replies
+
+        pool = self.r.connection_pool
+        conn = pool.get_connection()
+        try:
+            replies = conn.retry.call_with_retry(exchange, lambda error: conn.disconnect())
+        except redis.RedisError:
+            conn.disconnect()
+            raise
+        except Exception as e:  # anything else leaves the connection in an unknown state too
+            conn.disconnect()
+            raise redis.ConnectionError(f"Redis write failed: {e!r}") from e
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+        if with_script:
+            if isinstance(replies[0], redis.ResponseError):
+                raise replies[0]
+            del replies[0]
+        return replies
