@@ -7,8 +7,6 @@ accepted change slowly and forgets a location's distant past. The figures publis
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from processor.location import Location
@@ -18,25 +16,45 @@ from processor.window import ClosedWindow, LocationWindow
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
-@dataclass
 class Baseline:
-    location: Location
-    sketch: LogSketch
-    count: float = 0.0
-    errors: float = 0.0
-    seconds: float = 0.0     # decayed window time the counts were seen over
-    windows: int = 0
-    updated_ns: int = 0      # end of the latest window merged in (event time)
-    version: tuple[str, str, str] = ("", "", "")
+    """One location's decayed figures. The sketch is kept packed (``LogSketch.pack``): one
+    bytes object per location instead of two arrays; ``sketch`` unpacks it, without a copy."""
+
+    __slots__ = ("_sketch", "count", "errors", "location", "seconds", "updated_ns", "version", "windows")
+
+    def __init__(self, location: Location, sketch: LogSketch, count: float = 0.0, errors: float = 0.0,
+                 seconds: float = 0.0, windows: int = 0, updated_ns: int = 0,
+                 version: tuple[str, str, str] = ("", "", "")):
+        self.location = location
+        self.sketch = sketch
+        self.count = count
+        self.errors = errors
+        self.seconds = seconds      # decayed window time the counts were seen over
+        self.windows = windows
+        self.updated_ns = updated_ns  # end of the latest window merged in (event time)
+        self.version = version
+
+    @property
+    def sketch(self) -> LogSketch:
+        return LogSketch.unpack(self._sketch)
+
+    @sketch.setter
+    def sketch(self, sketch: LogSketch) -> None:
+        self._sketch = sketch.pack()
+
+    def __repr__(self) -> str:
+        return (f"Baseline({self.location!r}, {self.sketch!r}, count={self.count!r}, "
+                f"windows={self.windows!r}, updated_ns={self.updated_ns!r})")
 
     def absorb(self, lw: LocationWindow, window_end_ns: int, window_s: float, half_life_s: float):
+        sketch = self.sketch
         if self.windows:
             decay = 0.5 ** (max(0, window_end_ns - self.updated_ns) / 1e9 / half_life_s)
-            self.sketch = self.sketch.scaled(decay)
+            sketch = sketch.scaled(decay)
             self.count *= decay
             self.errors *= decay
             self.seconds *= decay
-        self.sketch = self.sketch.merge(lw.sketch)
+        self.sketch = sketch.merge(lw.sketch)
         self.count += lw.count
         self.errors += lw.errors
         self.seconds += window_s

@@ -38,6 +38,13 @@ def bucket_value(index: np.ndarray | int) -> np.ndarray | float:
     return 2.0 * np.power(GAMMA, index) / (GAMMA + 1.0)
 
 
+# The arrays of every empty sketch: one pair, read-only (sketches are values, never changed
+# in place), so the many empty sketches (a fresh baseline, a watch's segment) cost no arrays.
+_NO_INDEX = np.zeros(0, np.int32)
+_NO_COUNTS = np.zeros(0, np.float64)
+_NO_INDEX.flags.writeable = _NO_COUNTS.flags.writeable = False
+
+
 class LogSketch:
     """Sparse, mergeable log-bucket histogram: sorted bucket indices with their counts.
 
@@ -47,8 +54,8 @@ class LogSketch:
     __slots__ = ("index", "counts")
 
     def __init__(self, index: np.ndarray | None = None, counts: np.ndarray | None = None):
-        self.index = np.zeros(0, np.int32) if index is None else index
-        self.counts = np.zeros(0, np.float64) if counts is None else counts
+        self.index = _NO_INDEX if index is None else index
+        self.counts = _NO_COUNTS if counts is None else counts
 
     @classmethod
     def from_values(cls, values_ns: np.ndarray) -> "LogSketch":
@@ -81,6 +88,23 @@ class LogSketch:
         counts = self.counts * factor
         keep = counts >= min_count
         return LogSketch(self.index[keep], counts[keep])
+
+    def pack(self) -> bytes:
+        """The sketch as one bytes object: what a long-lived sketch (a baseline) is kept as
+        between windows, at a fraction of the overhead of two numpy arrays. Counts (float64)
+        come first, so both parts stay aligned; ``unpack`` gives back the same values."""
+        if not len(self.index):
+            return b""
+        return (self.counts.astype(np.float64, copy=False).tobytes()
+                + self.index.astype(np.int32, copy=False).tobytes())
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "LogSketch":
+        """The sketch ``pack`` made: read-only arrays over ``data``, no copy."""
+        if not data:
+            return cls()
+        n = len(data) // 12
+        return cls(np.frombuffer(data, np.int32, n, 8 * n), np.frombuffer(data, np.float64, n))
 
     def quantiles(self, qs) -> np.ndarray:
         """Values (ns) at quantiles ``qs``; NaN for an empty sketch."""

@@ -75,3 +75,17 @@ def test_silent_during_warm_up(det, kind, effect):
     warmup = Config.defaults().detectors.warmup_windows
     # the change starts in the middle of warm-up and the stream ends with it
     assert run(fresh(det), observations(8, warmup, change_at=warmup // 2, kind=kind, effect=effect)) == []
+
+
+@pytest.mark.parametrize("det", DETECTORS, ids=IDS)
+def test_parameters_are_shared_per_configuration_and_seen_by_river(det):
+    other = fresh(det)
+    assert other._p is det._p  # one tuple per configuration, not per location
+    params = det._get_params()
+    assert list(params) == list(inspect.signature(type(det)).parameters)
+    clone = det.clone()
+    assert type(clone) is type(det) and clone._get_params() == params and clone._p is det._p
+    assert pickle.loads(pickle.dumps(det))._p is det._p
+    different = type(det)(**{**params, "warmup_windows": params["warmup_windows"] + 1})
+    assert different._p is not det._p and different.warmup_windows == params["warmup_windows"] + 1
+    assert repr(det).startswith(type(det).__name__)

@@ -117,3 +117,28 @@ def test_canary_regression_is_blamed_on_the_new_version_running_side_by_side():
     assert e.detail["side_by_side"]["z_vs_others"] > 3
     assert e.detail["versions"]["1.1"]["share"] > 5 * e.detail["versions"]["(others)"]["share"]
     assert e.window_start_ns // W_NS - CHANGE <= 3  # judged on its own spans, not averaged away
+
+
+def test_dormant_means_agree_with_rivers_ewmean_bit_for_bit():
+    import random
+
+    from river import stats
+
+    rng = random.Random(5)
+    det = make(Dormant)
+    presence, calls = stats.EWMean(det.fading_factor), stats.EWMean(det.fading_factor)
+    for obs in observations(91, 400, change_at=300, kind="vanish", rate=0.02):  # silent windows too
+        det.update(obs)
+        if obs.count:
+            presence.update(1.0)
+            calls.update(obs.count)
+        elif det.windows:
+            presence.update(0.0)
+        assert (det.presence, det.calls) == (presence.get(), calls.get())
+    for _ in range(2000):  # and on arbitrary values, the first one included
+        a = rng.random()
+        ewm, mean = stats.EWMean(a), None
+        for x in (rng.choice([0.0, 1.0, rng.randint(0, 10**6), rng.lognormvariate(0, 3)]) for _ in range(20)):
+            ewm.update(x)
+            mean = float(x) if mean is None else a * x + (1 - a) * mean
+            assert mean == ewm.get()

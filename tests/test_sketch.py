@@ -74,3 +74,20 @@ def test_scaling_decays_counts_and_drops_negligible_buckets():
     half = s.scaled(0.5)
     assert half.count == 1.5
     assert len(s.scaled(1e-4).index) == 0
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 5_000), factor=st.floats(1e-4, 1.0))
+def test_pack_gives_back_the_same_sketch(seed, n, factor):
+    s = LogSketch.from_values(pareto(seed, n, 1.5)).scaled(factor) if n else LogSketch()
+    back = LogSketch.unpack(s.pack())
+    assert back.index.dtype == np.int32 and back.counts.dtype == np.float64
+    assert back.index.tobytes() == s.index.tobytes() and back.counts.tobytes() == s.counts.tobytes()
+
+
+def test_empty_sketches_share_read_only_arrays():
+    a, b = LogSketch(), LogSketch.unpack(LogSketch().pack())
+    assert a.index is b.index and a.counts is b.counts
+    assert not a.index.flags.writeable and not a.counts.flags.writeable
+    merged = a.merge(LogSketch.from_values(np.array([5_000_000])))
+    assert merged.count == 1.0 and a.count == 0.0

@@ -54,14 +54,55 @@ class Observation:
         return Event(type_, self.location, v, self.start_ns, self.end_ns, severity, summary, detail)
 
 
+_SHARED: dict[tuple, tuple] = {}  # (class, parameter reprs) -> the tuple its detectors share
+
+
+def _shared_key(cls, values: tuple) -> tuple:
+    # By repr: 12 and 12.0, or 0.0 and -0.0, are equal keys but print differently in events.
+    return (cls, tuple(map(repr, values)))
+
+
 class Detector(base.Base):
     """Base of every detector: ``update(observation) -> list[Event]``.
 
     ``wants_absent`` detectors are also fed windows in which the location had no spans.
+
+    A gateway holds a detector per code location, so what every detector of one configuration
+    has in common is stored once: the constructor parameters named in ``_params`` and the
+    constants derived from them named in ``_constants`` live in one tuple per configuration
+    (``_p``), read through properties of the same names. River's ``_get_params``, ``clone`` and
+    ``repr`` find them by those names as usual; only the state is per instance.
     """
 
     event_type: str = ""
     wants_absent: bool = False
+    _params: tuple[str, ...] = ()     # the constructor's parameters, in order
+    _constants: tuple[str, ...] = ()  # what ``_derive`` computes from them, in order
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        names = cls.__dict__.get("_params", ()) + cls.__dict__.get("_constants", ())
+        for i, name in enumerate(names):
+            setattr(cls, name, property(lambda self, i=i: self._p[i]))
+
+    def _share(self, *values) -> None:
+        """Point this detector at the tuple shared by every one built with ``values``."""
+        key = _shared_key(type(self), values)
+        p = _SHARED.get(key)
+        if p is None:
+            p = _SHARED[key] = values + self._derive(*values)
+        self._p = p
+
+    def _derive(self, *values) -> tuple:
+        return ()
+
+    def __setstate__(self, state: dict) -> None:
+        # A restored detector shares its configuration's tuple again.
+        p = state.get("_p")
+        if p is not None:
+            state["_p"] = _SHARED.setdefault(_shared_key(type(self), p[:len(self._params)]), p)
+        for k, v in state.items():
+            setattr(self, k, v)
 
     def update(self, obs: Observation) -> list[Event]:
         raise NotImplementedError
@@ -69,23 +110,30 @@ class Detector(base.Base):
 
 class VersionWatches:
     """Evidence kept per version, so a canary is judged on its own spans rather than
-    diluted in the old version's; the ``limit`` most recently seen versions are kept."""
+    diluted in the old version's; the ``limit`` most recently seen versions are kept.
+
+    ``make()`` returns a watch with a writable ``last_seen`` attribute: the window count at
+    which its version was last seen (one dict per location, not two)."""
+
+    __slots__ = ("by_version", "limit", "make", "tick")
 
     def __init__(self, make, limit: int = 4):
         self.make = make
         self.limit = limit
         self.by_version: dict[Version, object] = {}
-        self.last_seen: dict[Version, int] = {}
         self.tick = 0
 
     def get(self, version: Version):
-        self.last_seen[version] = self.tick
-        w = self.by_version.get(version)
+        by_version = self.by_version
+        w = by_version.get(version)
         if w is None:
-            w = self.by_version[version] = self.make()
-            if len(self.by_version) > self.limit:
-                oldest = min(self.by_version, key=lambda v: (self.last_seen[v], v))
-                del self.by_version[oldest], self.last_seen[oldest]
+            w = by_version[version] = self.make()
+            w.last_seen = self.tick
+            if len(by_version) > self.limit:
+                oldest = min(by_version, key=lambda v: (by_version[v].last_seen, v))
+                del by_version[oldest]
+        else:
+            w.last_seen = self.tick
         return w
 
     def next_window(self) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-from river import stats
-
 from processor.detect.base import Detector, Observation, Version
 from processor.events import Event
 
@@ -15,10 +13,12 @@ class Dormant(Detector):
 
     Fed every closed window of the location's service, also those without the location.
     Presence (share of windows with calls) and calls per window are exponentially weighted
-    means (River's ``stats.EWMean``). A silence is reported once it has lasted
-    ``min_silence_s`` and is too long to be chance (``P(no call) = exp(-rate * silence) <
-    alpha``) for a location present in at least ``min_presence`` of its windows. The event
-    names the version that replaced the one that last called the location.
+    means, updated exactly as River's ``stats.EWMean`` updates them (the first value taken as
+    it is; a test checks they agree bit for bit), kept as two floats per location. A silence
+    is reported once it has lasted ``min_silence_s`` and is too long to be chance
+    (``P(no call) = exp(-rate * silence) < alpha``) for a location present in at least
+    ``min_presence`` of its windows. The event names the version that replaced the one that
+    last called the location.
 
     Examples
     --------
@@ -41,28 +41,32 @@ class Dormant(Detector):
 
     def __init__(self, window_s: float = 60.0, warmup_windows: int = 30, min_silence_s: float = 600.0,
                  min_presence: float = 0.9, alpha: float = 1e-6, fading_factor: float = 0.02):
-        self.window_s = window_s
-        self.warmup_windows = warmup_windows
-        self.min_silence_s = min_silence_s
-        self.min_presence = min_presence
-        self.alpha = alpha
-        self.fading_factor = fading_factor
-        self.presence = stats.EWMean(fading_factor)
-        self.calls = stats.EWMean(fading_factor)  # calls per window, over windows with calls
+        self._share(window_s, warmup_windows, min_silence_s, min_presence, alpha, fading_factor)
+        self.presence = 0.0  # EWMean of 1 (called) / 0 (not called) per window
+        self.calls = 0.0     # EWMean of calls per window, over windows with calls
         self.windows = 0
         self.last_seen_ns = 0
         self.last_version: Version = ("", "", "")
         self.presence_when_last_seen = 0.0
         self.silent = False
 
+    _params = ("window_s", "warmup_windows", "min_silence_s", "min_presence", "alpha", "fading_factor")
+
+    def _ewm(self, mean: float, x: float) -> float:
+        """One update of River's ``stats.EWMean`` after its first value."""
+        return self.fading_factor * x + (1 - self.fading_factor) * mean
+
     def update(self, obs: Observation) -> list[Event]:
         if obs.window is not None and obs.window.count > 0:
-            self.presence.update(1.0)
-            self.calls.update(obs.window.count)
+            if self.windows == 0:  # both means start at their first value
+                self.presence, self.calls = 1.0, float(obs.window.count)
+            else:
+                self.presence = self._ewm(self.presence, 1.0)
+                self.calls = self._ewm(self.calls, obs.window.count)
             self.windows += 1
             self.last_seen_ns = obs.end_ns
             self.last_version = obs.window.main_version.version
-            self.presence_when_last_seen = self.presence.get()
+            self.presence_when_last_seen = self.presence
             if self.silent:
                 self.silent = False
                 return [obs.event("resolved", "info",
@@ -72,11 +76,11 @@ class Dormant(Detector):
             return []
         if self.windows == 0:
             return []
-        self.presence.update(0.0)
+        self.presence = self._ewm(self.presence, 0.0)
         if self.silent or self.windows < self.warmup_windows:
             return []
         silence_s = (obs.end_ns - self.last_seen_ns) / 1e9
-        rate = self.calls.get() / self.window_s  # calls per second while it was called
+        rate = self.calls / self.window_s  # calls per second while it was called
         p_silence = math.exp(-rate * silence_s)
         if (silence_s < self.min_silence_s or p_silence >= self.alpha
                 or self.presence_when_last_seen < self.min_presence):

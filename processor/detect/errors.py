@@ -13,6 +13,8 @@ class _Watch:
     """One version's evidence: its CUSUM, its errors and spans since the CUSUM left zero,
     and the other versions' in the same windows."""
 
+    __slots__ = ("cusum", "errors", "last_seen", "others_errors", "others_spans", "spans", "windows")
+
     def __init__(self, threshold: float):
         self.cusum = BinomialCUSUM(threshold)
         self.reset()
@@ -54,23 +56,20 @@ class ErrorRateShift(Detector):
                  threshold: float = 12.0, ratio: float = 3.0, prior_share: float = 0.001,
                  prior_spans: float = 2000.0, min_ratio: float = 1.5, min_absolute: float = 0.001,
                  alpha: float = 1e-3, accept_windows: int = 120):
-        self.window_s = window_s
-        self.half_life_s = half_life_s
-        self.warmup_windows = warmup_windows
-        self.threshold = threshold
-        self.ratio = ratio
-        self.prior_share = prior_share
-        self.prior_spans = prior_spans
-        self.min_ratio = min_ratio
-        self.min_absolute = min_absolute
-        self.alpha = alpha
-        self.accept_windows = accept_windows
-        self.decay = 0.5 ** (window_s / half_life_s)
+        self._share(window_s, half_life_s, warmup_windows, threshold, ratio, prior_share, prior_spans,
+                    min_ratio, min_absolute, alpha, accept_windows)
         self.errors = 0.0
         self.spans = 0.0
         self.windows = 0
-        self.watches = VersionWatches(partial(_Watch, threshold))
+        self.watches: VersionWatches | None = None  # made with the first window judged
         self.open: dict | None = None
+
+    _params = ("window_s", "half_life_s", "warmup_windows", "threshold", "ratio", "prior_share",
+               "prior_spans", "min_ratio", "min_absolute", "alpha", "accept_windows")
+    _constants = ("decay", "_make_watch")
+
+    def _derive(self, window_s, half_life_s, warmup_windows, threshold, *_):
+        return 0.5 ** (window_s / half_life_s), partial(_Watch, threshold)
 
     @property
     def p0(self) -> float:
@@ -94,6 +93,8 @@ class ErrorRateShift(Detector):
         # Suspicious windows go into the baseline too (leaving them out biases it low); only
         # an open regression freezes it.
         self._absorb(lw.errors, lw.count)
+        if self.watches is None:
+            self.watches = VersionWatches(self._make_watch)
         self.watches.next_window()
         # Each version is judged on its own spans: a canary is not averaged away.
         for vf in sorted(lw.versions, key=lambda v: v.version):

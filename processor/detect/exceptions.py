@@ -34,10 +34,12 @@ class NewException(Detector):
     event_type = "new_exception"
 
     def __init__(self, warmup_windows: int = 30, max_types: int = 64):
-        self.warmup_windows = warmup_windows
-        self.max_types = max_types
-        self.known: dict[str, int] = {}  # type -> order learnt (dicts keep insertion order)
+        self._share(warmup_windows, max_types)
+        # type -> order learnt (dicts keep insertion order); made with the first exception
+        self.known: dict[str, int] | None = None
         self.windows = 0
+
+    _params = ("warmup_windows", "max_types")
 
     def update(self, obs: Observation) -> list[Event]:
         lw = obs.window
@@ -46,11 +48,14 @@ class NewException(Detector):
         self.windows += 1
         events = []
         for etype in sorted(lw.exceptions):
-            if etype in self.known:
+            known = self.known
+            if known is None:
+                known = self.known = {}
+            if etype in known:
                 continue
-            self.known[etype] = self.windows
-            if len(self.known) > self.max_types:
-                del self.known[next(iter(self.known))]
+            known[etype] = self.windows
+            if len(known) > self.max_types:
+                del known[next(iter(known))]
             if self.windows <= self.warmup_windows:
                 continue
             by_version = {v.version: v.exceptions.get(etype, 0) for v in lw.versions}

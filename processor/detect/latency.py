@@ -18,21 +18,34 @@ QUANTILES = {"p50": 0.5, "p99": 0.99, "p999": 0.999}
 class _Watch:
     """Evidence for one quantile of one version: a CUSUM on exceedances of the baseline's
     quantile, and the suspect segment (the windows since the CUSUM last stood at zero),
-    with what the other versions did in those windows."""
+    with what the other versions did in those windows. The segment's sketch is kept packed,
+    as the baseline is: no arrays per watch, and no view pinning a whole window's arrays."""
+
+    __slots__ = ("_segment", "cusum", "hits", "others_hits", "others_trials", "trials", "windows")
 
     def __init__(self, threshold: float):
         self.cusum = BinomialCUSUM(threshold)
         self.reset()
 
+    @property
+    def segment(self) -> LogSketch:
+        return LogSketch.unpack(self._segment)
+
+    @segment.setter
+    def segment(self, sketch: LogSketch) -> None:
+        self._segment = sketch.pack()
+
     def reset(self) -> None:
         self.cusum.reset()
-        self.segment = LogSketch()
+        self._segment = b""
         self.hits = self.trials = 0.0
         self.others_hits = self.others_trials = 0.0
         self.windows = 0
 
 
 class _QuantileWatches:
+    __slots__ = ("by_quantile", "last_seen")
+
     def __init__(self, threshold: float):
         self.by_quantile = {name: _Watch(threshold) for name in QUANTILES}
 
@@ -93,23 +106,30 @@ class LatencyShift(Detector):
                  min_tail_expected: float = 20.0, min_relative: float = 0.15,
                  min_absolute_ms: float = 0.5, alpha: float = 1e-3,
                  accept_windows: int = 120):
-        self.window_s = window_s
-        self.half_life_s = half_life_s
-        self.warmup_windows = warmup_windows
-        self.threshold = threshold
-        self.median_delta = median_delta
-        self.tail_ratio = tail_ratio
-        self.min_tail_expected = min_tail_expected
-        self.min_relative = min_relative
-        self.min_absolute_ms = min_absolute_ms
-        self.alpha = alpha
-        self.accept_windows = accept_windows
-        self.decay = 0.5 ** (window_s / half_life_s)
-        self.baseline = LogSketch()
+        self._share(window_s, half_life_s, warmup_windows, threshold, median_delta, tail_ratio,
+                    min_tail_expected, min_relative, min_absolute_ms, alpha, accept_windows)
+        self._baseline = b""  # the baseline sketch, packed (see ``baseline``)
         self.baseline_windows = 0
         self.load = DecayedLinearFit(self.decay)
-        self.watches = VersionWatches(partial(_QuantileWatches, threshold))
+        self.watches: VersionWatches | None = None  # made with the first window judged
         self.open: dict | None = None  # the regression being reported, while it lasts
+
+    _params = ("window_s", "half_life_s", "warmup_windows", "threshold", "median_delta", "tail_ratio",
+               "min_tail_expected", "min_relative", "min_absolute_ms", "alpha", "accept_windows")
+    _constants = ("decay", "_make_watches")
+
+    def _derive(self, window_s, half_life_s, warmup_windows, threshold, *_):
+        return 0.5 ** (window_s / half_life_s), partial(_QuantileWatches, threshold)
+
+    @property
+    def baseline(self) -> LogSketch:
+        """The baseline sketch. Kept packed between windows (``LogSketch.pack``): one bytes
+        object per location rather than two numpy arrays; this unpacks it without a copy."""
+        return LogSketch.unpack(self._baseline)
+
+    @baseline.setter
+    def baseline(self, sketch: LogSketch) -> None:
+        self._baseline = sketch.pack()
 
     # -- helpers ----------------------------------------------------------------------------
     def _load_adjustment(self, x: float | None) -> float:
@@ -145,16 +165,19 @@ class LatencyShift(Detector):
             return self._follow_open(obs, shifted(vf.sketch, -adjustment) if vf else current)
 
         events: list[Event] = []
-        base_total = self.baseline.count
+        baseline = self.baseline
+        base_total = baseline.count
         tests = {}
         for name, q in QUANTILES.items():
             if q > 0.5 and base_total * (1 - q) < self.min_tail_expected:
                 continue  # too few baseline spans to know this tail yet
-            b = quantile_bucket(self.baseline, q)
-            p0 = mass_above(self.baseline, b) / base_total
+            b = quantile_bucket(baseline, q)
+            p0 = mass_above(baseline, b) / base_total
             if p0 > 0:
                 p1 = p0 + self.median_delta if q == 0.5 else min(self.tail_ratio * p0, 0.5)
                 tests[name] = (q, b, p0, p1, mass_above(current, b))
+        if self.watches is None:
+            self.watches = VersionWatches(self._make_watches)
         self.watches.next_window()
         # Each version is tested on its own spans against the location's baseline: a canary
         # serving 5% of the calls is not averaged away by the old version's 95%.
@@ -195,12 +218,14 @@ class LatencyShift(Detector):
 
     def _confirm(self, obs: Observation, name: str, q: float, b: int, p0: float, w: _Watch, version,
                  adjustment: float):
-        base_q = self.baseline.quantile(q) / 1e6
-        seg_q = w.segment.quantile(q) / 1e6
+        baseline = self.baseline
+        base_q = baseline.quantile(q) / 1e6
+        segment = w.segment
+        seg_q = segment.quantile(q) / 1e6
         if seg_q < base_q * (1 + self.min_relative) or seg_q - base_q < self.min_absolute_ms:
             return None
         if q == 0.5:
-            p_value, effect = rank_test_greater(w.segment, self.baseline)
+            p_value, effect = rank_test_greater(segment, baseline)
             test = "mann_whitney_u"
         else:
             p_value, effect = binomial_greater(w.hits, w.trials, p0), w.hits / w.trials
@@ -213,9 +238,9 @@ class LatencyShift(Detector):
         # p99.9's CUSUM first, but it is a p99 shift when p99 moved too.
         figures = {}
         for other, oq in QUANTILES.items():
-            if oq > 0.5 and self.baseline.count * (1 - oq) < self.min_tail_expected:
+            if oq > 0.5 and baseline.count * (1 - oq) < self.min_tail_expected:
                 continue
-            bq, sq = self.baseline.quantile(oq) / 1e6, w.segment.quantile(oq) / 1e6
+            bq, sq = baseline.quantile(oq) / 1e6, segment.quantile(oq) / 1e6
             figures[other] = {"baseline_ms": round(bq, 6), "current_ms": round(sq, 6),
                               "ratio": round(sq / bq, 4)}
         for other, f in figures.items():
@@ -225,7 +250,7 @@ class LatencyShift(Detector):
                 break
         ratio = seg_q / base_q
         self.open = {"version": version, "quantile": name, "q": q, "baseline_ms": base_q, "bucket": b, "p0": p0,
-                     "p_open": w.hits / w.trials, "windows": 0, "sketch": LogSketch(),
+                     "p_open": w.hits / w.trials, "windows": 0, "sketch": b"",  # packed
                      "back": BinomialCUSUM(self.threshold)}
         lw = obs.window
         severity = "critical" if ratio >= 2 else "warning"
@@ -237,7 +262,7 @@ class LatencyShift(Detector):
             "exceedance_baseline": round(p0, 6), "exceedance_current": round(w.hits / w.trials, 6),
             "test": test, "p_value": p_value, "alpha": self.alpha, "effect": round(effect, 6),
             "spans": int(w.trials), "windows": w.windows,
-            "baseline_spans": int(round(self.baseline.count)),
+            "baseline_spans": int(round(baseline.count)),
             "load_adjusted": adjustment != 0.0, "quantiles": figures,
             "exemplars": lw.exemplars, **evidence,
         }
@@ -249,7 +274,7 @@ class LatencyShift(Detector):
     def _follow_open(self, obs: Observation, current: LogSketch) -> list[Event]:
         o = self.open
         o["windows"] += 1
-        o["sketch"] = o["sketch"].merge(current)
+        o["sketch"] = LogSketch.unpack(o["sketch"]).merge(current).pack()
         now_q = current.quantile(o["q"]) / 1e6
         # Resolved once "back at the baseline's exceedance share" beats "still at the share
         # that opened it" by the threshold that opened it: a reverse CUSUM.
@@ -266,7 +291,7 @@ class LatencyShift(Detector):
         if o["windows"] >= self.accept_windows:
             # The new level held for long enough: it becomes the baseline.
             self.open = None
-            self.baseline = o["sketch"]
+            self._baseline = o["sketch"]  # packed already
             self.baseline_windows = self.warmup_windows
             return [obs.event("resolved", "info",
                               f"{o['quantile']} of {obs.location.function} stayed at {now_q:.3g} ms; "

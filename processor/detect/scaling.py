@@ -51,22 +51,20 @@ class ScalingShift(Detector):
                  recent_windows: int = 30, z_threshold: float = 5.0, persist_windows: int = 3,
                  min_relative: float = 0.15, min_load_range: float = 0.2, resolve_windows: int = 10,
                  accept_windows: int = 120):
-        self.window_s = window_s
-        self.half_life_s = half_life_s
-        self.warmup_windows = warmup_windows
-        self.recent_windows = recent_windows
-        self.z_threshold = z_threshold
-        self.persist_windows = persist_windows
-        self.min_relative = min_relative
-        self.min_load_range = min_load_range
-        self.resolve_windows = resolve_windows
-        self.accept_windows = accept_windows
-        self.decay = 0.5 ** (window_s / half_life_s)
+        self._share(window_s, half_life_s, warmup_windows, recent_windows, z_threshold, persist_windows,
+                    min_relative, min_load_range, resolve_windows, accept_windows)
         self.fit = DecayedLinearFit(self.decay)
-        self.recent = np.full((recent_windows, 3), np.nan)  # (x, residual, y) ring
+        self.recent: np.ndarray | None = None  # (x, residual, y) ring, made after warm-up
         self.pos = 0
         self.streak = 0
         self.open: dict | None = None
+
+    _params = ("window_s", "half_life_s", "warmup_windows", "recent_windows", "z_threshold",
+               "persist_windows", "min_relative", "min_load_range", "resolve_windows", "accept_windows")
+    _constants = ("decay",)
+
+    def _derive(self, window_s, half_life_s, *_):
+        return (0.5 ** (window_s / half_life_s),)
 
     def _point(self, obs: Observation) -> tuple[float, float] | None:
         x = obs.others_load()
@@ -99,6 +97,8 @@ class ScalingShift(Detector):
             self.fit.update(x, y)
             return []
         residual = y - (self.fit.intercept + self.fit.slope * x)
+        if self.recent is None:  # a fresh ring: all rows empty (NaN)
+            self.recent = np.full((self.recent_windows, 3), np.nan)
         self.recent[self.pos % self.recent_windows] = (x, residual, y)
         self.pos += 1
         slope, t, x_range = self._recent_slope()
@@ -142,7 +142,7 @@ class ScalingShift(Detector):
             self.fit = DecayedLinearFit(self.decay)
             for px, _, py in self.recent[~np.isnan(self.recent[:, 0])]:
                 self.fit.update(float(px), float(py))  # restart from the recent points
-        self.recent[:] = np.nan
+        self.recent = None  # emptied: made afresh with the next point
         self.open = None
         return [obs.event("resolved", "info",
                           f"{obs.location.function} scales with load as before" if reason == "recovered"

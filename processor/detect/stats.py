@@ -10,6 +10,7 @@ like River's own and can be cloned and inspected the same way.
 from __future__ import annotations
 
 import math
+from array import array
 
 import numpy as np
 from river import base
@@ -66,6 +67,9 @@ class BinomialCUSUM(base.Base):
         self.statistic = 0.0
 
 
+_ZERO_SUMS = array("d", bytes(6 * 8))
+
+
 class DecayedLinearFit(base.Base):
     """Weighted least squares of y on x whose past weights decay by ``decay`` per update.
 
@@ -85,12 +89,15 @@ class DecayedLinearFit(base.Base):
 
     def __init__(self, decay: float = 1.0):
         self.decay = decay
-        self.sums = np.zeros(6)  # w, wx, wy, wxx, wxy, wyy
+        # w, wx, wy, wxx, wxy, wyy: a plain float64 array (one per location, so not numpy's
+        # larger array object); each sum is decayed, then added to, in float64 as numpy would.
+        self.sums = array("d", _ZERO_SUMS)
         self.n = 0
 
     def update(self, x: float, y: float, weight: float = 1.0) -> "DecayedLinearFit":
-        self.sums *= self.decay
-        self.sums += weight * np.array([1.0, x, y, x * x, x * y, y * y])
+        sums, decay = self.sums, self.decay
+        for i, v in enumerate((1.0, x, y, x * x, x * y, y * y)):
+            sums[i] = sums[i] * decay + weight * v
         self.n += 1
         return self
 
