@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 
-.PHONY: run test bench-ingest bench-detection bench-decode install redis-server clean
+.PHONY: run test bench-ingest bench-detection bench-decode bench-memory install redis-server clean
 
 $(VENV)/.installed: pyproject.toml setup.py processor/receiver/_fastdecode.c
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ bench-ingest: install redis-server
 
 bench-detection: install redis-server
 	$(PY) -m benchmarks.detection $(ARGS)
+
+bench-memory: install
+	$(PY) -m benchmarks.memory $(ARGS)
 
 bench-decode: install
 	$(PY) -m benchmarks.decode $(ARGS)
