@@ -5,18 +5,31 @@
 
 from __future__ import annotations
 
-from processor.detect.base import Detector, Observation
-from processor.detect.dormant import Dormant
-from processor.detect.errors import ErrorRateShift
-from processor.detect.exceptions import NewException
-from processor.detect.latency import LatencyShift
-from processor.detect.scaling import ScalingShift
+import importlib
 
-__all__ = ["Detector", "Observation", "build_detectors", "Dormant", "ErrorRateShift",
-           "NewException", "LatencyShift", "ScalingShift"]
+# The detectors (and River and scipy behind them) load on first use, not with the package:
+# receiver processes import processor.detect.settings through the Config object and
+# never run a detector, so they need not carry them.
+_LAZY = {"Detector": "base", "Observation": "base", "Dormant": "dormant",
+         "ErrorRateShift": "errors", "NewException": "exceptions", "LatencyShift": "latency",
+         "ScalingShift": "scaling"}
+
+__all__ = ["build_detectors", *_LAZY]
 
 
-def build_detectors(cfg) -> list[Detector]:
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"processor.detect.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'processor.detect' has no attribute {name!r}")
+
+
+def build_detectors(cfg) -> list:
+    from processor.detect.dormant import Dormant
+    from processor.detect.errors import ErrorRateShift
+    from processor.detect.exceptions import NewException
+    from processor.detect.latency import LatencyShift
+    from processor.detect.scaling import ScalingShift
+
     d, w, half = cfg.detectors, cfg.window, cfg.baseline_half_life
     common = dict(window_s=w, half_life_s=half, warmup_windows=d.warmup_windows)
     out: list[Detector] = []
