@@ -214,10 +214,20 @@ _TRIM_AFTER_LOCATIONS = 20_000
 
 
 def _release_free_memory() -> None:
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_glibc():
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 (raises AttributeError where libc is not glibc)
+        return libc
     except (OSError, AttributeError):  # not glibc: nothing to ask
-        pass
+        return None
+
+
+_LIBC = _load_glibc()
 
 
 class Backflow:

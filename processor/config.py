@@ -45,6 +45,16 @@ def parse_address(value: Any) -> str:
     return text
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """(host, port) of a validated ``host:port`` or ``[v6]:port``; the host without brackets.
+
+    >>> split_address("[::1]:4317")
+    ('::1', 4317)
+    """
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def parse_address_or_off(value: Any) -> str:
     if str(value).strip().lower() == "off":
         return "off"

@@ -225,7 +225,6 @@ class _Accumulator:
         self.ex_tid: list[np.ndarray] = []
         self.ex_held = 0
         self.exceptions: Counter = Counter()
-        self.busy_ns = 0.0
 
     def add(self, series, bucket, error) -> None:
         codes = (series * _NB + bucket) * 2 + error
@@ -261,7 +260,8 @@ class _Accumulator:
         self.ex_series, self.ex_dur, self.ex_tid, self.ex_held = [s], [d], [t], len(s)
         return s, d, t
 
-    def close(self, tables: Tables) -> list[LocationWindow]:
+    def close(self, tables: Tables) -> tuple[list[LocationWindow], float]:
+        """The window's figures per location, and the service's summed span durations (ns)."""
         codes, counts = self._compact()
         err = (codes & 1).astype(bool)
         rest = codes >> 1
@@ -281,7 +281,7 @@ class _Accumulator:
         merged_counts = np.bincount(group, weights=counts)
         merged_errors = np.bincount(group, weights=counts * err)
         u_bucket, u_series = bucket[first], series[first]
-        self.busy_ns = float(merged_counts @ bucket_value(u_bucket)) if len(u_bucket) else 0.0
+        busy_ns = float(merged_counts @ bucket_value(u_bucket)) if len(u_bucket) else 0.0
         bounds = np.flatnonzero(np.diff(u_series)) + 1
         starts = np.concatenate(([0], bounds))
         ends = np.concatenate((bounds, [len(u_series)]))
@@ -317,7 +317,7 @@ class _Accumulator:
                 count=sum(v.count for v in versions), errors=sum(v.errors for v in versions),
                 sketch=sketch, versions=versions, exceptions=exceptions.get(loc, NO_EXCEPTIONS),
                 exemplars=[t for _, t in ex]))
-        return out
+        return out, busy_ns
 
 
 @dataclass
@@ -461,6 +461,7 @@ class WindowStage:
             we = ws + self.window_ns
             clock.closed_through = max(clock.closed_through, we)
             env, service = self.tables.services[s]
-            out.append(ClosedWindow(service, ws, we, acc.close(self.tables), env, acc.busy_ns))
+            locations, busy_ns = acc.close(self.tables)
+            out.append(ClosedWindow(service, ws, we, locations, env, busy_ns))
             self.stats["windows"] += 1
         return out

@@ -1,4 +1,4 @@
-"""Small builders of OTLP requests for tests (raw protobuf, no SDK)."""
+"""Small builders of OTLP requests for tests (raw protobuf, no SDK), and of sub-batches."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+from processor.receiver.decode import Batch
 
 _ids = itertools.count(1)
 
@@ -71,3 +73,10 @@ def request(spans: list[S]) -> ExportTraceServiceRequest:
 
 def encoded(spans: list[S]) -> bytes:
     return request(spans).SerializeToString()
+
+
+def batch_rows(b: Batch, rows) -> Batch:
+    """The spans of ``b`` at ``rows`` (in that order), exceptions renumbered."""
+    pos = {int(r): i for i, r in enumerate(rows)}
+    return Batch(b.locations, b.versions, b.loc[rows], b.ver[rows], b.start[rows], b.end[rows],
+                 b.error[rows], b.trace_id[rows], [(pos[r], t) for r, t in b.exceptions if r in pos])

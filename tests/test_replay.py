@@ -6,14 +6,7 @@ import numpy as np
 from benchmarks.scenarios import generate
 from processor.app import Engine
 from processor.config import Config
-from processor.receiver.decode import Batch
-
-
-def _slice(b: Batch, lo: int, hi: int) -> Batch:
-    rows = {r: i for i, r in enumerate(range(lo, hi))}
-    return Batch(b.locations, b.versions, b.loc[lo:hi], b.ver[lo:hi], b.start[lo:hi], b.end[lo:hi],
-                 b.error[lo:hi], b.trace_id[lo:hi],
-                 [(rows[r], t) for r, t in b.exceptions if r in rows])
+from tests.otlp import batch_rows
 
 
 def _events(batches) -> list[tuple]:
@@ -35,7 +28,7 @@ def test_rebatched_scenario_gives_identical_events():
     rebatched = []
     for b in batches:  # cut every chunk at random points into 1 to 5 pieces
         cuts = sorted(set(rng.integers(0, len(b), rng.integers(0, 5)).tolist()) | {0, len(b)})
-        rebatched += [_slice(b, lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]
+        rebatched += [batch_rows(b, np.arange(lo, hi)) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]
     original = _events(batches)
     assert len(rebatched) > len(batches)
     assert any(t != "first_seen" for t, *_ in original)  # the scenario does raise regressions

@@ -8,15 +8,10 @@ import numpy as np
 import pytest
 
 from benchmarks.scenarios import OtlpEncoder, generate
-from processor.receiver.decode import Batch, count_spans
+from processor.receiver.decode import count_spans
+from tests.otlp import batch_rows
 
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
-
-
-def _rows(b: Batch, rows: np.ndarray) -> Batch:
-    pos = {int(r): i for i, r in enumerate(rows)}
-    return Batch(b.locations, b.versions, b.loc[rows], b.ver[rows], b.start[rows], b.end[rows],
-                 b.error[rows], b.trace_id[rows], [(pos[r], t) for r, t in b.exceptions if r in pos])
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +25,7 @@ def requests_by_service():
         b = sc.chunk(c)
         svc = np.array([loc.service for loc in b.locations])[b.loc]
         for name in np.unique(svc).tolist():
-            out.setdefault(name, []).extend(enc.encode(_rows(b, np.flatnonzero(svc == name))))
+            out.setdefault(name, []).extend(enc.encode(batch_rows(b, np.flatnonzero(svc == name))))
     return out
 
 

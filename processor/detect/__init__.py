@@ -6,6 +6,10 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from processor.detect.base import Detector
 
 # The detectors (and River and scipy behind them) load on first use, not with the package:
 # receiver processes import processor.detect.settings through the Config object and
@@ -14,7 +18,8 @@ _LAZY = {"Detector": "base", "Observation": "base", "Dormant": "dormant",
          "ErrorRateShift": "errors", "NewException": "exceptions", "LatencyShift": "latency",
          "ScalingShift": "scaling"}
 
-__all__ = ["build_detectors", *_LAZY]
+__all__ = ["Detector", "Observation", "build_detectors", "Dormant", "ErrorRateShift",
+           "NewException", "LatencyShift", "ScalingShift"]
 
 
 def __getattr__(name: str):
@@ -23,7 +28,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'processor.detect' has no attribute {name!r}")
 
 
-def build_detectors(cfg) -> list:
+def build_detectors(cfg) -> list[Detector]:
     from processor.detect.dormant import Dormant
     from processor.detect.errors import ErrorRateShift
     from processor.detect.exceptions import NewException
@@ -32,7 +37,7 @@ def build_detectors(cfg) -> list:
 
     d, w, half = cfg.detectors, cfg.window, cfg.baseline_half_life
     common = dict(window_s=w, half_life_s=half, warmup_windows=d.warmup_windows)
-    out: list[Detector] = []
+    out: list = []
     if d.latency.enabled:
         lt = d.latency
         out.append(LatencyShift(**common, threshold=lt.threshold, median_delta=lt.median_delta,

@@ -16,7 +16,7 @@ import numpy as np
 from river import base
 from scipy import stats as sps
 
-from processor.sketch import LOG_GAMMA, LogSketch, bucket_value
+from processor.sketch import LOG_GAMMA, LogSketch
 
 
 class BinomialCUSUM(base.Base):
@@ -161,11 +161,6 @@ def mean_log_ms(sketch: LogSketch) -> float:
     if total <= 0:
         return float("nan")
     return float((sketch.counts * (sketch.index * LOG_GAMMA - math.log(1e6))).sum() / total)
-
-
-def mean_ns(sketch: LogSketch) -> float:
-    total = sketch.counts.sum()
-    return float((sketch.counts * bucket_value(sketch.index)).sum() / total) if total > 0 else 0.0
 
 
 def rank_test_greater(current: LogSketch, baseline: LogSketch) -> tuple[float, float]:

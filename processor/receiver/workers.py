@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import pickle
 import signal
 import socket
 import threading
@@ -28,7 +29,7 @@ import time
 from collections import Counter
 from typing import Callable
 
-from processor.config import Config
+from processor.config import Config, split_address
 from processor.receiver.decode import Batch
 from processor.receiver.grpc import OVERLOAD_RETRY_S, GrpcReceiver, Overloaded
 
@@ -69,8 +70,6 @@ class _Relay:
 
 def _worker_main(cfg: Config, index: int, conn, overloaded, listening) -> None:
     """One receiver process: gRPC in, decoded batches out through ``conn``."""
-    import pickle
-
     logging.basicConfig(level=cfg.log_level,
                         format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the main process decides
@@ -172,8 +171,6 @@ class ReceiverPool:
         return all(p is not None and p.listening.is_set() for p in self._procs)
 
     def _read(self, i: int, conn) -> None:
-        import pickle
-
         while True:
             try:
                 data = conn.recv_bytes()
@@ -196,12 +193,11 @@ class ReceiverPool:
 def _check_port_free(address: str) -> None:
     """Fail as the in-process receiver would when another program holds the port: receiver
     processes bind with SO_REUSEPORT, which would otherwise share it silently."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
+    host, port = split_address(address)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no owner
         try:
-            s.bind((host, int(port)))
+            s.bind((host, port))
         except OSError as e:
             raise OSError(f"cannot listen on {address}: {e.strerror}") from None

@@ -18,6 +18,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from processor.baseline import QUANTILES
+from processor.config import split_address
 from processor.events import EVENT_TYPES
 from processor.window import ClosedWindow
 
@@ -127,8 +128,7 @@ class Metrics:
 
 def serve_http(address: str, registry: CollectorRegistry, healthy: Callable[[], bool]) -> ThreadingHTTPServer:
     """Serve ``/metrics`` and ``/healthz`` (200 when healthy, else 503) on a thread."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]")
+    host, port = split_address(address)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's naming)
@@ -154,6 +154,6 @@ def serve_http(address: str, registry: CollectorRegistry, healthy: Callable[[], 
         daemon_threads = True
         address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
-    server = Server((host, int(port)), Handler)
+    server = Server((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
