@@ -795,3 +795,50 @@ def test_columns_are_numpy_arrays_of_the_batch_dtypes():
         np.int32, np.int32, np.int64, np.int64, np.bool_, np.uint8]
     assert b.error.tolist() == [True, False] and b.trace_id.shape == (2, 16)
     assert all(math.isfinite(x) for x in b.end)
+
+
+# --- the location cache -----------------------------------------------------------------
+
+def test_a_location_decoded_again_is_the_same_object():
+    data = encoded([S(T + 1, function="shop.a"), S(T + 2, function="shop.b", attrs={"code.line.number": 7})])
+    a, b = decode.compiled_batch(data), decode.compiled_batch(data)
+    assert a.locations == b.locations and all(x is y for x, y in zip(a.locations, b.locations))
+
+
+def test_locations_differing_in_any_field_are_not_confused_by_the_cache():
+    # Each field moves bytes between neighbours of the cache key: "ab"+"c" vs "a"+"bc".
+    spans = [S(T + 1, service="ab", function="c"), S(T + 2, service="a", function="bc"),
+             S(T + 3, function="f", attrs={"code.file.path": "x.py", "code.line.number": 12}),
+             S(T + 4, function="f", attrs={"code.file.path": "x.py1", "code.line.number": 2}),
+             S(T + 5, function="f", env="prod2"), S(T + 6, function=None, name="op2")]
+    for s in spans:  # one request each, so only the process-wide cache can mix them up
+        check_same(encoded([s]), compiled_alone=True)
+    check_same(encoded(spans), compiled_alone=True)
+
+
+def test_the_location_cache_starts_again_when_full_and_stays_right():
+    names = [f"svc.mod.fn_{i}" for i in range(33_000 + 2_000)]  # past the 32,768 held
+    for lo in range(0, len(names), 5_000):
+        data = encoded([S(T + i, function=n) for i, n in enumerate(names[lo:lo + 5_000])])
+        fast = decode.compiled_batch(data)
+        assert [loc.function for loc in fast.locations] == names[lo:lo + 5_000]
+    check_same(encoded([S(T + i, function=n) for i, n in enumerate(names[:300])]), compiled_alone=True)
+
+
+def test_threads_decoding_at_once_get_the_locations_the_python_decoder_gets():
+    import threading
+    requests = [encoded([S(T + i, function=f"shop.f{(t * 7 + i) % 500}") for i in range(400)]) for t in range(8)]
+    expected = [decode.decode_request_python(r).locations for r in requests]
+    failures = []
+
+    def run(t: int) -> None:
+        for _ in range(20):
+            if decode.compiled_batch(requests[t]).locations != expected[t]:
+                failures.append(t)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not failures

@@ -733,7 +733,7 @@ typedef struct {
     Py_ssize_t reasons[R_COUNT];
     int reason_order[R_COUNT], nreasons;
     htab_t loc_tab, ver_tab;
-    sbuf_t key, tmp;
+    sbuf_t key, tmp, res;
 } ctx_t;
 
 /* The ScopeSpans being read: its scope name is looked for only when a location needs it. */
@@ -763,9 +763,20 @@ static int scope_name(scope_t *sc) {
 typedef struct {
     val_t a[A_COUNT];
     PyObject *env, *service;
+    const char *envb, *svcb; /* their UTF-8 bytes (in ctx_t.res), for the location cache key */
+    size_t envlen, svclen;
     int32_t vi;
     uint32_t index;
 } res_t;
+
+/* Location objects made so far, by their fields' bytes (see set_location_type): a location
+ * recurs in request after request, and making its strings, tuple and object each time cost
+ * more than the rest of the span. Bounded: cleared when full, as decode._LOCATIONS is. Only
+ * touched with the GIL held, which the whole decode holds. */
+#define LOC_CACHE_MAX (1 << 15)
+static PyObject *location_type; /* called with the six fields; NULL: locations are tuples */
+static PyObject *loc_cache;     /* list: index (in loc_cache_tab) -> Location */
+static htab_t loc_cache_tab;
 
 static int grow_columns(ctx_t *x) {
     Py_ssize_t cap = x->cap ? 2 * x->cap : 256;
@@ -808,15 +819,59 @@ static int new_location(ctx_t *x, const res_t *r, const val_t *code, const char 
         if (truthy(files[i])) file = files[i];
     for (int i = 0; i < 4 && !line; i++) /* v not in (None, "") */
         if (lines[i]->kind != VK_NONE && !(lines[i]->kind == VK_STR && lines[i]->n == 0)) line = lines[i];
-    x->tmp.len = 0;
-    if (file && render(file, &x->tmp) < 0) goto done;
-    if (!(fo = str_of(x->tmp.b, x->tmp.len))) goto done;
-    x->tmp.len = 0;
-    if (line && render(line, &x->tmp) < 0) goto done;
-    if (!(lo = str_of(x->tmp.b, x->tmp.len))) goto done;
-    if (!(so = str_of(by_name ? (const char *)scope->name : "", by_name ? (size_t)scope->namelen : 0))) goto done;
+    const char *scb = by_name ? (const char *)scope->name : "";
+    size_t sclen = by_name ? (size_t)scope->namelen : 0;
+    /* The identity key: five lengths, then env, service, function, file, line and scope. */
+    sbuf_t *id = &x->tmp;
+    size_t lens[5] = {r->envlen, r->svclen, fnlen, 0, 0};
+    id->len = 0;
+    if (sb_put(id, lens, sizeof lens) < 0 || sb_put(id, r->envb, r->envlen) < 0 ||
+        sb_put(id, r->svcb, r->svclen) < 0 || sb_put(id, fn, fnlen) < 0)
+        return ST_PYTHON;
+    size_t file_at = id->len;
+    if (file && render(file, id) < 0) return ST_PYTHON;
+    size_t line_at = id->len;
+    if (line && render(line, id) < 0) return ST_PYTHON;
+    size_t scope_at = id->len;
+    if (sb_put(id, scb, sclen) < 0) return ST_PYTHON;
+    lens[3] = line_at - file_at;
+    lens[4] = scope_at - line_at;
+    memcpy(id->b, lens, sizeof lens);
+    uint64_t h = 0;
+    size_t slot = 0;
+    if (location_type) {
+        h = siphash13((const uint8_t *)id->b, id->len);
+        int32_t ci = ht_find(&loc_cache_tab, id->b, id->len, h, &slot);
+        if (ci == -2) return ST_PYTHON;
+        if (ci >= 0) return PyList_Append(x->locations, PyList_GET_ITEM(loc_cache, ci)) < 0 ? ST_PYTHON : ST_OK;
+    }
+    if (!(fo = str_of(id->b + file_at, lens[3]))) goto done;
+    if (!(lo = str_of(id->b + line_at, lens[4]))) goto done;
+    if (!(so = str_of(scb, sclen))) goto done;
     if (!(fno = str_of(fn, fnlen))) goto done;
     if (!(t = PyTuple_Pack(6, r->env, r->service, fno, fo, lo, so))) goto done;
+    if (location_type) {
+        PyObject *loc = PyObject_Call(location_type, t, NULL);
+        if (!loc) goto done;
+        Py_SETREF(t, loc);
+        /* Python code ran: another thread may have changed the cache meanwhile; look again. */
+        int32_t ci = ht_find(&loc_cache_tab, id->b, id->len, h, &slot);
+        if (ci == -2) goto done;
+        if (ci >= 0) {
+            Py_SETREF(t, Py_NewRef(PyList_GET_ITEM(loc_cache, ci)));
+        } else {
+            if (PyList_GET_SIZE(loc_cache) >= LOC_CACHE_MAX) { /* full: start again */
+                ht_free(&loc_cache_tab);
+                if (PyList_SetSlice(loc_cache, 0, PyList_GET_SIZE(loc_cache), NULL) < 0) goto done;
+                if (ht_find(&loc_cache_tab, id->b, id->len, h, &slot) == -2) goto done;
+            }
+            if (PyList_Append(loc_cache, t) < 0) goto done;
+            if (ht_insert(&loc_cache_tab, slot, id->b, id->len, h, (int32_t)PyList_GET_SIZE(loc_cache) - 1) < 0) {
+                PyList_SetSlice(loc_cache, PyList_GET_SIZE(loc_cache) - 1, PyList_GET_SIZE(loc_cache), NULL);
+                goto done;
+            }
+        }
+    }
     rc = PyList_Append(x->locations, t) < 0 ? ST_PYTHON : ST_OK;
 done:
     Py_XDECREF(t); Py_XDECREF(fo); Py_XDECREF(lo); Py_XDECREF(so); Py_XDECREF(fno);
@@ -1013,6 +1068,12 @@ static int do_resource_spans(ctx_t *x, uint32_t index, const uint8_t *s, Py_ssiz
     st = ST_PYTHON;
     if (!(r.env = str_of(k->b + off[0], len[0])) || !(r.service = str_of(k->b + off[1], len[1])))
         goto done;
+    x->res.len = 0; /* x->key is reused by every span; the location keys need these bytes */
+    if (sb_put(&x->res, k->b + off[0], off[2] - off[0]) < 0) goto done;
+    r.envb = x->res.b;
+    r.envlen = len[0];
+    r.svcb = x->res.b + len[0];
+    r.svclen = len[1];
     uint64_t h = siphash13((const uint8_t *)x->tmp.b, x->tmp.len);
     size_t slot;
     int32_t vi = ht_find(&x->ver_tab, x->tmp.b, x->tmp.len, h, &slot);
@@ -1111,6 +1172,7 @@ out:
     ht_free(&x.ver_tab);
     sb_free(&x.key);
     sb_free(&x.tmp);
+    sb_free(&x.res);
     PyBuffer_Release(&buf);
     return result;
 }
@@ -1166,8 +1228,31 @@ static PyObject *fd_schema(PyObject *self, PyObject *unused) {
     return out;
 }
 
+PyDoc_STRVAR(set_location_type_doc,
+"set_location_type(factory)\n\n"
+"From now on decode's locations are factory(env, service, function, file, line, scope),\n"
+"made once and cached by their fields (at most 32,768, then the cache starts again);\n"
+"None: plain tuples, no cache.");
+
+static PyObject *fd_set_location_type(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (arg != Py_None && !PyCallable_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "set_location_type: a callable or None");
+        return NULL;
+    }
+    ht_free(&loc_cache_tab);
+    Py_CLEAR(loc_cache);
+    Py_CLEAR(location_type);
+    if (arg != Py_None) {
+        if (!(loc_cache = PyList_New(0))) return NULL;
+        location_type = Py_NewRef(arg);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"decode", fd_decode, METH_O, decode_doc},
+    {"set_location_type", fd_set_location_type, METH_O, set_location_type_doc},
     {"count_spans", fd_count_spans, METH_O, count_doc},
     {"schema", fd_schema, METH_NOARGS, schema_doc},
     {NULL, NULL, 0, NULL},

@@ -202,7 +202,7 @@ def compiled_batch(data: bytes) -> Batch | None:
         return None
     n, loc, ver, start, end, error, trace_id, locations, versions, exceptions, reasons = out
     return Batch(
-        locations=[_location(t) for t in locations],
+        locations=locations,  # Location objects, cached by the compiled module
         versions=versions,
         loc=np.frombuffer(loc, dtype=np.int32),
         ver=np.frombuffer(ver, dtype=np.int32),
@@ -344,6 +344,7 @@ def _load_compiled():
         log.warning("processor.receiver._fastdecode reads other attributes than processor.location "
                     "names; decoding in Python")
         return None
+    mod.set_location_type(Location)  # it interns locations as _location does
     return mod
 
 
