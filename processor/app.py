@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import redis
 
+from processor import checkpoint
 from processor.baseline import Baseline, BaselineStage
 from processor.config import Config
 from processor.detect import Detector, Observation, build_detectors
@@ -32,6 +33,11 @@ from processor.window import ClosedWindow, LocationWindow, WindowStage, is_overf
 log = logging.getLogger("backflow")
 
 _STOP = object()
+
+
+def checkpoint_fingerprint(cfg: Config) -> str:
+    """The settings a detector's state depends on: state saved under others is not reused."""
+    return repr((cfg.window, cfg.detectors))
 _COALESCE_SPANS = 16_384  # most spans the pipeline takes off its queue in one step
 
 
@@ -51,6 +57,33 @@ class Engine:
         self.detectors: dict[int, list[Detector]] = {}        # location id -> its detectors
         self.service_locations: dict[tuple, list[int]] = {}   # (env, service) -> its location ids
         self.version_first_seen: dict[tuple, dict] = {}       # (env, service) -> version -> first window end
+        # What changed since the last checkpoint (see processor/checkpoint.py)
+        self.dirty_locations: set[int] = set()
+        self.dirty_services: set[tuple] = set()
+        self._fingerprint = checkpoint_fingerprint(cfg)
+
+    def restore_service(self, service: tuple[str, str], max_end: int, closed_through: int,
+                        version_first_seen: dict) -> None:
+        """A service's clock and versions from a checkpoint: its closed windows stay closed."""
+        self.windows.restore_clock(service, max_end, closed_through)
+        self.version_first_seen[service] = dict(version_first_seen)
+        self.service_locations.setdefault(service, [])
+
+    def restore_location(self, location, baseline: Baseline | None, detectors: list[Detector],
+                         fingerprint: str) -> int:
+        """A location's baseline and detectors from a checkpoint; 1 if restored, 0 if the
+        location limit left it no room. Detectors saved under other detector settings are
+        built anew (they learn again); the baseline is kept."""
+        loc_id = self.windows.tables.location_id(location)
+        if is_overflow(self.windows.tables.locations[loc_id]):
+            return 0
+        if baseline is not None:
+            self.baselines.baselines[loc_id] = baseline
+        if loc_id not in self.detectors:
+            self.service_locations.setdefault((location.environment, location.service), []).append(loc_id)
+        self.detectors[loc_id] = detectors if fingerprint == self._fingerprint else build_detectors(self.cfg)
+        self.first_seen.known.add(location.key)
+        return 1
 
     def ingest(self, batch: Batch) -> list[WindowResult]:
         return self._evaluate(self.windows.ingest(batch))
@@ -67,10 +100,15 @@ class Engine:
             # The overflow location counts in its service's totals but has no baseline, no
             # detectors and no first_seen: it is many functions mixed, not one.
             tracked = [lw for lw in cw.locations if not is_overflow(lw.location)]
+            service = (cw.environment, cw.service)
+            self.dirty_services.add(service)
             events = []
             for lw in tracked:
                 events += self.first_seen.update(cw, lw)
             events += self._detect(cw, tracked)
+            # Every location of the service had its detectors fed (absent ones too: silence
+            # is what the dormant detector learns from), and the present ones a baseline.
+            self.dirty_locations.update(self.service_locations.get(service, ()))
             out.append(WindowResult(cw, events, self.baselines.update(cw, tracked)))
         return out
 
@@ -127,6 +165,7 @@ class Pipeline:
         self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue_batches)
         self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
         self.on_tick = lambda: None  # called after every step (receiver processes' backpressure)
+        self._last_checkpoint = time.monotonic()
 
     def put(self, batch: Batch) -> None:
         """Called by the readers of receiver processes: waits while the queue is full (the
@@ -182,6 +221,7 @@ class Pipeline:
                 self.metrics.overflow_spans.inc(stats["overflow"] - overflow)
             if stop:
                 self._emit(engine.flush_all())
+                self.checkpoint(force=True)
                 return
             now = time.monotonic()
             if batches and batches[-1].received_at is not None:
@@ -191,12 +231,30 @@ class Pipeline:
                 # With a backlog, "now" is when the newest batch taken arrived: the batches
                 # still queued arrived later, so a service that sent some is not idle.
                 self._emit(engine.flush_idle(now if self.queue.empty() else last_arrival))
+            self.checkpoint()
             self.metrics.queue.set(self.queue.qsize())
             self.metrics.open_windows.set(engine.windows.open_windows())
             self.metrics.active_keys.set(len(engine.windows.tables.locations))
             self.metrics.redis_pending.set(self.sink.pending())
             self.metrics.redis_up.set(1 if self.sink.reachable else 0)
             self.on_tick()
+
+    def checkpoint(self, force: bool = False) -> None:
+        """Hand what changed since the last checkpoint to the sink, when it is due: every
+        ``checkpoint_interval`` seconds, or whenever windows closed when that is 0. While
+        the sink cannot write (Redis away, or the previous checkpoint still pending) nothing
+        is pickled: the changes stay marked, and the next checkpoint takes them all."""
+        engine = self.engine
+        if not (engine.dirty_locations or engine.dirty_services):
+            return
+        now = time.monotonic()
+        if not force and (now - self._last_checkpoint < self.cfg.checkpoint_interval
+                          or not self.sink.reachable or self.sink.state_pending()):
+            return
+        self._last_checkpoint = now
+        fields = checkpoint.dumps_dirty(engine)
+        self.sink.submit_state(fields)
+        self.metrics.checkpointed.inc(len(fields))
 
     def _emit(self, results: list[WindowResult]) -> None:
         locations = 0
@@ -247,17 +305,44 @@ class Backflow:
         self.http = None
         self._listening = False
 
-    def healthy(self) -> bool:
-        receivers_up = self.receivers.alive() if self.receivers else True
-        return self._listening and receivers_up and self.sink.reachable
+    def health(self) -> tuple[bool, str]:
+        """/healthz: serving or not, and why. A Redis outage after start is "degraded", not
+        down: spans are still taken and writes buffered, and a liveness probe that restarted
+        the process would lose that buffer."""
+        if not self._listening:
+            return False, "not ready: the receiver is not listening"
+        if self.receivers and not self.receivers.alive():
+            return False, "not ready: a receiver process is down"
+        if self.sink.reachable:
+            return True, "ok"
+        if not self.sink.ever_reached:
+            return False, "not ready: Redis has not answered yet"
+        return True, (f"degraded: Redis unreachable; {self.sink.pending()} writes buffered, "
+                      f"{self.sink.dropped} events dropped")
 
-    def start(self) -> None:
-        self.http = serve_http(self.cfg.metrics, self.metrics.registry, self.healthy)
+    def start(self, stop: threading.Event | None = None) -> bool:
+        """Serve /healthz, load the checkpoint, listen. Waits for Redis first: what was
+        learned before is there, and spans processed without it would be judged against
+        nothing (senders meanwhile get connection errors and retry). False when ``stop`` was
+        set while waiting."""
+        self.http = serve_http(self.cfg.metrics, self.metrics.registry, self.health)
+        stop = stop or threading.Event()
+        wait = 0.5
         if not self.sink.ping():
-            log.warning("Redis at %s is not answering yet; writes are buffered until it does",
+            log.warning("Redis at %s is not answering; waiting for it before listening",
                         _redacted(self.cfg.redis_url))
-        known = self.sink.known_keys() if self.sink.reachable else set()
+        while not self.sink.ping():
+            if stop.wait(wait):
+                return False
+            wait = min(wait * 2, 5.0)
+        known = self.sink.known_keys()
         self.pipeline = Pipeline(self.cfg, self.sink, self.metrics, known)
+        t0 = time.monotonic()
+        restored = checkpoint.restore(self.pipeline.engine, self.sink.read_state())
+        self.metrics.restored.set(restored)
+        if restored:
+            log.info("restored %d code locations from %s:state in %.1f s", restored,
+                     self.cfg.prefix, time.monotonic() - t0)
         self.pipeline.start()
         self.sink.start()
         if self.cfg.receiver_processes > 1:
@@ -273,9 +358,11 @@ class Backflow:
         if self.cfg.otlp_http != "off":
             log.info("OTLP/HTTP (%s) is not served yet; send OTLP/gRPC to %s",
                      self.cfg.otlp_http, self.cfg.otlp_grpc)
+        return True
 
-    def stop(self, deadline: float = 20.0) -> None:
-        """Stop accepting, drain the queue, close every window, write it all out."""
+    def stop(self, deadline: float = 20.0) -> bool:
+        """Stop accepting, drain the queue, close every window, checkpoint, write it all
+        out, within about ``deadline`` seconds; False when writes were left undelivered."""
         t0 = time.monotonic()
         self._listening = False
         if self.receiver:
@@ -285,10 +372,12 @@ class Backflow:
         if self.pipeline:
             self.pipeline.stop(timeout=max(1.0, deadline - (time.monotonic() - t0)))
         left = max(0.5, deadline - (time.monotonic() - t0))
-        if not self.sink.stop(timeout=left):
+        delivered = self.sink.stop(timeout=left)
+        if not delivered:
             log.error("exiting with %d Redis writes not delivered", self.sink.pending())
         if self.http:
             self.http.shutdown()
+        return delivered
 
 
 def _redacted(url: str) -> str:

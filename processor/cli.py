@@ -34,17 +34,19 @@ def serve(cfg) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
-        app.start()
+        started = app.start(stop)
     except OSError as e:
         logging.getLogger("backflow").error("cannot start: %s", e)
         app.stop(deadline=2.0)
         return 1
-    logging.getLogger("backflow").info("backflow %s serving; metrics on %s", __version__, cfg.metrics)
+    if started:
+        logging.getLogger("backflow").info("backflow %s serving; metrics on %s", __version__, cfg.metrics)
     while not stop.wait(timeout=1.0):
         pass
-    logging.getLogger("backflow").info("stopping: closing open windows and flushing")
-    app.stop()
-    return 0
+    logging.getLogger("backflow").info("stopping: closing open windows, checkpointing and flushing "
+                                       "(at most %g s)", cfg.shutdown_timeout)
+    # Exit status 1 when Redis did not take everything in time: what was lost is logged.
+    return 0 if app.stop(deadline=cfg.shutdown_timeout) else 1
 
 
 def main(argv: list[str] | None = None) -> int:

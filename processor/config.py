@@ -167,6 +167,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("redis_buffer", 100_000, positive_int,
             "events held while Redis is unreachable; beyond this the oldest are dropped and "
             "counted (baselines are held as one latest state per location, never dropped)", "N"),
+    Setting("checkpoint_interval", 0.0, non_negative_float,
+            "processing-time seconds between checkpoints of the baselines, detector state and "
+            "window clocks to {prefix}:state, read back at start; 0 checkpoints whenever windows "
+            "close", "SECONDS"),
+    Setting("shutdown_timeout", 20.0, positive_float,
+            "seconds SIGTERM has to stop accepting, close the open windows, checkpoint and write "
+            "everything to Redis before the process exits anyway", "SECONDS"),
     Setting("metrics_max_locations", 1000, non_negative_int,
             "code locations with their own Prometheus series; the rest fold into one overflow "
             "series", "N"),
@@ -194,6 +201,8 @@ class Config:
     baseline_half_life: float
     events_maxlen: int
     redis_buffer: int
+    checkpoint_interval: float
+    shutdown_timeout: float
     metrics_max_locations: int
     log_level: str
     config: str | None = None

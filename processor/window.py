@@ -450,6 +450,14 @@ class WindowStage:
             out += self._close(s, lambda ws: True)
         return sorted(out, key=lambda c: (c.end_ns, c.service))
 
+    def restore_clock(self, service: tuple[str, str], max_end: int, closed_through: int) -> None:
+        """A service's clock from a checkpoint: windows ending by ``closed_through`` stay
+        closed (their spans are late), as before the restart."""
+        clock = self.services.setdefault(self.tables.service_id(service), _ServiceClock())
+        clock.max_end = max(clock.max_end, max_end)
+        clock.closed_through = max(clock.closed_through, closed_through)
+        clock.last_arrival = self.clock()
+
     def open_windows(self) -> int:
         return sum(len(c.windows) for c in self.services.values())
 

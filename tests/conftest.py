@@ -65,6 +65,13 @@ class BackflowProcess:
         except OSError:
             return 0
 
+    def http_body(self, path: str) -> str:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=2) as r:
+                return r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.read().decode()
+
     def metrics(self) -> dict[str, float]:
         """Samples of /metrics as {'name{labels}': value}."""
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
@@ -96,7 +103,7 @@ class BackflowProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.log = self.proc.stdout.read()
+        self.log += self.proc.stdout.read()  # (empty when stopped before)
         return self.proc.returncode
 
 

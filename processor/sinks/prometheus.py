@@ -95,6 +95,12 @@ class Metrics:
         self.overflow_spans = Counter("backflow_overflow_spans",
                                       "Spans of code locations beyond --max-locations, folded into "
                                       "their service's __overflow__ location", registry=r)
+        self.checkpointed = Counter("backflow_checkpoint_fields",
+                                    "Checkpoint fields (code locations and services) handed to the "
+                                    "Redis sink for {prefix}:state", registry=r)
+        self.restored = Gauge("backflow_restored_locations",
+                              "Code locations whose baseline and detectors were restored from the "
+                              "checkpoint at start", registry=r)
         self.processed = Counter("backflow_processed_spans",
                                  "Spans aggregated into a window by the window stage", registry=r)
         self.events = Counter("backflow_events", "Events written to the events stream", ["type"],
@@ -126,8 +132,10 @@ class Metrics:
         self.overflow_locations.set(len(self.locations.overflowed))
 
 
-def serve_http(address: str, registry: CollectorRegistry, healthy: Callable[[], bool]) -> ThreadingHTTPServer:
-    """Serve ``/metrics`` and ``/healthz`` (200 when healthy, else 503) on a thread."""
+def serve_http(address: str, registry: CollectorRegistry,
+               health: Callable[[], tuple[bool, str]]) -> ThreadingHTTPServer:
+    """Serve ``/metrics`` and ``/healthz`` on a thread. ``health()`` gives (serving, one
+    line): 200 with the line when serving ("ok", or "degraded: ..."), else 503."""
     host, port = split_address(address)
 
     class Handler(BaseHTTPRequestHandler):
@@ -136,9 +144,9 @@ def serve_http(address: str, registry: CollectorRegistry, healthy: Callable[[], 
             if path == "/metrics":
                 body, status, ctype = generate_latest(registry), 200, CONTENT_TYPE_LATEST
             elif path == "/healthz":
-                ok = healthy()
-                body = b"ok\n" if ok else b"not ready\n"
-                status, ctype = (200 if ok else 503), "text/plain"
+                ok, line = health()
+                body = line.encode() + b"\n"
+                status, ctype = (200 if ok else 503), "text/plain; charset=utf-8"
             else:
                 body, status, ctype = b"not found\n", 404, "text/plain"
             self.send_response(status)

@@ -18,6 +18,7 @@ connection comes from the client's pool, so URL, TLS, password and db all still 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import threading
 import time
@@ -44,11 +45,11 @@ _FIRST_SEEN_SHA = hashlib.sha1(_FIRST_SEEN_LUA.encode()).hexdigest()
 
 @dataclass(frozen=True)
 class _Write:
-    kind: str            # "event", "first_seen" or "baseline"
+    kind: str            # "event", "first_seen", "baseline" or "state"
     key: str
     fields: dict[str, str] | None  # a baseline's hash; None for events (rendered from source)
     event_type: str = ""
-    source: object = None  # the Event, or the baseline object (put back if the write fails)
+    source: object = None  # the Event, the baseline object or the state blob (put back if the write fails)
 
 
 def _template(args: list[bytes | None]) -> bytes:
@@ -78,11 +79,15 @@ class RedisSink:
         self.maxlen = events_maxlen
         self.buffer: deque[_Write] = deque()
         self.baselines: dict[str, object] = {}  # key -> latest baseline not yet written
+        self.state: dict[str, bytes] = {}       # checkpoint field -> latest blob not yet written
+        self.state_key = f"{prefix}:state"
         self.buffer_limit = buffer_limit
         self.batch_size = batch_size
         self.on_event_written = on_event_written
         self.on_dropped = on_dropped
         self.reachable = False
+        self.ever_reached = False  # Redis answered once since start
+        self.dropped = 0           # events dropped because the buffer was full
         encoder = client.connection_pool.get_encoder()
         self._encoding, self._errors = encoder.encoding, encoder.encoding_errors
         self._sha = _FIRST_SEEN_SHA
@@ -103,7 +108,7 @@ class RedisSink:
     def ping(self) -> bool:
         try:
             self.r.ping()
-            self.reachable = True
+            self.reachable = self.ever_reached = True
         except redis.RedisError:
             self.reachable = False
         return self.reachable
@@ -116,7 +121,25 @@ class RedisSink:
             log.warning("could not read %s (%s); first_seen relies on the Redis script", self.keys_key, e)
             return set()
 
+    def read_state(self, count: int = 1000) -> dict[str, bytes]:
+        """Every checkpoint field of ``{prefix}:state`` (see processor/checkpoint.py)."""
+        out = {}
+        for name, blob in self.r.hscan_iter(self.state_key, count=count):
+            out[name.decode() if isinstance(name, bytes) else name] = blob
+        return out
+
     # --- writing ----------------------------------------------------------------------------
+    def submit_state(self, fields: dict[str, bytes]) -> None:
+        """Note checkpoint fields; written after the events and baselines waiting, a newer
+        blob of a field replacing one not yet written."""
+        with self._cv:
+            self.state.update(fields)
+            self._cv.notify()
+
+    def state_pending(self) -> int:
+        with self._cv:
+            return len(self.state)
+
     def submit(self, events: list[Event], baselines: list[tuple[str, object]]) -> None:
         """Queue events; note baselines as (key, object with ``fields()`` or a fields dict)."""
         # Events are rendered to their fields when written, not here: a window that closes
@@ -129,6 +152,7 @@ class RedisSink:
             if over > 0:
                 for _ in range(over):
                     self.buffer.popleft()
+                self.dropped += over
                 self.on_dropped(over)
                 log.warning("Redis buffer full: dropped the %d oldest events", over)
             for key, source in baselines:
@@ -141,7 +165,7 @@ class RedisSink:
 
     def pending(self) -> int:
         with self._cv:
-            return len(self.buffer) + len(self.baselines) + self._inflight
+            return len(self.buffer) + len(self.baselines) + len(self.state) + self._inflight
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything submitted so far is written; False on timeout."""
@@ -166,28 +190,29 @@ class RedisSink:
         if self.buffer:
             return [self.buffer.popleft() for _ in range(min(self.batch_size, len(self.buffer)))]
         # (events are rendered in _write, so a retried one is rendered again, identically)
-        keys = []
-        for key in self.baselines:
-            keys.append(key)
-            if len(keys) == self.batch_size:
-                break
-        sources = [self.baselines.pop(key) for key in keys]
-        return [_Write("baseline", key, src if isinstance(src, dict) else src.fields(), source=src)
-                for key, src in zip(keys, sources)]
+        if self.baselines:
+            keys = list(itertools.islice(self.baselines, self.batch_size))
+            sources = [self.baselines.pop(key) for key in keys]
+            return [_Write("baseline", key, src if isinstance(src, dict) else src.fields(), source=src)
+                    for key, src in zip(keys, sources)]
+        # Checkpoint fields last: a restart must not know of a window whose events and
+        # baselines were not written yet. A few fields per write: they are kilobytes each.
+        names = list(itertools.islice(self.state, max(1, self.batch_size // 10)))
+        return [_Write("state", name, None, source=self.state.pop(name)) for name in names]
 
     def _run(self) -> None:
         backoff = 0.1
         while True:
             with self._cv:
-                while not self.buffer and not self.baselines and not self._stop:
+                while not self.buffer and not self.baselines and not self.state and not self._stop:
                     self._cv.wait(timeout=1.0)
-                if self._stop and not self.buffer and not self.baselines:
+                if self._stop and not self.buffer and not self.baselines and not self.state:
                     return
                 batch = self._take()
                 self._inflight = len(batch)
             try:
                 self._write(batch)
-                self.reachable = True
+                self.reachable = self.ever_reached = True
                 backoff = 0.1
                 with self._cv:
                     self._inflight = 0
@@ -197,10 +222,12 @@ class RedisSink:
                 self.reachable = False
                 with self._cv:
                     # retry in the same order; a baseline submitted meanwhile is newer: it wins
-                    self.buffer.extendleft(reversed([w for w in batch if w.kind != "baseline"]))
+                    self.buffer.extendleft(reversed([w for w in batch if w.kind in ("event", "first_seen")]))
                     for w in batch:
                         if w.kind == "baseline":
                             self.baselines.setdefault(w.key, w.source)
+                        elif w.kind == "state":
+                            self.state.setdefault(w.key, w.source)
                     self._inflight = 0
                     if self._stop:
                         return
@@ -211,7 +238,15 @@ class RedisSink:
         # Every command is rendered before a connection is taken: a bad value fails here.
         commands: list[bytes] = []
         events: list[tuple[_Write, int]] = []  # each event with the index of its reply
+        state = [w for w in batch if w.kind == "state"]
+        if state:  # one HSET for all the batch's fields
+            args = [b"HSET", self._encode(self.state_key)]
+            for w in state:
+                args += (self._encode(w.key), w.source)
+            commands.append(b"".join([b"*%d\r\n" % len(args)] + [b"$%d\r\n%b\r\n" % (len(a), a) for a in args]))
         for w in batch:
+            if w.kind == "state":
+                continue
             key = self._encode(w.key)
             if w.kind == "baseline":
                 commands.append(self._render("baseline", self._hash_prefix + key, w.fields))

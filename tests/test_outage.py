@@ -1,0 +1,159 @@
+"""Redis going away and coming back, and SIGTERM: nothing Backflow took is lost silently.
+
+Each test runs its own redis-server, so it can stop and restart it (same port, same data
+directory: what was written before the outage is still there afterwards).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import grpc
+import pytest
+import redis
+
+from processor.devredis import RedisServer
+from tests.conftest import BackflowProcess
+from tests.otlp import S, encoded
+
+EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+OUTAGE_S = float(os.environ.get("BACKFLOW_OUTAGE_SECONDS", "30"))  # the issue's 30 s
+
+
+class Sender:
+    """Sends, every ``period`` seconds, one span of a function not seen before (each brings
+    one first_seen event when its 1 s window closes) and a few of a steady one."""
+
+    def __init__(self, target: str, period: float = 0.25):
+        self.channel = grpc.insecure_channel(target)
+        self.export = self.channel.unary_unary(EXPORT)
+        self.period = period
+        self.functions: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.errors: list[Exception] = []
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            fn = f"shop.new_{len(self.functions)}"
+            now = time.time_ns()
+            try:
+                self.export(encoded([S(now, function=fn)] + [S(now - i, function="shop.steady") for i in range(5)]),
+                            timeout=10)
+                self.functions.append(fn)
+            except grpc.RpcError as e:
+                self.errors.append(e)
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> "Sender":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.channel.close()
+
+
+def _first_seen_in_stream(url: str, prefix: str) -> list[str]:
+    r = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        return [f["code.function.name"] for _, f in r.xrange(f"{prefix}:events")
+                if f["type"] == "first_seen" and f["code.function.name"].startswith("shop.new_")]
+    finally:
+        r.close()
+
+
+def _outage(tmp_path, outage_s: float, *flags: str) -> dict:
+    """Spans flowing, Redis stopped for ``outage_s``, then started again on the same port and
+    data; what Backflow said meanwhile, and what reached Redis in the end."""
+    srv = RedisServer(data_dir=str(tmp_path / "redis")).start()
+    bf = BackflowProcess(srv.url, "--window", "1", "--allowed-lateness", "0", "--idle-timeout", "1",
+                         *flags).start()
+    out = {}
+    try:
+        with Sender(bf.grpc_target) as sender:
+            time.sleep(3)
+            srv.stop()
+            t0 = time.monotonic()
+            bf.wait_for(lambda: bf.metrics()["backflow_redis_up"] == 0, what="Redis seen down")
+            time.sleep(max(0.0, outage_s - (time.monotonic() - t0)))
+            out["healthz"] = (bf.http_status("/healthz"), bf.http_body("/healthz"))
+            out["pending"] = bf.metrics()["backflow_redis_pending_writes"]
+            srv = RedisServer(port=srv.port, data_dir=srv.dir).start()
+            time.sleep(2)
+        assert not sender.errors, sender.errors[:3]
+        out["sent"] = sender.functions
+        bf.wait_for(lambda: (lambda m: m["backflow_redis_pending_writes"] == 0 and m["backflow_open_windows"] == 0)(
+            bf.metrics()), timeout=30, what="the buffer delivered")
+        out["metrics"] = bf.metrics()
+        out["healthz_after"] = bf.http_body("/healthz")
+        out["seen"] = _first_seen_in_stream(srv.url, "backflow")
+    finally:
+        bf.stop()
+        srv.stop()
+    out["log"] = bf.log
+    return out
+
+
+def test_an_outage_loses_no_event_and_delivers_them_in_order(tmp_path):
+    out = _outage(tmp_path, OUTAGE_S)
+    status, body = out["healthz"]
+    assert status == 200 and body.startswith("degraded: Redis unreachable"), body
+    assert out["pending"] > 0 and out["healthz_after"].strip() == "ok"
+    assert len(out["sent"]) >= OUTAGE_S * 2  # spans kept coming during the outage
+    # Every function sent got its first_seen, once, in the order the windows closed.
+    assert out["seen"] == out["sent"]
+    assert out["metrics"]["backflow_redis_dropped_writes_total"] == 0
+    assert "Redis write failed" in out["log"]
+
+
+def test_a_full_buffer_drops_the_oldest_events_and_counts_them(tmp_path):
+    out = _outage(tmp_path, 8, "--redis-buffer", "5")
+    sent, seen = out["sent"], out["seen"]
+    lost = [fn for fn in sent if fn not in seen]
+    assert len(lost) > 0, "the outage should overflow a 5-event buffer"
+    assert out["metrics"]["backflow_redis_dropped_writes_total"] == len(lost)
+    assert seen == [fn for fn in sent if fn not in lost]  # the rest, in order, once each
+
+
+def _send(target: str, spans: list[S]) -> None:
+    with grpc.insecure_channel(target) as ch:
+        ch.unary_unary(EXPORT)(encoded(spans), timeout=10)
+
+
+def test_sigterm_closes_the_open_windows_checkpoints_and_exits(backflow, redis_client):
+    bf = backflow("--window", "60", "--idle-timeout", "1000")
+    now = time.time_ns()
+    _send(bf.grpc_target, [S(now - i, function=f"shop.f{i % 3}") for i in range(30)])
+    bf.wait_for(lambda: bf.metrics()["backflow_processed_spans_total"] == 30, what="spans processed")
+    assert bf.metrics()["backflow_open_windows"] == 1
+    t0 = time.monotonic()
+    assert bf.stop(sig=signal.SIGTERM) == 0, bf.log
+    assert time.monotonic() - t0 < 20
+    firsts = {f["code.function.name"] for _, f in redis_client.xrange("backflow:events") if f["type"] == "first_seen"}
+    assert firsts == {"shop.f0", "shop.f1", "shop.f2"}
+    assert sorted(redis_client.hkeys("backflow:state"))[-1].startswith("svc:")
+    assert len([k for k in redis_client.hkeys("backflow:state") if k.startswith("loc:")]) == 3
+    again = backflow("--window", "60")
+    assert again.metrics()["backflow_restored_locations"] == 3
+
+
+def test_sigterm_with_redis_away_exits_by_the_deadline(tmp_path):
+    with RedisServer() as srv:
+        bf = BackflowProcess(srv.url, "--window", "60", "--shutdown-timeout", "3").start()
+        try:
+            _send(bf.grpc_target, [S(time.time_ns() - i, function=f"shop.f{i}") for i in range(20)])
+            bf.wait_for(lambda: bf.metrics()["backflow_processed_spans_total"] == 20, what="spans processed")
+            srv.stop()
+            t0 = time.monotonic()
+            code = bf.stop(sig=signal.SIGTERM)
+            took = time.monotonic() - t0
+        finally:
+            bf.stop()
+    assert code == 1  # it says that it could not deliver everything...
+    assert "Redis writes not delivered" in bf.log
+    assert took < 3 + 3  # ...and does not wait past the deadline (plus process teardown)
