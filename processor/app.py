@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import redis
 
 from processor.baseline import Baseline, BaselineStage
-from processor.config import Config
+from processor.config import Config, redact_url
 from processor.detect import Detector, Observation, build_detectors
 from processor.detect.first_seen import FirstSeen
 from processor.events import Event
 from processor.receiver.decode import Batch
-from processor.receiver.grpc import OVERLOAD_RETRY_S, GrpcReceiver, Overloaded
+from processor.receiver.grpc import OVERLOAD_RETRY_S, GrpcReceiver, Overloaded, server_credentials
 from processor.receiver.workers import ReceiverPool
 from processor.sinks.prometheus import Metrics, serve_http
 from processor.sinks.redis_streams import RedisSink
@@ -254,8 +254,9 @@ class Backflow:
     def start(self) -> None:
         self.http = serve_http(self.cfg.metrics, self.metrics.registry, self.healthy)
         if not self.sink.ping():
-            log.warning("Redis at %s is not answering yet; writes are buffered until it does",
-                        _redacted(self.cfg.redis_url))
+            # The reason tells a wrong password or certificate from a Redis not up yet.
+            log.warning("Redis at %s is not answering yet (%s); writes are buffered until it does",
+                        redact_url(self.cfg.redis_url), self.sink.last_error)
         known = self.sink.known_keys() if self.sink.reachable else set()
         self.pipeline = Pipeline(self.cfg, self.sink, self.metrics, known)
         self.pipeline.start()
@@ -266,8 +267,12 @@ class Backflow:
             self.pipeline.on_tick = self.receivers.update_backpressure
             self.receivers.start()
         else:
-            self.receiver = GrpcReceiver(self.cfg.otlp_grpc, self.cfg.max_request_bytes,
-                                         self.pipeline.offer, self.metrics, has_room=self.pipeline.has_room)
+            cfg = self.cfg
+            self.receiver = GrpcReceiver(cfg.otlp_grpc, cfg.max_request_bytes, self.pipeline.offer,
+                                         self.metrics, has_room=self.pipeline.has_room,
+                                         credentials=server_credentials(cfg.tls_cert, cfg.tls_key,
+                                                                        cfg.tls_client_ca),
+                                         auth_token=cfg.auth_token)
             self.receiver.start()
         self._listening = True
         if self.cfg.otlp_http != "off":
@@ -290,11 +295,3 @@ class Backflow:
         if self.http:
             self.http.shutdown()
 
-
-def _redacted(url: str) -> str:
-    """The URL without its password, for logs."""
-    from urllib.parse import urlparse
-    u = urlparse(url)
-    if u.password:
-        return url.replace(f":{u.password}@", ":***@")
-    return url

@@ -83,6 +83,7 @@ class RedisSink:
         self.on_event_written = on_event_written
         self.on_dropped = on_dropped
         self.reachable = False
+        self.last_error: Exception | None = None  # of the last failed ping()
         encoder = client.connection_pool.get_encoder()
         self._encoding, self._errors = encoder.encoding, encoder.encoding_errors
         self._sha = _FIRST_SEEN_SHA
@@ -104,8 +105,9 @@ class RedisSink:
         try:
             self.r.ping()
             self.reachable = True
-        except redis.RedisError:
+        except redis.RedisError as e:
             self.reachable = False
+            self.last_error = e
         return self.reachable
 
     def known_keys(self) -> set[str]:
