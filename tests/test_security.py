@@ -2,7 +2,9 @@
 sent with the real OpenTelemetry SDK exporter; Redis with AUTH (password, ACL user) and with
 TLS; and neither the token nor the Redis password in the logs, /metrics or /healthz."""
 
+import logging
 import signal
+import sys
 import urllib.request
 
 import grpc
@@ -144,6 +146,22 @@ def test_mutual_tls_needs_a_client_certificate_from_the_client_ca(backflow, redi
     assert export(target, spans("shop.m"), ca, timeout=3) == SpanExportResult.FAILURE
     assert export(target, spans("shop.m"), ca, client=tls["stranger_client"], timeout=3) == SpanExportResult.FAILURE
     assert bf.metrics()[ACCEPTED] == 5
+
+
+def test_log_lines_mask_secrets_in_messages_and_tracebacks():
+    from processor.logs import RedactingFormatter
+    formatter = RedactingFormatter("%(levelname)s %(message)s", ["s3cret-pw", "ab"])
+    try:
+        raise RuntimeError("AUTH s3cret-pw refused")
+    except RuntimeError:
+        record = logging.LogRecord("t", logging.ERROR, __file__, 1, "no %s", ("redis://:s3cret-pw@h",),
+                                   sys.exc_info())
+    text = formatter.format(record)
+    assert "s3cret-pw" not in text
+    assert text.startswith("ERROR no redis://:***@h\n") and "RuntimeError: AUTH *** refused" in text
+    # a secret of under 4 characters is left alone rather than garble every line
+    record = logging.LogRecord("t", logging.INFO, __file__, 1, "about", (), None)
+    assert formatter.format(record) == "INFO about"
 
 
 @pytest.fixture(scope="module")
