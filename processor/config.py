@@ -397,11 +397,16 @@ def resolve(flags: dict[str, Any], environ: dict[str, str]) -> Config:
 
 
 def _invalid(name: str, sources: dict[str, str], message: str) -> ConfigError:
-    return ConfigError(f"invalid setting {name} ({sources.get(name, 'default')}): {message}")
+    where = f" ({sources[name]})" if name in sources else ""  # not given: no source to name
+    return ConfigError(f"invalid setting {name}{where}: {message}")
+
+
+class _Encrypted(Exception):
+    pass
 
 
 def _no_passphrase():
-    raise ConfigError("encrypted")  # load_cert_chain calls this only for an encrypted key
+    raise _Encrypted  # load_cert_chain asks for a passphrase only for an encrypted key
 
 
 def _check_tls(values: dict[str, Any], sources: dict[str, str]) -> None:
@@ -410,7 +415,8 @@ def _check_tls(values: dict[str, Any], sources: dict[str, str]) -> None:
     cert, key, client_ca = values["tls_cert"], values["tls_key"], values["tls_client_ca"]
     if (cert is None) != (key is None):
         given, missing = ("tls_cert", "tls_key") if key is None else ("tls_key", "tls_cert")
-        raise _invalid(missing, sources, f"{given} is set but {missing} is not; give both or neither")
+        raise _invalid(missing, sources,
+                       f"{given} ({sources[given]}) is set but {missing} is not; give both or neither")
     if client_ca is not None and cert is None:
         raise _invalid("tls_client_ca", sources, "mutual TLS needs tls_cert and tls_key as well")
     if cert is None:
@@ -421,7 +427,7 @@ def _check_tls(values: dict[str, Any], sources: dict[str, str]) -> None:
         raise _invalid("tls_cert", sources, f"no PEM certificate in {cert!r} ({e.reason or e})") from None
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=_no_passphrase)
-    except ConfigError:
+    except _Encrypted:
         raise _invalid("tls_key", sources, f"{key!r} is encrypted; give the key unencrypted "
                                            "(gRPC takes no passphrase)") from None
     except ssl.SSLError as e:

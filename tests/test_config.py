@@ -139,8 +139,10 @@ def _config_error(argv, environ=None) -> str:
 
 def test_tls_cert_and_key_go_together(tls):
     server = tls["server"]
-    assert "invalid setting tls_key (default): tls_cert is set" in _config_error(["--tls-cert", str(server.cert)])
-    assert "invalid setting tls_cert (default): tls_key is set" in _config_error(["--tls-key", str(server.key)])
+    assert _config_error(["--tls-cert", str(server.cert)]) == \
+        "invalid setting tls_key: tls_cert (--tls-cert) is set but tls_key is not; give both or neither"
+    assert _config_error([], {"BACKFLOW_TLS_KEY": str(server.key)}) == \
+        "invalid setting tls_cert: tls_key (BACKFLOW_TLS_KEY) is set but tls_cert is not; give both or neither"
     msg = _config_error(["--tls-client-ca", str(tls["ca"])])
     assert msg.startswith("invalid setting tls_client_ca (--tls-client-ca): mutual TLS needs tls_cert")
 
