@@ -19,12 +19,12 @@ import redis
 
 from processor import checkpoint
 from processor.baseline import Baseline, BaselineStage
-from processor.config import Config
+from processor.config import Config, redact_url
 from processor.detect import Detector, Observation, build_detectors
 from processor.detect.first_seen import FirstSeen
 from processor.events import Event
 from processor.receiver.decode import Batch
-from processor.receiver.grpc import OVERLOAD_RETRY_S, GrpcReceiver, Overloaded
+from processor.receiver.grpc import OVERLOAD_RETRY_S, GrpcReceiver, Overloaded, server_credentials
 from processor.receiver.workers import ReceiverPool
 from processor.sinks.prometheus import Metrics, serve_http
 from processor.sinks.redis_streams import RedisSink
@@ -329,8 +329,9 @@ class Backflow:
         stop = stop or threading.Event()
         wait = 0.5
         if not self.sink.ping():
-            log.warning("Redis at %s is not answering; waiting for it before listening",
-                        _redacted(self.cfg.redis_url))
+            # The reason tells a wrong password or certificate from a Redis not up yet.
+            log.warning("Redis at %s is not answering (%s); waiting for it before listening",
+                        redact_url(self.cfg.redis_url), self.sink.last_error)
         while not self.sink.ping():
             if stop.wait(wait):
                 return False
@@ -351,8 +352,12 @@ class Backflow:
             self.pipeline.on_tick = self.receivers.update_backpressure
             self.receivers.start()
         else:
-            self.receiver = GrpcReceiver(self.cfg.otlp_grpc, self.cfg.max_request_bytes,
-                                         self.pipeline.offer, self.metrics, has_room=self.pipeline.has_room)
+            cfg = self.cfg
+            self.receiver = GrpcReceiver(cfg.otlp_grpc, cfg.max_request_bytes, self.pipeline.offer,
+                                         self.metrics, has_room=self.pipeline.has_room,
+                                         credentials=server_credentials(cfg.tls_cert, cfg.tls_key,
+                                                                        cfg.tls_client_ca),
+                                         auth_token=cfg.auth_token)
             self.receiver.start()
         self._listening = True
         if self.cfg.otlp_http != "off":
@@ -379,11 +384,3 @@ class Backflow:
             self.http.shutdown()
         return delivered
 
-
-def _redacted(url: str) -> str:
-    """The URL without its password, for logs."""
-    from urllib.parse import urlparse
-    u = urlparse(url)
-    if u.password:
-        return url.replace(f":{u.password}@", ":***@")
-    return url

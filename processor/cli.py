@@ -10,6 +10,7 @@ import threading
 
 from processor import __version__
 from processor.config import ConfigError, add_arguments, resolve
+from processor.logs import configure_logging
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 def serve(cfg) -> int:
     from processor.app import Backflow  # heavy imports only when serving
 
-    logging.basicConfig(level=cfg.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(cfg.log_level, cfg.secrets)
     # Receiver threads answer Export calls while the pipeline thread computes: a shorter
     # GIL switch interval (5 ms by default) bounds how long a call waits for its turn.
     sys.setswitchinterval(0.001)

@@ -16,8 +16,9 @@ import dataclasses
 import ipaddress
 import os
 import re
+import ssl
 from typing import Any, Callable
-from urllib.parse import urlparse
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import yaml
 
@@ -62,17 +63,98 @@ def parse_address_or_off(value: Any) -> str:
 
 
 def parse_redis_url(value: Any) -> str:
+    """A URL redis-py's ``from_url`` takes, query parameters included (``ssl_ca_certs=...``).
+
+    Messages show the URL without its password: they end up in a terminal or a log.
+    """
     text = str(value).strip()
-    u = urlparse(text)
+    shown = redact_url(text)
+    u = urlsplit(text)
     if u.scheme not in ("redis", "rediss", "unix"):
-        raise ValueError(f"scheme must be redis://, rediss:// or unix://, got {text!r}")
+        raise ValueError(f"scheme must be redis://, rediss:// or unix://, got {shown!r}")
     if u.scheme != "unix":
         if not u.hostname:
-            raise ValueError(f"no host in {text!r}")
-        u.port  # raises ValueError on a bad port
+            raise ValueError(f"no host in {shown!r}")
+        try:
+            u.port
+        except ValueError:
+            raise ValueError(f"bad port in {shown!r}") from None
         db = u.path.lstrip("/")
         if db and not db.isdigit():
             raise ValueError(f"database must be a number, got {db!r}")
+    # Build (not connect) the connection redis-py would use: an unknown query parameter, one
+    # that needs rediss:// (ssl_*), or a bad value fails here, at start, not at first write.
+    import redis
+
+    try:
+        pool = redis.ConnectionPool.from_url(text)
+        pool.connection_class(**pool.connection_kwargs)
+    except (TypeError, ValueError, redis.RedisError) as e:
+        raise ValueError(f"{e} (in {shown!r})") from None
+    for name in _REDIS_URL_FILES:
+        path = pool.connection_kwargs.get(name)
+        if path is not None and not os.access(path, os.R_OK):
+            raise ValueError(f"cannot read {name} {path!r}")
+    return text
+
+
+# Query parameters of a Redis URL that name files (redis-py's SSLConnection arguments).
+_REDIS_URL_FILES = ("ssl_ca_certs", "ssl_ca_path", "ssl_certfile", "ssl_keyfile")
+
+
+def _secret_query_key(name: str) -> bool:
+    return "password" in name.lower()  # password=, ssl_password=
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password (user info, or a ``*password=`` query value) as ``***``.
+
+    >>> redact_url("rediss://bf:s3cret@redis:6380/0?ssl_password=x&ssl_ca_certs=/ca.pem")
+    'rediss://bf:***@redis:6380/0?ssl_password=***&ssl_ca_certs=/ca.pem'
+    """
+    u = urlsplit(url)
+    netloc = u.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = userinfo.partition(":")[0] + ":***@" + hostport
+    query = "&".join(
+        part.partition("=")[0] + "=***" if _secret_query_key(part.partition("=")[0]) else part
+        for part in u.query.split("&")) if u.query else u.query
+    return u._replace(netloc=netloc, query=query).geturl()
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords in a Redis URL, as written and as decoded."""
+    u = urlsplit(url)
+    found = [u.password] if u.password else []
+    found += [v for k, v in parse_qsl(u.query, keep_blank_values=True) if _secret_query_key(k) and v]
+    return found + [unquote(s) for s in found]
+
+
+def parse_readable_file(value: Any) -> str:
+    if value is None:  # YAML "key:" with nothing after it
+        raise ValueError("no file given")
+    path = str(value).strip()
+    if not path:
+        raise ValueError("empty path")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot read {path!r}: {e.strerror}") from None
+    return path
+
+
+def parse_token(value: Any) -> str:
+    """A bearer token. Messages never show it: they are printed and may be logged."""
+    if value is None or isinstance(value, bool):  # YAML null or true: not a token
+        raise ValueError("expected a token")
+    text = str(value).strip()
+    if not text:
+        raise ValueError("empty token")
+    # What an HTTP/2 header value (gRPC metadata) can carry after "Bearer ".
+    if not re.fullmatch(r"[\x21-\x7e]+", text):
+        raise ValueError("the token must be printable ASCII without spaces (value not shown)")
     return text
 
 
@@ -134,9 +216,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("otlp_grpc", "0.0.0.0:4317", parse_address, "OTLP/gRPC listen address", "ADDR"),
     Setting("otlp_http", "0.0.0.0:4318", parse_address_or_off,
             "OTLP/HTTP listen address, 'off' disables (not served yet: see README)", "ADDR"),
+    Setting("tls_cert", None, parse_readable_file,
+            "PEM certificate chain of the OTLP/gRPC receiver; with tls_key, the receiver speaks "
+            "only TLS", "FILE"),
+    Setting("tls_key", None, parse_readable_file,
+            "PEM private key (not encrypted) of tls_cert", "FILE"),
+    Setting("tls_client_ca", None, parse_readable_file,
+            "PEM CA certificates; when set, OTLP/gRPC clients must present a certificate they "
+            "signed (mutual TLS); needs tls_cert", "FILE"),
+    Setting("auth_token", None, parse_token,
+            "bearer token OTLP Export calls must send (metadata 'authorization: Bearer TOKEN'), "
+            "else UNAUTHENTICATED; the gRPC health service stays open. Prefer the environment "
+            "or auth_token_file to the flag, which the process list shows", "TOKEN"),
+    Setting("auth_token_file", None, parse_readable_file,
+            "file holding the bearer token (surrounding whitespace ignored); instead of auth_token",
+            "FILE"),
     Setting("metrics", "0.0.0.0:9464", parse_address, "serves /metrics and /healthz", "ADDR"),
     Setting("redis_url", "redis://localhost:6379/0", parse_redis_url,
-            "where streams and state go (rediss:// for TLS)", "URL"),
+            "where streams and state go: rediss:// for TLS, redis://user:password@host for "
+            "AUTH, TLS files as query parameters (ssl_ca_certs, ssl_certfile, ssl_keyfile)", "URL"),
     Setting("prefix", "backflow", parse_prefix, "prefix of every Redis key", "NAME"),
     Setting("window", 60.0, positive_float, "tumbling window length in seconds, event time", "SECONDS"),
     Setting("allowed_lateness", 10.0, non_negative_float,
@@ -187,8 +285,14 @@ _BY_NAME = {s.name: s for s in SETTINGS}
 class Config:
     otlp_grpc: str
     otlp_http: str
+    tls_cert: str | None
+    tls_key: str | None
+    tls_client_ca: str | None
+    # Kept out of repr(): a Config printed or logged must not show a secret.
+    auth_token: str | None = dataclasses.field(repr=False)
+    auth_token_file: str | None
     metrics: str
-    redis_url: str
+    redis_url: str = dataclasses.field(repr=False)
     prefix: str
     window: float
     allowed_lateness: float
@@ -226,6 +330,11 @@ class Config:
     def lateness_ns(self) -> int:
         return int(round(self.allowed_lateness * 1e9))
 
+    @property
+    def secrets(self) -> list[str]:
+        """Values that must never reach a log line: the token and the Redis passwords."""
+        return ([self.auth_token] if self.auth_token else []) + url_secrets(self.redis_url)
+
     @classmethod
     def defaults(cls, **overrides) -> "Config":
         values = {s.name: s.default for s in SETTINGS}
@@ -242,7 +351,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="YAML file with the same settings (env BACKFLOW_CONFIG)")
     for s in SETTINGS:
         parser.add_argument(s.flag, dest=s.name, metavar=s.metavar, default=None,
-                            help=f"{s.help} (env {s.env}, default {s.default})")
+                            help=f"{s.help} (env {s.env}, default {_shown(s.default)})")
+
+
+def _shown(default: Any) -> str:
+    return "none" if default is None else str(default)
 
 
 def _read_yaml(path: str) -> dict:
@@ -269,6 +382,7 @@ def resolve(flags: dict[str, Any], environ: dict[str, str]) -> Config:
     config_path = flags.get("config") or environ.get("BACKFLOW_CONFIG")
     from_yaml = _read_yaml(config_path) if config_path else {}
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # setting -> where its value came from, for messages
     for s in SETTINGS:
         if flags.get(s.name) is not None:
             raw, where = flags[s.name], s.flag
@@ -283,9 +397,74 @@ def resolve(flags: dict[str, Any], environ: dict[str, str]) -> Config:
             values[s.name] = s.parse(raw)
         except ValueError as e:
             raise ConfigError(f"invalid setting {s.name} ({where}): {e}") from None
+        sources[s.name] = where
+    _check_tls(values, sources)
+    _read_token_file(values, sources)
     from processor.detect.settings import parse_detector_settings
     detectors = parse_detector_settings(from_yaml.get("detectors"), where=str(config_path))
     return Config(config=config_path, detectors=detectors, **values)
+
+
+def _invalid(name: str, sources: dict[str, str], message: str) -> ConfigError:
+    where = f" ({sources[name]})" if name in sources else ""  # not given: no source to name
+    return ConfigError(f"invalid setting {name}{where}: {message}")
+
+
+class _Encrypted(Exception):
+    pass
+
+
+def _no_passphrase():
+    raise _Encrypted  # load_cert_chain asks for a passphrase only for an encrypted key
+
+
+def _check_tls(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Both or neither of tls_cert and tls_key, and files that TLS can use: a receiver that
+    cannot load them would otherwise fail only when it starts listening (in every worker)."""
+    cert, key, client_ca = values["tls_cert"], values["tls_key"], values["tls_client_ca"]
+    if (cert is None) != (key is None):
+        given, missing = ("tls_cert", "tls_key") if key is None else ("tls_key", "tls_cert")
+        raise _invalid(missing, sources,
+                       f"{given} ({sources[given]}) is set but {missing} is not; give both or neither")
+    if client_ca is not None and cert is None:
+        raise _invalid("tls_client_ca", sources, "mutual TLS needs tls_cert and tls_key as well")
+    if cert is None:
+        return
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=cert)
+    except ssl.SSLError as e:
+        raise _invalid("tls_cert", sources, f"no PEM certificate in {cert!r} ({e.reason or e})") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=_no_passphrase)
+    except _Encrypted:
+        raise _invalid("tls_key", sources, f"{key!r} is encrypted; give the key unencrypted "
+                                           "(gRPC takes no passphrase)") from None
+    except ssl.SSLError as e:
+        reason = "the key does not belong to tls_cert" if e.reason == "KEY_VALUES_MISMATCH" \
+            else f"no usable PEM private key ({e.reason or e})"
+        raise _invalid("tls_key", sources, f"{key!r}: {reason}") from None
+    if client_ca is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=client_ca)
+        except ssl.SSLError as e:
+            raise _invalid("tls_client_ca", sources,
+                           f"no PEM certificate in {client_ca!r} ({e.reason or e})") from None
+
+
+def _read_token_file(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """auth_token_file's content becomes auth_token; giving both is an error (which one
+    counts would otherwise depend on where each was set)."""
+    path = values["auth_token_file"]
+    if path is None:
+        return
+    if values["auth_token"] is not None:
+        raise _invalid("auth_token_file", sources, "auth_token is set as well; give one of them")
+    with open(path, encoding="ascii", errors="replace") as f:
+        content = f.read()
+    try:
+        values["auth_token"] = parse_token(content)
+    except ValueError as e:
+        raise _invalid("auth_token_file", sources, f"{path!r}: {e}") from None
 
 
 def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:
@@ -299,7 +478,7 @@ def reference_markdown() -> str:
     """The settings table of docs/configuration.md (a test keeps the file in sync)."""
     rows = ["| YAML key | flag | environment | default | meaning |", "|---|---|---|---|---|"]
     for s in SETTINGS:
-        rows.append(f"| `{s.name}` | `{s.flag} {s.metavar}` | `{s.env}` | `{s.default}` | {s.help} |")
+        rows.append(f"| `{s.name}` | `{s.flag} {s.metavar}` | `{s.env}` | `{_shown(s.default)}` | {s.help} |")
     return "\n".join(rows) + "\n"
 
 

@@ -51,8 +51,10 @@ class RedisServer:
     'redis://127.0.0.1:40123/0'
     """
 
-    def __init__(self, port: int | None = None, binary: str | None = None, data_dir: str | None = None):
+    def __init__(self, port: int | None = None, binary: str | None = None, data_dir: str | None = None,
+                 extra_args: tuple[str, ...] = ()):
         self.port = port or free_port()
+        self.extra_args = tuple(extra_args)  # more redis-server options (--requirepass, --tls-port)
         self.binary = binary or find_redis_server()
         if not self.binary:
             raise FileNotFoundError("redis-server not found; install it (apt-get install redis-server)")
@@ -72,7 +74,7 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "yes" if self.persistent else "no", "--dir", os.path.abspath(self.dir),
-             "--protected-mode", "yes"],
+             "--protected-mode", "yes", *self.extra_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
         while not answers_ping("127.0.0.1", self.port):

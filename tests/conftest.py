@@ -28,7 +28,8 @@ def redis_client(redis_server):
 class BackflowProcess:
     """``backflow serve`` as a real subprocess on free ports."""
 
-    def __init__(self, redis_url: str, *extra: str, prefix: str = "backflow"):
+    def __init__(self, redis_url: str, *extra: str, prefix: str = "backflow", env: dict | None = None):
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.grpc_port = free_port()
         self.metrics_port = free_port()
         self.prefix = prefix
@@ -43,14 +44,16 @@ class BackflowProcess:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
-    def start(self, timeout: float = 20.0) -> "BackflowProcess":
+    def start(self, timeout: float = 20.0, healthy: bool = True) -> "BackflowProcess":
+        """Start and wait until /healthz says 200 (or, with ``healthy=False``, answers at all)."""
         self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                     text=True, env=self.env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"backflow exited: {self.proc.stdout.read()}")
-            if self.http_status("/healthz") == 200:
+            status = self.http_status("/healthz")
+            if status == 200 or (status and not healthy):
                 return self
             time.sleep(0.1)
         self.stop()
@@ -112,8 +115,8 @@ def backflow(redis_server, redis_client):
     """Factory: ``backflow(*extra_flags)`` starts a server; all are stopped at the end."""
     started = []
 
-    def start(*extra: str, prefix: str = "backflow") -> BackflowProcess:
-        bf = BackflowProcess(redis_server.url, *extra, prefix=prefix).start()
+    def start(*extra: str, prefix: str = "backflow", env: dict | None = None) -> BackflowProcess:
+        bf = BackflowProcess(redis_server.url, *extra, prefix=prefix, env=env).start()
         started.append(bf)
         return bf
 

@@ -30,6 +30,8 @@ def test_flag_beats_env_beats_yaml_beats_default(tmp_path):
 
 def test_every_setting_has_a_flag_and_an_env_name():
     for s in SETTINGS:
+        if s.default is None:  # TLS and token files: see test_security_settings_* below
+            continue
         cfg = load_config([], environ={s.env: str(s.default)})
         assert getattr(cfg, s.name) == s.parse(s.default)
 
@@ -97,3 +99,136 @@ def test_bad_detector_setting_is_named(tmp_path, yaml_text, named):
     f.write_text(yaml_text)
     with pytest.raises(ConfigError, match=__import__("re").escape(named)):
         load_config(["--config", str(f)], environ={})
+
+
+# --- security settings (TLS files, bearer token, Redis URL) ---------------------------------
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    from tests.tlsfiles import CA
+    d = tmp_path_factory.mktemp("tls")
+    ca = CA(d)
+    return {"ca": ca.cert, "server": ca.issue("server"), "other": ca.issue("other"), "dir": d}
+
+
+def test_security_settings_come_from_flags_env_and_yaml(tls, tmp_path):
+    server = tls["server"]
+    f = tmp_path / "c.yaml"
+    f.write_text(f"tls_client_ca: {tls['ca']}\n")
+    cfg = load_config(["--tls-cert", str(server.cert), "--config", str(f)],
+                      environ={"BACKFLOW_TLS_KEY": str(server.key), "BACKFLOW_AUTH_TOKEN": "t0ken-from-env"})
+    assert (cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) == (str(server.cert), str(server.key), str(tls["ca"]))
+    assert cfg.auth_token == "t0ken-from-env"
+    assert "t0ken-from-env" not in repr(cfg)
+    assert load_config([], environ={}).auth_token is None
+
+
+def test_token_file_is_read_and_stripped(tmp_path):
+    f = tmp_path / "token"
+    f.write_text("  s3cret-token\n")
+    cfg = load_config([], environ={"BACKFLOW_AUTH_TOKEN_FILE": str(f)})
+    assert (cfg.auth_token, cfg.auth_token_file) == ("s3cret-token", str(f))
+    assert "s3cret-token" in cfg.secrets
+
+
+def _config_error(argv, environ=None) -> str:
+    with pytest.raises(ConfigError) as e:
+        load_config(argv, environ=environ or {})
+    return str(e.value)
+
+
+def test_tls_cert_and_key_go_together(tls):
+    server = tls["server"]
+    assert _config_error(["--tls-cert", str(server.cert)]) == \
+        "invalid setting tls_key: tls_cert (--tls-cert) is set but tls_key is not; give both or neither"
+    assert _config_error([], {"BACKFLOW_TLS_KEY": str(server.key)}) == \
+        "invalid setting tls_cert: tls_key (BACKFLOW_TLS_KEY) is set but tls_cert is not; give both or neither"
+    msg = _config_error(["--tls-client-ca", str(tls["ca"])])
+    assert msg.startswith("invalid setting tls_client_ca (--tls-client-ca): mutual TLS needs tls_cert")
+
+
+@pytest.mark.parametrize("which,content,named", [
+    ("cert", "not a certificate", "invalid setting tls_cert (--tls-cert): no PEM certificate"),
+    ("key", "not a key", "invalid setting tls_key (--tls-key): "),
+    ("ca", "", "invalid setting tls_client_ca (--tls-client-ca): no PEM certificate"),
+])
+def test_unusable_tls_files_are_named(tls, tmp_path, which, content, named):
+    server = tls["server"]
+    files = {"cert": str(server.cert), "key": str(server.key), "ca": str(tls["ca"])}
+    bad = tmp_path / "bad.pem"
+    bad.write_text(content)
+    files[which] = str(bad)
+    assert named in _config_error(["--tls-cert", files["cert"], "--tls-key", files["key"],
+                                   "--tls-client-ca", files["ca"]])
+
+
+def test_tls_key_of_another_certificate_or_encrypted_is_refused(tls, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    server, other = tls["server"], tls["other"]
+    msg = _config_error(["--tls-cert", str(server.cert), "--tls-key", str(other.key)])
+    assert msg.startswith("invalid setting tls_key (--tls-key)") and "does not belong to tls_cert" in msg
+    key = serialization.load_pem_private_key(server.key.read_bytes(), None)
+    encrypted = tmp_path / "enc.pem"
+    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.BestAvailableEncryption(b"passphrase")))
+    msg = _config_error(["--tls-cert", str(server.cert), "--tls-key", str(encrypted)])
+    assert msg.startswith("invalid setting tls_key") and "encrypted" in msg
+
+
+def test_missing_tls_file_is_named():
+    msg = _config_error([], {"BACKFLOW_TLS_CERT": "/nonexistent/cert.pem"})
+    assert msg == "invalid setting tls_cert (BACKFLOW_TLS_CERT): cannot read '/nonexistent/cert.pem': " \
+                  "No such file or directory"
+
+
+@pytest.mark.parametrize("token", ["two words", "tab\there", "caf\u00e9-s3cret"])
+def test_bad_token_is_refused_without_showing_it(token):
+    msg = _config_error(["--auth-token", token])
+    assert msg.startswith("invalid setting auth_token (--auth-token)")
+    assert token not in msg and "s3cret" not in msg
+
+
+def test_token_and_token_file_together_or_an_empty_file_are_refused(tmp_path):
+    f = tmp_path / "token"
+    f.write_text("from-the-file")
+    msg = _config_error(["--auth-token-file", str(f)], {"BACKFLOW_AUTH_TOKEN": "x-token"})
+    assert msg.startswith("invalid setting auth_token_file (--auth-token-file): auth_token is set as well")
+    f.write_text("\n")
+    assert "auth_token_file (--auth-token-file)" in _config_error(["--auth-token-file", str(f)])
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text("auth_token:\n")  # YAML null is no token, not the string "None"
+    assert "invalid setting auth_token" in _config_error(["--config", str(yaml_file)])
+
+
+@pytest.mark.parametrize("url,named", [
+    ("http://bf:pw-s3cret@redis:6379/0", "scheme must be"),
+    ("redis://:pw-s3cret@:6379/0", "no host"),
+    ("redis://:pw-s3cret@redis:port/0", "bad port"),
+    ("redis://:pw-s3cret@redis:6379/0?bogus=1", "bogus"),
+    ("redis://:pw-s3cret@redis:6379/0?ssl_ca_certs=/etc/hosts", "ssl_ca_certs"),  # needs rediss://
+    ("rediss://:pw-s3cret@redis:6379/0?ssl_cert_reqs=maybe", "maybe"),
+    ("rediss://redis:6379/0?ssl_ca_certs=/nonexistent/ca.pem&password=pw-s3cret", "cannot read ssl_ca_certs"),
+])
+def test_bad_redis_url_is_named_without_its_password(url, named):
+    msg = _config_error(["--redis-url", url])
+    assert msg.startswith("invalid setting redis_url (--redis-url)") and named in msg
+    assert "pw-s3cret" not in msg
+
+
+def test_redis_url_takes_tls_files_and_a_user(tls):
+    url = f"rediss://bf:pw@127.0.0.1:6380/0?ssl_ca_certs={tls['ca']}&ssl_cert_reqs=required"
+    cfg = load_config(["--redis-url", url], environ={})
+    assert cfg.redis_url == url
+    assert set(cfg.secrets) == {"pw"}
+    assert "pw@" not in repr(cfg)
+
+
+def test_url_secrets_include_encoded_and_query_passwords():
+    from processor.config import url_secrets
+    assert url_secrets("redis://u:p%40ss@h:1/0?ssl_password=k3y") == ["p%40ss", "k3y", "p@ss", "k3y"]
+
+
+def test_help_and_start_error_do_not_echo_secrets():
+    p = subprocess.run([sys.executable, "-m", "processor", "serve", "--auth-token", "bad token-s3cret"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and "auth_token" in p.stderr and "s3cret" not in p.stderr

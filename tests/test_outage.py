@@ -138,8 +138,17 @@ def test_sigterm_closes_the_open_windows_checkpoints_and_exits(backflow, redis_c
     assert firsts == {"shop.f0", "shop.f1", "shop.f2"}
     assert sorted(redis_client.hkeys("backflow:state"))[-1].startswith("svc:")
     assert len([k for k in redis_client.hkeys("backflow:state") if k.startswith("loc:")]) == 3
-    again = backflow("--window", "60")
+    again = backflow("--window", "60", "--idle-timeout", "1000")
     assert again.metrics()["backflow_restored_locations"] == 3
+    # The window closed early by the stop takes the spans that come after the restart (a
+    # second part of it, not late ones), and the baseline counts both parts.
+    _send(again.grpc_target, [S(now + 1 + i, function="shop.f0") for i in range(7)])
+    again.wait_for(lambda: again.metrics()["backflow_processed_spans_total"] == 7, what="spans processed")
+    assert again.metrics()["backflow_late_spans_total"] == 0
+    assert again.stop() == 0
+    counts = {f["code.function.name"]: f for f in [redis_client.hgetall(f"backflow:baseline:{k}")
+                                                     for k in redis_client.smembers("backflow:keys")]}
+    assert counts["shop.f0"]["count"] == str(10 + 7) and counts["shop.f0"]["windows"] == "2"
 
 
 def test_sigterm_with_redis_away_exits_by_the_deadline(tmp_path):

@@ -4,10 +4,16 @@ The handler takes the raw request bytes (no generated deserializer, so each requ
 parsed exactly once, by ``decode``), hands the batch to the pipeline and answers with OTLP
 partial success for the spans it refused. When the pipeline is full it answers UNAVAILABLE
 with a google.rpc.RetryInfo delay: the OTLP throttling rule, which exporters retry.
+
+Security (both optional): TLS on the listening port (``server_credentials``, mutual TLS
+with a client CA), and a bearer token that Export calls must send as ``authorization``
+metadata, checked before anything of the request is looked at. The health service needs
+no token: probes (Kubernetes' gRPC probe among them) send none.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import time
 from concurrent import futures
@@ -44,16 +50,47 @@ def _unavailable(context: grpc.ServicerContext, delay_s: float) -> None:
     context.abort(grpc.StatusCode.UNAVAILABLE, status.message)
 
 
+def server_credentials(cert: str | None, key: str | None, client_ca: str | None = None):
+    """gRPC server credentials from PEM files, or None for plaintext. With ``client_ca``
+    clients must present a certificate it signed. (The files were checked in config.)"""
+    if cert is None:
+        return None
+
+    def read(path: str) -> bytes:
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_server_credentials(
+        [(read(key), read(cert))], root_certificates=read(client_ca) if client_ca else None,
+        require_client_auth=client_ca is not None)
+
+
+def _bearer_tokens(context: grpc.ServicerContext):
+    """The tokens of the call's ``authorization: Bearer ...`` metadata, as bytes."""
+    for key, value in context.invocation_metadata():
+        if key == "authorization":  # gRPC metadata keys arrive lower-cased
+            scheme, _, token = value.strip().partition(" ")
+            if scheme.lower() == "bearer":
+                yield token.strip().encode("utf-8", "replace")
+
+
 class GrpcReceiver:
-    """``on_batch(batch)`` hands a decoded batch on; it raises ``Overloaded`` when full."""
+    """``on_batch(batch)`` hands a decoded batch on; it raises ``Overloaded`` when full.
+
+    ``credentials`` (from ``server_credentials``) makes the port TLS-only; with
+    ``auth_token`` an Export call without that bearer token gets UNAUTHENTICATED.
+    """
 
     def __init__(self, address: str, max_request_bytes: int, on_batch: Callable[[Batch], None],
                  metrics, workers: int = 8, has_room: Callable[[], bool] = lambda: True,
-                 reuse_port: bool = False):
+                 reuse_port: bool = False, credentials: grpc.ServerCredentials | None = None,
+                 auth_token: str | None = None):
         self.address = address
         self.on_batch = on_batch
         self.has_room = has_room
         self.metrics = metrics
+        self.credentials = credentials
+        self._token = auth_token.encode() if auth_token else None
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="otlp-grpc"),
             options=[
@@ -71,19 +108,34 @@ class GrpcReceiver:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 
     def start(self) -> None:
-        if self.server.add_insecure_port(self.address) == 0:
+        if self.credentials is None:
+            port = self.server.add_insecure_port(self.address)
+        else:
+            port = self.server.add_secure_port(self.address, self.credentials)
+        if port == 0:
             raise OSError(f"cannot listen on {self.address}")
         self.server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        log.info("OTLP/gRPC listening on %s", self.address)
+        log.info("OTLP/gRPC listening on %s (%s, %s)", self.address,
+                 "TLS" if self.credentials else "plaintext",
+                 "bearer token required" if self._token else "no token required")
 
     def stop(self, grace: float) -> None:
         """Stop taking requests; requests in flight get ``grace`` seconds to finish."""
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
 
+    def _authenticated(self, context: grpc.ServicerContext) -> bool:
+        # compare_digest: the time taken does not tell how much of a guess was right.
+        return any(hmac.compare_digest(t, self._token) for t in _bearer_tokens(context))
+
     def _export(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        if self._token is not None and not self._authenticated(context):
+            # First of all: nothing of an unauthenticated request is read, not even its
+            # span count, and it cannot make others' requests wait or be refused.
+            self.metrics.refused_requests.labels(transport="grpc", reason="unauthenticated").inc()
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         if not self.has_room():
             # Refuse before decoding: under overload, decoding what will be refused anyway
             # only takes the CPU the pipeline needs to catch up.

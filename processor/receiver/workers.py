@@ -30,8 +30,9 @@ from collections import Counter
 from typing import Callable
 
 from processor.config import Config, split_address
+from processor.logs import configure_logging
 from processor.receiver.decode import Batch
-from processor.receiver.grpc import OVERLOAD_RETRY_S, GrpcReceiver, Overloaded
+from processor.receiver.grpc import OVERLOAD_RETRY_S, GrpcReceiver, Overloaded, server_credentials
 
 log = logging.getLogger("backflow.workers")
 
@@ -70,8 +71,7 @@ class _Relay:
 
 def _worker_main(cfg: Config, index: int, conn, overloaded, listening) -> None:
     """One receiver process: gRPC in, decoded batches out through ``conn``."""
-    logging.basicConfig(level=cfg.log_level,
-                        format=f"%(asctime)s %(levelname)s %(name)s[{index}]: %(message)s")
+    configure_logging(cfg.log_level, cfg.secrets, name_suffix=f"[{index}]")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group; the main process decides
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -88,8 +88,11 @@ def _worker_main(cfg: Config, index: int, conn, overloaded, listening) -> None:
             raise Overloaded(delay_s=OVERLOAD_RETRY_S)
         send(_BATCH, batch.to_wire())
 
+    # Credentials are built here, not passed in: grpc objects do not cross a process boundary.
     receiver = GrpcReceiver(cfg.otlp_grpc, cfg.max_request_bytes, on_batch, relay,
-                            has_room=lambda: not overloaded.value, reuse_port=True)
+                            has_room=lambda: not overloaded.value, reuse_port=True,
+                            credentials=server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca),
+                            auth_token=cfg.auth_token)
     receiver.start()  # raises when it cannot bind, which ends the process with an error
     listening.set()
     while not stop.wait(_FLUSH_COUNTS_S):

@@ -88,7 +88,7 @@ class Metrics:
                                "Spans refused by the receiver (malformed, or pipeline full)",
                                ["transport", "reason"], registry=r)
         self.refused_requests = Counter("backflow_receiver_refused_requests",
-                                        "Whole requests refused (not OTLP, too large)",
+                                        "Whole requests refused (not OTLP, too large, no valid bearer token)",
                                         ["transport", "reason"], registry=r)
         self.late = Counter("backflow_late_spans", "Spans dropped because their window had closed",
                             registry=r)

@@ -88,6 +88,7 @@ class RedisSink:
         self.reachable = False
         self.ever_reached = False  # Redis answered once since start
         self.dropped = 0           # events dropped because the buffer was full
+        self.last_error: Exception | None = None  # of the last failed ping()
         encoder = client.connection_pool.get_encoder()
         self._encoding, self._errors = encoder.encoding, encoder.encoding_errors
         self._sha = _FIRST_SEEN_SHA
@@ -109,8 +110,9 @@ class RedisSink:
         try:
             self.r.ping()
             self.reachable = self.ever_reached = True
-        except redis.RedisError:
+        except redis.RedisError as e:
             self.reachable = False
+            self.last_error = e
         return self.reachable
 
     def known_keys(self) -> set[str]:
