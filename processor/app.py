@@ -267,7 +267,9 @@ class Backflow:
             self.receivers.start()
         else:
             self.receiver = GrpcReceiver(self.cfg.otlp_grpc, self.cfg.max_request_bytes,
-                                         self.pipeline.offer, self.metrics, has_room=self.pipeline.has_room)
+                                         self.pipeline.offer, self.metrics, has_room=self.pipeline.has_room,
+                                         max_clock_skew_ns=self.cfg.max_clock_skew_ns,
+                                         max_attribute_length=self.cfg.max_attribute_length)
             self.receiver.start()
         self._listening = True
         if self.cfg.otlp_http != "off":
