@@ -177,6 +177,8 @@ class Pipeline:
             if batches:
                 late, spans, overflow = stats["late"], stats["spans"], stats["overflow"]
                 self._emit(engine.ingest(Batch.concat(batches)))
+                # Locations first: a scrape that sees these spans processed sees their locations.
+                self.metrics.active_keys.set(len(engine.windows.tables.locations))
                 self.metrics.late.inc(stats["late"] - late)
                 self.metrics.processed.inc(stats["spans"] - spans)
                 self.metrics.overflow_spans.inc(stats["overflow"] - overflow)
@@ -193,7 +195,6 @@ class Pipeline:
                 self._emit(engine.flush_idle(now if self.queue.empty() else last_arrival))
             self.metrics.queue.set(self.queue.qsize())
             self.metrics.open_windows.set(engine.windows.open_windows())
-            self.metrics.active_keys.set(len(engine.windows.tables.locations))
             self.metrics.redis_pending.set(self.sink.pending())
             self.metrics.redis_up.set(1 if self.sink.reachable else 0)
             self.on_tick()

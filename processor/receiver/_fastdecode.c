@@ -179,12 +179,13 @@ ALWAYS_INLINE int rd_varint(cur_t *c, uint64_t *out) {
     return 0;
 }
 
-/* A tag: at most 5 bytes, below 2**32, field number not 0, wire type not 6 or 7. */
-ALWAYS_INLINE int rd_tag(cur_t *c, uint32_t *field, int *wt) {
+/* A tag: at most 5 bytes, below 2**32, wire type not 6 or 7, field number not 0 unless
+ * zero_ok: inside a group, where upb does not check it (found by fuzz/decode_fuzz.py). */
+ALWAYS_INLINE int rd_tag_or_zero(cur_t *c, uint32_t *field, int *wt, int zero_ok) {
     const uint8_t *p = c->p;
     if (p < c->end && *p < 0x80) { /* one byte: fields 1 to 15 */
         uint8_t b = *p;
-        if ((b >> 3) == 0 || (b & 7) >= 6) return 0;
+        if (((b >> 3) == 0 && !zero_ok) || (b & 7) >= 6) return 0;
         *field = b >> 3;
         *wt = b & 7;
         c->p = p + 1;
@@ -196,7 +197,7 @@ ALWAYS_INLINE int rd_tag(cur_t *c, uint32_t *field, int *wt) {
         uint8_t b = *p++;
         v |= (uint64_t)(b & 0x7f) << (7 * i);
         if (!(b & 0x80)) {
-            if (v > 0xffffffffu || (v >> 3) == 0 || (v & 7) >= 6) return 0;
+            if (v > 0xffffffffu || ((v >> 3) == 0 && !zero_ok) || (v & 7) >= 6) return 0;
             *field = (uint32_t)(v >> 3);
             *wt = (int)(v & 7);
             c->p = p;
@@ -205,6 +206,8 @@ ALWAYS_INLINE int rd_tag(cur_t *c, uint32_t *field, int *wt) {
     }
     return 0;
 }
+
+#define rd_tag(c, field, wt) rd_tag_or_zero(c, field, wt, 0)
 
 /* A length: at most 5 bytes, and no longer than what is left. */
 ALWAYS_INLINE int rd_len(cur_t *c, const uint8_t **s, Py_ssize_t *n) {
@@ -242,33 +245,13 @@ static inline uint32_t le32(const uint8_t *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
 }
 
-/* A tag inside a group: as rd_tag, but field number 0 is allowed, as upb allows it there
- * (found by fuzz/decode_fuzz.py: upb skips an unknown group's fields without checking it). */
-static int rd_group_tag(cur_t *c, uint32_t *field, int *wt) {
-    const uint8_t *p = c->p;
-    uint64_t v = 0;
-    for (int i = 0; i < 5; i++) {
-        if (p >= c->end) return 0;
-        uint8_t b = *p++;
-        v |= (uint64_t)(b & 0x7f) << (7 * i);
-        if (!(b & 0x80)) {
-            if (v > 0xffffffffu || (v & 7) >= 6) return 0;
-            *field = (uint32_t)(v >> 3);
-            *wt = (int)(v & 7);
-            c->p = p;
-            return 1;
-        }
-    }
-    return 0;
-}
-
 /* Skips a group opened by field `number` (an unknown field for upb); `depth`: the nesting
  * budget of the message it is in, of which the group takes one level. */
 static int skip_group(cur_t *c, uint32_t number, int depth) {
     if (depth <= 0) return 0;
     for (;;) {
         uint32_t f; int wt; uint64_t u; const uint8_t *s; Py_ssize_t n;
-        if (!rd_group_tag(c, &f, &wt)) return 0;
+        if (!rd_tag_or_zero(c, &f, &wt, 1)) return 0;
         switch (wt) {
         case 0: if (!rd_varint(c, &u)) return 0; break;
         case 1: if (c->end - c->p < 8) return 0; c->p += 8; break;
