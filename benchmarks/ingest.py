@@ -339,7 +339,7 @@ def lane_requests(w: Workload, lane: int, count: int, window_ns: int = 1_000_000
 
 # --- client processes -------------------------------------------------------------------------
 
-def _retry_delay(err, default: float) -> float:
+def retry_delay(err, default: float) -> float:
     """The google.rpc.RetryInfo delay an UNAVAILABLE carries (OTLP throttling), else default."""
     from google.rpc import error_details_pb2, status_pb2
 
@@ -399,7 +399,7 @@ def client_main(proc: int, w: Workload, lanes: list[int], per_lane: int, window_
                             if e.code() != grpc.StatusCode.UNAVAILABLE:
                                 raise
                             retries += 1
-                            delay = retry_sleep if retry_sleep is not None else _retry_delay(e, 0.05)
+                            delay = retry_sleep if retry_sleep is not None else retry_delay(e, 0.05)
                             if time.monotonic() + delay >= deadline:
                                 resp = None
                                 break
@@ -811,31 +811,38 @@ def explosion_template(per_request: int = 1000) -> tuple[np.ndarray, np.ndarray]
     return data, digits
 
 
+def explosion_requests(count: int, per_request: int = 1000):
+    """The requests of an explosion of ``count`` distinct function names (a whole number of
+    requests of ``per_request`` spans each): the template with its digits patched."""
+    data, digits = explosion_template(per_request)
+    powers = 10 ** np.arange(EXPLODE_DIGITS - 1, -1, -1)
+    for r in range(math.ceil(count / per_request)):
+        names = r * per_request + np.arange(per_request)
+        arr = data.copy()
+        arr[digits] = (ord("0") + (names[:, None] // powers) % 10).astype(np.uint8).ravel()
+        yield arr.tobytes()
+
+
 def explosion_run(args, tmp: str) -> dict:
     """A fresh server with --max-locations fed ``--explosion`` distinct function names."""
     import grpc
 
-    data, digits = explosion_template()
-    per_request = len(digits) // EXPLODE_DIGITS
+    per_request = 1000
     n_requests = math.ceil(args.explosion / per_request)
-    powers = 10 ** np.arange(EXPLODE_DIGITS - 1, -1, -1)
     with Stack(tmp, "explosion", ["--max-locations", str(args.explosion_limit), "--idle-timeout",
                                   str(args.mem_idle_timeout)], window=args.window) as stack:
         rss0 = proc_status_kb(stack.pid, "VmRSS") * 1024
         with grpc.insecure_channel(stack.target, options=[("grpc.max_send_message_length", -1)]) as ch:
             export = ch.unary_unary(EXPORT_METHOD)
-            for r in range(n_requests):
-                names = r * per_request + np.arange(per_request)
-                arr = data.copy()
-                arr[digits] = (ord("0") + (names[:, None] // powers) % 10).astype(np.uint8).ravel()
+            for data in explosion_requests(args.explosion, per_request):
                 while True:
                     try:
-                        export(arr.tobytes(), timeout=60)
+                        export(data, timeout=60)
                         break
                     except grpc.RpcError as e:
                         if e.code() != grpc.StatusCode.UNAVAILABLE:
                             raise
-                        time.sleep(_retry_delay(e, 0.2))
+                        time.sleep(retry_delay(e, 0.2))
         total = n_requests * per_request
         _, m = wait_for(stack, lambda m: (m.get("backflow_processed_spans_total", 0)
                                           + m.get("backflow_late_spans_total", 0) >= total

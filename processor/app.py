@@ -216,6 +216,8 @@ class Pipeline:
             if batches:
                 late, spans, overflow = stats["late"], stats["spans"], stats["overflow"]
                 self._emit(engine.ingest(Batch.concat(batches)))
+                # Locations first: a scrape that sees these spans processed sees their locations.
+                self.metrics.active_keys.set(len(engine.windows.tables.locations))
                 self.metrics.late.inc(stats["late"] - late)
                 self.metrics.processed.inc(stats["spans"] - spans)
                 self.metrics.overflow_spans.inc(stats["overflow"] - overflow)
@@ -234,7 +236,6 @@ class Pipeline:
             self.checkpoint()
             self.metrics.queue.set(self.queue.qsize())
             self.metrics.open_windows.set(engine.windows.open_windows())
-            self.metrics.active_keys.set(len(engine.windows.tables.locations))
             self.metrics.redis_pending.set(self.sink.pending())
             self.metrics.redis_up.set(1 if self.sink.reachable else 0)
             self.on_tick()
@@ -357,7 +358,8 @@ class Backflow:
                                          self.metrics, has_room=self.pipeline.has_room,
                                          credentials=server_credentials(cfg.tls_cert, cfg.tls_key,
                                                                         cfg.tls_client_ca),
-                                         auth_token=cfg.auth_token)
+                                         auth_token=cfg.auth_token, max_clock_skew_ns=cfg.max_clock_skew_ns,
+                                         max_attribute_length=cfg.max_attribute_length)
             self.receiver.start()
         self._listening = True
         if self.cfg.otlp_http != "off":

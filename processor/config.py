@@ -246,6 +246,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_request_bytes", 4 * 1024 * 1024, positive_int,
             "largest OTLP request accepted (after decompression); larger ones get RESOURCE_EXHAUSTED",
             "BYTES"),
+    Setting("max_clock_skew", 3600.0, non_negative_float,
+            "spans ending more than this far ahead of this host's clock are refused (reason "
+            "clock_skew), so that one sender's wrong clock cannot move its service's watermark into "
+            "the future and make its later spans late; 0 turns the check off", "SECONDS"),
+    Setting("max_attribute_length", 4096, non_negative_int,
+            "most characters of a value kept from a span (function, file, line, scope name, service, "
+            "environment, version, revision, exception type); spans with a longer one are refused "
+            "(reason attribute_too_long), as such values become Redis fields and Prometheus labels; "
+            "0 turns the check off", "CHARS"),
     Setting("queue_batches", 256, positive_int,
             "decoded requests waiting for the window stage; when full, senders are told to retry",
             "N"),
@@ -298,6 +307,8 @@ class Config:
     allowed_lateness: float
     idle_timeout: float
     max_request_bytes: int
+    max_clock_skew: float
+    max_attribute_length: int
     queue_batches: int
     workers: int
     max_locations: int
@@ -334,6 +345,10 @@ class Config:
     def secrets(self) -> list[str]:
         """Values that must never reach a log line: the token and the Redis passwords."""
         return ([self.auth_token] if self.auth_token else []) + url_secrets(self.redis_url)
+
+    @property
+    def max_clock_skew_ns(self) -> int:
+        return int(round(self.max_clock_skew * 1e9))
 
     @classmethod
     def defaults(cls, **overrides) -> "Config":

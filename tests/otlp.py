@@ -1,10 +1,12 @@
-"""Small builders of OTLP requests for tests (raw protobuf, no SDK), and of sub-batches."""
+"""Small builders of OTLP requests for tests (raw protobuf, no SDK), of sub-batches, and of
+broken requests (Hypothesis)."""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
 
+from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
@@ -80,3 +82,27 @@ def batch_rows(b: Batch, rows) -> Batch:
     pos = {int(r): i for i, r in enumerate(rows)}
     return Batch(b.locations, b.versions, b.loc[rows], b.ver[rows], b.start[rows], b.end[rows],
                  b.error[rows], b.trace_id[rows], [(pos[r], t) for r, t in b.exceptions if r in pos])
+
+
+@st.composite
+def mutated(draw, valid: st.SearchStrategy[bytes]) -> bytes:
+    """The bytes of a request drawn from ``valid`` (not empty) with one to three edits: a bit
+    flipped, a byte set to one that matters to the wire format or to UTF-8, bytes inserted or
+    deleted, or the end cut off."""
+    raw = bytearray(draw(valid.filter(bool)))
+    for _ in range(draw(st.integers(1, 3))):
+        if not raw:
+            break
+        op = draw(st.sampled_from(["flip", "set", "insert", "delete", "cut"]))
+        i = draw(st.integers(0, len(raw) - 1))
+        if op == "flip":
+            raw[i] ^= 1 << draw(st.integers(0, 7))
+        elif op == "set":
+            raw[i] = draw(st.sampled_from([0x00, 0x7F, 0x80, 0xFF, 0xC0, 0xED, 0x0B, 0x0C, 0x04]))
+        elif op == "insert":
+            raw[i:i] = draw(st.binary(min_size=1, max_size=3))
+        elif op == "delete":
+            del raw[i]
+        else:
+            del raw[i:]
+    return bytes(raw)

@@ -20,7 +20,7 @@ from tests.otlp import S, request
 
 SEC = 1_000_000_000
 W = 10 * SEC
-T0 = 1_800_000_000 * SEC  # a window boundary for W = 10 s
+T0 = 1_700_000_000 * SEC  # a window boundary for W = 10 s, in the past: spans from the future are refused
 RESOURCE = {"service.name": "shop", "service.version": "1.4.3",
             "deployment.environment.name": "prod", "vcs.ref.head.revision": "abc123"}
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"

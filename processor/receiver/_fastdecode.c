@@ -17,13 +17,15 @@
  * read before its scopes, and the scope name of a ScopeSpans when a span-name location
  * first needs it.
  *
- * decode(data) returns
+ * decode(data, max_end_ns=2**62-1, max_attribute_length=0) returns
  *   (n, loc, ver, start, end, error, trace_id, locations, versions, exceptions, reasons)
  * with the columns as bytearrays (int32, int32, int64, int64, uint8 0/1, 16-byte ids, in
  * native byte order), locations as (environment, service, function, file, line, scope)
  * tuples, versions as (service, service.version, vcs.ref.head.revision) tuples,
  * exceptions as (row, type) tuples and reasons as (reason number, count) pairs in the
- * order first seen; or None when an attribute that is read holds a bytes, array or kvlist
+ * order first seen (spans ending after max_end_ns, or keeping a value longer than
+ * max_attribute_length characters, are refused as decode.decode_message refuses them);
+ * or None when an attribute that is read holds a bytes, array or kvlist
  * value, whose str() this code does not reproduce: the caller decodes that request in
  * Python. Raises ValueError when ParseFromString would raise DecodeError.
  *
@@ -177,12 +179,13 @@ ALWAYS_INLINE int rd_varint(cur_t *c, uint64_t *out) {
     return 0;
 }
 
-/* A tag: at most 5 bytes, below 2**32, field number not 0, wire type not 6 or 7. */
-ALWAYS_INLINE int rd_tag(cur_t *c, uint32_t *field, int *wt) {
+/* A tag: at most 5 bytes, below 2**32, wire type not 6 or 7, field number not 0 unless
+ * zero_ok: inside a group, where upb does not check it (found by fuzz/decode_fuzz.py). */
+ALWAYS_INLINE int rd_tag_or_zero(cur_t *c, uint32_t *field, int *wt, int zero_ok) {
     const uint8_t *p = c->p;
     if (p < c->end && *p < 0x80) { /* one byte: fields 1 to 15 */
         uint8_t b = *p;
-        if ((b >> 3) == 0 || (b & 7) >= 6) return 0;
+        if (((b >> 3) == 0 && !zero_ok) || (b & 7) >= 6) return 0;
         *field = b >> 3;
         *wt = b & 7;
         c->p = p + 1;
@@ -194,7 +197,7 @@ ALWAYS_INLINE int rd_tag(cur_t *c, uint32_t *field, int *wt) {
         uint8_t b = *p++;
         v |= (uint64_t)(b & 0x7f) << (7 * i);
         if (!(b & 0x80)) {
-            if (v > 0xffffffffu || (v >> 3) == 0 || (v & 7) >= 6) return 0;
+            if (v > 0xffffffffu || ((v >> 3) == 0 && !zero_ok) || (v & 7) >= 6) return 0;
             *field = (uint32_t)(v >> 3);
             *wt = (int)(v & 7);
             c->p = p;
@@ -203,6 +206,8 @@ ALWAYS_INLINE int rd_tag(cur_t *c, uint32_t *field, int *wt) {
     }
     return 0;
 }
+
+#define rd_tag(c, field, wt) rd_tag_or_zero(c, field, wt, 0)
 
 /* A length: at most 5 bytes, and no longer than what is left. */
 ALWAYS_INLINE int rd_len(cur_t *c, const uint8_t **s, Py_ssize_t *n) {
@@ -246,7 +251,7 @@ static int skip_group(cur_t *c, uint32_t number, int depth) {
     if (depth <= 0) return 0;
     for (;;) {
         uint32_t f; int wt; uint64_t u; const uint8_t *s; Py_ssize_t n;
-        if (!rd_tag(c, &f, &wt)) return 0;
+        if (!rd_tag_or_zero(c, &f, &wt, 1)) return 0;
         switch (wt) {
         case 0: if (!rd_varint(c, &u)) return 0; break;
         case 1: if (c->end - c->p < 8) return 0; c->p += 8; break;
@@ -716,8 +721,10 @@ static int ht_insert(htab_t *t, size_t slot, const char *key, size_t len, uint64
 /* ------------------------------------------------------------------------------------ */
 /* The walk: checks every field as upb would, reads what decode.decode_message reads    */
 
-enum { R_TRACE_ID, R_SPAN_ID, R_TIME, R_ORDER, R_FUTURE, R_COUNT }; /* decode.REASONS */
-#define MAX_TIME_NS ((uint64_t)1 << 62)
+enum { R_TRACE_ID, R_SPAN_ID, R_TIME, R_ORDER, R_FUTURE, R_TOO_LONG, R_COUNT }; /* decode.REASONS */
+#define MAX_END_NS (((uint64_t)1 << 62) - 1) /* decode.MAX_END_NS */
+/* The loc_tab index of a location refused for a value too long (not in the locations list). */
+#define LOC_REFUSED INT32_MAX
 #define STATUS_ERROR 2
 
 #define NCOLS 6
@@ -734,6 +741,8 @@ typedef struct {
     int reason_order[R_COUNT], nreasons;
     htab_t loc_tab, ver_tab;
     sbuf_t key, tmp, res;
+    uint64_t max_end;  /* spans ending later are refused (R_FUTURE) */
+    size_t max_len;    /* a value kept longer than this many characters: R_TOO_LONG; 0: no limit */
 } ctx_t;
 
 /* The ScopeSpans being read: its scope name is looked for only when a location needs it. */
@@ -767,6 +776,7 @@ typedef struct {
     size_t envlen, svclen;
     int32_t vi;
     uint32_t index;
+    int too_long; /* environment, service, version or revision over max_len: its spans are refused */
 } res_t;
 
 /* Location objects made so far, by their fields' bytes (see set_location_type): a location
@@ -805,9 +815,19 @@ static void reject(ctx_t *x, int reason) {
     if (x->reasons[reason]++ == 0) x->reason_order[x->nreasons++] = reason;
 }
 
-/* A new location: file and line by the fallbacks of location.file_of and line_of. */
+/* Whether UTF-8 s[0:n] (valid) has more than max_len characters, as Python's len() counts
+ * them: every byte but continuation bytes starts one. */
+static int too_long(const ctx_t *x, const char *s, size_t n) {
+    if (!x->max_len || n <= x->max_len) return 0;
+    size_t chars = 0;
+    for (size_t i = 0; i < n; i++) chars += ((uint8_t)s[i] & 0xC0) != 0x80;
+    return chars > x->max_len;
+}
+
+/* A new location: file and line by the fallbacks of location.file_of and line_of. When one
+ * of its values is too long, *refused is set and nothing is added. */
 static int new_location(ctx_t *x, const res_t *r, const val_t *code, const char *fn, size_t fnlen,
-                        scope_t *scope) {
+                        scope_t *scope, int *refused) {
     const val_t *files[4] = {&code[A_FILE_PATH], &code[A_FILEPATH], &r->a[A_FILE_PATH], &r->a[A_FILEPATH]};
     const val_t *lines[4] = {&code[A_LINE_NUMBER], &code[A_LINENO], &r->a[A_LINE_NUMBER], &r->a[A_LINENO]};
     const val_t *file = NULL, *line = NULL;
@@ -836,6 +856,11 @@ static int new_location(ctx_t *x, const res_t *r, const val_t *code, const char 
     if (sb_put(id, scb, sclen) < 0) return ST_PYTHON;
     lens[3] = line_at - file_at;
     lens[4] = scope_at - line_at;
+    if (too_long(x, fn, fnlen) || too_long(x, id->b + file_at, lens[3]) ||
+        too_long(x, id->b + line_at, lens[4]) || too_long(x, scb, sclen)) {
+        *refused = 1; /* before the cache: a limit may differ from one call to the next */
+        return ST_OK;
+    }
     memcpy(id->b, lens, sizeof lens);
     uint64_t h = 0;
     size_t slot = 0;
@@ -879,8 +904,9 @@ done:
 }
 
 /* Exception events of an accepted span (budget `depth`, already checked): events named
- * "exception", the str() of their first exception.type attribute when not empty. */
-static int span_exceptions(ctx_t *x, const uint8_t *s, Py_ssize_t n, int depth) {
+ * "exception", the str() of their first exception.type attribute when not empty. Sets
+ * *refused and stops at a type longer than max_len (the caller drops what was added). */
+static int span_exceptions(ctx_t *x, const uint8_t *s, Py_ssize_t n, int depth, int *refused) {
     cur_t c = {s, s + n};
     fld_t f = {0}, g = {0};
     int st;
@@ -907,6 +933,7 @@ static int span_exceptions(ctx_t *x, const uint8_t *s, Py_ssize_t n, int depth) 
             if (v.kind == VK_UNSUPPORTED) return ST_FALLBACK;
             x->tmp.len = 0;
             if (render(&v, &x->tmp) < 0) return ST_PYTHON;
+            if (too_long(x, x->tmp.b, x->tmp.len)) { *refused = 1; return ST_OK; }
             if (x->tmp.len) {
                 PyObject *t = Py_BuildValue("(ns#)", x->n, x->tmp.b, (Py_ssize_t)x->tmp.len);
                 if (!t) return ST_PYTHON;
@@ -968,9 +995,17 @@ static int do_span(ctx_t *x, const res_t *r, scope_t *scope, const uint8_t *s, P
     if (sidn != 8 || zero) { reject(x, R_SPAN_ID); return ST_OK; }
     if (!st_ns || !en_ns) { reject(x, R_TIME); return ST_OK; }
     if (en_ns < st_ns) { reject(x, R_ORDER); return ST_OK; }
-    if (en_ns >= MAX_TIME_NS) { reject(x, R_FUTURE); return ST_OK; }
+    if (en_ns > x->max_end) { reject(x, R_FUTURE); return ST_OK; }
     if (has_unsupported(code, A_CODE_COUNT)) return ST_FALLBACK;
+    if (r->too_long) { reject(x, R_TOO_LONG); return ST_OK; }
     if (x->n >= x->cap && grow_columns(x) < 0) return ST_PYTHON;
+
+    /* Exception types before the location, as decode_message reads them: a span refused for
+     * one must not leave a location behind in the batch (the window stage keeps them all). */
+    Py_ssize_t exc_before = PyList_GET_SIZE(x->exceptions);
+    int refused = 0;
+    if (events && (st = span_exceptions(x, s, n, depth, &refused))) return st;
+    if (refused) goto refuse;
 
     /* The location key: the resource's index, then the function. */
     sbuf_t *k = &x->key;
@@ -986,11 +1021,13 @@ static int do_span(ctx_t *x, const res_t *r, scope_t *scope, const uint8_t *s, P
     if (li == -2) return ST_PYTHON;
     if (li < 0) {
         li = (int32_t)PyList_GET_SIZE(x->locations);
-        if ((st = new_location(x, r, code, k->b + sizeof r->index, k->len - sizeof r->index, scope)))
+        if ((st = new_location(x, r, code, k->b + sizeof r->index, k->len - sizeof r->index, scope,
+                               &refused)))
             return st;
+        if (refused) li = LOC_REFUSED; /* the rest of the request's spans there are refused too */
         if (ht_insert(&x->loc_tab, slot, k->b, k->len, h, li) < 0) return ST_PYTHON;
     }
-    if (events && (st = span_exceptions(x, s, n, depth))) return st;
+    if (li == LOC_REFUSED) goto refuse;
     Py_ssize_t i = x->n++;
     x->loc[i] = li;
     x->ver[i] = r->vi;
@@ -998,6 +1035,10 @@ static int do_span(ctx_t *x, const res_t *r, scope_t *scope, const uint8_t *s, P
     x->end[i] = (int64_t)en_ns;
     x->err[i] = status == STATUS_ERROR;
     memcpy(x->tid + 16 * i, tid, 16);
+    return ST_OK;
+refuse:
+    if (PyList_SetSlice(x->exceptions, exc_before, PY_SSIZE_T_MAX, NULL) < 0) return ST_PYTHON;
+    reject(x, R_TOO_LONG);
     return ST_OK;
 }
 
@@ -1061,6 +1102,7 @@ static int do_resource_spans(ctx_t *x, uint32_t index, const uint8_t *s, Py_ssiz
     off[3] = k->len; if (render_or(&a[A_REVISION], NULL, "", k) < 0) return ST_PYTHON;
     off[4] = k->len;
     for (int i = 0; i < 4; i++) len[i] = off[i + 1] - off[i];
+    for (int i = 0; i < 4; i++) r.too_long |= too_long(x, k->b + off[i], len[i]);
     x->tmp.len = 0; /* the version key: three lengths, then the three strings */
     if (sb_put(&x->tmp, &len[1], 3 * sizeof len[1]) < 0 ||
         sb_put(&x->tmp, k->b + off[1], off[4] - off[1]) < 0)
@@ -1076,9 +1118,9 @@ static int do_resource_spans(ctx_t *x, uint32_t index, const uint8_t *s, Py_ssiz
     r.svclen = len[1];
     uint64_t h = siphash13((const uint8_t *)x->tmp.b, x->tmp.len);
     size_t slot;
-    int32_t vi = ht_find(&x->ver_tab, x->tmp.b, x->tmp.len, h, &slot);
+    int32_t vi = r.too_long ? -1 : ht_find(&x->ver_tab, x->tmp.b, x->tmp.len, h, &slot);
     if (vi == -2) goto done;
-    if (vi < 0) {
+    if (vi < 0 && !r.too_long) { /* the version of a resource refused is not kept either */
         vi = (int32_t)PyList_GET_SIZE(x->versions);
         PyObject *t = Py_BuildValue("(Os#s#)", r.service, k->b + off[2], (Py_ssize_t)len[2],
                                     k->b + off[3], (Py_ssize_t)len[3]);
@@ -1128,20 +1170,26 @@ static void set_malformed(int st) {
 }
 
 PyDoc_STRVAR(decode_doc,
-"decode(data) -> (n, loc, ver, start, end, error, trace_id, locations, versions,\n"
-"                 exceptions, reasons) or None\n\n"
+"decode(data, max_end_ns=2**62-1, max_attribute_length=0) ->\n"
+"    (n, loc, ver, start, end, error, trace_id, locations, versions, exceptions, reasons)\n"
+"    or None\n\n"
 "The columns of an OTLP ExportTraceServiceRequest; None when the request is left to the\n"
 "Python decoder (an attribute read holds a bytes, array or kvlist value); ValueError when\n"
-"the bytes are not a request that ParseFromString accepts.");
+"the bytes are not a request that ParseFromString accepts. Spans ending after max_end_ns,\n"
+"or keeping a value longer than max_attribute_length characters (0: no limit), are refused.");
 
-static PyObject *fd_decode(PyObject *self, PyObject *arg) {
+static PyObject *fd_decode(PyObject *self, PyObject *args) {
     (void)self;
     Py_buffer buf;
-    if (PyObject_GetBuffer(arg, &buf, PyBUF_SIMPLE) < 0) return NULL;
+    unsigned long long max_end = MAX_END_NS;
+    Py_ssize_t max_len = 0;
+    if (!PyArg_ParseTuple(args, "y*|Kn:decode", &buf, &max_end, &max_len)) return NULL;
     const uint8_t *data = buf.buf;
     PyObject *result = NULL, *reasons = NULL;
     ctx_t x;
     memset(&x, 0, sizeof x);
+    x.max_end = max_end < MAX_END_NS ? (uint64_t)max_end : MAX_END_NS;
+    x.max_len = max_len > 0 ? (size_t)max_len : 0;
     if (grow_columns(&x) < 0) goto out;
     if (!(x.locations = PyList_New(0)) || !(x.versions = PyList_New(0)) ||
         !(x.exceptions = PyList_New(0)))
@@ -1251,7 +1299,7 @@ static PyObject *fd_set_location_type(PyObject *self, PyObject *arg) {
 }
 
 static PyMethodDef methods[] = {
-    {"decode", fd_decode, METH_O, decode_doc},
+    {"decode", fd_decode, METH_VARARGS, decode_doc},
     {"set_location_type", fd_set_location_type, METH_O, set_location_type_doc},
     {"count_spans", fd_count_spans, METH_O, count_doc},
     {"schema", fd_schema, METH_NOARGS, schema_doc},

@@ -12,6 +12,13 @@ the bytes ``ParseFromString`` does. ``decode_request`` uses the compiled one whe
 built, unless ``BACKFLOW_PURE_PYTHON=1``, and also falls back to Python for a request in
 which an attribute that is read holds a bytes, array or kvlist value (whose ``str()`` the C
 code does not reproduce).
+
+Both decoders take the same two limits, so that hostile input cannot reach what Backflow
+keeps (see docs/hostile-input.md): ``max_end_ns``, the latest end time accepted (the
+receiver passes its clock plus ``--max-clock-skew``: one sender's broken clock must not move
+its service's watermark into the future), and ``max_attribute_length``, the most characters
+of any value kept from a span (function, file, line, scope name, service, environment,
+version, revision, exception type: they become Redis fields and Prometheus labels).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -35,8 +43,9 @@ log = logging.getLogger("backflow.decode")
 
 STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.STATUS_CODE_ERROR
 _EMPTY: dict = {}
-# Spans whose end lies beyond 2**62 ns (year 2116) are refused: the int64 columns stay exact.
-_MAX_TIME_NS = 1 << 62
+# Spans whose end lies beyond 2**62 ns (year 2116) are refused whatever the limits: the
+# int64 columns stay exact.
+MAX_END_NS = (1 << 62) - 1
 # Why a span is refused, in the order the checks run; _fastdecode reports these by number.
 REASONS = (
     "trace_id not 16 bytes or zero",
@@ -44,7 +53,27 @@ REASONS = (
     "missing start or end time",
     "end before start",
     "end time too far in the future",
+    "attribute value too long",
 )
+# The ``reason`` label under which the receiver counts each of them.
+REASON_LABELS = {
+    **dict.fromkeys(REASONS[:4], "invalid_span"),
+    REASONS[4]: "clock_skew",
+    REASONS[5]: "attribute_too_long",
+}
+_FUTURE, _TOO_LONG = 4, 5
+
+
+def end_limit(max_clock_skew_ns: int, now_ns: int | None = None) -> int:
+    """The latest end time to accept: this host's clock plus the allowed skew; with no skew
+    limit (0), ``MAX_END_NS``.
+
+    >>> end_limit(0) == MAX_END_NS, end_limit(5, now_ns=100)
+    (True, 105)
+    """
+    if not max_clock_skew_ns:
+        return MAX_END_NS
+    return min(MAX_END_NS, (time.time_ns() if now_ns is None else now_ns) + max_clock_skew_ns)
 
 
 class MalformedRequest(ValueError):
@@ -153,26 +182,28 @@ def count_spans(data: bytes) -> int:
     return sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
 
 
-def decode_request(data: bytes) -> Batch:
-    """The request's spans as a ``Batch``; ``MalformedRequest`` when it does not parse."""
+def decode_request(data: bytes, max_end_ns: int = MAX_END_NS, max_attribute_length: int = 0) -> Batch:
+    """The request's spans as a ``Batch``; ``MalformedRequest`` when it does not parse.
+    Spans ending after ``max_end_ns``, or keeping a value longer than ``max_attribute_length``
+    characters (0: no limit), are refused with their reason."""
     if _fastdecode is not None:
-        return decode_request_compiled(data)
-    return decode_request_python(data)
+        return decode_request_compiled(data, max_end_ns, max_attribute_length)
+    return decode_request_python(data, max_end_ns, max_attribute_length)
 
 
-def decode_request_python(data: bytes) -> Batch:
+def decode_request_python(data: bytes, max_end_ns: int = MAX_END_NS, max_attribute_length: int = 0) -> Batch:
     req = ExportTraceServiceRequest()
     try:
         req.ParseFromString(data)
     except DecodeError as e:
         raise MalformedRequest(f"not an OTLP ExportTraceServiceRequest: {e}") from None
-    return decode_message(req)
+    return decode_message(req, max_end_ns, max_attribute_length)
 
 
-def decode_request_compiled(data: bytes) -> Batch:
+def decode_request_compiled(data: bytes, max_end_ns: int = MAX_END_NS, max_attribute_length: int = 0) -> Batch:
     """``decode_request`` by ``_fastdecode``, or by Python for the requests it leaves to it."""
-    batch = compiled_batch(data)
-    return batch if batch is not None else decode_request_python(data)
+    batch = compiled_batch(data, max_end_ns, max_attribute_length)
+    return batch if batch is not None else decode_request_python(data, max_end_ns, max_attribute_length)
 
 
 # Location objects by their fields: a location recurs in request after request and a
@@ -190,12 +221,12 @@ def _location(fields: tuple) -> Location:
     return loc
 
 
-def compiled_batch(data: bytes) -> Batch | None:
+def compiled_batch(data: bytes, max_end_ns: int = MAX_END_NS, max_attribute_length: int = 0) -> Batch | None:
     """The ``Batch`` from ``_fastdecode`` alone; None when it leaves the request to Python."""
     if _compiled is None:
         raise RuntimeError("processor.receiver._fastdecode is not built")
     try:
-        out = _compiled.decode(data)
+        out = _compiled.decode(data, max_end_ns, max_attribute_length)
     except ValueError as e:
         raise MalformedRequest(f"not an OTLP ExportTraceServiceRequest: {e}") from None
     if out is None:
@@ -216,9 +247,16 @@ def compiled_batch(data: bytes) -> Batch | None:
     )
 
 
-def decode_message(req: ExportTraceServiceRequest) -> Batch:
+def decode_message(req: ExportTraceServiceRequest, max_end_ns: int = MAX_END_NS,
+                   max_attribute_length: int = 0) -> Batch:
+    max_end_ns = min(max_end_ns, MAX_END_NS)
+    limit = max_attribute_length or None  # None: no length limit
+
+    def too_long(*values: str) -> bool:
+        return limit is not None and any(len(v) > limit for v in values)
+
     locations: list[Location] = []
-    loc_index: dict[tuple, int] = {}
+    loc_index: dict[tuple, int] = {}  # -1: a location refused for a value too long
     versions: list[tuple[str, str, str]] = []
     ver_index: dict[tuple, int] = {}
     loc_col: list[int] = []
@@ -235,10 +273,13 @@ def decode_message(req: ExportTraceServiceRequest) -> Batch:
                   if kv.key in RESOURCE_ATTRIBUTES}
         res = resource_of(rattrs)
         vkey = (res.service, res.version, res.revision)
-        vi = ver_index.get(vkey)
-        if vi is None:
-            vi = ver_index[vkey] = len(versions)
-            versions.append(vkey)
+        if too_long(res.environment, *vkey):
+            vi = -1  # every span of this resource is refused; its version is not kept either
+        else:
+            vi = ver_index.get(vkey)
+            if vi is None:
+                vi = ver_index[vkey] = len(versions)
+                versions.append(vkey)
         for ss in rs.scope_spans:
             scope = ss.scope.name
             for span in ss.spans:
@@ -258,8 +299,11 @@ def decode_message(req: ExportTraceServiceRequest) -> Batch:
                 if en < st:
                     reasons[REASONS[3]] += 1
                     continue
-                if en >= _MAX_TIME_NS:
-                    reasons[REASONS[4]] += 1
+                if en > max_end_ns:
+                    reasons[REASONS[_FUTURE]] += 1
+                    continue
+                if vi < 0:
+                    reasons[REASONS[_TOO_LONG]] += 1
                     continue
                 code = None
                 for kv in span.attributes:
@@ -269,23 +313,37 @@ def decode_message(req: ExportTraceServiceRequest) -> Batch:
                             code = {}
                         code[k] = _scalar(kv.value)
                 code = code or _EMPTY
-                fn = function_of(code, res.attrs, span.name)
-                lkey = (res_i, fn)
-                li = loc_index.get(lkey)
-                if li is None:
-                    li = loc_index[lkey] = len(locations)
-                    locations.append(Location(
-                        environment=res.environment, service=res.service, function=fn,
-                        file=file_of(code, res.attrs), line=line_of(code, res.attrs),
-                        scope=scope if fn.startswith(SPAN_NAME_MARK) else "",
-                    ))
+                # Exception types before the location: a span refused for one of them must
+                # not leave a location behind in the batch (the window stage keeps them all).
+                span_exceptions = []
                 if span.events:
                     for ev in span.events:
                         if ev.name == "exception":
                             etype = next((str(_scalar(a.value)) for a in ev.attributes
                                           if a.key == "exception.type"), "")
                             if etype:
-                                exceptions.append((len(ends), etype))
+                                span_exceptions.append(etype)
+                if too_long(*span_exceptions):
+                    reasons[REASONS[_TOO_LONG]] += 1
+                    continue
+                fn = function_of(code, res.attrs, span.name)
+                lkey = (res_i, fn)
+                li = loc_index.get(lkey)
+                if li is None:
+                    loc = Location(
+                        environment=res.environment, service=res.service, function=fn,
+                        file=file_of(code, res.attrs), line=line_of(code, res.attrs),
+                        scope=scope if fn.startswith(SPAN_NAME_MARK) else "",
+                    )
+                    if too_long(loc.function, loc.file, loc.line, loc.scope):
+                        li = loc_index[lkey] = -1
+                    else:
+                        li = loc_index[lkey] = len(locations)
+                        locations.append(loc)
+                if li < 0:
+                    reasons[REASONS[_TOO_LONG]] += 1
+                    continue
+                exceptions += [(len(ends), etype) for etype in span_exceptions]
                 loc_col.append(li)
                 ver_col.append(vi)
                 starts.append(st)

@@ -25,7 +25,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from processor.receiver.decode import Batch, MalformedRequest, count_spans, decode_request
+from processor.receiver.decode import (
+    REASON_LABELS, Batch, MalformedRequest, count_spans, decode_request, end_limit,
+)
 
 log = logging.getLogger("backflow.grpc")
 
@@ -78,14 +80,18 @@ class GrpcReceiver:
     """``on_batch(batch)`` hands a decoded batch on; it raises ``Overloaded`` when full.
 
     ``credentials`` (from ``server_credentials``) makes the port TLS-only; with
-    ``auth_token`` an Export call without that bearer token gets UNAUTHENTICATED.
+    ``auth_token`` an Export call without that bearer token gets UNAUTHENTICATED. Spans
+    ending more than ``max_clock_skew_ns`` ahead of this host's clock, or keeping a value
+    longer than ``max_attribute_length`` characters, are refused (0: no such limit).
     """
 
     def __init__(self, address: str, max_request_bytes: int, on_batch: Callable[[Batch], None],
                  metrics, workers: int = 8, has_room: Callable[[], bool] = lambda: True,
                  reuse_port: bool = False, credentials: grpc.ServerCredentials | None = None,
-                 auth_token: str | None = None):
+                 auth_token: str | None = None, max_clock_skew_ns: int = 0, max_attribute_length: int = 0):
         self.address = address
+        self.max_clock_skew_ns = max_clock_skew_ns
+        self.max_attribute_length = max_attribute_length
         self.on_batch = on_batch
         self.has_room = has_room
         self.metrics = metrics
@@ -143,7 +149,7 @@ class GrpcReceiver:
             _unavailable(context, OVERLOAD_RETRY_S)
         received_at = time.monotonic()
         try:
-            batch = decode_request(request)
+            batch = decode_request(request, end_limit(self.max_clock_skew_ns), self.max_attribute_length)
         except MalformedRequest as e:
             self.metrics.refused_requests.labels(transport="grpc", reason="malformed").inc()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
@@ -158,8 +164,8 @@ class GrpcReceiver:
                     len(batch) + batch.rejected)
                 _unavailable(context, e.delay_s)
             self.metrics.accepted.labels(transport="grpc").inc(len(batch))
-        if batch.rejected:
-            self.metrics.refused.labels(transport="grpc", reason="invalid_span").inc(batch.rejected)
+        for why, n in batch.reasons.items():
+            self.metrics.refused.labels(transport="grpc", reason=REASON_LABELS[why]).inc(n)
         resp = ExportTraceServiceResponse()
         if batch.rejected:
             resp.partial_success.rejected_spans = batch.rejected

@@ -92,7 +92,8 @@ def _worker_main(cfg: Config, index: int, conn, overloaded, listening) -> None:
     receiver = GrpcReceiver(cfg.otlp_grpc, cfg.max_request_bytes, on_batch, relay,
                             has_room=lambda: not overloaded.value, reuse_port=True,
                             credentials=server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca),
-                            auth_token=cfg.auth_token)
+                            auth_token=cfg.auth_token, max_clock_skew_ns=cfg.max_clock_skew_ns,
+                            max_attribute_length=cfg.max_attribute_length)
     receiver.start()  # raises when it cannot bind, which ends the process with an error
     listening.set()
     while not stop.wait(_FLUSH_COUNTS_S):
