@@ -1,62 +1,24 @@
 """Receiver processes (--workers N): the same spans give the same events and baselines as
 one process, and the receivers' counters reach the main process's /metrics."""
 
-import threading
-
-import grpc
-import numpy as np
 import pytest
 
-from benchmarks.scenarios import OtlpEncoder, generate
+from benchmarks.scenarios import generate
 from processor.receiver.decode import count_spans
-from tests.otlp import batch_rows
-
-EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+from tests.lanes import requests_by_service as split_by_service, send_lanes
 
 
 @pytest.fixture(scope="module")
 def requests_by_service():
     """A scenario's requests, split per service: each service is sent in order on its own
     connection, services side by side (as independent SDKs would)."""
-    sc = generate(5, services=2, functions_per_service=5, hours=4.5, rate=(4.0, 8.0), min_rate=3.0)
-    enc = OtlpEncoder(sc)
-    out: dict[str, list[bytes]] = {}
-    for c in range(sc.n_chunks):
-        b = sc.chunk(c)
-        svc = np.array([loc.service for loc in b.locations])[b.loc]
-        for name in np.unique(svc).tolist():
-            out.setdefault(name, []).extend(enc.encode(batch_rows(b, np.flatnonzero(svc == name))))
-    return out
+    return split_by_service(generate(5, services=2, functions_per_service=5, hours=4.5,
+                                     rate=(4.0, 8.0), min_rate=3.0))
 
 
 def _send_all(target: str, requests_by_service: dict[str, list[bytes]]) -> int:
-    errors = []
-
-    def lane(reqs):
-        # A channel of its own (local subchannel pool): its own TCP connection, so the
-        # kernel may hand it to any receiver process.
-        with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1),
-                                                    ("grpc.max_send_message_length", 64 << 20)]) as ch:
-            export = ch.unary_unary(EXPORT)
-            try:
-                for r in reqs:
-                    while True:
-                        try:
-                            export(r, timeout=60)
-                            break
-                        except grpc.RpcError as e:
-                            if e.code() != grpc.StatusCode.UNAVAILABLE:
-                                raise
-            except Exception as e:  # reported below
-                errors.append(e)
-
-    threads = [threading.Thread(target=lane, args=(reqs,)) for reqs in requests_by_service.values()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    return sum(1 for reqs in requests_by_service.values() for _ in reqs)
+    send_lanes({svc: target for svc in requests_by_service}, requests_by_service)
+    return sum(len(reqs) for reqs in requests_by_service.values())
 
 
 def _run(backflow, redis_client, requests_by_service, workers: int, prefix: str):
