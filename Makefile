@@ -1,12 +1,13 @@
 # One command to run Backflow, one to run the tests. Both create .venv and install what
-# they need, redis-server included (from Debian's packages) when it is missing.
+# they need, redis-server (and for the tests promtool) included, from Debian's packages,
+# when it is missing.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 
-.PHONY: run test bench-ingest bench-detection bench-decode bench-memory install redis-server clean
+.PHONY: run test test-tools bench-ingest bench-detection bench-decode bench-memory install redis-server promtool clean
 
 $(VENV)/.installed: pyproject.toml setup.py processor/receiver/_fastdecode.c
 	$(PYTHON) -m venv $(VENV)
@@ -21,11 +22,20 @@ redis-server:
 	  { echo "installing redis-server (Debian package)"; \
 	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
 
+# promtool checks and unit-tests deploy/prometheus/backflow-alerts.yaml (tests/test_deploy.py).
+promtool:
+	@command -v promtool >/dev/null 2>&1 || \
+	  { echo "installing promtool (Debian package prometheus)"; \
+	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+# Programs the tests run besides Python packages.
+test-tools: redis-server promtool
+
 # Runs `backflow serve` with a local redis-server unless BACKFLOW_REDIS_URL is set.
 run: install redis-server
 	$(PY) -m processor.devredis run -- $(VENV)/bin/backflow serve $(ARGS)
 
-test: install redis-server
+test: install test-tools
 	$(PY) -m pytest $(ARGS)
 
 bench-ingest: install redis-server

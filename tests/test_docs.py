@@ -1,5 +1,6 @@
 """The docs say what the code does."""
 
+import re
 from pathlib import Path
 
 from processor.config import reference_markdown
@@ -23,3 +24,40 @@ def test_detection_settings_reference_matches_the_settings_table():
 
     text = (ROOT / "docs" / "detection.md").read_text()
     assert detector_reference() in text, "regenerate with: python -m processor.detect.settings"
+
+
+def test_configuration_reference_names_every_option_of_backflow_serve():
+    from processor.cli import _parser
+
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    serve = next(a for a in _parser()._subparsers._group_actions if a.choices).choices["serve"]
+    options = [o for a in serve._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    assert "--config" in options and len(options) > 20
+    for option in options:
+        assert f"`{option} " in text, f"{option} is not in docs/configuration.md"
+    assert "`BACKFLOW_CONFIG`" in text
+
+
+def test_configuration_reference_points_at_the_detector_settings():
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    assert "(detection.md#settings)" in text
+    assert "\n## Settings\n" in (ROOT / "docs" / "detection.md").read_text()
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+def test_relative_links_of_the_docs_point_at_files_that_exist():
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in LINK.findall(doc.read_text()):
+            if "://" in target or target.startswith("mailto:"):
+                continue
+            assert (doc.parent / target).exists(), f"{doc.name} links to {target}, which does not exist"
+
+
+def test_deployment_docs_link_every_file_under_deploy():
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    linked = {(ROOT / "docs" / t).resolve() for t in LINK.findall(text)}
+    for path in sorted((ROOT / "deploy").rglob("*")):
+        if path.is_file():
+            assert path in linked, f"docs/deployment.md does not link {path.relative_to(ROOT)}"
