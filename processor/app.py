@@ -8,7 +8,6 @@ thread of its own.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import queue
 import threading
@@ -23,6 +22,7 @@ from processor.config import Config, redact_url
 from processor.detect import Detector, Observation, build_detectors
 from processor.detect.first_seen import FirstSeen
 from processor.events import Event
+from processor.memtrim import release_free_memory
 from processor.receiver.decode import Batch
 from processor.receiver.grpc import OVERLOAD_RETRY_S, GrpcReceiver, Overloaded, server_credentials
 from processor.receiver.workers import ReceiverPool
@@ -166,6 +166,7 @@ class Pipeline:
         self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
         self.on_tick = lambda: None  # called after every step (receiver processes' backpressure)
         self._last_checkpoint = time.monotonic()
+        self._checkpoint_rest = False  # a checkpoint's part was taken, the rest is due now
 
     def put(self, batch: Batch) -> None:
         """Called by the readers of receiver processes: waits while the queue is full (the
@@ -250,10 +251,13 @@ class Pipeline:
             return
         now = time.monotonic()
         if not force and (now - self._last_checkpoint < self.cfg.checkpoint_interval
+                          and not self._checkpoint_rest
                           or not self.sink.reachable or self.sink.state_pending()):
             return
         self._last_checkpoint = now
-        fields = checkpoint.dumps_dirty(engine)
+        # (a part at a time: the next loop takes the rest once the sink wrote this part)
+        fields = checkpoint.dumps_dirty(engine, limit=None if force else _CHECKPOINT_PART)
+        self._checkpoint_rest = bool(engine.dirty_locations)
         self.sink.submit_state(fields)
         self.metrics.checkpointed.inc(len(fields))
 
@@ -264,29 +268,13 @@ class Pipeline:
             self.sink.submit(r.events, [(b.location.key, b) for b in r.baselines])
             locations += len(r.window.locations)
         if locations >= _TRIM_AFTER_LOCATIONS:
-            _release_free_memory()
+            release_free_memory()
 
 
-# Closing windows of many locations allocates and frees per-location figures by the
-# hundred thousand; glibc keeps the freed heap unless asked, so RSS would stay at the peak.
+_CHECKPOINT_PART = 5_000  # locations pickled per checkpoint step
+
+# Closing windows of this many locations frees enough to be worth returning to the system.
 _TRIM_AFTER_LOCATIONS = 20_000
-
-
-def _release_free_memory() -> None:
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_glibc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 (raises AttributeError where libc is not glibc)
-        return libc
-    except (OSError, AttributeError):  # not glibc: nothing to ask
-        return None
-
-
-_LIBC = _load_glibc()
 
 
 class Backflow:

@@ -57,14 +57,23 @@ def service_field(service: tuple[str, str]) -> str:
     return "svc:" + service[0] + ":" + service[1]
 
 
-def dumps_dirty(engine) -> dict[str, bytes]:
-    """The fields of everything that changed since the last call; clears the engine's marks.
+def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes]:
+    """The fields of what changed since the last call (at most ``limit`` locations, the
+    oldest ids first, and every changed service); clears the marks of what it took.
 
-    Runs on the thread that owns the engine, so the state pickled is one moment's.
+    Runs on the thread that owns the engine, so the state pickled is one moment's. The limit
+    keeps a checkpoint of many locations from holding all their blobs at once: the rest
+    stay marked for the next call.
     """
     out: dict[str, bytes] = {}
     tables = engine.windows.tables
-    for loc_id in sorted(engine.dirty_locations):
+    dirty = sorted(engine.dirty_locations)
+    if limit is not None and len(dirty) > limit:
+        dirty = dirty[:limit]
+        engine.dirty_locations.difference_update(dirty)
+    else:
+        engine.dirty_locations.clear()
+    for loc_id in dirty:
         loc = tables.locations[loc_id]
         state = LocationState(loc, loc_id, engine.baselines.baselines.get(loc_id),
                               engine.detectors.get(loc_id, []), engine._fingerprint)
@@ -74,7 +83,6 @@ def dumps_dirty(engine) -> dict[str, bytes]:
         state = ServiceState(service, clock.max_end, clock.closed_through,
                              engine.version_first_seen.get(service, {}))
         out[service_field(service)] = pickle.dumps((FORMAT, state), protocol=pickle.HIGHEST_PROTOCOL)
-    engine.dirty_locations.clear()
     engine.dirty_services.clear()
     return out
 

@@ -117,3 +117,17 @@ def test_location_limit_applies_to_restored_locations(scenario):
     fields = checkpoint.dumps_dirty(first)
     small = _engine(max_locations=3)
     assert checkpoint.restore(small, fields) == 3
+
+
+def test_a_checkpoint_taken_in_parts_holds_every_location(scenario):
+    first, second = _engine(), _engine()
+    for b in scenario[:20]:
+        first.ingest(b)
+        second.ingest(b)
+    whole = checkpoint.dumps_dirty(second)
+    parts = {}
+    while first.dirty_locations or first.dirty_services:
+        part = checkpoint.dumps_dirty(first, limit=3)
+        assert len([k for k in part if k.startswith("loc:")]) <= 3
+        parts.update(part)
+    assert parts.keys() == whole.keys()

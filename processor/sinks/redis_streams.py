@@ -29,6 +29,7 @@ from typing import Callable
 import redis
 
 from processor.events import Event
+from processor.memtrim import release_free_memory
 
 log = logging.getLogger("backflow.redis")
 
@@ -40,6 +41,7 @@ if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
 end
 return false
 """
+_TRIM_AFTER_FIELDS = 20_000  # checkpoint fields (kilobytes each) written before a malloc_trim
 _FIRST_SEEN_SHA = hashlib.sha1(_FIRST_SEEN_LUA.encode()).hexdigest()
 
 
@@ -81,6 +83,7 @@ class RedisSink:
         self.baselines: dict[str, object] = {}  # key -> latest baseline not yet written
         self.state: dict[str, bytes] = {}       # checkpoint field -> latest blob not yet written
         self.state_key = f"{prefix}:state"
+        self._state_taken = 0  # checkpoint fields written since memory was last trimmed
         self.buffer_limit = buffer_limit
         self.batch_size = batch_size
         self.on_event_written = on_event_written
@@ -200,6 +203,7 @@ class RedisSink:
         # Checkpoint fields last: a restart must not know of a window whose events and
         # baselines were not written yet. A few fields per write: they are kilobytes each.
         names = list(itertools.islice(self.state, max(1, self.batch_size // 10)))
+        self._state_taken += len(names)
         return [_Write("state", name, None, source=self.state.pop(name)) for name in names]
 
     def _run(self) -> None:
@@ -215,6 +219,10 @@ class RedisSink:
             try:
                 self._write(batch)
                 self.reachable = self.ever_reached = True
+                if not self.state and self._state_taken >= _TRIM_AFTER_FIELDS:
+                    # a big checkpoint was written: its freed blobs go back to the system
+                    self._state_taken = 0
+                    release_free_memory()
                 backoff = 0.1
                 with self._cv:
                     self._inflight = 0
