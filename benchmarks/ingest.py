@@ -306,8 +306,14 @@ def build_templates(w: Workload, lane: int) -> list[Template]:
     return out
 
 
-def render(tpl: Template, t0_ns: int, gap_ns: int, rng) -> bytes:
-    """The template with fresh ids, lognormal durations and end times t0 + k * gap."""
+def draw_durations(tpl: Template, rng) -> np.ndarray:
+    """A lognormal duration (ns, at least 1 us) per span of the template."""
+    return np.maximum(np.exp(tpl.mu + tpl.sigma * rng.standard_normal(tpl.n)), 1000.0).astype(np.int64)
+
+
+def render(tpl: Template, t0_ns: int, gap_ns: int, rng, dur: np.ndarray | None = None) -> bytes:
+    """The template with fresh ids, lognormal durations (or ``dur``, ns per span) and end
+    times t0 + k * gap."""
     arr = np.frombuffer(tpl.data, np.uint8).copy()
     ids = rng.integers(0, 256, size=(tpl.n, 24), dtype=np.uint8)
     ids[:, 0] |= 1
@@ -315,7 +321,8 @@ def render(tpl: Template, t0_ns: int, gap_ns: int, rng) -> bytes:
     arr[tpl.tid_idx] = ids[:, :16].ravel()
     arr[tpl.sid_idx] = ids[:, 16:].ravel()
     end = t0_ns + tpl.k * gap_ns
-    dur = np.maximum(np.exp(tpl.mu + tpl.sigma * rng.standard_normal(tpl.n)), 1000.0).astype(np.int64)
+    if dur is None:
+        dur = draw_durations(tpl, rng)
     arr[tpl.st_idx] = (end - dur).astype("<u8").view(np.uint8)
     arr[tpl.en_idx] = end.astype("<u8").view(np.uint8)
     return arr.tobytes()
