@@ -1029,11 +1029,6 @@ def main(argv: list[str] | None = None) -> int:
         print("redis-server not found on PATH", file=sys.stderr)
         return 2
     command = "python -m benchmarks.ingest" + ("".join(" " + a for a in argv))
-
-    def interrupted(signum, frame):  # SIGTERM unwinds like Ctrl-C, so every finally runs
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupted)
     t_start, load0 = time.monotonic(), os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="backflow-bench-")
     n_workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
@@ -1158,9 +1153,19 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-if __name__ == "__main__":
+def run_main(main) -> None:
+    """Exit with ``main()``'s status. SIGTERM unwinds like Ctrl-C, so every ``finally`` runs
+    and the redis-server, backflow and client processes started are stopped (status 130)."""
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         sys.exit(main())
     except KeyboardInterrupt:
         print("\ninterrupted; redis-server, backflow and the clients were stopped", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_main(main)

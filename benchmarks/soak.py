@@ -61,7 +61,6 @@ import multiprocessing as mp
 import os
 import queue
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -72,7 +71,7 @@ import numpy as np
 
 from benchmarks.ingest import (
     EXPORT_METHOD, SERVICES_PER_LANE, Stack, Workload, _retry_delay, _revision,
-    build_templates, draw_durations, proc_cpu_seconds, proc_status_kb, proc_tree, render,
+    build_templates, draw_durations, proc_cpu_seconds, proc_status_kb, proc_tree, render, run_main,
 )
 
 MIB = 2**20
@@ -220,6 +219,8 @@ def summarize(samples: list[Sample], calls: list[tuple[float, float]], t0: float
     gauge("pending", lambda s: s.m("backflow_redis_pending_writes"))
     gauge("open_windows", lambda s: s.m("backflow_open_windows"))
     gauge("keys", lambda s: s.m("backflow_active_keys"))
+    gauge("late", lambda s: s.m("backflow_late_spans_total"))
+    gauge("refused", lambda s: s.m("backflow_receiver_refused_spans_total"))
     gauge("redis_used", lambda s: s.redis_used / MIB)
     gauge("redis_events", lambda s: s.redis_events)
     out["fds_all"] = tuple(s.fds for s in ss)
@@ -465,7 +466,7 @@ def report(args, r: dict, t_start: float, load0: tuple, command: str) -> int:
     if r["errors"]:
         print("client errors:\n  " + "\n  ".join(r["errors"][:5]))
         status = 1
-    if t_steady is None or sum(s.t >= t_steady for s in samples) < 6:
+    if t_steady is None or sum(s.t >= t_steady for s in samples) < 4:
         print(f"no steady part: all {args.locations:,} locations held at "
               f"{'never' if t_known is None else f'{t_known:.0f} s'}, run ended at {last.t:.0f} s "
               f"with {len(samples)} samples")
@@ -486,6 +487,8 @@ def report(args, r: dict, t_start: float, load0: tuple, command: str) -> int:
         ("processing lag: backlog / rate (s)", "lag", "{:.3f}", True),
         ("Redis pending writes", "pending", "{:,.0f}", True),
         ("open windows", "open_windows", "{:,.0f}", True),
+        ("late spans, since the start", "late", "{:,.0f}", True),
+        ("refused spans, since the start", "refused", "{:,.0f}", True),
         ("windows closed / s", "windows", "{:,.1f}", False),
         ("checkpoint fields / s", "checkpointed", "{:,.0f}", False),
         ("events / s", "events", "{:,.2f}", False),
@@ -523,6 +526,11 @@ def report(args, r: dict, t_start: float, load0: tuple, command: str) -> int:
           f"{m.get('backflow_checkpoint_fields_total', 0):,.0f} checkpoint fields, "
           f"{m.get('backflow_events_total', 0):,.0f} events ("
           + ", ".join(f"{n:,} {t}" for t, n in r["event_types"].most_common()) + ")")
+    cmd, shown = r["cmd"][4:], []
+    for flag, value in zip(cmd[::2], cmd[1::2]):
+        if flag not in ("--otlp-grpc", "--otlp-http", "--metrics", "--redis-url"):
+            shown += [flag, value]
+    print("server: backflow serve " + " ".join(shown) + " (else its defaults)")
     print(f"late {late:,.0f}, refused {refused:,.0f} spans / {refused_req:,.0f} requests, rejected (partial "
           f"success) {tot['rejected']:,}, UNAVAILABLE retries {tot['retries']:,}, Redis writes dropped "
           f"{dropped:,.0f}")
@@ -583,11 +591,6 @@ def main(argv: list[str] | None = None) -> int:
         print("redis-server not found on PATH", file=sys.stderr)
         return 2
     command = "python -m benchmarks.soak" + "".join(" " + a for a in argv)
-
-    def interrupted(signum, frame):  # SIGTERM unwinds like Ctrl-C, so every finally runs
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupted)
     t_start, load0 = time.monotonic(), os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="backflow-soak-")
     try:
@@ -601,8 +604,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("\ninterrupted; redis-server, backflow and the clients were stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)
