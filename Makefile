@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 
-.PHONY: run test test-tools bench-ingest bench-detection bench-decode bench-memory install redis-server promtool clean
+.PHONY: run test test-tools bench-ingest bench-detection bench-decode bench-memory bench-soak install redis-server promtool clean
 
 $(VENV)/.installed: pyproject.toml setup.py processor/receiver/_fastdecode.c
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench-detection: install redis-server
 
 bench-memory: install
 	$(PY) -m benchmarks.memory $(ARGS)
+
+# Ten minutes at a steady load: is memory flat once every code location is known?
+bench-soak: install redis-server
+	$(PY) -m benchmarks.soak $(ARGS)
 
 bench-decode: install
 	$(PY) -m benchmarks.decode $(ARGS)

@@ -306,8 +306,14 @@ def build_templates(w: Workload, lane: int) -> list[Template]:
     return out
 
 
-def render(tpl: Template, t0_ns: int, gap_ns: int, rng) -> bytes:
-    """The template with fresh ids, lognormal durations and end times t0 + k * gap."""
+def draw_durations(tpl: Template, rng) -> np.ndarray:
+    """A lognormal duration (ns, at least 1 us) per span of the template."""
+    return np.maximum(np.exp(tpl.mu + tpl.sigma * rng.standard_normal(tpl.n)), 1000.0).astype(np.int64)
+
+
+def render(tpl: Template, t0_ns: int, gap_ns: int, rng, dur: np.ndarray | None = None) -> bytes:
+    """The template with fresh ids, lognormal durations (or ``dur``, ns per span) and end
+    times t0 + k * gap."""
     arr = np.frombuffer(tpl.data, np.uint8).copy()
     ids = rng.integers(0, 256, size=(tpl.n, 24), dtype=np.uint8)
     ids[:, 0] |= 1
@@ -315,7 +321,8 @@ def render(tpl: Template, t0_ns: int, gap_ns: int, rng) -> bytes:
     arr[tpl.tid_idx] = ids[:, :16].ravel()
     arr[tpl.sid_idx] = ids[:, 16:].ravel()
     end = t0_ns + tpl.k * gap_ns
-    dur = np.maximum(np.exp(tpl.mu + tpl.sigma * rng.standard_normal(tpl.n)), 1000.0).astype(np.int64)
+    if dur is None:
+        dur = draw_durations(tpl, rng)
     arr[tpl.st_idx] = (end - dur).astype("<u8").view(np.uint8)
     arr[tpl.en_idx] = end.astype("<u8").view(np.uint8)
     return arr.tobytes()
@@ -1029,11 +1036,6 @@ def main(argv: list[str] | None = None) -> int:
         print("redis-server not found on PATH", file=sys.stderr)
         return 2
     command = "python -m benchmarks.ingest" + ("".join(" " + a for a in argv))
-
-    def interrupted(signum, frame):  # SIGTERM unwinds like Ctrl-C, so every finally runs
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    signal.signal(signal.SIGTERM, interrupted)
     t_start, load0 = time.monotonic(), os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="backflow-bench-")
     n_workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
@@ -1158,9 +1160,19 @@ def main(argv: list[str] | None = None) -> int:
     return status
 
 
-if __name__ == "__main__":
+def run_main(main) -> None:
+    """Exit with ``main()``'s status. SIGTERM unwinds like Ctrl-C, so every ``finally`` runs
+    and the redis-server, backflow and client processes started are stopped (status 130)."""
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         sys.exit(main())
     except KeyboardInterrupt:
         print("\ninterrupted; redis-server, backflow and the clients were stopped", file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == "__main__":
+    run_main(main)
