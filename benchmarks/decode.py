@@ -43,14 +43,14 @@ def build_requests(n_requests: int, locations: int, seed: int) -> list[bytes]:
 
 def otlp_json(request: bytes) -> bytes:
     """An ExportTraceServiceRequest as an OTLP/JSON body: protobuf's JSON mapping, with the
-    trace and span ids in hex (as the OTLP specification writes them), not base64."""
+    trace and span ids in hex and enums as integers (as the OTLP specification writes them)."""
     import base64
     import json
 
     from google.protobuf import json_format
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-    obj = json_format.MessageToDict(ExportTraceServiceRequest.FromString(request))
+    obj = json_format.MessageToDict(ExportTraceServiceRequest.FromString(request), use_integers_for_enums=True)
     for rs in obj.get("resourceSpans", []):
         for ss in rs.get("scopeSpans", []):
             for span in ss.get("spans", []):

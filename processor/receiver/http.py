@@ -62,8 +62,9 @@ _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
 
 class _Refusal(Exception):
-    """An HTTP error answer: status, message, extra headers; ``close`` when the body was
-    not read (the connection cannot carry another request then)."""
+    """An HTTP error answer: status, message, extra headers; ``close``: the connection
+    cannot carry another request (a body read in part, or the server stopping). A body not
+    read at all is skipped when small enough, so that the connection stays usable."""
 
     def __init__(self, status: int, message: str, close: bool = False, headers: dict | None = None,
                  details: tuple[Message, ...] = ()):
@@ -141,28 +142,25 @@ class _Handler(BaseHTTPRequestHandler):
         receiver = self.server.receiver
         ctype = _media_type(self.headers.get("Content-Type"))
         as_json = ctype != PROTOBUF  # answers in the request's encoding; JSON for non-OTLP ones
+        self._body_read = False
         try:
             self._check_target(post=True)
             if receiver.token is not None and not token_matches(
                     self.headers.get_all("Authorization", []), receiver.token):
-                # First of all: nothing of an unauthenticated request is read.
+                # First of all: nothing of an unauthenticated request is looked at (its body is
+                # only skipped, to keep the connection).
                 receiver.intake.refuse_request("unauthenticated")
-                raise _Refusal(401, "missing or invalid bearer token", close=True,
-                               headers={"WWW-Authenticate": "Bearer"})
+                raise _Refusal(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
             if ctype not in (PROTOBUF, JSON):
-                raise _Refusal(415, f"Content-Type must be {PROTOBUF} or {JSON}, not {ctype!r}", close=True)
+                raise _Refusal(415, f"Content-Type must be {PROTOBUF} or {JSON}, not {ctype!r}")
             encoding = self.headers.get("Content-Encoding", "").strip().lower()
             if encoding not in ("", "identity", "gzip", "deflate"):
-                raise _Refusal(415, f"Content-Encoding must be gzip, deflate or none, not {encoding!r}",
-                               close=True)
+                raise _Refusal(415, f"Content-Encoding must be gzip, deflate or none, not {encoding!r}")
             with receiver.request():
                 response = self._export(receiver, encoding, as_json)
             self._answer(200, response, as_json)
         except _Refusal as r:
-            if r.close:
-                self.close_connection = True
-            self._answer(r.status, _status_body(_GRPC_CODE.get(r.status, code_pb2.UNKNOWN), r.message,
-                                                r.details), as_json, r.headers)
+            self._refuse(r, as_json)
         except (TimeoutError, ConnectionError):
             self.close_connection = True  # the sender stalled or left mid-body: nobody to answer
         except Exception:
@@ -194,6 +192,7 @@ class _Handler(BaseHTTPRequestHandler):
             raise
 
     def _read_body(self, limit: int) -> bytes:
+        self._body_read = True
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             return self._read_chunked(limit)
         length = self.headers.get("Content-Length")
@@ -233,20 +232,42 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _check_target(self, post: bool = False) -> None:
         if urlsplit(self.path).path != PATH:
-            raise _Refusal(404, f"not found: OTLP/HTTP traces go to POST {PATH}", close=True)
+            raise _Refusal(404, f"not found: OTLP/HTTP traces go to POST {PATH}")
         if not post:
             raise _Refusal(405, f"{self.command} not allowed: OTLP/HTTP traces go to POST {PATH}",
-                           close=True, headers={"Allow": "POST"})
+                           headers={"Allow": "POST"})
 
     def _not_post(self):
-        as_json = _media_type(self.headers.get("Content-Type")) != PROTOBUF
+        self._body_read = False
         try:
             self._check_target()
         except _Refusal as r:
-            self.close_connection = True
-            self._answer(r.status, _status_body(_GRPC_CODE[r.status], r.message, ()), as_json, r.headers)
+            self._refuse(r, _media_type(self.headers.get("Content-Type")) != PROTOBUF)
 
     do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_post  # noqa: N815
+
+    def _refuse(self, r: _Refusal, as_json: bool) -> None:
+        if r.close or not (self._body_read or self._skip_body()):
+            self.close_connection = True
+        self._answer(r.status, _status_body(_GRPC_CODE.get(r.status, code_pb2.UNKNOWN), r.message, r.details),
+                     as_json, r.headers)
+
+    def _skip_body(self) -> bool:
+        """Read and drop the body of a request refused before it was read, if it is no larger
+        than a request may be, so that the connection can carry the next one (the sender's
+        pool keeps it); False when the connection must be closed instead."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            return False
+        length = (self.headers.get("Content-Length") or "0").strip()
+        if not length.isdigit() or int(length) > self.server.receiver.max_request_bytes:
+            return False
+        left = int(length)
+        while left:
+            data = self.rfile.read(min(left, 1 << 16))
+            if not data:
+                return False
+            left -= len(data)
+        return True
 
     def _answer(self, status: int, message: Message, as_json: bool, headers: dict | None = None) -> None:
         if as_json:
