@@ -348,6 +348,14 @@ def _vm_hwm_kib(pid: int) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
+def deep_json(depth: int) -> bytes:
+    """A request whose one resource attribute nests ``depth`` key-value lists."""
+    value: dict = {"stringValue": "x"}
+    for _ in range(depth):
+        value = {"kvlistValue": {"values": [{"key": "k", "value": value}]}}
+    return json.dumps({"resourceSpans": [{"resource": {"attributes": [{"key": "a", "value": value}]}}]}).encode()
+
+
 def test_what_is_not_an_otlp_request_gets_its_status_code(backflow, redis_client):
     """Each refusal with its status, its google.rpc.Status body (in the request's encoding)
     and its counter; then the server still takes a normal request and is healthy."""
@@ -374,11 +382,13 @@ def test_what_is_not_an_otlp_request_gets_its_status_code(backflow, redis_client
         (b'{"resourceSpans": [{"scopeSpans": [{"spans": [{"name": "\\ud800"}]}]}]}', JSON, {}, "name"),
         (b"\x1f\x8b not gzip", PROTOBUF, {"Content-Encoding": "gzip"}, "corrupt gzip body"),
         (gzip.compress(good)[:-12], PROTOBUF, {"Content-Encoding": "gzip"}, "gzip body cut short"),
+        (b"[" * 100_000 + b"]" * 100_000, JSON, {}, "not JSON"),  # deeper than Python's recursion
+        (deep_json(150), JSON, {}, "not an OTLP ExportTraceServiceRequest"),  # deeper than protobuf's 100
     ]:
         st = refused(400, body, ctype, headers=headers)
         assert st.code == code_pb2.INVALID_ARGUMENT and says in st.message, st.message
         assert st.details[0].Is(error_details_pb2.BadRequest.DESCRIPTOR)
-    assert bf.metrics()[refused_requests("malformed")] == 9
+    assert bf.metrics()[refused_requests("malformed")] == 11
 
     # 413: over the limit by Content-Length (refused before the body is sent), chunked, and
     # a gzip bomb (1 GiB of zeros in 1 MiB), inflated only up to the limit
