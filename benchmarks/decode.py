@@ -15,6 +15,10 @@ with an exception event. Decoders:
 - ``decode_request_compiled``: processor.receiver._fastdecode plus building the Batch
   (numpy views of its columns, Location objects).
 - ``_fastdecode.decode``: the C function alone, without building the Batch.
+- ``json.loads (OTLP/JSON)``, ``json_request (OTLP/JSON)``, ``json_request + decode_request``:
+  the same requests as OTLP/JSON bodies (``otlp_json``), parsed by the standard library
+  alone, converted to protobuf bytes (processor.receiver.otlpjson), and converted and
+  decoded: what an OTLP/HTTP JSON body costs where a protobuf body costs ``decode_request``.
 
 Rounds interleave the decoders, so that the noise of a shared machine hits them alike;
 within a round each decoder decodes all requests at least ``--min-pass`` seconds long.
@@ -37,6 +41,26 @@ def build_requests(n_requests: int, locations: int, seed: int) -> list[bytes]:
     return reqs
 
 
+def otlp_json(request: bytes) -> bytes:
+    """An ExportTraceServiceRequest as an OTLP/JSON body: protobuf's JSON mapping, with the
+    trace and span ids in hex and enums as integers (as the OTLP specification writes them)."""
+    import base64
+    import json
+
+    from google.protobuf import json_format
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    obj = json_format.MessageToDict(ExportTraceServiceRequest.FromString(request), use_integers_for_enums=True)
+    for rs in obj.get("resourceSpans", []):
+        for ss in rs.get("scopeSpans", []):
+            for span in ss.get("spans", []):
+                for item in [span, *span.get("links", [])]:
+                    for name in ("traceId", "spanId", "parentSpanId"):
+                        if name in item:
+                            item[name] = base64.b64decode(item[name]).hex()
+    return json.dumps(obj).encode()
+
+
 def describe(reqs: list[bytes]) -> dict:
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
@@ -52,6 +76,7 @@ def describe(reqs: list[bytes]) -> dict:
                 attrs += sum(len(sp.attributes) for sp in ss.spans)
         locs += len(decode_request_python(b).locations)
     return {"requests": len(reqs), "spans": spans, "bytes_per_span": sum(map(len, reqs)) / spans,
+            "json_bytes_per_span": sum(len(otlp_json(b)) for b in reqs) / spans,
             "attrs_per_span": attrs / spans, "locations_per_request": locs / len(reqs)}
 
 
@@ -69,29 +94,47 @@ def check_identical(reqs: list[bytes]) -> None:
             assert np.array_equal(getattr(fast, col), getattr(ref, col)), col
 
 
+def check_json_round_trip(reqs: list[bytes]) -> None:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from processor.receiver.otlpjson import json_request
+
+    for b in reqs:
+        assert ExportTraceServiceRequest.FromString(json_request(otlp_json(b))) == \
+            ExportTraceServiceRequest.FromString(b), "OTLP/JSON did not give the same request back"
+
+
 def decoders() -> dict:
+    """Name -> (function, True when it takes the OTLP/JSON body of a request)."""
+    import json
+
     from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
     from processor.receiver import decode
+    from processor.receiver.otlpjson import json_request
 
     def parse(b):
         ExportTraceServiceRequest().ParseFromString(b)
 
-    out = {"ParseFromString": parse, "decode_request_python": decode.decode_request_python}
+    out = {"ParseFromString": (parse, False), "decode_request_python": (decode.decode_request_python, False)}
     if decode._compiled is not None:
-        out["decode_request_compiled"] = decode.decode_request_compiled
-        out["_fastdecode.decode (C only)"] = decode._compiled.decode
+        out["decode_request_compiled"] = (decode.decode_request_compiled, False)
+        out["_fastdecode.decode (C only)"] = (decode._compiled.decode, False)
+    out["json.loads (OTLP/JSON)"] = (json.loads, True)
+    out["json_request (OTLP/JSON)"] = (json_request, True)
+    out["json_request + decode_request"] = (lambda b: decode.decode_request(json_request(b)), True)
     return out
 
 
 def measure(fns: dict, reqs: list[bytes], spans: int, rounds: int, min_pass: float) -> dict[str, list[float]]:
     rates: dict[str, list[float]] = {name: [] for name in fns}
+    bodies = {False: reqs, True: [otlp_json(b) for b in reqs]}
     for _ in range(rounds):
-        for name, fn in fns.items():
+        for name, (fn, takes_json) in fns.items():
             t_end = time.perf_counter() + min_pass
             while True:
                 t0 = time.perf_counter()
-                for b in reqs:
+                for b in bodies[takes_json]:
                     fn(b)
                 t1 = time.perf_counter()
                 rates[name].append(spans / (t1 - t0))
@@ -118,11 +161,13 @@ def main(argv=None) -> None:
     info = describe(reqs)
     if decode._compiled is not None:
         check_identical(reqs)
+    check_json_round_trip(reqs)
     fns = decoders()
     rates = measure(fns, reqs, info["spans"], args.rounds, args.min_pass)
 
     print(f"{info['requests']} requests, {info['spans']:,} spans "
-          f"({info['spans'] / info['requests']:.0f} per request), {info['bytes_per_span']:.0f} bytes and "
+          f"({info['spans'] / info['requests']:.0f} per request), {info['bytes_per_span']:.0f} bytes "
+          f"({info['json_bytes_per_span']:.0f} as OTLP/JSON) and "
           f"{info['attrs_per_span']:.1f} attributes per span, {info['locations_per_request']:.0f} locations "
           f"per request; {args.rounds} rounds")
     if decode._compiled is None:

@@ -1,7 +1,8 @@
-"""Ingest benchmark: OTLP/gRPC spans in, aggregated windows out, against real processes.
+"""Ingest benchmark: OTLP spans in, aggregated windows out, against real processes.
 
     python -m benchmarks.ingest            # full run, about 2 minutes
     python -m benchmarks.ingest --quick    # short run, under a minute
+    python -m benchmarks.ingest --transport http       # the same over OTLP/HTTP (protobuf)
 
 What it measures, all in one run:
 
@@ -13,6 +14,8 @@ What it measures, all in one run:
    queued in the server when sending stops is part of it. The accepted-only rate (until the
    last Export call returned) is printed too. A request refused with UNAVAILABLE is sent
    again after the delay of the server's RetryInfo (``--retry-sleep`` fixes one instead).
+   ``--transport http`` sends the same requests as OTLP/HTTP bodies (kept-alive
+   connections, a 503 retried after its Retry-After), ``--transport http-json`` as OTLP/JSON.
 2. Decode-only ceiling: ``ExportTraceServiceRequest().ParseFromString`` over the same
    requests in this process (one core), and the project's own
    ``processor.receiver.decode.decode_request``, in spans/s.
@@ -360,19 +363,69 @@ def retry_delay(err, default: float) -> float:
     return default
 
 
-def client_main(proc: int, w: Workload, lanes: list[int], per_lane: int, window_ns: int, target: str,
-                duration: float, retry_sleep: float | None, ready_q, start_evt, result_q,
-                lane_rate: float = 0.0) -> None:
-    """One client process: builds its lanes' requests, then, when told to start, sends them
-    for at most ``duration`` seconds, one lane per thread, each lane one call at a time."""
-    try:
+def exporter(transport: str, target: str):
+    """``export(request bytes) -> (spans rejected, None)``, or ``(0, retry delay)`` when the
+    server throttles (gRPC UNAVAILABLE with RetryInfo, HTTP 503 with Retry-After); anything
+    else raises. ``transport``: ``grpc``, ``http`` (protobuf bodies) or ``http-json`` (the
+    caller passes OTLP/JSON bodies). Each thread has its own HTTP connection, kept alive."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+    if transport == "grpc":
         import grpc
 
-        lanes_data = {lane: lane_requests(w, lane, per_lane, window_ns) for lane in lanes}
         channel = grpc.insecure_channel(target, options=[
             ("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", 16 << 20)])
         grpc.channel_ready_future(channel).result(timeout=20)
         call = channel.unary_unary(EXPORT_METHOD)  # no serializers: raw bytes in and out
+
+        def export(body: bytes) -> tuple[int, float | None]:
+            try:
+                resp = call(body, timeout=120)
+            except grpc.RpcError as e:
+                if e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                return 0, retry_delay(e, 0.05)
+            # partial success: some spans refused
+            return (ExportTraceServiceResponse.FromString(resp).partial_success.rejected_spans if resp else 0), None
+        return export
+
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    url = urlsplit(target)
+    ctype = "application/json" if transport == "http-json" else "application/x-protobuf"
+    local = threading.local()
+
+    def export(body: bytes) -> tuple[int, float | None]:
+        if getattr(local, "conn", None) is None:
+            local.conn = http.client.HTTPConnection(url.hostname, url.port, timeout=120)
+        local.conn.request("POST", url.path, body=body, headers={"Content-Type": ctype})
+        r = local.conn.getresponse()
+        answer = r.read()
+        if r.status == 503:
+            return 0, float(r.getheader("Retry-After", "0.05"))
+        if r.status != 200:
+            raise RuntimeError(f"HTTP {r.status}: {answer[:200]!r}")
+        if transport == "http-json":
+            return int(json.loads(answer).get("partialSuccess", {}).get("rejectedSpans", 0)), None
+        return ExportTraceServiceResponse.FromString(answer).partial_success.rejected_spans, None
+    return export
+
+
+def client_main(proc: int, w: Workload, lanes: list[int], per_lane: int, window_ns: int, target: str,
+                duration: float, retry_sleep: float | None, ready_q, start_evt, result_q,
+                lane_rate: float = 0.0, transport: str = "grpc") -> None:
+    """One client process: builds its lanes' requests, then, when told to start, sends them
+    for at most ``duration`` seconds, one lane per thread, each lane one call at a time."""
+    try:
+        lanes_data = {lane: lane_requests(w, lane, per_lane, window_ns) for lane in lanes}
+        if transport == "http-json":  # converted here, before the clock runs
+            from benchmarks.decode import otlp_json
+
+            lanes_data = {lane: ([otlp_json(b) for b in reqs], counts, pairs)
+                          for lane, (reqs, counts, pairs) in lanes_data.items()}
+        export = exporter(transport, target)
         built = sum(sum(n) for _, n, _ in lanes_data.values())
         ready_q.put((proc, built, None))
         if not start_evt.wait(timeout=300):
@@ -397,28 +450,21 @@ def client_main(proc: int, w: Workload, lanes: list[int], per_lane: int, window_
                             time.sleep(pause)
                         due += n / lane_rate
                     while True:
-                        try:
-                            t_call = time.perf_counter()
-                            resp = call(b, timeout=120)
+                        t_call = time.perf_counter()
+                        refused, delay = export(b)
+                        if delay is None:
                             latencies.append(time.perf_counter() - t_call)
                             break
-                        except grpc.RpcError as e:
-                            if e.code() != grpc.StatusCode.UNAVAILABLE:
-                                raise
-                            retries += 1
-                            delay = retry_sleep if retry_sleep is not None else retry_delay(e, 0.05)
-                            if time.monotonic() + delay >= deadline:
-                                resp = None
-                                break
-                            time.sleep(delay)
-                    if resp is None:  # time is up while the server was refusing it
+                        retries += 1
+                        delay = retry_sleep if retry_sleep is not None else delay
+                        if time.monotonic() + delay >= deadline:
+                            break
+                        time.sleep(delay)
+                    if delay is not None:  # time is up while the server was refusing it
                         break
                     sent += 1
                     nbytes += len(b)
-                    if resp:  # partial success: some spans refused
-                        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
-                            ExportTraceServiceResponse)
-                        rejected += ExportTraceServiceResponse.FromString(resp).partial_success.rejected_spans
+                    rejected += refused
             except Exception as e:  # reported to the parent, which fails the run
                 with lock:
                     stats["errors"].append(f"{type(e).__name__}: {e}")
@@ -441,7 +487,6 @@ def client_main(proc: int, w: Workload, lanes: list[int], per_lane: int, window_
             th.start()
         for th in threads:
             th.join()
-        channel.close()
         stats["first"], stats["last"] = min(stats["first"]), max(stats["last"])
         result_q.put(stats)
     except Exception:
@@ -563,10 +608,11 @@ class Stack:
                 if self.redis.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("redis-server did not start; see " + self.tmp)
                 time.sleep(0.05)
-        self.grpc_port, self.metrics_port = free_port(), free_port()
+        self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
         self.target = f"127.0.0.1:{self.grpc_port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}/v1/traces"
         cmd = [sys.executable, "-m", "processor", "serve",
-               "--otlp-grpc", self.target, "--otlp-http", "off",
+               "--otlp-grpc", self.target, "--otlp-http", f"127.0.0.1:{self.http_port}",
                "--metrics", f"127.0.0.1:{self.metrics_port}",
                "--redis-url", f"redis://127.0.0.1:{self.redis_port}/0",
                "--window", f"{self.window:g}", "--allowed-lateness", "0", "--log-level", "warning", *self.extra_args]
@@ -610,7 +656,7 @@ class Stack:
 
 
 def run_clients(w: Workload, clients: int, inflight: int, per_lane: int, window_ns: int, target: str,
-                duration: float, retry_sleep: float | None, rate: float = 0.0) -> dict:
+                duration: float, retry_sleep: float | None, rate: float = 0.0, transport: str = "grpc") -> dict:
     """Spawn the client processes, start them together, return their combined figures.
 
     ``rate``: spans/s over all lanes, each lane paced to its share (0: every lane sends its
@@ -623,7 +669,7 @@ def run_clients(w: Workload, clients: int, inflight: int, per_lane: int, window_
             lanes = list(range(p * inflight, (p + 1) * inflight))
             proc = ctx.Process(target=client_main, daemon=True, name=f"bench-client-{p}",
                                args=(p, w, lanes, per_lane, window_ns, target, duration, retry_sleep,
-                                     ready_q, start_evt, result_q, rate / (clients * inflight)))
+                                     ready_q, start_evt, result_q, rate / (clients * inflight), transport))
             proc.start()
             procs.append(proc)
         def get(q, timeout: float, what: str):
@@ -747,11 +793,12 @@ def phase_throughput(args, tmp: str, workers: int = 1, rate: float = 0.0) -> dic
             spy = subprocess.Popen([beside if os.path.exists(beside) else "py-spy", "record", "-p", str(stack.pid), "-o", args.profile, "-f", "raw",
                                     "-r", "100", "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        r = run_clients(w, args.clients, args.inflight, per_lane, int(args.window * 1e9), stack.target,
-                        args.duration, args.retry_sleep, rate=rate)
+        target = stack.target if args.transport == "grpc" else stack.http_url
+        r = run_clients(w, args.clients, args.inflight, per_lane, int(args.window * 1e9), target,
+                        args.duration, args.retry_sleep, rate=rate, transport=args.transport)
         total = r["spans"] - r["rejected"]
         print(f"  {r['spans']:,} spans accepted in {r['last'] - r['first']:.1f} s "
-              f"({r['retries']:,} UNAVAILABLE retries); waiting for the window stage ...", flush=True)
+              f"({r['retries']:,} throttled retries); waiting for the window stage ...", flush=True)
         done = wait_processed(stack, total, args.poll)
         t_done, m = done["t"], done["metrics"]
         if spy:  # py-spy writes its profile on SIGINT
@@ -983,6 +1030,10 @@ def main(argv: list[str] | None = None) -> int:
                    "(default 50; 5 with --quick); the backlog is then drained and timed too")
     p.add_argument("--spans", type=int, help="spans built beforehand, the most that can be sent "
                    "(default 1,200,000; 80,000 with --quick)")
+    p.add_argument("--transport", choices=("grpc", "http", "http-json"), default="grpc",
+                   help="how the throughput and latency phases send: OTLP/gRPC (default), OTLP/HTTP "
+                        "with protobuf bodies, or with OTLP/JSON bodies (converted by the clients "
+                        "before the clock runs: give fewer --spans)")
     p.add_argument("--clients", type=int, default=2, help="client processes (default 2)")
     p.add_argument("--inflight", type=int, default=4,
                    help="concurrent Export calls per client process, one lane each (default 4)")
@@ -1070,9 +1121,10 @@ def main(argv: list[str] | None = None) -> int:
 
     tp = runs[0]
     w = tp["workload"]
-    retry = ("RetryInfo delay" if args.retry_sleep is None else f"fixed {args.retry_sleep:g} s")
+    retry = ("the server's delay (RetryInfo, Retry-After)" if args.retry_sleep is None
+             else f"fixed {args.retry_sleep:g} s")
     rows = [
-        ("workload", f"{tp['spans']:,} spans sent in {tp['requests']:,} requests "
+        ("workload", f"{tp['spans']:,} spans sent in {tp['requests']:,} requests over {args.transport} "
                      f"({tp['bytes'] / tp['spans']:.0f} B/span, 512..1000 spans, 14-15 attrs/span)"),
         ("", f"sending stopped after {args.duration:g} s or when the {tp['built']:,} built spans ran out "
              f"({tp['exhausted']} of {tp['lanes']} lanes ran out)"),
@@ -1088,7 +1140,7 @@ def main(argv: list[str] | None = None) -> int:
                                      f"aggregated; accepted at {r['accepted_rate']:,.0f} spans/s)"),
             ("  server CPU (all its processes)", f"{r['cpu_s']:>12.1f} s   ({r['cpu_s'] / r['e2e_s']:.2f} cores; "
                                                 f"{r['spans'] / r['cpu_s']:,.0f} spans per CPU-second)"),
-            ("  UNAVAILABLE retries", f"{r['retries']:>12,}   ({r['overloaded']:,.0f} spans refused as "
+            ("  throttled retries", f"{r['retries']:>12,}   ({r['overloaded']:,.0f} spans refused as "
                                       f"overloaded, retried after {retry})"),
             ("  late / rejected, windows, events", f"{r['late']:>12,.0f} / {r['rejected']:,}, "
                                                    f"{r['windows']:,.0f}, {r['events']:,.0f}"),

@@ -23,8 +23,9 @@ from processor.detect import Detector, Observation, build_detectors
 from processor.detect.first_seen import FirstSeen
 from processor.events import Event
 from processor.memtrim import release_free_memory
+from processor.receiver import build_receivers
 from processor.receiver.decode import Batch
-from processor.receiver.grpc import OVERLOAD_RETRY_S, GrpcReceiver, Overloaded, server_credentials
+from processor.receiver.intake import OVERLOAD_RETRY_S, Overloaded
 from processor.receiver.workers import ReceiverPool
 from processor.sinks.prometheus import Metrics, serve_http
 from processor.sinks.redis_streams import RedisSink
@@ -289,7 +290,7 @@ class Backflow:
                               on_event_written=lambda t: self.metrics.events.labels(type=t).inc(),
                               on_dropped=self.metrics.redis_dropped.inc)
         self.pipeline: Pipeline | None = None
-        self.receiver: GrpcReceiver | None = None
+        self.receivers_here: list = []  # OTLP/gRPC and OTLP/HTTP, when they run in this process
         self.receivers: ReceiverPool | None = None
         self.http = None
         self._listening = False
@@ -341,18 +342,10 @@ class Backflow:
             self.pipeline.on_tick = self.receivers.update_backpressure
             self.receivers.start()
         else:
-            cfg = self.cfg
-            self.receiver = GrpcReceiver(cfg.otlp_grpc, cfg.max_request_bytes, self.pipeline.offer,
-                                         self.metrics, has_room=self.pipeline.has_room,
-                                         credentials=server_credentials(cfg.tls_cert, cfg.tls_key,
-                                                                        cfg.tls_client_ca),
-                                         auth_token=cfg.auth_token, max_clock_skew_ns=cfg.max_clock_skew_ns,
-                                         max_attribute_length=cfg.max_attribute_length)
-            self.receiver.start()
+            for receiver in build_receivers(self.cfg, self.pipeline.offer, self.metrics, self.pipeline.has_room):
+                self.receivers_here.append(receiver)  # (stopped by stop() if a later one cannot listen)
+                receiver.start()
         self._listening = True
-        if self.cfg.otlp_http != "off":
-            log.info("OTLP/HTTP (%s) is not served yet; send OTLP/gRPC to %s",
-                     self.cfg.otlp_http, self.cfg.otlp_grpc)
         return True
 
     def stop(self, deadline: float = 20.0) -> bool:
@@ -360,8 +353,8 @@ class Backflow:
         out, within about ``deadline`` seconds; False when writes were left undelivered."""
         t0 = time.monotonic()
         self._listening = False
-        if self.receiver:
-            self.receiver.stop(grace=min(5.0, deadline / 4))
+        for receiver in self.receivers_here:
+            receiver.stop(grace=min(5.0, deadline / 4))
         if self.receivers:
             self.receivers.stop()
         if self.pipeline:

@@ -215,18 +215,19 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("otlp_grpc", "0.0.0.0:4317", parse_address, "OTLP/gRPC listen address", "ADDR"),
     Setting("otlp_http", "0.0.0.0:4318", parse_address_or_off,
-            "OTLP/HTTP listen address, 'off' disables (not served yet: see README)", "ADDR"),
+            "OTLP/HTTP listen address (POST /v1/traces, protobuf or JSON, gzip), 'off' disables", "ADDR"),
     Setting("tls_cert", None, parse_readable_file,
-            "PEM certificate chain of the OTLP/gRPC receiver; with tls_key, the receiver speaks "
+            "PEM certificate chain of the OTLP receivers (gRPC and HTTP); with tls_key, they speak "
             "only TLS", "FILE"),
     Setting("tls_key", None, parse_readable_file,
             "PEM private key (not encrypted) of tls_cert", "FILE"),
     Setting("tls_client_ca", None, parse_readable_file,
-            "PEM CA certificates; when set, OTLP/gRPC clients must present a certificate they "
+            "PEM CA certificates; when set, OTLP clients must present a certificate they "
             "signed (mutual TLS); needs tls_cert", "FILE"),
     Setting("auth_token", None, parse_token,
-            "bearer token OTLP Export calls must send (metadata 'authorization: Bearer TOKEN'), "
-            "else UNAUTHENTICATED; the gRPC health service stays open. Prefer the environment "
+            "bearer token OTLP Export calls must send (gRPC metadata or HTTP header "
+            "'authorization: Bearer TOKEN'), else UNAUTHENTICATED (HTTP 401); the gRPC health service "
+            "stays open. Prefer the environment "
             "or auth_token_file to the flag, which the process list shows", "TOKEN"),
     Setting("auth_token_file", None, parse_readable_file,
             "file holding the bearer token (surrounding whitespace ignored); instead of auth_token",
@@ -244,7 +245,8 @@ SETTINGS: tuple[Setting, ...] = (
             "processing-time seconds without spans from a service after which its windows close",
             "SECONDS"),
     Setting("max_request_bytes", 4 * 1024 * 1024, positive_int,
-            "largest OTLP request accepted (after decompression); larger ones get RESOURCE_EXHAUSTED",
+            "largest OTLP request accepted (after decompression); larger ones get RESOURCE_EXHAUSTED "
+            "(HTTP 413)",
             "BYTES"),
     Setting("max_clock_skew", 3600.0, non_negative_float,
             "spans ending more than this far ahead of this host's clock are refused (reason "

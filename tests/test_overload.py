@@ -49,9 +49,6 @@ SPANS_PER_SENDER = 4_000
 BATCH = 512               # max_export_batch_size: the spans of one OTLP request
 FUNCTIONS = [f"shop.load.f{i}" for i in range(20)]
 
-ACCEPTED = 'backflow_receiver_accepted_spans_total{transport="grpc"}'
-OVERLOADED = 'backflow_receiver_refused_spans_total{reason="overloaded",transport="grpc"}'
-INVALID = 'backflow_receiver_refused_spans_total{reason="invalid_span",transport="grpc"}'
 
 
 class _Attempts(grpc.UnaryUnaryClientInterceptor):
@@ -117,11 +114,16 @@ class _Hold(SpanProcessor):
         self.spans.append(span)
 
 
-def _send(target: str, sender: int, start, out) -> None:
-    """One sender process. Processes, not threads: threads of one process share its GIL,
+def grpc_exporter(target: str) -> RecordingExporter:
+    return RecordingExporter(endpoint=target, insecure=True, timeout=90)
+
+
+def _send(make_exporter, target: str, sender: int, start, out) -> None:
+    """One sender process, exporting through ``make_exporter(target)`` (which records its
+    exports in ``.exports``). Processes, not threads: threads of one process share its GIL,
     and together they are not faster than the server."""
     try:
-        exporter = RecordingExporter(endpoint=target, insecure=True, timeout=90)
+        exporter = make_exporter(target)
         # A queue big enough that the SDK never drops a span on its side.
         bsp = BatchSpanProcessor(exporter, max_queue_size=SPANS_PER_SENDER, max_export_batch_size=BATCH,
                                  schedule_delay_millis=50)
@@ -163,12 +165,11 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-def test_overloaded_server_refuses_with_unavailable_and_the_sdk_loses_nothing(backflow, redis_client):
+def overload(bf, make_exporter, target: str, senders: int = SENDERS) -> tuple[dict, dict, float]:
+    """``senders`` sender processes export through ``make_exporter(target)`` all at once, while
+    the server's queue gauge and resident memory are sampled. Returns each sender's result
+    (see ``_send``), the samples and the seconds until every sender was done."""
     t_start = time.monotonic()
-    bf = backflow("--queue-batches", "1", "--window", "1", "--allowed-lateness", "2",
-                  "--idle-timeout", "600")
-
-    # Sample the server while it is loaded: its queue gauge and its resident memory.
     samples: dict[str, list] = {"queue": [], "rss_kib": []}
     stop_sampling = threading.Event()
 
@@ -185,15 +186,15 @@ def test_overloaded_server_refuses_with_unavailable_and_the_sdk_loses_nothing(ba
     sampler.start()
 
     ctx = multiprocessing.get_context("spawn")  # no fork of a process with gRPC threads
-    barrier, results = ctx.Barrier(SENDERS), ctx.Queue()
-    senders = [ctx.Process(target=_send, args=(bf.grpc_target, i, barrier, results), daemon=True)
-               for i in range(SENDERS)]
-    for p in senders:
+    barrier, results = ctx.Barrier(senders), ctx.Queue()
+    processes = [ctx.Process(target=_send, args=(make_exporter, target, i, barrier, results), daemon=True)
+                 for i in range(senders)]
+    for p in processes:
         p.start()
     out: dict = {}
     try:
         deadline = time.monotonic() + 150
-        while len(out) < SENDERS and time.monotonic() < deadline:
+        while len(out) < senders and time.monotonic() < deadline:
             try:
                 sender, result = results.get(timeout=1)
             except queue.Empty:
@@ -201,40 +202,60 @@ def test_overloaded_server_refuses_with_unavailable_and_the_sdk_loses_nothing(ba
             assert "error" not in result, f"sender {sender} failed:\n{result['error']}"
             out[sender] = result
     finally:
-        for p in senders:
+        for p in processes:
             p.join(10)
             if p.is_alive():
                 p.kill()
         stop_sampling.set()
         sampler.join(5)
-    send_s = time.monotonic() - t_start
-    assert sorted(out) == list(range(SENDERS)), "a sender did not finish"
+    assert sorted(out) == list(range(senders)), "a sender did not finish"
+    return out, samples, time.monotonic() - t_start
+
+
+# How the server is made easy to overload (see the module docstring).
+OVERLOAD_FLAGS = ("--queue-batches", "1", "--window", "1", "--allowed-lateness", "2", "--idle-timeout", "600")
+
+
+def test_overloaded_server_refuses_with_unavailable_and_the_sdk_loses_nothing(backflow, redis_client):
+    bf = backflow(*OVERLOAD_FLAGS)
+    out, samples, send_s = overload(bf, grpc_exporter, bf.grpc_target)
+    check_nothing_lost(bf, out, samples, send_s, "grpc", refused_code="UNAVAILABLE", ok_code="OK")
+
+
+def check_nothing_lost(bf, out: dict, samples: dict, send_s: float, transport: str, refused_code, ok_code) -> list:
+    """What ``overload`` must end with, whatever the transport: every batch exported after
+    refusals (``refused_code``, each with a retry delay of 1 s) and retries, each refused
+    attempt counted, whole, as overloaded, and every span created accepted once and
+    aggregated. Returns the exports."""
+    accepted = f'backflow_receiver_accepted_spans_total{{transport="{transport}"}}'
+    overloaded = f'backflow_receiver_refused_spans_total{{reason="overloaded",transport="{transport}"}}'
+    invalid = f'backflow_receiver_refused_spans_total{{reason="invalid_span",transport="{transport}"}}'
 
     # The SDK side: every span created was handed to the exporter, and every batch was
-    # finally exported with SUCCESS, after refusals (UNAVAILABLE, RetryInfo 1 s) and retries.
+    # finally exported with SUCCESS, after refusals (with a retry delay of 1 s) and retries.
     created = sum(o["created"] for o in out.values())
-    assert created == SENDERS * SPANS_PER_SENDER
+    assert created == len(out) * SPANS_PER_SENDER
     assert all(o["flushed"] for o in out.values())
     exports = [e for o in out.values() for e in o["exports"]]
     assert [e["result"] for e in exports if e["result"] != SpanExportResult.SUCCESS.name] == []
     assert sum(e["spans"] for e in exports) == created
     for e in exports:
-        assert e["codes"] == ["UNAVAILABLE"] * (len(e["codes"]) - 1) + ["OK"], e["codes"]
+        assert e["codes"] == [refused_code] * (len(e["codes"]) - 1) + [ok_code], e["codes"]
         assert e["retry_info"] == [1.0] * (len(e["codes"]) - 1)
     unavailable = sum(len(e["codes"]) - 1 for e in exports)
     assert unavailable > 0, "the server was never overloaded"
 
     # The server side, once its pipeline has caught up: ...
     m = bf.wait_for(lambda: (m := bf.metrics())["backflow_processed_spans_total"]
-                    + m["backflow_late_spans_total"] == m.get(ACCEPTED) and m,
+                    + m["backflow_late_spans_total"] == m.get(accepted) and m,
                     timeout=30, what="the pipeline to process every accepted span")
     # ... each refused attempt was counted, whole, as overloaded ...
-    refused = m.get(OVERLOADED, 0.0)
+    refused = m.get(overloaded, 0.0)
     assert refused == sum(e["spans"] * (len(e["codes"]) - 1) for e in exports) > 0
-    assert m.get(INVALID, 0.0) == 0
+    assert m.get(invalid, 0.0) == 0
     # ... and every span the SDK created was accepted once and aggregated: none lost, none
     # counted twice, none late.
-    assert m[ACCEPTED] == created
+    assert m[accepted] == created
     assert m["backflow_processed_spans_total"] == created
     assert m["backflow_late_spans_total"] == 0
     # Memory stays bounded: the queue never held more than its one batch.
@@ -245,9 +266,10 @@ def test_overloaded_server_refuses_with_unavailable_and_the_sdk_loses_nothing(ba
     for e in exports:
         for i, w in enumerate(e["waits"]):
             waits.setdefault(i + 1, []).append(w)
-    print(f"\nspans={created} batches={len(exports)} unavailable={unavailable} "
+    print(f"\n{transport}: spans={created} batches={len(exports)} refused_attempts={unavailable} "
           f"refused_overloaded_spans={refused:.0f} attempts_per_batch={sorted(per_batch.items())} "
           "sdk_wait_before_retry_s={"
           + ", ".join(f"{n}: {min(w):.2f}-{max(w):.2f}" for n, w in sorted(waits.items())) + "} "
           f"export_s={max(o['export_s'] for o in out.values()):.1f} until_senders_done_s={send_s:.1f} "
           f"queue_max={max(samples['queue']):.0f} server_rss_max_mib={max(samples['rss_kib'] or [0]) / 1024:.0f}")
+    return exports

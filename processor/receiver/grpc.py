@@ -1,8 +1,9 @@
 """OTLP/gRPC receiver: TraceService/Export plus grpc.health.v1.
 
 The handler takes the raw request bytes (no generated deserializer, so each request is
-parsed exactly once, by ``decode``), hands the batch to the pipeline and answers with OTLP
-partial success for the spans it refused. When the pipeline is full it answers UNAVAILABLE
+parsed exactly once, by ``decode``), gives them to the ``Intake`` it shares with OTLP/HTTP
+(decode, hand the batch to the pipeline, count) and answers with OTLP partial success for
+the spans refused. When the pipeline is full it answers UNAVAILABLE
 with a google.rpc.RetryInfo delay: the OTLP throttling rule, which exporters retry.
 
 Security (both optional): TLS on the listening port (``server_credentials``, mutual TLS
@@ -13,34 +14,20 @@ no token: probes (Kubernetes' gRPC probe among them) send none.
 
 from __future__ import annotations
 
-import hmac
 import logging
-import time
 from concurrent import futures
-from typing import Callable
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
-from processor.receiver.decode import (
-    REASON_LABELS, Batch, MalformedRequest, count_spans, decode_request, end_limit,
-)
+from processor.receiver.decode import MalformedRequest
+from processor.receiver.intake import Intake, Overloaded, token_matches
 
 log = logging.getLogger("backflow.grpc")
 
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
-OVERLOAD_RETRY_S = 1.0  # RetryInfo delay sent with UNAVAILABLE when the pipeline is full
-
-
-class Overloaded(Exception):
-    """The pipeline cannot take the batch now; the sender should retry after ``delay_s``."""
-
-    def __init__(self, delay_s: float):
-        super().__init__(f"pipeline full, retry in {delay_s:g}s")
-        self.delay_s = delay_s
 
 
 def _unavailable(context: grpc.ServicerContext, delay_s: float) -> None:
@@ -67,34 +54,18 @@ def server_credentials(cert: str | None, key: str | None, client_ca: str | None 
         require_client_auth=client_ca is not None)
 
 
-def _bearer_tokens(context: grpc.ServicerContext):
-    """The tokens of the call's ``authorization: Bearer ...`` metadata, as bytes."""
-    for key, value in context.invocation_metadata():
-        if key == "authorization":  # gRPC metadata keys arrive lower-cased
-            scheme, _, token = value.strip().partition(" ")
-            if scheme.lower() == "bearer":
-                yield token.strip().encode("utf-8", "replace")
-
-
 class GrpcReceiver:
-    """``on_batch(batch)`` hands a decoded batch on; it raises ``Overloaded`` when full.
+    """TraceService/Export into ``intake`` (see processor/receiver/intake.py).
 
     ``credentials`` (from ``server_credentials``) makes the port TLS-only; with
-    ``auth_token`` an Export call without that bearer token gets UNAUTHENTICATED. Spans
-    ending more than ``max_clock_skew_ns`` ahead of this host's clock, or keeping a value
-    longer than ``max_attribute_length`` characters, are refused (0: no such limit).
+    ``auth_token`` an Export call without that bearer token gets UNAUTHENTICATED.
     """
 
-    def __init__(self, address: str, max_request_bytes: int, on_batch: Callable[[Batch], None],
-                 metrics, workers: int = 8, has_room: Callable[[], bool] = lambda: True,
+    def __init__(self, address: str, max_request_bytes: int, intake: Intake, workers: int = 8,
                  reuse_port: bool = False, credentials: grpc.ServerCredentials | None = None,
-                 auth_token: str | None = None, max_clock_skew_ns: int = 0, max_attribute_length: int = 0):
+                 auth_token: str | None = None):
         self.address = address
-        self.max_clock_skew_ns = max_clock_skew_ns
-        self.max_attribute_length = max_attribute_length
-        self.on_batch = on_batch
-        self.has_room = has_room
-        self.metrics = metrics
+        self.intake = intake
         self.credentials = credentials
         self._token = auth_token.encode() if auth_token else None
         self.server = grpc.server(
@@ -132,42 +103,17 @@ class GrpcReceiver:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
 
-    def _authenticated(self, context: grpc.ServicerContext) -> bool:
-        # compare_digest: the time taken does not tell how much of a guess was right.
-        return any(hmac.compare_digest(t, self._token) for t in _bearer_tokens(context))
-
     def _export(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        if self._token is not None and not self._authenticated(context):
+        if self._token is not None and not token_matches(
+                # gRPC metadata keys arrive lower-cased
+                (v for k, v in context.invocation_metadata() if k == "authorization"), self._token):
             # First of all: nothing of an unauthenticated request is read, not even its
             # span count, and it cannot make others' requests wait or be refused.
-            self.metrics.refused_requests.labels(transport="grpc", reason="unauthenticated").inc()
+            self.intake.refuse_request("unauthenticated")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
-        if not self.has_room():
-            # Refuse before decoding: under overload, decoding what will be refused anyway
-            # only takes the CPU the pipeline needs to catch up.
-            self.metrics.refused.labels(transport="grpc", reason="overloaded").inc(count_spans(request))
-            _unavailable(context, OVERLOAD_RETRY_S)
-        received_at = time.monotonic()
         try:
-            batch = decode_request(request, end_limit(self.max_clock_skew_ns), self.max_attribute_length)
+            return self.intake.export(request).SerializeToString()
         except MalformedRequest as e:
-            self.metrics.refused_requests.labels(transport="grpc", reason="malformed").inc()
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        batch.received_at = received_at
-        if len(batch):
-            try:
-                self.on_batch(batch)
-            except Overloaded as e:
-                # The whole request is refused and will be sent again: count all its spans
-                # as overloaded (as the refusal before decoding does), none as invalid yet.
-                self.metrics.refused.labels(transport="grpc", reason="overloaded").inc(
-                    len(batch) + batch.rejected)
-                _unavailable(context, e.delay_s)
-            self.metrics.accepted.labels(transport="grpc").inc(len(batch))
-        for why, n in batch.reasons.items():
-            self.metrics.refused.labels(transport="grpc", reason=REASON_LABELS[why]).inc(n)
-        resp = ExportTraceServiceResponse()
-        if batch.rejected:
-            resp.partial_success.rejected_spans = batch.rejected
-            resp.partial_success.error_message = batch.error_message()
-        return resp.SerializeToString()
+        except Overloaded as e:
+            _unavailable(context, e.delay_s)

@@ -1,15 +1,15 @@
 """Receiver processes: every core decodes, one process aggregates and detects.
 
 With ``--workers N`` (N > 1) the main process starts N receiver processes. Each runs an
-OTLP/gRPC server on the same address (``SO_REUSEPORT``: the kernel spreads connections
-over them), decodes requests with the same code as the in-process receiver and sends the
+OTLP/gRPC server and (unless ``--otlp-http off``) an OTLP/HTTP server on the same addresses
+(``SO_REUSEPORT``: the kernel spreads connections over them), decodes requests with the same code as the in-process receiver and sends the
 decoded ``Batch`` to the main process over a pipe. The main process feeds the batches to
 its one pipeline, so windows, lateness, baselines and detectors are exactly those of a
 single process fed the same spans in the same order: nothing is merged approximately.
 
 Backpressure crosses the process boundary as a shared flag: the main process raises it
-when its queue is full, and the receivers then answer UNAVAILABLE with RetryInfo before
-decoding, as the in-process receiver does. The pipe itself is bounded by the OS, so a
+when its queue is full, and the receivers then answer UNAVAILABLE with RetryInfo (HTTP: 503
+with Retry-After) before decoding, as the in-process receivers do. The pipe itself is bounded by the OS, so a
 receiver that sends while the main process is behind blocks rather than buffers.
 
 Receiver counters (accepted, refused) are counted in the receiver and sent as deltas to
@@ -32,7 +32,8 @@ from typing import Callable
 from processor.config import Config, split_address
 from processor.logs import configure_logging
 from processor.receiver.decode import Batch
-from processor.receiver.grpc import OVERLOAD_RETRY_S, GrpcReceiver, Overloaded, server_credentials
+from processor.receiver import build_receivers
+from processor.receiver.intake import OVERLOAD_RETRY_S, Overloaded
 
 log = logging.getLogger("backflow.workers")
 
@@ -88,19 +89,16 @@ def _worker_main(cfg: Config, index: int, conn, overloaded, listening) -> None:
             raise Overloaded(delay_s=OVERLOAD_RETRY_S)
         send(_BATCH, batch.to_wire())
 
-    # Credentials are built here, not passed in: grpc objects do not cross a process boundary.
-    receiver = GrpcReceiver(cfg.otlp_grpc, cfg.max_request_bytes, on_batch, relay,
-                            has_room=lambda: not overloaded.value, reuse_port=True,
-                            credentials=server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca),
-                            auth_token=cfg.auth_token, max_clock_skew_ns=cfg.max_clock_skew_ns,
-                            max_attribute_length=cfg.max_attribute_length)
-    receiver.start()  # raises when it cannot bind, which ends the process with an error
+    receivers = build_receivers(cfg, on_batch, relay, has_room=lambda: not overloaded.value, reuse_port=True)
+    for receiver in receivers:
+        receiver.start()  # raises when it cannot bind, which ends the process with an error
     listening.set()
     while not stop.wait(_FLUSH_COUNTS_S):
         if os.getppid() != parent:  # the main process is gone: nothing would read our batches
             break
         send(_COUNTS, pickle.dumps(relay.take()))
-    receiver.stop(grace=_GRACE_S)
+    for receiver in receivers:
+        receiver.stop(grace=_GRACE_S)
     send(_COUNTS, pickle.dumps(relay.take()))
     conn.close()
 
@@ -124,18 +122,25 @@ class ReceiverPool:
         self._started = False
 
     def start(self) -> None:
-        _check_port_free(self.cfg.otlp_grpc)
+        for address in self._addresses():
+            _check_port_free(address)
         for i in range(self.processes):
             self._spawn(i)
         ready = time.monotonic() + 30
         while not self._all_listening():
             if time.monotonic() > ready:
-                raise OSError(f"receiver processes did not start listening on {self.cfg.otlp_grpc}")
+                raise OSError(f"receiver processes did not start listening on {self._shown_addresses()}")
             if any(p is not None and p.exitcode not in (None, 0) for p in self._procs):
-                raise OSError(f"a receiver process could not listen on {self.cfg.otlp_grpc}")
+                raise OSError(f"a receiver process could not listen on {self._shown_addresses()}")
             time.sleep(0.05)
         self._started = True
-        log.info("OTLP/gRPC listening on %s in %d receiver processes", self.cfg.otlp_grpc, self.processes)
+        log.info("OTLP listening on %s in %d receiver processes", self._shown_addresses(), self.processes)
+
+    def _addresses(self) -> list[str]:
+        return [self.cfg.otlp_grpc] + ([self.cfg.otlp_http] if self.cfg.otlp_http != "off" else [])
+
+    def _shown_addresses(self) -> str:
+        return " and ".join(self._addresses())
 
     def alive(self) -> bool:
         return all(p is not None and p.is_alive() for p in self._procs)
