@@ -70,7 +70,7 @@ import traceback
 import numpy as np
 
 from benchmarks.ingest import (
-    EXPORT_METHOD, SERVICES_PER_LANE, Stack, Workload, _retry_delay, _revision,
+    EXPORT_METHOD, SERVICES_PER_LANE, Stack, Workload, retry_delay, _revision,
     build_templates, draw_durations, proc_cpu_seconds, proc_status_kb, proc_tree, render, run_main,
 )
 
@@ -305,7 +305,7 @@ def client_main(proc: int, lanes: list[int], workloads: tuple[Workload, Workload
                             if e.code() != grpc.StatusCode.UNAVAILABLE or stop_evt.is_set():
                                 raise
                             retries += 1
-                            time.sleep(_retry_delay(e, 0.05))
+                            time.sleep(retry_delay(e, 0.05))
                     latency = time.perf_counter() - t_call
                     rejected = (ExportTraceServiceResponse.FromString(resp).partial_success.rejected_spans
                                 if resp else 0)

@@ -168,6 +168,7 @@ class Pipeline:
         self.on_tick = lambda: None  # called after every step (receiver processes' backpressure)
         self._last_checkpoint = time.monotonic()
         self._checkpoint_rest = False  # a checkpoint's part was taken, the rest is due now
+        self._closed_since_trim = 0    # location-windows closed since the heap was last trimmed
 
     def put(self, batch: Batch) -> None:
         """Called by the readers of receiver processes: waits while the queue is full (the
@@ -263,12 +264,14 @@ class Pipeline:
         self.metrics.checkpointed.inc(len(fields))
 
     def _emit(self, results: list[WindowResult]) -> None:
-        locations = 0
         for r in results:
             self.metrics.observe_window(r.window)
             self.sink.submit(r.events, [(b.location.key, b) for b in r.baselines])
-            locations += len(r.window.locations)
-        if locations >= _TRIM_AFTER_LOCATIONS:
+            self._closed_since_trim += len(r.window.locations)
+        # Counted across steps: many small closes fragment the heap as much as one big one
+        # (the soak's RSS crept up by free heap while live memory stayed flat).
+        if self._closed_since_trim >= _TRIM_AFTER_LOCATIONS:
+            self._closed_since_trim = 0
             release_free_memory()
 
 
