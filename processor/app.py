@@ -252,10 +252,10 @@ class Pipeline:
         if not (engine.dirty_locations or engine.dirty_services):
             return
         now = time.monotonic()
-        if not force and (now - self._last_checkpoint < self.cfg.checkpoint_interval
-                          and not self._checkpoint_rest
-                          or not self.sink.reachable or self.sink.state_pending()):
-            return
+        if not force:
+            due = self._checkpoint_rest or now - self._last_checkpoint >= self.cfg.checkpoint_interval
+            if not due or not self.sink.reachable or self.sink.state_pending():
+                return
         self._last_checkpoint = now
         # (a part at a time: the next loop takes the rest once the sink wrote this part)
         fields = checkpoint.dumps_dirty(engine, limit=None if force else _CHECKPOINT_PART)
