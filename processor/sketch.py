@@ -86,10 +86,19 @@ class LogSketch:
             counts = self.counts.astype(np.float64)  # a copy: sketches are values, never shared
             counts[pos] += other.counts
             return LogSketch(self.index, counts)
-        idx = np.concatenate([self.index, other.index])
-        cnt = np.concatenate([self.counts, other.counts])
-        uniq, inv = np.unique(idx, return_inverse=True)
-        return LogSketch(uniq.astype(np.int32), np.bincount(inv, weights=cnt, minlength=len(uniq)))
+        # Otherwise over the buckets' range, each count added once, ours first (as 0.0 + ours
+        # + theirs: what summing them in that order gives, bit for bit).
+        lo = min(int(self.index[0]), int(other.index[0]))
+        span = max(int(self.index[-1]), int(other.index[-1])) - lo + 1
+        ours, theirs = self.index - lo, other.index - lo
+        counts = np.zeros(span)
+        counts[ours] = self.counts
+        counts[theirs] += other.counts
+        present = np.zeros(span, np.bool_)
+        present[ours] = True
+        present[theirs] = True
+        where = present.nonzero()[0]
+        return LogSketch((where + lo).astype(np.int32), counts[where])
 
     def scaled(self, factor: float, min_count: float = 1e-3) -> "LogSketch":
         """Counts multiplied by ``factor`` (decay); buckets that fall below ``min_count`` go."""
