@@ -7,6 +7,8 @@ accepted change slowly and forgets a location's distant past. The figures publis
 
 from __future__ import annotations
 
+from array import array
+
 import numpy as np
 
 from processor.location import Location
@@ -38,6 +40,11 @@ class Baseline:
     def sketch(self) -> LogSketch:
         return LogSketch.unpack(self._sketch)
 
+    @property
+    def packed_sketch(self) -> bytes:
+        """The sketch as kept (``LogSketch.pack``), for a detector that holds the same one."""
+        return self._sketch
+
     @sketch.setter
     def sketch(self, sketch: LogSketch) -> None:
         self._sketch = sketch.pack()
@@ -46,8 +53,11 @@ class Baseline:
         return (f"Baseline({self.location!r}, {self.sketch!r}, count={self.count!r}, "
                 f"windows={self.windows!r}, updated_ns={self.updated_ns!r})")
 
-    def absorb(self, lw: LocationWindow, window_end_ns: int, window_s: float, half_life_s: float):
+    def absorb(self, lw: LocationWindow, window_end_ns: int, window_s: float, half_life_s: float) -> float | None:
+        """Merge a window in, after decaying what was there; returns the decay factor applied
+        to the sketch (None for the first window: nothing to decay)."""
         sketch = self.sketch
+        decay = None
         if self.windows:
             decay = 0.5 ** (max(0, window_end_ns - self.updated_ns) / 1e9 / half_life_s)
             sketch = sketch.scaled(decay)
@@ -61,6 +71,7 @@ class Baseline:
         self.windows += 1
         self.updated_ns = max(self.updated_ns, window_end_ns)
         self.version = lw.main_version.version
+        return decay
 
     def fields(self) -> dict[str, str]:
         """The ``{prefix}:baseline:{key}`` hash."""
@@ -93,18 +104,69 @@ def _num(x: float) -> str:
 
 
 class BaselineStage:
+    """Every location's baseline, kept as columns indexed by location id rather than as an
+    object per location: its sketch (packed), its count, errors, seconds and windows (four
+    doubles of one array), the end of its latest window and its version (objects shared with
+    the window they came from). ``update`` hands out a ``Baseline`` per location changed, a
+    snapshot made for publishing: the sink renders it when it writes, and the stage never
+    changes it afterwards."""
+
     def __init__(self, window_s: float, half_life_s: float):
         self.window_s = window_s
         self.half_life_s = half_life_s
-        self.baselines: dict[int, Baseline] = {}
+        self.sketches: list[bytes | None] = []  # location id -> packed sketch; None: no baseline
+        self.figures = array("d")               # count, errors, seconds, windows per location id
+        self.updated_ns: list[int] = []
+        self.versions: list[tuple[str, str, str]] = []
+        self.locations: list[Location | None] = []
+        self.count = 0                          # locations with a baseline
+
+    def __len__(self) -> int:
+        return self.count
+
+    def baseline(self, loc_id: int) -> Baseline | None:
+        """The location's baseline as it stands, or None."""
+        if loc_id >= len(self.sketches) or self.sketches[loc_id] is None:
+            return None
+        b = Baseline(self.locations[loc_id], _EMPTY)
+        b._sketch = self.sketches[loc_id]
+        b.count, b.errors, b.seconds, windows = self.figures[4 * loc_id: 4 * loc_id + 4]
+        b.windows = int(windows)
+        b.updated_ns, b.version = self.updated_ns[loc_id], self.versions[loc_id]
+        return b
 
     def update(self, cw: ClosedWindow, locations: list[LocationWindow] | None = None) -> list[Baseline]:
         """Merge a closed window (or the given locations of it); return the baselines changed."""
-        out = []
-        for lw in cw.locations if locations is None else locations:
-            b = self.baselines.get(lw.loc_id)
-            if b is None:
-                b = self.baselines[lw.loc_id] = Baseline(lw.location, LogSketch())
-            b.absorb(lw, cw.end_ns, self.window_s, self.half_life_s)
-            out.append(b)
-        return out
+        return [self.absorb(cw, lw)[0] for lw in (cw.locations if locations is None else locations)]
+
+    def absorb(self, cw: ClosedWindow, lw: LocationWindow) -> tuple[Baseline, bytes, float | None]:
+        """Merge one location's window in. Returns the baseline (a snapshot to publish), the
+        packed sketch it had before and the decay applied to it (None: its first window):
+        with the sketch after (``sketches[lw.loc_id]``), what ``Observation.baseline_step``
+        hands the detectors."""
+        i = lw.loc_id
+        b = self.baseline(i)
+        if b is None:
+            b = Baseline(lw.location, _EMPTY)
+        before = b._sketch
+        decay = b.absorb(lw, cw.end_ns, self.window_s, self.half_life_s)
+        self.restore(i, b)
+        return b, before, decay
+
+    def restore(self, loc_id: int, b: Baseline) -> None:
+        """Set a location's baseline (from ``absorb``, or from a checkpoint)."""
+        i = loc_id
+        if i >= len(self.sketches):
+            grow = i + 1 - len(self.sketches)
+            for column in (self.sketches, self.updated_ns, self.versions, self.locations):
+                column.extend([None] * grow)
+            self.figures.frombytes(bytes(32 * grow))
+        if self.sketches[i] is None:
+            self.count += 1
+        self.locations[i] = b.location
+        self.sketches[i] = b._sketch
+        self.figures[4 * i: 4 * i + 4] = array("d", (b.count, b.errors, b.seconds, b.windows))
+        self.updated_ns[i], self.versions[i] = b.updated_ns, b.version
+
+
+_EMPTY = LogSketch()

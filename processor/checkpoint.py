@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 log = logging.getLogger("backflow.checkpoint")
 
-FORMAT = 1  # bumped when what a field holds changes; older fields are then skipped
+FORMAT = 2  # bumped when what a field holds changes; older fields are then skipped
 
 
 @dataclass
@@ -37,7 +37,7 @@ class LocationState:
     location: object       # processor.location.Location
     order: int             # its id when saved: restored locations keep their relative order
     baseline: object       # processor.baseline.Baseline or None
-    detectors: list        # its detectors, in build order
+    detectors: bytes       # its detectors frozen (Engine.frozen: marshal of Detector.freeze)
     fingerprint: str       # the detector settings they were built with (app.checkpoint_fingerprint)
 
 
@@ -75,8 +75,8 @@ def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes]:
         engine.dirty_locations.clear()
     for loc_id in dirty:
         loc = tables.locations[loc_id]
-        state = LocationState(loc, loc_id, engine.baselines.baselines.get(loc_id),
-                              engine.detectors.get(loc_id, []), engine._fingerprint)
+        state = LocationState(loc, loc_id, engine.baselines.baseline(loc_id),
+                              engine.frozen[loc_id], engine._fingerprint)
         out[location_field(loc.key)] = pickle.dumps((FORMAT, state), protocol=pickle.HIGHEST_PROTOCOL)
     for service in sorted(engine.dirty_services):
         clock = engine.windows.services[tables.service_id(service)]

@@ -94,8 +94,8 @@ def resource_of(attrs: Mapping[str, Any]) -> Resource:
 class Location:
     """One code location; ``key`` is its stable id across processes and restarts.
 
-    Slots, and the identity and key computed once at construction: a gateway holds one of
-    these per code location, up to ``--max-locations`` of them.
+    Slots, and the key computed once at construction: a gateway holds one of these per code
+    location, up to ``--max-locations`` of them (and looks them up by key).
     """
     environment: str
     service: str
@@ -103,13 +103,15 @@ class Location:
     file: str = ""
     line: str = ""
     scope: str = ""  # instrumentation scope, kept for span-name locations
-    identity: tuple[str, str, str] = field(init=False, repr=False, compare=False)
     key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        identity = (self.environment, self.service, self.function)
-        object.__setattr__(self, "identity", identity)
-        object.__setattr__(self, "key", location_key(*identity))
+        object.__setattr__(self, "key", location_key(self.environment, self.service, self.function))
+
+    @property
+    def identity(self) -> tuple[str, str, str]:
+        """What identifies the location (and what ``key`` hashes)."""
+        return (self.environment, self.service, self.function)
 
 
 def location_key(environment: str, service: str, function: str) -> str:

@@ -18,6 +18,8 @@ True
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 
 ALPHA = 0.01
@@ -43,6 +45,12 @@ def bucket_value(index: np.ndarray | int) -> np.ndarray | float:
 _NO_INDEX = np.zeros(0, np.int32)
 _NO_COUNTS = np.zeros(0, np.float64)
 _NO_INDEX.flags.writeable = _NO_COUNTS.flags.writeable = False
+
+# ``LogSketch.pack``: the trailer (lowest bucket, buckets spanned, flags) and the count types.
+_TRAILER = struct.Struct("<iIB")
+_F8, _U1, _U2, _U4 = 0, 1, 2, 3
+_DTYPES = (np.dtype(np.float64), np.dtype(np.uint8), np.dtype(np.uint16), np.dtype(np.uint32))
+_KIND_MASK, _DENSE = 0x0F, 0x10
 
 
 class LogSketch:
@@ -78,10 +86,19 @@ class LogSketch:
             counts = self.counts.astype(np.float64)  # a copy: sketches are values, never shared
             counts[pos] += other.counts
             return LogSketch(self.index, counts)
-        idx = np.concatenate([self.index, other.index])
-        cnt = np.concatenate([self.counts, other.counts])
-        uniq, inv = np.unique(idx, return_inverse=True)
-        return LogSketch(uniq.astype(np.int32), np.bincount(inv, weights=cnt, minlength=len(uniq)))
+        # Otherwise over the buckets' range, each count added once, ours first (as 0.0 + ours
+        # + theirs: what summing them in that order gives, bit for bit).
+        lo = min(int(self.index[0]), int(other.index[0]))
+        span = max(int(self.index[-1]), int(other.index[-1])) - lo + 1
+        ours, theirs = self.index - lo, other.index - lo
+        counts = np.zeros(span)
+        counts[ours] = self.counts
+        counts[theirs] += other.counts
+        present = np.zeros(span, np.bool_)
+        present[ours] = True
+        present[theirs] = True
+        where = present.nonzero()[0]
+        return LogSketch((where + lo).astype(np.int32), counts[where])
 
     def scaled(self, factor: float, min_count: float = 1e-3) -> "LogSketch":
         """Counts multiplied by ``factor`` (decay); buckets that fall below ``min_count`` go."""
@@ -90,21 +107,58 @@ class LogSketch:
         return LogSketch(self.index[keep], counts[keep])
 
     def pack(self) -> bytes:
-        """The sketch as one bytes object: what a long-lived sketch (a baseline) is kept as
-        between windows, at a fraction of the overhead of two numpy arrays. Counts (float64)
-        come first, so both parts stay aligned; ``unpack`` gives back the same values."""
-        if not len(self.index):
+        """The sketch as one bytes object: what a long-lived sketch (a baseline, a suspect
+        segment) is kept as between windows, at a fraction of the overhead of two numpy
+        arrays. ``unpack`` gives back the same values, bit for bit.
+
+        Layout: the counts, then which buckets of ``[lo, hi]`` are present, then a trailer.
+        Counts that are all whole numbers below 2**32 (a window's, or a sum of windows') are
+        stored in the narrowest unsigned type that holds them, others (a decayed baseline's)
+        as float64, first so that they stay aligned and are read without a copy. Presence is
+        a bitmap over ``[lo, hi]`` (one bit per bucket; left out when every bucket of the range
+        is present), so a bucket costs its count plus a bit rather than a count and an int32.
+        """
+        index, counts = self.index, self.counts
+        n = len(index)
+        if not n:
             return b""
-        return (self.counts.astype(np.float64, copy=False).tobytes()
-                + self.index.astype(np.int32, copy=False).tobytes())
+        if counts.dtype != np.float64:
+            counts = counts.astype(np.float64)
+        lo = int(index[0])
+        span = int(index[-1]) - lo + 1
+        kind = _F8
+        # Whole counts (a cheap look at two first: a decayed baseline's almost never are)
+        if float(counts[0]).is_integer() and float(counts[-1]).is_integer():
+            top = float(counts.max())
+            if top < 2.0**32 and (counts == np.floor(counts)).all():
+                kind = _U1 if top < 2.0**8 else _U2 if top < 2.0**16 else _U4
+                counts = counts.astype(_DTYPES[kind])
+        if span == n:
+            return counts.tobytes() + _TRAILER.pack(lo, span, kind | _DENSE)
+        present = np.zeros(span, np.bool_)
+        present[index - lo] = True
+        return counts.tobytes() + np.packbits(present).tobytes() + _TRAILER.pack(lo, span, kind)
 
     @classmethod
     def unpack(cls, data: bytes) -> "LogSketch":
-        """The sketch ``pack`` made: read-only arrays over ``data``, no copy."""
+        """The sketch ``pack`` made. Float64 counts are a read-only view of ``data`` (no copy),
+        narrower ones are converted back; the index is rebuilt as int32 (arrays of its own)."""
         if not data:
             return cls()
-        n = len(data) // 12
-        return cls(np.frombuffer(data, np.int32, n, 8 * n), np.frombuffer(data, np.float64, n))
+        lo, span, flags = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
+        kind = flags & _KIND_MASK
+        dtype = _DTYPES[kind]
+        if flags & _DENSE:
+            n = span
+            index = np.arange(lo, lo + span, dtype=np.int32)
+        else:
+            nbits = (span + 7) >> 3
+            n = (len(data) - _TRAILER.size - nbits) // dtype.itemsize
+            index = np.unpackbits(np.frombuffer(data, np.uint8, nbits, n * dtype.itemsize), count=span).nonzero()[0]
+            index += lo
+            index = index.astype(np.int32)
+        counts = np.frombuffer(data, dtype, n)
+        return cls(index, counts if kind == _F8 else counts.astype(np.float64))
 
     def quantiles(self, qs) -> np.ndarray:
         """Values (ns) at quantiles ``qs``; NaN for an empty sketch."""

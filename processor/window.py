@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from processor.location import Location
+from processor.location import Location, location_key
 from processor.receiver.decode import Batch
 from processor.sketch import MAX_BUCKET, LogSketch, bucket_index, bucket_value
 
@@ -71,20 +71,19 @@ class Tables:
         self.real_locations = 0
         self.overflow = _Growable()  # 1 at the ids of overflow locations
         self.locations: list[Location] = []
-        self._loc_ids: dict[tuple, int] = {}
+        self._loc_ids: dict[str, int] = {}  # by Location.key
         self.loc_service = _Growable()
         self.services: list[tuple[str, str]] = []  # (environment, service)
         self._svc_ids: dict[tuple[str, str], int] = {}
         self.versions: list[tuple[str, str, str]] = []
         self._ver_ids: dict[tuple, int] = {}
-        self.series_loc = _Growable()
-        self.series_ver = _Growable()
-        self._series_ids: dict[int, int] = {}
+        self.series_loc = _Growable()  # series id -> location id
+        self.series_ver = _Growable()  # series id -> version id
         self._known = np.zeros(0, np.int64)      # packed (location, version) pairs, sorted
         self._known_ids = np.zeros(0, np.int64)  # their series ids
 
     def location_id(self, loc: Location) -> int:
-        i = self._loc_ids.get(loc.identity)
+        i = self._loc_ids.get(loc.key)
         if i is None:
             if self.real_locations >= self.max_locations or is_overflow(loc):
                 return self._overflow_id(loc)
@@ -96,13 +95,13 @@ class Tables:
         service = (loc.environment, loc.service)
         if service not in self._svc_ids:
             service = ("", OVERFLOW_FUNCTION)
-        i = self._loc_ids.get((*service, OVERFLOW_FUNCTION))
+        i = self._loc_ids.get(location_key(*service, OVERFLOW_FUNCTION))
         if i is None:
             i = self._add(Location(*service, OVERFLOW_FUNCTION), overflow=True)
         return i
 
     def _add(self, loc: Location, overflow: bool) -> int:
-        i = self._loc_ids[loc.identity] = len(self.locations)
+        i = self._loc_ids[loc.key] = len(self.locations)
         self.locations.append(loc)
         self.loc_service.append(self.service_id((loc.environment, loc.service)))
         self.overflow.append(1 if overflow else 0)
@@ -130,15 +129,16 @@ class Tables:
         pos_c = np.minimum(pos, len(self._known) - 1)
         hit = (self._known[pos_c] == uniq) if len(self._known) else np.zeros(len(uniq), bool)
         if not hit.all():
-            for p in uniq[~hit].tolist():
-                self._series_ids[p] = len(self._series_ids)
+            new = uniq[~hit]  # sorted: new series get ids in that order
+            first = self.series_loc.n
+            for p in new.tolist():
                 self.series_loc.append(p >> 32)
                 self.series_ver.append(p & 0xFFFFFFFF)
             # Rebuilt only when a batch brings new pairs, which stops once traffic is known.
-            self._known = np.fromiter(self._series_ids, np.int64, len(self._series_ids))
-            order = np.argsort(self._known)
-            self._known = self._known[order]
-            self._known_ids = np.fromiter(self._series_ids.values(), np.int64, len(self._series_ids))[order]
+            known = np.concatenate([self._known, new])
+            order = np.argsort(known)
+            self._known = known[order]
+            self._known_ids = np.concatenate([self._known_ids, np.arange(first, first + len(new))])[order]
             pos_c = np.searchsorted(self._known, uniq)
         return self._known_ids[pos_c][inv]
 
@@ -148,7 +148,9 @@ class Tables:
 NO_EXCEPTIONS: Counter = Counter()
 
 
-@dataclass
+# Window figures have slots: a window of a service with many locations makes one of these
+# per location and version, all alive together while the window is evaluated.
+@dataclass(slots=True)
 class VersionFigures:
     version: tuple[str, str, str]  # (service, service.version, vcs.ref.head.revision)
     count: int
@@ -157,7 +159,7 @@ class VersionFigures:
     exceptions: Counter = field(default_factory=lambda: NO_EXCEPTIONS)
 
 
-@dataclass
+@dataclass(slots=True)
 class LocationWindow:
     """What one closed window holds for one code location."""
     loc_id: int
@@ -167,7 +169,14 @@ class LocationWindow:
     sketch: LogSketch
     versions: list[VersionFigures]
     exceptions: Counter = field(default_factory=lambda: NO_EXCEPTIONS)
-    exemplars: list[str] = field(default_factory=list)  # trace ids (hex), slowest first
+    trace_ids: bytes = b""  # the exemplars' trace ids, 16 bytes each, slowest span first
+
+    @property
+    def exemplars(self) -> list[str]:
+        """The exemplars' trace ids in hex, slowest span first (made when asked for: only
+        events show them)."""
+        ids = self.trace_ids
+        return [ids[i:i + 16].hex() for i in range(0, len(ids), 16)]
 
     @property
     def main_version(self) -> VersionFigures:
@@ -175,7 +184,7 @@ class LocationWindow:
         return max(self.versions, key=lambda v: (v.count, v.version))
 
 
-@dataclass
+@dataclass(slots=True)
 class ClosedWindow:
     service: str
     start_ns: int
@@ -295,28 +304,41 @@ class _Accumulator:
                 errors=int(merged_errors[lo:hi].sum()), sketch=sk,
                 exceptions=version_exceptions.get(s, NO_EXCEPTIONS)))
 
-        exemplars: dict[int, list[tuple[int, str]]] = {}
+        # Exemplars: each location's k slowest spans over its series, ties to the smaller
+        # trace id; their ids as one run of 16-byte ids, location after location.
+        ex_locs: list[int] = []
+        ex_bounds: list[int] = [0]
+        ex_ids = b""
         if self.k:
             es, ed, et = self._compact_exemplars()
-            eloc = tables.series_loc.view[es] if len(es) else es
-            for loc, d, t in zip(eloc.tolist(), ed.tolist(), et):
-                exemplars.setdefault(loc, []).append((d, t.astype(">u8").tobytes().hex()))
+            if len(es):
+                eloc = tables.series_loc.view[es].astype(np.int64)
+                order = np.lexsort((et[:, 1], et[:, 0], -ed, eloc))
+                keep = order[_rank_in_series(eloc[order]) < self.k]
+                eloc = eloc[keep]
+                ex_ids = et[keep].astype(">u8").tobytes()
+                first = np.flatnonzero(np.concatenate(([True], eloc[1:] != eloc[:-1])))
+                ex_locs = eloc[first].tolist()
+                ex_bounds = (first * 16).tolist() + [len(ex_ids)]
 
         exceptions: dict[int, Counter] = {}
         for s, counter in version_exceptions.items():
             exceptions.setdefault(int(tables.series_loc.view[s]), Counter()).update(counter)
 
         out = []
+        j = 0  # ex_locs is sorted, as the locations below are
         for loc, versions in sorted(per_version.items()):
             sketch = versions[0].sketch
             for v in versions[1:]:
                 sketch = sketch.merge(v.sketch)
-            ex = sorted(exemplars.get(loc, []), key=lambda x: (-x[0], x[1]))[: self.k]
+            while j < len(ex_locs) and ex_locs[j] < loc:
+                j += 1
+            ids = ex_ids[ex_bounds[j]:ex_bounds[j + 1]] if j < len(ex_locs) and ex_locs[j] == loc else b""
             out.append(LocationWindow(
                 loc_id=loc, location=tables.locations[loc],
                 count=sum(v.count for v in versions), errors=sum(v.errors for v in versions),
                 sketch=sketch, versions=versions, exceptions=exceptions.get(loc, NO_EXCEPTIONS),
-                exemplars=[t for _, t in ex]))
+                trace_ids=ids))
         return out, busy_ns
 
 
@@ -356,7 +378,7 @@ class WindowStage:
             return []
         t = self.tables
         get = t._loc_ids.get
-        ids = [get(loc.identity) for loc in batch.locations]
+        ids = [get(loc.key) for loc in batch.locations]
         if None in ids:
             ids = [t.location_id(loc) for loc in batch.locations]
         gloc = np.array(ids, np.int64)[batch.loc]

@@ -46,7 +46,7 @@ def test_a_restored_engine_raises_the_events_the_running_one_raises(scenario):
     # Through bytes, as from Redis: nothing of the first engine is shared with the second.
     restored = _engine()
     n = checkpoint.restore(restored, pickle.loads(pickle.dumps(fields)))
-    assert n == len(straight.detectors) > 0
+    assert n == sum(f is not None for f in straight.frozen) > 0
     results_straight, results_restored = [], []
     for b in scenario[cut:]:
         results_straight += straight.ingest(b)
@@ -89,12 +89,13 @@ def test_detectors_saved_under_other_settings_are_built_anew(scenario):
     fields = checkpoint.dumps_dirty(first)
     same, other = _engine(), _engine(window=30.0)
     assert checkpoint.restore(same, fields) == checkpoint.restore(other, fields) > 0
-    lid = next(iter(same.detectors))
+    lid = next(i for i, f in enumerate(same.frozen) if f is not None)
     key = same.windows.tables.locations[lid]
     lid2 = other.windows.tables.location_id(key)
-    assert repr(same.detectors[lid]) == repr(first.detectors[first.windows.tables.location_id(key)])
-    assert pickle.dumps(other.detectors[lid2]) != pickle.dumps(same.detectors[lid])
-    assert other.baselines.baselines[lid2].fields() == same.baselines.baselines[lid].fields()
+    assert same.frozen[lid] == first.frozen[first.windows.tables.location_id(key)]
+    assert repr(same.detectors_of(lid)) == repr(first.detectors_of(first.windows.tables.location_id(key)))
+    assert other.frozen[lid2] == other._fresh != same.frozen[lid]
+    assert other.baselines.baseline(lid2).fields() == same.baselines.baseline(lid).fields()
 
 
 def test_fields_of_another_format_are_skipped(scenario, caplog):

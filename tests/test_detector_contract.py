@@ -1,7 +1,8 @@
 """The contract every detector keeps (as River's check suite does for its estimators):
-deterministic, picklable and bounded state, silent during warm-up, fed only windows."""
+deterministic, picklable, freezable and bounded state, silent during warm-up, fed only windows."""
 
 import inspect
+import marshal
 import pickle
 
 import pytest
@@ -60,12 +61,13 @@ def test_state_stays_bounded(det):
     for i, obs in enumerate(stream):
         d.update(obs)
         if i in (150, 599):
-            sizes.append(len(pickle.dumps(d)))
-    assert sizes[1] <= sizes[0] * 1.25 + 512
+            sizes.append((len(pickle.dumps(d)), len(marshal.dumps(d.freeze()))))
+    for k in (0, 1):
+        assert sizes[1][k] <= sizes[0][k] * 1.25 + 512
     busy = fresh(det)
     for obs in observations(7, 200, rate=600.0):  # 100x the spans per window
         busy.update(obs)
-    assert len(pickle.dumps(busy)) <= 16_384
+    assert len(pickle.dumps(busy)) <= 16_384 and len(marshal.dumps(busy.freeze())) <= 16_384
 
 
 @pytest.mark.parametrize("det", DETECTORS, ids=IDS)
@@ -89,3 +91,25 @@ def test_parameters_are_shared_per_configuration_and_seen_by_river(det):
     different = type(det)(**{**params, "warmup_windows": params["warmup_windows"] + 1})
     assert different._p is not det._p and different.warmup_windows == params["warmup_windows"] + 1
     assert repr(det).startswith(type(det).__name__)
+
+
+@pytest.mark.parametrize("det", DETECTORS, ids=IDS)
+@pytest.mark.parametrize("kind", ["median", "tail", "errors", "exception", "scaling", "vanish"])
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-sketch", "own-sketch"])
+def test_state_survives_freezing_between_every_window(det, kind, shared):
+    """What the engine does between windows: the state frozen to plain values, marshalled,
+    thawed into a detector of the same configuration; long enough for regressions to be
+    opened, resolved and accepted. With ``shared`` the latency detector's baseline sketch is
+    the one the location publishes, and is left out of the frozen state."""
+    stream = list(observations(6, 420, change_at=150, kind=kind, effect=2.0))
+    straight = run(fresh(det), stream)
+    d, events = fresh(det), []
+    for obs in stream:
+        events += [e.fields() for e in d.update(obs)]
+        sketch = getattr(d, "_baseline", b"") if shared else b"\x00"
+        state = d.freeze(sketch)
+        d = det.thawed(marshal.loads(marshal.dumps(state)), sketch)
+        assert d.freeze(sketch) == state
+        if shared and hasattr(d, "_baseline"):
+            assert state[0] is None and d._baseline is sketch
+    assert events == straight

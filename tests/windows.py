@@ -50,6 +50,6 @@ def observations(seed: int, windows: int = 300, change_at: int | None = None, ki
             exceptions["ZeroDivisionError"] = 1
         sk = LogSketch.from_values(d)
         lw = LocationWindow(0, LOC, n, errors, sk, [VersionFigures(version, n, errors, sk, exceptions)],
-                            exceptions, [])
+                            exceptions)
         yield Observation(LOC, i * W_NS, (i + 1) * W_NS, lw, 40 * load, version, dict(first_seen),
                           service_calls=200 * load + n / 60)

@@ -3,7 +3,9 @@
 A detector belongs to one code location. After each closed window of the location's
 service it gets one ``Observation`` (the window's aggregates, never single spans) and
 returns the events it raises. Its state is plain Python and numpy, bounded in size,
-picklable for checkpoints, and depends only on the observations fed, in order.
+picklable for checkpoints, and depends only on the observations fed, in order. It can be
+frozen to plain values (``freeze``) and thawed back (``thawed``): the engine keeps every
+location's detectors frozen between windows.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 
 from river import base
 
-from processor.detect.stats import two_proportion_z
+from processor.detect.stats import BinomialCUSUM, two_proportion_z
 from processor.events import Event
 from processor.location import Location
 from processor.window import LocationWindow
@@ -32,6 +34,11 @@ class Observation:
     service_version: Version = ("", "", "")  # the version serving most of the service's spans
     version_first_seen: dict[Version, int] = field(default_factory=dict)  # version -> first window end (ns)
     service_calls: float = 0.0         # spans per second of the whole service in this window
+    # The location's published baseline this window, as (sketch before, decay applied or None
+    # for its first window, sketch after), sketches packed: a detector whose own baseline
+    # sketch is that very "before" object and that merges this window's sketch in after the
+    # same decay gets the same bytes, so it may take "after" instead of computing it.
+    baseline_step: tuple[bytes, float | None, bytes] | None = None
 
     @property
     def count(self) -> int:
@@ -107,6 +114,28 @@ class Detector(base.Base):
     def update(self, obs: Observation) -> list[Event]:
         raise NotImplementedError
 
+    # -- frozen state ------------------------------------------------------------------------
+    # Between windows the engine keeps each location's detectors frozen: their state as
+    # plain values (numbers, strings, bytes, None, and tuples and dicts of those), which
+    # ``marshal`` turns into one bytes object per location. A few hundred small Python
+    # objects per location would cost more than the numbers they hold.
+
+    def freeze(self, sketch: bytes = b"") -> tuple:
+        """The state, parameters left out, as plain values; ``sketch`` is the location's
+        baseline sketch (``LogSketch.pack``), which a detector holding the same need not copy."""
+        raise NotImplementedError
+
+    def thawed(self, state: tuple, sketch: bytes = b"") -> "Detector":
+        """A detector of this one's configuration in the state ``freeze`` gave (given the
+        same ``sketch``); this one is left as it is."""
+        d = type(self).__new__(type(self))
+        d._p = self._p
+        d._thaw(state, sketch)
+        return d
+
+    def _thaw(self, state: tuple, sketch: bytes) -> None:
+        raise NotImplementedError
+
 
 class VersionWatches:
     """Evidence kept per version, so a canary is judged on its own spans rather than
@@ -142,6 +171,21 @@ class VersionWatches:
     def reset_all(self) -> None:
         for w in self.by_version.values():
             w.reset()
+
+
+def frozen_open(o: dict | None) -> dict | None:
+    """An open regression's record (latency, errors) as plain values: its reverse CUSUM
+    ``back`` as its statistic."""
+    return None if o is None else {**o, "back": o["back"].statistic}
+
+
+def thawed_open(o: dict | None, threshold: float) -> dict | None:
+    """The record ``frozen_open`` gave, with its reverse CUSUM back."""
+    if o is not None:
+        back = BinomialCUSUM(threshold)
+        back.statistic = o["back"]
+        o["back"] = back
+    return o
 
 
 def attribution(version: Version, hits: float, spans: float, others_hits: float, others_spans: float,

@@ -52,6 +52,14 @@ class Dormant(Detector):
 
     _params = ("window_s", "warmup_windows", "min_silence_s", "min_presence", "alpha", "fading_factor")
 
+    def freeze(self, sketch: bytes = b"") -> tuple:
+        return (self.presence, self.calls, self.windows, self.last_seen_ns, self.last_version,
+                self.presence_when_last_seen, self.silent)
+
+    def _thaw(self, state: tuple, sketch: bytes) -> None:
+        (self.presence, self.calls, self.windows, self.last_seen_ns, self.last_version,
+         self.presence_when_last_seen, self.silent) = state
+
     def _ewm(self, mean: float, x: float) -> float:
         """One update of River's ``stats.EWMean`` after its first value."""
         return self.fading_factor * x + (1 - self.fading_factor) * mean

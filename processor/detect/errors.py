@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from functools import partial
 
-from processor.detect.base import Detector, Observation, VersionWatches, attribution
+from processor.detect.base import (
+    Detector, Observation, VersionWatches, attribution, frozen_open, thawed_open,
+)
 from processor.detect.stats import BinomialCUSUM, binomial_greater
 from processor.events import Event
 
@@ -70,6 +72,28 @@ class ErrorRateShift(Detector):
 
     def _derive(self, window_s, half_life_s, warmup_windows, threshold, *_):
         return 0.5 ** (window_s / half_life_s), partial(_Watch, threshold)
+
+    def freeze(self, sketch: bytes = b"") -> tuple:
+        watches = None
+        if self.watches is not None:
+            watches = (self.watches.tick, tuple(
+                (version, w.last_seen, w.cusum.statistic, w.errors, w.spans, w.others_errors, w.others_spans,
+                 w.windows) for version, w in self.watches.by_version.items()))
+        return self.errors, self.spans, self.windows, watches, frozen_open(self.open)
+
+    def _thaw(self, state: tuple, sketch: bytes) -> None:
+        self.errors, self.spans, self.windows, watches, o = state
+        self.watches = None
+        if watches is not None:
+            self.watches = vw = VersionWatches(self._make_watch)
+            vw.tick = watches[0]
+            for version, last_seen, statistic, errors, spans, others_errors, others_spans, windows in watches[1]:
+                w = vw.by_version[version] = self._make_watch()
+                w.last_seen = last_seen
+                w.cusum.statistic = statistic
+                w.errors, w.spans, w.others_errors, w.others_spans, w.windows = (
+                    errors, spans, others_errors, others_spans, windows)
+        self.open = thawed_open(o, self.threshold)
 
     @property
     def p0(self) -> float:

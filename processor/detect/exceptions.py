@@ -41,6 +41,12 @@ class NewException(Detector):
 
     _params = ("warmup_windows", "max_types")
 
+    def freeze(self, sketch: bytes = b"") -> tuple:
+        return self.known, self.windows
+
+    def _thaw(self, state: tuple, sketch: bytes) -> None:
+        self.known, self.windows = state
+
     def update(self, obs: Observation) -> list[Event]:
         lw = obs.window
         if lw is None or lw.count == 0:

@@ -12,14 +12,18 @@ from processor.window import ClosedWindow, LocationWindow
 
 
 class FirstSeen:
+    """Asked once per location: at its first window in this process (the engine knows its
+    locations; no set of every key seen is kept here). A key known from Redis is forgotten
+    once its location has come back, so the set loaded at start only shrinks."""
+
     def __init__(self, known_keys: set[str] | None = None):
         self.known = set(known_keys or ())
 
     def update(self, cw: ClosedWindow, lw: LocationWindow) -> list[Event]:
         key = lw.location.key
         if key in self.known:
+            self.known.discard(key)
             return []
-        self.known.add(key)
         v = lw.main_version
         q50, q99 = lw.sketch.quantiles([0.5, 0.99]) / 1e6
         where = f" ({lw.location.file}:{lw.location.line})" if lw.location.file else ""

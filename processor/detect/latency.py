@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from functools import partial
 
-from processor.detect.base import Detector, Observation, VersionWatches, attribution
+from processor.detect.base import (
+    Detector, Observation, VersionWatches, attribution, frozen_open, thawed_open,
+)
 from processor.detect.stats import (
     BinomialCUSUM, DecayedLinearFit, binomial_greater, mass_above, mean_log_ms, quantile_bucket,
     rank_test_greater, shifted,
@@ -131,6 +133,39 @@ class LatencyShift(Detector):
     def baseline(self, sketch: LogSketch) -> None:
         self._baseline = sketch.pack()
 
+    def freeze(self, sketch: bytes = b"") -> tuple:
+        # The baseline sketch is the location's published one (sketch) as long as nothing made
+        # them differ (a load-adjusted window, an open regression, a gap, an accepted level):
+        # None then, and the one object is shared again when thawed.
+        watches = None
+        if self.watches is not None:
+            watches = (self.watches.tick, tuple(
+                (version, qw.last_seen, tuple(
+                    (w.cusum.statistic, w._segment, w.hits, w.trials, w.others_hits, w.others_trials, w.windows)
+                    for w in qw.by_quantile.values()))
+                for version, qw in self.watches.by_version.items()))
+        return (None if self._baseline == sketch else self._baseline, self.baseline_windows,
+                self.load.freeze(), watches, frozen_open(self.open))
+
+    def _thaw(self, state: tuple, sketch: bytes) -> None:
+        baseline, self.baseline_windows, load, watches, o = state
+        self._baseline = sketch if baseline is None else baseline
+        self.load = DecayedLinearFit.thawed(self.decay, load)
+        self.watches = None
+        if watches is not None:
+            self.watches = vw = VersionWatches(self._make_watches)
+            vw.tick = watches[0]
+            for version, last_seen, quantiles in watches[1]:
+                qw = vw.by_version[version] = self._make_watches()
+                qw.last_seen = last_seen
+                for w, (statistic, segment, hits, trials, others_hits, others_trials, windows) in zip(
+                        qw.by_quantile.values(), quantiles):
+                    w.cusum.statistic = statistic
+                    w._segment = segment
+                    w.hits, w.trials, w.others_hits, w.others_trials = hits, trials, others_hits, others_trials
+                    w.windows = windows
+        self.open = thawed_open(o, self.threshold)
+
     # -- helpers ----------------------------------------------------------------------------
     def _load_adjustment(self, x: float | None) -> float:
         """log-factor by which this window is expected to be slower than the baseline's load."""
@@ -141,8 +176,13 @@ class LatencyShift(Detector):
             return 0.0
         return self.load.slope * (x - self.load.mean_x)
 
-    def _absorb(self, sketch: LogSketch) -> None:
-        self.baseline = self.baseline.scaled(self.decay).merge(sketch)
+    def _absorb(self, sketch: LogSketch, obs: Observation, baseline: LogSketch | None = None) -> None:
+        step = obs.baseline_step
+        if (step is not None and step[0] is self._baseline and sketch is obs.window.sketch
+                and (step[1] == self.decay or not step[0])):
+            self._baseline = step[2]  # what the line below would compute, computed once
+        else:
+            self.baseline = (self.baseline if baseline is None else baseline).scaled(self.decay).merge(sketch)
         self.baseline_windows += 1
 
     # -- the interface ----------------------------------------------------------------------
@@ -154,7 +194,7 @@ class LatencyShift(Detector):
         adjustment = self._load_adjustment(x)
         current = shifted(lw.sketch, -adjustment)
         if self.baseline_windows < self.warmup_windows:
-            self._absorb(current)
+            self._absorb(current, obs)
             if x is not None:
                 self.load.update(x, mean_log_ms(lw.sketch))
             return []
@@ -211,7 +251,7 @@ class LatencyShift(Detector):
         # windows that merely looked suspicious would bias the baseline low. A change is
         # detected long before its windows weigh in a baseline with a half-life of hours.
         if not events:
-            self._absorb(current)
+            self._absorb(current, obs, baseline)
             if x is not None:
                 self.load.update(x, mean_log_ms(lw.sketch))
         return events

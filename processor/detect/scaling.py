@@ -66,6 +66,15 @@ class ScalingShift(Detector):
     def _derive(self, window_s, half_life_s, *_):
         return (0.5 ** (window_s / half_life_s),)
 
+    def freeze(self, sketch: bytes = b"") -> tuple:
+        recent = None if self.recent is None else self.recent.tobytes()
+        return self.fit.freeze(), recent, self.pos, self.streak, self.open
+
+    def _thaw(self, state: tuple, sketch: bytes) -> None:
+        fit, recent, self.pos, self.streak, self.open = state
+        self.fit = DecayedLinearFit.thawed(self.decay, fit)
+        self.recent = None if recent is None else np.frombuffer(recent, np.float64).reshape(-1, 3).copy()
+
     def _point(self, obs: Observation) -> tuple[float, float] | None:
         x = obs.others_load()
         return None if x is None else (x, mean_log_ms(obs.window.sketch))

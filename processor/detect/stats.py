@@ -94,6 +94,19 @@ class DecayedLinearFit(base.Base):
         self.sums = array("d", _ZERO_SUMS)
         self.n = 0
 
+    def freeze(self) -> tuple[bytes, int]:
+        """The state as plain values (see ``Detector.freeze``)."""
+        return self.sums.tobytes(), self.n
+
+    @classmethod
+    def thawed(cls, decay: float, state: tuple[bytes, int]) -> "DecayedLinearFit":
+        fit = cls.__new__(cls)
+        fit.decay = decay
+        fit.sums = array("d")
+        fit.sums.frombytes(state[0])
+        fit.n = state[1]
+        return fit
+
     def update(self, x: float, y: float, weight: float = 1.0) -> "DecayedLinearFit":
         sums, decay = self.sums, self.decay
         for i, v in enumerate((1.0, x, y, x * x, x * y, y * y)):
