@@ -141,7 +141,8 @@ def _since_text(repo, rev, changes, prod, head_index) -> str:
                            f"p99 {_fmt(r.p99_ms, '{:.3g} ms')}, errors {_fmt(r.error_share, '{:.2%}')} "
                            f"({r.windows} windows, {when(r.first_ms)} to {when(r.last_ms)})")
             elif b.where is not None:
-                out.append(f"      {label:<6} -")
+                out.append(f"      {label:<6} -" + ("  (the function is new)" if label == "before" and c.status == "added"
+                                                    else ""))
         for side, e in b.events:
             out.append(f"      event ({side}) {event_line(e)}")
         if b.note:

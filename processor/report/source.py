@@ -106,13 +106,12 @@ def _span_name(call: ast.AST) -> str | None:
 
 def _own_nodes(fn: ast.AST):
     """The nodes of a function's own body, not those of functions or classes nested in it."""
-    stack = list(fn.body)
+    nested = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)
+    stack = [n for n in fn.body if not isinstance(n, nested)]
     while stack:
         node = stack.pop()
         yield node
-        for child in ast.iter_child_nodes(node):
-            if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda)):
-                stack.append(child)
+        stack.extend(c for c in ast.iter_child_nodes(node) if not isinstance(c, nested))
 
 
 def _instrumentation(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[bool, tuple[str, ...]]:
