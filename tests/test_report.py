@@ -329,3 +329,59 @@ def test_since_lists_changed_functions_with_figures_before_and_after_their_versi
     assert "before 1.0: 300 calls" in restock and "after  -" in restock
     assert "(not called since 1.1 shipped)" in restock
 
+
+
+# --- end to end: spans through a real `backflow serve`, then `backflow report` -------------------
+
+@pytest.mark.e2e
+def test_report_on_what_a_real_server_learnt_from_sdk_spans(backflow, redis_server, redis_client, tmp_path):
+    from tests.test_e2e import SEC, send
+
+    repo = _git_repo(tmp_path / "repo")
+    v10, v11 = _git(repo, "rev-parse", "v1.0"), _git(repo, "rev-parse", "v1.1")
+    bf = backflow("--window", "10", "--allowed-lateness", "0")
+    t0 = 1_700_000_000 * SEC
+    discount = {"code.function.name": "shop.checkout.Checkout.apply_discount",
+                "code.file.path": "/app/shop/checkout.py", "code.line.number": 18}
+
+    def spans(first_window, windows, ms, every_error=0):
+        out = []
+        for w in range(first_window, first_window + windows):
+            for j in range(50):
+                end = t0 + w * 10 * SEC + (j + 1) * SEC // 10
+                out.append((end - ms * 1_000_000, end, discount, bool(every_error) and j % every_error == 0))
+                if j % 10 == 0:  # no code attributes: the location is the span name
+                    out.append((end - 3_000_000, end, {}, False, None, "inventory.reserve"))
+        return out
+
+    resource = {"service.name": "shop", "deployment.environment.name": "prod"}
+    send(bf.grpc_target, spans(0, 3, 20), {**resource, "service.version": "1.0", "vcs.ref.head.revision": v10})
+    send(bf.grpc_target, spans(3, 3, 40, every_error=10),
+         {**resource, "service.version": "1.1", "vcs.ref.head.revision": v11})
+    assert bf.stop() == 0  # SIGTERM: every window closed and written
+
+    sarif = tmp_path / "report.sarif"
+    p = subprocess.run([sys.executable, "-m", "processor", "report", "--repo", str(repo), "--since", "v1.0",
+                        "--sarif", str(sarif)], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "BACKFLOW_REDIS_URL": redis_server.url, "BACKFLOW_PREFIX": "backflow"})
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    at = lines.index("shop/checkout.py")
+    assert lines[at + 1].split() == ["18", "shop.checkout.Checkout.apply_discount", "[prod/shop]"]
+    assert "300 calls in 6 windows, 1.1" in lines[at + 2]
+    assert lines[at + 3].strip().startswith("[info] first_seen in 1.0")
+    assert "  span:inventory.reserve  [prod/shop]  (no code.file.path, 1 event)" in lines
+    never = p.stdout[p.stdout.index("never seen in production"):]
+    assert "shop.inventory.reserve" not in never  # seen through its span name
+    assert "shop.checkout.gift_wrap" in never and "shop.inventory.release" in never
+
+    block = p.stdout[p.stdout.index("shop.checkout.Checkout.apply_discount  modified"):].splitlines()
+    assert block[1].strip() == f"shipped in 1.1 ({v11[:12]})"
+    assert block[2].startswith("      before 1.0: 150 calls, 5/s, p50 20") and "errors 0.00% (3 windows" in block[2]
+    assert block[3].startswith("      after  1.1: 150 calls, 5/s, p50 40") and "errors 10.00% (3 windows" in block[3]
+
+    doc = json.loads(sarif.read_text())
+    schema = json.loads(SCHEMA.read_text())
+    jsonschema.validators.validator_for(schema)(schema).validate(doc)
+    first = [r for r in doc["runs"][0]["results"] if r["ruleId"] == "first_seen"]
+    assert first[0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] == "shop/checkout.py"

@@ -104,7 +104,8 @@ def render_text(report: Report) -> str:
         out.append(f"Not found in this checkout ({len(report.unmapped)}):")
         for f in report.unmapped:
             where = f"{f.where.file}:{f.where.line}" if f.where.file else "no code.file.path"
-            events = f", {len(f.events)} events" if f.events else ""
+            n = len(f.events)
+            events = f", {n} event{'s' if n > 1 else ''}" if n else ""
             out.append(f"  {f.where.function}  [{identity(f.where)}]  ({where}{events})")
         out.append("")
     out.append(f"Instrumented functions never seen in production ({len(report.never_seen)}):")
