@@ -306,7 +306,7 @@ class Pipeline:
     def _emit(self, results: list[WindowResult]) -> None:
         for r in results:
             self.metrics.observe_window(r.window)
-            self.sink.submit(r.events, [(b.location.key, b) for b in r.baselines])
+            self.sink.submit(r.events, [(b.location.key, b) for b in r.baselines], r.window)
             self._closed_since_trim += len(r.window.locations)
         # Counted across steps: many small closes fragment the heap as much as one big one
         # (the soak's RSS crept up by free heap while live memory stayed flat).

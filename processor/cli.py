@@ -20,6 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the OTLP receiver, the detectors and the sinks")
     add_arguments(serve)
+    from processor.report.command import add_parser as add_report
+    add_report(sub)
     return p
 
 
@@ -60,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"backflow: {e}", file=sys.stderr)
             return 2
         return serve(cfg)
+    if hasattr(args, "run"):  # subcommands that bring their own (processor/report/command.py)
+        return args.run(args)
     return 2
 
 

@@ -30,6 +30,7 @@ import redis
 
 from processor.events import Event
 from processor.memtrim import release_free_memory
+from processor.sinks.versions import MERGE_LUA, MERGE_SHA, VersionLedger, field_name
 
 log = logging.getLogger("backflow.redis")
 
@@ -47,7 +48,7 @@ _FIRST_SEEN_SHA = hashlib.sha1(_FIRST_SEEN_LUA.encode()).hexdigest()
 
 @dataclass(frozen=True)
 class _Write:
-    kind: str            # "event", "first_seen", "baseline" or "state"
+    kind: str            # "event", "first_seen", "baseline", "versions" or "state"
     key: str
     fields: dict[str, str] | None  # a baseline's hash; None for events (rendered from source)
     event_type: str = ""
@@ -83,6 +84,7 @@ class RedisSink:
         self.baselines: dict[str, object] = {}  # key -> latest baseline not yet written
         self.state: dict[str, bytes] = {}       # checkpoint field -> latest blob not yet written
         self.state_key = f"{prefix}:state"
+        self.versions = VersionLedger()  # per-version summaries (processor/sinks/versions.py)
         self._state_taken = 0  # checkpoint fields written since memory was last trimmed
         self.buffer_limit = buffer_limit
         self.batch_size = batch_size
@@ -145,8 +147,9 @@ class RedisSink:
         with self._cv:
             return len(self.state)
 
-    def submit(self, events: list[Event], baselines: list[tuple[str, object]]) -> None:
-        """Queue events; note baselines as (key, object with ``fields()`` or a fields dict)."""
+    def submit(self, events: list[Event], baselines: list[tuple[str, object]], window=None) -> None:
+        """Queue events; note baselines as (key, object with ``fields()`` or a fields dict),
+        and the closed window's per-version figures (``{prefix}:versions:{key}``)."""
         # Events are rendered to their fields when written, not here: a window that closes
         # with a hundred thousand new locations must not hold a hundred thousand dicts.
         writes = [_Write("first_seen" if e.type == "first_seen" else "event", e.location.key,
@@ -162,6 +165,8 @@ class RedisSink:
                 log.warning("Redis buffer full: dropped the %d oldest events", over)
             for key, source in baselines:
                 self.baselines[key] = source
+            if window is not None:
+                self.versions.note(window)
             self._cv.notify()
 
     def start(self) -> None:
@@ -170,7 +175,7 @@ class RedisSink:
 
     def pending(self) -> int:
         with self._cv:
-            return len(self.buffer) + len(self.baselines) + len(self.state) + self._inflight
+            return len(self.buffer) + len(self.baselines) + len(self.versions) + len(self.state) + self._inflight
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything submitted so far is written; False on timeout."""
@@ -200,6 +205,8 @@ class RedisSink:
             sources = [self.baselines.pop(key) for key in keys]
             return [_Write("baseline", key, src if isinstance(src, dict) else src.fields(), source=src)
                     for key, src in zip(keys, sources)]
+        if self.versions:  # after the baselines of the same windows, before the checkpoint
+            return [_Write("versions", k[0], None, source=(k, p)) for k, p in self.versions.take(self.batch_size)]
         # Checkpoint fields last: a restart must not know of a window whose events and
         # baselines were not written yet. A few fields per write: they are kilobytes each.
         names = list(itertools.islice(self.state, max(1, self.batch_size // 10)))
@@ -210,9 +217,10 @@ class RedisSink:
         backoff = 0.1
         while True:
             with self._cv:
-                while not self.buffer and not self.baselines and not self.state and not self._stop:
+                while not self.buffer and not self.baselines and not self.versions and not self.state \
+                        and not self._stop:
                     self._cv.wait(timeout=1.0)
-                if self._stop and not self.buffer and not self.baselines and not self.state:
+                if self._stop and not self.buffer and not self.baselines and not self.versions and not self.state:
                     return
                 batch = self._take()
                 self._inflight = len(batch)
@@ -238,6 +246,7 @@ class RedisSink:
                             self.baselines.setdefault(w.key, w.source)
                         elif w.kind == "state":
                             self.state.setdefault(w.key, w.source)
+                    self.versions.put_back([w.source for w in batch if w.kind == "versions"])
                     self._inflight = 0
                     if self._stop:
                         return
@@ -254,8 +263,15 @@ class RedisSink:
             for w in state:
                 args += (self._encode(w.key), w.source)
             commands.append(b"".join([b"*%d\r\n" % len(args)] + [b"$%d\r\n%b\r\n" % (len(a), a) for a in args]))
+        versions = [w for w in batch if w.kind == "versions"]
+        if versions:  # the script is loaded (again) ahead of its calls, in the same write
+            commands.append(self._command([b"SCRIPT", b"LOAD", MERGE_LUA]))
+            for w in versions:
+                (key, version, revision), p = w.source
+                commands.append(self._command([b"EVALSHA", MERGE_SHA, b"1", f"{self.prefix}:versions:{key}",
+                                               *p.args(field_name(version, revision))]))
         for w in batch:
-            if w.kind == "state":
+            if w.kind in ("state", "versions"):
                 continue
             key = self._encode(w.key)
             if w.kind == "baseline":
@@ -291,6 +307,11 @@ class RedisSink:
         for w, i in events:
             if replies[i]:  # a stream id; nil from the script when the key was already known
                 self.on_event_written(w.event_type)
+
+    def _command(self, args: list) -> bytes:
+        """One command in RESP, every argument encoded as redis-py would."""
+        parts = [self._encode(a) for a in args]
+        return b"".join([b"*%d\r\n" % len(parts)] + [b"$%d\r\n%b\r\n" % (len(a), a) for a in parts])
 
     def _render(self, kind: str, key: bytes | None, fields: dict) -> bytes:
         """One command in RESP: the kind's constant arguments, ``key`` if given, the fields."""

@@ -1,0 +1,114 @@
+"""Production mapped onto the checkout: findings per file, what could not be placed, and the
+instrumented functions production never reported."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from processor.report.source import SPAN_MARK, Function, SourceIndex
+from processor.report.store import BaselineRecord, EventRecord, Production, Where
+
+
+@dataclass
+class Finding:
+    """One production location: where it is in the checkout (if found) and what it did."""
+    where: Where
+    path: str | None
+    line: int | None
+    function: Function | None
+    baseline: BaselineRecord | None
+    events: list[EventRecord] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    by_file: dict[str, list[Finding]]
+    unmapped: list[Finding]
+    never_seen: list[Function]
+
+    @property
+    def findings(self) -> list[Finding]:
+        return [f for fs in self.by_file.values() for f in fs] + self.unmapped
+
+
+def build_report(index: SourceIndex, prod: Production) -> Report:
+    by_file: dict[str, list[Finding]] = {}
+    unmapped: list[Finding] = []
+    events_by_key: dict[str, list[EventRecord]] = {}
+    for e in prod.events:
+        events_by_key.setdefault(e.where.key, []).append(e)
+    seen: set[tuple[str, str]] = set()
+    span_names: set[str] = set()
+    for key, where in sorted(prod.locations().items(), key=lambda kv: (kv[1].service, kv[1].function)):
+        path, line, fn = index.locate(where.function, where.file, where.line)
+        finding = Finding(where, path, line, fn, prod.baselines.get(key), events_by_key.get(key, []))
+        if where.function.startswith(SPAN_MARK):
+            span_names.add(where.function[len(SPAN_MARK):])
+        if fn is not None:
+            seen.add((fn.path, fn.qualname))
+        (by_file.setdefault(path, []) if path else unmapped).append(finding)
+    for fs in by_file.values():
+        fs.sort(key=lambda f: (f.line or 0, f.where.function, f.where.service, f.where.environment))
+    never = [f for f in index.instrumented()
+             if (f.path, f.qualname) not in seen and not span_names.intersection(f.span_names)]
+    return Report(dict(sorted(by_file.items())), unmapped, never)
+
+
+# --- text for a person -----------------------------------------------------------------------
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g} ms"
+
+
+def _share(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2%}"
+
+
+def _rate(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3g}/s"
+
+
+def when(ms: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ms / 1000)) + "Z" if ms else "-"
+
+
+def figures(b: BaselineRecord | None) -> str:
+    if b is None:
+        return "no baseline"
+    return (f"{_rate(b.rate_per_s)}  p50 {_ms(b.p50_ms)}  p99 {_ms(b.p99_ms)}  "
+            f"errors {_share(b.error_rate)}  ({int(b.count)} calls in {b.windows} windows, {b.version or '-'})")
+
+
+def event_line(e: EventRecord) -> str:
+    return f"[{e.severity or '-'}] {e.type} in {e.version or '-'} at {when(e.window_start_ms)}: {e.summary}"
+
+
+def identity(w: Where) -> str:
+    return f"{w.environment or '-'}/{w.service}"
+
+
+def render_text(report: Report) -> str:
+    out: list[str] = []
+    for path, findings in report.by_file.items():
+        out.append(path)
+        for f in findings:
+            name = f.function.dotted if f.function else f.where.function
+            shown = name if name == f.where.function else f"{name} (as {f.where.function})"
+            out.append(f"  {f.line if f.line is not None else '?':>5}  {shown}  [{identity(f.where)}]")
+            out.append(f"         {figures(f.baseline)}")
+            for e in f.events:
+                out.append(f"         {event_line(e)}")
+        out.append("")
+    if report.unmapped:
+        out.append(f"Not found in this checkout ({len(report.unmapped)}):")
+        for f in report.unmapped:
+            where = f"{f.where.file}:{f.where.line}" if f.where.file else "no code.file.path"
+            n = len(f.events)
+            events = f", {n} event{'s' if n > 1 else ''}" if n else ""
+            out.append(f"  {f.where.function}  [{identity(f.where)}]  ({where}{events})")
+        out.append("")
+    out.append(f"Instrumented functions never seen in production ({len(report.never_seen)}):")
+    for fn in report.never_seen:
+        out.append(f"  {fn.path}:{fn.line}  {fn.dotted}")
+    return "\n".join(out) + "\n"

@@ -1,0 +1,150 @@
+"""Per-version summaries of each code location: ``{prefix}:versions:{key}``.
+
+Baselines hold one latest state per location, mixed across versions; events appear only
+when something changed. ``backflow report --since`` must show how a function behaved in
+production before and after the version that shipped a change, so the Redis sink also
+keeps, per location, one small record per version (``service.version`` and
+``vcs.ref.head.revision``) that served it:
+
+- hash ``{prefix}:versions:{key}``, field ``["<service.version>", "<vcs.ref.head.revision>"]``
+  (a JSON array), value a JSON object: ``calls``, ``errors``, ``windows`` (closed windows in
+  which the version served the location), ``seconds`` (their summed length), ``p50_ms``
+  and ``p99_ms`` (the mean of those windows' quantiles, weighted by calls: not the quantile
+  of all the version's spans, which would need a sketch per version), ``first`` and
+  ``last`` (start of the first and end of the last such window, epoch ms).
+- At most ``VERSIONS_KEPT`` versions per location: beyond it the version last seen longest
+  ago is dropped.
+
+Records are merged in Redis by a Lua script (one EVALSHA per location and version), written
+after the events and baselines of the same windows. While Redis is away the figures of
+windows not yet written are summed per (location, version), so what waits is bounded by
+locations times versions, not by windows.
+
+>>> import numpy as np
+>>> from processor.location import Location
+>>> from processor.sketch import LogSketch
+>>> from processor.window import ClosedWindow, LocationWindow, VersionFigures
+>>> loc = Location("prod", "shop", "shop.f")
+>>> sk = LogSketch.from_values(np.full(4, 10_000_000))
+>>> lw = LocationWindow(0, loc, 4, 1, sk, [VersionFigures(("shop", "1.0", "abc"), 4, 1, sk)])
+>>> ledger = VersionLedger()
+>>> ledger.note(ClosedWindow("shop", 0, 60_000_000_000, [lw], "prod"))
+>>> p = ledger.pending[(loc.key, "1.0", "abc")]
+>>> (p.calls, p.errors, p.windows, p.seconds, round(p.p50_sum / p.calls), p.first, p.last)
+(4, 1, 1, 60.0, 10, 0, 60000)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from processor.window import ClosedWindow, is_overflow
+
+VERSIONS_KEPT = 50
+
+MERGE_LUA = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local first, last = tonumber(ARGV[8]), tonumber(ARGV[9])
+local v
+if cur then v = cjson.decode(cur) else
+  v = {calls = 0, errors = 0, windows = 0, seconds = 0, p50_ms = 0, p99_ms = 0, first = first, last = last}
+end
+local c0, c = v.calls, tonumber(ARGV[2])
+local total = c0 + c
+if total > 0 then
+  v.p50_ms = (v.p50_ms * c0 + tonumber(ARGV[6])) / total
+  v.p99_ms = (v.p99_ms * c0 + tonumber(ARGV[7])) / total
+end
+v.calls = total
+v.errors = v.errors + tonumber(ARGV[3])
+v.windows = v.windows + tonumber(ARGV[4])
+v.seconds = v.seconds + tonumber(ARGV[5])
+v.first = math.min(v.first, first)
+v.last = math.max(v.last, last)
+redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(v))
+if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[10]) then
+  local all = redis.call('HGETALL', KEYS[1])
+  local oldest, at = nil, nil
+  for i = 1, #all, 2 do
+    local r = cjson.decode(all[i + 1])
+    if at == nil or r.last < at then oldest, at = all[i], r.last end
+  end
+  redis.call('HDEL', KEYS[1], oldest)
+end
+return 1
+"""
+MERGE_SHA = hashlib.sha1(MERGE_LUA.encode()).hexdigest()
+
+
+@dataclass
+class Pending:
+    """Figures of one (location, version) not yet written."""
+    calls: int = 0
+    errors: int = 0
+    windows: int = 0
+    seconds: float = 0.0
+    p50_sum: float = 0.0  # sum over windows of p50_ms * calls
+    p99_sum: float = 0.0
+    first: int = 0
+    last: int = 0
+
+    def args(self, field: str) -> list:
+        return [field, self.calls, self.errors, self.windows, self.seconds,
+                self.p50_sum, self.p99_sum, self.first, self.last, VERSIONS_KEPT]
+
+
+class VersionLedger:
+    """What the sink still has to merge into ``{prefix}:versions:{key}``."""
+
+    def __init__(self):
+        self.pending: dict[tuple[str, str, str], Pending] = {}
+
+    def note(self, window: ClosedWindow) -> None:
+        seconds = (window.end_ns - window.start_ns) / 1e9
+        start_ms, end_ms = window.start_ns // 1_000_000, window.end_ns // 1_000_000
+        for lw in window.locations:
+            if is_overflow(lw.location):
+                continue
+            for vf in lw.versions:
+                if not vf.count:
+                    continue
+                p50, p99 = (vf.sketch.quantiles((0.5, 0.99)) / 1e6).tolist()
+                k = (lw.location.key, vf.version[1], vf.version[2])
+                p = self.pending.get(k)
+                if p is None:
+                    p = self.pending[k] = Pending(first=start_ms, last=end_ms)
+                p.calls += int(vf.count)
+                p.errors += int(vf.errors)
+                p.windows += 1
+                p.seconds += seconds
+                p.p50_sum += p50 * vf.count
+                p.p99_sum += p99 * vf.count
+                p.first, p.last = min(p.first, start_ms), max(p.last, end_ms)
+
+    def take(self, n: int) -> list[tuple[tuple[str, str, str], Pending]]:
+        keys = list(self.pending)[:n]
+        return [(k, self.pending.pop(k)) for k in keys]
+
+    def put_back(self, items: list[tuple[tuple[str, str, str], Pending]]) -> None:
+        """After a failed write: merged with whatever was noted meanwhile."""
+        for k, p in items:
+            q = self.pending.get(k)
+            if q is None:
+                self.pending[k] = p
+                continue
+            q.calls += p.calls
+            q.errors += p.errors
+            q.windows += p.windows
+            q.seconds += p.seconds
+            q.p50_sum += p.p50_sum
+            q.p99_sum += p.p99_sum
+            q.first, q.last = min(q.first, p.first), max(q.last, p.last)
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+
+def field_name(version: str, revision: str) -> str:
+    return json.dumps([version, revision])
