@@ -17,8 +17,9 @@ The model, per seed:
   location gets at least 50 spans per chunk (300 per minute) while it is fully served.
 - Load ``L = diurnal x burst`` per service; load-sensitive functions (beta0 = 0.3, a quarter
   of them) have latency times ``1 + beta (L - 0.7)``.
-- Errors: 0.1% of spans (a fifth of the functions: none), each error with one exception
-  event whose type comes from a small per-function set.
+- Errors: 0.1% of spans (a fifth of the functions: none; a tenth of the unchanged ones
+  fail steadily at a share log-uniform in [1%, 30%], drawn from a stream of their own),
+  each error with one exception event whose type comes from a small per-function set.
 - Versions: every service runs "1.0.0"; at a per-service time (3 h or later) "1.1.0" rolls
   out, at once or as a canary (10% of the service's spans for 30 min, then all of them).
 - Changes exist only in "1.1.0", on 30-40% of each service's functions, one kind each (see
@@ -49,6 +50,7 @@ ENVIRONMENT = "production"
 OLD_VERSION = "1.0.0"
 NEW_VERSION = "1.1.0"
 BASE_ERROR_SHARE = 0.001
+STEADY_ERRORS = 0.1  # share of unchanged functions failing steadily at 1-30%
 NEW_EXCEPTION_SHARE = 0.002
 TAIL_SHARE = 0.02               # share of spans in the Pareto tail of heavy-tailed functions
 TAIL_CAP = 100.0                # Pareto tail truncated at this multiple of its start
@@ -462,6 +464,13 @@ def generate(seed: int, services: int = 8, functions_per_service: int = 40, hour
             functions.append(f)
             if kind is not None:
                 pending.append((f, kind, effect))
+
+    # Functions that always fail often (a probe answered 404, a cache miss raised): a steady
+    # share is no regression. A stream of their own leaves every other draw as it was.
+    steady, changed_ids = np.random.default_rng([seed, 5]), {f.index for f, _, _ in pending}
+    for f in functions:
+        if f.index not in changed_ids and f.error_share and steady.random() < STEADY_ERRORS:
+            f.error_share = float(10 ** steady.uniform(-2.0, np.log10(0.3)))
 
     # Baseline figures of tail changes come from the old version's own distribution.
     params = _series_params(functions)

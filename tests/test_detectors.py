@@ -1,6 +1,7 @@
 """Each detector fires on its own injected change, once, attributed to the new version,
 and stays silent on stationary data from the same generator with other seeds."""
 
+import numpy as np
 import pytest
 
 from processor.config import Config
@@ -88,6 +89,15 @@ def test_vanished_location_is_dormant_attributed_to_the_replacing_version():
 def test_silent_on_stationary_data(cls, seed):
     # six hours of a load-sensitive location with diurnal load and bursts
     assert events_of(cls, seed=seed, windows=360) == []
+
+
+@pytest.mark.parametrize("seed", range(200, 210))
+def test_errors_silent_on_a_steady_share_of_any_level(seed):
+    # Locations that always fail often (a probe answering 404, a cache miss raised as an
+    # error): a steady share from 0.1% to 30% at 2 to 190 spans a window is no regression.
+    rng = np.random.default_rng(seed)
+    share, rate = 10 ** rng.uniform(-3, -0.5), 10 ** rng.uniform(-1.5, 0.5)
+    assert events_of(ErrorRateShift, seed=seed, windows=360, error_share=share, rate=rate) == []
 
 
 def test_canary_regression_is_blamed_on_the_new_version_running_side_by_side():

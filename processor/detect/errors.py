@@ -97,7 +97,12 @@ class ErrorRateShift(Detector):
 
     @property
     def p0(self) -> float:
-        return (self.errors + self.prior_share * self.prior_spans) / (self.spans + self.prior_spans)
+        # The prior only lifts a share: it keeps a location that showed few or no errors
+        # from a baseline near zero, where a single error would be a rise. Pulling a share
+        # the location has shown down towards it would make every location that steadily
+        # fails more often than the prior look like a regression once warm-up ends.
+        shrunk = (self.errors + self.prior_share * self.prior_spans) / (self.spans + self.prior_spans)
+        return max(shrunk, self.errors / self.spans) if self.spans else shrunk
 
     def _absorb(self, errors: float, spans: float) -> None:
         self.errors = self.errors * self.decay + errors
