@@ -123,3 +123,7 @@ def backflow(redis_server, redis_client):
     yield start
     for bf in started:
         bf.stop()
+
+
+# tests/fixtures/ holds a small repository for the commands to look at, not tests.
+collect_ignore = ["fixtures"]
