@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -20,6 +21,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the OTLP receiver, the detectors and the sinks")
     add_arguments(serve)
+    from processor.commands import tail
+    for command in (tail,):
+        command.add_parser(sub)
     return p
 
 
@@ -53,14 +57,20 @@ def serve(cfg) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        import os
         try:
             cfg = resolve(vars(args), dict(os.environ))
         except ConfigError as e:
             print(f"backflow: {e}", file=sys.stderr)
             return 2
         return serve(cfg)
-    return 2
+    from processor.config import url_secrets
+    configure_logging("WARNING", url_secrets(getattr(args, "redis_url", None)
+                                             or os.environ.get("BACKFLOW_REDIS_URL", "")))
+    try:
+        return args.run(args)
+    except ConfigError as e:
+        print(f"backflow: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
