@@ -21,8 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the OTLP receiver, the detectors and the sinks")
     add_arguments(serve)
-    from processor.commands import notify, tail, top
-    for command in (tail, top, notify):
+    from processor.commands import demo, notify, tail, top
+    for command in (demo, tail, top, notify):
         command.add_parser(sub)
     return p
 
