@@ -17,7 +17,6 @@ import fnmatch
 import logging
 import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -159,15 +158,3 @@ class GroupReader:
 def _text(value) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
-
-def wait_for_redis(client: redis.Redis, timeout: float) -> None:
-    """PING until Redis answers; redis.ConnectionError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            client.ping()
-            return
-        except (redis.ConnectionError, redis.TimeoutError):
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.2)

@@ -173,7 +173,7 @@ class Demo:
         with open(self.log_path, "w") as log:
             self.serve = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30
-        while _healthz(metrics_port) != 200:
+        while http_status(f"http://127.0.0.1:{metrics_port}/healthz") != 200:
             if self.serve.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"backflow serve did not start:\n{self._serve_log()}")
             time.sleep(0.1)
@@ -230,9 +230,10 @@ class Demo:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def _healthz(port: int) -> int:
+def http_status(url: str, timeout: float = 1.0) -> int:
+    """The status a GET of ``url`` answers with; 0 when nothing answers."""
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
