@@ -127,7 +127,7 @@ class GroupReader:
         """Hand matching events to ``handle`` and acknowledge each once it returned (an
         exception from it propagates and leaves the entry pending). Returns how many were
         handled: after ``limit`` of them, when ``stop`` is set, or, without ``follow``, once
-        nothing is waiting. Redis being away is waited out, with a warning."""
+        nothing is waiting. Redis being away is waited out, with a warning, when following."""
         handled = 0
         backoff = 0.5
         while not stop.is_set():
@@ -135,6 +135,8 @@ class GroupReader:
                 entries = self.read(block_ms if follow else None)
                 backoff = 0.5
             except (redis.ConnectionError, redis.TimeoutError) as e:
+                if not follow:
+                    raise  # a one-off read: say so rather than wait
                 log.warning("Redis unreachable (%s); retrying in %.1f s", e, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)

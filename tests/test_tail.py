@@ -130,6 +130,12 @@ def test_bad_settings_exit_2_with_one_line_naming_them(args, env, named):
     assert p.stderr.count("\n") == 1 and named in p.stderr
 
 
+def test_without_follow_an_unreachable_redis_is_an_error():
+    from processor.devredis import free_port
+    p = backflow_command("tail", "--no-follow", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
+    assert p.returncode == 1 and p.stderr.startswith("backflow tail: ") and "127.0.0.1" in p.stderr
+
+
 @pytest.mark.e2e
 def test_owner_filter_on_events_of_a_real_server(backflow, redis_server, redis_client):
     bf = backflow("--window", "10", "--codeowners", str(CODEOWNERS), prefix="bf")
