@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 
-.PHONY: run test test-tools bench-ingest bench-detection bench-decode bench-memory bench-soak install redis-server promtool clean
+.PHONY: run demo test test-tools bench-ingest bench-detection bench-decode bench-memory bench-soak install redis-server promtool clean
 
 $(VENV)/.installed: pyproject.toml setup.py processor/receiver/_fastdecode.c
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ test-tools: redis-server promtool
 # Runs `backflow serve` with a local redis-server unless BACKFLOW_REDIS_URL is set.
 run: install redis-server
 	$(PY) -m processor.devredis run -- $(VENV)/bin/backflow serve $(ARGS)
+
+# Everything on this machine for under two minutes: Redis, Backflow, an instrumented shop
+# and its bad rollout, with the events printed as they arrive.
+demo: install redis-server
+	$(VENV)/bin/backflow demo $(ARGS)
 
 test: install test-tools
 	$(PY) -m pytest $(ARGS)

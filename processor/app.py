@@ -30,6 +30,7 @@ from processor.receiver.decode import Batch
 from processor.receiver.intake import OVERLOAD_RETRY_S, Overloaded
 from processor.receiver.workers import ReceiverPool
 from processor.sinks.prometheus import Metrics, serve_http
+from processor.owners import Owners
 from processor.sinks.redis_streams import RedisSink
 from processor.window import ClosedWindow, WindowStage, is_overflow
 
@@ -331,7 +332,8 @@ class Backflow:
                                       health_check_interval=30)
         self.sink = RedisSink(client, cfg.prefix, cfg.events_maxlen, cfg.redis_buffer,
                               on_event_written=lambda t: self.metrics.events.labels(type=t).inc(),
-                              on_dropped=self.metrics.redis_dropped.inc)
+                              on_dropped=self.metrics.redis_dropped.inc,
+                              owners=Owners.from_file(cfg.codeowners).of if cfg.codeowners else None)
         self.pipeline: Pipeline | None = None
         self.receivers_here: list = []  # OTLP/gRPC and OTLP/HTTP, when they run in this process
         self.receivers: ReceiverPool | None = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -20,7 +21,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the OTLP receiver, the detectors and the sinks")
     add_arguments(serve)
+    from processor.commands import demo, notify, tail, top
     from processor.report.command import add_parser as add_report
+    for command in (demo, tail, top, notify):
+        command.add_parser(sub)
     add_report(sub)
     return p
 
@@ -55,16 +59,20 @@ def serve(cfg) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        import os
         try:
             cfg = resolve(vars(args), dict(os.environ))
         except ConfigError as e:
             print(f"backflow: {e}", file=sys.stderr)
             return 2
         return serve(cfg)
-    if hasattr(args, "run"):  # subcommands that bring their own (processor/report/command.py)
+    from processor.config import url_secrets
+    configure_logging("WARNING", url_secrets(getattr(args, "redis_url", None)
+                                             or os.environ.get("BACKFLOW_REDIS_URL", "")))
+    try:
         return args.run(args)
-    return 2
+    except ConfigError as e:
+        print(f"backflow: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -145,6 +145,14 @@ def parse_readable_file(value: Any) -> str:
     return path
 
 
+def parse_codeowners(value: Any) -> str:
+    """A CODEOWNERS file that reads and parses: owners come from it for every event."""
+    path = parse_readable_file(value)
+    from processor.owners import Owners
+    Owners.from_file(path)  # ValueError names the file, and the line where it can
+    return path
+
+
 def parse_token(value: Any) -> str:
     """A bearer token. Messages never show it: they are printed and may be logged."""
     if value is None or isinstance(value, bool):  # YAML null or true: not a token
@@ -286,6 +294,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("metrics_max_locations", 1000, non_negative_int,
             "code locations with their own Prometheus series; the rest fold into one overflow "
             "series", "N"),
+    Setting("codeowners", None, parse_codeowners,
+            "CODEOWNERS file; every event's owners field gets the owners of its code.file.path "
+            "(relative paths as given, absolute ones made relative as README's Ownership says)",
+            "FILE"),
     Setting("log_level", "INFO", parse_log_level, "debug, info, warning or error", "LEVEL"),
 )
 
@@ -321,6 +333,7 @@ class Config:
     checkpoint_interval: float
     shutdown_timeout: float
     metrics_max_locations: int
+    codeowners: str | None
     log_level: str
     config: str | None = None
     detectors: Any = None  # processor.detect.settings.DetectorSettings

@@ -5,8 +5,8 @@
 ...           ("shop", "1.4.3", "abc123"), 60_000_000_000, 120_000_000_000, "info",
 ...           "first call of shop.cart.apply in 1.4.3", {"count": 3})
 >>> f = e.fields()
->>> f["type"], f["service.version"], f["window.start"], f["detail"]
-('first_seen', '1.4.3', '60000', '{"count": 3}')
+>>> f["type"], f["service.version"], f["window.start"], f["detail"], f["owners"]
+('first_seen', '1.4.3', '60000', '{"count": 3}', '')
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ class Event:
         raw = f"{self.location.key}\x00{self.type}\x00{self.window_start_ns}".encode()
         return hashlib.blake2b(raw, digest_size=12).hexdigest()
 
-    def fields(self) -> dict[str, str]:
+    def fields(self, owners: str = "") -> dict[str, str]:
+        """The stream entry; ``owners`` (space-separated, from CODEOWNERS, see
+        processor/owners.py) is added where the event is published, not by the detectors."""
         loc = self.location
         return {
             "id": self.id,
@@ -58,4 +60,5 @@ class Event:
             "severity": self.severity,
             "summary": self.summary,
             "detail": json.dumps(self.detail, sort_keys=True, separators=(", ", ": ")),
+            "owners": owners,
         }

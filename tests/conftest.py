@@ -7,6 +7,7 @@ import urllib.request
 import pytest
 import redis
 
+from processor.commands.demo import http_status
 from processor.devredis import RedisServer, free_port
 
 
@@ -60,13 +61,7 @@ class BackflowProcess:
         raise RuntimeError("backflow did not become healthy")
 
     def http_status(self, path: str) -> int:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=2) as r:
-                return r.status
-        except urllib.error.HTTPError as e:
-            return e.code
-        except OSError:
-            return 0
+        return http_status(f"http://127.0.0.1:{self.metrics_port}{path}", timeout=2)
 
     def http_body(self, path: str) -> str:
         try:
@@ -123,3 +118,7 @@ def backflow(redis_server, redis_client):
     yield start
     for bf in started:
         bf.stop()
+
+
+# tests/fixtures/ holds a small repository for the commands to look at, not tests.
+collect_ignore = ["fixtures"]

@@ -74,8 +74,9 @@ class RedisSink:
     def __init__(self, client: redis.Redis, prefix: str, events_maxlen: int, buffer_limit: int,
                  on_event_written: Callable[[str], None] = lambda t: None,
                  on_dropped: Callable[[int], None] = lambda n: None,
-                 batch_size: int = 500):
+                 batch_size: int = 500, owners: Callable[[str], str] | None = None):
         self.r = client
+        self.owners = owners  # code.file.path -> owners (processor/owners.py), if configured
         self.prefix = prefix
         self.events_key = f"{prefix}:events"
         self.keys_key = f"{prefix}:keys"
@@ -280,9 +281,9 @@ class RedisSink:
             else:
                 events.append((w, len(commands)))
                 if w.kind == "first_seen":
-                    commands.append(self._render("first_seen", key, w.source.fields()))
+                    commands.append(self._render("first_seen", key, self._fields(w.source)))
                 else:
-                    commands.append(self._render("event", None, w.source.fields()))
+                    commands.append(self._render("event", None, self._fields(w.source)))
         with_script = any(w.kind == "first_seen" for w, _ in events)
         replies = self._send(commands, with_script)
 
@@ -292,7 +293,7 @@ class RedisSink:
         # events, which is better than writing those twice by retrying the whole batch.
         again = [(w, i) for w, i in events if isinstance(replies[i], redis.exceptions.NoScriptError)]
         if again:
-            evals = [self._render("first_seen_eval", self._encode(w.key), w.source.fields())
+            evals = [self._render("first_seen_eval", self._encode(w.key), self._fields(w.source))
                      for w, _ in again]
             for (_, i), reply in zip(again, self._send(evals, False)):
                 replies[i] = reply
@@ -312,6 +313,10 @@ class RedisSink:
         """One command in RESP, every argument encoded as redis-py would."""
         parts = [self._encode(a) for a in args]
         return b"".join([b"*%d\r\n" % len(parts)] + [b"$%d\r\n%b\r\n" % (len(a), a) for a in parts])
+
+    def _fields(self, event: Event) -> dict[str, str]:
+        owners = self.owners(event.location.file) if self.owners else ""
+        return event.fields(owners)
 
     def _render(self, kind: str, key: bytes | None, fields: dict) -> bytes:
         """One command in RESP: the kind's constant arguments, ``key`` if given, the fields."""

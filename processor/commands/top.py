@@ -1,0 +1,210 @@
+"""``backflow top``: a live table of code locations from Redis.
+
+Figures come from the ``{prefix}:baseline:{key}`` hashes (calls/s, p50, p99, error share:
+the baseline's, which decays with serve's ``--baseline-half-life``), the open regressions
+from the latest events of ``{prefix}:events``. A regression is *open* when it is
+- a ``latency_regression``, ``error_regression`` or ``scaling_regression`` not followed by
+  a ``resolved`` event for it (``detail.resolves``) at the same location, or a
+  ``new_exception`` (which nothing resolves),
+- and its window ended within the location's latest ``--open-windows`` windows (counted
+  back from the baseline's ``updated``), so that one raised at a location no longer called
+  does not stay open for ever,
+- among the latest ``--events`` events of the stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+
+import redis
+
+from processor.commands import common
+from processor.config import ConfigError
+
+REGRESSIONS = ("latency_regression", "error_regression", "scaling_regression", "new_exception")
+_FIELDS = ("service.name", "deployment.environment.name", "code.function.name", "code.file.path",
+           "code.line.number", "service.version", "rate_per_s", "p50_ms", "p99_ms", "error_rate", "updated")
+_CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen
+
+
+@dataclass
+class Row:
+    key: str
+    service: str
+    function: str
+    where: str
+    version: str
+    calls: float
+    p50: float
+    p99: float
+    errors: float
+    updated_ms: int
+    open: int = 0
+
+
+SORTS = {
+    "open": lambda r: (-r.open, -r.calls, r.function),
+    "calls": lambda r: (-r.calls, r.function),
+    "p50": lambda r: (-r.p50, r.function),
+    "p99": lambda r: (-r.p99, r.function),
+    "errors": lambda r: (-r.errors, r.function),
+    "function": lambda r: (r.service, r.function),
+}
+
+
+def _float(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def read_rows(client: redis.Redis, prefix: str, services: tuple[str, ...] = (), chunk: int = 500) -> list[Row]:
+    keys = sorted(client.smembers(f"{prefix}:keys"))
+    rows = []
+    for i in range(0, len(keys), chunk):
+        pipe = client.pipeline(transaction=False)
+        for key in keys[i:i + chunk]:
+            pipe.hmget(f"{prefix}:baseline:{key}", _FIELDS)
+        for key, values in zip(keys[i:i + chunk], pipe.execute()):
+            if values[0] is None:  # announced, no baseline written (yet)
+                continue
+            h = dict(zip(_FIELDS, (v or "" for v in values)))
+            if services and h["service.name"] not in services:
+                continue
+            place = h["code.file.path"] + (f":{h['code.line.number']}" if h["code.line.number"] else "")
+            rows.append(Row(key, h["service.name"], h["code.function.name"], place, h["service.version"],
+                            _float(h["rate_per_s"]), _float(h["p50_ms"]), _float(h["p99_ms"]),
+                            _float(h["error_rate"]), int(_float(h["updated"]))))
+    return rows
+
+
+def open_regressions(events: list[dict[str, str]], updated_ms: dict[str, int], open_windows: int) -> dict[str, int]:
+    """Open regressions per key, from events oldest first (see the module's definition).
+
+    >>> ev = [{"key": "a", "type": "latency_regression", "window.start": "0", "window.end": "10"},
+    ...       {"key": "a", "type": "new_exception", "window.start": "10", "window.end": "20"},
+    ...       {"key": "a", "type": "resolved", "detail": '{"resolves": "latency_regression"}'},
+    ...       {"key": "b", "type": "error_regression", "window.start": "0", "window.end": "10"}]
+    >>> open_regressions(ev, {"a": 20, "b": 1000}, open_windows=30)
+    {'a': 1}
+    """
+    opened: dict[tuple[str, str], dict[str, str]] = {}
+    for e in events:
+        key, kind = e.get("key", ""), e.get("type", "")
+        if kind in REGRESSIONS:
+            opened[(key, kind)] = e
+        elif kind == "resolved":
+            try:
+                resolves = json.loads(e.get("detail") or "{}").get("resolves", "")
+            except (ValueError, AttributeError):
+                continue
+            opened.pop((key, resolves), None)
+    counts: dict[str, int] = {}
+    for (key, _), e in opened.items():
+        end, start = int(_float(e.get("window.end"))), int(_float(e.get("window.start")))
+        window = max(end - start, 1)
+        if updated_ms.get(key, end) - end < open_windows * window:
+            counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def recent_events(client: redis.Redis, prefix: str, count: int) -> list[dict[str, str]]:
+    return [fields for _, fields in reversed(client.xrevrange(f"{prefix}:events", count=count))]
+
+
+def render(rows: list[Row], width: int, limit: int | None, header: str) -> str:
+    total = len(rows)
+    shown = rows if limit is None else rows[:max(limit, 0)]
+    numbers = [(f"{r.calls:.1f}", f"{r.p50:.3g}", f"{r.p99:.3g}", f"{r.errors:.2%}", str(r.open or ""))
+               for r in shown]
+    head = ("CALLS/S", "P50 MS", "P99 MS", "ERRORS", "OPEN")
+    num_w = [max([len(h)] + [len(n[i]) for n in numbers]) for i, h in enumerate(head)]
+    svc_w = max([len("SERVICE")] + [len(f"{r.service}@{r.version}" if r.version else r.service) for r in shown])
+    svc_w = min(svc_w, 24)
+    rest = max(width - svc_w - sum(num_w) - 2 * (len(head) + 1), 20)
+    lines = [header, "  ".join([f"{'SERVICE':<{svc_w}}"] + [f"{h:>{w}}" for h, w in zip(head, num_w)]
+                               + ["FUNCTION (FILE:LINE)"])]
+    for r, n in zip(shown, numbers):
+        svc = f"{r.service}@{r.version}" if r.version else r.service
+        what = f"{r.function} ({r.where})" if r.where else r.function
+        lines.append("  ".join([f"{svc[:svc_w]:<{svc_w}}"] + [f"{v:>{w}}" for v, w in zip(n, num_w)]
+                               + [what[:rest]]))
+    if len(shown) < total:
+        lines.append(f"... {total - len(shown)} more (--limit, or a taller terminal)")
+    return "\n".join(lines)
+
+
+def snapshot(client: redis.Redis, prefix: str, args: argparse.Namespace, width: int, height: int | None) -> str:
+    rows = read_rows(client, prefix, tuple(args.service))
+    counts = open_regressions(recent_events(client, prefix, args.events),
+                              {r.key: r.updated_ms for r in rows}, args.open_windows)
+    for r in rows:
+        r.open = counts.get(r.key, 0)
+    rows.sort(key=SORTS[args.sort])
+    limit = args.limit
+    if height is not None:  # header, column names and the "more" line
+        limit = min(limit or height, max(height - 3, 1))
+    header = (f"backflow top  {prefix}  {len(rows)} locations, {sum(counts.values())} open regressions  "
+              f"{time.strftime('%H:%M:%S')}")
+    return render(rows, width, limit, header)
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("top", help="a live table of code locations: calls/s, p50, p99, errors, open regressions",
+                       description="A table of the code locations in Redis, refreshed in place; "
+                                   "see README's 'backflow top' for what 'open' means.")
+    common.add_redis_arguments(p)
+    p.add_argument("--once", action="store_true", help="print one table and exit")
+    p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="refresh period (default 2)")
+    p.add_argument("--sort", choices=tuple(SORTS), default="open",
+                   help="order of the rows (default open: open regressions, then calls/s)")
+    p.add_argument("--limit", type=int, metavar="N", help="most rows shown (default: what the terminal holds)")
+    p.add_argument("--service", action="append", default=[], metavar="NAME",
+                   help="locations of this service.name only (repeatable)")
+    p.add_argument("--open-windows", type=int, default=30, metavar="N",
+                   help="a regression counts as open for this many of its location's windows at most (default 30)")
+    p.add_argument("--events", type=int, default=10_000, metavar="N",
+                   help="latest events read to find open regressions (default 10000)")
+    p.set_defaults(run=run)
+    return p
+
+
+def _check(args: argparse.Namespace) -> None:
+    for name in ("interval",):
+        if not getattr(args, name) > 0:
+            raise ConfigError(f"invalid setting {name} (--{name}): must be > 0, got {getattr(args, name)}")
+    for name in ("limit", "open_windows", "events"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"invalid setting {name} (--{name.replace('_', '-')}): must be >= 1, got {value}")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check(args)
+    url, prefix = common.redis_settings(args)
+    client = common.connect(url)
+    tty = sys.stdout.isatty()
+    stop = None if args.once else common.stop_on_signals()
+    while True:
+        size = shutil.get_terminal_size()
+        try:
+            table = snapshot(client, prefix, args, size.columns if tty else 200,
+                             size.lines if tty else None)
+        except redis.RedisError as e:
+            if args.once:
+                print(f"backflow top: {e}", file=sys.stderr)
+                return 1
+            table = f"backflow top: Redis unreachable ({e}); retrying"
+        if args.once:
+            print(table, flush=True)
+            return 0
+        sys.stdout.write((_CLEAR + table) if tty else table + "\n\n")
+        sys.stdout.flush()
+        if stop.wait(args.interval):
+            return 0

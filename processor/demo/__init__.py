@@ -1,0 +1,1 @@
+"""``backflow demo``: a shop instrumented with the OpenTelemetry SDK, and its rollout."""

@@ -1,0 +1,176 @@
+"""``backflow notify``: each event posted to a webhook (a local HTTP server in this process),
+with retries, Retry-After, a rate limit, and acknowledgement only after success."""
+
+import http.server
+import json
+import threading
+import time
+
+import pytest
+
+from processor.consume import GroupReader
+from tests.commands import add_events, backflow_command, event_fields
+
+EVENTS = [
+    event_fields("latency_regression", "shop.cart.apply_discount", "shop/cart.py", "6",
+                 summary="p50 of shop.cart.apply_discount rose 2.2x <fast> & slow", owners="@acme/cart"),
+    event_fields("new_exception", "shop.payments.charge", "shop/payments/charge.py", "1",
+                 severity="critical", owners="@acme/payments"),
+    event_fields("dormant", "shop.payments.fraud.score", "shop/payments/fraud.py", "1",
+                 owners="@acme/payments @acme/risk"),
+]
+
+
+class Webhook:
+    """A chat webhook that records every post and answers from a script of statuses
+    (200 once the script is used up)."""
+
+    def __init__(self, script=()):
+        self.posts: list[tuple[float, dict]] = []
+        self.script = list(script)  # (status, headers)
+        hook = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                hook.posts.append((time.monotonic(), json.loads(body)))
+                status, headers = hook.script.pop(0) if hook.script else (200, {})
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                self.wfile.write(b"ok")
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/services/T000/B000/secret"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def texts(self):
+        return [p["text"] for _, p in self.posts]
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook():
+    hooks = []
+
+    def make(script=()):
+        hooks.append(Webhook(script))
+        return hooks[-1]
+
+    yield make
+    for h in hooks:
+        h.close()
+
+
+def notify(redis_url, url, *args):
+    return backflow_command("notify", "--redis-url", redis_url, "--webhook", url, "--no-follow",
+                            "--start", "all", *args)
+
+
+def pending(redis_client):
+    return GroupReader(redis_client, "backflow:events", "backflow-notify").pending_count()
+
+
+def test_posts_each_event_as_a_slack_message_and_acknowledges_it(redis_server, redis_client, webhook):
+    hook = webhook()
+    add_events(redis_client, EVENTS)
+    p = notify(redis_server.url, hook.url)
+    assert p.returncode == 0, p.stderr
+    assert len(hook.posts) == 3 and len(p.stdout.splitlines()) == 3
+    first = hook.posts[0][1]
+    assert first["text"] == ("[warning] latency_regression shop@2.0.0 shop.cart.apply_discount shop/cart.py:6: "
+                             "p50 of shop.cart.apply_discount rose 2.2x &lt;fast&gt; &amp; slow "
+                             "(owners @acme/cart)")
+    section, context = first["blocks"]
+    assert section["type"] == "section" and "*latency_regression*" in section["text"]["text"]
+    shown = " ".join(e["text"] for e in context["elements"])
+    assert "`shop.cart.apply_discount shop/cart.py:6`" in shown and "@acme/cart" in shown
+    assert EVENTS[0]["id"] in shown  # receivers can deduplicate on it
+    assert pending(redis_client) == 0
+    assert notify(redis_server.url, hook.url).returncode == 0 and len(hook.posts) == 3  # nothing again
+
+
+def test_5xx_and_429_are_retried_and_retry_after_is_honoured(redis_server, redis_client, webhook):
+    hook = webhook([(500, {}), (429, {"Retry-After": "2"}), (503, {})])
+    add_events(redis_client, EVENTS[:1])
+    p = notify(redis_server.url, hook.url)
+    assert p.returncode == 0, p.stderr
+    times = [t for t, _ in hook.posts]
+    assert len(times) == 4 and len({json.dumps(b) for _, b in hook.posts}) == 1  # the same message
+    assert times[2] - times[1] >= 2.0  # waited what Retry-After said
+    assert "HTTP 500" in p.stderr and "HTTP 429" in p.stderr
+    assert "secret" not in p.stderr  # the webhook's path is not shown
+    assert pending(redis_client) == 0
+
+
+def test_an_event_the_webhook_did_not_take_stays_pending_and_is_posted_by_the_next_run(
+        redis_server, redis_client, webhook):
+    failing = webhook([(503, {})] * 3)
+    add_events(redis_client, EVENTS[:2])
+    p = notify(redis_server.url, failing.url, "--retries", "2")
+    assert p.returncode == 1
+    assert "gave up after 3 attempts" in p.stderr and "stays pending" in p.stderr
+    # both were handed to this consumer, neither posted: both are pending for the next run
+    assert len(failing.posts) == 3 and pending(redis_client) == 2
+    working = webhook()
+    assert notify(redis_server.url, working.url).returncode == 0
+    assert [b["text"] for _, b in working.posts] == [failing.texts()[0], working.texts()[1]]
+    assert "shop.payments.charge" in working.texts()[1]
+    assert pending(redis_client) == 0
+
+
+def test_an_answer_retrying_cannot_fix_is_not_retried(redis_server, redis_client, webhook):
+    hook = webhook([(404, {})])
+    add_events(redis_client, EVENTS[:1])
+    p = notify(redis_server.url, hook.url)
+    assert p.returncode == 1 and "HTTP 404" in p.stderr
+    assert len(hook.posts) == 1 and pending(redis_client) == 1
+
+
+def test_an_unreachable_webhook_is_retried(redis_server, redis_client):
+    from processor.devredis import free_port
+    add_events(redis_client, EVENTS[:1])
+    p = notify(redis_server.url, f"http://127.0.0.1:{free_port()}/hook", "--retries", "1")
+    assert p.returncode == 1
+    assert p.stderr.count("cannot reach http://127.0.0.1") == 2  # the retry warning and the final error
+    assert pending(redis_client) == 1
+
+
+def test_the_rate_limit_spaces_messages_out(redis_server, redis_client, webhook):
+    hook = webhook()
+    add_events(redis_client, EVENTS)
+    p = notify(redis_server.url, hook.url, "--rate-per-minute", "60", "--burst", "1")
+    assert p.returncode == 0, p.stderr
+    times = [t for t, _ in hook.posts]
+    assert len(times) == 3
+    assert times[1] - times[0] >= 0.9 and times[2] - times[1] >= 0.9  # one a second
+
+
+def test_owner_filter(redis_server, redis_client, webhook):
+    hook = webhook()
+    add_events(redis_client, EVENTS)
+    assert notify(redis_server.url, hook.url, "--owner", "@acme/payments").returncode == 0
+    assert ["shop.payments" in t for t in hook.texts()] == [True, True]
+    assert pending(redis_client) == 0  # the others were filtered out, and acknowledged too
+
+
+@pytest.mark.parametrize("args, env, named", [
+    (["--webhook", "ftp://chat.example/hook"], {}, "webhook (--webhook)"),
+    ([], {}, "give --webhook URL or BACKFLOW_NOTIFY_WEBHOOK"),
+    ([], {"BACKFLOW_NOTIFY_WEBHOOK": "hooks.slack.com/x"}, "webhook (BACKFLOW_NOTIFY_WEBHOOK)"),
+    (["--webhook", "http://h/x", "--rate-per-minute", "0"], {}, "rate_per_minute (--rate-per-minute)"),
+    (["--webhook", "http://h/x", "--burst", "0"], {}, "burst (--burst)"),
+    (["--webhook", "http://h/x", "--redis-url", "redis://h:port"], {}, "redis_url (--redis-url)"),
+])
+def test_bad_settings_exit_2_with_one_line_naming_them(args, env, named):
+    p = backflow_command("notify", "--no-follow", *args, env=env)
+    assert p.returncode == 2
+    assert p.stderr.count("\n") == 1 and named in p.stderr
