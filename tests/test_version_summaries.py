@@ -103,3 +103,21 @@ def test_overflow_locations_get_no_record(sink):
     s.submit([], [], cw)
     assert s.flush(10)
     assert not client.keys("t:versions:*")
+
+
+def test_a_summary_redis_refuses_is_dropped_and_blocks_nothing_else(sink):
+    # A key of another type under the summaries' name: the merge fails for good. It must
+    # not be retried (merges are not idempotent: the others in its batch would be added
+    # again) nor hold back the checkpoint fields written after the summaries.
+    s, client = sink
+    other = Location("prod", "shop", "shop.other", "shop/other.py", "3")
+    client.set(f"t:versions:{other.key}", "not a hash")
+    sk = LogSketch.from_values(np.full(4, 10_000_000))
+    lw = LocationWindow(1, other, 4, 0, sk, [VersionFigures(("shop", "1.0", "rev-1.0"), 4, 0, sk)])
+    cw = window(0, {"1.0": ([10.0] * 4, 1)})
+    s.submit([], [], ClosedWindow("shop", 0, W, cw.locations + [lw], "prod"))
+    s.submit_state({"loc:x": b"blob"})
+    assert s.flush(10) and s.reachable
+    assert s.summaries_dropped == 1
+    assert summaries(client)[("1.0", "rev-1.0")]["calls"] == 4  # written once
+    assert client.hget("t:state", "loc:x") == "blob"

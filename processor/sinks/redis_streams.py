@@ -94,6 +94,7 @@ class RedisSink:
         self.reachable = False
         self.ever_reached = False  # Redis answered once since start
         self.dropped = 0           # events dropped because the buffer was full
+        self.summaries_dropped = 0  # version summaries Redis refused ({prefix}:versions:{key})
         self.last_error: Exception | None = None  # of the last failed ping()
         encoder = client.connection_pool.get_encoder()
         self._encoding, self._errors = encoder.encoding, encoder.encoding_errors
@@ -265,10 +266,12 @@ class RedisSink:
                 args += (self._encode(w.key), w.source)
             commands.append(b"".join([b"*%d\r\n" % len(args)] + [b"$%d\r\n%b\r\n" % (len(a), a) for a in args]))
         versions = [w for w in batch if w.kind == "versions"]
+        merges: list[tuple[_Write, int]] = []  # each version summary with the index of its reply
         if versions:  # the script is loaded (again) ahead of its calls, in the same write
             commands.append(self._command([b"SCRIPT", b"LOAD", MERGE_LUA]))
             for w in versions:
                 (key, version, revision), p = w.source
+                merges.append((w, len(commands)))
                 commands.append(self._command([b"EVALSHA", MERGE_SHA, b"1", f"{self.prefix}:versions:{key}",
                                                *p.args(field_name(version, revision))]))
         for w in batch:
@@ -297,6 +300,16 @@ class RedisSink:
                      for w, _ in again]
             for (_, i), reply in zip(again, self._send(evals, False)):
                 replies[i] = reply
+
+        # A summary merge is not idempotent: retrying the batch would add the merges that
+        # succeeded again, and one that fails for good (a key of another type, a field
+        # another writer left) would block every later write. So a failed merge is dropped,
+        # logged and counted; the summaries are best effort (at least once, not exactly).
+        failed = [i for _, i in merges if isinstance(replies[i], redis.ResponseError)]
+        for i in failed:
+            log.warning("version summary not written (%s); dropped", replies[i])
+            replies[i] = None
+        self.summaries_dropped += len(failed)
 
         # Like the pipeline's execute(): an error reply raises (all replies were read, so the
         # connection is in sync) and nothing counts as written; _run retries the batch.
