@@ -100,6 +100,15 @@ def test_errors_silent_on_a_steady_share_of_any_level(seed):
     assert events_of(ErrorRateShift, seed=seed, windows=360, error_share=share, rate=rate) == []
 
 
+@pytest.mark.parametrize("seed", range(400, 405))
+def test_errors_still_caught_where_a_location_is_called_once_a_window(seed):
+    # Its warm-up rests on about 30 spans: an error or two in them must not set the
+    # baseline share so high that a rise from 1% to 20% goes unseen.
+    events = events_of(ErrorRateShift, seed=seed, windows=300, change_at=200, kind="errors",
+                       effect=20.0, error_share=0.01, rate=1 / 60)
+    assert any(e.type == "error_regression" and e.version == V2 for e in events)
+
+
 def test_canary_regression_is_blamed_on_the_new_version_running_side_by_side():
     import numpy as np
 

@@ -166,10 +166,11 @@ class Demo:
         grpc_port, metrics_port = free_port(), free_port()
         args = [sys.executable, "-m", "processor", "serve", "--config", config,
                 "--otlp-grpc", f"127.0.0.1:{grpc_port}", "--otlp-http", "off",
-                "--metrics", f"127.0.0.1:{metrics_port}", "--redis-url", url, "--prefix", self.prefix,
+                "--metrics", f"127.0.0.1:{metrics_port}", "--prefix", self.prefix,
                 "--codeowners", codeowners, "--log-level", "warning"]
         self.log_path = os.path.join(self.dir, "serve.log")
         env = {k: v for k, v in os.environ.items() if not k.startswith("BACKFLOW_")}  # ours, not the user's
+        env["BACKFLOW_REDIS_URL"] = url  # not on the command line, where ps shows a password
         with open(self.log_path, "w") as log:
             self.serve = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 30

@@ -7,7 +7,7 @@ from functools import partial
 from processor.detect.base import (
     Detector, Observation, VersionWatches, attribution, frozen_open, thawed_open,
 )
-from processor.detect.stats import BinomialCUSUM, binomial_greater
+from processor.detect.stats import BinomialCUSUM, binomial_greater, wilson_lower
 from processor.events import Event
 
 
@@ -100,9 +100,13 @@ class ErrorRateShift(Detector):
         # The prior only lifts a share: it keeps a location that showed few or no errors
         # from a baseline near zero, where a single error would be a rise. Pulling a share
         # the location has shown down towards it would make every location that steadily
-        # fails more often than the prior look like a regression once warm-up ends.
+        # fails more often than the prior look like a regression once warm-up ends; so the
+        # baseline is at least the low end of what its own spans show (Wilson's lower
+        # bound at one standard error), which for few spans stays low (1 error in 10
+        # spans: 3.9%, not 10%). One standard error, not 1.645: on generated stationary
+        # shares the lower bound of 1.645 raised a false event in 100 locations, this none.
         shrunk = (self.errors + self.prior_share * self.prior_spans) / (self.spans + self.prior_spans)
-        return max(shrunk, self.errors / self.spans) if self.spans else shrunk
+        return max(shrunk, wilson_lower(self.errors, self.spans, z=1.0)) if self.spans else shrunk
 
     def _absorb(self, errors: float, spans: float) -> None:
         self.errors = self.errors * self.decay + errors

@@ -214,3 +214,18 @@ def two_proportion_z(x1: float, n1: float, x2: float, n2: float) -> float:
     p = (x1 + x2) / (n1 + n2)
     var = p * (1 - p) * (1 / n1 + 1 / n2)
     return (x1 / n1 - x2 / n2) / math.sqrt(var) if var > 0 else 0.0
+
+
+def wilson_lower(successes: float, trials: float, z: float = 1.645) -> float:
+    """Lower end of Wilson's score interval for a share (one-sided 95% by default).
+
+    >>> round(wilson_lower(1, 10), 4), round(wilson_lower(50, 1000), 4), wilson_lower(0, 10)
+    (0.0226, 0.0398, 0.0)
+    """
+    if trials <= 0:
+        return 0.0
+    p = min(max(successes / trials, 0.0), 1.0)
+    z2 = z * z
+    centre = p + z2 / (2 * trials)
+    spread = z * math.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
+    return max(0.0, (centre - spread) / (1 + z2 / trials))

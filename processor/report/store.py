@@ -161,8 +161,8 @@ def read_production(client: redis.Redis, prefix: str, service: str | None = None
     last = "-"
     while True:
         chunk = client.xrange(f"{prefix}:events", min=last, max="+", count=1000)
-        if last != "-":
-            chunk = chunk[1:]  # the entry the range starts at was read already
+        if chunk and last != "-" and chunk[0][0] == last:
+            chunk = chunk[1:]  # read already (unless trimmed meanwhile: then it is not there)
         if not chunk:
             break
         for sid, h in chunk:
