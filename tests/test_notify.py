@@ -174,3 +174,10 @@ def test_bad_settings_exit_2_with_one_line_naming_them(args, env, named):
     p = backflow_command("notify", "--no-follow", *args, env=env)
     assert p.returncode == 2
     assert p.stderr.count("\n") == 1 and named in p.stderr
+
+
+def test_a_long_summary_is_cut_to_what_slack_takes_in_a_section():
+    from processor.commands.notify import message
+    m = message({"type": "latency_regression", "severity": "warning", "summary": "p99 of " + "f" * 5000})
+    section = m["blocks"][0]["text"]["text"]
+    assert len(section) == 3000 and section.endswith("\u2026") and "p99 of " in section

@@ -137,6 +137,9 @@ def shown_url(url: str) -> str:
     return f"{u.scheme}://{u.netloc.rpartition('@')[2]}/..."
 
 
+_SECTION_MAX = 3000  # Block Kit: a section's text is at most 3,000 characters
+
+
 def _escape(text: str) -> str:
     """Slack's mrkdwn reserves &, < and >."""
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -159,10 +162,12 @@ def message(fields: dict[str, str]) -> dict:
                f"*window end* {common.event_time(fields)}", f"*event* `{_escape(fields.get('id', ''))}`"]
     if owners:
         context.insert(1, f"*owners* {_escape(owners)}")
+    section = (f"{_ICONS.get(severity, '')} *{_escape(type_)}* in *{_escape(common.service_at_version(fields))}*"
+               f"\n{_escape(summary)}")
+    if len(section) > _SECTION_MAX:  # Slack refuses the whole message (400) beyond it
+        section = section[:_SECTION_MAX - 1] + "\u2026"
     blocks = [
-        {"type": "section", "text": {"type": "mrkdwn", "text": (
-            f"{_ICONS.get(severity, '')} *{_escape(type_)}* in *{_escape(common.service_at_version(fields))}*"
-            f"\n{_escape(summary)}")}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": section}},
         {"type": "context", "elements": [{"type": "mrkdwn", "text": c} for c in context]},
     ]
     return {"text": _escape(text), "blocks": blocks}
