@@ -81,6 +81,9 @@ def test_baselines_first_seen_and_metrics(backflow, redis_client):
             "old": location_key("prod", "shop", "shop.pay.charge"),
             "name": location_key("prod", "shop", "span:GET /health")}
     bf.wait_for(lambda: len(stream(redis_client)) == 3, what="three first_seen events")
+    # The sink writes a window's events before its baselines: wait for those too.
+    bf.wait_for(lambda: all(redis_client.exists(f"backflow:baseline:{k}") for k in keys.values()),
+                what="three baselines")
     for label, key in keys.items():
         h = redis_client.hgetall(f"backflow:baseline:{key}")
         d = durations[label]
@@ -144,7 +147,8 @@ def test_late_span_is_counted_and_dropped(backflow, redis_client):
     send(bf.grpc_target, [(T0, T0 + 2 * SEC, attrs)])  # its window closed already
     bf.wait_for(lambda: bf.metrics()["backflow_late_spans_total"] == 1, what="late span counted")
     key = location_key("prod", "shop", "shop.f")
-    assert redis_client.hget(f"backflow:baseline:{key}", "count") == "1"
+    # (the baseline is written by the sink's thread, perhaps after the late span was counted)
+    assert bf.wait_for(lambda: redis_client.hget(f"backflow:baseline:{key}", "count"), what="baseline") == "1"
 
 
 def test_gzip_requests_are_accepted(backflow, redis_client):
