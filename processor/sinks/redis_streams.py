@@ -261,10 +261,10 @@ class RedisSink:
         events: list[tuple[_Write, int]] = []  # each event with the index of its reply
         state = [w for w in batch if w.kind == "state"]
         if state:  # one HSET for all the batch's fields
-            args = [b"HSET", self._encode(self.state_key)]
+            args = [b"HSET", self.state_key]
             for w in state:
-                args += (self._encode(w.key), w.source)
-            commands.append(b"".join([b"*%d\r\n" % len(args)] + [b"$%d\r\n%b\r\n" % (len(a), a) for a in args]))
+                args += (w.key, w.source)
+            commands.append(self._command(args))
         versions = [w for w in batch if w.kind == "versions"]
         merges: list[tuple[_Write, int]] = []  # each version summary with the index of its reply
         if versions:  # the script is loaded (again) ahead of its calls, in the same write
