@@ -33,7 +33,7 @@ test-tools: redis-server promtool
 
 # Runs `backflow serve` with a local redis-server unless BACKFLOW_REDIS_URL is set.
 run: install redis-server
-	$(PY) -m processor.devredis run -- $(VENV)/bin/backflow serve $(ARGS)
+	$(PY) -m processor.devtools.redis_server run -- $(VENV)/bin/backflow serve $(ARGS)
 
 # Everything on this machine for under two minutes: Redis, Backflow, an instrumented shop
 # and its bad rollout, with the events printed as they arrive.

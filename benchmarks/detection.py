@@ -8,7 +8,7 @@
 
 Scenarios come from ``benchmarks.scenarios`` (lognormal and Pareto-tailed latencies, diurnal
 load with bursts, a "1.1.0" rollout per service, at once or as a canary, that brings injected
-changes on 30-40% of the functions). Each seed's scenario goes through ``processor.app.Engine``
+changes on 30-40% of the functions). Each seed's scenario goes through ``processor.pipeline.engine.Engine``
 in-process ("direct"), batch after batch, with 60 s windows and 5 s allowed lateness unless
 ``--window`` or the YAML file says otherwise. The gRPC replay sends a smaller scenario through
 a real ``backflow serve`` (with its own redis-server), reads the events back from the Redis
@@ -118,7 +118,7 @@ def build_config(config_path: str | None, window: float | None):
 
 def run_direct(seed: int, sizes: dict, cfg) -> dict:
     """One scenario through an in-process Engine; returns the score and the events."""
-    from processor.app import Engine
+    from processor.pipeline.engine import Engine
     t_start = time.perf_counter()
     sc = generate(seed, **sizes)
     t_setup = time.perf_counter() - t_start
@@ -365,7 +365,7 @@ def run_replay(seed: int, sizes: dict, cfg, config_path: str | None, log=print) 
     import redis
 
     from benchmarks.scenarios import OtlpEncoder
-    from processor.devredis import RedisServer, free_port
+    from processor.devtools.redis_server import RedisServer, free_port
 
     t_start = time.perf_counter()
     sc = generate(seed, **sizes)

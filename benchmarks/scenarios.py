@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from processor.location import Location
+from processor.pipeline.location import Location
 from processor.receiver.decode import Batch
 
 SEC = 1_000_000_000

@@ -62,7 +62,7 @@ def fuzz_with_atheris(argv: list[str]) -> None:
     import atheris
 
     with atheris.instrument_imports(include=["processor"]):
-        import processor.location  # noqa: F401 (instrumented for coverage)
+        import processor.pipeline.location  # noqa: F401 (instrumented for coverage)
         import processor.receiver.decode  # noqa: F401
     one_input, _ = make_check()
     if not any(not a.startswith("-") for a in argv[1:]):  # no corpus given: ours, seeded

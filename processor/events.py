@@ -1,6 +1,6 @@
 """Events as CONTRACT.md publishes them on ``{prefix}:events``.
 
->>> from processor.location import Location
+>>> from processor.pipeline.location import Location
 >>> e = Event("first_seen", Location("prod", "shop", "shop.cart.apply", "cart.py", "12"),
 ...           ("shop", "1.4.3", "abc123"), 60_000_000_000, 120_000_000_000, "info",
 ...           "first call of shop.cart.apply in 1.4.3", {"count": 3})
@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from processor.location import Location
+from processor.pipeline.location import Location
 
 EVENT_TYPES = ("first_seen", "latency_regression", "error_regression", "new_exception",
                "scaling_regression", "dormant")

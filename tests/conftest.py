@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from processor.commands.demo import http_status
-from processor.devredis import RedisServer, free_port
+from processor.devtools.redis_server import RedisServer, free_port
 
 
 @pytest.fixture(scope="session")

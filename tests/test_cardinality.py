@@ -3,11 +3,11 @@ excess folds into one overflow location per service, counted, and nothing else i
 
 import numpy as np
 
-from processor.app import Engine
+from processor.pipeline.engine import Engine
 from processor.config import Config
-from processor.location import Location
+from processor.pipeline.location import Location
 from processor.receiver.decode import Batch
-from processor.window import OVERFLOW_FUNCTION
+from processor.pipeline.window import OVERFLOW_FUNCTION
 
 SEC = 1_000_000_000
 T0 = 1_700_000_020 * SEC - (1_700_000_020 * SEC) % (60 * SEC)

@@ -7,8 +7,8 @@ import pickle
 import pytest
 
 from benchmarks.scenarios import generate
-from processor import checkpoint
-from processor.app import Engine
+from processor.pipeline import checkpoint
+from processor.pipeline.engine import Engine
 from processor.config import Config
 
 CFG = dict(window=60.0, allowed_lateness=0.0, idle_timeout=1e9)

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from processor.devredis import answers_ping
+from processor.devtools.redis_server import answers_ping
 from tests.commands import backflow_command
 
 

@@ -113,8 +113,8 @@ def test_canary_regression_is_blamed_on_the_new_version_running_side_by_side():
     import numpy as np
 
     from processor.detect.base import Observation
-    from processor.sketch import LogSketch
-    from processor.window import LocationWindow, VersionFigures
+    from processor.pipeline.sketch import LogSketch
+    from processor.pipeline.window import LocationWindow, VersionFigures
     from tests.windows import LOC, V1, W_NS
 
     rng = np.random.default_rng(81)

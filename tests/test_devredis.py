@@ -2,7 +2,7 @@
 
 import redis
 
-from processor.devredis import RedisServer
+from processor.devtools.redis_server import RedisServer
 
 
 def test_persistent_local_redis_keeps_data_across_restarts(tmp_path):

@@ -15,7 +15,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace import Status, StatusCode
 
-from processor.location import location_key
+from processor.pipeline.location import location_key
 from tests.otlp import S, request
 
 SEC = 1_000_000_000

@@ -4,10 +4,10 @@ frozen into one bytes object per location."""
 
 import numpy as np
 
-from processor.app import Engine
+from processor.pipeline.engine import Engine
 from processor.config import Config
 from processor.detect.settings import DetectorSettings
-from processor.location import Location
+from processor.pipeline.location import Location
 from processor.receiver.decode import Batch
 
 SEC = 1_000_000_000

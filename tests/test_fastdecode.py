@@ -31,7 +31,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from processor.location import CODE_ATTRIBUTES, RESOURCE_ATTRIBUTES
+from processor.pipeline.location import CODE_ATTRIBUTES, RESOURCE_ATTRIBUTES
 from processor.receiver import decode
 from processor.receiver.decode import MalformedRequest
 from tests.otlp import S, encoded, kv, mutated, request

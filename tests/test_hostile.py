@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from benchmarks.ingest import explosion_requests, proc_status_kb, retry_delay
-from processor.location import location_key
+from processor.pipeline.location import location_key
 from processor.receiver.decode import REASON_LABELS, MalformedRequest, decode_request, end_limit
 from tests.conftest import BackflowProcess
 from tests.otlp import S, encoded, mutated, request

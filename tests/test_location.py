@@ -2,7 +2,7 @@
 
 import pytest
 
-from processor.location import (
+from processor.pipeline.location import (
     Location, file_of, function_of, line_of, location_key, resource_of,
 )
 

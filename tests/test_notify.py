@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from processor.consume import GroupReader
+from processor.commands.consume import GroupReader
 from tests.commands import add_events, backflow_command, event_fields
 
 EVENTS = [
@@ -136,7 +136,7 @@ def test_an_answer_retrying_cannot_fix_is_not_retried(redis_server, redis_client
 
 
 def test_an_unreachable_webhook_is_retried(redis_server, redis_client):
-    from processor.devredis import free_port
+    from processor.devtools.redis_server import free_port
     add_events(redis_client, EVENTS[:1])
     p = notify(redis_server.url, f"http://127.0.0.1:{free_port()}/hook", "--retries", "1")
     assert p.returncode == 1

@@ -33,8 +33,8 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import Status, StatusCode
 
 from benchmarks.decode import otlp_json
-from processor.devredis import free_port
-from processor.location import location_key
+from processor.devtools.redis_server import free_port
+from processor.pipeline.location import location_key
 from processor.receiver.decode import MalformedRequest
 from processor.receiver.otlpjson import json_request
 from tests.otlp import S, encoded

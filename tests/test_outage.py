@@ -15,7 +15,7 @@ import grpc
 import pytest
 import redis
 
-from processor.devredis import RedisServer
+from processor.devtools.redis_server import RedisServer
 from tests.conftest import BackflowProcess
 from tests.otlp import S, encoded
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from processor.cli import main
-from processor.location import location_key
+from processor.pipeline.location import location_key
 from processor.owners import Owners
 from tests.test_e2e import SEC, T0, send
 

@@ -4,7 +4,7 @@ processing-time idle flush, which a continuous replay never triggers)."""
 import numpy as np
 
 from benchmarks.scenarios import generate
-from processor.app import Engine
+from processor.pipeline.engine import Engine
 from processor.config import Config
 from tests.otlp import batch_rows
 

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 
 from processor.cli import main
-from processor.location import location_key
+from processor.pipeline.location import location_key
 from processor.report.source import SourceIndex
 from processor.sinks.versions import field_name
 
@@ -242,7 +242,7 @@ def test_since_needs_a_git_checkout_and_a_known_revision(capsys, redis_server, t
 def test_a_bad_redis_url_is_a_usage_error_and_an_unreachable_redis_exit_1(capsys, redis_server):
     code, _, err = report(capsys, redis_server, "--repo", str(FIXTURE), "--redis-url", "http://x")
     assert code == 2 and err.startswith("backflow report: invalid redis_url: scheme must be")
-    from processor.devredis import free_port
+    from processor.devtools.redis_server import free_port
     code, _, err = report(capsys, redis_server, "--repo", str(FIXTURE), "--redis-url",
                           f"redis://127.0.0.1:{free_port()}/0")
     assert code == 1 and "cannot read Redis at redis://127.0.0.1" in err

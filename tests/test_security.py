@@ -17,8 +17,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from processor.devredis import RedisServer, free_port
-from processor.location import location_key
+from processor.devtools.redis_server import RedisServer, free_port
+from processor.pipeline.location import location_key
 from tests.conftest import BackflowProcess
 from tests.tlsfiles import CA
 

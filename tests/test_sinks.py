@@ -5,14 +5,14 @@ import numpy as np
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
-from processor.baseline import Baseline
-from processor.devredis import RedisServer
+from processor.pipeline.baseline import Baseline
+from processor.devtools.redis_server import RedisServer
 from processor.events import Event
-from processor.location import Location
+from processor.pipeline.location import Location
 from processor.sinks.prometheus import OVERFLOW, Metrics
 from processor.sinks.redis_streams import RedisSink
-from processor.sketch import LogSketch
-from processor.window import ClosedWindow, LocationWindow, VersionFigures
+from processor.pipeline.sketch import LogSketch
+from processor.pipeline.window import ClosedWindow, LocationWindow, VersionFigures
 
 LOC = Location("prod", "shop", "shop.f", "shop.py", "3")
 

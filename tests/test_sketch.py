@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.sketch import ALPHA, LogSketch, bucket_index, bucket_value
+from processor.pipeline.sketch import ALPHA, LogSketch, bucket_index, bucket_value
 
 TOLERANCE = ALPHA * (1 + 1e-9)  # floating-point slack at bucket boundaries only
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from processor.consume import GroupReader
+from processor.commands.consume import GroupReader
 from tests.commands import add_events, backflow_command, event_fields, start_command
 from tests.test_owners import CODEOWNERS, REPO
 from tests.test_e2e import SEC, T0, send
@@ -131,7 +131,7 @@ def test_bad_settings_exit_2_with_one_line_naming_them(args, env, named):
 
 
 def test_without_follow_an_unreachable_redis_is_an_error():
-    from processor.devredis import free_port
+    from processor.devtools.redis_server import free_port
     p = backflow_command("tail", "--no-follow", "--redis-url", f"redis://127.0.0.1:{free_port()}/0")
     assert p.returncode == 1 and p.stderr.startswith("backflow tail: ") and "127.0.0.1" in p.stderr
 

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import redis
 
-from processor.devredis import RedisServer
-from processor.location import Location
+from processor.devtools.redis_server import RedisServer
+from processor.pipeline.location import Location
 from processor.sinks import versions as versions_mod
 from processor.sinks.redis_streams import RedisSink
-from processor.sketch import LogSketch
-from processor.window import ClosedWindow, LocationWindow, VersionFigures
+from processor.pipeline.sketch import LogSketch
+from processor.pipeline.window import ClosedWindow, LocationWindow, VersionFigures
 
 LOC = Location("prod", "shop", "shop.checkout.Checkout.total", "shop/checkout.py", "12")
 W = 60_000_000_000

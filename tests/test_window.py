@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processor.receiver.decode import decode_request
-from processor.window import WindowStage
+from processor.pipeline.window import WindowStage
 from tests.otlp import S, encoded
 
 SEC = 1_000_000_000

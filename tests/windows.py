@@ -11,9 +11,9 @@ from collections import Counter
 import numpy as np
 
 from processor.detect.base import Observation
-from processor.location import Location
-from processor.sketch import LogSketch
-from processor.window import LocationWindow, VersionFigures
+from processor.pipeline.location import Location
+from processor.pipeline.sketch import LogSketch
+from processor.pipeline.window import LocationWindow, VersionFigures
 
 W_NS = 60 * 10**9
 LOC = Location("prod", "shop", "shop.cart.apply", "shop/cart.py", "42")

@@ -1,4 +1,5 @@
-"""The subcommands besides ``serve``: ``demo``, ``tail``, ``top`` and ``notify``.
+"""The subcommands: ``serve``, ``demo``, ``tail``, ``top``, ``notify`` and ``report``.
 
-Each module has ``add_parser(subparsers)`` and ``run(args) -> exit status``.
+Each module has ``add_parser(subparsers)`` and ``run(args) -> exit status``; processor/cli.py
+only dispatches to them. ``common`` and ``consume`` are what the stream readers share.
 """

@@ -12,7 +12,7 @@ import time
 import redis
 
 from processor.config import ConfigError, parse_prefix, parse_redis_url
-from processor.consume import EventFilter, default_consumer
+from processor.commands.consume import EventFilter, default_consumer
 from processor.events import EVENT_TYPES
 
 KNOWN_TYPES = EVENT_TYPES + ("resolved",)

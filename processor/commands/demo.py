@@ -1,7 +1,7 @@
 """``backflow demo``: everything on one machine, in under two minutes.
 
 Starts a throwaway redis-server (or uses ``--redis-url``), ``backflow serve`` with short
-windows and a short warm-up, and the demo shop (processor/demo/) sending spans through the
+windows and a short warm-up, and the demo shop (processor/devtools/demo/) sending spans through the
 OpenTelemetry SDK; once the detectors have learned version 1.0.0 it rolls out 2.0.0, which
 brings a slower function (median), a tail-only slowdown (p99), a new function, a function no
 longer called and an exception spike. Events are printed as they arrive (tail's format),
@@ -27,9 +27,9 @@ import redis
 
 from processor.commands import common
 from processor.config import ConfigError, parse_redis_url, redact_url
-from processor.consume import GroupReader
-from processor.demo.shop import V2
-from processor.devredis import RedisServer, free_port
+from processor.commands.consume import GroupReader
+from processor.devtools.demo.shop import V2
+from processor.devtools.redis_server import RedisServer, free_port
 
 # (type, function): what 2.0.0's rollout must bring, with the first_seen events of 1.0.0.
 FIRST_SEEN = ("shop.cart.add_item", "shop.cart.apply_discount", "shop.payments.charge",
@@ -121,7 +121,7 @@ class Demo:
             self.reader = threading.Thread(target=self._print_events, args=(url,), name="demo-events",
                                            daemon=True)
             self.reader.start()
-            from processor.demo.service import ROUTES, ShopService
+            from processor.devtools.demo.service import ROUTES, ShopService
             self.shop = ShopService(f"127.0.0.1:{grpc_port}").start()
             self.say(f"shop 1.0.0 serving {sum(r.per_second for r in ROUTES if '1.0.0' in r.versions):.0f} "
                      f"calls/s through the OpenTelemetry SDK; learning its baseline for "
@@ -159,7 +159,7 @@ class Demo:
         config = os.path.join(self.dir, "backflow.yaml")
         with open(config, "w") as f:
             yaml.safe_dump(serve_config(self.timing), f)
-        from processor.demo.service import CODEOWNERS, SHOP_ROOT
+        from processor.devtools.demo.service import CODEOWNERS, SHOP_ROOT
         codeowners = os.path.join(self.dir, "CODEOWNERS")
         with open(codeowners, "w") as f:
             f.write(CODEOWNERS)
@@ -269,6 +269,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _has_redis_server() -> bool:
-    from processor.devredis import find_redis_server
+    from processor.devtools.redis_server import find_redis_server
     return find_redis_server() is not None
 

@@ -31,7 +31,7 @@ import redis
 
 from processor.commands import common
 from processor.config import ConfigError
-from processor.consume import GroupReader
+from processor.commands.consume import GroupReader
 
 log = logging.getLogger("backflow.notify")
 

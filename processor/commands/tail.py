@@ -11,7 +11,7 @@ import sys
 import redis
 
 from processor.commands import common
-from processor.consume import GroupReader
+from processor.commands.consume import GroupReader
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -17,8 +17,8 @@ from river import base
 
 from processor.detect.stats import BinomialCUSUM, two_proportion_z
 from processor.events import Event
-from processor.location import Location
-from processor.window import LocationWindow
+from processor.pipeline.location import Location
+from processor.pipeline.window import LocationWindow
 
 Version = tuple[str, str, str]  # (service, service.version, vcs.ref.head.revision)
 

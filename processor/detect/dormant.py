@@ -23,9 +23,9 @@ class Dormant(Detector):
     Examples
     --------
     >>> from processor.detect.base import Observation
-    >>> from processor.location import Location
-    >>> from processor.sketch import LogSketch
-    >>> from processor.window import LocationWindow, VersionFigures
+    >>> from processor.pipeline.location import Location
+    >>> from processor.pipeline.sketch import LogSketch
+    >>> from processor.pipeline.window import LocationWindow, VersionFigures
     >>> det, loc, events = Dormant(warmup_windows=10, min_silence_s=300), Location("p", "s", "f"), []
     >>> v1, v2 = ("s", "1", ""), ("s", "2", "")
     >>> for i in range(40):

@@ -39,9 +39,9 @@ class ErrorRateShift(Detector):
     Examples
     --------
     >>> from processor.detect.base import Observation
-    >>> from processor.location import Location
-    >>> from processor.sketch import LogSketch
-    >>> from processor.window import LocationWindow, VersionFigures
+    >>> from processor.pipeline.location import Location
+    >>> from processor.pipeline.sketch import LogSketch
+    >>> from processor.pipeline.window import LocationWindow, VersionFigures
     >>> det, loc, events = ErrorRateShift(warmup_windows=10), Location("prod", "shop", "f"), []
     >>> for i in range(60):
     ...     errors, version = (10, ("shop", "2", "")) if i >= 30 else (i % 3 == 0, ("shop", "1", ""))

@@ -17,9 +17,9 @@ class NewException(Detector):
     --------
     >>> from collections import Counter
     >>> from processor.detect.base import Observation
-    >>> from processor.location import Location
-    >>> from processor.sketch import LogSketch
-    >>> from processor.window import LocationWindow, VersionFigures
+    >>> from processor.pipeline.location import Location
+    >>> from processor.pipeline.sketch import LogSketch
+    >>> from processor.pipeline.window import LocationWindow, VersionFigures
     >>> det, loc = NewException(warmup_windows=2), Location("prod", "shop", "f")
     >>> def window(i, types, version="1"):
     ...     vf = VersionFigures(("shop", version, ""), 10, len(types), LogSketch(), Counter(types))

@@ -8,7 +8,7 @@ processes sharing Redis cannot both announce it.
 from __future__ import annotations
 
 from processor.events import Event
-from processor.window import ClosedWindow, LocationWindow
+from processor.pipeline.window import ClosedWindow, LocationWindow
 
 
 class FirstSeen:

@@ -12,7 +12,7 @@ from processor.detect.stats import (
     rank_test_greater, shifted,
 )
 from processor.events import Event
-from processor.sketch import LogSketch
+from processor.pipeline.sketch import LogSketch
 
 QUANTILES = {"p50": 0.5, "p99": 0.99, "p999": 0.999}
 
@@ -83,8 +83,8 @@ class LatencyShift(Detector):
     --------
     >>> import numpy as np
     >>> from processor.detect.base import Observation
-    >>> from processor.location import Location
-    >>> from processor.window import LocationWindow, VersionFigures
+    >>> from processor.pipeline.location import Location
+    >>> from processor.pipeline.window import LocationWindow, VersionFigures
     >>> rng = np.random.default_rng(1)
     >>> det, loc, events = LatencyShift(warmup_windows=10), Location("prod", "shop", "f"), []
     >>> for i in range(40):

@@ -27,9 +27,9 @@ class ScalingShift(Detector):
     --------
     >>> import numpy as np
     >>> from processor.detect.base import Observation
-    >>> from processor.location import Location
-    >>> from processor.sketch import LogSketch
-    >>> from processor.window import LocationWindow, VersionFigures
+    >>> from processor.pipeline.location import Location
+    >>> from processor.pipeline.sketch import LogSketch
+    >>> from processor.pipeline.window import LocationWindow, VersionFigures
     >>> rng = np.random.default_rng(3)
     >>> det, loc, events = ScalingShift(warmup_windows=60), Location("prod", "shop", "f"), []
     >>> for i in range(240):

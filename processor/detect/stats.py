@@ -16,7 +16,7 @@ import numpy as np
 from river import base
 from scipy import stats as sps
 
-from processor.sketch import LOG_GAMMA, LogSketch
+from processor.pipeline.sketch import LOG_GAMMA, LogSketch
 
 
 class BinomialCUSUM(base.Base):

@@ -34,7 +34,7 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from processor.location import (
+from processor.pipeline.location import (
     CODE_ATTRIBUTES, RESOURCE_ATTRIBUTES, SPAN_NAME_MARK, Location,
     file_of, function_of, line_of, resource_of,
 )
@@ -399,7 +399,7 @@ def _load_compiled():
         return None
     if (set(mod.CODE_ATTRIBUTES) != CODE_ATTRIBUTES
             or set(mod.RESOURCE_ATTRIBUTES) != RESOURCE_ATTRIBUTES):
-        log.warning("processor.receiver._fastdecode reads other attributes than processor.location "
+        log.warning("processor.receiver._fastdecode reads other attributes than processor.pipeline.location "
                     "names; decoding in Python")
         return None
     mod.set_location_type(Location)  # it interns locations as _location does

@@ -17,10 +17,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from processor.baseline import QUANTILES
+from processor.pipeline.baseline import QUANTILES
 from processor.config import split_address
 from processor.events import EVENT_TYPES
-from processor.window import ClosedWindow
+from processor.pipeline.window import ClosedWindow
 
 OVERFLOW = "__overflow__"
 _LABELS = ["service_name", "deployment_environment_name", "code_function_name"]

@@ -29,7 +29,7 @@ from typing import Callable
 import redis
 
 from processor.events import Event
-from processor.memtrim import release_free_memory
+from processor.pipeline.memtrim import release_free_memory
 from processor.sinks.versions import MERGE_LUA, MERGE_SHA, VersionLedger, field_name
 
 log = logging.getLogger("backflow.redis")
@@ -131,7 +131,7 @@ class RedisSink:
             return set()
 
     def read_state(self, count: int = 1000) -> dict[str, bytes]:
-        """Every checkpoint field of ``{prefix}:state`` (see processor/checkpoint.py)."""
+        """Every checkpoint field of ``{prefix}:state`` (see processor/pipeline/checkpoint.py)."""
         out = {}
         for name, blob in self.r.hscan_iter(self.state_key, count=count):
             out[name.decode() if isinstance(name, bytes) else name] = blob

@@ -21,9 +21,9 @@ windows not yet written are summed per (location, version), so what waits is bou
 locations times versions, not by windows.
 
 >>> import numpy as np
->>> from processor.location import Location
->>> from processor.sketch import LogSketch
->>> from processor.window import ClosedWindow, LocationWindow, VersionFigures
+>>> from processor.pipeline.location import Location
+>>> from processor.pipeline.sketch import LogSketch
+>>> from processor.pipeline.window import ClosedWindow, LocationWindow, VersionFigures
 >>> loc = Location("prod", "shop", "shop.f")
 >>> sk = LogSketch.from_values(np.full(4, 10_000_000))
 >>> lw = LocationWindow(0, loc, 4, 1, sk, [VersionFigures(("shop", "1.0", "abc"), 4, 1, sk)])
@@ -40,7 +40,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from processor.window import ClosedWindow, is_overflow
+from processor.pipeline.window import ClosedWindow, is_overflow
 
 VERSIONS_KEPT = 50
 

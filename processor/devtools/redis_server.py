@@ -1,6 +1,6 @@
 """A local redis-server for development, tests and ``make run``.
 
-``python -m processor.devredis run -- backflow serve`` starts a redis-server on
+``python -m processor.devtools.redis_server run -- backflow serve`` starts a redis-server on
 localhost:6379 (keeping its data in .run/redis) when ``BACKFLOW_REDIS_URL`` is unset and
 nothing answers there, runs the command, and stops that redis-server when the command ends. Tests use ``RedisServer``
 to get a throwaway server on a free port.
@@ -124,7 +124,7 @@ def run(command: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m processor.devredis")
+    p = argparse.ArgumentParser(prog="python -m processor.devtools.redis_server")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run a command with a Redis available")
     r.add_argument("command", nargs=argparse.REMAINDER)

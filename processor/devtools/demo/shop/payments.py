@@ -1,4 +1,4 @@
-from processor.demo.shop import V1
+from processor.devtools.demo.shop import V1
 
 
 class CardDeclined(Exception):

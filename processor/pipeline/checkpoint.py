@@ -15,7 +15,7 @@ it is for the events (anyone who can write to it can also forge events); a field
 not load (another format, another version of Backflow) is skipped and learned again.
 
 >>> from processor.config import Config
->>> from processor.app import Engine
+>>> from processor.pipeline.engine import Engine
 >>> engine = Engine(Config.defaults())
 >>> restore(Engine(Config.defaults()), dumps_dirty(engine))
 0
@@ -34,9 +34,9 @@ FORMAT = 2  # bumped when what a field holds changes; older fields are then skip
 
 @dataclass
 class LocationState:
-    location: object       # processor.location.Location
+    location: object       # processor.pipeline.location.Location
     order: int             # its id when saved: restored locations keep their relative order
-    baseline: object       # processor.baseline.Baseline or None
+    baseline: object       # processor.pipeline.baseline.Baseline or None
     detectors: bytes       # its detectors frozen (Engine.frozen: marshal of Detector.freeze)
     fingerprint: str       # the detector settings they were built with (app.checkpoint_fingerprint)
 

@@ -1,4 +1,4 @@
-from processor.demo.shop import V1
+from processor.devtools.demo.shop import V1
 
 
 def add_item(version, rng):

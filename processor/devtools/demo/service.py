@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from processor.demo.shop import V1, V2, cart, payments, search
+from processor.devtools.demo.shop import V1, V2, cart, payments, search
 
 SHOP_ROOT = os.path.dirname(os.path.abspath(__file__))  # holds shop/
 
@@ -37,7 +37,7 @@ class Route:
 
     @property
     def name(self) -> str:  # shop.cart.apply_discount
-        return self.function.__module__.removeprefix("processor.demo.") + "." + self.function.__name__
+        return self.function.__module__.removeprefix("processor.devtools.demo.") + "." + self.function.__name__
 
     @property
     def attributes(self) -> dict:

@@ -11,9 +11,9 @@ from array import array
 
 import numpy as np
 
-from processor.location import Location
-from processor.sketch import LogSketch
-from processor.window import ClosedWindow, LocationWindow
+from processor.pipeline.location import Location
+from processor.pipeline.sketch import LogSketch
+from processor.pipeline.window import ClosedWindow, LocationWindow
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from processor.location import Location, location_key
+from processor.pipeline.location import Location, location_key
 from processor.receiver.decode import Batch
-from processor.sketch import MAX_BUCKET, LogSketch, bucket_index, bucket_value
+from processor.pipeline.sketch import MAX_BUCKET, LogSketch, bucket_index, bucket_value
 
 _NB = MAX_BUCKET + 1
 _COMPACT_AT = 1 << 18  # packed entries held before an accumulator compacts them

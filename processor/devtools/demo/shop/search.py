@@ -1,4 +1,4 @@
-from processor.demo.shop import V2
+from processor.devtools.demo.shop import V2
 
 
 def search(version, rng):
