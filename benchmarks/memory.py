@@ -52,7 +52,7 @@ import numpy as np
 
 from processor.pipeline.engine import Engine
 from processor.config import Config
-from processor.detect.settings import DetectorSettings
+from processor.detect.registry import DetectorSettings
 from processor.pipeline.location import Location
 from processor.receiver.decode import Batch
 
@@ -134,8 +134,7 @@ def shared_objects(engine: Engine) -> set[int]:
     versions), marked as seen so that no location is charged for them."""
     seen: set[int] = set()
     deep_size([engine.cfg, engine.windows.tables.versions, engine.version_first_seen], seen)
-    from processor.detect import build_detectors
-    deep_size([d._p for d in build_detectors(engine.cfg)], seen)
+    deep_size([d.__dict__ for d in engine.detectors.prototypes], seen)
     return seen
 
 
@@ -160,7 +159,7 @@ def breakdown(engine: Engine, n_locations: int, sample: int = 2000) -> list[tupl
     sampled("detectors, frozen between windows (one bytes object)", frozen)
     # each detector's share of those bytes: its state marshalled alone
     states = [marshal.loads(f) for f in frozen]
-    for j, proto in enumerate(engine._prototypes):
+    for j, proto in enumerate(engine.detectors.prototypes):
         size = sum(len(marshal.dumps(s[j])) for s in states) / len(pick)
         out.append((f"    of which {type(proto).__name__}", size, False))
     # The sample stands for every location: what the others hold is not charged again below.

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import yaml
 
+from processor.detect.registry import DetectorSettings, parse_detector_settings
 from processor.parsing import (  # noqa: F401 (re-exported: the settings' parsers)
     ConfigError, parse_address, split_address, parse_address_or_off, parse_redis_url, redact_url,
     url_secrets, parse_readable_file, parse_codeowners, parse_token, parse_prefix, positive_float,
@@ -159,11 +160,10 @@ class Config:
     codeowners: str | None
     log_level: str
     config: str | None = None
-    detectors: Any = None  # processor.detect.settings.DetectorSettings
+    detectors: DetectorSettings = None  # the detectors: section (processor/detect/registry.py)
 
     def __post_init__(self):
         if self.detectors is None:
-            from processor.detect.settings import DetectorSettings
             object.__setattr__(self, "detectors", DetectorSettings())
 
     @property
@@ -253,7 +253,6 @@ def resolve(flags: dict[str, Any], environ: dict[str, str]) -> Config:
         sources[s.name] = where
     _check_tls(values, sources)
     _read_token_file(values, sources)
-    from processor.detect.settings import parse_detector_settings
     detectors = parse_detector_settings(from_yaml.get("detectors"), where=str(config_path))
     return Config(config=config_path, detectors=detectors, **values)
 

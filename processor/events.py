@@ -17,8 +17,6 @@ from dataclasses import dataclass, field
 
 from processor.pipeline.location import Location
 
-EVENT_TYPES = ("first_seen", "latency_regression", "error_regression", "new_exception",
-               "scaling_regression", "dormant")
 SEVERITIES = ("info", "warning", "critical")
 
 

@@ -130,7 +130,7 @@ def test_the_files_the_dockerfile_copies_build_the_package_with_its_compiled_dec
     wheel, = out.glob("backflow-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert any(re.fullmatch(r"processor/receiver/_fastdecode.*\.so", n) for n in names), names
-    assert "processor/cli.py" in names and "processor/detect/settings.py" in names
+    assert "processor/cli.py" in names and "processor/detect/registry.py" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "backflow = processor.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
@@ -374,6 +374,21 @@ def test_alerts_cover_regressions_refused_and_late_spans_and_redis():
                    "backflow_late_spans_total", "backflow_redis_up"):
         assert metric in exprs
     assert all(r["labels"]["severity"] in ("info", "warning", "critical") for r in rules)
+
+
+def test_alert_rules_name_the_registrys_event_types_and_cover_every_regression():
+    """The rules are YAML, not Python: the registry cannot generate them, so this checks them
+    against it. A new regression detector without an alert fails here."""
+    from processor.detect.registry import EVENT_TYPES, REGRESSION_TYPES
+
+    named: set[str] = set()
+    for g in load_yaml(ALERTS)[0]["groups"]:
+        for r in g["rules"]:
+            for op, value in re.findall(r'backflow_events_total\{[^}]*?type(=~|=)"([^"]*)"', r["expr"]):
+                named |= set(value.split("|")) if op == "=~" else {value}
+    assert named, "no alert on backflow_events_total{type=...}"
+    assert named <= set(EVENT_TYPES), named - set(EVENT_TYPES)
+    assert set(REGRESSION_TYPES) <= named, set(REGRESSION_TYPES) - named
 
 
 # --- queries name only metrics Backflow exports ----------------------------------------

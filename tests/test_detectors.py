@@ -5,9 +5,12 @@ import numpy as np
 import pytest
 
 from processor.config import Config
-from processor.detect import (
-    Dormant, ErrorRateShift, LatencyShift, NewException, ScalingShift, build_detectors,
-)
+from processor.detect.dormant import Dormant
+from processor.detect.errors import ErrorRateShift
+from processor.detect.exceptions import NewException
+from processor.detect.latency import LatencyShift
+from processor.detect.registry import build_detectors
+from processor.detect.scaling import ScalingShift
 from tests.windows import V2, observations
 
 CHANGE = 200

@@ -20,10 +20,10 @@ def test_ci_runs_the_readme_test_command():
 
 
 def test_detection_settings_reference_matches_the_settings_table():
-    from processor.detect.settings import reference_markdown as detector_reference
+    from processor.detect.registry import reference_markdown as detector_reference
 
     text = (ROOT / "docs" / "detection.md").read_text()
-    assert detector_reference() in text, "regenerate with: python -m processor.detect.settings"
+    assert detector_reference() in text, "regenerate with: python -m processor.detect.registry"
 
 
 def test_configuration_reference_names_every_option_of_backflow_serve():

@@ -6,7 +6,7 @@ import numpy as np
 
 from processor.pipeline.engine import Engine
 from processor.config import Config
-from processor.detect.settings import DetectorSettings
+from processor.detect.registry import DetectorSettings
 from processor.pipeline.location import Location
 from processor.receiver.decode import Batch
 
@@ -53,8 +53,8 @@ def test_published_baselines_are_the_stages_own_while_a_regression_holds_the_det
         assert [b.fields() for b in published] == [b.fields() for b in reference]
     stage_sketch = lambda i: with_latency[i][1][0].packed_sketch  # noqa: E731
     for i, (_, _, latency) in enumerate(with_latency):
-        if i < opened[0]:  # the same decayed merge: one object for both
-            assert latency._baseline is stage_sketch(i)
+        if i < opened[0]:  # the same decayed merge, so the detector's frozen state leaves it out
+            assert latency._baseline == stage_sketch(i) and latency.freeze(stage_sketch(i))[0] is None
         else:  # held still while the regression is open: its own, the stage's moves on
             assert latency._baseline == with_latency[opened[0] - 1][2]._baseline
             assert latency._baseline != stage_sketch(i)
@@ -74,10 +74,11 @@ def test_a_published_baseline_is_a_snapshot_later_windows_leave_alone():
 def test_detectors_are_kept_frozen_one_bytes_object_per_location():
     engine = Engine(config(), known_keys=set())
     run(engine, 15, slower_from=99)
-    assert len(engine.frozen) == 1 and isinstance(engine.frozen[0], bytes)
+    assert len(engine.detectors) == 1 and isinstance(engine.detectors.state(0), bytes)
     names = [type(d).__name__ for d in engine.detectors_of(0)]
     assert names == ["LatencyShift", "ErrorRateShift", "NewException", "ScalingShift", "Dormant"]
     # thawed copies: changing them leaves the engine's state as it was
-    before = engine.frozen[0]
+    before = engine.detectors.state(0)
     engine.detectors_of(0)[0].baseline_windows = 0
-    assert engine.frozen[0] is before
+    assert engine.detectors.state(0) == before
+    assert engine.detectors_of(0)[0].baseline_windows == 15

@@ -13,9 +13,9 @@ import redis
 
 from processor.config import ConfigError, parse_prefix, parse_redis_url
 from processor.commands.consume import EventFilter, default_consumer
-from processor.events import EVENT_TYPES
+from processor.detect.registry import EVENT_TYPES, RESOLVED
 
-KNOWN_TYPES = EVENT_TYPES + ("resolved",)
+KNOWN_TYPES = EVENT_TYPES + (RESOLVED,)
 
 
 def add_redis_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,8 +25,8 @@ import redis
 
 from processor.commands import common
 from processor.config import ConfigError
+from processor.detect.registry import REGRESSION_TYPES as REGRESSIONS
 
-REGRESSIONS = ("latency_regression", "error_regression", "scaling_regression", "new_exception")
 _FIELDS = ("service.name", "deployment.environment.name", "code.function.name", "code.file.path",
            "code.line.number", "service.version", "rate_per_s", "p50_ms", "p99_ms", "error_rate", "updated")
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen

@@ -2,25 +2,27 @@
 
 A detector belongs to one code location. After each closed window of the location's
 service it gets one ``Observation`` (the window's aggregates, never single spans) and
-returns the events it raises. Its state is plain Python and numpy, bounded in size,
-picklable for checkpoints, and depends only on the observations fed, in order. It can be
-frozen to plain values (``freeze``) and thawed back (``thawed``): the engine keeps every
-location's detectors frozen between windows.
+returns the events it raises. Its state is plain Python and numpy, bounded in size, and
+depends only on the observations fed, in order. It can be frozen to plain values
+(``freeze``) and thawed back (``thawed``): the engine keeps every location's detectors
+frozen between windows.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 from dataclasses import dataclass, field
 
 from river import base
 
-from processor.detect.stats import BinomialCUSUM, two_proportion_z
+from processor.detect.lifecycle import Regression, Version
+from processor.detect.settings import CommonSettings, Settings
+from processor.detect.stats import two_proportion_z
 from processor.events import Event
 from processor.pipeline.location import Location
 from processor.pipeline.window import LocationWindow
-
-Version = tuple[str, str, str]  # (service, service.version, vcs.ref.head.revision)
 
 
 @dataclass
@@ -61,55 +63,45 @@ class Observation:
         return Event(type_, self.location, v, self.start_ns, self.end_ns, severity, summary, detail)
 
 
-_SHARED: dict[tuple, tuple] = {}  # (class, parameter reprs) -> the tuple its detectors share
-
-
-def _shared_key(cls, values: tuple) -> tuple:
-    # By repr: 12 and 12.0, or 0.0 and -0.0, are equal keys but print differently in events.
-    return (cls, tuple(map(repr, values)))
-
-
 class Detector(base.Base):
     """Base of every detector: ``update(observation) -> list[Event]``.
 
+    A detector module declares, on its class, what the registry (processor/detect/registry.py)
+    derives everything else from: ``name`` (its section of the ``detectors:`` settings),
+    ``Settings`` (a typed dataclass of those settings, see processor/detect/settings.py),
+    ``event_type`` and ``description`` (one sentence for people: SARIF rules, docs), and
+    ``regression`` (whether its events open a regression that ``top`` shows until resolved).
     ``wants_absent`` detectors are also fed windows in which the location had no spans.
 
-    A gateway holds a detector per code location, so what every detector of one configuration
-    has in common is stored once: the constructor parameters named in ``_params`` and the
-    constants derived from them named in ``_constants`` live in one tuple per configuration
-    (``_p``), read through properties of the same names. River's ``_get_params``, ``clone`` and
-    ``repr`` find them by those names as usual; only the state is per instance.
+    Parameters are plain attributes named as the constructor's, as in River. The engine keeps
+    one live detector per configuration (the prototype) and every location's state frozen;
+    ``thawed`` gives a detector of the prototype's configuration in a frozen state.
     """
 
+    name: str = ""
+    Settings: type[Settings] = Settings
     event_type: str = ""
+    description: str = ""
+    regression: bool = False
     wants_absent: bool = False
-    _params: tuple[str, ...] = ()     # the constructor's parameters, in order
-    _constants: tuple[str, ...] = ()  # what ``_derive`` computes from them, in order
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        names = cls.__dict__.get("_params", ()) + cls.__dict__.get("_constants", ())
-        for i, name in enumerate(names):
-            setattr(cls, name, property(lambda self, i=i: self._p[i]))
+    @classmethod
+    def from_settings(cls, settings: Settings, common: CommonSettings, window_s: float,
+                      half_life_s: float) -> "Detector":
+        """The detector the settings describe: each constructor parameter taken from the
+        detector's own settings, else the common ones, else the window length and half-life."""
+        values = {"window_s": window_s, "half_life_s": half_life_s,
+                  **dataclasses.asdict(common), **dataclasses.asdict(settings)}
+        params = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in values.items() if k in params})
 
-    def _share(self, *values) -> None:
-        """Point this detector at the tuple shared by every one built with ``values``."""
-        key = _shared_key(type(self), values)
-        p = _SHARED.get(key)
-        if p is None:
-            p = _SHARED[key] = values + self._derive(*values)
-        self._p = p
-
-    def _derive(self, *values) -> tuple:
-        return ()
-
-    def __setstate__(self, state: dict) -> None:
-        # A restored detector shares its configuration's tuple again.
-        p = state.get("_p")
-        if p is not None:
-            state["_p"] = _SHARED.setdefault(_shared_key(type(self), p[:len(self._params)]), p)
-        for k, v in state.items():
-            setattr(self, k, v)
+    @classmethod
+    def _contract(cls) -> dict:
+        """What the shared contract suite (tests/test_detector_contract.py) feeds this detector,
+        as River's ``_unit_test_params``: ``change`` (a kind of tests/windows.py's generator and
+        its effect) on which it must fire, and ``max_stationary`` events allowed on stationary
+        streams."""
+        raise NotImplementedError
 
     def update(self, obs: Observation) -> list[Event]:
         raise NotImplementedError
@@ -128,13 +120,26 @@ class Detector(base.Base):
     def thawed(self, state: tuple, sketch: bytes = b"") -> "Detector":
         """A detector of this one's configuration in the state ``freeze`` gave (given the
         same ``sketch``); this one is left as it is."""
-        d = type(self).__new__(type(self))
-        d._p = self._p
+        d = object.__new__(type(self))
+        d.__dict__.update(self.__dict__)  # the parameters; _thaw replaces every state attribute
         d._thaw(state, sketch)
         return d
 
     def _thaw(self, state: tuple, sketch: bytes) -> None:
         raise NotImplementedError
+
+
+class RegressionDetector(Detector):
+    """A detector whose events open a regression (processor/detect/lifecycle.py): ``open``
+    holds it while it lasts, and ``_resolved`` ends it."""
+
+    regression = True
+    open: Regression | None = None
+
+    def _resolved(self, obs: Observation, reason: str, summary: str, detail: dict) -> list[Event]:
+        o, self.open = self.open, None
+        return [obs.event("resolved", "info", summary,
+                          {"resolves": self.event_type, "reason": reason, "windows": o.windows, **detail})]
 
 
 class VersionWatches:
@@ -171,21 +176,6 @@ class VersionWatches:
     def reset_all(self) -> None:
         for w in self.by_version.values():
             w.reset()
-
-
-def frozen_open(o: dict | None) -> dict | None:
-    """An open regression's record (latency, errors) as plain values: its reverse CUSUM
-    ``back`` as its statistic."""
-    return None if o is None else {**o, "back": o["back"].statistic}
-
-
-def thawed_open(o: dict | None, threshold: float) -> dict | None:
-    """The record ``frozen_open`` gave, with its reverse CUSUM back."""
-    if o is not None:
-        back = BinomialCUSUM(threshold)
-        back.statistic = o["back"]
-        o["back"] = back
-    return o
 
 
 def attribution(version: Version, hits: float, spans: float, others_hits: float, others_spans: float,

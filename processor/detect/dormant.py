@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from processor.detect.base import Detector, Observation, Version
+from processor.detect.settings import Settings, parse_bool, positive_float, probability, setting
 from processor.events import Event
+
+
+@dataclass(frozen=True)
+class DormantSettings(Settings):
+    enabled: bool = setting(True, parse_bool, "report steadily called locations that fall silent")
+    min_silence_s: float = setting(600.0, positive_float,
+                                   "silence (event-time seconds) before a location is called dormant")
+    min_presence: float = setting(0.9, probability, "share of windows with calls that makes a location steady")
+    alpha: float = setting(1e-6, probability, "how unlikely the silence must be at the location's usual rate")
 
 
 class Dormant(Detector):
@@ -36,12 +47,16 @@ class Dormant(Detector):
     [('dormant', '2', '1', 24)]
     """
 
+    name = "dormant"
+    Settings = DormantSettings
     event_type = "dormant"
+    description = "A function that was called regularly stopped being called."
     wants_absent = True
 
     def __init__(self, window_s: float = 60.0, warmup_windows: int = 30, min_silence_s: float = 600.0,
                  min_presence: float = 0.9, alpha: float = 1e-6, fading_factor: float = 0.02):
-        self._share(window_s, warmup_windows, min_silence_s, min_presence, alpha, fading_factor)
+        self.window_s, self.warmup_windows, self.min_silence_s = window_s, warmup_windows, min_silence_s
+        self.min_presence, self.alpha, self.fading_factor = min_presence, alpha, fading_factor
         self.presence = 0.0  # EWMean of 1 (called) / 0 (not called) per window
         self.calls = 0.0     # EWMean of calls per window, over windows with calls
         self.windows = 0
@@ -50,7 +65,9 @@ class Dormant(Detector):
         self.presence_when_last_seen = 0.0
         self.silent = False
 
-    _params = ("window_s", "warmup_windows", "min_silence_s", "min_presence", "alpha", "fading_factor")
+    @classmethod
+    def _contract(cls) -> dict:
+        return {"change": ("vanish", 1.0), "max_stationary": 0}
 
     def freeze(self, sketch: bytes = b"") -> tuple:
         return (self.presence, self.calls, self.windows, self.last_seen_ns, self.last_version,

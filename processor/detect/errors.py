@@ -2,13 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
-from processor.detect.base import (
-    Detector, Observation, VersionWatches, attribution, frozen_open, thawed_open,
-)
+from processor.detect.base import Observation, RegressionDetector, VersionWatches, attribution
+from processor.detect.lifecycle import ACCEPTED, Regression
+from processor.detect.settings import Settings, parse_bool, positive_float, probability, setting
 from processor.detect.stats import BinomialCUSUM, binomial_greater, wilson_lower
 from processor.events import Event
+from processor.parsing import non_negative_float
+
+
+@dataclass(frozen=True)
+class ErrorsSettings(Settings):
+    enabled: bool = setting(True, parse_bool, "watch the share of spans with status ERROR")
+    threshold: float = setting(12.0, positive_float, "CUSUM decision interval (nats) on error counts")
+    ratio: float = setting(3.0, positive_float, "rise of the error share the CUSUM tests for")
+    prior_share: float = setting(0.001, probability, "error share assumed before a location has shown its own")
+    prior_spans: float = setting(2000.0, positive_float, "weight of that assumption, in spans")
+    min_ratio: float = setting(1.5, positive_float, "smallest relative rise of the error share that is reported")
+    min_absolute: float = setting(0.001, non_negative_float,
+                                  "smallest absolute rise of the error share that is reported")
+    alpha: float = setting(1e-3, probability, "significance of the confirming binomial test")
+
+
+@dataclass(slots=True, kw_only=True)
+class ErrorRegression(Regression):
+    baseline: float       # the baseline share when it opened
+    current: float        # the share that opened it
+    errors: float = 0.0   # errors and spans since it opened: the baseline if it is accepted
+    spans: float = 0.0
 
 
 class _Watch:
@@ -27,7 +50,7 @@ class _Watch:
         self.windows = 0
 
 
-class ErrorRateShift(Detector):
+class ErrorRateShift(RegressionDetector):
     """The error share rose, judged on binomial evidence accumulated over windows.
 
     The baseline share ``p0`` is a decayed count of errors over spans, shrunk towards
@@ -52,26 +75,29 @@ class ErrorRateShift(Detector):
     [('error_regression', '2', 31)]
     """
 
+    name = "errors"
+    Settings = ErrorsSettings
     event_type = "error_regression"
+    description = "The share of calls ending in an error rose in production."
 
     def __init__(self, window_s: float = 60.0, half_life_s: float = 21600.0, warmup_windows: int = 30,
                  threshold: float = 12.0, ratio: float = 3.0, prior_share: float = 0.001,
                  prior_spans: float = 2000.0, min_ratio: float = 1.5, min_absolute: float = 0.001,
                  alpha: float = 1e-3, accept_windows: int = 120):
-        self._share(window_s, half_life_s, warmup_windows, threshold, ratio, prior_share, prior_spans,
-                    min_ratio, min_absolute, alpha, accept_windows)
+        self.window_s, self.half_life_s, self.warmup_windows = window_s, half_life_s, warmup_windows
+        self.threshold, self.ratio, self.prior_share, self.prior_spans = threshold, ratio, prior_share, prior_spans
+        self.min_ratio, self.min_absolute, self.alpha, self.accept_windows = min_ratio, min_absolute, alpha, accept_windows
+        self.decay = 0.5 ** (window_s / half_life_s)
+        self._make_watch = partial(_Watch, threshold)
         self.errors = 0.0
         self.spans = 0.0
         self.windows = 0
         self.watches: VersionWatches | None = None  # made with the first window judged
-        self.open: dict | None = None
+        self.open: ErrorRegression | None = None
 
-    _params = ("window_s", "half_life_s", "warmup_windows", "threshold", "ratio", "prior_share",
-               "prior_spans", "min_ratio", "min_absolute", "alpha", "accept_windows")
-    _constants = ("decay", "_make_watch")
-
-    def _derive(self, window_s, half_life_s, warmup_windows, threshold, *_):
-        return 0.5 ** (window_s / half_life_s), partial(_Watch, threshold)
+    @classmethod
+    def _contract(cls) -> dict:
+        return {"change": ("errors", 20.0), "max_stationary": 0}
 
     def freeze(self, sketch: bytes = b"") -> tuple:
         watches = None
@@ -79,7 +105,7 @@ class ErrorRateShift(Detector):
             watches = (self.watches.tick, tuple(
                 (version, w.last_seen, w.cusum.statistic, w.errors, w.spans, w.others_errors, w.others_spans,
                  w.windows) for version, w in self.watches.by_version.items()))
-        return self.errors, self.spans, self.windows, watches, frozen_open(self.open)
+        return self.errors, self.spans, self.windows, watches, self.open.freeze() if self.open else None
 
     def _thaw(self, state: tuple, sketch: bytes) -> None:
         self.errors, self.spans, self.windows, watches, o = state
@@ -93,7 +119,7 @@ class ErrorRateShift(Detector):
                 w.cusum.statistic = statistic
                 w.errors, w.spans, w.others_errors, w.others_spans, w.windows = (
                     errors, spans, others_errors, others_spans, windows)
-        self.open = thawed_open(o, self.threshold)
+        self.open = ErrorRegression.thawed(o)
 
     @property
     def p0(self) -> float:
@@ -155,8 +181,7 @@ class ErrorRateShift(Detector):
         p_value = binomial_greater(w.errors, w.spans, p0)
         if share < p0 * self.min_ratio or share - p0 < self.min_absolute or p_value >= self.alpha:
             return None
-        self.open = {"version": v, "baseline": p0, "current": share, "windows": 0, "errors": 0.0, "spans": 0.0,
-                     "back": BinomialCUSUM(self.threshold)}
+        self.open = ErrorRegression(version=v, baseline=p0, current=share)
         detail = {
             "baseline_share": round(p0, 6), "current_share": round(share, 6),
             "ratio": round(share / p0, 4), "statistic": "binomial_cusum",
@@ -174,30 +199,22 @@ class ErrorRateShift(Detector):
                          f"({p0:.2%} to {share:.2%}){where}", detail, v)
 
     def _follow_open(self, obs: Observation) -> list[Event]:
-        """Resolved once the evidence for "back at the baseline share" beats "still at the
+        """Recovered once the evidence for "back at the baseline share" beats "still at the
         regressed share" by the same CUSUM threshold that opened it."""
         o, lw = self.open, obs.window
         # the version that regressed while it runs, the whole location once it is gone
-        vf = next((v for v in lw.versions if v.version == o["version"] and v.count), None)
+        vf = next((v for v in lw.versions if v.version == o.version and v.count), None)
         errors, count = (vf.errors, vf.count) if vf else (lw.errors, lw.count)
-        o["windows"] += 1
-        o["errors"] += errors
-        o["spans"] += count
-        o["back"].update(count - errors, count, 1 - o["current"], 1 - o["baseline"])
-        reason = None
-        if o["back"].drift_detected:
-            reason = "recovered"
-        elif o["windows"] >= self.accept_windows:
-            reason = "accepted"
-            self.errors, self.spans = o["errors"], o["spans"]
+        o.errors += errors
+        o.spans += count
+        back = o.back_at_baseline(count - errors, count, 1 - o.current, 1 - o.baseline, self.threshold)
+        reason = o.follow(back, self.accept_windows)
         if reason is None:
             return []
-        self.open = None
-        share = o["errors"] / o["spans"] if o["spans"] else 0.0
-        return [obs.event("resolved", "info",
-                          f"error share of {obs.location.function} "
-                          + ("is back to its baseline" if reason == "recovered" else
-                             f"stayed at {share:.2%}; accepted as the new baseline"),
-                          {"resolves": self.event_type, "reason": reason,
-                           "baseline_share": round(o["baseline"], 6), "open_share": round(share, 6),
-                           "windows": o["windows"]})]
+        if reason == ACCEPTED:
+            self.errors, self.spans = o.errors, o.spans
+        share = o.errors / o.spans if o.spans else 0.0
+        return self._resolved(obs, reason, f"error share of {obs.location.function} "
+                              + ("is back to its baseline" if reason != ACCEPTED else
+                                 f"stayed at {share:.2%}; accepted as the new baseline"),
+                              {"baseline_share": round(o.baseline, 6), "open_share": round(share, 6)})

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from processor.detect.base import Detector, Observation
+from processor.detect.settings import Settings, parse_bool, positive_int, setting
 from processor.events import Event
+
+
+@dataclass(frozen=True)
+class ExceptionsSettings(Settings):
+    enabled: bool = setting(True, parse_bool, "report exception types new at a location")
+    max_types: int = setting(64, positive_int, "exception types remembered per location")
 
 
 class NewException(Detector):
@@ -31,15 +40,21 @@ class NewException(Detector):
     [('TimeoutError', '2')]
     """
 
+    name = "exceptions"
+    Settings = ExceptionsSettings
     event_type = "new_exception"
+    description = "An exception type never raised here before appeared in production."
+    regression = True  # shown as open in top until the location's regressions are resolved or age out
 
     def __init__(self, warmup_windows: int = 30, max_types: int = 64):
-        self._share(warmup_windows, max_types)
+        self.warmup_windows, self.max_types = warmup_windows, max_types
         # type -> order learnt (dicts keep insertion order); made with the first exception
         self.known: dict[str, int] | None = None
         self.windows = 0
 
-    _params = ("warmup_windows", "max_types")
+    @classmethod
+    def _contract(cls) -> dict:
+        return {"change": ("exception", 1.0), "max_stationary": 0}
 
     def freeze(self, sketch: bytes = b"") -> tuple:
         return self.known, self.windows

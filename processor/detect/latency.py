@@ -2,19 +2,50 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 
-from processor.detect.base import (
-    Detector, Observation, VersionWatches, attribution, frozen_open, thawed_open,
-)
+from processor.detect.base import Observation, RegressionDetector, VersionWatches, attribution
+from processor.detect.lifecycle import ACCEPTED, RECOVERED, Regression
+from processor.detect.settings import Settings, parse_bool, positive_float, probability, setting
 from processor.detect.stats import (
     BinomialCUSUM, DecayedLinearFit, binomial_greater, mass_above, mean_log_ms, quantile_bucket,
     rank_test_greater, shifted,
 )
 from processor.events import Event
+from processor.parsing import non_negative_float
 from processor.pipeline.sketch import LogSketch
 
 QUANTILES = {"p50": 0.5, "p99": 0.99, "p999": 0.999}
+
+
+@dataclass(frozen=True)
+class LatencySettings(Settings):
+    enabled: bool = setting(True, parse_bool, "watch latency at p50, p99 and p99.9")
+    threshold: float = setting(12.0, positive_float,
+                               "CUSUM decision interval (nats) on exceedances of the baseline's quantile")
+    median_delta: float = setting(0.1, probability,
+                                  "share above the baseline median that the median CUSUM tests for (0.5 + this)")
+    tail_ratio: float = setting(2.5, positive_float,
+                                "factor on the share above the baseline's p99 / p99.9 that the tail CUSUMs test for")
+    min_tail_expected: float = setting(20.0, positive_float,
+                                       "baseline spans expected above a tail quantile before that tail is watched")
+    min_relative: float = setting(0.15, non_negative_float, "smallest relative rise of the quantile that is reported")
+    min_absolute_ms: float = setting(0.5, non_negative_float,
+                                     "smallest absolute rise of the quantile (ms) that is reported")
+    alpha: float = setting(1e-3, probability,
+                           "significance of the confirming rank test (p50) or binomial test (tails)")
+
+
+@dataclass(slots=True, kw_only=True)
+class LatencyRegression(Regression):
+    quantile: str         # the quantile named in the event (p50, p99, p999)
+    q: float
+    baseline_ms: float    # the baseline's value of that quantile when it opened
+    bucket: int           # the sketch bucket of that value: exceedances are counted above it
+    p0: float             # the baseline's share above it
+    p_open: float         # the share above it that opened the regression
+    sketch: bytes = b""   # the windows since it opened, packed: the baseline if it is accepted
 
 
 class _Watch:
@@ -56,7 +87,7 @@ class _QuantileWatches:
             w.reset()
 
 
-class LatencyShift(Detector):
+class LatencyShift(RegressionDetector):
     """Latency shifted up at p50, p99 or p99.9, against a slowly decaying baseline.
 
     Each window, for each watched quantile q, the spans above the baseline's q-bucket are
@@ -101,27 +132,31 @@ class LatencyShift(Detector):
     breakpoint, Welch t-test); Netflix Kayenta (Mann-Whitney U with an effect-size band).
     """
 
+    name = "latency"
+    Settings = LatencySettings
     event_type = "latency_regression"
+    description = "Latency at this code location rose in production (p50, p99 or p99.9)."
 
     def __init__(self, window_s: float = 60.0, half_life_s: float = 21600.0, warmup_windows: int = 30,
                  threshold: float = 12.0, median_delta: float = 0.1, tail_ratio: float = 2.5,
                  min_tail_expected: float = 20.0, min_relative: float = 0.15,
                  min_absolute_ms: float = 0.5, alpha: float = 1e-3,
                  accept_windows: int = 120):
-        self._share(window_s, half_life_s, warmup_windows, threshold, median_delta, tail_ratio,
-                    min_tail_expected, min_relative, min_absolute_ms, alpha, accept_windows)
+        self.window_s, self.half_life_s, self.warmup_windows = window_s, half_life_s, warmup_windows
+        self.threshold, self.median_delta, self.tail_ratio = threshold, median_delta, tail_ratio
+        self.min_tail_expected, self.min_relative, self.min_absolute_ms = min_tail_expected, min_relative, min_absolute_ms
+        self.alpha, self.accept_windows = alpha, accept_windows
+        self.decay = 0.5 ** (window_s / half_life_s)
+        self._make_watches = partial(_QuantileWatches, threshold)
         self._baseline = b""  # the baseline sketch, packed (see ``baseline``)
         self.baseline_windows = 0
         self.load = DecayedLinearFit(self.decay)
         self.watches: VersionWatches | None = None  # made with the first window judged
-        self.open: dict | None = None  # the regression being reported, while it lasts
+        self.open: LatencyRegression | None = None  # the regression being reported, while it lasts
 
-    _params = ("window_s", "half_life_s", "warmup_windows", "threshold", "median_delta", "tail_ratio",
-               "min_tail_expected", "min_relative", "min_absolute_ms", "alpha", "accept_windows")
-    _constants = ("decay", "_make_watches")
-
-    def _derive(self, window_s, half_life_s, warmup_windows, threshold, *_):
-        return 0.5 ** (window_s / half_life_s), partial(_QuantileWatches, threshold)
+    @classmethod
+    def _contract(cls) -> dict:
+        return {"change": ("median", 2.0), "max_stationary": 0}
 
     @property
     def baseline(self) -> LogSketch:
@@ -145,7 +180,7 @@ class LatencyShift(Detector):
                     for w in qw.by_quantile.values()))
                 for version, qw in self.watches.by_version.items()))
         return (None if self._baseline == sketch else self._baseline, self.baseline_windows,
-                self.load.freeze(), watches, frozen_open(self.open))
+                self.load.freeze(), watches, self.open.freeze() if self.open else None)
 
     def _thaw(self, state: tuple, sketch: bytes) -> None:
         baseline, self.baseline_windows, load, watches, o = state
@@ -164,7 +199,7 @@ class LatencyShift(Detector):
                     w._segment = segment
                     w.hits, w.trials, w.others_hits, w.others_trials = hits, trials, others_hits, others_trials
                     w.windows = windows
-        self.open = thawed_open(o, self.threshold)
+        self.open = LatencyRegression.thawed(o)
 
     # -- helpers ----------------------------------------------------------------------------
     def _load_adjustment(self, x: float | None) -> float:
@@ -201,7 +236,7 @@ class LatencyShift(Detector):
         if self.open is not None:
             # Follow the version that regressed while it runs (a canary beside the old
             # version must not look recovered), the whole location once it is gone.
-            vf = next((v for v in lw.versions if v.version == self.open["version"] and v.count), None)
+            vf = next((v for v in lw.versions if v.version == self.open.version and v.count), None)
             return self._follow_open(obs, shifted(vf.sketch, -adjustment) if vf else current)
 
         events: list[Event] = []
@@ -289,9 +324,8 @@ class LatencyShift(Detector):
                 name, q, base_q, seg_q = other, QUANTILES[other], bq, sq
                 break
         ratio = seg_q / base_q
-        self.open = {"version": version, "quantile": name, "q": q, "baseline_ms": base_q, "bucket": b, "p0": p0,
-                     "p_open": w.hits / w.trials, "windows": 0, "sketch": b"",  # packed
-                     "back": BinomialCUSUM(self.threshold)}
+        self.open = LatencyRegression(version=version, quantile=name, q=q, baseline_ms=base_q, bucket=b, p0=p0,
+                                      p_open=w.hits / w.trials)
         lw = obs.window
         severity = "critical" if ratio >= 2 else "warning"
         where = f" in {version[1]}" if version[1] else ""
@@ -313,30 +347,22 @@ class LatencyShift(Detector):
 
     def _follow_open(self, obs: Observation, current: LogSketch) -> list[Event]:
         o = self.open
-        o["windows"] += 1
-        o["sketch"] = LogSketch.unpack(o["sketch"]).merge(current).pack()
-        now_q = current.quantile(o["q"]) / 1e6
-        # Resolved once "back at the baseline's exceedance share" beats "still at the share
-        # that opened it" by the threshold that opened it: a reverse CUSUM.
-        hits = mass_above(current, o["bucket"])
-        o["back"].update(current.count - hits, current.count, 1 - o["p_open"], 1 - o["p0"])
-        if o["back"].drift_detected:
-            self.open = None
-            return [obs.event("resolved", "info",
-                              f"{o['quantile']} of {obs.location.function} is back to its baseline "
-                              f"({now_q:.3g} ms vs {o['baseline_ms']:.3g} ms)",
-                              {"resolves": self.event_type, "quantile": o["quantile"],
-                               "baseline_ms": round(o["baseline_ms"], 6), "current_ms": round(now_q, 6),
-                               "reason": "recovered", "windows": o["windows"]})]
-        if o["windows"] >= self.accept_windows:
-            # The new level held for long enough: it becomes the baseline.
-            self.open = None
-            self._baseline = o["sketch"]  # packed already
+        o.sketch = LogSketch.unpack(o.sketch).merge(current).pack()
+        now_q = current.quantile(o.q) / 1e6
+        # Recovered once "back at the baseline's exceedance share" beats "still at the share
+        # that opened it" by the threshold that opened it.
+        hits = mass_above(current, o.bucket)
+        back = o.back_at_baseline(current.count - hits, current.count, 1 - o.p_open, 1 - o.p0, self.threshold)
+        reason = o.follow(back, self.accept_windows)
+        if reason == RECOVERED:
+            return self._resolved(obs, reason, f"{o.quantile} of {obs.location.function} is back to its baseline "
+                                               f"({now_q:.3g} ms vs {o.baseline_ms:.3g} ms)",
+                                  {"quantile": o.quantile, "baseline_ms": round(o.baseline_ms, 6),
+                                   "current_ms": round(now_q, 6)})
+        if reason == ACCEPTED:  # the new level held for long enough: it becomes the baseline
+            self._baseline = o.sketch
             self.baseline_windows = self.warmup_windows
-            return [obs.event("resolved", "info",
-                              f"{o['quantile']} of {obs.location.function} stayed at {now_q:.3g} ms; "
-                              f"accepted as the new baseline",
-                              {"resolves": self.event_type, "quantile": o["quantile"],
-                               "reason": "accepted", "current_ms": round(now_q, 6),
-                               "windows": o["windows"]})]
+            return self._resolved(obs, reason, f"{o.quantile} of {obs.location.function} stayed at {now_q:.3g} ms; "
+                                               f"accepted as the new baseline",
+                                  {"quantile": o.quantile, "current_ms": round(now_q, 6)})
         return []

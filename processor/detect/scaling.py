@@ -3,15 +3,40 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
-from processor.detect.base import Detector, Observation
+from processor.detect.base import Observation, RegressionDetector
+from processor.detect.lifecycle import ACCEPTED, RECOVERED, Regression
+from processor.detect.settings import Settings, parse_bool, positive_float, positive_int, setting
 from processor.detect.stats import DecayedLinearFit, mean_log_ms
 from processor.events import Event
+from processor.parsing import non_negative_float
 
 
-class ScalingShift(Detector):
+@dataclass(frozen=True)
+class ScalingSettings(Settings):
+    enabled: bool = setting(True, parse_bool, "watch how latency grows with load")
+    warmup_windows: int = setting(60, positive_int,
+                                  "windows of (load, latency) points before the baseline line is trusted")
+    recent_windows: int = setting(30, positive_int, "recent windows whose residual slope is tested")
+    z_threshold: float = setting(5.0, positive_float, "t of the residual slope that counts as a rise")
+    persist_windows: int = setting(3, positive_int, "windows in a row the rise must hold")
+    min_relative: float = setting(0.15, non_negative_float,
+                                  "smallest extra latency across the recent load range that is reported")
+    min_load_range: float = setting(0.2, non_negative_float,
+                                    "smallest spread of log load in the recent windows to judge a slope")
+    resolve_windows: int = setting(10, positive_int,
+                                   "windows in a row with a flat residual slope that close a scaling regression")
+
+
+@dataclass(slots=True, kw_only=True)
+class ScalingRegression(Regression):
+    calm: int = 0  # windows in a row with a flat residual slope
+
+
+class ScalingShift(RegressionDetector):
     """The slope of latency against concurrency rose.
 
     Each window gives one point: x = log of the calls per second in the rest of the
@@ -45,33 +70,37 @@ class ScalingShift(Detector):
     [('scaling_regression', '2')]
     """
 
+    name = "scaling"
+    Settings = ScalingSettings
     event_type = "scaling_regression"
+    description = "Latency here grows with load more than it used to."
 
     def __init__(self, window_s: float = 60.0, half_life_s: float = 21600.0, warmup_windows: int = 60,
                  recent_windows: int = 30, z_threshold: float = 5.0, persist_windows: int = 3,
                  min_relative: float = 0.15, min_load_range: float = 0.2, resolve_windows: int = 10,
                  accept_windows: int = 120):
-        self._share(window_s, half_life_s, warmup_windows, recent_windows, z_threshold, persist_windows,
-                    min_relative, min_load_range, resolve_windows, accept_windows)
+        self.window_s, self.half_life_s, self.warmup_windows = window_s, half_life_s, warmup_windows
+        self.recent_windows, self.z_threshold, self.persist_windows = recent_windows, z_threshold, persist_windows
+        self.min_relative, self.min_load_range = min_relative, min_load_range
+        self.resolve_windows, self.accept_windows = resolve_windows, accept_windows
+        self.decay = 0.5 ** (window_s / half_life_s)
         self.fit = DecayedLinearFit(self.decay)
         self.recent: np.ndarray | None = None  # (x, residual, y) ring, made after warm-up
         self.pos = 0
         self.streak = 0
-        self.open: dict | None = None
+        self.open: ScalingRegression | None = None
 
-    _params = ("window_s", "half_life_s", "warmup_windows", "recent_windows", "z_threshold",
-               "persist_windows", "min_relative", "min_load_range", "resolve_windows", "accept_windows")
-    _constants = ("decay",)
-
-    def _derive(self, window_s, half_life_s, *_):
-        return (0.5 ** (window_s / half_life_s),)
+    @classmethod
+    def _contract(cls) -> dict:
+        return {"change": ("scaling", 2.0), "max_stationary": 0}
 
     def freeze(self, sketch: bytes = b"") -> tuple:
         recent = None if self.recent is None else self.recent.tobytes()
-        return self.fit.freeze(), recent, self.pos, self.streak, self.open
+        return self.fit.freeze(), recent, self.pos, self.streak, self.open.freeze() if self.open else None
 
     def _thaw(self, state: tuple, sketch: bytes) -> None:
-        fit, recent, self.pos, self.streak, self.open = state
+        fit, recent, self.pos, self.streak, o = state
+        self.open = ScalingRegression.thawed(o)
         self.fit = DecayedLinearFit.thawed(self.decay, fit)
         self.recent = None if recent is None else np.frombuffer(recent, np.float64).reshape(-1, 3).copy()
 
@@ -123,7 +152,7 @@ class ScalingShift(Detector):
         first_seen = obs.version_first_seen
         version = max((v.version for v in lw.versions if v.count >= 0.05 * lw.count),
                       key=lambda v: (first_seen.get(v, 0), v))
-        self.open = {"windows": 0, "calm": 0}
+        self.open = ScalingRegression(version=version)
         detail = {
             "baseline_slope": round(self.fit.slope, 4), "current_slope": round(self.fit.slope + slope, 4),
             "slope_increase": round(slope, 4), "statistic": "t_residual_slope", "t": round(t, 3),
@@ -141,19 +170,14 @@ class ScalingShift(Detector):
 
     def _follow_open(self, obs, slope, t, x, y) -> list[Event]:
         o = self.open
-        o["windows"] += 1
-        o["calm"] = o["calm"] + 1 if t < 1.0 else 0
-        reason = "recovered" if o["calm"] >= self.resolve_windows else (
-            "accepted" if o["windows"] >= self.accept_windows else None)
+        o.calm = o.calm + 1 if t < 1.0 else 0
+        reason = o.follow(o.calm >= self.resolve_windows, self.accept_windows)
         if reason is None:
             return []
-        if reason == "accepted":
+        if reason == ACCEPTED:
             self.fit = DecayedLinearFit(self.decay)
             for px, _, py in self.recent[~np.isnan(self.recent[:, 0])]:
                 self.fit.update(float(px), float(py))  # restart from the recent points
         self.recent = None  # emptied: made afresh with the next point
-        self.open = None
-        return [obs.event("resolved", "info",
-                          f"{obs.location.function} scales with load as before" if reason == "recovered"
-                          else f"{obs.location.function}'s new load relation accepted as its baseline",
-                          {"resolves": self.event_type, "reason": reason, "windows": o["windows"]})]
+        return self._resolved(obs, reason, f"{obs.location.function} scales with load as before" if reason == RECOVERED
+                              else f"{obs.location.function}'s new load relation accepted as its baseline", {})

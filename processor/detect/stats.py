@@ -14,7 +14,6 @@ from array import array
 
 import numpy as np
 from river import base
-from scipy import stats as sps
 
 from processor.pipeline.sketch import LOG_GAMMA, LogSketch
 
@@ -196,6 +195,8 @@ def rank_test_greater(current: LogSketch, baseline: LogSketch) -> tuple[float, f
     if var <= 0:
         return 1.0, u1 / (n1 * n2)
     z = (u1 - n1 * n2 / 2 - 0.5) / math.sqrt(var)
+    from scipy import stats as sps  # loaded on first use: 70 MB that receiver processes never need
+
     return float(sps.norm.sf(z)), u1 / (n1 * n2)
 
 
@@ -204,6 +205,8 @@ def binomial_greater(successes: float, trials: float, p0: float) -> float:
     if trials <= 0:
         return 1.0
     k = int(round(successes))
+    from scipy import stats as sps
+
     return float(sps.binom.sf(k - 1, int(round(trials)), min(max(p0, 1e-12), 1.0)))
 
 

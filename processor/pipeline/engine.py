@@ -12,7 +12,8 @@ from array import array
 from dataclasses import dataclass
 
 from processor.config import Config
-from processor.detect import Detector, Observation, build_detectors
+from processor.detect.base import Detector, Observation
+from processor.detect.registry import build_detectors
 from processor.detect.first_seen import FirstSeen
 from processor.events import Event
 from processor.pipeline.baseline import Baseline, BaselineStage
@@ -24,6 +25,68 @@ def checkpoint_fingerprint(cfg: Config) -> str:
     frozen bytes are marshal's). State saved under others is not reused."""
     return repr((cfg.window, cfg.detectors, marshal.version))
 
+
+class DetectorStore:
+    """Every location's detectors, frozen between windows (``Detector.freeze``, marshalled):
+    one bytes object per location id, None for ids without detectors (overflow locations).
+    Live detectors would be a few hundred small objects per location; frozen, they are one.
+
+    A location's detectors are thawed from the configuration's prototypes for each window
+    of its service, given its baseline sketch: a detector whose own baseline is that same
+    sketch leaves it out of its frozen state (see ``LatencyShift.freeze``).
+    """
+
+    def __init__(self, prototypes: list[Detector]):
+        self.prototypes = prototypes
+        self.fresh = marshal.dumps(tuple(d.freeze() for d in prototypes))  # a new location's
+        self.frozen: list[bytes | None] = []
+
+    def __contains__(self, loc_id: int) -> bool:
+        return loc_id < len(self.frozen) and self.frozen[loc_id] is not None
+
+    def __len__(self) -> int:
+        return sum(f is not None for f in self.frozen)
+
+    def state(self, loc_id: int) -> bytes | None:
+        """The location's frozen detectors (what a checkpoint keeps)."""
+        return self.frozen[loc_id] if loc_id < len(self.frozen) else None
+
+    def put(self, loc_id: int, frozen: bytes | None = None) -> None:
+        """Give a location detectors: fresh ones, or ``frozen`` ones (from a checkpoint)."""
+        if loc_id >= len(self.frozen):
+            self.frozen.extend([None] * (loc_id + 1 - len(self.frozen)))
+        self.frozen[loc_id] = self.fresh if frozen is None else frozen
+
+    def detectors_of(self, loc_id: int, sketch: bytes) -> list[Detector]:
+        """A location's detectors as they stand (thawed copies: changing them changes nothing)."""
+        data = self.state(loc_id)
+        if data is None:
+            return []
+        return [p.thawed(s, sketch) for p, s in zip(self.prototypes, marshal.loads(data))]
+
+    def update(self, loc_id: int, obs: Observation, before: bytes, after: bytes) -> list[Event]:
+        """Feed one window to a location's detectors (the absent-location window only to those
+        that want it); ``before`` and ``after`` are its baseline sketch before and after the
+        window was absorbed."""
+        events: list[Event] = []
+        states = list(marshal.loads(self.frozen[loc_id]))
+        present = obs.window is not None
+        for j, proto in enumerate(self.prototypes):
+            if present or proto.wants_absent:
+                det = proto.thawed(states[j], before)
+                events += det.update(obs)
+                states[j] = det.freeze(after)
+        self.frozen[loc_id] = marshal.dumps(tuple(states))
+        return events
+
+
+@dataclass
+class ServiceContext:
+    """What the detectors of a service's locations are told about the whole service's window."""
+    inflight: float          # mean spans in flight (Little's law)
+    calls_per_s: float       # spans per second, every location of the service
+    version: tuple           # the version serving most of its spans
+    version_first_seen: dict  # version -> end of the first window it was seen in (ns)
 
 
 class Engine:
@@ -38,19 +101,19 @@ class Engine:
         self.windows = WindowStage(cfg.window_ns, cfg.lateness_ns, cfg.idle_timeout, cfg.exemplars,
                                    clock=clock, max_locations=cfg.max_locations)
         self.baselines = BaselineStage(cfg.window, cfg.baseline_half_life)
+        self.detectors = DetectorStore(build_detectors(cfg))
         self.first_seen = FirstSeen(known_keys)
-        # Each location's detectors, frozen between windows (Detector.freeze): one bytes object
-        # per location id (None for ids without detectors: overflow locations), thawed for
-        # the windows of its service. Live detectors would be a few hundred small objects each.
-        self.frozen: list[bytes | None] = []
-        self._prototypes = build_detectors(cfg)  # thawed() templates: the configuration's detectors
-        self._fresh = marshal.dumps(tuple(d.freeze() for d in self._prototypes))  # a new location's
         self.service_locations: dict[tuple, array] = {}       # (env, service) -> its location ids
         self.version_first_seen: dict[tuple, dict] = {}       # (env, service) -> version -> first window end
         # What changed since the last checkpoint (see processor/pipeline/checkpoint.py)
         self.dirty_locations: set[int] = set()
         self.dirty_services: set[tuple] = set()
         self._fingerprint = checkpoint_fingerprint(cfg)
+
+    @property
+    def frozen(self) -> list[bytes | None]:
+        """Each location id's frozen detectors (``DetectorStore.frozen``)."""
+        return self.detectors.frozen
 
     def restore_service(self, service: tuple[str, str], max_end: int, closed_through: int,
                         version_first_seen: dict) -> None:
@@ -69,22 +132,16 @@ class Engine:
             return 0
         if baseline is not None:
             self.baselines.restore(loc_id, baseline)
-        if loc_id >= len(self.frozen):
-            self.frozen.extend([None] * (loc_id + 1 - len(self.frozen)))
-        if self.frozen[loc_id] is None:
+        if loc_id not in self.detectors:
             service = (location.environment, location.service)
             self.service_locations.setdefault(service, array("q")).append(loc_id)
-        self.frozen[loc_id] = frozen if fingerprint == self._fingerprint else self._fresh
+        self.detectors.put(loc_id, frozen if fingerprint == self._fingerprint else None)
         self.first_seen.known.add(location.key)
         return 1
 
     def detectors_of(self, loc_id: int) -> list[Detector]:
         """A location's detectors as they stand (thawed copies: changing them changes nothing)."""
-        data = self.frozen[loc_id] if loc_id < len(self.frozen) else None
-        if data is None:
-            return []
-        sketch = self.baselines.sketches[loc_id]
-        return [p.thawed(s, sketch) for p, s in zip(self._prototypes, marshal.loads(data))]
+        return self.detectors.detectors_of(loc_id, self.baselines.sketches[loc_id])
 
     def ingest(self, batch: Batch) -> list[WindowResult]:
         return self._evaluate(self.windows.ingest(batch))
@@ -99,46 +156,57 @@ class Engine:
         return [self._window(cw) for cw in closed]
 
     def _window(self, cw: ClosedWindow) -> WindowResult:
-        """One closed window of a service: first_seen for its new locations, then every
-        location of the service, in the order they were first seen: the present ones' baselines
-        and detectors, the absent ones' detectors that want silence."""
+        """One closed window of a service: the service's bookkeeping, first_seen for its new
+        locations, then every location of the service in the order they were first seen: the
+        present ones' baselines and detectors, the absent ones' detectors that want silence."""
+        service = (cw.environment, cw.service)
+        context = self._service_context(cw, service)
         # The overflow location counts in its service's totals but has no baseline, no
         # detectors and no first_seen: it is many functions mixed, not one.
         tracked = [lw for lw in cw.locations if not is_overflow(lw.location)]
-        window_ns = cw.end_ns - cw.start_ns
+        events = self._first_seen(cw, service, tracked)
+        baselines = self._detect(cw, service, tracked, context, events)
+        self.dirty_services.add(service)
+        self.dirty_locations.update(self.service_locations[service])
+        return WindowResult(cw, events, baselines)
+
+    def _service_context(self, cw: ClosedWindow, service: tuple) -> ServiceContext:
         by_version: dict = {}
-        inflight = cw.busy_ns / window_ns
         calls = 0
         for lw in cw.locations:
             calls += lw.count
             for v in lw.versions:
                 by_version[v.version] = by_version.get(v.version, 0) + v.count
-        service = (cw.environment, cw.service)
         first_seen = self.version_first_seen.setdefault(service, {})
         for v in sorted(by_version):
             first_seen.setdefault(v, cw.end_ns)
-        service_version = max(by_version, key=lambda v: (by_version[v], v)) if by_version else ("", "", "")
+        main = max(by_version, key=lambda v: (by_version[v], v)) if by_version else ("", "", "")
+        window_ns = cw.end_ns - cw.start_ns
+        return ServiceContext(cw.busy_ns / window_ns, calls / (window_ns / 1e9), main, first_seen)
+
+    def _first_seen(self, cw: ClosedWindow, service: tuple, tracked: list) -> list[Event]:
+        """first_seen of the locations new to this process; they get detectors."""
         known = self.service_locations.get(service)
         if known is None:
             known = self.service_locations[service] = array("q")
-        frozen = self.frozen
         events: list[Event] = []
-        present = {}  # location id -> its place in tracked
-        for i, lw in enumerate(tracked):
-            loc_id = lw.loc_id
-            present[loc_id] = i
-            if loc_id >= len(frozen):
-                frozen.extend([None] * (loc_id + 1 - len(frozen)))
-            if frozen[loc_id] is None:  # new to this process
+        for lw in tracked:
+            if lw.loc_id not in self.detectors:
                 events += self.first_seen.update(cw, lw)
-                frozen[loc_id] = self._fresh
-                known.append(loc_id)
+                self.detectors.put(lw.loc_id)
+                known.append(lw.loc_id)
+        return events
+
+    def _detect(self, cw: ClosedWindow, service: tuple, tracked: list, context: ServiceContext,
+                events: list[Event]) -> list[Baseline]:
+        """Baselines of the present locations, detectors of every location of the service
+        (absent ones too: silence is what the dormant detector learns from); events appended
+        to ``events``, the baselines returned."""
+        present = {lw.loc_id: i for i, lw in enumerate(tracked)}
         baselines: list = [None] * len(tracked)
         locations = self.windows.tables.locations
         stage = self.baselines
-        prototypes = self._prototypes
-        calls_per_s = calls / (window_ns / 1e9)
-        for loc_id in known:
+        for loc_id in self.service_locations[service]:
             i = present.get(loc_id)
             lw = step = None
             if i is not None:
@@ -147,23 +215,11 @@ class Engine:
                 # takes the stage's result instead of computing it again (baseline_step).
                 baselines[i], before, decay = stage.absorb(cw, lw)
                 step = (before, decay, stage.sketches[loc_id])
-            obs = Observation(locations[loc_id], cw.start_ns, cw.end_ns, lw, inflight,
-                              service_version, first_seen, calls_per_s, step)
-            # The baseline sketch the detectors froze with, and the one they freeze with now.
+            obs = Observation(locations[loc_id], cw.start_ns, cw.end_ns, lw, context.inflight,
+                              context.version, context.version_first_seen, context.calls_per_s, step)
             after = stage.sketches[loc_id]
-            before = after if step is None else step[0]
-            states = list(marshal.loads(frozen[loc_id]))
-            for j, proto in enumerate(prototypes):
-                if lw is not None or proto.wants_absent:
-                    det = proto.thawed(states[j], before)
-                    events += det.update(obs)
-                    states[j] = det.freeze(after)
-            frozen[loc_id] = marshal.dumps(tuple(states))
-        # Every location of the service had its detectors fed (absent ones too: silence is
-        # what the dormant detector learns from), and the present ones a baseline.
-        self.dirty_services.add(service)
-        self.dirty_locations.update(known)
-        return WindowResult(cw, events, baselines)
+            events += self.detectors.update(loc_id, obs, after if step is None else step[0], after)
+        return baselines
 
 
 @dataclass

@@ -353,9 +353,19 @@ class _ServiceClock:
 class WindowStage:
     """Turns batches into closed windows. Single-threaded: one stage owns its state.
 
-    >>> stage = WindowStage(window_ns=60_000_000_000, lateness_ns=0)
-    >>> stage.stats["late"]
-    0
+    >>> import numpy as np
+    >>> from processor.pipeline.location import Location
+    >>> stage, ms = WindowStage(window_ns=60_000_000_000, lateness_ns=0), 1_000_000
+    >>> def batch(*end_s):
+    ...     end = np.array(end_s, np.int64) * 1_000_000_000
+    ...     n = len(end)
+    ...     return Batch([Location("prod", "shop", "f")], [("shop", "1", "")], np.zeros(n, np.int32),
+    ...                  np.zeros(n, np.int32), end - 20 * ms, end, np.zeros(n, bool),
+    ...                  np.ones((n, 16), np.uint8))
+    >>> [(w.start_ns // 10**9, w.end_ns // 10**9, w.locations[0].count) for w in stage.ingest(batch(10, 20, 70))]
+    [(0, 60, 2)]
+    >>> stage.ingest(batch(30)), stage.stats["late"]  # its window is closed: late, counted
+    ([], 1)
     """
 
     def __init__(self, window_ns: int, lateness_ns: int, idle_timeout: float = 60.0,

@@ -14,21 +14,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from processor import __version__
+from processor.detect.registry import DESCRIPTIONS as EVENT_DESCRIPTIONS
 from processor.report.findings import Report
 
 SCHEMA_URI = "https://docs.oasis-open.org/sarif/sarif/v2.1.0/errata01/os/schemas/sarif-schema-2.1.0.json"
 LEVELS = {"critical": "error", "warning": "warning", "info": "note"}
 NEVER_SEEN = "instrumented_never_seen"
-DESCRIPTIONS = {
-    "first_seen": "A code location was called in production for the first time.",
-    "latency_regression": "Latency at this code location rose in production (p50, p99 or p99.9).",
-    "error_regression": "The share of calls ending in an error rose in production.",
-    "new_exception": "An exception type never raised here before appeared in production.",
-    "scaling_regression": "Latency here grows with load more than it used to.",
-    "dormant": "A function that was called regularly stopped being called.",
-    "resolved": "A regression reported earlier ended.",
-    NEVER_SEEN: "An instrumented function that production never reported.",
-}
+DESCRIPTIONS = {**EVENT_DESCRIPTIONS, NEVER_SEEN: "An instrumented function that production never reported."}
 
 
 def _rule(rule_id: str, level: str) -> dict:

@@ -19,7 +19,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from processor.pipeline.baseline import QUANTILES
 from processor.config import split_address
-from processor.events import EVENT_TYPES
+from processor.detect.registry import EVENT_TYPES, RESOLVED
 from processor.pipeline.window import ClosedWindow
 
 OVERFLOW = "__overflow__"
@@ -123,7 +123,7 @@ class Metrics:
                                         registry=r)
         self.locations = LocationGauges(max_locations)
         r.register(self.locations)
-        for t in EVENT_TYPES + ("resolved",):
+        for t in EVENT_TYPES + (RESOLVED,):
             self.events.labels(type=t)
 
     def observe_window(self, cw: ClosedWindow) -> None:
