@@ -122,3 +122,74 @@ def backflow(redis_server, redis_client):
 
 # tests/fixtures/ holds a small repository for the commands to look at, not tests.
 collect_ignore = ["fixtures"]
+
+
+# --- What `backflow serve` wrote conforms to proto/backflow/v1 (docs/schema.md) -------------
+# After every test that started a BackflowProcess, each event, baseline and version summary
+# under those processes' prefixes, in their Redis, must convert to its message; a Redis the
+# test stops is read just before it stops. A record that does not is a teardown error
+# naming it and the field (once: a record left in the session's server is not reported
+# again). tests/test_schema_conformance.py shows that a bad record fails a test.
+SCHEMA_CHECKED = {"tests": 0, "events": 0, "baselines": 0, "versions": 0, "unread": 0, "bad": 0}
+_SCHEMA_REPORTED: set[str] = set()
+
+
+@pytest.fixture(autouse=True)
+def _published_records_conform(monkeypatch):
+    from urllib.parse import urlsplit
+
+    from processor.schema.conformance import Tally, check
+
+    started: list[BackflowProcess] = []
+    tally, read = Tally(), set()
+    real_start, real_stop = BackflowProcess.start, RedisServer.stop
+
+    def targets() -> set[tuple[str, str]]:  # (Redis URL, prefix) of each process started
+        urls = [[a for flag, a in zip(bf.args, bf.args[1:]) if flag == "--redis-url"][-1] for bf in started]
+        return {(url, bf.prefix) for url, bf in zip(urls, started)}
+
+    def read_records(port: int | None = None) -> None:
+        for url, prefix in targets():
+            try:
+                if port is not None and urlsplit(url).port != port:
+                    continue
+                with redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=2) as client:
+                    tally.update(check(client, prefix))
+                read.add((url, prefix))
+            except (redis.RedisError, ValueError, OSError):
+                pass  # gone, or a test's wrong password: nothing there to read
+
+    def start(self, *args, **kwargs):
+        started.append(self)
+        return real_start(self, *args, **kwargs)
+
+    def stop(self):
+        read_records(self.port)
+        real_stop(self)
+
+    monkeypatch.setattr(BackflowProcess, "start", start)
+    monkeypatch.setattr(RedisServer, "stop", stop)
+    yield
+    if not started:
+        return
+    read_records()
+    SCHEMA_CHECKED["tests"] += 1
+    SCHEMA_CHECKED["events"] += len(tally.events)
+    SCHEMA_CHECKED["baselines"] += len(tally.baselines)
+    SCHEMA_CHECKED["versions"] += len(tally.versions)
+    SCHEMA_CHECKED["unread"] += len(targets() - read)
+    new = [p for p in tally.problems if p not in _SCHEMA_REPORTED]
+    _SCHEMA_REPORTED.update(new)
+    SCHEMA_CHECKED["bad"] += len(new)
+    if new:
+        pytest.fail(f"{len(new)} records in Redis do not conform to proto/backflow/v1 (docs/schema.md):\n"
+                    + "\n".join(new[:20]), pytrace=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    c = SCHEMA_CHECKED
+    if c["tests"]:
+        terminalreporter.write_line(
+            f"proto/backflow/v1 conformance: {c['events']} events, {c['baselines']} baselines and "
+            f"{c['versions']} version summaries checked after {c['tests']} tests that started backflow serve, "
+            f"{c['bad']} not conforming" + (f", {c['unread']} Redis servers gone before read" if c["unread"] else ""))

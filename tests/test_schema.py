@@ -91,6 +91,7 @@ def test_an_empty_optional_number_is_unknown_and_stays_empty():
     assert to_fields(b) == fields
 
 
+@pytest.mark.e2e
 def test_what_the_redis_sink_writes_converts(redis_server, redis_client):
     """Events, baseline and a version summary merged twice, by the real sink in a real Redis."""
     import redis as redis_py
@@ -223,6 +224,7 @@ def test_nested_messages_have_no_flat_mapping():
 
 # --- the conformance check over a whole Redis ---------------------------------------------------
 
+@pytest.mark.e2e
 def test_conformance_counts_every_record_and_names_what_does_not_conform(redis_server, redis_client):
     import redis as redis_py
     for n in range(3):
