@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 
-.PHONY: run demo test test-tools bench-ingest bench-detection bench-decode bench-memory bench-soak install redis-server promtool clean
+.PHONY: run demo test test-tools bench-ingest bench-detection bench-decode bench-memory bench-soak install redis-server promtool node-deps clean
 
 $(VENV)/.installed: pyproject.toml setup.py processor/receiver/_fastdecode.c
 	$(PYTHON) -m venv $(VENV)
@@ -28,8 +28,19 @@ promtool:
 	  { echo "installing promtool (Debian package prometheus)"; \
 	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
+# Node.js and the npm packages of tests/js/ (tests/test_js_client.py: a consumer of the
+# events in JavaScript, docs/schema.md); Node.js from Debian's packages when it is missing.
+node-deps: tests/js/node_modules/.installed
+
+tests/js/node_modules/.installed: tests/js/package.json tests/js/package-lock.json
+	@command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 || \
+	  { echo "installing nodejs and npm (Debian packages)"; \
+	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq nodejs npm >/dev/null; }
+	npm ci --prefix tests/js --no-audit --no-fund --loglevel=error
+	touch $@
+
 # Programs the tests run besides Python packages.
-test-tools: redis-server promtool
+test-tools: redis-server promtool node-deps
 
 # Runs `backflow serve` with a local redis-server unless BACKFLOW_REDIS_URL is set.
 run: install redis-server
