@@ -8,15 +8,27 @@ import math
 
 import numpy as np
 import pytest
+from google.protobuf.descriptor import FieldDescriptor as FieldDescriptorType
 
 from processor.events import Event as EventRecord
 from processor.pipeline.baseline import Baseline as BaselineRecord
 from processor.pipeline.location import Location
 from processor.pipeline.sketch import LogSketch
-from processor.schema import (Baseline, Event, SchemaError, VersionSummaries, VersionSummary, from_fields,
-                              to_fields, version_from_field, version_to_field, versions_from_hash,
-                              versions_to_hash)
-from processor.schema import conformance, generate
+from processor.schema import (
+    Baseline,
+    Event,
+    SchemaError,
+    VersionSummaries,
+    VersionSummary,
+    conformance,
+    from_fields,
+    generate,
+    to_fields,
+    version_from_field,
+    version_to_field,
+    versions_from_hash,
+    versions_to_hash,
+)
 
 LOC = Location("prod", "shop", "shop.cart.apply_discount", "shop/cart.py", "42", "shop.instrumentation")
 
@@ -95,6 +107,7 @@ def test_an_empty_optional_number_is_unknown_and_stays_empty():
 def test_what_the_redis_sink_writes_converts(redis_server, redis_client):
     """Events, baseline and a version summary merged twice, by the real sink in a real Redis."""
     import redis as redis_py
+
     from processor.pipeline.window import ClosedWindow, LocationWindow, VersionFigures
     from processor.sinks.redis_streams import RedisSink
 
@@ -246,3 +259,20 @@ def test_conformance_counts_every_record_and_names_what_does_not_conform(redis_s
     assert t.problems[2].startswith("p:versions:k1: VersionSummary field 'calls'")
     assert conformance.main(["--redis-url", redis_server.url, "--prefix", "q"]) == 0
     assert conformance.main(["--redis-url", redis_server.url]) == 1
+
+
+# --- docs/schema.md shows the messages as they are ----------------------------------------------
+
+def test_the_tables_of_docs_schema_md_are_the_messages():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "schema.md").read_text()
+    names = {FieldDescriptorType.TYPE_STRING: "string", FieldDescriptorType.TYPE_INT64: "int64",
+             FieldDescriptorType.TYPE_DOUBLE: "double"}
+    for cls in (Event, Baseline, VersionSummary):
+        rows = []
+        for f in cls.DESCRIPTOR.fields:
+            kind = ("optional " if f.has_presence else "") + names[f.type]
+            redis_name = f"`{f.json_name}`" if cls is not VersionSummary or f.index > 1 else f"name\\[{f.index}\\]"
+            rows.append(f"| {redis_name} | `{f.name}` | {kind} |")
+        assert "\n".join(rows) in text, f"docs/schema.md: the table of {cls.DESCRIPTOR.name}"

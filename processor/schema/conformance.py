@@ -35,7 +35,7 @@ class Tally:
     versions: set = field(default_factory=set)   # (versions hash key, field name)
     problems: list[str] = field(default_factory=list)
 
-    def update(self, other: "Tally") -> None:
+    def update(self, other: Tally) -> None:
         self.events |= other.events
         self.baselines |= other.baselines
         self.versions |= other.versions

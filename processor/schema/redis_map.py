@@ -33,12 +33,16 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Mapping, TypeVar
+from collections.abc import Mapping
+from typing import TypeVar
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from processor.schema.backflow.v1.version_summary_pb2 import VersionSummaries, VersionSummary
+from processor.schema.backflow.v1.version_summary_pb2 import (
+    VersionSummaries,
+    VersionSummary,
+)
 
 M = TypeVar("M", bound=Message)
 
