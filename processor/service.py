@@ -126,7 +126,7 @@ class Pipeline:
         """Hand what changed since the last checkpoint to the sink, when it is due: every
         ``checkpoint_interval`` seconds, or whenever windows closed when that is 0. While
         the sink cannot write (Redis away, or the previous checkpoint still pending) nothing
-        is pickled: the changes stay marked, and the next checkpoint takes them all."""
+        is encoded: the changes stay marked, and the next checkpoint takes them all."""
         engine = self.engine
         if not (engine.dirty_locations or engine.dirty_services):
             return
@@ -154,7 +154,7 @@ class Pipeline:
             release_free_memory()
 
 
-_CHECKPOINT_PART = 5_000  # locations pickled per checkpoint step
+_CHECKPOINT_PART = 5_000  # locations encoded per checkpoint step
 
 # Closing windows of this many locations frees enough to be worth returning to the system.
 _TRIM_AFTER_LOCATIONS = 20_000
@@ -212,8 +212,11 @@ class Backflow:
         known = self.sink.known_keys()
         self.pipeline = Pipeline(self.cfg, self.sink, self.metrics, known)
         t0 = time.monotonic()
-        restored = checkpoint.restore(self.pipeline.engine, self.sink.read_state())
+        result = checkpoint.restore(self.pipeline.engine, self.sink.read_state())
+        restored = result.locations
         self.metrics.restored.set(restored)
+        for reason, n in result.rejected.items():
+            self.metrics.checkpoint_rejected.labels(reason).inc(n)
         if restored:
             log.info("restored %d code locations from %s:state in %.1f s", restored,
                      self.cfg.prefix, time.monotonic() - t0)

@@ -1,15 +1,26 @@
-"""Checkpoints: an engine restored from a checkpoint goes on exactly as the one that wrote it."""
+"""Checkpoints: an engine restored from a checkpoint goes on exactly as the one that wrote it,
+and a checkpoint field is data only: one that is forged or broken is refused, runs nothing,
+and leaves the other fields to load."""
 
 from __future__ import annotations
 
+import builtins
+import marshal
 import pickle
+import struct
 
+import msgpack
 import pytest
+import redis
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from benchmarks.scenarios import generate
-from processor.pipeline import checkpoint
-from processor.pipeline.engine import Engine
 from processor.config import Config
+from processor.pipeline import checkpoint
+from processor.pipeline.baseline import Baseline
+from processor.pipeline.engine import Engine
+from processor.sinks.redis_streams import RedisSink
 
 CFG = dict(window=60.0, allowed_lateness=0.0, idle_timeout=1e9)
 
@@ -26,10 +37,32 @@ def _baselines(results) -> list[tuple]:
     return [(b.location.key, tuple(sorted(b.fields().items()))) for r in results for b in r.baselines]
 
 
+def _canonical(frozen: bytes) -> bytes:
+    """Frozen detector state as marshal version 2 writes it: no references and no interning
+    marks, so equal values of the same types (tuple or list, bool or int, every float bit)
+    give the same bytes. The engine's own bytes (version 4) also mark each object by its
+    reference count at the time, so even ``marshal.dumps(marshal.loads(b))`` differs from ``b``."""
+    return marshal.dumps(marshal.loads(frozen), 2)
+
+
 @pytest.fixture(scope="module")
 def scenario():
     sc = generate(5, services=3, functions_per_service=8, hours=5.0)
     return list(sc)
+
+
+@pytest.fixture(scope="module")
+def learned(scenario):
+    """An engine past warm-up (half the scenario, every window closed) and its checkpoint."""
+    engine = _engine()
+    for b in scenario[: len(scenario) // 2]:
+        engine.ingest(b)
+    engine.flush_all()
+    return engine, checkpoint.dumps_dirty(engine)
+
+
+def _locations(fields: dict) -> dict:
+    return {k: v for k, v in fields.items() if k.startswith("loc:")}
 
 
 def test_a_restored_engine_raises_the_events_the_running_one_raises(scenario):
@@ -44,9 +77,11 @@ def test_a_restored_engine_raises_the_events_the_running_one_raises(scenario):
     fields = checkpoint.dumps_dirty(first)
     assert fields and not first.dirty_locations  # taken, and the marks cleared
     # Through bytes, as from Redis: nothing of the first engine is shared with the second.
+    assert all(type(v) is bytes for v in fields.values())
     restored = _engine()
-    n = checkpoint.restore(restored, pickle.loads(pickle.dumps(fields)))
-    assert n == sum(f is not None for f in straight.frozen) > 0
+    result = checkpoint.restore(restored, dict(fields))
+    assert result == checkpoint.Restored(sum(f is not None for f in straight.frozen), 0, 0)
+    assert result.locations > 0
     results_straight, results_restored = [], []
     for b in scenario[cut:]:
         results_straight += straight.ingest(b)
@@ -71,6 +106,37 @@ def test_a_fresh_engine_relearns_and_misses_what_the_restored_one_sees(scenario)
     assert a != b
 
 
+def test_every_location_comes_back_as_it_was(learned):
+    """Field by field: the location, the baseline (its packed sketch byte for byte) and the
+    detectors' state, of the same value and types as the engine's own frozen bytes."""
+    engine, fields = learned
+    tables = engine.windows.tables
+    checked = 0
+    for loc_id, frozen in enumerate(engine.frozen):
+        if frozen is None:
+            continue
+        loc = tables.locations[loc_id]
+        name = checkpoint.location_field(loc.key)
+        state = checkpoint.decode(name, fields[name])
+        assert state.location == loc and state.location.key == loc.key
+        assert (state.location.file, state.location.line, state.location.scope) == (loc.file, loc.line, loc.scope)
+        assert state.order == loc_id and state.fingerprint == engine._fingerprint
+        assert _canonical(state.detectors) == _canonical(frozen)
+        assert marshal.loads(state.detectors) == marshal.loads(frozen)
+        original = engine.baselines.baseline(loc_id)
+        assert state.baseline.packed_sketch == original.packed_sketch
+        assert state.baseline.fields() == original.fields()
+        assert state.baseline.to_plain() == original.to_plain()
+        checked += 1
+    assert checked == 24  # 3 services x 8 functions, every one past warm-up
+    for service, first_seen in engine.version_first_seen.items():
+        name = checkpoint.service_field(service)
+        state = checkpoint.decode(name, fields[name])
+        assert state.version_first_seen == first_seen and first_seen
+        clock = engine.windows.services[tables.service_id(service)]
+        assert (state.max_end, state.closed_through) == (clock.max_end, clock.closed_through)
+
+
 def test_windows_closed_before_the_checkpoint_stay_closed(scenario):
     first = _engine()
     for b in scenario[:10]:
@@ -88,27 +154,17 @@ def test_detectors_saved_under_other_settings_are_built_anew(scenario):
         first.ingest(b)
     fields = checkpoint.dumps_dirty(first)
     same, other = _engine(), _engine(window=30.0)
-    assert checkpoint.restore(same, fields) == checkpoint.restore(other, fields) > 0
+    assert checkpoint.restore(same, fields).locations == checkpoint.restore(other, fields).locations > 0
     lid = next(i for i, f in enumerate(same.frozen) if f is not None)
     key = same.windows.tables.locations[lid]
     lid2 = other.windows.tables.location_id(key)
-    assert same.frozen[lid] == first.frozen[first.windows.tables.location_id(key)]
+    assert _canonical(same.frozen[lid]) == _canonical(first.frozen[first.windows.tables.location_id(key)])
     assert repr(same.detectors_of(lid)) == repr(first.detectors_of(first.windows.tables.location_id(key)))
-    assert other.frozen[lid2] == other._fresh != same.frozen[lid]
+    # built anew: every location's detectors alike (a new location's), unlike the restored ones
+    assert len({_canonical(f) for f in other.frozen if f is not None}) == 1
+    assert len({_canonical(f) for f in same.frozen if f is not None}) > 1
+    assert _canonical(other.frozen[lid2]) != _canonical(same.frozen[lid])
     assert other.baselines.baseline(lid2).fields() == same.baselines.baseline(lid).fields()
-
-
-def test_fields_of_another_format_are_skipped(scenario, caplog):
-    first = _engine()
-    for b in scenario[:20]:
-        first.ingest(b)
-    fields = checkpoint.dumps_dirty(first)
-    broken = {name: (b"not a pickle" if i % 2 else blob) for i, (name, blob) in enumerate(fields.items())}
-    broken["loc:old"] = pickle.dumps((checkpoint.FORMAT - 1, None))
-    restored = _engine()
-    n = checkpoint.restore(restored, broken)
-    assert 0 < n < checkpoint.restore(_engine(), fields)
-    assert "did not load" in caplog.text
 
 
 def test_location_limit_applies_to_restored_locations(scenario):
@@ -117,7 +173,7 @@ def test_location_limit_applies_to_restored_locations(scenario):
         first.ingest(b)
     fields = checkpoint.dumps_dirty(first)
     small = _engine(max_locations=3)
-    assert checkpoint.restore(small, fields) == 3
+    assert checkpoint.restore(small, fields).locations == 3
 
 
 def test_a_checkpoint_taken_in_parts_holds_every_location(scenario):
@@ -132,3 +188,279 @@ def test_a_checkpoint_taken_in_parts_holds_every_location(scenario):
         assert len([k for k in part if k.startswith("loc:")]) <= 3
         parts.update(part)
     assert parts.keys() == whole.keys()
+
+
+def test_a_location_whose_state_is_not_plain_data_is_left_out_and_logged(scenario, caplog):
+    engine = _engine()
+    for b in scenario[:20]:
+        engine.ingest(b)
+    lid = next(i for i, f in enumerate(engine.frozen) if f is not None)
+    states = marshal.loads(engine.frozen[lid])
+    engine.frozen[lid] = marshal.dumps(({"buffer": [1.0, 2.0]},) + states[1:])  # a list: comes back a tuple
+    fields = checkpoint.dumps_dirty(engine)
+    key = engine.windows.tables.locations[lid].key
+    assert checkpoint.location_field(key) not in fields and len(_locations(fields)) > 0
+    assert "not checkpointed" in caplog.text and "list is not plain data" in caplog.text
+
+
+# --- format 2, and what is refused -------------------------------------------------------
+
+class _Touch:
+    """A pickle whose loading creates a file: what a forged format-2 field would do."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class _SetGlobal:
+    def __reduce__(self):
+        return (exec, ("import builtins; builtins.BACKFLOW_CHECKPOINT_RAN = True",))
+
+
+def test_format_2_fields_are_skipped_not_unpickled_and_logged_once(learned, tmp_path, caplog):
+    _, fields = learned
+    old = {name: pickle.dumps((2, _Touch(tmp_path / name.replace(":", "_"))), protocol=5) for name in fields}
+    old["svc:x:y"] = pickle.dumps((2, _SetGlobal()), protocol=pickle.HIGHEST_PROTOCOL)
+    result = checkpoint.restore(_engine(), old)
+    assert result == checkpoint.Restored(0, 0, len(fields) + 1)
+    assert list(tmp_path.iterdir()) == [] and not hasattr(builtins, "BACKFLOW_CHECKPOINT_RAN")
+    skipped = [r for r in caplog.records if "another format" in r.getMessage()]
+    assert len(skipped) == 1 and str(len(fields) + 1) in skipped[0].getMessage()
+    assert "one-time relearn" in skipped[0].getMessage()
+
+
+def test_a_crafted_pickle_in_redis_is_refused_runs_nothing_and_the_good_fields_restore(
+        learned, redis_server, tmp_path, caplog):
+    engine, fields = learned
+    target = tmp_path / "pwned"
+    payloads = {
+        "loc:0000000000000001": pickle.dumps(_Touch(target), protocol=5),   # format 2's header
+        "loc:0000000000000002": pickle.dumps(_Touch(target), protocol=0),   # text pickle: not MessagePack
+        "svc:prod:pwned": pickle.dumps(_SetGlobal(), protocol=2),
+    }
+    # The payloads are live: unpickled, they would do it.
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(_Touch(control), protocol=0)).close()
+    assert control.exists()
+    control.unlink()
+
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.delete("crafted:state")
+        client.hset("crafted:state", mapping={**fields, **payloads})
+        read = RedisSink(client, "crafted", 1000, buffer_limit=10).read_state()
+        assert read.keys() == fields.keys() | payloads.keys()
+        restored = _engine()
+        result = checkpoint.restore(restored, read)
+    finally:
+        client.delete("crafted:state")
+        client.close()
+    assert not target.exists() and not hasattr(builtins, "BACKFLOW_CHECKPOINT_RAN")
+    assert list(tmp_path.iterdir()) == []
+    assert result == checkpoint.Restored(len(_locations(fields)), malformed=1, other_format=2)
+    assert sorted(restored.version_first_seen) == sorted(engine.version_first_seen)
+    assert ("checkpoint field 'loc:0000000000000002' refused" in caplog.text
+            and "not MessagePack" in caplog.text)
+
+
+@pytest.mark.e2e
+def test_backflow_serve_refuses_a_crafted_pickle_and_counts_it(learned, backflow, redis_client, tmp_path):
+    """The same through ``backflow serve``: the process that would hold the TLS key."""
+    _, fields = learned
+    target = tmp_path / "pwned"
+    redis_client.hset("crafted:state", mapping={
+        **fields,
+        "loc:0000000000000001": pickle.dumps(_Touch(target), protocol=5),
+        "loc:0000000000000002": pickle.dumps(_Touch(target), protocol=0),
+    })
+    bf = backflow(prefix="crafted")
+    metrics = bf.metrics()
+    assert not target.exists()
+    assert metrics["backflow_restored_locations"] == len(_locations(fields))
+    assert metrics['backflow_checkpoint_rejected_fields_total{reason="malformed"}'] == 1
+    assert metrics['backflow_checkpoint_rejected_fields_total{reason="other_format"}'] == 1
+    assert bf.stop() == 0 and not target.exists()
+    assert "one-time relearn" in bf.log and "'loc:0000000000000002' refused" in bf.log
+
+
+def test_the_good_fields_load_beside_broken_ones(learned, caplog):
+    _, fields = learned
+    names = sorted(_locations(fields))
+    broken = dict(fields)
+    for name in names[::2]:
+        broken[name] = fields[name][:-7]  # cut short
+    result = checkpoint.restore(_engine(), broken)
+    assert result == checkpoint.Restored(len(names) - len(names[::2]), len(names[::2]), 0)
+    assert "learned again" in caplog.text
+
+
+class _Field:
+    """A location field of the learned engine: its name and the plain map it holds (with a
+    short repr, for hypothesis to print)."""
+
+    def __init__(self, fields: dict):
+        self.name = min(_locations(fields))
+        self.map = msgpack.unpackb(fields[self.name], use_list=False, strict_map_key=False)
+
+    def __repr__(self) -> str:
+        return f"<field {self.name}>"
+
+
+@pytest.fixture(scope="module")
+def good(learned) -> _Field:
+    return _Field(learned[1])
+
+
+def _with(d: dict, path: tuple, value) -> dict:
+    """``d`` with the value at ``path`` replaced (``...`` as the value: removed)."""
+    d = dict(d)
+    if len(path) > 1:
+        d[path[0]] = _with(d[path[0]], path[1:], value)
+    elif value is ...:
+        del d[path[0]]
+    else:
+        d[path[0]] = value
+    return d
+
+
+def _sketch(lo: int, span: int, flags: int, counts: bytes = struct.pack("<d", 1.0)) -> bytes:
+    """Packed-sketch bytes as a forger would write them: counts, then the trailer."""
+    return counts + struct.pack("<iIB", lo, span, flags)
+
+
+def _deep_detectors(m: dict) -> bytes:
+    """The field with detectors nested 2,000 arrays deep (written by hand: packb refuses)."""
+    packer = msgpack.Packer()
+    return packer.pack_map_header(len(m)) + b"".join(
+        packer.pack(k) + (b"\x91" * 2000 + b"\xc0" if k == "detectors" else packer.pack(v))
+        for k, v in m.items())
+
+
+MALFORMED = [
+    # (what, how the plain map changes, or the bytes themselves)
+    ("empty", b""),
+    ("not MessagePack", b"\xc1\xc1"),
+    ("truncated", lambda m: msgpack.packb(m)[:-1]),
+    ("trailing bytes", lambda m: msgpack.packb(m) + b"\x00"),
+    ("not a map", msgpack.packb([3, "loc"])),
+    ("an extension type", lambda m: msgpack.packb(_with(m, ("fingerprint",), msgpack.ExtType(5, b"x")))),
+    ("a timestamp", lambda m: msgpack.packb(_with(m, ("order",), msgpack.Timestamp(1, 0)))),
+    ("no format", lambda m: msgpack.packb(_with(m, ("format",), ...))),
+    ("format not a number", lambda m: msgpack.packb(_with(m, ("format",), "3"))),
+    ("a key missing", lambda m: msgpack.packb(_with(m, ("order",), ...))),
+    ("a key more", lambda m: msgpack.packb(_with(m, ("code",), "import os"))),
+    ("order not an integer", lambda m: msgpack.packb(_with(m, ("order",), 1.5))),
+    ("fingerprint not a string", lambda m: msgpack.packb(_with(m, ("fingerprint",), b"x"))),
+    ("location a list", lambda m: msgpack.packb(_with(m, ("location",), ["prod", "shop"]))),
+    ("location field not a string", lambda m: msgpack.packb(_with(m, ("location", "line"), 12))),
+    ("another location than the name's",
+     lambda m: msgpack.packb(_with(m, ("location", "function"), "other"))),
+    ("baseline not a map", lambda m: msgpack.packb(_with(m, ("baseline",), b"pickle"))),
+    ("baseline count NaN", lambda m: msgpack.packb(_with(m, ("baseline", "count"), float("nan")))),
+    ("baseline count negative", lambda m: msgpack.packb(_with(m, ("baseline", "errors"), -1.0))),
+    ("baseline windows a bool", lambda m: msgpack.packb(_with(m, ("baseline", "windows"), True))),
+    ("baseline version short", lambda m: msgpack.packb(_with(m, ("baseline", "version"), ["shop", "1"]))),
+    ("sketch a string", lambda m: msgpack.packb(_with(m, ("baseline", "sketch"), "abc"))),
+    ("sketch too short", lambda m: msgpack.packb(_with(m, ("baseline", "sketch"), b"\x01\x02"))),
+    ("sketch of four billion buckets",  # would allocate 16 GB if unpacked as it says
+     lambda m: msgpack.packb(_with(m, ("baseline", "sketch"), _sketch(0, 2**32 - 1, 0x10)))),
+    ("sketch of a wrong count type",
+     lambda m: msgpack.packb(_with(m, ("baseline", "sketch"), _sketch(0, 1, 0x17)))),
+    ("sketch not as pack makes it",  # a whole count as float64: pack stores it in one byte
+     lambda m: msgpack.packb(_with(m, ("baseline", "sketch"), _sketch(5, 1, 0x10)))),
+    ("sketch counts negative", lambda m: msgpack.packb(_with(m, ("baseline", "sketch"), _sketch(
+        5, 1, 0x10, struct.pack("<d", -0.5))))),
+    ("sketch counts infinite", lambda m: msgpack.packb(_with(m, ("baseline", "sketch"), _sketch(
+        5, 1, 0x10, struct.pack("<d", float("inf")))))),
+    ("detectors not a tuple", lambda m: msgpack.packb(_with(m, ("detectors",), {"a": 1}))),
+    ("detectors nested too deep", _deep_detectors),
+]
+
+
+@pytest.mark.parametrize("what,change", MALFORMED, ids=[w for w, _ in MALFORMED])
+def test_a_malformed_field_is_refused(good, what, change):
+    name = good.name
+    blob = change(good.map) if callable(change) else change
+    with pytest.raises(checkpoint.Malformed):
+        checkpoint.decode(name, blob)
+    assert checkpoint.restore(_engine(), {name: blob}) == checkpoint.Restored(0, 1, 0)
+
+
+def test_a_good_field_is_not_refused_by_the_table_s_own_means(good):
+    # The table's cases are refused for what they change, not for how the test packs maps.
+    assert checkpoint.decode(good.name, msgpack.packb(good.map)).location.key == good.name[4:]
+
+
+def test_service_fields_are_checked_as_well(learned):
+    _, fields = learned
+    name = next(k for k in fields if k.startswith("svc:"))
+    good = msgpack.unpackb(fields[name], use_list=False, strict_map_key=False)
+    assert checkpoint.decode(name, msgpack.packb(good)).service == tuple(name.split(":")[1:])
+    for change in [("service",), ["prod"]], [("max_end",), 1.0], [("closed_through",), None], \
+            [("version_first_seen",), {"1.0": 5}], [("version_first_seen",), [["shop", "1", "", "5"]]], \
+            [("version_first_seen",), [["shop", "1", 5]]], [("extra",), 1]:
+        with pytest.raises(checkpoint.Malformed):
+            checkpoint.decode(name, msgpack.packb(_with(good, *change)))
+    with pytest.raises(checkpoint.Malformed):
+        checkpoint.decode("svc:prod:elsewhere", fields[name])
+    with pytest.raises(checkpoint.Malformed):
+        checkpoint.decode("state:" + name, fields[name])
+
+
+def test_a_field_of_a_newer_format_is_skipped_as_another_format(good):
+    blob = msgpack.packb(_with(good.map, ("format",), checkpoint.FORMAT + 1))
+    with pytest.raises(checkpoint.OtherFormat):
+        checkpoint.decode(good.name, blob)
+    assert checkpoint.restore(_engine(), {good.name: blob}) == checkpoint.Restored(0, 0, 1)
+
+
+# Any MessagePack value, as a forger could write one.
+_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1) | st.floats() | st.text(max_size=8)
+    | st.binary(max_size=16),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner, max_size=4),
+    max_leaves=12)
+
+
+def _paths(d, prefix=()):
+    for k, v in d.items():
+        yield prefix + (k,)
+        if type(v) is dict:
+            yield from _paths(v, prefix + (k,))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_value_anywhere_in_a_field_is_refused_or_loads_as_data(good, data):
+    name = good.name
+    path = data.draw(st.sampled_from(sorted(_paths(good.map))))
+    blob = msgpack.packb(_with(good.map, path, data.draw(_values)))
+    try:
+        state = checkpoint.decode(name, blob)
+    except (checkpoint.Malformed, checkpoint.OtherFormat):  # (another format: a number put in "format")
+        return
+    # Accepted: then it is plain data the engine can take (a detector state of the wrong
+    # shape is the engine's to handle when it thaws it).
+    checkpoint._check_detectors(marshal.loads(state.detectors))
+    assert state.baseline is None or isinstance(state.baseline, Baseline)
+    assert checkpoint.restore(_engine(), {name: blob}).locations == 1
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_broken_bytes_are_refused_never_raise(good, data):
+    name = good.name
+    blob = bytearray(msgpack.packb(good.map))
+    for _ in range(data.draw(st.integers(1, 4))):
+        i = data.draw(st.integers(0, len(blob) - 1))
+        blob[i] = data.draw(st.integers(0, 255))
+    blob = bytes(blob[: data.draw(st.integers(0, len(blob)))])
+    try:
+        checkpoint.decode(name, blob)
+    except (checkpoint.Malformed, checkpoint.OtherFormat):
+        pass
+    result = checkpoint.restore(_engine(), {name: blob, "svc:a:b": data.draw(st.binary(max_size=64))})
+    assert result.locations + result.malformed + result.other_format >= 1

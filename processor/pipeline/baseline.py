@@ -12,7 +12,7 @@ from array import array
 import numpy as np
 
 from processor.pipeline.location import Location
-from processor.pipeline.sketch import LogSketch
+from processor.pipeline.sketch import _TRAILER, MAX_BUCKET, LogSketch
 from processor.pipeline.window import ClosedWindow, LocationWindow
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
@@ -72,6 +72,45 @@ class Baseline:
         self.updated_ns = max(self.updated_ns, window_end_ns)
         self.version = lw.main_version.version
         return decay
+
+    def to_plain(self) -> dict:
+        """The baseline as plain data (str, int, float, bytes, tuple), without its location
+        (a checkpoint keeps that beside it): what ``from_plain`` takes back.
+
+        >>> b = Baseline(Location("prod", "shop", "f"), LogSketch.from_values(np.array([2e6, 3e6])),
+        ...              count=2.0, seconds=60.0, windows=1, updated_ns=60 * 10**9,
+        ...              version=("shop", "1.0", "abc"))
+        >>> back = Baseline.from_plain(b.location, b.to_plain())
+        >>> back.fields() == b.fields() and back.packed_sketch == b.packed_sketch
+        True
+        """
+        return {"sketch": self._sketch, "count": float(self.count), "errors": float(self.errors),
+                "seconds": float(self.seconds), "windows": int(self.windows),
+                "updated_ns": int(self.updated_ns), "version": tuple(self.version)}
+
+    @classmethod
+    def from_plain(cls, location: Location, plain) -> Baseline:
+        """The baseline ``to_plain`` gave, checked: ``plain`` may come from outside the
+        process (a checkpoint in Redis), so every field must have its type and range and the
+        packed sketch must be one ``LogSketch.pack`` makes; ValueError otherwise.
+
+        >>> Baseline.from_plain(Location("prod", "shop", "f"), {"sketch": b"\\xff" * 9})
+        Traceback (most recent call last):
+        ...
+        ValueError: baseline: expected the fields count, errors, seconds, sketch, updated_ns, version, windows
+        """
+        if type(plain) is not dict or plain.keys() != _PLAIN_FIELDS:
+            raise ValueError("baseline: expected the fields " + ", ".join(sorted(_PLAIN_FIELDS)))
+        b = cls(location, _EMPTY)
+        b._sketch = _checked_sketch(plain["sketch"])
+        b.count, b.errors, b.seconds = (_figure(plain[k], k) for k in ("count", "errors", "seconds"))
+        b.windows = _whole(plain["windows"], "windows")
+        b.updated_ns = _whole(plain["updated_ns"], "updated_ns")
+        version = plain["version"]
+        if type(version) is not tuple or len(version) != 3 or any(type(v) is not str for v in version):
+            raise ValueError("baseline: version is not (service, version, revision)")
+        b.version = version
+        return b
 
     def fields(self) -> dict[str, str]:
         """The ``{prefix}:baseline:{key}`` hash."""
@@ -170,3 +209,45 @@ class BaselineStage:
 
 
 _EMPTY = LogSketch()
+
+# Baseline.from_plain: what a plain baseline holds, and the checks of its values.
+_PLAIN_FIELDS = frozenset({"sketch", "count", "errors", "seconds", "windows", "updated_ns", "version"})
+_INT64 = 2**63
+
+
+def _figure(x, name: str) -> float:
+    if type(x) not in (float, int) or not 0.0 <= x < float("inf"):  # (NaN fails the range too)
+        raise ValueError(f"baseline: {name} is not a finite number >= 0")
+    return float(x)
+
+
+def _whole(x, name: str) -> int:
+    if type(x) is not int or not 0 <= x < _INT64:
+        raise ValueError(f"baseline: {name} is not an integer in [0, 2**63)")
+    return x
+
+
+def _checked_sketch(data) -> bytes:
+    """``data`` if it is a sketch ``LogSketch.pack`` makes, else ValueError. Its buckets
+    must lie in the sketch's range before anything is unpacked (a forged span would
+    otherwise allocate gigabytes), and packing it again must give the same bytes, which
+    pins the layout, the count type and the presence bitmap; counts are finite and >= 0."""
+    if type(data) is not bytes:
+        raise ValueError("baseline: sketch is not bytes")
+    if not data:
+        return data
+    if len(data) < _TRAILER.size:
+        raise ValueError("baseline: sketch is too short")
+    lo, span, _ = _TRAILER.unpack_from(data, len(data) - _TRAILER.size)
+    if not (0 <= lo and 1 <= span and lo + span - 1 <= MAX_BUCKET and len(data) <= 9 * span + _TRAILER.size):
+        raise ValueError("baseline: sketch buckets out of range")
+    try:
+        sketch = LogSketch.unpack(data)
+        same = sketch.pack() == data
+    except Exception as e:  # noqa: BLE001 (numpy's and struct's errors alike: not a sketch)
+        raise ValueError(f"baseline: sketch does not unpack ({e})") from None
+    if not same:
+        raise ValueError("baseline: sketch is not one LogSketch.pack makes")
+    if not (np.isfinite(sketch.counts).all() and (sketch.counts >= 0).all()):
+        raise ValueError("baseline: sketch counts are not finite and >= 0")
+    return data

@@ -10,35 +10,56 @@ One hash, ``{prefix}:state``, holds
 Each field is written when what it holds changed (a window of it closed), at most once per
 ``checkpoint_interval``, and read back at start before the receiver listens. What is not in
 a checkpoint is lost on ``kill -9``: the windows still open, and with an interval above 0
-the windows closed since the last checkpoint. A field is pickled: Redis is trusted here as
-it is for the events (anyone who can write to it can also forge events); a field that does
-not load (another format, another version of Backflow) is skipped and learned again.
+the windows closed since the last checkpoint.
+
+A field is data only: a MessagePack map of strings, numbers, bytes and arrays, its format
+number (``FORMAT``) under ``format``; docs/checkpoints.md gives the layout. Reading one runs no
+code of the field's choosing, so whoever can write ``{prefix}:state`` can make Backflow
+learn wrong figures, not run code in the process that holds the TLS key and the auth token.
+Every field is checked (its shape, its types, its name against its content) before any of
+it is used, and a field that fails is refused and its location learned again; the others
+still load. Format 2 pickled its fields: those are never unpickled, only counted and
+skipped (a one-time relearn after the upgrade).
 
 >>> from processor.config import Config
 >>> from processor.pipeline.engine import Engine
->>> engine = Engine(Config.defaults())
->>> restore(Engine(Config.defaults()), dumps_dirty(engine))
-0
+>>> import pickle
+>>> restore(Engine(Config.defaults()), {"svc:prod:shop": pickle.dumps((2, None)),
+...                                     "loc:0123456789abcdef": b"\\xc1 not msgpack"})
+Restored(locations=0, malformed=1, other_format=1)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-import pickle
+import marshal
 from dataclasses import dataclass
+
+import msgpack
+
+from processor.pipeline.baseline import Baseline
+from processor.pipeline.location import Location
 
 log = logging.getLogger("backflow.checkpoint")
 
-FORMAT = 2  # bumped when what a field holds changes; older fields are then skipped
+FORMAT = 3  # bumped when what a field holds changes; fields of other formats are skipped
+# Format 2 (before) pickled each field; format 3 is MessagePack of plain data.
+
+_LOCATION_FIELDS = tuple(f.name for f in dataclasses.fields(Location) if f.init)
+_LOCATION_KEYS = frozenset({"format", "location", "order", "baseline", "detectors", "fingerprint"})
+_SERVICE_KEYS = frozenset({"format", "service", "max_end", "closed_through", "version_first_seen"})
+_PLAIN = frozenset({type(None), bool, int, float, str, bytes})  # and tuples and dicts of them
+_LOGGED = 10  # refused fields logged one by one at start; the rest only counted
 
 
 @dataclass
 class LocationState:
-    location: object       # processor.pipeline.location.Location
+    location: Location
     order: int             # its id when saved: restored locations keep their relative order
-    baseline: object       # processor.pipeline.baseline.Baseline or None
+    baseline: Baseline | None
     detectors: bytes       # its detectors frozen (Engine.frozen: marshal of Detector.freeze)
-    fingerprint: str       # the detector settings they were built with (app.checkpoint_fingerprint)
+    fingerprint: str       # the detector settings they were built with (checkpoint_fingerprint)
 
 
 @dataclass
@@ -46,7 +67,29 @@ class ServiceState:
     service: tuple[str, str]        # (environment, service.name)
     max_end: int                    # the clock of window._ServiceClock
     closed_through: int
-    version_first_seen: dict        # version -> end of the first window it was seen in
+    version_first_seen: dict        # (service, version, revision) -> end of its first window
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What ``restore`` did: the code locations restored, and the fields it refused."""
+    locations: int
+    malformed: int      # not MessagePack, or not of the format's shape and types
+    other_format: int   # another format's (format 2's pickles among them): not read
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """The refused fields by reason, as the ``reason`` label of
+        ``backflow_checkpoint_rejected_fields_total`` has them."""
+        return {"malformed": self.malformed, "other_format": self.other_format}
+
+
+class Malformed(ValueError):
+    """A field that does not parse: it is refused, and what it held learned again."""
+
+
+class OtherFormat(ValueError):
+    """A field of another format (an older or newer Backflow's): skipped, not read."""
 
 
 def location_field(key: str) -> str:
@@ -57,13 +100,16 @@ def service_field(service: tuple[str, str]) -> str:
     return "svc:" + service[0] + ":" + service[1]
 
 
+# --- writing ------------------------------------------------------------------------------
+
 def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes]:
     """The fields of what changed since the last call (at most ``limit`` locations, the
     oldest ids first, and every changed service); clears the marks of what it took.
 
-    Runs on the thread that owns the engine, so the state pickled is one moment's. The limit
+    Runs on the thread that owns the engine, so the state written is one moment's. The limit
     keeps a checkpoint of many locations from holding all their blobs at once: the rest
-    stay marked for the next call.
+    stay marked for the next call. A location whose state is not plain data (a detector
+    that froze a list or a set: it would not come back the same) is left out and logged.
     """
     out: dict[str, bytes] = {}
     tables = engine.windows.tables
@@ -73,45 +119,191 @@ def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes]:
         engine.dirty_locations.difference_update(dirty)
     else:
         engine.dirty_locations.clear()
+    failed: list[tuple[str, Exception]] = []
     for loc_id in dirty:
         loc = tables.locations[loc_id]
-        state = LocationState(loc, loc_id, engine.baselines.baseline(loc_id),
-                              engine.frozen[loc_id], engine._fingerprint)
-        out[location_field(loc.key)] = pickle.dumps((FORMAT, state), protocol=pickle.HIGHEST_PROTOCOL)
+        try:
+            out[location_field(loc.key)] = encode_location(LocationState(
+                loc, loc_id, engine.baselines.baseline(loc_id),
+                engine.frozen[loc_id], engine._fingerprint))
+        except (ValueError, TypeError, OverflowError) as e:
+            failed.append((loc.key, e))
     for service in sorted(engine.dirty_services):
         clock = engine.windows.services[tables.service_id(service)]
-        state = ServiceState(service, clock.max_end, clock.closed_through,
-                             engine.version_first_seen.get(service, {}))
-        out[service_field(service)] = pickle.dumps((FORMAT, state), protocol=pickle.HIGHEST_PROTOCOL)
+        out[service_field(service)] = encode_service(ServiceState(
+            service, clock.max_end, clock.closed_through, engine.version_first_seen.get(service, {})))
     engine.dirty_services.clear()
+    if failed:
+        log.error("%d code locations were not checkpointed (their state is not plain data; "
+                  "they are learned again after a restart); the first, %s: %s",
+                  len(failed), failed[0][0], failed[0][1])
     return out
 
 
-def restore(engine, fields: dict) -> int:
-    """Load checkpoint fields (as read from ``{prefix}:state``) into a fresh engine; the
-    number of code locations restored. Fields that do not load are skipped, counted in a log."""
+def encode_location(state: LocationState) -> bytes:
+    """A ``loc:{key}`` field. The detectors' frozen bytes are this process's own (marshal
+    of plain data): they are loaded here and written as that plain data."""
+    detectors = marshal.loads(state.detectors)
+    _check_detectors(detectors)
+    loc = state.location
+    return msgpack.packb({
+        "format": FORMAT,
+        "location": {name: getattr(loc, name) for name in _LOCATION_FIELDS},
+        "order": state.order,
+        "baseline": None if state.baseline is None else state.baseline.to_plain(),
+        "detectors": detectors,
+        "fingerprint": state.fingerprint,
+    }, use_bin_type=True)
+
+
+def encode_service(state: ServiceState) -> bytes:
+    """A ``svc:{environment}:{service}`` field; the first-seen versions as rows
+    ``[service, version, revision, end_ns]``."""
+    return msgpack.packb({
+        "format": FORMAT,
+        "service": list(state.service),
+        "max_end": state.max_end,
+        "closed_through": state.closed_through,
+        "version_first_seen": [[*version, end] for version, end in state.version_first_seen.items()],
+    }, use_bin_type=True)
+
+
+# --- reading ------------------------------------------------------------------------------
+
+def restore(engine, fields: dict) -> Restored:
+    """Load checkpoint fields (as read from ``{prefix}:state``) into a fresh engine.
+
+    A field that does not parse is refused (logged, the first few one by one) and a field of
+    another format skipped (logged once, with the count); their locations are learned
+    again, and the other fields still load."""
     services: list[ServiceState] = []
     locations: list[LocationState] = []
-    skipped = 0
+    malformed = other = 0
     for name, blob in fields.items():
         try:
-            fmt, state = pickle.loads(blob)
-        except Exception:  # noqa: BLE001 (any unpickling failure: another version's classes)
-            fmt, state = None, None
-        if fmt != FORMAT:
-            skipped += 1
-        elif isinstance(state, ServiceState):
-            services.append(state)
-        elif isinstance(state, LocationState):
-            locations.append(state)
-        else:
-            skipped += 1
-    if skipped:
-        log.warning("%d checkpoint fields did not load (another format); they are learned again", skipped)
+            state = decode(name, blob)
+        except OtherFormat:
+            other += 1
+            continue
+        except Malformed as e:
+            malformed += 1
+            if malformed <= _LOGGED:
+                log.warning("checkpoint field %.80r refused, learned again: %s", name, e)
+            continue
+        (services if isinstance(state, ServiceState) else locations).append(state)
+    if malformed:
+        log.warning("%d checkpoint fields refused (they do not parse as format %d); their code "
+                    "locations are learned again", malformed, FORMAT)
+    if other:
+        log.warning("%d checkpoint fields of another format were skipped (format 2's pickles are "
+                    "never unpickled); their code locations are learned again: a one-time "
+                    "relearn after an upgrade", other)
     for s in sorted(services, key=lambda s: s.service):
         engine.restore_service(s.service, s.max_end, s.closed_through, s.version_first_seen)
     restored = 0
     for state in sorted(locations, key=lambda s: s.order):
         restored += engine.restore_location(state.location, state.baseline, state.detectors,
                                             state.fingerprint)
-    return restored
+    return Restored(restored, malformed, other)
+
+
+def decode(name: str, blob: bytes) -> LocationState | ServiceState:
+    """One field, checked; Malformed or OtherFormat when it cannot be used.
+
+    >>> state = ServiceState(("prod", "shop"), 120, 60, {("shop", "1.0", "abc"): 60})
+    >>> decode("svc:prod:shop", encode_service(state)) == state
+    True
+    >>> decode("svc:prod:other", encode_service(ServiceState(("prod", "shop"), 120, 60, {})))
+    Traceback (most recent call last):
+    ...
+    processor.pipeline.checkpoint.Malformed: the field's name does not match its content
+    """
+    if type(blob) is not bytes or type(name) is not str:
+        raise Malformed("the field's name is not a string or its value not bytes")
+    if blob[:1] == b"\x80" and blob[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        # A pickle (format 2): recognised by its header alone, never unpickled. (No field of
+        # this format starts so: 0x80 is MessagePack's empty map.)
+        raise OtherFormat("format 2 (pickled)")
+    try:
+        data = msgpack.unpackb(blob, use_list=False, raw=False, strict_map_key=False,
+                               ext_hook=_no_ext)
+    except Exception as e:  # noqa: BLE001 (every way bytes fail to be MessagePack)
+        raise Malformed(f"not MessagePack ({type(e).__name__})") from None
+    if type(data) is not dict:
+        raise Malformed("not a map")
+    fmt = data.get("format")
+    if type(fmt) is not int:
+        raise Malformed("no format number")
+    if fmt != FORMAT:
+        raise OtherFormat(f"format {fmt}")
+    try:
+        if name.startswith("loc:"):
+            state = _location_state(data)
+            same = location_field(state.location.key) == name
+        elif name.startswith("svc:"):
+            state = _service_state(data)
+            same = service_field(state.service) == name
+        else:
+            raise Malformed("not a loc: or svc: field")
+    except (ValueError, TypeError) as e:
+        raise Malformed(str(e)) from None
+    if not same:
+        raise Malformed("the field's name does not match its content")
+    return state
+
+
+def _no_ext(code: int, data: bytes):
+    raise ValueError(f"MessagePack extension type {code}")
+
+
+def _location_state(d: dict) -> LocationState:
+    if d.keys() != _LOCATION_KEYS:
+        raise Malformed("a location field has the keys " + ", ".join(sorted(_LOCATION_KEYS)))
+    plain = d["location"]
+    if type(plain) is not dict or plain.keys() != set(_LOCATION_FIELDS) or any(
+            type(v) is not str for v in plain.values()):
+        raise Malformed("location: expected the strings " + ", ".join(_LOCATION_FIELDS))
+    location = Location(**plain)
+    baseline = None if d["baseline"] is None else Baseline.from_plain(location, d["baseline"])
+    detectors = d["detectors"]
+    _check_detectors(detectors)
+    if type(d["order"]) is not int or type(d["fingerprint"]) is not str:
+        raise Malformed("order is not an integer or fingerprint not a string")
+    # The engine gets marshal bytes as it makes them, of plain data checked above.
+    return LocationState(location, d["order"], baseline, marshal.dumps(detectors), d["fingerprint"])
+
+
+def _service_state(d: dict) -> ServiceState:
+    if d.keys() != _SERVICE_KEYS:
+        raise Malformed("a service field has the keys " + ", ".join(sorted(_SERVICE_KEYS)))
+    service = d["service"]
+    if type(service) is not tuple or len(service) != 2 or any(type(s) is not str for s in service):
+        raise Malformed("service is not (environment, service.name)")
+    if type(d["max_end"]) is not int or type(d["closed_through"]) is not int:
+        raise Malformed("max_end or closed_through is not an integer")
+    rows = d["version_first_seen"]
+    if type(rows) is not tuple or not all(
+            type(r) is tuple and len(r) == 4 and all(type(v) is str for v in r[:3]) and type(r[3]) is int
+            for r in rows):
+        raise Malformed("version_first_seen is not rows [service, version, revision, end_ns]")
+    return ServiceState(service, d["max_end"], d["closed_through"], {r[:3]: r[3] for r in rows})
+
+
+def _check_detectors(value) -> None:
+    """ValueError unless ``value`` is a tuple (one state per detector) made of None, bool,
+    int, float, str, bytes, tuples and dicts only: what MessagePack gives back as it was
+    (arrays as tuples), and what marshal then writes as the engine does."""
+    if type(value) is not tuple:
+        raise ValueError("detectors: not a tuple of states")
+    stack = [value]  # containers still to look into (most items are scalars: no push for them)
+    while stack:
+        v = stack.pop()
+        for items in ((v.keys(), v.values()) if type(v) is dict else (v,)):
+            for x in items:
+                t = type(x)
+                if t in _PLAIN:
+                    continue
+                if t is tuple or t is dict:
+                    stack.append(x)
+                else:
+                    raise ValueError(f"detectors: a {t.__name__} is not plain data")

@@ -101,6 +101,13 @@ class Metrics:
         self.restored = Gauge("backflow_restored_locations",
                               "Code locations whose baseline and detectors were restored from the "
                               "checkpoint at start", registry=r)
+        self.checkpoint_rejected = Counter(
+            "backflow_checkpoint_rejected_fields",
+            "Checkpoint fields of {prefix}:state not loaded at start (their locations are learned "
+            "again): malformed (does not parse: corrupt or forged), other_format (another "
+            "format's, such as format 2's pickles, never unpickled)", ["reason"], registry=r)
+        for reason in ("malformed", "other_format"):
+            self.checkpoint_rejected.labels(reason)
         self.processed = Counter("backflow_processed_spans",
                                  "Spans aggregated into a window by the window stage", registry=r)
         self.events = Counter("backflow_events", "Events written to the events stream", ["type"],
