@@ -142,7 +142,11 @@ def _published_records_conform(monkeypatch):
 
     started: list[BackflowProcess] = []
     tally, read = Tally(), set()
-    real_start, real_stop = BackflowProcess.start, RedisServer.stop
+    real_stop = RedisServer.stop
+    # This module may be loaded twice (as conftest, and as tests.conftest by the tests that
+    # import BackflowProcess from it): both classes are followed.
+    classes = {m.BackflowProcess for m in (sys.modules.get("conftest"), sys.modules.get("tests.conftest"))
+               if m is not None and hasattr(m, "BackflowProcess")} | {BackflowProcess}
 
     def targets() -> set[tuple[str, str]]:  # (Redis URL, prefix) of each process started
         urls = [[a for flag, a in zip(bf.args, bf.args[1:]) if flag == "--redis-url"][-1] for bf in started]
@@ -159,15 +163,18 @@ def _published_records_conform(monkeypatch):
             except (redis.RedisError, ValueError, OSError):
                 pass  # gone, or a test's wrong password: nothing there to read
 
-    def start(self, *args, **kwargs):
-        started.append(self)
-        return real_start(self, *args, **kwargs)
+    def following(real_start):
+        def start(self, *args, **kwargs):
+            started.append(self)
+            return real_start(self, *args, **kwargs)
+        return start
 
     def stop(self):
         read_records(self.port)
         real_stop(self)
 
-    monkeypatch.setattr(BackflowProcess, "start", start)
+    for cls in classes:
+        monkeypatch.setattr(cls, "start", following(cls.start))
     monkeypatch.setattr(RedisServer, "stop", stop)
     yield
     if not started:
