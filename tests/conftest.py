@@ -152,10 +152,10 @@ def _published_records_conform(monkeypatch):
         urls = [[a for flag, a in zip(bf.args, bf.args[1:]) if flag == "--redis-url"][-1] for bf in started]
         return {(url, bf.prefix) for url, bf in zip(urls, started)}
 
-    def read_records(port: int | None = None) -> None:
+    def read_records(ports: set[int] | None = None) -> None:
         for url, prefix in targets():
             try:
-                if port is not None and urlsplit(url).port != port:
+                if ports is not None and urlsplit(url).port not in ports:
                     continue
                 with redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=2) as client:
                     tally.update(check(client, prefix))
@@ -170,7 +170,8 @@ def _published_records_conform(monkeypatch):
         return start
 
     def stop(self):
-        read_records(self.port)
+        args = self.extra_args
+        read_records({self.port} | {int(p) for flag, p in zip(args, args[1:]) if flag == "--tls-port"})
         real_stop(self)
 
     for cls in classes:
@@ -199,4 +200,5 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(
             f"proto/backflow/v1 conformance: {c['events']} events, {c['baselines']} baselines and "
             f"{c['versions']} version summaries checked after {c['tests']} tests that started backflow serve, "
-            f"{c['bad']} not conforming" + (f", {c['unread']} Redis servers gone before read" if c["unread"] else ""))
+            f"{c['bad']} not conforming"
+            + (f"; {c['unread']} Redis targets unreadable (gone, or wrong credentials)" if c["unread"] else ""))
