@@ -74,26 +74,34 @@ def check(client: redis.Redis, prefix: str, batch: int = 1000) -> Tally:
                 break
             start = "(" + _s(entries[-1][0])
     head = f"{prefix}:baseline:"
-    for key in client.scan_iter(match=_escape(head) + "*", count=batch, _type="hash"):
-        key = _s(key)
+    for key, fields in _hashes(client, _escape(head) + "*", batch):
         tally.baselines.add(key)
         try:
-            b = from_fields(Baseline, client.hgetall(key))
+            b = from_fields(Baseline, fields)
         except SchemaError as e:
             tally.problems.append(f"{key}: {e}")
             continue
         if b.key != key[len(head):]:
             tally.problems.append(f"{key}: Baseline field 'key': {b.key!r} is not the key in the hash's name")
-    head = f"{prefix}:versions:"
-    for key in client.scan_iter(match=_escape(head) + "*", count=batch, _type="hash"):
-        key = _s(key)
-        for name, value in client.hgetall(key).items():
+    for key, fields in _hashes(client, _escape(f"{prefix}:versions:") + "*", batch):
+        for name, value in fields.items():
             tally.versions.add((key, _s(name)))
             try:
                 version_from_field(name, value)
             except SchemaError as e:
                 tally.problems.append(f"{key}: {e}")
     return tally
+
+
+def _hashes(client: redis.Redis, pattern: str, batch: int):
+    """(key, fields) of every hash whose name matches, read ``batch`` at a time in a pipeline."""
+    keys = [_s(k) for k in client.scan_iter(match=pattern, count=batch, _type="hash")]
+    for i in range(0, len(keys), batch):
+        pipe = client.pipeline(transaction=False)
+        for key in keys[i:i + batch]:
+            pipe.hgetall(key)
+        # (an empty reply is a hash deleted since the scan: Redis keeps no empty hash)
+        yield from ((k, f) for k, f in zip(keys[i:i + batch], pipe.execute()) if f)
 
 
 def prefixes(client: redis.Redis, batch: int = 1000) -> set[str]:
