@@ -464,3 +464,22 @@ def test_broken_bytes_are_refused_never_raise(good, data):
         pass
     result = checkpoint.restore(_engine(), {name: blob, "svc:a:b": data.draw(st.binary(max_size=64))})
     assert result.locations + result.malformed + result.other_format >= 1
+
+
+def test_detector_state_of_the_wrong_shape_is_relearned_not_a_crash_later(good, scenario, caplog):
+    """Plain data that passes the type checks but does not fit the detectors (too few of
+    them, a state cut short): the location is restored with fresh detectors, and its next
+    windows are judged without error."""
+    detectors = good.map["detectors"]
+    for shape in (detectors[:2], tuple(s[:1] if isinstance(s, tuple) else s for s in detectors)):
+        engine = _engine()
+        field = msgpack.packb(_with(good.map, ("detectors",), shape), use_bin_type=True)
+        assert checkpoint.restore(engine, {good.name: field}).locations == 1
+        lid = next(i for i, f in enumerate(engine.frozen) if f is not None)
+        assert [type(d).__name__ for d in engine.detectors_of(lid)] == [
+            type(d).__name__ for d in engine.detectors.prototypes]
+        assert engine.detectors.state(lid) == engine.detectors.fresh
+        for batch in scenario[len(scenario) // 2:][:50]:
+            engine.ingest(batch)
+        engine.flush_all()
+    assert "learn again" in caplog.text

@@ -6,6 +6,7 @@ by the receivers and writing to the sinks; benchmarks and tests drive one direct
 
 from __future__ import annotations
 
+import logging
 import marshal
 import time
 from array import array
@@ -19,6 +20,8 @@ from processor.events import Event
 from processor.pipeline.baseline import Baseline, BaselineStage
 from processor.pipeline.window import ClosedWindow, WindowStage, is_overflow
 from processor.receiver.decode import Batch
+
+log = logging.getLogger("backflow.engine")
 
 def checkpoint_fingerprint(cfg: Config) -> str:
     """What a detector's frozen state depends on: the settings, and marshal's format (the
@@ -63,6 +66,15 @@ class DetectorStore:
         if data is None:
             return []
         return [p.thawed(s, sketch) for p, s in zip(self.prototypes, marshal.loads(data))]
+
+    def check(self, loc_id: int, sketch: bytes) -> None:
+        """Raise if the location's frozen state does not thaw into this configuration's
+        detectors (a checkpoint's state of another shape)."""
+        states = marshal.loads(self.frozen[loc_id])
+        if not isinstance(states, tuple) or len(states) != len(self.prototypes):
+            raise ValueError(f"{len(self.prototypes)} detector states expected")
+        for p, state in zip(self.prototypes, states):
+            p.thawed(state, sketch).freeze(sketch)
 
     def update(self, loc_id: int, obs: Observation, before: bytes, after: bytes) -> list[Event]:
         """Feed one window to a location's detectors (the absent-location window only to those
@@ -136,6 +148,12 @@ class Engine:
             service = (location.environment, location.service)
             self.service_locations.setdefault(service, array("q")).append(loc_id)
         self.detectors.put(loc_id, frozen if fingerprint == self._fingerprint else None)
+        try:  # plain data of the wrong shape would fail at the location's next window instead
+            self.detectors.check(loc_id, self.baselines.sketches[loc_id])
+        except Exception as e:  # noqa: BLE001 (any shape error: the detectors learn again)
+            log.warning("checkpoint of %s: detector state does not fit this version (%s: %s); "
+                        "its detectors learn again", location.key, type(e).__name__, e)
+            self.detectors.put(loc_id, None)
         self.first_seen.known.add(location.key)
         return 1
 
