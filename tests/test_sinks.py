@@ -2,6 +2,7 @@
 
 
 import numpy as np
+import pytest
 import redis
 from prometheus_client import CollectorRegistry, generate_latest
 
@@ -22,6 +23,7 @@ def event(i: int) -> Event:
                  (i + 1) * 60_000_000_000, "warning", f"event {i}", {"i": i})
 
 
+@pytest.mark.e2e
 def test_events_written_while_redis_is_away_arrive_in_order_once_it_is_back():
     srv = RedisServer()
     client = redis.Redis(port=srv.port, socket_timeout=1, socket_connect_timeout=1)
@@ -53,6 +55,7 @@ class _Source:
         return {"count": str(self.value)}
 
 
+@pytest.mark.e2e
 def test_baselines_coalesce_per_key_while_redis_is_away_and_follow_their_key_s_first_seen():
     srv = RedisServer()
     client = redis.Redis(port=srv.port, socket_timeout=1, socket_connect_timeout=1, decode_responses=True)
@@ -136,7 +139,7 @@ def test_per_location_series_beyond_the_limit_fold_into_one_overflow_series():
     assert abs(overflow_p50 - 7.0) / 7.0 <= 0.0101
 
 
-# --- the sink encodes its commands in RESP itself: check what lands in Redis, exactly ----------
+# --- fields travel to the scripts as JSON (redis_streams.py): check what lands in Redis, exactly ---
 
 PI = Location("prodé", "boutique", "café.naïve_ß", "données/π.py", "7")
 
@@ -153,7 +156,9 @@ def test_a_mixed_batch_with_non_ascii_text_lands_in_redis_exactly(redis_server):
     sink = RedisSink(client, "t:ü", 1000, 100, on_event_written=written.append)
     baseline = Baseline(PI, LogSketch.from_values(np.array([1e6, 2e6, 3e6])), 3, 1, 60, 1,
                         60_000_000_000, ("boutique", "1.2-β", "ümlaut"))
-    odd = {"naïve %s %d": "100% ✓", "empty": "", "🚀": "x" * 300}  # '%' must survive templates
+    # what JSON escapes, and what Redis's cjson must give back byte for byte
+    odd = {"naïve %s %d": "100% ✓", "empty": "", "🚀": "x" * 300, 'quote " and \\ back': "\x00nul\x01\n\t\u2028",
+           "[1, 2]": "null", "": "{}"}
     events = [_pi_event("latency_regression", 0), _pi_event("first_seen", 1),
               _pi_event("first_seen", 2),  # the same key again: the script writes nothing
               _pi_event("error_regression", 3), event(4)]
@@ -174,7 +179,7 @@ def test_a_mixed_batch_with_non_ascii_text_lands_in_redis_exactly(redis_server):
     assert sink.reachable and sink.pending() == 0
 
 
-def test_first_seen_survives_a_flushed_script_cache(redis_server):
+def test_writes_survive_a_flushed_script_cache_even_in_the_middle_of_a_batch(redis_server, monkeypatch):
     client = redis.Redis.from_url(redis_server.url, decode_responses=True)
     client.flushall()
     written = []
@@ -182,23 +187,37 @@ def test_first_seen_survives_a_flushed_script_cache(redis_server):
     other = Location("prod", "shop", "shop.g")
     sink.submit([_pi_event("first_seen", 0)], [])
     sink._write(sink._take())
-    client.script_flush()  # as after a Redis restart: loaded again ahead of the next batch
+    client.script_flush()  # as after a Redis restart: NOSCRIPT, loaded, the batch sent again
     sink.submit([event(1), Event("first_seen", other, ("shop", "1", ""), 0, 1, "info", "g", {}),
-                 event(2)], [])
+                 event(2)], [(other.key, {"n": "1"})])
     sink._write(sink._take())
-    # and if the script is missing anyway (flushed between SCRIPT LOAD and EVALSHA), EVAL:
-    # a sink whose EVALSHA names a script Redis never has
-    sink = RedisSink(client, "t", 1000, 100, on_event_written=written.append)
-    sink._sha = "0" * 40
+    sink._write(sink._take())  # the baseline
+    # Flushed between two commands of a batch: those before it ran, the others answer
+    # NOSCRIPT; the whole batch goes again, and what ran is skipped, in place.
+    flushed = []
+    execute = redis.client.Pipeline.execute
+
+    def flush_in_the_middle(pipe, raise_on_error=True):
+        if flushed or len(pipe.command_stack) < 4:
+            return execute(pipe, raise_on_error)
+        at = len(pipe.command_stack) // 2
+        pipe.command_stack.insert(at, (("SCRIPT FLUSH",), {}))
+        replies = execute(pipe, raise_on_error)
+        flushed.append(replies.pop(at))
+        return replies
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", flush_in_the_middle)
     last = Location("prod", "shop", "shop.h")
-    sink.submit([Event("first_seen", last, ("shop", "1", ""), 0, 1, "info", "h", {}),
-                 _pi_event("first_seen", 3)], [])
+    sink.submit([event(3), Event("first_seen", last, ("shop", "1", ""), 0, 1, "info", "h", {}),
+                 _pi_event("first_seen", 3), event(4)], [])
     sink._write(sink._take())
+    assert flushed == [True]
     assert [e["summary"] for _, e in client.xrange("t:events")] == [
-        "régression 0 ✓ 日本語 🚀 100%", "event 1", "g", "event 2", "h"]
+        "régression 0 ✓ 日本語 🚀 100%", "event 1", "g", "event 2", "event 3", "h", "event 4"]
     assert written == ["first_seen", "latency_regression", "first_seen", "latency_regression",
-                       "first_seen"]
+                       "latency_regression", "first_seen", "latency_regression"]
     assert client.smembers("t:keys") == {PI.key, other.key, last.key}
+    assert client.hgetall(f"t:baseline:{other.key}") == {"n": "1"}
 
 
 def test_an_error_reply_raises_after_the_whole_batch_and_the_connection_stays_usable(redis_server):
@@ -212,15 +231,18 @@ def test_an_error_reply_raises_after_the_whole_batch_and_the_connection_stays_us
         sink._write(batch)
         raise AssertionError("the WRONGTYPE reply did not raise")
     except redis.ResponseError as e:
-        assert "WRONGTYPE" in str(e) and "command #3" in str(e)
-    # the commands after the failing one ran, and their replies were all read
+        assert "WRONGTYPE" in str(e) and "command #2 of 3" in str(e)
+    # the commands after the failing one ran, and their replies were all read; the failing
+    # baseline's script stopped at its HSET, before adding its key to the set
     assert client.hgetall("t:baseline:c") == {"n": "3"}
-    assert client.smembers("t:keys") == {"a", "bad", "c"}
+    assert client.smembers("t:keys") == {"a", "c"}
     client.delete("t:baseline:bad")
     sink._write(batch)  # a retry on the same pooled connection, in sync
     assert client.hgetall("t:baseline:bad") == {"n": "2"}
+    assert client.smembers("t:keys") == {"a", "bad", "c"}
 
 
+@pytest.mark.e2e
 def test_the_sink_uses_the_client_s_password_and_database():
     srv = RedisServer().start()
     try:

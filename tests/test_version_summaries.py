@@ -74,6 +74,7 @@ def test_only_the_most_recently_seen_versions_are_kept(sink, monkeypatch):
     assert {v for v, _ in summaries(client)} == {"1.2", "1.3", "1.4"}
 
 
+@pytest.mark.e2e
 def test_windows_closed_while_redis_is_away_are_summed_and_written_once_it_is_back():
     srv = RedisServer()
     client = redis.Redis(port=srv.port, socket_timeout=1, socket_connect_timeout=1, decode_responses=True)
@@ -107,8 +108,8 @@ def test_overflow_locations_get_no_record(sink):
 
 def test_a_summary_redis_refuses_is_dropped_and_blocks_nothing_else(sink):
     # A key of another type under the summaries' name: the merge fails for good. It must
-    # not be retried (merges are not idempotent: the others in its batch would be added
-    # again) nor hold back the checkpoint fields written after the summaries.
+    # not be retried for ever nor hold back the checkpoint fields written after the
+    # summaries; the others of its batch are merged once, and it leaves no marker.
     s, client = sink
     other = Location("prod", "shop", "shop.other", "shop/other.py", "3")
     client.set(f"t:versions:{other.key}", "not a hash")
@@ -121,3 +122,20 @@ def test_a_summary_redis_refuses_is_dropped_and_blocks_nothing_else(sink):
     assert s.summaries_dropped == 1
     assert summaries(client)[("1.0", "rev-1.0")]["calls"] == 4  # written once
     assert client.hget("t:state", "loc:x") == "blob"
+    assert not client.keys("t:written:*")
+
+
+def test_a_merge_sent_and_put_back_is_retried_as_sent_not_summed_with_newer_windows():
+    # Redis may have merged it already (the reply was lost): its marker names it by its
+    # token, so it must go again with the same figures and token; windows noted meanwhile
+    # are a merge of their own.
+    ledger = versions_mod.VersionLedger()
+    ledger.note(window(0, {"1.0": ([10.0] * 3, 0)}))
+    sent = ledger.take(10)
+    ledger.note(window(1, {"1.0": ([10.0] * 5, 1)}))
+    ledger.put_back(sent)
+    assert len(ledger) == 2
+    again = ledger.take(1)
+    assert again == sent and again[0][1].calls == 3 and again[0][1].token
+    newer = ledger.take(10)
+    assert newer[0][1].calls == 5 and newer[0][1].token != sent[0][1].token and not len(ledger)

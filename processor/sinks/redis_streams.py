@@ -1,4 +1,5 @@
-"""Redis sink: baseline hashes, the key set and the events stream, written in pipelines.
+"""Redis sink: baseline hashes, the key set, the events stream, version summaries and the
+checkpoint, written in pipelines on redis-py's public API (docs/sinks.md).
 
 Events are queued in a bounded buffer and sent by one thread, in order. Baselines are not
 queued: the sink keeps, per location key, a reference to the latest baseline submitted and
@@ -9,16 +10,23 @@ write adds its key to ``{prefix}:keys``, which must not precede the key's first_
 When Redis is unreachable the thread retries with backoff and keeps everything; when the
 event buffer is full the oldest events are dropped and counted, never silently.
 
-A batch is encoded in RESP here, not by redis-py's pipeline: its generic packing (an encoder
-call and several isinstance checks per argument) cost most of the sink's CPU, which the
-ingest pipeline shares (one GIL). The commands are the same ones the pipeline sent; the
-connection comes from the client's pool, so URL, TLS, password and db all still apply.
+Every write can be sent twice without effect (a batch whose replies were lost is sent
+again, by redis-py's retry or by this thread's): hashes and the key set take the same
+values again, and stream entries and summary merges go through scripts that record a
+marker and skip what was recorded (processor/sinks/idempotency.py).
+
+Batches are redis-py pipelines (no transaction) of EVALSHA, HSET and UNLINK. A baseline
+or an event goes to its script with its fields as one JSON array, not as one argument
+each: redis-py packs every argument in Python (about 0.8 us each, and a baseline has 36),
+which the ingest pipeline would pay for under the same GIL; ``json.dumps`` packs the lot
+in C, and Redis unpacks it with ``cjson``. A baseline's HSET and its SADD to the key set
+are then one script too.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
+import json
 import logging
 import threading
 import time
@@ -30,20 +38,42 @@ import redis
 
 from processor.events import Event
 from processor.pipeline.memtrim import release_free_memory
-from processor.sinks.versions import MERGE_LUA, MERGE_SHA, VersionLedger, field_name
+from processor.sinks.idempotency import (EVENT_LUA, WRITTEN, WRITTEN_BEFORE_BY_US, WRITTEN_TTL, Tokens,
+                                         event_marker, merge_marker)
+from processor.sinks.versions import MERGE_LUA, VersionLedger, field_name
 
 log = logging.getLogger("backflow.redis")
 
-# Adds the key to the set and, only if it was not there, appends the first_seen event:
-# once per key ever, even with several processes sharing one Redis.
-_FIRST_SEEN_LUA = """
-if redis.call('SADD', KEYS[1], ARGV[1]) == 1 then
-  return redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(ARGV, 3))
-end
-return false
-"""
 _TRIM_AFTER_FIELDS = 20_000  # checkpoint fields (kilobytes each) written before a malloc_trim
-_FIRST_SEEN_SHA = hashlib.sha1(_FIRST_SEEN_LUA.encode()).hexdigest()
+
+# KEYS: the baseline hash, the key set. ARGV: the location key, the fields as a JSON array.
+_BASELINE_LUA = """
+redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[2])))
+return redis.call('SADD', KEYS[2], ARGV[1])
+"""
+_pairs = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _fields_json(fields: dict) -> str:
+    """``{"a": "1", "b": 2.5}`` -> ``'["a","1","b","2.5"]'``: one argument for a script.
+
+    Values go as text, as redis-py would send them (a number as its repr, bytes as UTF-8):
+    a JSON number would reach HSET as Lua prints it.
+    """
+    flat = [x for kv in fields.items() for x in kv]
+    if not all(x.__class__ is str for x in flat):
+        flat = [_text(x) for x in flat]
+    return _pairs(flat)
+
+
+def _text(value) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, memoryview)):
+        return bytes(value).decode()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(value)
+    raise redis.DataError(f"invalid value for a Redis argument: {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -53,34 +83,22 @@ class _Write:
     fields: dict[str, str] | None  # a baseline's hash; None for events (rendered from source)
     event_type: str = ""
     source: object = None  # the Event, the baseline object or the state blob (put back if the write fails)
-
-
-def _template(args: list[bytes | None]) -> bytes:
-    """A command in RESP with a ``%d``/``%b`` pair (length, bytes) for each None argument.
-
-    Filled with ``template % (len(a), a, len(b), b, ...)``: one bytes formatting per command
-    instead of packing every constant argument (the field names above all) again.
-    """
-    out = [b"*%d\r\n" % len(args)]
-    for a in args:
-        if a is None:
-            out.append(b"$%d\r\n%b\r\n")
-        else:
-            out.append(b"$%d\r\n" % len(a) + a.replace(b"%", b"%%") + b"\r\n")
-    return b"".join(out)
+    token: str = ""      # an event's: names this write in its marker, the same on every retry
 
 
 class RedisSink:
     def __init__(self, client: redis.Redis, prefix: str, events_maxlen: int, buffer_limit: int,
                  on_event_written: Callable[[str], None] = lambda t: None,
                  on_dropped: Callable[[int], None] = lambda n: None,
-                 batch_size: int = 500, owners: Callable[[str], str] | None = None):
+                 batch_size: int = 500, owners: Callable[[str], str] | None = None,
+                 written_ttl: int = WRITTEN_TTL):
         self.r = client
         self.owners = owners  # code.file.path -> owners (processor/owners.py), if configured
         self.prefix = prefix
         self.events_key = f"{prefix}:events"
         self.keys_key = f"{prefix}:keys"
         self.maxlen = events_maxlen
+        self.written_ttl = written_ttl  # seconds a {prefix}:written:* marker lives
         self.buffer: deque[_Write] = deque()
         self.baselines: dict[str, object] = {}  # key -> latest baseline not yet written
         self.state: dict[str, bytes] = {}       # checkpoint field -> latest blob not yet written
@@ -96,17 +114,14 @@ class RedisSink:
         self.dropped = 0           # events dropped because the buffer was full
         self.summaries_dropped = 0  # version summaries Redis refused ({prefix}:versions:{key})
         self.last_error: Exception | None = None  # of the last failed ping()
-        encoder = client.connection_pool.get_encoder()
-        self._encoding, self._errors = encoder.encoding, encoder.encoding_errors
-        self._sha = _FIRST_SEEN_SHA
-        self._templates: dict[tuple, bytes] = {}  # (kind, field names) -> RESP template
-        self._hash_prefix = self._encode(f"{prefix}:baseline:")
-        self._sadd = _template([b"SADD", self._encode(self.keys_key), None])
-        # Sent ahead of every batch with a first_seen, in the same write: the script is then
-        # loaded (again, after a Redis restart or SCRIPT FLUSH) before any EVALSHA of the batch
-        # runs, so first_seen events keep their place in the stream. (redis-py's pipeline
-        # made a SCRIPT EXISTS round trip for the same purpose.)
-        self._script_load = _template([b"SCRIPT", b"LOAD", self._encode(_FIRST_SEEN_LUA)])
+        # Called by their SHA; loaded before the first batch and whenever Redis answers NOSCRIPT.
+        self._scripts = [client.register_script(lua) for lua in (EVENT_LUA, _BASELINE_LUA, MERGE_LUA)]
+        self._event_sha, self._baseline_sha, self._merge_sha = (s.sha for s in self._scripts)
+        self._loaded = False
+        self._tokens = Tokens()
+        # Markers of writes whose replies were read: no retry of them can follow, so they
+        # are deleted with the next batch (see _write).
+        self._unlink: list[str] = []
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -154,8 +169,9 @@ class RedisSink:
         and the closed window's per-version figures (``{prefix}:versions:{key}``)."""
         # Events are rendered to their fields when written, not here: a window that closes
         # with a hundred thousand new locations must not hold a hundred thousand dicts.
+        token = self._tokens.next
         writes = [_Write("first_seen" if e.type == "first_seen" else "event", e.location.key,
-                         None, e.type, e) for e in events]
+                         None, e.type, e, token()) for e in events]
         with self._cv:
             self.buffer.extend(writes)
             over = len(self.buffer) - self.buffer_limit
@@ -177,7 +193,8 @@ class RedisSink:
 
     def pending(self) -> int:
         with self._cv:
-            return len(self.buffer) + len(self.baselines) + len(self.versions) + len(self.state) + self._inflight
+            return (len(self.buffer) + len(self.baselines) + len(self.versions) + len(self.state)
+                    + self._inflight + (1 if self._unlink else 0))  # (markers to delete: one write)
 
     def flush(self, timeout: float) -> bool:
         """Wait until everything submitted so far is written; False on timeout."""
@@ -215,16 +232,18 @@ class RedisSink:
         self._state_taken += len(names)
         return [_Write("state", name, None, source=self.state.pop(name)) for name in names]
 
+    def _idle(self) -> bool:
+        return not (self.buffer or self.baselines or self.versions or self.state or self._unlink)
+
     def _run(self) -> None:
         backoff = 0.1
         while True:
             with self._cv:
-                while not self.buffer and not self.baselines and not self.versions and not self.state \
-                        and not self._stop:
+                while self._idle() and not self._stop:
                     self._cv.wait(timeout=1.0)
-                if self._stop and not self.buffer and not self.baselines and not self.versions and not self.state:
+                if self._stop and self._idle():
                     return
-                batch = self._take()
+                batch = self._take()  # ([] when only markers are left to delete)
                 self._inflight = len(batch)
             try:
                 self._write(batch)
@@ -255,159 +274,79 @@ class RedisSink:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    def _write(self, batch: list[_Write]) -> None:
-        # Every command is rendered before a connection is taken: a bad value fails here.
-        commands: list[bytes] = []
-        events: list[tuple[_Write, int]] = []  # each event with the index of its reply
+    def _write(self, batch: list[_Write], again: bool = True) -> None:
+        """Send one batch in a pipeline; return once every reply was read and none failed.
+
+        Raises redis.RedisError otherwise, and _run sends the same batch again: what Redis
+        executed of it is then skipped or written over with the same values.
+        """
+        if not self._loaded:  # once, rather than a batch answered NOSCRIPT and sent again
+            self._load_scripts()
+        pipe = self.r.pipeline(transaction=False)
+        unlink = self._unlink[:]
+        if unlink:  # markers of the writes acknowledged last time (module docstring)
+            pipe.unlink(*unlink)
         state = [w for w in batch if w.kind == "state"]
         if state:  # one HSET for all the batch's fields
-            args = [b"HSET", self.state_key]
-            for w in state:
-                args += (w.key, w.source)
-            commands.append(self._command(args))
-        versions = [w for w in batch if w.kind == "versions"]
-        merges: list[tuple[_Write, int]] = []  # each version summary with the index of its reply
-        if versions:  # the script is loaded (again) ahead of its calls, in the same write
-            commands.append(self._command([b"SCRIPT", b"LOAD", MERGE_LUA]))
-            for w in versions:
-                (key, version, revision), p = w.source
-                merges.append((w, len(commands)))
-                commands.append(self._command([b"EVALSHA", MERGE_SHA, b"1", f"{self.prefix}:versions:{key}",
-                                               *p.args(field_name(version, revision))]))
+            pipe.hset(self.state_key, mapping={w.key: w.source for w in state})
+        merges: list[tuple[int, str]] = []  # (command index, marker)
+        events: list[tuple[int, _Write, str]] = []  # (command index, write, marker)
+        evalsha, ttl = pipe.evalsha, self.written_ttl
         for w in batch:
-            if w.kind in ("state", "versions"):
-                continue
-            key = self._encode(w.key)
-            if w.kind == "baseline":
-                commands.append(self._render("baseline", self._hash_prefix + key, w.fields))
-                commands.append(self._sadd % (len(key), key))
-            else:
-                events.append((w, len(commands)))
-                if w.kind == "first_seen":
-                    commands.append(self._render("first_seen", key, self._fields(w.source)))
-                else:
-                    commands.append(self._render("event", None, self._fields(w.source)))
-        with_script = any(w.kind == "first_seen" for w, _ in events)
-        replies = self._send(commands, with_script)
+            if w.kind == "versions":
+                (key, version, revision), p = w.source
+                marker = merge_marker(self.prefix, p.token)
+                merges.append((len(pipe), marker))
+                evalsha(self._merge_sha, 2, f"{self.prefix}:versions:{key}", marker,
+                        _pairs(p.args(field_name(version, revision), ttl)))
+            elif w.kind == "baseline":
+                evalsha(self._baseline_sha, 2, f"{self.prefix}:baseline:{w.key}", self.keys_key, w.key,
+                        _fields_json(w.fields))
+            elif w.kind in ("event", "first_seen"):
+                fields = self._fields(w.source)
+                entry = _fields_json(fields)
+                marker = event_marker(self.prefix, fields["id"], entry)
+                events.append((len(pipe), w, marker))
+                evalsha(self._event_sha, 3, marker, self.events_key, self.keys_key, w.token, ttl, self.maxlen,
+                        w.key if w.kind == "first_seen" else "", entry)
+        replies = pipe.execute(raise_on_error=False)
+        if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+            if not again:
+                raise next(r for r in replies if isinstance(r, redis.exceptions.NoScriptError))
+            # Redis restarted, or its script cache was flushed: load the scripts and send the
+            # batch again; what ran of it is skipped or written over with the same values.
+            self._load_scripts()
+            return self._write(batch, again=False)
 
-        # NOSCRIPT despite the SCRIPT LOAD ahead of the batch: a SCRIPT FLUSH ran in between
-        # (rare). Those first_seen events, and only those (the rest of the batch is written),
-        # go again with EVAL, which needs no cached script; they land after the batch's other
-        # events, which is better than writing those twice by retrying the whole batch.
-        again = [(w, i) for w, i in events if isinstance(replies[i], redis.exceptions.NoScriptError)]
-        if again:
-            evals = [self._render("first_seen_eval", self._encode(w.key), self._fields(w.source))
-                     for w, _ in again]
-            for (_, i), reply in zip(again, self._send(evals, False)):
-                replies[i] = reply
-
-        # A summary merge is not idempotent: retrying the batch would add the merges that
-        # succeeded again, and one that fails for good (a key of another type, a field
-        # another writer left) would block every later write. So a failed merge is dropped,
-        # logged and counted; the summaries are best effort (at least once, not exactly).
-        failed = [i for _, i in merges if isinstance(replies[i], redis.ResponseError)]
-        for i in failed:
+        # A merge Redis refuses (a key of another type, a field another writer left) would
+        # fail every retry and block every later write: dropped, logged and counted.
+        refused = {i for i, _ in merges if isinstance(replies[i], redis.ResponseError)}
+        for i in refused:
             log.warning("version summary not written (%s); dropped", replies[i])
             replies[i] = None
-        self.summaries_dropped += len(failed)
-
-        # Like the pipeline's execute(): an error reply raises (all replies were read, so the
-        # connection is in sync) and nothing counts as written; _run retries the batch.
+        self.summaries_dropped += len(refused)
+        # Like execute()'s raise_on_error: every reply was read (the connection is in sync)
+        # and nothing counts as written; _run sends the batch again.
         for i, reply in enumerate(replies):
             if isinstance(reply, redis.ResponseError):
                 reply.args = (f"command #{i + 1} of {len(replies)} in the batch failed: "
                               f"{reply.args[0] if reply.args else ''}",) + reply.args[1:]
                 raise reply
-        for w, i in events:
-            if replies[i]:  # a stream id; nil from the script when the key was already known
+        # Acknowledged: the markers of merges and first_seen events go with the next batch
+        # (a retry can no longer follow; {prefix}:keys keeps first_seen once per key).
+        # Other events keep theirs until it expires, against the same event judged again.
+        self._unlink = [m for i, m in merges if i not in refused]  # (a refused one set none)
+        for i, w, marker in events:
+            if replies[i] in (WRITTEN, WRITTEN_BEFORE_BY_US):  # now, or by its lost first attempt
+                if w.kind == "first_seen":
+                    self._unlink.append(marker)
                 self.on_event_written(w.event_type)
 
-    def _command(self, args: list) -> bytes:
-        """One command in RESP, every argument encoded as redis-py would."""
-        parts = [self._encode(a) for a in args]
-        return b"".join([b"*%d\r\n" % len(parts)] + [b"$%d\r\n%b\r\n" % (len(a), a) for a in parts])
+    def _load_scripts(self) -> None:
+        for script in self._scripts:
+            self.r.script_load(script.script)
+        self._loaded = True
 
     def _fields(self, event: Event) -> dict[str, str]:
         owners = self.owners(event.location.file) if self.owners else ""
         return event.fields(owners)
-
-    def _render(self, kind: str, key: bytes | None, fields: dict) -> bytes:
-        """One command in RESP: the kind's constant arguments, ``key`` if given, the fields."""
-        names = tuple(fields)
-        template = self._templates.get((kind, names))
-        if template is None:
-            template = self._template(kind, names)
-        args: list = [] if key is None else [len(key), key]
-        encoding, errors = self._encoding, self._errors
-        for v in fields.values():
-            b = v.encode(encoding, errors) if v.__class__ is str else self._encode(v)
-            args += (len(b), b)
-        return template % tuple(args)
-
-    def _template(self, kind: str, names: tuple) -> bytes:
-        maxlen = str(self.maxlen).encode()
-        events, keys = self._encode(self.events_key), self._encode(self.keys_key)
-        head: list[bytes | None] = {
-            "baseline": [b"HSET", None],
-            "event": [b"XADD", events, b"MAXLEN", b"~", maxlen, b"*"],
-            "first_seen": [b"EVALSHA", self._sha.encode(), b"2", keys, events, None, maxlen],
-            "first_seen_eval": [b"EVAL", _FIRST_SEEN_LUA.encode(), b"2", keys, events, None, maxlen],
-        }[kind]
-        for name in names:
-            head += [self._encode(name), None]
-        if len(self._templates) >= 64:  # field names come from a few fixed sets; stay bounded
-            self._templates.clear()
-        template = self._templates[(kind, names)] = _template(head)
-        return template
-
-    def _encode(self, value) -> bytes:
-        """An argument as redis-py's encoder would send it."""
-        if isinstance(value, str):
-            return value.encode(self._encoding, self._errors)
-        if isinstance(value, (bytes, memoryview)):
-            return bytes(value)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return repr(value).encode()
-        raise redis.DataError(f"invalid value for a Redis argument: {type(value).__name__}")
-
-    def _send(self, commands: list[bytes], with_script: bool) -> list:
-        """Send the commands in one write on a pooled connection; their replies, in order.
-
-        An error reply is returned as its ResponseError, not raised, so every reply is read.
-        Connection failures are retried as the client's pipeline would (its Retry object);
-        then they raise, with the connection disconnected, a redis.RedisError for _run.
-        """
-        payload = [b"".join([self._script_load, *commands] if with_script else commands)]
-        count = len(commands) + with_script
-
-        def exchange() -> list:
-            conn.send_packed_command(payload)
-            replies = []
-            for _ in range(count):
-                try:
-                    # (not decoded: only an error or a reply's truth is looked at)
-                    replies.append(conn.read_response(disable_decoding=True))
-                except redis.ResponseError as e:
-                    replies.append(e)
-            return replies
-
-        pool = self.r.connection_pool
-        conn = pool.get_connection()
-        try:
-            replies = conn.retry.call_with_retry(exchange, lambda error: conn.disconnect())
-        except redis.RedisError:
-            conn.disconnect()
-            raise
-        except Exception as e:  # anything else leaves the connection in an unknown state too
-            conn.disconnect()
-            raise redis.ConnectionError(f"Redis write failed: {e!r}") from e
-        except BaseException:
-            conn.disconnect()
-            raise
-        finally:
-            pool.release(conn)
-        if with_script:
-            if isinstance(replies[0], redis.ResponseError):
-                raise replies[0]
-            del replies[0]
-        return replies

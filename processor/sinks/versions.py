@@ -18,7 +18,11 @@ keeps, per location, one small record per version (``service.version`` and
 Records are merged in Redis by a Lua script (one EVALSHA per location and version), written
 after the events and baselines of the same windows. While Redis is away the figures of
 windows not yet written are summed per (location, version), so what waits is bounded by
-locations times versions, not by windows.
+locations times versions, not by windows. A merge is sent with a token of its own; one
+that was sent and failed is retried as it was, with its token, never summed with newer
+figures: the script skips a merge whose token it has recorded (``{prefix}:written:merge:``,
+processor/sinks/idempotency.py), so a batch Redis executed but whose reply was lost is
+not counted twice.
 
 >>> import numpy as np
 >>> from processor.pipeline.location import Location
@@ -36,35 +40,44 @@ locations times versions, not by windows.
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import json
 from dataclasses import dataclass
 
 from processor.pipeline.window import ClosedWindow, is_overflow
+from processor.sinks.idempotency import Tokens
 
 VERSIONS_KEPT = 50
 
+# KEYS: the summaries hash, the merge's marker (processor/sinks/idempotency.py). ARGV[1]:
+# a JSON array (one argument, as the sink sends its scripts' fields) of the field, calls,
+# errors, windows, seconds, p50 and p99 sums, first, last, VERSIONS_KEPT and the marker's
+# TTL. The marker is set after what can fail (a key of another type, a value that is not
+# JSON), so a refused merge leaves none; a merge whose marker is there was applied by an
+# earlier attempt whose reply was lost: 0, nothing changes.
 MERGE_LUA = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-local first, last = tonumber(ARGV[8]), tonumber(ARGV[9])
+local A = cjson.decode(ARGV[1])
+local cur = redis.call('HGET', KEYS[1], A[1])
+local first, last = tonumber(A[8]), tonumber(A[9])
 local v
 if cur then v = cjson.decode(cur) else
   v = {calls = 0, errors = 0, windows = 0, seconds = 0, p50_ms = 0, p99_ms = 0, first = first, last = last}
 end
-local c0, c = v.calls, tonumber(ARGV[2])
+if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', A[11]) then return 0 end
+local c0, c = v.calls, tonumber(A[2])
 local total = c0 + c
 if total > 0 then
-  v.p50_ms = (v.p50_ms * c0 + tonumber(ARGV[6])) / total
-  v.p99_ms = (v.p99_ms * c0 + tonumber(ARGV[7])) / total
+  v.p50_ms = (v.p50_ms * c0 + tonumber(A[6])) / total
+  v.p99_ms = (v.p99_ms * c0 + tonumber(A[7])) / total
 end
 v.calls = total
-v.errors = v.errors + tonumber(ARGV[3])
-v.windows = v.windows + tonumber(ARGV[4])
-v.seconds = v.seconds + tonumber(ARGV[5])
+v.errors = v.errors + tonumber(A[3])
+v.windows = v.windows + tonumber(A[4])
+v.seconds = v.seconds + tonumber(A[5])
 v.first = math.min(v.first, first)
 v.last = math.max(v.last, last)
-redis.call('HSET', KEYS[1], ARGV[1], cjson.encode(v))
-if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[10]) then
+redis.call('HSET', KEYS[1], A[1], cjson.encode(v))
+if redis.call('HLEN', KEYS[1]) > tonumber(A[10]) then
   local all = redis.call('HGETALL', KEYS[1])
   local oldest, at = nil, nil
   for i = 1, #all, 2 do
@@ -75,7 +88,6 @@ if redis.call('HLEN', KEYS[1]) > tonumber(ARGV[10]) then
 end
 return 1
 """
-MERGE_SHA = hashlib.sha1(MERGE_LUA.encode()).hexdigest()
 
 
 @dataclass
@@ -89,17 +101,25 @@ class Pending:
     p99_sum: float = 0.0
     first: int = 0
     last: int = 0
+    token: str = ""  # given when first taken for a write; the same on every retry
 
-    def args(self, field: str) -> list:
+    def args(self, field: str, ttl: int) -> list:
         return [field, self.calls, self.errors, self.windows, self.seconds,
-                self.p50_sum, self.p99_sum, self.first, self.last, VERSIONS_KEPT]
+                self.p50_sum, self.p99_sum, self.first, self.last, VERSIONS_KEPT, ttl]
+
+
+Item = tuple[tuple[str, str, str], Pending]  # ((location key, version, revision), figures)
 
 
 class VersionLedger:
-    """What the sink still has to merge into ``{prefix}:versions:{key}``."""
+    """What the sink still has to merge into ``{prefix}:versions:{key}``: figures of windows
+    not yet sent, summed per (location, version), and merges sent whose outcome is unknown,
+    kept apart as they were sent."""
 
     def __init__(self):
         self.pending: dict[tuple[str, str, str], Pending] = {}
+        self.retry: list[Item] = []
+        self._tokens = Tokens()
 
     def note(self, window: ClosedWindow) -> None:
         seconds = (window.end_ns - window.start_ns) / 1e9
@@ -123,27 +143,22 @@ class VersionLedger:
                 p.p99_sum += p99 * vf.count
                 p.first, p.last = min(p.first, start_ms), max(p.last, end_ms)
 
-    def take(self, n: int) -> list[tuple[tuple[str, str, str], Pending]]:
-        keys = list(self.pending)[:n]
-        return [(k, self.pending.pop(k)) for k in keys]
+    def take(self, n: int) -> list[Item]:
+        """Up to ``n`` merges to send: those to retry first, then new ones (given a token)."""
+        out, self.retry = self.retry[:n], self.retry[n:]
+        for k in list(itertools.islice(self.pending, n - len(out))):
+            p = self.pending.pop(k)
+            p.token = self._tokens.next()
+            out.append((k, p))
+        return out
 
-    def put_back(self, items: list[tuple[tuple[str, str, str], Pending]]) -> None:
-        """After a failed write: merged with whatever was noted meanwhile."""
-        for k, p in items:
-            q = self.pending.get(k)
-            if q is None:
-                self.pending[k] = p
-                continue
-            q.calls += p.calls
-            q.errors += p.errors
-            q.windows += p.windows
-            q.seconds += p.seconds
-            q.p50_sum += p.p50_sum
-            q.p99_sum += p.p99_sum
-            q.first, q.last = min(q.first, p.first), max(q.last, p.last)
+    def put_back(self, items: list[Item]) -> None:
+        """After a failed write: retried first, each as it was sent (Redis may have merged
+        it already; its token tells)."""
+        self.retry[:0] = items
 
     def __len__(self) -> int:
-        return len(self.pending)
+        return len(self.pending) + len(self.retry)
 
 
 def field_name(version: str, revision: str) -> str:
