@@ -51,6 +51,7 @@ _BASELINE_LUA = """
 redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[2])))
 return redis.call('SADD', KEYS[2], ARGV[1])
 """
+_STR = {str}
 _pairs = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -61,7 +62,7 @@ def _fields_json(fields: dict) -> str:
     a JSON number would reach HSET as Lua prints it.
     """
     flat = [x for kv in fields.items() for x in kv]
-    if not all(x.__class__ is str for x in flat):
+    if set(map(type, flat)) != _STR:
         flat = [_text(x) for x in flat]
     return _pairs(flat)
 
