@@ -96,8 +96,12 @@ class WriteLog:
                 targets = [(self.baselines, key.rsplit(":", 1)[1])]
             elif cmd == b"SADD" and key == f"{self.prefix}:keys":
                 targets = [(self.announced, a.decode()) for a in args[2:]]
-            elif cmd == b"EVALSHA" and len(args) > 5 and args[3].decode() == f"{self.prefix}:keys":
-                targets = [(self.announced, args[5].decode())]  # the first_seen script's key
+            elif cmd == b"EVALSHA" and len(args) > 5 and args[3].decode().startswith(f"{self.prefix}:baseline:"):
+                # the baseline script (docs/sinks.md): its hash, and its key added to the set
+                targets = [(self.baselines, args[3].decode().rsplit(":", 1)[1]), (self.announced, args[5].decode())]
+            elif cmd == b"EVALSHA" and len(args) > 9 and args[5].decode() == f"{self.prefix}:keys":
+                # the event script: the key it adds to the set if the event is a first_seen
+                targets = [(self.announced, args[9].decode())] if args[9] else []
             else:
                 continue
             if who is None:
