@@ -30,12 +30,25 @@ class Event:
     severity: str
     summary: str
     detail: dict = field(default_factory=dict)
+    # What tells apart events of one type, location and window (the exception type of a
+    # new_exception, the type a resolved event resolves); "" where there is one at most.
+    subject: str = ""
 
     @property
     def id(self) -> str:
-        """Deterministic: the same location, type and window always give the same id."""
-        raw = f"{self.location.key}\x00{self.type}\x00{self.window_start_ns}".encode()
-        return hashlib.blake2b(raw, digest_size=12).hexdigest()
+        """Deterministic: the same location, type, window and subject always give the same id.
+
+        >>> from processor.pipeline.location import Location
+        >>> loc = Location("prod", "shop", "f")
+        >>> a, b = (Event("new_exception", loc, ("shop", "1", ""), 0, 60, "warning", "", {}, t)
+        ...         for t in ("KeyError", "TimeoutError"))
+        >>> a.id != b.id, a.id == Event(**{**a.__dict__}).id
+        (True, True)
+        """
+        raw = f"{self.location.key}\x00{self.type}\x00{self.window_start_ns}"
+        if self.subject:
+            raw += "\x00" + self.subject
+        return hashlib.blake2b(raw.encode(), digest_size=12).hexdigest()
 
     def fields(self, owners: str = "") -> dict[str, str]:
         """The stream entry; ``owners`` (space-separated, from CODEOWNERS, see

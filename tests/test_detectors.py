@@ -164,3 +164,22 @@ def test_dormant_means_agree_with_rivers_ewmean_bit_for_bit():
             ewm.update(x)
             mean = float(x) if mean is None else a * x + (1 - a) * mean
             assert mean == ewm.get()
+
+
+def test_two_new_exception_types_in_one_window_are_two_events_with_their_own_ids():
+    from collections import Counter
+
+    from processor.detect.base import Observation
+    from processor.pipeline.sketch import LogSketch
+    from processor.pipeline.window import LocationWindow, VersionFigures
+    from tests.windows import LOC
+
+    det = make(NewException)
+    types = ["KeyError", "TimeoutError"]
+    events = []
+    for i in range(det.warmup_windows + 2):
+        exc = Counter(types) if i > det.warmup_windows else Counter()
+        vf = VersionFigures(V2, 10, sum(exc.values()), LogSketch(), exc)
+        events += det.update(Observation(LOC, i, i + 1, LocationWindow(0, LOC, 10, 0, LogSketch(), [vf], exc)))
+    assert sorted(e.detail["exception_type"] for e in events) == types
+    assert len({e.id for e in events}) == 2 and len({e.window_start_ns for e in events}) == 1

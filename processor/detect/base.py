@@ -55,12 +55,12 @@ class Observation:
         return math.log(others) if others > 1e-9 else None
 
     def event(self, type_: str, severity: str, summary: str, detail: dict,
-              version: Version | None = None) -> Event:
+              version: Version | None = None, subject: str = "") -> Event:
         v = version or (self.window.main_version.version if self.window else self.service_version)
         detail = dict(detail)
         if v in self.version_first_seen:
             detail.setdefault("version_first_seen", self.version_first_seen[v] // 1_000_000)
-        return Event(type_, self.location, v, self.start_ns, self.end_ns, severity, summary, detail)
+        return Event(type_, self.location, v, self.start_ns, self.end_ns, severity, summary, detail, subject)
 
 
 class Detector(base.Base):
@@ -139,7 +139,8 @@ class RegressionDetector(Detector):
     def _resolved(self, obs: Observation, reason: str, summary: str, detail: dict) -> list[Event]:
         o, self.open = self.open, None
         return [obs.event("resolved", "info", summary,
-                          {"resolves": self.event_type, "reason": reason, "windows": o.windows, **detail})]
+                          {"resolves": self.event_type, "reason": reason, "windows": o.windows, **detail},
+                          subject=self.event_type)]
 
 
 class VersionWatches:

@@ -97,7 +97,7 @@ class Dormant(Detector):
                 return [obs.event("resolved", "info",
                                   f"{obs.location.function} is called again",
                                   {"resolves": self.event_type, "reason": "called again",
-                                   "count": obs.window.count})]
+                                   "count": obs.window.count}, subject=self.event_type)]
             return []
         if self.windows == 0:
             return []

@@ -90,5 +90,5 @@ class NewException(Detector):
                  "known_types": sorted(k for k in self.known if k != etype),
                  "versions": {v[1] or "(none)": c for v, c in sorted(by_version.items())},
                  "exemplars": lw.exemplars},
-                version))
+                version, subject=etype))
         return events
