@@ -202,3 +202,44 @@ def pytest_terminal_summary(terminalreporter):
             f"{c['versions']} version summaries checked after {c['tests']} tests that started backflow serve, "
             f"{c['bad']} not conforming"
             + (f"; {c['unread']} Redis targets unreadable (gone, or wrong credentials)" if c["unread"] else ""))
+
+
+# --- Test tiers (docs/testing.md) -------------------------------------------------------------
+# e2e: the test starts a process (redis-server, `backflow serve`, receiver processes, a command
+# in a subprocess, git, promtool, node...); slow: it starts none but takes seconds. `make
+# test-fast` runs the others. A test using one of these fixtures is e2e without saying so;
+# any other test that starts a process fails, naming the program, until it is marked, so
+# that the fast tier stays fast and honest.
+E2E_FIXTURES = {"redis_server", "redis_client", "backflow"}
+# Slow tests of modules being rewritten, marked here until their module marks them itself.
+SLOW = {"tests/test_checkpoint.py::test_a_restored_engine_raises_the_events_the_running_one_raises",
+        "tests/test_checkpoint.py::test_a_fresh_engine_relearns_and_misses_what_the_restored_one_sees"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m "not e2e" deselects
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+        if item.nodeid.split("[")[0] in SLOW:
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _processes_only_in_e2e_tests(request, monkeypatch):
+    if request.node.get_closest_marker("e2e") is not None:
+        return
+    import _posixsubprocess
+
+    def refuse(how):
+        def starts(*args, **kwargs):
+            program = args[0][0] if how == "fork_exec" and args and args[0] else args[0] if args else "?"
+            raise AssertionError(f"{request.node.nodeid} starts a process ({how} {os.fsdecode(program)!r}) and is "
+                                 "not marked e2e: mark it (pytest.mark.e2e) so that make test-fast leaves it out")
+        return starts
+
+    monkeypatch.setattr(subprocess, "_fork_exec", refuse("fork_exec"), raising=False)  # subprocess, asyncio
+    monkeypatch.setattr(_posixsubprocess, "fork_exec", refuse("fork_exec"))  # multiprocessing's spawn
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "system"):
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, refuse(name))

@@ -63,6 +63,7 @@ def test_bad_setting_exits_with_status_2_and_one_line(capsys):
     assert err.count("\n") == 0 and "window" in err and "-1" in err
 
 
+@pytest.mark.e2e
 def test_console_script_exits_2_on_unknown_yaml_key(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("otlp_grpc: 127.0.0.1:4317\nbogus: 1\n")
@@ -228,6 +229,7 @@ def test_url_secrets_include_encoded_and_query_passwords():
     assert url_secrets("redis://u:p%40ss@h:1/0?ssl_password=k3y") == ["p%40ss", "k3y", "p@ss", "k3y"]
 
 
+@pytest.mark.e2e
 def test_help_and_start_error_do_not_echo_secrets():
     p = subprocess.run([sys.executable, "-m", "processor", "serve", "--auth-token", "bad token-s3cret"],
                        capture_output=True, text=True, timeout=60)

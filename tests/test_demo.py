@@ -26,6 +26,7 @@ def test_demo_shows_every_event_of_the_rollout_and_cleans_up():
     assert not answers_ping("127.0.0.1", port)  # the throwaway Redis is gone
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, named", [(["--duration", "0"], "duration (--duration)"),
                                          (["--redis-url", "http://x"], "redis_url (--redis-url)"),
                                          (["--prefix", "a b"], "prefix (--prefix)")])

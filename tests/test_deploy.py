@@ -109,6 +109,7 @@ def test_the_build_context_keeps_what_the_dockerfile_copies():
                 assert (ROOT / source).exists()
 
 
+@pytest.mark.e2e
 def test_the_files_the_dockerfile_copies_build_the_package_with_its_compiled_decoder(tmp_path):
     """What `pip install .` in the build stage gets: the copied files only."""
     context = tmp_path / "src"
@@ -135,6 +136,7 @@ def test_the_files_the_dockerfile_copies_build_the_package_with_its_compiled_dec
     assert "backflow = processor.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
+@pytest.mark.e2e
 def test_hadolint_passes():
     result = subprocess.run([tool("hadolint"), str(DEPLOY / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -170,6 +172,7 @@ def backflow_environments() -> dict[str, dict[str, str]]:
     return out
 
 
+@pytest.mark.e2e
 def test_every_backflow_setting_named_in_deploy_exists_and_each_deployment_configures_a_valid_backflow():
     known = {s.env for s in SETTINGS} | {"BACKFLOW_CONFIG"}
     for path in DEPLOY.rglob("*"):
@@ -246,6 +249,7 @@ def assert_backflow_container(c: dict, pod_spec: dict) -> None:
     assert pod_spec["terminationGracePeriodSeconds"] > Config.defaults().shutdown_timeout
 
 
+@pytest.mark.e2e
 def test_kubernetes_manifests_validate_against_the_kubernetes_schemas():
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     for name in ("sidecar", "gateway", "redis"):
@@ -253,6 +257,7 @@ def test_kubernetes_manifests_validate_against_the_kubernetes_schemas():
             kubernetes_validate.validate(doc, "1.32.0", strict=True)
 
 
+@pytest.mark.e2e
 def test_gateway_mode_is_a_statefulset_behind_a_headless_service_fed_by_routing_on_service():
     docs = kustomization("gateway")
     assert {d["kind"] for d in docs} >= {"StatefulSet", "Service", "Deployment", "ConfigMap"}
@@ -281,6 +286,7 @@ def test_gateway_mode_is_a_statefulset_behind_a_headless_service_fed_by_routing_
     assert by_kind(docs, "PodDisruptionBudget")["backflow"]["spec"]["maxUnavailable"] == 1
 
 
+@pytest.mark.e2e
 def test_sidecar_mode_puts_backflow_in_the_pod_of_one_collector_that_exports_to_it():
     docs = kustomization("sidecar")
     deployment = by_kind(docs, "Deployment")["otelcol"]
@@ -357,6 +363,7 @@ def test_compose_runs_the_collector_backflow_redis_prometheus_and_grafana():
 
 # --- alert rules ------------------------------------------------------------------------
 
+@pytest.mark.e2e
 def test_alert_rules_pass_promtool_check_and_their_unit_tests():
     promtool = tool("promtool")
     for args in (["check", "rules", str(ALERTS)],

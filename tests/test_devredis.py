@@ -1,8 +1,11 @@
 """The local redis-server that `make run` starts keeps its data across restarts."""
 
+import pytest
 import redis
 
 from processor.devtools.redis_server import RedisServer
+
+pytestmark = pytest.mark.e2e  # starts redis-server (docs/testing.md)
 
 
 def test_persistent_local_redis_keeps_data_across_restarts(tmp_path):

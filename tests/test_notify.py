@@ -162,6 +162,7 @@ def test_owner_filter(redis_server, redis_client, webhook):
     assert pending(redis_client) == 0  # the others were filtered out, and acknowledged too
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("args, env, named", [
     (["--webhook", "ftp://chat.example/hook"], {}, "webhook (--webhook)"),
     ([], {}, "give --webhook URL or BACKFLOW_NOTIFY_WEBHOOK"),

@@ -19,6 +19,8 @@ from processor.devtools.redis_server import RedisServer
 from tests.conftest import BackflowProcess
 from tests.otlp import S, encoded
 
+pytestmark = pytest.mark.e2e  # starts redis-server and backflow serve (docs/testing.md)
+
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 OUTAGE_S = float(os.environ.get("BACKFLOW_OUTAGE_SECONDS", "30"))  # the 30 s
 

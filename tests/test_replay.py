@@ -2,6 +2,7 @@
 processing-time idle flush, which a continuous replay never triggers)."""
 
 import numpy as np
+import pytest
 
 from benchmarks.scenarios import generate
 from processor.pipeline.engine import Engine
@@ -21,6 +22,7 @@ def _events(batches) -> list[tuple]:
                   for r in results for e in r.events)
 
 
+@pytest.mark.slow  # a whole scenario through two engines: seconds (docs/testing.md)
 def test_rebatched_scenario_gives_identical_events():
     sc = generate(3, services=2, functions_per_service=6, hours=4.5)
     batches = list(sc)

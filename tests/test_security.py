@@ -22,6 +22,8 @@ from processor.pipeline.location import location_key
 from tests.conftest import BackflowProcess
 from tests.tlsfiles import CA
 
+pytestmark = pytest.mark.e2e  # starts redis-server and backflow serve (docs/testing.md)
+
 SEC = 1_000_000_000
 T0 = 1_700_000_000 * SEC  # 2023: in the past, as --max-clock-skew requires
 TOKEN = "tok-3f9a1c7e5b2d"

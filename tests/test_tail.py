@@ -12,6 +12,8 @@ from tests.commands import add_events, backflow_command, event_fields, start_com
 from tests.test_owners import CODEOWNERS, REPO
 from tests.test_e2e import SEC, T0, send
 
+pytestmark = pytest.mark.e2e  # runs `backflow tail` against a redis-server (docs/testing.md)
+
 EVENTS = [
     event_fields("first_seen", "shop.cart.add_item", "shop/cart.py", "1", severity="info",
                  owners="@acme/cart @alice"),

@@ -17,6 +17,8 @@ import pytest
 from tests.commands import add_events, backflow_command, event_fields
 from tests.test_e2e import SEC, T0, lognormal_ns, send
 
+pytestmark = pytest.mark.e2e  # runs `backflow top` against a redis-server (docs/testing.md)
+
 W_MS = 10_000
 UPDATED = 1_700_000_600_000  # the locations' latest window end
 
