@@ -186,3 +186,12 @@ def test_parameters_are_seen_by_river(cls):
     different = cls(**{**params, "warmup_windows": params["warmup_windows"] + 1})
     assert different.warmup_windows == params["warmup_windows"] + 1 and different._get_params() != params
     assert repr(det).startswith(cls.__name__)
+
+
+def test_settings_cross_a_process_boundary():
+    """Receiver processes are spawned with the configuration pickled."""
+    import pickle
+
+    settings = parse_detector_settings({"latency": {"threshold": 7}, "warmup_windows": 4})
+    back = pickle.loads(pickle.dumps(Config.defaults(detectors=settings)))
+    assert back.detectors == settings and back.detectors.latency.threshold == 7.0 and back.detectors.warmup_windows == 4

@@ -65,10 +65,14 @@ class DetectorSettings:
         self.sections: dict[str, Settings] = parts
 
     def __getattr__(self, name: str):
-        sections = self.__dict__.get("sections", {})
-        if name in sections:
-            return sections[name]
-        return getattr(self.__dict__["common"], name)
+        # Only for names not set on the object; while unpickling (receiver processes get the
+        # settings pickled) neither attribute exists yet, and this must say AttributeError.
+        d = self.__dict__
+        if name in d.get("sections", {}):
+            return d["sections"][name]
+        if "common" not in d:
+            raise AttributeError(name)
+        return getattr(d["common"], name)
 
     def __eq__(self, other) -> bool:
         return isinstance(other, DetectorSettings) and (self.common, self.sections) == (other.common, other.sections)
