@@ -211,9 +211,6 @@ def pytest_terminal_summary(terminalreporter):
 # any other test that starts a process fails, naming the program, until it is marked, so
 # that the fast tier stays fast and honest.
 E2E_FIXTURES = {"redis_server", "redis_client", "backflow"}
-# Slow tests of modules being rewritten, marked here until their module marks them itself.
-SLOW = {"tests/test_checkpoint.py::test_a_restored_engine_raises_the_events_the_running_one_raises",
-        "tests/test_checkpoint.py::test_a_fresh_engine_relearns_and_misses_what_the_restored_one_sees"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m "not e2e" deselects
@@ -221,8 +218,6 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.e2e)
-        if item.nodeid.split("[")[0] in SLOW:
-            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(autouse=True)

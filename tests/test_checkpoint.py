@@ -65,6 +65,7 @@ def _locations(fields: dict) -> dict:
     return {k: v for k, v in fields.items() if k.startswith("loc:")}
 
 
+@pytest.mark.slow
 def test_a_restored_engine_raises_the_events_the_running_one_raises(scenario):
     cut = len(scenario) // 2
     straight, first = _engine(), _engine()
@@ -94,6 +95,7 @@ def test_a_restored_engine_raises_the_events_the_running_one_raises(scenario):
     assert _baselines(results_restored) == _baselines(results_straight)
 
 
+@pytest.mark.slow
 def test_a_fresh_engine_relearns_and_misses_what_the_restored_one_sees(scenario):
     # The check above could pass if nothing depended on state: without the checkpoint the
     # second half must give other events (first_seen again, regressions missed in warm-up).
