@@ -830,6 +830,7 @@ def _finite(o):
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     t_wall = time.perf_counter()
+    commit = _commit()  # the code that runs, not what HEAD is when the run ends
     window_ns = round(args.window * S)
     fault_ns, margin_ns = int(args.fault_seconds * S), int(args.margin_seconds * S)
     try:
@@ -915,7 +916,7 @@ def main(argv: list[str] | None = None) -> int:
 
     doc = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
-        "commit": _commit(),
+        "commit": commit,
         "data": {
             "source": "TraStrainer OnlineBoutique (hipster)", "path": args.data,
             "batches": [{"name": tr.name, "files": len(tr.files), "spans": len(tr),
