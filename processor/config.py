@@ -120,7 +120,7 @@ SETTINGS: tuple[Setting, ...] = (
             "series", "N"),
     Setting("codeowners", None, parse_codeowners,
             "CODEOWNERS file; every event's owners field gets the owners of its code.file.path "
-            "(relative paths as given, absolute ones made relative as README's Ownership says)",
+            "(relative paths as given, absolute ones made relative as docs/commands.md's Ownership says)",
             "FILE"),
     Setting("log_level", "INFO", parse_log_level, "debug, info, warning or error", "LEVEL"),
 )

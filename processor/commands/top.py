@@ -158,7 +158,7 @@ def snapshot(client: redis.Redis, prefix: str, args: argparse.Namespace, width: 
 def add_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("top", help="a live table of code locations: calls/s, p50, p99, errors, open regressions",
                        description="A table of the code locations in Redis, refreshed in place; "
-                                   "see README's 'backflow top' for what 'open' means.")
+                                   "see docs/commands.md for what 'open' means.")
     common.add_redis_arguments(p)
     p.add_argument("--once", action="store_true", help="print one table and exit")
     p.add_argument("--interval", type=float, default=2.0, metavar="SECONDS", help="refresh period (default 2)")
