@@ -9,7 +9,8 @@ from processor.detect.dormant import Dormant
 from processor.detect.errors import ErrorRateShift
 from processor.detect.exceptions import NewException
 from processor.detect.latency import LatencyShift
-from processor.detect.registry import build_detectors
+from processor.detect.latency import LatencySettings
+from processor.detect.registry import DetectorSettings, build_detectors
 from processor.detect.scaling import ScalingShift
 from tests.windows import V2, observations
 
@@ -183,3 +184,68 @@ def test_two_new_exception_types_in_one_window_are_two_events_with_their_own_ids
         events += det.update(Observation(LOC, i, i + 1, LocationWindow(0, LOC, 10, 0, LogSketch(), [vf], exc)))
     assert sorted(e.detail["exception_type"] for e in events) == types
     assert len({e.id for e in events}) == 2 and len({e.window_start_ns for e in events}) == 1
+
+
+@pytest.mark.parametrize("seed", [41, 42, 43])
+def test_a_worse_shift_while_a_latency_regression_is_open_is_reported_as_an_escalation(seed):
+    events = events_of(LatencyShift, seed=seed, windows=CHANGE + 80, change_at=CHANGE, kind="median",
+                       effect=1.6, worse_at=CHANGE + 40, worse=3.0)
+    assert [e.type for e in events] == ["latency_regression", "latency_regression"]
+    opened, escalation = events
+    assert "escalates" not in opened.detail and escalation.detail["escalates"] == opened.id
+    assert escalation.window_start_ns // (60 * 10**9) - (CHANGE + 40) <= 2
+    assert 4.0 < escalation.detail["ratio"] < 6.0 and escalation.detail["ratio_to_reported"] >= 2
+    assert escalation.version == V2 and escalation.severity == "critical" and "further" in escalation.summary
+
+
+@pytest.mark.parametrize("seed", [44, 45])
+def test_a_steady_open_latency_regression_is_not_escalated(seed):
+    events = events_of(LatencyShift, seed=seed, windows=CHANGE + 110, change_at=CHANGE, kind="median", effect=1.6)
+    assert [e.type for e in events] == ["latency_regression"]
+
+
+def test_a_worse_error_share_while_an_error_regression_is_open_is_reported_as_an_escalation():
+    events = events_of(ErrorRateShift, seed=46, windows=CHANGE + 80, change_at=CHANGE, kind="errors",
+                       effect=10.0, error_share=0.002, worse_at=CHANGE + 40, worse=5.0, rate=30.0)
+    assert [e.type for e in events] == ["error_regression", "error_regression"]
+    assert events[1].detail["escalates"] == events[0].id and events[1].detail["ratio_to_reported"] >= 2
+
+
+def test_escalation_can_be_turned_off():
+    settings = DetectorSettings(latency=LatencySettings(escalate_ratio=0.0))
+    det = next(d for d in build_detectors(Config.defaults(detectors=settings)) if isinstance(d, LatencyShift))
+    stream = observations(41, CHANGE + 80, change_at=CHANGE, kind="median", effect=1.6, worse_at=CHANGE + 40, worse=3.0)
+    assert [e.type for obs in stream for e in det.update(obs)] == ["latency_regression"]
+
+
+def _exception_windows(det, version_from: int, new_at: int, n_new: int, calls: int = 1000):
+    """A location whose version 1.1 started at window ``version_from``; a new exception type
+    appears at ``new_at`` in ``n_new`` of ``calls`` calls."""
+    from collections import Counter
+
+    from processor.detect.base import Observation
+    from processor.pipeline.sketch import LogSketch
+    from processor.pipeline.window import LocationWindow, VersionFigures
+    from tests.windows import LOC, V1, W_NS
+
+    events = []
+    for i in range(new_at + 1):
+        version = V2 if i >= version_from else V1
+        exc = Counter({"KeyError": n_new}) if i == new_at else Counter()
+        vf = VersionFigures(version, calls, sum(exc.values()), LogSketch(), exc)
+        first_seen = {V1: W_NS, **({V2: (version_from + 1) * W_NS} if i >= version_from else {})}
+        events += det.update(Observation(LOC, i * W_NS, (i + 1) * W_NS,
+                                         LocationWindow(0, LOC, calls, 0, LogSketch(), [vf], exc),
+                                         service_version=version, version_first_seen=first_seen))
+    return events
+
+
+@pytest.mark.parametrize("version_from,n_new,severity", [
+    (10, 3, "info"),        # a version running for 290 windows, 0.3% of the calls: a rare error
+    (295, 3, "warning"),    # the version arrived 5 windows ago: news
+    (10, 50, "warning"),    # an old version, but 5% of the calls: not rare
+])
+def test_a_rare_new_exception_in_a_long_running_version_is_info(version_from, n_new, severity):
+    events = _exception_windows(make(NewException), version_from, new_at=300, n_new=n_new)
+    assert [(e.type, e.severity) for e in events] == [("new_exception", severity)]
+    assert events[0].detail["rare"] == (severity == "info")

@@ -22,10 +22,15 @@ V1, V2 = ("shop", "1.0", "aaa"), ("shop", "1.1", "bbb")
 
 def observations(seed: int, windows: int = 300, change_at: int | None = None, kind: str = "",
                  effect: float = 1.0, rate: float = 6.0, median_ms: float = 20.0, sigma: float = 0.6,
-                 beta0: float = 0.3, error_share: float = 0.001):
+                 beta0: float = 0.3, error_share: float = 0.001, worse_at: int | None = None,
+                 worse: float = 1.0):
+    """``worse_at``: from that window on the change is ``worse`` times as large (an
+    escalation of an open regression)."""
     rng = np.random.default_rng(seed)
     first_seen = {V1: W_NS}
+    base_effect = effect
     for i in range(windows):
+        effect = base_effect * (worse if worse_at is not None and i >= worse_at else 1.0)
         changed = change_at is not None and i >= change_at
         version = V2 if changed else V1
         if changed:

@@ -136,6 +136,22 @@ class RegressionDetector(Detector):
     regression = True
     open: Regression | None = None
 
+    def _opened(self, event: Event, regression: Regression, level: float) -> Event:
+        """Keep ``regression`` open, opened by ``event`` at ``level``."""
+        regression.event_id, regression.reported = event.id, level
+        self.open = regression
+        return event
+
+    def _escalated(self, obs: Observation, level: float, severity: str, summary: str,
+                   detail: dict) -> list[Event]:
+        """Report the open regression again: it rose to ``level``, ``escalate_ratio`` or more
+        times what was reported."""
+        o = self.open
+        o.escalations += 1
+        detail = {"escalates": o.event_id, "escalation": o.escalations, "reported": o.reported, **detail}
+        o.reported = level
+        return [obs.event(self.event_type, severity, summary, detail, o.version)]
+
     def _resolved(self, obs: Observation, reason: str, summary: str, detail: dict) -> list[Event]:
         o, self.open = self.open, None
         return [obs.event("resolved", "info", summary,

@@ -24,6 +24,9 @@ class ErrorsSettings(Settings):
     min_absolute: float = setting(0.001, non_negative_float,
                                   "smallest absolute rise of the error share that is reported")
     alpha: float = setting(1e-3, probability, "significance of the confirming binomial test")
+    escalate_ratio: float = setting(2.0, non_negative_float,
+                                    "rise over the share reported that is reported again while a "
+                                    "regression is open (0: never)")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -83,10 +86,11 @@ class ErrorRateShift(RegressionDetector):
     def __init__(self, window_s: float = 60.0, half_life_s: float = 21600.0, warmup_windows: int = 30,
                  threshold: float = 12.0, ratio: float = 3.0, prior_share: float = 0.001,
                  prior_spans: float = 2000.0, min_ratio: float = 1.5, min_absolute: float = 0.001,
-                 alpha: float = 1e-3, accept_windows: int = 120):
+                 alpha: float = 1e-3, accept_windows: int = 120, escalate_ratio: float = 2.0):
         self.window_s, self.half_life_s, self.warmup_windows = window_s, half_life_s, warmup_windows
         self.threshold, self.ratio, self.prior_share, self.prior_spans = threshold, ratio, prior_share, prior_spans
         self.min_ratio, self.min_absolute, self.alpha, self.accept_windows = min_ratio, min_absolute, alpha, accept_windows
+        self.escalate_ratio = escalate_ratio
         self.decay = 0.5 ** (window_s / half_life_s)
         self._make_watch = partial(_Watch, threshold)
         self.errors = 0.0
@@ -181,7 +185,6 @@ class ErrorRateShift(RegressionDetector):
         p_value = binomial_greater(w.errors, w.spans, p0)
         if share < p0 * self.min_ratio or share - p0 < self.min_absolute or p_value >= self.alpha:
             return None
-        self.open = ErrorRegression(version=v, baseline=p0, current=share)
         detail = {
             "baseline_share": round(p0, 6), "current_share": round(share, 6),
             "ratio": round(share / p0, 4), "statistic": "binomial_cusum",
@@ -194,9 +197,10 @@ class ErrorRateShift(RegressionDetector):
         self.watches.reset_all()
         severity = "critical" if share >= 0.05 or share / p0 >= 10 else "warning"
         where = f" in {v[1]}" if v[1] else ""
-        return obs.event(self.event_type, severity,
-                         f"error share of {obs.location.function} rose {share / p0:.1f}x "
-                         f"({p0:.2%} to {share:.2%}){where}", detail, v)
+        return self._opened(obs.event(self.event_type, severity,
+                                      f"error share of {obs.location.function} rose {share / p0:.1f}x "
+                                      f"({p0:.2%} to {share:.2%}){where}", detail, v),
+                            ErrorRegression(version=v, baseline=p0, current=share), share)
 
     def _follow_open(self, obs: Observation) -> list[Event]:
         """Recovered once the evidence for "back at the baseline share" beats "still at the
@@ -205,6 +209,22 @@ class ErrorRateShift(RegressionDetector):
         # the version that regressed while it runs, the whole location once it is gone
         vf = next((v for v in lw.versions if v.version == o.version and v.count), None)
         errors, count = (vf.errors, vf.count) if vf else (lw.errors, lw.count)
+        share = errors / count
+        since = o.errors / o.spans if o.spans else 0.0
+        if o.escalates(share, self.escalate_ratio, self.min_absolute, since):
+            p_value = binomial_greater(errors, count, max(o.reported, since))
+            if p_value < self.alpha:
+                reported = o.reported
+                o.errors, o.spans, o.windows = float(errors), float(count), 0  # what may be accepted
+                where = f" in {o.version[1]}" if o.version[1] else ""
+                return self._escalated(
+                    obs, share, "critical",
+                    f"error share of {obs.location.function} rose further, to {share / o.baseline:.1f}x its "
+                    f"baseline ({o.baseline:.2%} to {share:.2%}; {reported:.2%} when reported){where}",
+                    {"baseline_share": round(o.baseline, 6), "current_share": round(share, 6),
+                     "ratio": round(share / o.baseline, 4), "ratio_to_reported": round(share / reported, 4),
+                     "test": "binomial", "p_value": p_value, "alpha": self.alpha, "errors": int(errors),
+                     "spans": int(count), "exemplars": lw.exemplars})
         o.errors += errors
         o.spans += count
         back = o.back_at_baseline(count - errors, count, 1 - o.current, 1 - o.baseline, self.threshold)

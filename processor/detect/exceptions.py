@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from processor.detect.base import Detector, Observation
-from processor.detect.settings import Settings, parse_bool, positive_int, setting
+from processor.detect.settings import Settings, parse_bool, positive_int, probability, setting
 from processor.events import Event
 
 
@@ -13,6 +13,10 @@ from processor.events import Event
 class ExceptionsSettings(Settings):
     enabled: bool = setting(True, parse_bool, "report exception types new at a location")
     max_types: int = setting(64, positive_int, "exception types remembered per location")
+    established_windows: int = setting(60, positive_int,
+                                       "windows a version has run before a new type it raises rarely is only info")
+    rare_share: float = setting(0.01, probability,
+                                "share of the window's calls under which such a type is rare")
 
 
 class NewException(Detector):
@@ -21,6 +25,10 @@ class NewException(Detector):
     Types seen during warm-up are learnt silently. The set of known types is bounded by
     ``max_types``; beyond it the oldest-learnt are forgotten (a type that comes back after
     being forgotten is reported again, which a location with that many types has earned).
+
+    A type that arrives with a version is a ``warning``. One raised by a version that has
+    run for ``established_windows`` windows, in under ``rare_share`` of the window's calls,
+    is ``info``: a rare error that was there all along and merely missed the warm-up.
 
     Examples
     --------
@@ -36,8 +44,8 @@ class NewException(Detector):
     ...     return det.update(Observation(loc, i, i + 1, lw))
     >>> window(0, ["KeyError"]) + window(1, []) + window(2, ["KeyError"])
     []
-    >>> [(e.detail["exception_type"], e.version[1]) for e in window(3, ["TimeoutError"], "2")]
-    [('TimeoutError', '2')]
+    >>> [(e.detail["exception_type"], e.version[1], e.severity) for e in window(3, ["TimeoutError"], "2")]
+    [('TimeoutError', '2', 'warning')]
     """
 
     name = "exceptions"
@@ -46,8 +54,10 @@ class NewException(Detector):
     description = "An exception type never raised here before appeared in production."
     regression = True  # shown as open in top until the location's regressions are resolved or age out
 
-    def __init__(self, warmup_windows: int = 30, max_types: int = 64):
+    def __init__(self, warmup_windows: int = 30, max_types: int = 64, established_windows: int = 60,
+                 rare_share: float = 0.01):
         self.warmup_windows, self.max_types = warmup_windows, max_types
+        self.established_windows, self.rare_share = established_windows, rare_share
         # type -> order learnt (dicts keep insertion order); made with the first exception
         self.known: dict[str, int] | None = None
         self.windows = 0
@@ -82,11 +92,16 @@ class NewException(Detector):
             by_version = {v.version: v.exceptions.get(etype, 0) for v in lw.versions}
             version = max(by_version, key=lambda v: (by_version[v], obs.version_first_seen.get(v, 0), v))
             n = lw.exceptions[etype]
+            first = obs.version_first_seen.get(version)
+            version_windows = (obs.end_ns - first) // (obs.end_ns - obs.start_ns) if first is not None else 0
+            rare = version_windows >= self.established_windows and n < self.rare_share * lw.count
             events.append(obs.event(
-                self.event_type, "warning",
+                self.event_type, "info" if rare else "warning",
                 f"{obs.location.function} raised {etype} for the first time"
-                + (f" in {version[1]}" if version[1] else "") + f" ({n} of {lw.count} calls)",
-                {"exception_type": etype, "count": n, "spans": lw.count,
+                + (f" in {version[1]}" if version[1] else "") + f" ({n} of {lw.count} calls)"
+                + (f"; rare, in a version running for {version_windows} windows" if rare else ""),
+                {"exception_type": etype, "count": n, "spans": lw.count, "rare": rare,
+                 "version_windows": int(version_windows),
                  "known_types": sorted(k for k in self.known if k != etype),
                  "versions": {v[1] or "(none)": c for v, c in sorted(by_version.items())},
                  "exemplars": lw.exemplars},

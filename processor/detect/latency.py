@@ -14,7 +14,7 @@ from processor.detect.stats import (
 )
 from processor.events import Event
 from processor.parsing import non_negative_float
-from processor.pipeline.sketch import LogSketch
+from processor.pipeline.sketch import LogSketch, bucket_index
 
 QUANTILES = {"p50": 0.5, "p99": 0.99, "p999": 0.999}
 
@@ -35,6 +35,9 @@ class LatencySettings(Settings):
                                      "smallest absolute rise of the quantile (ms) that is reported")
     alpha: float = setting(1e-3, probability,
                            "significance of the confirming rank test (p50) or binomial test (tails)")
+    escalate_ratio: float = setting(2.0, non_negative_float,
+                                    "rise over the level reported that is reported again while a "
+                                    "regression is open (0: never)")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -141,11 +144,11 @@ class LatencyShift(RegressionDetector):
                  threshold: float = 12.0, median_delta: float = 0.1, tail_ratio: float = 2.5,
                  min_tail_expected: float = 20.0, min_relative: float = 0.15,
                  min_absolute_ms: float = 0.5, alpha: float = 1e-3,
-                 accept_windows: int = 120):
+                 accept_windows: int = 120, escalate_ratio: float = 2.0):
         self.window_s, self.half_life_s, self.warmup_windows = window_s, half_life_s, warmup_windows
         self.threshold, self.median_delta, self.tail_ratio = threshold, median_delta, tail_ratio
         self.min_tail_expected, self.min_relative, self.min_absolute_ms = min_tail_expected, min_relative, min_absolute_ms
-        self.alpha, self.accept_windows = alpha, accept_windows
+        self.alpha, self.accept_windows, self.escalate_ratio = alpha, accept_windows, escalate_ratio
         self.decay = 0.5 ** (window_s / half_life_s)
         self._make_watches = partial(_QuantileWatches, threshold)
         self._baseline = b""  # the baseline sketch, packed (see ``baseline``)
@@ -324,8 +327,6 @@ class LatencyShift(RegressionDetector):
                 name, q, base_q, seg_q = other, QUANTILES[other], bq, sq
                 break
         ratio = seg_q / base_q
-        self.open = LatencyRegression(version=version, quantile=name, q=q, baseline_ms=base_q, bucket=b, p0=p0,
-                                      p_open=w.hits / w.trials)
         lw = obs.window
         severity = "critical" if ratio >= 2 else "warning"
         where = f" in {version[1]}" if version[1] else ""
@@ -342,13 +343,33 @@ class LatencyShift(RegressionDetector):
         }
         summary = (f"{name} of {obs.location.function} rose {ratio:.2f}x "
                    f"({base_q:.3g} ms to {seg_q:.3g} ms){where}")
+        regression = LatencyRegression(version=version, quantile=name, q=q, baseline_ms=base_q, bucket=b,
+                                       p0=p0, p_open=w.hits / w.trials)
         self.watches.reset_all()
-        return obs.event(self.event_type, severity, summary, detail, version)
+        return self._opened(obs.event(self.event_type, severity, summary, detail, version), regression, seg_q)
 
     def _follow_open(self, obs: Observation, current: LogSketch) -> list[Event]:
         o = self.open
-        o.sketch = LogSketch.unpack(o.sketch).merge(current).pack()
         now_q = current.quantile(o.q) / 1e6
+        segment = LogSketch.unpack(o.sketch)
+        since = segment.quantile(o.q) / 1e6 if segment.count else 0.0
+        if o.escalates(now_q, self.escalate_ratio, self.min_absolute_ms, since):
+            # Still at the level reported (or reached since), a share 1 - q of the spans lies above it.
+            hits = mass_above(current, int(bucket_index(max(o.reported, since) * 1e6)))
+            p_value = binomial_greater(hits, current.count, 1 - o.q)
+            if p_value < self.alpha:
+                reported, ratio = o.reported, now_q / o.baseline_ms
+                o.sketch, o.windows = current.pack(), 0  # the new level is what may be accepted
+                where = f" in {o.version[1]}" if o.version[1] else ""
+                return self._escalated(
+                    obs, now_q, "critical" if ratio >= 2 else "warning",
+                    f"{o.quantile} of {obs.location.function} rose further, to {ratio:.2f}x its baseline "
+                    f"({o.baseline_ms:.3g} ms to {now_q:.3g} ms; {reported:.3g} ms when reported){where}",
+                    {"quantile": o.quantile, "baseline_ms": round(o.baseline_ms, 6), "current_ms": round(now_q, 6),
+                     "ratio": round(ratio, 4), "ratio_to_reported": round(now_q / reported, 4),
+                     "test": "binomial_exceedance", "p_value": p_value, "alpha": self.alpha,
+                     "spans": int(current.count), "exemplars": obs.window.exemplars})
+        o.sketch = segment.merge(current).pack()
         # Recovered once "back at the baseline's exceedance share" beats "still at the share
         # that opened it" by the threshold that opened it.
         hits = mass_above(current, o.bucket)

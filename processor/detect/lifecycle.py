@@ -4,7 +4,9 @@ A regression opens with the detector's event; while it is open the detector's ba
 as it was and the regression is followed window by window, until either the detector's
 evidence says the baseline's behaviour is back (``recovered``) or the new level has held for
 ``accept_windows`` windows and becomes the baseline (``accepted``). Either ends it with one
-``resolved`` event naming the event type it resolves.
+``resolved`` event naming the event type it resolves. Meanwhile a further rise of
+``escalate_ratio`` times the level last reported, confirmed by a test on the windows that
+show it, is reported again: an escalation, naming the event that opened the regression.
 
 >>> o = Regression(version=("shop", "2", ""))
 >>> [o.follow(recovered=False, accept_windows=3) for _ in range(3)]
@@ -35,6 +37,17 @@ class Regression:
     version: Version      # the version it was attributed to
     windows: int = 0      # windows followed since it opened
     back: float = 0.0     # reverse CUSUM: evidence that the baseline's behaviour is back
+    event_id: str = ""    # the id of the event that opened it
+    reported: float = 0.0  # the level last reported (opening or escalation), in the detector's unit
+    escalations: int = 0  # escalations reported since it opened
+
+    def escalates(self, level: float, ratio: float, min_absolute: float, since: float = 0.0) -> bool:
+        """Whether ``level`` is far enough above both the level last reported and ``since``
+        (the level of the windows followed since then) to be tested as an escalation
+        (``ratio`` 0: never). A report made on early evidence can understate a change that
+        the next windows show in full; that is not a further rise."""
+        reference = max(self.reported, since)
+        return ratio > 0 and level >= reference * ratio and level - reference >= min_absolute
 
     def follow(self, recovered: bool, accept_windows: int) -> str | None:
         """One more window: ``recovered``, ``accepted`` or None while it stays open."""
