@@ -138,7 +138,9 @@ def test_canary_regression_is_blamed_on_the_new_version_running_side_by_side():
     assert e.version == V2  # though V1 still serves 90% of the calls
     assert e.detail["side_by_side"]["version"] == "1.1"
     assert e.detail["side_by_side"]["z_vs_others"] > 3
-    assert e.detail["versions"]["1.1"]["share"] > 5 * e.detail["versions"]["(others)"]["share"]
+    # a median shift: nearly all the canary's calls above the baseline median, half of the others'
+    assert e.detail["quantile"] == "p50"
+    assert e.detail["versions"]["1.1"]["share"] > 1.8 * e.detail["versions"]["(others)"]["share"]
     assert e.window_start_ns // W_NS - CHANGE <= 3  # judged on its own spans, not averaged away
 
 
@@ -249,3 +251,18 @@ def test_a_rare_new_exception_in_a_long_running_version_is_info(version_from, n_
     events = _exception_windows(make(NewException), version_from, new_at=300, n_new=n_new)
     assert [(e.type, e.severity) for e in events] == [("new_exception", severity)]
     assert events[0].detail["rare"] == (severity == "info")
+
+
+@pytest.mark.parametrize("seed", [51, 52, 53, 54])
+def test_a_sparse_location_s_3x_shift_is_found_within_15_minutes(seed):
+    """Three calls a minute: the fast median CUSUM needs a handful of slow calls, not the
+    sixty the small-shift one would."""
+    e = onset(events_of(LatencyShift, seed=seed, windows=CHANGE + 30, change_at=CHANGE, kind="median",
+                        effect=3.0, rate=0.05), "latency_regression")
+    assert e.detail["quantile"] == "p50" and e.version == V2
+    assert e.window_start_ns // (60 * 10**9) - CHANGE < 15
+
+
+@pytest.mark.parametrize("seed", range(60, 68))
+def test_sparse_stationary_locations_stay_quiet(seed):
+    assert events_of(LatencyShift, seed=seed, windows=1440, rate=0.05) == []

@@ -194,13 +194,15 @@ class ErrorRateShift(RegressionDetector):
             "exemplars": obs.window.exemplars,
             **attribution(v, w.errors, w.spans, w.others_errors, w.others_spans, obs.version_first_seen),
         }
+        # the low end of the share, for the reverse CUSUM (see LatencyShift)
+        regression = ErrorRegression(version=v, baseline=p0, current=max(p0, wilson_lower(w.errors, w.spans, z=1.645)))
         self.watches.reset_all()
         severity = "critical" if share >= 0.05 or share / p0 >= 10 else "warning"
         where = f" in {v[1]}" if v[1] else ""
         return self._opened(obs.event(self.event_type, severity,
                                       f"error share of {obs.location.function} rose {share / p0:.1f}x "
                                       f"({p0:.2%} to {share:.2%}){where}", detail, v),
-                            ErrorRegression(version=v, baseline=p0, current=share), share)
+                            regression, share)
 
     def _follow_open(self, obs: Observation) -> list[Event]:
         """Recovered once the evidence for "back at the baseline share" beats "still at the

@@ -10,13 +10,16 @@ from processor.detect.lifecycle import ACCEPTED, RECOVERED, Regression
 from processor.detect.settings import Settings, parse_bool, positive_float, probability, setting
 from processor.detect.stats import (
     BinomialCUSUM, DecayedLinearFit, binomial_greater, mass_above, mean_log_ms, quantile_bucket,
-    rank_test_greater, shifted,
+    rank_test_greater, shifted, wilson_lower,
 )
 from processor.events import Event
 from processor.parsing import non_negative_float
 from processor.pipeline.sketch import LogSketch, bucket_index
 
 QUANTILES = {"p50": 0.5, "p99": 0.99, "p999": 0.999}
+# The CUSUMs per version: the median twice, for a small rise (many spans needed) and for a
+# large one (few spans suffice: sparse locations, gross shifts), then the tails.
+WATCHES = {"p50": 0.5, "p50_gross": 0.5, "p99": 0.99, "p999": 0.999}
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,9 @@ class LatencySettings(Settings):
                                "CUSUM decision interval (nats) on exceedances of the baseline's quantile")
     median_delta: float = setting(0.1, probability,
                                   "share above the baseline median that the median CUSUM tests for (0.5 + this)")
+    gross_delta: float = setting(0.4, probability,
+                                 "share above the baseline median that the second, fast median CUSUM tests "
+                                 "for (0.5 + this): large shifts found on few spans")
     tail_ratio: float = setting(2.5, positive_float,
                                 "factor on the share above the baseline's p99 / p99.9 that the tail CUSUMs test for")
     min_tail_expected: float = setting(20.0, positive_float,
@@ -83,7 +89,7 @@ class _QuantileWatches:
     __slots__ = ("by_quantile", "last_seen")
 
     def __init__(self, threshold: float):
-        self.by_quantile = {name: _Watch(threshold) for name in QUANTILES}
+        self.by_quantile = {name: _Watch(threshold) for name in WATCHES}
 
     def reset(self) -> None:
         for w in self.by_quantile.values():
@@ -109,7 +115,7 @@ class LatencyShift(RegressionDetector):
 
     Parameters
     ----------
-    window_s, half_life_s, warmup_windows, threshold, median_delta, tail_ratio,
+    window_s, half_life_s, warmup_windows, threshold, median_delta, gross_delta, tail_ratio,
     min_tail_expected, min_relative, min_absolute_ms, alpha, accept_windows
         See docs/detection.md.
 
@@ -141,12 +147,14 @@ class LatencyShift(RegressionDetector):
     description = "Latency at this code location rose in production (p50, p99 or p99.9)."
 
     def __init__(self, window_s: float = 60.0, half_life_s: float = 21600.0, warmup_windows: int = 30,
-                 threshold: float = 12.0, median_delta: float = 0.1, tail_ratio: float = 2.5,
+                 threshold: float = 12.0, median_delta: float = 0.1, gross_delta: float = 0.4,
+                 tail_ratio: float = 2.5,
                  min_tail_expected: float = 20.0, min_relative: float = 0.15,
                  min_absolute_ms: float = 0.5, alpha: float = 1e-3,
                  accept_windows: int = 120, escalate_ratio: float = 2.0):
         self.window_s, self.half_life_s, self.warmup_windows = window_s, half_life_s, warmup_windows
-        self.threshold, self.median_delta, self.tail_ratio = threshold, median_delta, tail_ratio
+        self.threshold, self.median_delta, self.gross_delta, self.tail_ratio = (
+            threshold, median_delta, gross_delta, tail_ratio)
         self.min_tail_expected, self.min_relative, self.min_absolute_ms = min_tail_expected, min_relative, min_absolute_ms
         self.alpha, self.accept_windows, self.escalate_ratio = alpha, accept_windows, escalate_ratio
         self.decay = 0.5 ** (window_s / half_life_s)
@@ -246,13 +254,16 @@ class LatencyShift(RegressionDetector):
         baseline = self.baseline
         base_total = baseline.count
         tests = {}
-        for name, q in QUANTILES.items():
+        for name, q in WATCHES.items():
             if q > 0.5 and base_total * (1 - q) < self.min_tail_expected:
                 continue  # too few baseline spans to know this tail yet
             b = quantile_bucket(baseline, q)
             p0 = mass_above(baseline, b) / base_total
             if p0 > 0:
-                p1 = p0 + self.median_delta if q == 0.5 else min(self.tail_ratio * p0, 0.5)
+                if q > 0.5:
+                    p1 = min(self.tail_ratio * p0, 0.5)
+                else:
+                    p1 = min(p0 + (self.gross_delta if name == "p50_gross" else self.median_delta), 0.999)
                 tests[name] = (q, b, p0, p1, mass_above(current, b))
         if self.watches is None:
             self.watches = VersionWatches(self._make_watches)
@@ -278,7 +289,7 @@ class LatencyShift(RegressionDetector):
                 w.others_trials += current.count - vf.count
                 w.windows += 1
                 if w.cusum.drift_detected:
-                    event = self._confirm(obs, name, q, b, p0, w, vf.version, adjustment)
+                    event = self._confirm(obs, name.removesuffix("_gross"), q, b, p0, w, vf.version, adjustment)
                     if event is not None:
                         events.append(event)
                         break  # one regression at a time; the watches start afresh after it
@@ -343,8 +354,12 @@ class LatencyShift(RegressionDetector):
         }
         summary = (f"{name} of {obs.location.function} rose {ratio:.2f}x "
                    f"({base_q:.3g} ms to {seg_q:.3g} ms){where}")
+        # The share that opened it, as the reverse CUSUM takes it: the low end of what the
+        # segment shows, so that a few spans all above the bucket (a share of 1) do not make
+        # one span below it proof of recovery.
+        p_open = max(p0, wilson_lower(w.hits, w.trials, z=1.645))
         regression = LatencyRegression(version=version, quantile=name, q=q, baseline_ms=base_q, bucket=b,
-                                       p0=p0, p_open=w.hits / w.trials)
+                                       p0=p0, p_open=p_open)
         self.watches.reset_all()
         return self._opened(obs.event(self.event_type, severity, summary, detail, version), regression, seg_q)
 
