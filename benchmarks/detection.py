@@ -5,6 +5,13 @@
     python -m benchmarks.detection --quick         # 1 seed x 4 services x 15 functions x 6 h
     python -m benchmarks.detection --quick --grpc  # ... and the gRPC replay
     python -m benchmarks.detection --config detectors.yaml --seeds 3 --json out.json
+    python -m benchmarks.detection --load-seeds 0  # without the load cases
+
+Besides those, every run scores the load cases (``benchmarks.scenarios.generate_load``, 4
+seeds x 4 services x 12 functions x 8 h; ``--load-seeds``): functions whose latency follows
+the load, linearly or as a queue, while the load surges past anything the baseline saw
+("surge") or a rollout changes how often the other functions are called ("mix"). Any event
+on a load-following function is false; the target is none, over all seeds.
 
 Scenarios come from ``benchmarks.scenarios`` (lognormal and Pareto-tailed latencies, diurnal
 load with bursts, a "1.1.0" rollout per service, at once or as a canary, that brings injected
@@ -57,12 +64,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from benchmarks.scenarios import (
-    EXPECTED_QUANTILE, HOUR, NEW_VERSION, Scenario, effect_label, generate,
+    EXPECTED_QUANTILE, HOUR, NEW_VERSION, SURGE, Scenario, effect_label, generate,
 )
 
 FULL = {"services": 8, "functions_per_service": 40, "hours": 8.0}
 QUICK = {"services": 4, "functions_per_service": 15, "hours": 6.0}
 REPLAY = {"services": 2, "functions_per_service": 6, "hours": 5.0}
+LOAD = {"services": 4, "functions_per_service": 12, "hours": 8.0}
+LOAD_SEEDS = 4
 WARMUP_NS = 2 * HOUR       # events before this are not scored as false
 HORIZON_NS = 3 * HOUR      # a detection must come within this of the change
 NOT_DETECTIONS = ("first_seen", "resolved")
@@ -116,11 +125,12 @@ def build_config(config_path: str | None, window: float | None):
 
 # --- direct runs ---------------------------------------------------------------------------------
 
-def run_direct(seed: int, sizes: dict, cfg) -> dict:
-    """One scenario through an in-process Engine; returns the score and the events."""
+def run_direct(seed: int, sizes: dict, cfg, load_cases: bool = False) -> dict:
+    """One scenario (of the load cases if ``load_cases``) through an in-process Engine;
+    returns the score and the events."""
     from processor.pipeline.engine import Engine
     t_start = time.perf_counter()
-    sc = generate(seed, **sizes)
+    sc = generate(seed, **sizes, load_cases=load_cases)
     t_setup = time.perf_counter() - t_start
     engine = Engine(cfg, known_keys=set(), clock=lambda: 0.0)
     events: list[Ev] = []
@@ -138,7 +148,7 @@ def run_direct(seed: int, sizes: dict, cfg) -> dict:
     events += events_of(engine.flush_all())
     t_eng += time.perf_counter() - t1
     result = score(sc, events, cfg.window_ns)
-    result.update(seed=seed, spans=spans, late=int(engine.windows.stats["late"]),
+    result.update(seed=seed, spans=spans, late=int(engine.windows.stats["late"]), load_cases=load_cases,
                   events=[asdict(e) for e in events],
                   runtime={"setup_s": t_setup, "generate_s": t_gen, "engine_s": t_eng,
                            "total_s": time.perf_counter() - t_start})
@@ -203,7 +213,9 @@ def score(sc: Scenario, events: list[Ev], window_ns: int, warmup_ns: int = WARMU
                           "service": svc.name if svc else "",
                           "function": f.location.function if f else "",
                           "after_rollout": bool(svc and e.window_end_ns > svc.change_ns),
-                          "load_sensitive": bool(f and f.beta > 0),
+                          "load_sensitive": bool(f and (f.beta > 0 or f.rho > 0)),
+                          "load_following": f.load_following if f else "",
+                          "case": svc.case if svc else "",
                           "heavy_tail": bool(f and f.tail_shape > 0)})
 
     loc_hours = 0.0
@@ -226,6 +238,11 @@ def score(sc: Scenario, events: list[Ev], window_ns: int, warmup_ns: int = WARMU
             "repeated": sum(max(0, n - 1) for n in first_seen.values()),
         },
         "window_ns": window_ns,
+        "load_following": {
+            "functions": sum(1 for f in sc.functions if f.load_following),
+            "by_case": dict(Counter(sc.services[f.service].case for f in sc.functions if f.load_following)),
+            "location_hours": sum((sc.end_ns - warm_end) / HOUR for f in sc.functions if f.load_following),
+        },
     }
 
 
@@ -334,6 +351,34 @@ def targets(rows: list[dict], false_per_1000: float) -> list[dict]:
         ok = (value >= limit if op == ">=" else value <= limit) if not math.isnan(value) else False
         out.append({"target": name, "value": value, "limit": limit, "op": op, "n": n,
                     "pass": bool(ok and (n is None or n > 0))})
+    return out
+
+
+def summarize_load(results: list[dict]) -> dict:
+    """The load cases over seeds: false events on load-following functions (each seed's
+    count, by type, case and shape), the other false events, recall of their changes."""
+    lf = [[e for e in res["false_events"] if e["load_following"]] for res in results]
+    flat = [e for es in lf for e in es]
+    rest = summarize(results)
+    functions = sum(res["load_following"]["functions"] for res in results)
+    hours = sum(res["load_following"]["location_hours"] for res in results)
+    per_seed = [len(es) for es in lf]
+    out = {
+        "seeds": [res["seed"] for res in results], "functions": functions, "location_hours": hours,
+        "false_events": len(flat), "per_seed": per_seed,
+        "median": float(np.median(per_seed)) if per_seed else math.nan,
+        "min": min(per_seed, default=0), "max": max(per_seed, default=0),
+        "by_type": dict(Counter(e["type"] for e in flat)),
+        "by_case": dict(Counter(e["case"] for e in flat)),
+        "by_shape": dict(Counter(e["load_following"] for e in flat)),
+        "functions_with_events": len({(e["key"], res["seed"]) for res, es in zip(results, lf) for e in es}),
+        "other_false_events": rest["false_events"]["count"] - len(flat),
+        "other_false_by_type": dict(Counter(e["type"] for res in results for e in res["false_events"]
+                                            if not e["load_following"])),
+        "recall_targets": [t for t in rest["targets"] if t["target"].startswith("recall")],
+    }
+    out["target"] = {"target": "false events on load-following functions, load cases", "value": len(flat),
+                     "limit": 0, "op": "<=", "n": functions, "pass": bool(results) and not flat}
     return out
 
 
@@ -524,12 +569,29 @@ def report(summary: dict, results: list[dict], args, cfg, replay: dict | None, w
     fs = summary["first_seen"]
     w(f"first_seen of locations present from the start: {fs['existing_announced_once']} of "
       f"{fs['existing_locations']} announced exactly once; repeated first_seen: {fs['repeated']}")
+    ld = summary.get("load_cases")
+    if ld:
+        z = args.load_sizes
+        w("")
+        w(f"load cases (seeds {ld['seeds']}, {z['services']} services x {z['functions_per_service']} functions"
+          f" x {z['hours']:g} h; services alternate a load surge to {SURGE:g}x and a rollout that calls other"
+          f" functions less often):")
+        by = ", ".join(f"{k} {v}" for k, v in sorted(ld["by_type"].items())) or "none"
+        cases = ", ".join(f"{k} {v}" for k, v in sorted(ld["by_case"].items())) or "-"
+        shapes = ", ".join(f"{k} {v}" for k, v in sorted(ld["by_shape"].items())) or "-"
+        w(f"  false events on the {ld['functions']} load-following functions: {ld['false_events']} ({by}; "
+          f"by case: {cases}; by shape: {shapes}); per seed {ld['per_seed']} "
+          f"(median {_fmt(ld['median'], 'g')}, min {ld['min']}, max {ld['max']})")
+        other = ", ".join(f"{k} {v}" for k, v in sorted(ld["other_false_by_type"].items())) or "none"
+        w(f"  other false events in these scenarios: {ld['other_false_events']} ({other})")
+        for t in ld["recall_targets"]:
+            w(f"  {t['target']} in these scenarios: {_fmt(t['value'] * 100, '.1f')}% (n={t['n']})")
     w("")
     w("targets:")
     for t in summary["targets"]:
         v = t["value"]
         is_recall = t["target"].startswith("recall")
-        shown = (_fmt(v * 100, ".1f") + "%") if is_recall else _fmt(v, ",.2f")
+        shown = (_fmt(v * 100, ".1f") + "%") if is_recall else str(v) if isinstance(v, int) else _fmt(v, ",.2f")
         lim = f"{t['limit'] * 100:g}%" if is_recall else f"{t['limit']:,g}"
         n = f" (n={t['n']})" if t["n"] is not None else ""
         w(f"  {'PASS' if t['pass'] else 'FAIL'}  {t['target']}: {shown} {t['op']} {lim}{n}")
@@ -588,6 +650,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="replay scenario size")
     p.add_argument("--grpc-functions", type=int, default=REPLAY["functions_per_service"])
     p.add_argument("--grpc-hours", type=float, default=REPLAY["hours"])
+    p.add_argument("--load-seeds", type=int, default=LOAD_SEEDS,
+                   help=f"seeds of the load cases (default {LOAD_SEEDS}; 0: none)")
     p.add_argument("--json", metavar="FILE", default=None, help="write every figure as JSON")
     p.add_argument("--check", action="store_true",
                    help="exit 1 when a target fails or the replay differs")
@@ -609,10 +673,13 @@ def main(argv: list[str] | None = None) -> int:
         if v is not None:
             sizes[k] = v
     args.sizes = sizes
+    args.load_sizes = dict(LOAD)
     n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 2)
     seeds = [args.seed + i for i in range(n_seeds)]
+    load_seeds = [args.seed + i for i in range(max(0, args.load_seeds))]
     do_replay = (args.grpc or not args.quick) and not args.no_grpc
-    jobs = max(1, min(args.jobs or n_seeds, n_seeds, os.cpu_count() or 1))
+    n_runs = n_seeds + len(load_seeds)
+    jobs = max(1, min(args.jobs or n_runs, n_runs, os.cpu_count() or 1))
     replay_sizes = {"services": args.grpc_services, "functions_per_service": args.grpc_functions,
                     "hours": args.grpc_hours}
 
@@ -621,16 +688,20 @@ def main(argv: list[str] | None = None) -> int:
                 f" x {z['hours']:g} h")
 
     print(f"running {len(seeds)} seed(s) with {jobs} process(es): {size(sizes)}"
+          + (f"; {len(load_seeds)} seed(s) of the load cases: {size(args.load_sizes)}" if load_seeds else "")
           + (f"; then a gRPC replay of {size(replay_sizes)}" if do_replay else ""), flush=True)
     ctx = mp.get_context("spawn")  # no fork after grpc/threads in this process
+    runs = [(s, sizes, cfg, False) for s in seeds] + [(s, args.load_sizes, cfg, True) for s in load_seeds]
     if jobs == 1:
-        results = [run_direct(s, sizes, cfg) for s in seeds]
+        everything = [run_direct(*run) for run in runs]
     else:
         with ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
-            results = list(pool.map(run_direct, seeds, [sizes] * len(seeds), [cfg] * len(seeds)))
-    for r in results:
-        print(f"  seed {r['seed']}: {r['spans']:,} spans, {len(r['events'])} events, "
-              f"{r['runtime']['total_s']:.0f} s", flush=True)
+            everything = list(pool.map(run_direct, *zip(*runs)))
+    for r in everything:
+        print(f"  seed {r['seed']}{' (load cases)' if r['load_cases'] else ''}: {r['spans']:,} spans, "
+              f"{len(r['events'])} events, {r['runtime']['total_s']:.0f} s", flush=True)
+    results = [r for r in everything if not r["load_cases"]]
+    load_results = [r for r in everything if r["load_cases"]]
 
     replay = None
     if do_replay:
@@ -647,6 +718,9 @@ def main(argv: list[str] | None = None) -> int:
         replay.pop("events", None)
 
     summary = summarize(results)
+    if load_results:
+        summary["load_cases"] = summarize_load(load_results)
+        summary["targets"].append(summary["load_cases"]["target"])
     wall = time.perf_counter() - t_wall
     print()
     print(report(summary, results, args, cfg, replay, wall))
@@ -657,8 +731,10 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summary,
             "changes": [r for res in results for r in res["changes"]],
             "false_events": [e for res in results for e in res["false_events"]],
+            "load_cases_false_events": [{**e, "seed": res["seed"]} for res in load_results
+                                        for e in res["false_events"]],
             "per_seed": [{k: v for k, v in res.items()
-                          if k not in ("changes", "false_events", "events")} for res in results],
+                          if k not in ("changes", "false_events", "events")} for res in everything],
             "grpc_replay": replay, "wall_s": wall,
         }
         with open(args.json, "w", encoding="utf-8") as f:

@@ -26,6 +26,22 @@ The model, per seed:
   ``Change``), drawn from a deck (``DEFAULT_DECK``) so kinds and sizes keep their
   proportions; plus 1-2 functions per service that exist only in "1.1.0" (kind "new").
 
+Load beyond the baseline (``generate_load``, or ``generate(..., load_cases=True)``): every
+service also has ``LOAD_FOLLOWING`` functions whose latency follows its load and that no
+version changes, half linearly (``1 + beta (L - 0.7)``, beta U(0.5, 1.5)), half as a queue
+(``(1 - rho) / (1 - rho L)``, rho at load 1 U(0.2, 0.3), rho L capped at 0.9); and one of
+two cases (services alternate):
+
+- "surge": the load ramps up to ``SURGE`` times (over ``SURGE_RAMP``, from a time drawn in
+  [2.5 h, 4 h]) and stays there: past anything the warm-up, and most of the baseline, saw.
+- "mix": the rollout of "1.1.0" changes how often other functions are called (three
+  quarters of the unchanged ones are called 0.2-0.4 times as often: a cache, a removed N+1
+  query), so the calls per second of the rest of the service, the detectors' load
+  measure, drop about a quarter at the same load; the deck's changes move other
+  functions' latency (and spans in flight) as in every scenario.
+
+Any event on a load-following function is false.
+
 Everything is numpy on whole chunks; the same seed (and arguments) gives the same spans,
 and chunk ``i`` can be regenerated alone (its random stream is seeded by (seed, i)).
 ``encode_request`` turns a Batch into OTLP/protobuf bytes for the gRPC replay.
@@ -60,6 +76,13 @@ P999_SHIFT_SHARE = 0.0015
 CANARY_SHARE = 0.10
 CANARY_NS = 30 * MINUTE
 LOAD_PIVOT = 0.7                # load at which scaling changes leave latency as it was
+LOAD_FOLLOWING = 4              # load cases: functions per service whose latency follows load
+SURGE = 2.0                     # load cases, "surge": the load multiplied by this ...
+SURGE_RAMP = HOUR               # ... reached over this long, then kept
+SURGE_START = (2.5, 4.0)        # hours: when the ramp starts
+RHO_CAP = 0.9                   # queue-like functions: utilisation never above this
+MIX_SHARE = 0.75                # load cases, "mix": share of the unchanged functions whose ...
+MIX_FACTOR = (0.2, 0.4)         # ... call rate the rollout multiplies by U(these)
 
 EXPECTED_EVENT = {
     "median": "latency_regression",
@@ -153,6 +176,9 @@ class Service:
     change_ns: int        # first span of the new version
     full_ns: int          # the new version serves everything from here on
     canary: bool
+    case: str = ""        # load cases: "surge" or "mix" (see the module docstring)
+    surge: float = 1.0    # "surge": the load's final factor ...
+    surge_ns: int = 0     # ... ramped up over SURGE_RAMP from here
 
 
 @dataclass
@@ -171,6 +197,9 @@ class Function:
     in_new: bool = True
     change: Change | None = None
     attrs: tuple[tuple[str, object], ...] = ()   # extra span attributes, for the OTLP replay
+    rho: float = 0.0      # queue-like: utilisation at load 1 (latency x (1 - rho) / (1 - rho L))
+    load_following: str = ""  # load cases: "linear" or "queue" (unchanged by any version)
+    calls_new: float = 1.0    # "mix": the new version calls it this many times as often
 
 
 @dataclass
@@ -186,6 +215,7 @@ class _Params:
     shift_hi: np.ndarray
     error_share: np.ndarray
     new_exc_share: np.ndarray
+    rho: np.ndarray
 
 
 def _draw_durations(p: _Params, series: np.ndarray, load: np.ndarray,
@@ -203,6 +233,10 @@ def _draw_durations(p: _Params, series: np.ndarray, load: np.ndarray,
         v = rng.random(len(tail))
         d[tail] = start * np.minimum((1.0 - v) ** (-1.0 / p.tail_shape[s]), TAIL_CAP)
     d *= np.maximum(0.1, 1.0 + p.beta[series] * (load - LOAD_PIVOT))
+    queue = np.flatnonzero(p.rho[series] > 0)
+    if len(queue):
+        rho = p.rho[series[queue]]
+        d[queue] *= (1.0 - rho) / (1.0 - np.minimum(rho * load[queue], RHO_CAP))
     w = rng.random(n)
     moved = np.flatnonzero(w < p.shift_share[series])
     if len(moved):
@@ -214,7 +248,7 @@ def _draw_durations(p: _Params, series: np.ndarray, load: np.ndarray,
 def _series_params(functions: list[Function]) -> _Params:
     n = 2 * len(functions)
     mu, sigma, tshare, tshape, beta = (np.zeros(n) for _ in range(5))
-    sshare, slo, shi, err, nexc = (np.zeros(n) for _ in range(5))
+    sshare, slo, shi, err, nexc, rho = (np.zeros(n) for _ in range(6))
     for f in functions:
         for new in (0, 1):
             i = 2 * f.index + new
@@ -223,6 +257,7 @@ def _series_params(functions: list[Function]) -> _Params:
             tshare[i] = TAIL_SHARE if f.tail_shape else 0.0
             tshape[i] = f.tail_shape or 1.0
             beta[i] = f.beta
+            rho[i] = f.rho
             err[i] = f.error_share
             c = f.change
             if not new or c is None:
@@ -239,7 +274,7 @@ def _series_params(functions: list[Function]) -> _Params:
                 nexc[i] = c.effect
             elif c.kind == "scaling":
                 beta[i] += c.effect
-    return _Params(mu, sigma, tshare, tshape, beta, sshare, slo, shi, err, nexc)
+    return _Params(mu, sigma, tshare, tshape, beta, sshare, slo, shi, err, nexc, rho)
 
 
 class Scenario:
@@ -272,6 +307,11 @@ class Scenario:
         minutes = (np.arange(nc) * self.chunk_ns) // MINUTE
         burst = rng.lognormal(0.0, burst_sigma, (ns, int(minutes[-1]) + 1))[:, minutes]
         self.load = diurnal * burst                                      # (services, chunks)
+        t_abs = self.start_ns + np.arange(nc) * self.chunk_ns
+        for s in self.services:
+            if s.surge != 1.0:
+                ramp = np.clip((t_abs - s.surge_ns) / SURGE_RAMP, 0.0, 1.0)
+                self.load[s.index] *= 1.0 + (s.surge - 1.0) * ramp
         base = np.array([f.base_rate for f in self.functions])
         self.rate = np.maximum(min_rate, base[:, None] * self.load[self.loc_service])
         chunk_s = self.chunk_ns / SEC
@@ -283,6 +323,10 @@ class Scenario:
             share_new[s.index, starts >= s.full_ns] = 1.0
         new = rng.binomial(total, share_new[self.loc_service])
         old = total - new
+        calls_new = np.array([f.calls_new for f in self.functions])
+        if np.any(calls_new != 1.0):  # "mix": the new version calls some functions less often
+            mix = np.random.default_rng([self.seed, 7])
+            new = np.floor(new * calls_new[:, None] + mix.random(new.shape)).astype(np.int64)
         in_old = np.array([f.in_old for f in self.functions])
         in_new = np.array([f.in_new for f in self.functions])
         old[~in_old] = 0
@@ -399,11 +443,14 @@ def generate(seed: int, services: int = 8, functions_per_service: int = 40, hour
              warmup_hours: float = 3.0, settle_hours: float = 2.5,
              rate: tuple[float, float] = (7.0, 15.0), min_rate: float = 5.0,
              burst_sigma: float = 0.15, chunk_s: int = 10,
-             deck: tuple[tuple[str, float, int], ...] = DEFAULT_DECK) -> Scenario:
+             deck: tuple[tuple[str, float, int], ...] = DEFAULT_DECK,
+             load_cases: bool = False) -> Scenario:
     """A seeded scenario; see the module docstring for the model.
 
     The rollout of "1.1.0" happens at a chunk boundary drawn uniformly in
-    [warmup_hours, max(warmup_hours, hours - settle_hours)].
+    [warmup_hours, max(warmup_hours, hours - settle_hours)]. ``load_cases`` adds the
+    load-following functions and the "surge" / "mix" cases (``generate_load``); everything
+    else is drawn as without them.
     """
     if services > len(SERVICE_NAMES) * 10:
         raise ValueError("too many services")
@@ -465,6 +512,9 @@ def generate(seed: int, services: int = 8, functions_per_service: int = 40, hour
             if kind is not None:
                 pending.append((f, kind, effect))
 
+    if load_cases:
+        _add_load_cases(seed, svcs, functions, names, pending, chunk_ns)
+
     # Functions that always fail often (a probe answered 404, a cache miss raised): a steady
     # share is no regression. A stream of their own leaves every other draw as it was.
     steady, changed_ids = np.random.default_rng([seed, 5]), {f.index for f, _, _ in pending}
@@ -491,6 +541,48 @@ def generate(seed: int, services: int = 8, functions_per_service: int = 40, hour
                           full_ns=svc.full_ns, version=svc.new, canary=svc.canary,
                           baseline=float(base), loc_index=f.index)
     return Scenario(seed, svcs, functions, hours, chunk_s, min_rate, burst_sigma)
+
+
+def generate_load(seed: int, services: int = 4, functions_per_service: int = 12, hours: float = 8.0,
+                  **kw) -> Scenario:
+    """A scenario of the load cases (see the module docstring): services alternate "surge"
+    and "mix", each with ``LOAD_FOLLOWING`` load-following functions besides the usual ones."""
+    return generate(seed, services, functions_per_service, hours, load_cases=True, **kw)
+
+
+def _add_load_cases(seed: int, svcs: list[Service], functions: list[Function], names: list,
+                    pending: list, chunk_ns: int) -> None:
+    """Load-following functions, a case per service, and the "mix" call rates; drawn from a
+    stream of their own, so the rest of the scenario is as without them."""
+    rng = np.random.default_rng([seed, 6])
+    changed = {f.index for f, _, _ in pending}
+    for svc in svcs:
+        svc.case = "surge" if svc.index % 2 == 0 else "mix"
+        if svc.case == "surge":
+            svc.surge = SURGE
+            at = EPOCH_NS + int(rng.uniform(*SURGE_START) * HOUR)
+            svc.surge_ns = at // chunk_ns * chunk_ns
+        mine = [f for f in functions if f.service == svc.index]
+        taken = {f.location.function for f in mine}
+        free = [n for n in names if f"{svc.name}.{n[0]}.{n[1]}_{n[2]}" not in taken]
+        for j, k in enumerate(rng.choice(len(free), LOAD_FOLLOWING, replace=False).tolist()):
+            module, verb, noun = free[k]
+            shape = "linear" if j % 2 == 0 else "queue"
+            loc = Location(ENVIRONMENT, svc.name, f"{svc.name}.{module}.{verb}_{noun}",
+                           f"{svc.name}/{module}.py", str(int(rng.integers(10, 1500))))
+            functions.append(Function(
+                index=len(functions), service=svc.index, location=loc,
+                median_ms=float(np.exp(rng.uniform(np.log(1.0), np.log(300.0)))),
+                sigma=float(rng.uniform(0.3, 1.0)), tail_shape=0.0,
+                beta=float(rng.uniform(0.5, 1.5)) if shape == "linear" else 0.0,
+                rho=float(rng.uniform(0.2, 0.3)) if shape == "queue" else 0.0,
+                error_share=BASE_ERROR_SHARE, exception_types=(EXCEPTIONS[int(rng.integers(len(EXCEPTIONS)))],),
+                base_rate=float(rng.uniform(7.0, 15.0)), load_following=shape,
+                attrs=_extra_attributes(module, verb, noun, rng)))
+        if svc.case == "mix":  # unchanged functions the new version calls less often
+            unchanged = [f for f in mine if f.index not in changed]
+            for k in rng.permutation(len(unchanged))[:int(math.ceil(MIX_SHARE * len(unchanged)))].tolist():
+                unchanged[k].calls_new = float(rng.uniform(*MIX_FACTOR))
 
 
 def _extra_attributes(module: str, verb: str, noun: str, rng) -> tuple[tuple[str, object], ...]:

@@ -9,7 +9,8 @@ import pytest
 
 from benchmarks.detection import Ev, score, summarize
 from benchmarks.scenarios import (
-    BASE_ERROR_SHARE, HOUR, MINUTE, NEW_VERSION, OLD_VERSION, OtlpEncoder, generate,
+    BASE_ERROR_SHARE, HOUR, LOAD_FOLLOWING, MINUTE, NEW_VERSION, OLD_VERSION, RHO_CAP, SURGE, SURGE_RAMP,
+    OtlpEncoder, generate, generate_load,
 )
 from processor.receiver.decode import decode_request
 
@@ -232,6 +233,62 @@ def test_otlp_encoding_decodes_to_the_same_spans():
     small = enc.encode(b, max_bytes=20_000)  # split into several requests, none lost
     assert len(small) > 1
     assert sorted(s for r in small for s in _spans(decode_request(r))) == _spans(b)
+
+
+# --- load cases ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_load_cases_add_load_following_functions_and_leave_the_rest_as_it_was(seed):
+    plain, loaded = generate(seed, **SMALL), generate_load(seed, **SMALL)
+    assert loaded.changes == plain.changes
+    n = len(plain.functions)
+    assert [f.location for f in loaded.functions[:n]] == plain.locations
+    following = loaded.functions[n:]
+    assert len(following) == LOAD_FOLLOWING * len(loaded.services)
+    assert all(f.change is None and f.in_old and f.in_new for f in following)
+    assert {f.load_following for f in following} == {"linear", "queue"}
+    assert len({f.location.key for f in loaded.functions}) == len(loaded.functions)
+    assert [s.case for s in loaded.services] == ["surge", "mix"]
+
+
+def test_load_following_latency_is_linear_or_queue_like_in_the_load():
+    sc = generate_load(3, **SMALL)
+    for f in (f for f in sc.functions if f.load_following):
+        def median(load):
+            return np.median(sc.sample_durations(f.index, False, 100_000, load=load))
+        rise = median(2.0) / median(1.0)
+        if f.load_following == "linear":
+            assert 0.5 <= f.beta <= 1.5 and f.rho == 0
+            assert rise == pytest.approx((1 + f.beta * 1.3) / (1 + f.beta * 0.3), rel=0.03)
+        else:
+            assert 0.2 <= f.rho <= 0.3 and f.beta == 0
+            assert rise == pytest.approx((1 - f.rho) / (1 - 2 * f.rho), rel=0.03)  # convex: 1.3x-2.3x
+            assert median(5.0) / median(1.0) == pytest.approx((1 - f.rho) / (1 - RHO_CAP), rel=0.03)
+        assert np.median(sc.sample_durations(f.index, True, 100_000)) == pytest.approx(median(1.0), rel=0.03)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_a_surge_takes_the_load_past_anything_the_first_hours_saw(seed):
+    sc = generate_load(seed, services=2, functions_per_service=6, hours=8.0)
+    s = sc.services[0]
+    assert s.case == "surge" and s.surge == SURGE and sc.start_ns + 2.5 * HOUR <= s.surge_ns <= sc.start_ns + 4 * HOUR
+    before = sc.load[s.index, :sc.chunk_of(s.surge_ns)]
+    after = sc.load[s.index, sc.chunk_of(s.surge_ns + SURGE_RAMP):]
+    assert np.median(after) > 1.5 * np.median(before) and np.quantile(after, 0.9) > before.max()
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_a_mix_rollout_calls_the_other_functions_less_often_at_the_same_load(seed):
+    sc = generate_load(seed, services=2, functions_per_service=12, hours=8.0)
+    s = sc.services[1]
+    assert s.case == "mix" and s.surge == 1.0
+    mixed = [f for f in sc.functions if f.service == s.index and f.calls_new != 1.0]
+    assert mixed and all(f.change is None and not f.load_following and 0.2 <= f.calls_new <= 0.4 for f in mixed)
+    rows = sc.loc_service == s.index
+    calls = (sc.counts_old[rows] + sc.counts_new[rows]).sum(axis=0) / sc.load[s.index]
+    before = calls[_chunks(sc, sc.start_ns, s.change_ns)].mean()
+    after = calls[_chunks(sc, s.full_ns, sc.end_ns)].mean()
+    assert after < 0.92 * before  # the load measure drops while the load does not
 
 
 # --- scoring ------------------------------------------------------------------------------------
