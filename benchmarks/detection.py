@@ -64,7 +64,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from benchmarks.scenarios import (
-    EXPECTED_QUANTILE, HOUR, NEW_VERSION, SURGE, Scenario, effect_label, generate,
+    EXPECTED_QUANTILE, HOUR, NEW_VERSION, SURGE, Scenario, effect_label, generate, generate_load,
 )
 
 FULL = {"services": 8, "functions_per_service": 40, "hours": 8.0}
@@ -130,7 +130,7 @@ def run_direct(seed: int, sizes: dict, cfg, load_cases: bool = False) -> dict:
     returns the score and the events."""
     from processor.pipeline.engine import Engine
     t_start = time.perf_counter()
-    sc = generate(seed, **sizes, load_cases=load_cases)
+    sc = (generate_load if load_cases else generate)(seed, **sizes)
     t_setup = time.perf_counter() - t_start
     engine = Engine(cfg, known_keys=set(), clock=lambda: 0.0)
     events: list[Ev] = []

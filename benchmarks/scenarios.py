@@ -29,8 +29,8 @@ The model, per seed:
 Load beyond the baseline (``generate_load``, or ``generate(..., load_cases=True)``): every
 service also has ``LOAD_FOLLOWING`` functions whose latency follows its load and that no
 version changes, half linearly (``1 + beta (L - 0.7)``, beta U(0.5, 1.5)), half as a queue
-(``(1 - rho) / (1 - rho L)``, rho at load 1 U(0.2, 0.3), rho L capped at 0.9); and one of
-two cases (services alternate):
+(``(1 - rho) / (1 - rho L)``, rho at load 1 U(0.15, 0.25), so about 0.5-0.8 at the surge's
+peaks; rho L capped at 0.95); and one of two cases (services alternate):
 
 - "surge": the load ramps up to ``SURGE`` times (over ``SURGE_RAMP``, from a time drawn in
   [2.5 h, 4 h]) and stays there: past anything the warm-up, and most of the baseline, saw.
@@ -40,7 +40,9 @@ two cases (services alternate):
   measure, drop about a quarter at the same load; the deck's changes move other
   functions' latency (and spans in flight) as in every scenario.
 
-Any event on a load-following function is false.
+Any event on a load-following function is false. Call rates follow the load down to
+``LOAD_MIN_RATE`` (1/s) rather than 5/s, so that a function's calls are in proportion to
+its service's load, as they would be.
 
 Everything is numpy on whole chunks; the same seed (and arguments) gives the same spans,
 and chunk ``i`` can be regenerated alone (its random stream is seeded by (seed, i)).
@@ -80,7 +82,8 @@ LOAD_FOLLOWING = 4              # load cases: functions per service whose latenc
 SURGE = 2.0                     # load cases, "surge": the load multiplied by this ...
 SURGE_RAMP = HOUR               # ... reached over this long, then kept
 SURGE_START = (2.5, 4.0)        # hours: when the ramp starts
-RHO_CAP = 0.9                   # queue-like functions: utilisation never above this
+RHO_CAP = 0.95                  # queue-like functions: utilisation never above this
+LOAD_MIN_RATE = 1.0             # load cases: call rates follow the load down to this (per s)
 MIX_SHARE = 0.75                # load cases, "mix": share of the unchanged functions whose ...
 MIX_FACTOR = (0.2, 0.4)         # ... call rate the rollout multiplies by U(these)
 
@@ -547,6 +550,7 @@ def generate_load(seed: int, services: int = 4, functions_per_service: int = 12,
                   **kw) -> Scenario:
     """A scenario of the load cases (see the module docstring): services alternate "surge"
     and "mix", each with ``LOAD_FOLLOWING`` load-following functions besides the usual ones."""
+    kw.setdefault("min_rate", LOAD_MIN_RATE)
     return generate(seed, services, functions_per_service, hours, load_cases=True, **kw)
 
 
@@ -575,7 +579,7 @@ def _add_load_cases(seed: int, svcs: list[Service], functions: list[Function], n
                 median_ms=float(np.exp(rng.uniform(np.log(1.0), np.log(300.0)))),
                 sigma=float(rng.uniform(0.3, 1.0)), tail_shape=0.0,
                 beta=float(rng.uniform(0.5, 1.5)) if shape == "linear" else 0.0,
-                rho=float(rng.uniform(0.2, 0.3)) if shape == "queue" else 0.0,
+                rho=float(rng.uniform(0.15, 0.25)) if shape == "queue" else 0.0,
                 error_share=BASE_ERROR_SHARE, exception_types=(EXCEPTIONS[int(rng.integers(len(EXCEPTIONS)))],),
                 base_rate=float(rng.uniform(7.0, 15.0)), load_following=shape,
                 attrs=_extra_attributes(module, verb, noun, rng)))

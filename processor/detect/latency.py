@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -9,7 +10,7 @@ from processor.detect.base import Observation, RegressionDetector, VersionWatche
 from processor.detect.lifecycle import ACCEPTED, RECOVERED, Regression
 from processor.detect.settings import Settings, parse_bool, positive_float, probability, setting
 from processor.detect.stats import (
-    BinomialCUSUM, DecayedLinearFit, binomial_greater, mass_above, mean_log_ms, quantile_bucket,
+    BinomialCUSUM, CallMix, LoadFit, binomial_greater, mass_above, mean_log_ms, quantile_bucket,
     rank_test_greater, shifted, wilson_lower,
 )
 from processor.events import Event
@@ -20,6 +21,8 @@ QUANTILES = {"p50": 0.5, "p99": 0.99, "p999": 0.999}
 # The CUSUMs per version: the median twice, for a small rise (many spans needed) and for a
 # large one (few spans suffice: sparse locations, gross shifts), then the tails.
 WATCHES = {"p50": 0.5, "p50_gross": 0.5, "p99": 0.99, "p999": 0.999}
+SEEN_SD = 2.5        # the load the baseline has seen: its mean -+ this many standard deviations (log)
+LOAD_T = 4.0         # t of the load slope from which windows are compared at their load
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,10 @@ class LatencySettings(Settings):
     escalate_ratio: float = setting(2.0, non_negative_float,
                                     "rise over the level reported that is reported again while a "
                                     "regression is open (0: never)")
+    load_margin: float = setting(0.1, non_negative_float,
+                                 "how far past the load its baseline has seen (log of calls per second) a "
+                                 "window is still judged; further, where latency may follow load, its "
+                                 "evidence is held until the baseline has seen that load")
 
 
 @dataclass(slots=True, kw_only=True)
@@ -109,14 +116,20 @@ class LatencyShift(RegressionDetector):
     back at the baseline's (a ``resolved`` event), or until ``accept_windows`` windows make
     the new level the baseline.
 
-    Where the baseline shows latency rising with the service's load (spans in flight in
-    the rest of the service, a significant slope), windows are compared after removing
-    that expected load effect, so a busy hour is not a regression.
+    Where the baseline shows latency rising with the service's load (the calls per second of
+    the rest of the service, a significant slope), each window is compared after removing
+    the load effect the baseline predicts at its load (``LoadFit``: a line or a parabola, to
+    follow convex, queue-like curves), so a busy hour is not a regression. A window whose
+    load is more than ``load_margin`` past what the baseline has seen is not judged: its
+    evidence is held (not added, not cleared) and it does not enter the baseline, while the
+    load fit learns that load. A rollout that calls other functions less often lowers the
+    load measure at the same load; the location's own calls tell (``CallMix``).
 
     Parameters
     ----------
     window_s, half_life_s, warmup_windows, threshold, median_delta, gross_delta, tail_ratio,
-    min_tail_expected, min_relative, min_absolute_ms, alpha, accept_windows
+    min_tail_expected, min_relative, min_absolute_ms, alpha, accept_windows, escalate_ratio,
+    load_margin
         See docs/detection.md.
 
     Examples
@@ -151,17 +164,20 @@ class LatencyShift(RegressionDetector):
                  tail_ratio: float = 2.5,
                  min_tail_expected: float = 20.0, min_relative: float = 0.15,
                  min_absolute_ms: float = 0.5, alpha: float = 1e-3,
-                 accept_windows: int = 120, escalate_ratio: float = 2.0):
+                 accept_windows: int = 120, escalate_ratio: float = 2.0, load_margin: float = 0.1):
         self.window_s, self.half_life_s, self.warmup_windows = window_s, half_life_s, warmup_windows
         self.threshold, self.median_delta, self.gross_delta, self.tail_ratio = (
             threshold, median_delta, gross_delta, tail_ratio)
         self.min_tail_expected, self.min_relative, self.min_absolute_ms = min_tail_expected, min_relative, min_absolute_ms
         self.alpha, self.accept_windows, self.escalate_ratio = alpha, accept_windows, escalate_ratio
+        self.load_margin = load_margin
         self.decay = 0.5 ** (window_s / half_life_s)
         self._make_watches = partial(_QuantileWatches, threshold)
         self._baseline = b""  # the baseline sketch, packed (see ``baseline``)
         self.baseline_windows = 0
-        self.load = DecayedLinearFit(self.decay)
+        self.load = LoadFit(self.decay)  # mean log latency on log load
+        self.mix = CallMix(self.decay)
+        self.load_ref: float | None = None  # the fit's level windows are brought to, once it is used
         self.watches: VersionWatches | None = None  # made with the first window judged
         self.open: LatencyRegression | None = None  # the regression being reported, while it lasts
 
@@ -191,12 +207,14 @@ class LatencyShift(RegressionDetector):
                     for w in qw.by_quantile.values()))
                 for version, qw in self.watches.by_version.items()))
         return (None if self._baseline == sketch else self._baseline, self.baseline_windows,
-                self.load.freeze(), watches, self.open.freeze() if self.open else None)
+                (self.load.freeze(), self.mix.freeze(), self.load_ref), watches,
+                self.open.freeze() if self.open else None)
 
     def _thaw(self, state: tuple, sketch: bytes) -> None:
-        baseline, self.baseline_windows, load, watches, o = state
+        baseline, self.baseline_windows, (load, mix, self.load_ref), watches, o = state
         self._baseline = sketch if baseline is None else baseline
-        self.load = DecayedLinearFit.thawed(self.decay, load)
+        self.load = LoadFit.thawed(self.decay, load)
+        self.mix = CallMix.thawed(self.decay, mix)
         self.watches = None
         if watches is not None:
             self.watches = vw = VersionWatches(self._make_watches)
@@ -213,14 +231,40 @@ class LatencyShift(RegressionDetector):
         self.open = LatencyRegression.thawed(o)
 
     # -- helpers ----------------------------------------------------------------------------
-    def _load_adjustment(self, x: float | None) -> float:
-        """log-factor by which this window is expected to be slower than the baseline's load."""
-        if x is None or self.load.n < self.warmup_windows:
-            return 0.0
-        effective = min(self.load.n, 1.0 / (1.0 - self.decay))
-        if self.load.slope <= 0 or self.load.slope_t(effective) < 4.0:
-            return 0.0
-        return self.load.slope * (x - self.load.mean_x)
+    def _load_x(self, obs: Observation) -> tuple[float | None, bool]:
+        """(this window's load: log of the rest of the service's calls per second, or what
+        the location's own calls imply when a changed mix of calls lowered that; whether
+        the mix may have changed unseen, ``CallMix``)."""
+        x = obs.others_load()
+        if x is None:
+            return None, False
+        others = math.exp(x) * (obs.end_ns - obs.start_ns) / 1e9
+        load, uncertain = self.mix.load(x, obs.count, others)
+        self.mix.update(obs.count, others)
+        return load, uncertain
+
+    def _load_adjustment(self, x: float | None, uncertain: bool = False) -> tuple[float, bool]:
+        """(log-factor by which this window is expected to be slower than the baseline's
+        level, whether its load is too uncertain or too far past what the baseline has seen
+        to judge it)."""
+        fit = self.load
+        if x is None or fit.n < self.warmup_windows:
+            return 0.0, False
+        effective = min(fit.n, 1.0 / (1.0 - self.decay))
+        lo, hi = fit.seen(SEEN_SD)
+        slope = fit.slope
+        if slope <= 0 or fit.slope_t(effective) < LOAD_T:
+            # No load effect shown: none is assumed, unless the load went so far past what the
+            # baseline saw that one its data cannot rule out would be a reportable rise.
+            plausible = (max(slope, 0.0) + 2.0 * fit.slope_se(effective)) * (x - hi)
+            return 0.0, x - hi > self.load_margin and plausible > 0.5 * math.log1p(self.min_relative)
+        if self.load_ref is None:
+            self.load_ref = fit.predict(fit.mean_x)
+        # Below the load seen, latency is taken to be no lower than at the lowest load seen.
+        expected = fit.predict(min(max(x, lo), hi + self.load_margin))
+        if not math.isfinite(expected):  # the queue form puts saturation here
+            return 0.0, True
+        return expected - self.load_ref, uncertain or x - hi > self.load_margin
 
     def _absorb(self, sketch: LogSketch, obs: Observation, baseline: LogSketch | None = None) -> None:
         step = obs.baseline_step
@@ -236,13 +280,18 @@ class LatencyShift(RegressionDetector):
         lw = obs.window
         if lw is None or lw.count == 0:
             return []
-        x = obs.others_load()
-        adjustment = self._load_adjustment(x)
+        x, uncertain = self._load_x(obs)
+        adjustment, beyond = self._load_adjustment(x, uncertain)
         current = shifted(lw.sketch, -adjustment)
         if self.baseline_windows < self.warmup_windows:
             self._absorb(current, obs)
             if x is not None:
                 self.load.update(x, mean_log_ms(lw.sketch))
+            return []
+        if beyond and self.open is None:
+            # Load the baseline has not seen: held, neither evidence nor baseline, until the
+            # load fit has seen it.
+            self.load.update(x, mean_log_ms(lw.sketch))
             return []
         if self.open is not None:
             # Follow the version that regressed while it runs (a canary beside the old

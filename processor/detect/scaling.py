@@ -10,7 +10,7 @@ import numpy as np
 from processor.detect.base import Observation, RegressionDetector
 from processor.detect.lifecycle import ACCEPTED, RECOVERED, Regression
 from processor.detect.settings import Settings, parse_bool, positive_float, positive_int, setting
-from processor.detect.stats import DecayedLinearFit, mean_log_ms
+from processor.detect.stats import CallMix, LoadFit, mean_log_ms
 from processor.events import Event
 from processor.parsing import non_negative_float
 
@@ -29,6 +29,12 @@ class ScalingSettings(Settings):
                                     "smallest spread of log load in the recent windows to judge a slope")
     resolve_windows: int = setting(10, positive_int,
                                    "windows in a row with a flat residual slope that close a scaling regression")
+    load_margin: float = setting(0.2, non_negative_float,
+                                 "how far past the load its baseline has seen (log of calls per second) a "
+                                 "window still counts in the recent residual slope")
+
+
+SEEN_SD = 2.5  # the load the baseline has seen: its mean -+ this many standard deviations (log)
 
 
 @dataclass(slots=True, kw_only=True)
@@ -40,13 +46,17 @@ class ScalingShift(RegressionDetector):
     """The slope of latency against concurrency rose.
 
     Each window gives one point: x = log of the calls per second in the rest of the
-    service (its load; see ``Observation.others_load``), y = mean log latency of this
-    location. The baseline is a decayed weighted least-squares line through these points.
-    The residuals of the last ``recent_windows`` windows are regressed on x; when their
-    slope is positive with ``t >= z_threshold`` for ``persist_windows`` windows in a row,
-    and the extra latency it implies across the recent load range is at least
-    ``min_relative``, a regression opens. Latency that rises with load exactly as the
-    baseline line predicts leaves residuals flat and raises nothing.
+    service (its load; see ``Observation.others_load``; or the load the location's own calls
+    imply when a rollout called the rest less often, ``CallMix``), y = mean log latency of
+    this location. The baseline is a decayed weighted least-squares fit through these points
+    (``LoadFit``: a line in log-log, in load, or in 1 / latency, a queue, whichever has
+    predicted best). The residuals of the last ``recent_windows`` windows are regressed on
+    x; when their slope is positive with ``t >= z_threshold`` for ``persist_windows`` windows
+    in a row, and the extra latency it implies across the recent load range is at least
+    ``min_relative``, a regression opens. Latency that rises with load as the baseline
+    predicts leaves residuals flat and raises nothing. Only windows whose load the baseline
+    has seen (within ``load_margin`` of it) count: a rise must show across load the baseline
+    covered, not in how a curve goes on past it.
 
     Examples
     --------
@@ -78,13 +88,15 @@ class ScalingShift(RegressionDetector):
     def __init__(self, window_s: float = 60.0, half_life_s: float = 21600.0, warmup_windows: int = 60,
                  recent_windows: int = 30, z_threshold: float = 5.0, persist_windows: int = 3,
                  min_relative: float = 0.15, min_load_range: float = 0.2, resolve_windows: int = 10,
-                 accept_windows: int = 120):
+                 accept_windows: int = 120, load_margin: float = 0.2):
         self.window_s, self.half_life_s, self.warmup_windows = window_s, half_life_s, warmup_windows
         self.recent_windows, self.z_threshold, self.persist_windows = recent_windows, z_threshold, persist_windows
         self.min_relative, self.min_load_range = min_relative, min_load_range
-        self.resolve_windows, self.accept_windows = resolve_windows, accept_windows
+        self.resolve_windows, self.accept_windows, self.load_margin = resolve_windows, accept_windows, load_margin
         self.decay = 0.5 ** (window_s / half_life_s)
-        self.fit = DecayedLinearFit(self.decay)
+        self.fit = LoadFit(self.decay)
+        self.mix = CallMix(self.decay)
+        self._uncertain = False  # this window's load measure is in doubt (set by _point)
         self.recent: np.ndarray | None = None  # (x, residual, y) ring, made after warm-up
         self.pos = 0
         self.streak = 0
@@ -96,21 +108,37 @@ class ScalingShift(RegressionDetector):
 
     def freeze(self, sketch: bytes = b"") -> tuple:
         recent = None if self.recent is None else self.recent.tobytes()
-        return self.fit.freeze(), recent, self.pos, self.streak, self.open.freeze() if self.open else None
+        return ((self.fit.freeze(), self.mix.freeze()), recent, self.pos, self.streak,
+                self.open.freeze() if self.open else None)
 
     def _thaw(self, state: tuple, sketch: bytes) -> None:
-        fit, recent, self.pos, self.streak, o = state
+        (fit, mix), recent, self.pos, self.streak, o = state
         self.open = ScalingRegression.thawed(o)
-        self.fit = DecayedLinearFit.thawed(self.decay, fit)
+        self.fit = LoadFit.thawed(self.decay, fit)
+        self.mix = CallMix.thawed(self.decay, mix)
         self.recent = None if recent is None else np.frombuffer(recent, np.float64).reshape(-1, 3).copy()
 
     def _point(self, obs: Observation) -> tuple[float, float] | None:
         x = obs.others_load()
-        return None if x is None else (x, mean_log_ms(obs.window.sketch))
+        if x is None:
+            return None
+        others = math.exp(x) * (obs.end_ns - obs.start_ns) / 1e9
+        load, self._uncertain = self.mix.load(x, obs.count, others)
+        self.mix.update(obs.count, others)
+        return load, mean_log_ms(obs.window.sketch)
+
+    def _residual(self, x: float, y: float) -> float:
+        """y less what the baseline expects at x; NaN where it has not seen that load, or
+        the load measure is in doubt (``CallMix``)."""
+        lo, hi = self.fit.seen(SEEN_SD)
+        if self._uncertain or not lo - self.load_margin <= x <= hi + self.load_margin:
+            return math.nan
+        expected = self.fit.predict(x)
+        return y - expected if math.isfinite(expected) else math.nan
 
     def _recent_slope(self) -> tuple[float, float, float]:
         """(slope, t, x range) of the residuals on x over the recent ring."""
-        pts = self.recent[~np.isnan(self.recent[:, 0])]
+        pts = self.recent[~np.isnan(self.recent[:, 1])]
         if len(pts) < max(5, self.recent_windows // 2):
             return 0.0, 0.0, 0.0
         x, r = pts[:, 0], pts[:, 1]
@@ -134,7 +162,7 @@ class ScalingShift(RegressionDetector):
         if self.fit.n < self.warmup_windows:
             self.fit.update(x, y)
             return []
-        residual = y - (self.fit.intercept + self.fit.slope * x)
+        residual = self._residual(x, y)
         if self.recent is None:  # a fresh ring: all rows empty (NaN)
             self.recent = np.full((self.recent_windows, 3), np.nan)
         self.recent[self.pos % self.recent_windows] = (x, residual, y)
@@ -175,7 +203,7 @@ class ScalingShift(RegressionDetector):
         if reason is None:
             return []
         if reason == ACCEPTED:
-            self.fit = DecayedLinearFit(self.decay)
+            self.fit = LoadFit(self.decay)
             for px, _, py in self.recent[~np.isnan(self.recent[:, 0])]:
                 self.fit.update(float(px), float(py))  # restart from the recent points
         self.recent = None  # emptied: made afresh with the next point

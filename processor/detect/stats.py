@@ -66,11 +66,30 @@ class BinomialCUSUM(base.Base):
         self.statistic = 0.0
 
 
-_ZERO_SUMS = array("d", bytes(6 * 8))
+_ZERO_LOAD = array("d", bytes(21 * 8))
 
 
-class DecayedLinearFit(base.Base):
-    """Weighted least squares of y on x whose past weights decay by ``decay`` per update.
+def _line(w: float, sx: float, sxx: float, sy: float, sxy: float) -> tuple[float, float, float]:
+    """(mean x, mean y, slope) of a weighted least-squares line from its sums."""
+    mx, my = sx / w, sy / w
+    vx = sxx / w - mx * mx
+    return mx, my, ((sxy / w - mx * my) / vx if vx > 1e-12 else 0.0)
+
+
+class LoadFit(base.Base):
+    """Mean log latency (y) on log load (x): decayed weighted least squares in three forms,
+    the one that predicts best, and the range of load they rest on.
+
+    Latency that follows load does so in more than one way: as a power of it (a line in
+    log-log, the form of the significance test, ``slope`` and ``slope_t``), in proportion to
+    it (latency = a + b load), or as a queue (convex: latency = a / (1 - rho load), so
+    1 / latency is a line in load). A line in log-log through the load seen so far
+    underestimates a queue at higher load; the queue form overestimates a linear function
+    there. The last two are fitted with weights that make their errors relative ones, as in
+    log-log (a slow point weighs no more than a fast one). ``predict`` uses the form whose
+    predictions of each new point, before it was added, erred least (decayed mean absolute
+    error, each capped at 0.5): the one that extrapolated best. ``seen`` is the load range
+    the fits rest on: the decayed mean of x, plus and minus ``spread`` standard deviations.
 
     Parameters
     ----------
@@ -79,18 +98,29 @@ class DecayedLinearFit(base.Base):
 
     Examples
     --------
-    >>> fit = DecayedLinearFit(decay=1.0)
-    >>> for x in range(10):
-    ...     _ = fit.update(x, 2.0 + 0.5 * x, weight=1.0)
-    >>> round(fit.slope, 6), round(fit.intercept, 6)
-    (0.5, 2.0)
+    >>> import math
+    >>> def queue(x):
+    ...     return -math.log(1 - 0.3 * math.exp(x))
+    >>> fit = LoadFit(decay=1.0)
+    >>> for i in range(30):
+    ...     _ = fit.update(-1 + 0.05 * i, queue(-1 + 0.05 * i))
+    >>> fit.form
+    'queue'
+    >>> [(round(queue(x), 3), round(fit.predict(x), 3)) for x in (0.2, 0.7, 1.1)]  # seen, then beyond
+    [(0.456, 0.456), (0.927, 0.927), (2.315, 2.315)]
+    >>> [round(v, 3) for v in fit.seen(2.0)]
+    [-1.141, 0.591]
     """
+
+    FORMS = ("power", "linear", "queue")
 
     def __init__(self, decay: float = 1.0):
         self.decay = decay
-        # w, wx, wy, wxx, wxy, wyy: a plain float64 array (one per location, so not numpy's
-        # larger array object); each sum is decayed, then added to, in float64 as numpy would.
-        self.sums = array("d", _ZERO_SUMS)
+        # Around (x0, y0), the first point: u = x - x0, L = exp(u), Y = exp(y - y0).
+        # log-log: w, u, uu, y, uy, yy; latency = a + b L, weights 1 / Y^2: a, aL, aLL, aY, aLY;
+        # 1 / latency = a - b L, weights Y^2: a, aL, aLL, a/Y, aL/Y; x0, y0; then each form's
+        # decayed absolute error of prediction. One float64 array per location.
+        self.sums = array("d", _ZERO_LOAD)
         self.n = 0
 
     def freeze(self) -> tuple[bytes, int]:
@@ -98,7 +128,7 @@ class DecayedLinearFit(base.Base):
         return self.sums.tobytes(), self.n
 
     @classmethod
-    def thawed(cls, decay: float, state: tuple[bytes, int]) -> "DecayedLinearFit":
+    def thawed(cls, decay: float, state: tuple[bytes, int]) -> "LoadFit":
         fit = cls.__new__(cls)
         fit.decay = decay
         fit.sums = array("d")
@@ -106,44 +136,180 @@ class DecayedLinearFit(base.Base):
         fit.n = state[1]
         return fit
 
-    def update(self, x: float, y: float, weight: float = 1.0) -> "DecayedLinearFit":
+    def update(self, x: float, y: float, weight: float = 1.0) -> "LoadFit":
         sums, decay = self.sums, self.decay
-        for i, v in enumerate((1.0, x, y, x * x, x * y, y * y)):
-            sums[i] = sums[i] * decay + weight * v
+        if self.n == 0:
+            sums[16], sums[17] = x, y
+        u = x - sums[16]
+        big_l, big_y = math.exp(u), math.exp(y - sums[17])
+        a = b = big_y  # the level that sets the weights: as predicted, once there are predictions
+        if self.n >= 3:
+            forms = self._forms(x)
+            for i, p in enumerate(forms):
+                e = 0.5 if math.isnan(p) else min(abs(y - p), 0.5)  # robust: a miss counts, not its size
+                sums[18 + i] = sums[18 + i] * decay + weight * e
+            if abs(forms[1] - y) < 2.0:
+                a = math.exp(forms[1] - sums[17])
+            if abs(forms[2] - y) < 2.0:
+                b = math.exp(forms[2] - sums[17])
+        # Weights that make each form's errors relative (as y's), by the predicted level: a
+        # slower point than expected weighs no more than one as expected.
+        a, b = weight / (a * a), weight * b * b
+        for i, v in enumerate((weight, weight * u, weight * u * u, weight * y, weight * u * y, weight * y * y,
+                               a, a * big_l, a * big_l * big_l, a * big_y, a * big_l * big_y,
+                               b, b * big_l, b * big_l * big_l, b / big_y, b * big_l / big_y)):
+            sums[i] = sums[i] * decay + v
         self.n += 1
         return self
 
-    @property
-    def _moments(self):
-        w, wx, wy, wxx, wxy, wyy = self.sums.tolist()
+    def _loglog(self):
+        """(w, mean u, mean y, var u, cov(u, y), var y), or None."""
+        w, su, suu, sy, suy, syy = self.sums[:6].tolist()
         if w <= 0:
-            return 0.0, 0.0, 0.0, 0.0, 0.0
-        mx, my = wx / w, wy / w
-        return w, mx, my, wxx / w - mx * mx, wxy / w - mx * my
+            return None
+        mu, my = su / w, sy / w
+        return w, mu, my, max(suu / w - mu * mu, 0.0), suy / w - mu * my, syy / w - my * my
 
     @property
     def slope(self) -> float:
-        _, _, _, vx, cxy = self._moments
-        return cxy / vx if vx > 1e-12 else 0.0
-
-    @property
-    def intercept(self) -> float:
-        _, mx, my, _, _ = self._moments
-        return my - self.slope * mx
+        """Slope of the log-log line."""
+        c = self._loglog()
+        return c[4] / c[3] if c and c[3] > 1e-12 else 0.0
 
     @property
     def mean_x(self) -> float:
-        return self._moments[1]
+        c = self._loglog()
+        return self.sums[16] + (c[1] if c else 0.0)
+
+    def slope_se(self, effective_n: float) -> float:
+        """Standard error of the log-log line's slope (infinite without spread in x)."""
+        c = self._loglog()
+        if c is None or c[3] <= 1e-12 or effective_n <= 2:
+            return math.inf
+        _, _, _, vu, cuy, vy = c
+        return math.sqrt(max(vy - cuy * cuy / vu, 1e-12) / (vu * (effective_n - 2)))
 
     def slope_t(self, effective_n: float) -> float:
-        """t statistic of the slope, with ``effective_n`` independent points."""
-        w, mx, my, vx, cxy = self._moments
-        if w <= 0 or vx <= 1e-12 or effective_n <= 2:
-            return 0.0
-        vy = self.sums[5] / w - my * my
-        resid = max(vy - cxy * cxy / vx, 1e-12)
-        se = math.sqrt(resid / (vx * (effective_n - 2)))
-        return self.slope / se
+        """t statistic of the log-log line's slope, with ``effective_n`` independent points."""
+        se = self.slope_se(effective_n)
+        return self.slope / se if math.isfinite(se) else 0.0
+
+    def seen(self, spread: float) -> tuple[float, float]:
+        """The load range the fits rest on: mean x -+ ``spread`` standard deviations."""
+        c = self._loglog()
+        if c is None:
+            return math.inf, -math.inf
+        mean, sd = self.sums[16] + c[1], math.sqrt(c[3])
+        return mean - spread * sd, mean + spread * sd
+
+    @property
+    def form(self) -> str:
+        """The form that has predicted best: "power", "linear" or "queue"."""
+        errors = self.sums[18:21].tolist()
+        return self.FORMS[errors.index(min(errors))]
+
+    def _forms(self, x: float) -> tuple[float, float, float]:
+        """Each form's expected y at x (NaN where it has none; infinite where the queue form
+        puts saturation)."""
+        c = self._loglog()
+        if c is None:
+            return 0.0, 0.0, 0.0
+        s = self.sums
+        _, mu, my, vu, cuy, _ = c
+        u = x - s[16]
+        if vu <= 1e-12:
+            return my, my, my
+        power = my + cuy / vu * (u - mu)
+        big_l = math.exp(u)
+        ml, mean_y, b = _line(*s[6:11])     # latency = a + b load
+        level = mean_y + b * (big_l - ml)
+        linear = s[17] + math.log(level) if level > 0 else math.nan
+        ml, mean_z, b = _line(*s[11:16])    # 1 / latency = a - b load
+        level = mean_z + b * (big_l - ml)
+        queue = s[17] - math.log(level) if level > 1e-9 else math.inf
+        return power, linear, queue
+
+    def predict(self, x: float) -> float:
+        """Expected y at x by the form that has predicted best (infinite where the queue form,
+        chosen, puts saturation)."""
+        forms = self._forms(x)
+        p = forms[self.FORMS.index(self.form)]
+        return forms[0] if math.isnan(p) else p
+
+
+class CallMix(base.Base):
+    """A location's own calls as a second measure of its service's load.
+
+    The load measure is the rest of the service's calls; a rollout that calls other
+    functions less often (a cache, a removed N+1 query, a function gone) lowers it with no
+    change in load. While only load moves, the location's own calls keep their ratio to the
+    rest's: this keeps d = log(others / own) as a slow decayed mean (the usual mix; it stands
+    still while the rest falls short of it) and a fast one (the last few windows). When the
+    rest's calls fall short of the usual mix by more than ``floor`` (log), in the fast mean
+    or already in this window beyond ``z`` times its Poisson noise, ``load`` gives the load
+    the own calls imply instead: a changed mix is not taken for lighter load. A window that
+    falls short by more than ``floor`` but within its noise is uncertain. (The other way,
+    the rest called more often, is taken as load: latency is then expected higher, not
+    lower, than it is.)
+
+    >>> mix = CallMix(decay=0.999)
+    >>> for _ in range(60):
+    ...     _ = mix.update(own=600, others=6000)
+    >>> mix.load(4.6, own=600, others=6000)
+    (4.6, False)
+    >>> others = 6000 * math.exp(-0.3)  # a rollout calls the rest 26% less often, at the same load
+    >>> [round(mix.load(4.3, own=600, others=others)[0], 3) for _ in range(3) if mix.update(600, others)]
+    [4.6, 4.6, 4.6]
+    """
+
+    def __init__(self, decay: float = 1.0, fast: float = 0.5 ** 0.2, floor: float = 0.1,
+                 z: float = 3.0, min_calls: float = 20.0):
+        self.decay, self.fast, self.floor, self.z, self.min_calls = decay, fast, floor, z, min_calls
+        self.sums = (0.0, 0.0, 0.0, 0.0)  # slow w, slow w d, fast w, fast w d
+
+    def freeze(self) -> tuple[float, float, float, float]:
+        return self.sums
+
+    @classmethod
+    def thawed(cls, decay: float, state: tuple[float, float, float, float]) -> "CallMix":
+        mix = cls(decay)
+        mix.sums = tuple(state)
+        return mix
+
+    def _short(self) -> float:
+        """How far the rest's calls fall short of the usual mix in the fast mean (log)."""
+        w, wd, fw, fwd = self.sums
+        return wd / w - fwd / fw if w >= 5.0 and fw >= 2.0 else 0.0
+
+    def load(self, x: float, own: float, others: float) -> tuple[float, bool]:
+        """(the load measure ``x``, log of the rest's calls per second, or the one the own
+        calls imply when the rest's fell short of it; whether this window may have fallen
+        short without showing it beyond its noise). ``own``, ``others``: this window's
+        counts, before ``update``."""
+        short = self._short()
+        if short <= self.floor:
+            short = 0.0
+        w, wd = self.sums[:2]
+        uncertain = False
+        if w >= 5.0 and own >= self.min_calls and others >= 1.0:
+            now = wd / w - math.log(others / own)
+            if now > self.floor:
+                if now > self.z * math.sqrt(1.0 / own + 1.0 / others):
+                    short = max(short, now)
+                else:
+                    uncertain = short == 0.0
+        return x + short, uncertain
+
+    def update(self, own: float, others: float) -> "CallMix":
+        """Add a window's counts: the location's own calls and the rest of the service's."""
+        if own >= self.min_calls and others >= 1.0:
+            d = math.log(others / own)
+            w, wd, fw, fwd = self.sums
+            noise = self.z * math.sqrt(1.0 / own + 1.0 / others)
+            if w < 5.0 or wd / w - d <= max(self.floor, noise) and self._short() <= self.floor / 2:
+                w, wd = w * self.decay + 1.0, wd * self.decay + d  # the usual mix, while it holds
+            self.sums = (w, wd, fw * self.fast + 1.0, fwd * self.fast + d)
+        return self
 
 
 def mass_above(sketch: LogSketch, bucket: int) -> float:
