@@ -266,3 +266,42 @@ def test_a_sparse_location_s_3x_shift_is_found_within_15_minutes(seed):
 @pytest.mark.parametrize("seed", range(60, 68))
 def test_sparse_stationary_locations_stay_quiet(seed):
     assert events_of(LatencyShift, seed=seed, windows=1440, rate=0.05) == []
+
+
+def _load_following(seed: int, shape: str, windows: int = 480, surge_at: int = 150, rollout_at: int = 300):
+    """A location whose latency follows its service's load and that no version changes: in
+    proportion to it (``linear``) or as a queue (``queue``, 1 / (1 - rho load)). The load
+    doubles over an hour from ``surge_at``, past anything the warm-up saw; at ``rollout_at``
+    version 1.1 calls the service's other functions 30% less often (the load measure drops
+    at the same load)."""
+    from processor.detect.base import Observation
+    from processor.pipeline.sketch import LogSketch
+    from processor.pipeline.window import LocationWindow, VersionFigures
+    from tests.windows import LOC, V1, W_NS
+
+    rng = np.random.default_rng(seed)
+    first_seen = {V1: W_NS}
+    for i in range(windows):
+        surge = 1.0 + float(np.clip((i - surge_at) / 60, 0.0, 1.0))
+        load = surge * float(np.exp(0.15 * np.sin(2 * np.pi * i / 1440) + rng.normal(0, 0.12)))
+        factor = 1 + 1.2 * (load - 0.7) if shape == "linear" else 0.75 / (1 - 0.25 * load)
+        version = V2 if i >= rollout_at else V1
+        if i >= rollout_at:
+            first_seen.setdefault(V2, (i + 1) * W_NS)
+        mix = 0.7 if i >= rollout_at else 1.0
+        n = int(rng.poisson(8 * 60 * load))
+        sk = LogSketch.from_values(rng.lognormal(np.log(30e6 * factor), 0.5, n))
+        lw = LocationWindow(0, LOC, n, 0, sk, [VersionFigures(version, n, 0, sk)])
+        yield Observation(LOC, i * W_NS, (i + 1) * W_NS, lw, 0.0, version, dict(first_seen),
+                          service_calls=150 * load * mix + n / 60)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+@pytest.mark.parametrize("shape", ["linear", "queue"])
+def test_latency_that_follows_load_past_the_baseline_and_through_a_rollout_is_no_regression(shape, seed):
+    """Issue 14: the load goes past the range the warm-up saw (a queue is convex there), then
+    a rollout changes how often the other functions are called; the function is unchanged."""
+    latency, scaling = make(LatencyShift), make(ScalingShift)
+    events = [e for obs in _load_following(seed, shape) for det in (latency, scaling) for e in det.update(obs)]
+    assert events == [], [e.summary for e in events]
+    assert latency.load.slope > 0.5 and latency.load_ref is not None  # it did follow the load

@@ -262,7 +262,7 @@ class CallMix(base.Base):
     [4.6, 4.6, 4.6]
     """
 
-    def __init__(self, decay: float = 1.0, fast: float = 0.5 ** 0.2, floor: float = 0.1,
+    def __init__(self, decay: float = 1.0, fast: float = 0.5 ** 0.5, floor: float = 0.1,
                  z: float = 3.0, min_calls: float = 20.0):
         self.decay, self.fast, self.floor, self.z, self.min_calls = decay, fast, floor, z, min_calls
         self.sums = (0.0, 0.0, 0.0, 0.0)  # slow w, slow w d, fast w, fast w d
