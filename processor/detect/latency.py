@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from functools import partial
 
 from processor.detect.base import Observation, RegressionDetector, VersionWatches, attribution
+from processor.detect.noise import QuantileNoise
 from processor.detect.lifecycle import ACCEPTED, RECOVERED, Regression
 from processor.detect.settings import Settings, parse_bool, positive_float, probability, setting
 from processor.detect.stats import (
@@ -44,6 +45,9 @@ class LatencySettings(Settings):
                                      "smallest absolute rise of the quantile (ms) that is reported")
     alpha: float = setting(1e-3, probability,
                            "significance of the confirming rank test (p50) or binomial test (tails)")
+    noise_z: float = setting(3.0, non_negative_float,
+                             "standard deviations of the location's own window-to-window spread of the "
+                             "quantile that a rise must exceed (0: no such gate)")
     escalate_ratio: float = setting(2.0, non_negative_float,
                                     "rise over the level reported that is reported again while a "
                                     "regression is open (0: never)")
@@ -128,7 +132,7 @@ class LatencyShift(RegressionDetector):
     Parameters
     ----------
     window_s, half_life_s, warmup_windows, threshold, median_delta, gross_delta, tail_ratio,
-    min_tail_expected, min_relative, min_absolute_ms, alpha, accept_windows, escalate_ratio,
+    min_tail_expected, min_relative, min_absolute_ms, alpha, accept_windows, noise_z, escalate_ratio,
     load_margin
         See docs/detection.md.
 
@@ -164,12 +168,14 @@ class LatencyShift(RegressionDetector):
                  tail_ratio: float = 2.5,
                  min_tail_expected: float = 20.0, min_relative: float = 0.15,
                  min_absolute_ms: float = 0.5, alpha: float = 1e-3,
-                 accept_windows: int = 120, escalate_ratio: float = 2.0, load_margin: float = 0.1):
+                 accept_windows: int = 120, noise_z: float = 3.0, escalate_ratio: float = 2.0, load_margin: float = 0.1):
         self.window_s, self.half_life_s, self.warmup_windows = window_s, half_life_s, warmup_windows
         self.threshold, self.median_delta, self.gross_delta, self.tail_ratio = (
             threshold, median_delta, gross_delta, tail_ratio)
         self.min_tail_expected, self.min_relative, self.min_absolute_ms = min_tail_expected, min_relative, min_absolute_ms
         self.alpha, self.accept_windows, self.escalate_ratio = alpha, accept_windows, escalate_ratio
+        self.noise_z = noise_z
+        self.noise = QuantileNoise(tuple(QUANTILES.values()))  # the location's own spread
         self.load_margin = load_margin
         self.decay = 0.5 ** (window_s / half_life_s)
         self._make_watches = partial(_QuantileWatches, threshold)
@@ -207,11 +213,13 @@ class LatencyShift(RegressionDetector):
                     for w in qw.by_quantile.values()))
                 for version, qw in self.watches.by_version.items()))
         return (None if self._baseline == sketch else self._baseline, self.baseline_windows,
-                (self.load.freeze(), self.mix.freeze(), self.load_ref), watches,
+                (self.load.freeze(), self.mix.freeze(), self.load_ref, self.noise.freeze()), watches,
                 self.open.freeze() if self.open else None)
 
     def _thaw(self, state: tuple, sketch: bytes) -> None:
-        baseline, self.baseline_windows, (load, mix, self.load_ref), watches, o = state
+        baseline, self.baseline_windows, (load, mix, self.load_ref, noise), watches, o = state
+        self.noise = QuantileNoise(tuple(QUANTILES.values()))
+        self.noise.thaw(noise)
         self._baseline = sketch if baseline is None else baseline
         self.load = LoadFit.thawed(self.decay, load)
         self.mix = CallMix.thawed(self.decay, mix)
@@ -283,6 +291,8 @@ class LatencyShift(RegressionDetector):
         x, uncertain = self._load_x(obs)
         adjustment, beyond = self._load_adjustment(x, uncertain)
         current = shifted(lw.sketch, -adjustment)
+        if self.open is None and not beyond:
+            self.noise.update(current, self.baseline)
         if self.baseline_windows < self.warmup_windows:
             self._absorb(current, obs)
             if x is not None:
@@ -362,6 +372,8 @@ class LatencyShift(RegressionDetector):
         seg_q = segment.quantile(q) / 1e6
         if seg_q < base_q * (1 + self.min_relative) or seg_q - base_q < self.min_absolute_ms:
             return None
+        if math.log(seg_q / base_q) < self.noise_z * self.noise.sd(list(QUANTILES).index(name)):
+            return None  # within what this location's quantile does from window to window
         if q == 0.5:
             p_value, effect = rank_test_greater(segment, baseline)
             test = "mann_whitney_u"
@@ -417,7 +429,9 @@ class LatencyShift(RegressionDetector):
         now_q = current.quantile(o.q) / 1e6
         segment = LogSketch.unpack(o.sketch)
         since = segment.quantile(o.q) / 1e6 if segment.count else 0.0
-        if o.escalates(now_q, self.escalate_ratio, self.min_absolute_ms, since):
+        reference = max(o.reported, since)
+        if (o.escalates(now_q, self.escalate_ratio, self.min_absolute_ms, since)
+                and math.log(now_q / reference) >= self.noise_z * self.noise.sd(list(QUANTILES).index(o.quantile))):
             # Still at the level reported (or reached since), a share 1 - q of the spans lies above it.
             hits = mass_above(current, int(bucket_index(max(o.reported, since) * 1e6)))
             p_value = binomial_greater(hits, current.count, 1 - o.q)

@@ -1,0 +1,88 @@
+"""How much a location's quantiles move from window to window when nothing changed.
+
+On real services a window's p50 often moves by 20-50% against the baseline for no reason
+a developer would want to hear of (caches, batch jobs, a neighbour's garbage collection),
+and with hundreds of spans a window any such move is statistically significant. A rise is
+news when it stands out of that spread: the latency detector asks for ``z`` standard
+deviations of it as well as its relative and absolute gates.
+"""
+
+from __future__ import annotations
+
+import math
+
+from river import base
+
+from processor.pipeline.sketch import LogSketch
+
+
+class QuantileNoise(base.Base):
+    """Spread of log(window quantile / baseline quantile), per quantile, over windows with at
+    least ``min_spans`` spans (fewer make the window's quantile itself noisy, which the
+    detector's tests already account for): a running mean and variance over the first
+    ``memory`` windows, exponentially weighted with weight 1 / ``memory`` after.
+
+    Parameters
+    ----------
+    quantiles
+        The quantiles followed.
+    min_spans
+        Spans a window needs to count.
+    memory
+        Windows the spread is estimated over.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> rng = np.random.default_rng(2)
+    >>> baseline = LogSketch.from_values(rng.lognormal(np.log(20e6), 0.5, 20_000))
+    >>> steady, jumpy = QuantileNoise((0.5,)), QuantileNoise((0.5,))
+    >>> for i in range(60):
+    ...     _ = steady.update(LogSketch.from_values(rng.lognormal(np.log(20e6), 0.5, 400)), baseline)
+    ...     level = 20e6 * (1.4 if i % 3 == 0 else 0.9)  # a location that jumps between levels
+    ...     _ = jumpy.update(LogSketch.from_values(rng.lognormal(np.log(level), 0.5, 400)), baseline)
+    >>> round(steady.sd(0), 3) < 0.05 < 0.15 < round(jumpy.sd(0), 3)
+    True
+
+    References
+    ----------
+    Welford (1962), running variance; Finch (2009), incremental exponentially weighted
+    mean and variance.
+    """
+
+    def __init__(self, quantiles: tuple[float, ...] = (0.5, 0.99, 0.999), min_spans: int = 20,
+                 memory: int = 60):
+        self.quantiles = quantiles
+        self.min_spans = min_spans
+        self.memory = memory
+        self.windows = 0
+        self.mean = [0.0] * len(quantiles)
+        self.var = [0.0] * len(quantiles)
+
+    def update(self, current: LogSketch, baseline: LogSketch) -> "QuantileNoise":
+        if current.count < self.min_spans or baseline.count < self.min_spans:
+            return self
+        now = current.quantiles(list(self.quantiles))
+        then = baseline.quantiles(list(self.quantiles))
+        self.windows += 1
+        w = 1.0 / min(self.windows, self.memory)
+        for i, (a, b) in enumerate(zip(now, then)):
+            if a <= 0 or b <= 0:
+                continue
+            x = math.log(a / b)
+            d = x - self.mean[i]
+            self.mean[i] += w * d
+            self.var[i] = (1 - w) * (self.var[i] + w * d * d)
+        return self
+
+    def sd(self, i: int) -> float:
+        """Standard deviation of the log ratio of quantile ``i``; 0 until ten windows counted."""
+        return math.sqrt(self.var[i]) if self.windows >= 10 else 0.0
+
+    def freeze(self) -> tuple:
+        return (self.windows, *self.mean, *self.var)
+
+    def thaw(self, state: tuple) -> None:
+        n = len(self.quantiles)
+        self.windows = state[0]
+        self.mean, self.var = list(state[1:1 + n]), list(state[1 + n:1 + 2 * n])
