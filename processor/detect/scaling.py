@@ -35,6 +35,7 @@ class ScalingSettings(Settings):
 
 
 SEEN_SD = 2.5  # the load the baseline has seen: its mean -+ this many standard deviations (log)
+INVERSE_T = 4.0  # t of a falling baseline slope from which the load says nothing about scaling
 
 
 @dataclass(slots=True, kw_only=True)
@@ -56,7 +57,9 @@ class ScalingShift(RegressionDetector):
     ``min_relative``, a regression opens. Latency that rises with load as the baseline
     predicts leaves residuals flat and raises nothing. Only windows whose load the baseline
     has seen (within ``load_margin`` of it) count: a rise must show across load the baseline
-    covered, not in how a curve goes on past it.
+    covered, not in how a curve goes on past it. Where the baseline shows latency falling as
+    load rises (log-log slope with t <= -4: slow windows complete fewer calls, so latency
+    drives the load measure rather than the reverse), nothing is reported.
 
     Examples
     --------
@@ -170,7 +173,11 @@ class ScalingShift(RegressionDetector):
         slope, t, x_range = self._recent_slope()
         if self.open is not None:
             return self._follow_open(obs, slope, t, x, y)
-        rising = slope > 0 and t >= self.z_threshold and x_range >= self.min_load_range
+        # Latency that falls as load rises (slow windows complete fewer calls: latency drives
+        # the load measure, not the other way) says nothing about how it scales with load.
+        effective = min(self.fit.n, 1.0 / (1.0 - self.decay))
+        inverse = self.fit.slope_t(effective) <= -INVERSE_T
+        rising = slope > 0 and t >= self.z_threshold and x_range >= self.min_load_range and not inverse
         extra = math.exp(slope * x_range) - 1 if rising else 0.0
         self.streak = self.streak + 1 if rising and extra >= self.min_relative else 0
         self.fit.update(x, y)  # the baseline line follows slowly; only an open regression freezes it
