@@ -122,6 +122,7 @@ class LoadFit(base.Base):
         # decayed absolute error of prediction. One float64 array per location.
         self.sums = array("d", _ZERO_LOAD)
         self.n = 0
+        self._moments = self._at = None  # caches, until the next update
 
     def freeze(self) -> tuple[bytes, int]:
         """The state as plain values (see ``Detector.freeze``)."""
@@ -134,6 +135,7 @@ class LoadFit(base.Base):
         fit.sums = array("d")
         fit.sums.frombytes(state[0])
         fit.n = state[1]
+        fit._moments = fit._at = None
         return fit
 
     def update(self, x: float, y: float, weight: float = 1.0) -> "LoadFit":
@@ -160,15 +162,18 @@ class LoadFit(base.Base):
                                b, b * big_l, b * big_l * big_l, b / big_y, b * big_l / big_y)):
             sums[i] = sums[i] * decay + v
         self.n += 1
+        self._moments = self._at = None
         return self
 
     def _loglog(self):
         """(w, mean u, mean y, var u, cov(u, y), var y), or None."""
-        w, su, suu, sy, suy, syy = self.sums[:6].tolist()
-        if w <= 0:
-            return None
-        mu, my = su / w, sy / w
-        return w, mu, my, max(suu / w - mu * mu, 0.0), suy / w - mu * my, syy / w - my * my
+        if self._moments is None:
+            w, su, suu, sy, suy, syy = self.sums[:6].tolist()
+            if w <= 0:
+                return None
+            mu, my = su / w, sy / w
+            self._moments = w, mu, my, max(suu / w - mu * mu, 0.0), suy / w - mu * my, syy / w - my * my
+        return self._moments
 
     @property
     def slope(self) -> float:
@@ -211,6 +216,13 @@ class LoadFit(base.Base):
     def _forms(self, x: float) -> tuple[float, float, float]:
         """Each form's expected y at x (NaN where it has none; infinite where the queue form
         puts saturation)."""
+        if self._at is not None and self._at[0] == x:
+            return self._at[1]
+        forms = self._forms_at(x)
+        self._at = (x, forms)
+        return forms
+
+    def _forms_at(self, x: float) -> tuple[float, float, float]:
         c = self._loglog()
         if c is None:
             return 0.0, 0.0, 0.0
