@@ -51,7 +51,7 @@ class LatencySettings(Settings):
     escalate_ratio: float = setting(2.0, non_negative_float,
                                     "rise over the level reported that is reported again while a "
                                     "regression is open (0: never)")
-    load_margin: float = setting(0.1, non_negative_float,
+    load_margin: float = setting(0.2, non_negative_float,
                                  "how far past the load its baseline has seen (log of calls per second) a "
                                  "window is still judged; further, where latency may follow load, its "
                                  "evidence is held until the baseline has seen that load")
@@ -168,7 +168,7 @@ class LatencyShift(RegressionDetector):
                  tail_ratio: float = 2.5,
                  min_tail_expected: float = 20.0, min_relative: float = 0.15,
                  min_absolute_ms: float = 0.5, alpha: float = 1e-3,
-                 accept_windows: int = 120, noise_z: float = 3.0, escalate_ratio: float = 2.0, load_margin: float = 0.1):
+                 accept_windows: int = 120, noise_z: float = 3.0, escalate_ratio: float = 2.0, load_margin: float = 0.2):
         self.window_s, self.half_life_s, self.warmup_windows = window_s, half_life_s, warmup_windows
         self.threshold, self.median_delta, self.gross_delta, self.tail_ratio = (
             threshold, median_delta, gross_delta, tail_ratio)
