@@ -343,6 +343,21 @@ def test_scoring_detection_delay_attribution_and_false_events():
     assert cell["recall"] == pytest.approx(1 / len(same))
 
 
+def test_cold_start_counts_the_first_two_hours_from_the_end_of_the_warm_up():
+    W = 60 * 10**9
+    sc = generate(13, **SMALL)
+    unchanged = next(f.location.key for f in sc.functions if f.change is None)
+    events = [_ev("latency_regression", unchanged, sc.start_ns + HOUR, OLD_VERSION),
+              _ev("scaling_regression", unchanged, sc.start_ns + 90 * MINUTE, OLD_VERSION),
+              _ev("resolved", unchanged, sc.start_ns + 95 * MINUTE, OLD_VERSION)]
+    res = score(sc, events, W, speak_ns=30 * W)
+    existing = sum(1 for f in sc.functions if f.in_old)
+    assert res["cold_start"] == {"events": {"latency_regression": 1, "scaling_regression": 1},
+                                 "location_hours": pytest.approx(existing * 1.5)}
+    cold = summarize([res])["cold_start"]
+    assert cold["events"] == 2 and cold["per_1000_location_hours"] == pytest.approx(2000 / (existing * 1.5))
+
+
 def test_scoring_targets_pass_only_when_met():
     W = 60 * 10**9
     sc = generate(14, services=4, functions_per_service=40, hours=4.0)
