@@ -59,7 +59,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -69,6 +68,7 @@ import numpy as np
 from benchmarks.scenarios import (
     EXPECTED_QUANTILE, HOUR, NEW_VERSION, SURGE, Scenario, effect_label, generate, generate_load,
 )
+from benchmarks.serve_metrics import healthy, metric
 
 FULL = {"services": 8, "functions_per_service": 40, "hours": 8.0}
 QUICK = {"services": 4, "functions_per_service": 15, "hours": 6.0}
@@ -405,25 +405,6 @@ def summarize_load(results: list[dict]) -> dict:
 
 # --- gRPC replay -------------------------------------------------------------------------------
 
-def _metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name):
-            head, _, value = line.rpartition(" ")
-            if head == name or head.startswith(name + "{"):
-                total += float(value)
-    return total
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
 
 def run_replay(seed: int, sizes: dict, cfg, config_path: str | None, log=print) -> dict:
     """Send a scenario through a real ``backflow serve`` and read its events from Redis."""
@@ -448,7 +429,7 @@ def run_replay(seed: int, sizes: dict, cfg, config_path: str | None, log=print) 
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             deadline = time.monotonic() + 60
-            while not _healthy(metrics_port):
+            while not healthy(metrics_port):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     server_log.seek(0)
                     raise RuntimeError(f"backflow serve did not start: {server_log.read()[-2000:]}")
@@ -490,15 +471,15 @@ def run_replay(seed: int, sizes: dict, cfg, config_path: str | None, log=print) 
             t_sent = time.perf_counter() - t_send
             deadline = time.monotonic() + 600
             while True:
-                done = (_metric(metrics_port, "backflow_processed_spans_total")
-                        + _metric(metrics_port, "backflow_late_spans_total"))
+                done = (metric(metrics_port, "backflow_processed_spans_total")
+                        + metric(metrics_port, "backflow_late_spans_total"))
                 if done >= spans_sent[0]:
                     break
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"server processed {done:.0f} of {spans_sent[0]} spans")
                 time.sleep(0.2)
-            late = _metric(metrics_port, "backflow_late_spans_total")
-            refused = _metric(metrics_port, "backflow_receiver_refused_spans_total")
+            late = metric(metrics_port, "backflow_late_spans_total")
+            refused = metric(metrics_port, "backflow_receiver_refused_spans_total")
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(timeout=300)
         finally:

@@ -71,12 +71,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
-from collections import Counter, defaultdict, deque
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 
 import numpy as np
+
+from benchmarks.serve_metrics import healthy, metric, metric_by
 
 S = 1_000_000_000
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
@@ -450,39 +451,6 @@ def encode_requests(tr: Traces, spans_per_request: int = SPANS_PER_REQUEST) -> l
     return out
 
 
-def _metric(port: int, name: str) -> float:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name):
-            head, _, value = line.rpartition(" ")
-            if head == name or head.startswith(name + "{"):
-                total += float(value)
-    return total
-
-
-def _metric_by(port: int, name: str, label: str) -> dict[str, float]:
-    """A counter's values summed per value of one label."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out: dict[str, float] = defaultdict(float)
-    for line in text.splitlines():
-        if line.startswith(name + "{"):
-            head, _, value = line.rpartition(" ")
-            labels = dict(kv.split("=", 1) for kv in head[len(name) + 1:-1].split(",") if "=" in kv)
-            out[labels.get(label, "").strip('"')] += float(value)
-    return dict(out)
-
-
-def _healthy(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
 def serve_args(config_path: str, window_s: float) -> list[str]:
     """What the benchmark gives ``backflow serve`` besides addresses: the user's settings."""
     return ["--window", f"{window_s:g}", "--config", config_path]
@@ -507,7 +475,7 @@ def run_serve(requests: list[bytes], n_spans: int, config_path: str, window_s: f
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         try:
             deadline = time.monotonic() + 60
-            while not _healthy(metrics_port):
+            while not healthy(metrics_port):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     server_log.seek(0)
                     raise RuntimeError(f"backflow serve did not start: {server_log.read()[-2000:]}")
@@ -531,17 +499,17 @@ def run_serve(requests: list[bytes], n_spans: int, config_path: str, window_s: f
             t_sent = time.perf_counter() - t_send
             deadline = time.monotonic() + 900
             while True:
-                done = (_metric(metrics_port, "backflow_processed_spans_total")
-                        + _metric(metrics_port, "backflow_late_spans_total"))
+                done = (metric(metrics_port, "backflow_processed_spans_total")
+                        + metric(metrics_port, "backflow_late_spans_total"))
                 if done >= n_spans:
                     break
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"server processed {done:.0f} of {n_spans} spans")
                 time.sleep(0.2)
             t_processed = time.perf_counter() - t_send
-            late = _metric(metrics_port, "backflow_late_spans_total")
-            refused = _metric_by(metrics_port, "backflow_receiver_refused_spans_total", "reason")
-            processed = _metric(metrics_port, "backflow_processed_spans_total")
+            late = metric(metrics_port, "backflow_late_spans_total")
+            refused = metric_by(metrics_port, "backflow_receiver_refused_spans_total", "reason")
+            processed = metric(metrics_port, "backflow_processed_spans_total")
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(timeout=300)
         finally:
