@@ -313,17 +313,21 @@ class LatencyShift(RegressionDetector):
         baseline = self.baseline
         base_total = baseline.count
         tests = {}
+        # q -> (bucket, baseline share above it, spans above it), shared by the median's two CUSUMs
+        at_q: dict[float, tuple] = {}
         for name, q in WATCHES.items():
             if q > 0.5 and base_total * (1 - q) < self.min_tail_expected:
                 continue  # too few baseline spans to know this tail yet
-            b = quantile_bucket(baseline, q)
-            p0 = mass_above(baseline, b) / base_total
+            if q not in at_q:
+                b = quantile_bucket(baseline, q)
+                at_q[q] = (b, mass_above(baseline, b) / base_total, mass_above(current, b))
+            b, p0, all_hits = at_q[q]
             if p0 > 0:
                 if q > 0.5:
                     p1 = min(self.tail_ratio * p0, 0.5)
                 else:
                     p1 = min(p0 + (self.gross_delta if name == "p50_gross" else self.median_delta), 0.999)
-                tests[name] = (q, b, p0, p1, mass_above(current, b))
+                tests[name] = (q, b, p0, p1, all_hits)
         if self.watches is None:
             self.watches = VersionWatches(self._make_watches)
         self.watches.next_window()
@@ -334,9 +338,12 @@ class LatencyShift(RegressionDetector):
                 continue
             vs = shifted(vf.sketch, -adjustment)
             watches = self.watches.get(vf.version).by_quantile
+            hits_above: dict[int, float] = {}
             for name, (q, b, p0, p1, all_hits) in tests.items():
                 w = watches[name]
-                hits = mass_above(vs, b)
+                hits = hits_above.get(b)
+                if hits is None:
+                    hits = hits_above[b] = mass_above(vs, b)
                 w.cusum.update(hits, vf.count, p0, p1)
                 if w.cusum.statistic <= 0:
                     w.reset()
