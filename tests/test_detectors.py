@@ -242,13 +242,15 @@ def _exception_windows(det, version_from: int, new_at: int, n_new: int, calls: i
     return events
 
 
-@pytest.mark.parametrize("version_from,n_new,severity", [
-    (10, 3, "info"),        # a version running for 290 windows, 0.3% of the calls: a rare error
-    (295, 3, "warning"),    # the version arrived 5 windows ago: news
-    (10, 50, "warning"),    # an old version, but 5% of the calls: not rare
+@pytest.mark.parametrize("warmup,version_from,new_at,n_new,severity", [
+    (30, 10, 300, 3, "info"),        # a version running for 290 windows, 0.3% of the calls: a rare error
+    (30, 295, 300, 3, "warning"),    # the version arrived 5 windows ago: news
+    (30, 10, 300, 50, "warning"),    # an old version, but 5% of the calls: not rare
+    (10, 0, 50, 3, "info"),          # 40 windows after a short warm-up, in the version it watched
+    (10, 45, 50, 3, "warning"),      # a version that arrived after that warm-up, 5 windows ago
 ])
-def test_a_rare_new_exception_in_a_long_running_version_is_info(version_from, n_new, severity):
-    events = _exception_windows(make(NewException), version_from, new_at=300, n_new=n_new)
+def test_a_rare_new_exception_in_a_long_running_version_is_info(warmup, version_from, new_at, n_new, severity):
+    events = _exception_windows(NewException(warmup_windows=warmup), version_from, new_at=new_at, n_new=n_new)
     assert [(e.type, e.severity) for e in events] == [("new_exception", severity)]
     assert events[0].detail["rare"] == (severity == "info")
 
@@ -305,3 +307,16 @@ def test_latency_that_follows_load_past_the_baseline_and_through_a_rollout_is_no
     events = [e for obs in _load_following(seed, shape) for det in (latency, scaling) for e in det.update(obs)]
     assert events == [], [e.summary for e in events]
     assert latency.load.slope > 0.5 and latency.load_ref is not None  # it did follow the load
+
+
+@pytest.mark.parametrize("seed", [41, 42, 43])
+def test_a_gross_tail_shift_right_after_a_short_warm_up_is_not_taken_for_noise(seed):
+    # The windows that build a shift's evidence must not count as the location's own spread
+    # before it is judged: a gross tail shift soon after the warm-up is still caught.
+    det = LatencyShift(window_s=60.0, warmup_windows=10)
+    change = 14
+    events = [e for obs in observations(seed, change + 20, change_at=change, kind="tail", effect=12.0, rate=4.0)
+              for e in det.update(obs)]
+    e = onset(events, "latency_regression")
+    assert e.detail["quantile"] in ("p99", "p999") and e.detail["ratio"] > 3
+    assert e.window_start_ns // (60 * 10**9) - change <= 8

@@ -26,9 +26,11 @@ class NewException(Detector):
     ``max_types``; beyond it the oldest-learnt are forgotten (a type that comes back after
     being forgotten is reported again, which a location with that many types has earned).
 
-    A type that arrives with a version is a ``warning``. One raised by a version that has
-    run for ``established_windows`` windows, in under ``rare_share`` of the window's calls,
-    is ``info``: a rare error that was there all along and merely missed the warm-up.
+    A type that arrives with a version is a ``warning``. One raised in under ``rare_share``
+    of the window's calls by a version that was already running when the location's warm-up
+    ended, or has run for ``established_windows`` windows, is ``info``: a rare error that
+    was there all along and merely missed the warm-up (the shorter the warm-up, the more
+    such types it misses).
 
     Examples
     --------
@@ -46,6 +48,19 @@ class NewException(Detector):
     []
     >>> [(e.detail["exception_type"], e.version[1], e.severity) for e in window(3, ["TimeoutError"], "2")]
     [('TimeoutError', '2', 'warning')]
+
+    A type the warm-up missed, raised rarely by the version it watched, is info:
+
+    >>> det = NewException(warmup_windows=2)
+    >>> first = {("shop", "1", ""): 0}
+    >>> def rare(i, types):
+    ...     vf = VersionFigures(("shop", "1", ""), 500, len(types), LogSketch(), Counter(types))
+    ...     lw = LocationWindow(0, loc, 500, len(types), LogSketch(), [vf], Counter(types))
+    ...     return det.update(Observation(loc, i, i + 1, lw, version_first_seen=first))
+    >>> rare(0, []) + rare(1, []) + rare(2, [])
+    []
+    >>> [(e.detail["exception_type"], e.severity) for e in rare(3, ["KeyError"])]
+    [('KeyError', 'info')]
     """
 
     name = "exceptions"
@@ -61,22 +76,26 @@ class NewException(Detector):
         # type -> order learnt (dicts keep insertion order); made with the first exception
         self.known: dict[str, int] | None = None
         self.windows = 0
+        self.warm_ns = 0  # when the warm-up ended: versions running then are the ones it watched
 
     @classmethod
     def _contract(cls) -> dict:
         return {"change": ("exception", 1.0), "max_stationary": 0}
 
     def freeze(self, sketch: bytes = b"") -> tuple:
-        return self.known, self.windows
+        return self.known, self.windows, self.warm_ns
 
     def _thaw(self, state: tuple, sketch: bytes) -> None:
-        self.known, self.windows = state
+        self.known, self.windows = state[:2]
+        self.warm_ns = state[2] if len(state) > 2 else 0
 
     def update(self, obs: Observation) -> list[Event]:
         lw = obs.window
         if lw is None or lw.count == 0:
             return []
         self.windows += 1
+        if self.windows == self.warmup_windows:
+            self.warm_ns = obs.end_ns
         events = []
         for etype in sorted(lw.exceptions):
             known = self.known
@@ -94,7 +113,8 @@ class NewException(Detector):
             n = lw.exceptions[etype]
             first = obs.version_first_seen.get(version)
             version_windows = (obs.end_ns - first) // (obs.end_ns - obs.start_ns) if first is not None else 0
-            rare = version_windows >= self.established_windows and n < self.rare_share * lw.count
+            watched = first is not None and 0 < self.warm_ns and first <= self.warm_ns
+            rare = (watched or version_windows >= self.established_windows) and n < self.rare_share * lw.count
             events.append(obs.event(
                 self.event_type, "info" if rare else "warning",
                 f"{obs.location.function} raised {etype} for the first time"

@@ -429,6 +429,7 @@ class LatencyShift(RegressionDetector):
         regression = LatencyRegression(version=version, quantile=name, q=q, baseline_ms=base_q, bucket=b,
                                        p0=p0, p_open=p_open)
         self.watches.reset_all()
+        self.noise.discard()  # the windows that built this evidence are not the location's spread
         return self._opened(obs.event(self.event_type, severity, summary, detail, version), regression, seg_q)
 
     def _follow_open(self, obs: Observation, current: LogSketch) -> list[Event]:

@@ -10,6 +10,7 @@ deviations of it as well as its relative and absolute gates.
 from __future__ import annotations
 
 import math
+from collections import deque
 
 from river import base
 
@@ -22,6 +23,10 @@ class QuantileNoise(base.Base):
     detector's tests already account for): a running mean and variance over the first
     ``memory`` windows, exponentially weighted with weight 1 / ``memory`` after.
 
+    A window counts ``delay`` windows after it was seen, unless ``discard`` dropped it in
+    between: the detector discards the windows that opened a regression, so that a shift is
+    not taken for the location's own spread while its evidence builds up.
+
     Parameters
     ----------
     quantiles
@@ -30,6 +35,8 @@ class QuantileNoise(base.Base):
         Spans a window needs to count.
     memory
         Windows the spread is estimated over.
+    delay
+        Windows a window waits before it counts.
 
     Examples
     --------
@@ -44,6 +51,20 @@ class QuantileNoise(base.Base):
     >>> round(steady.sd(0), 3) < 0.05 < 0.15 < round(jumpy.sd(0), 3)
     True
 
+    A shift counts only once ``delay`` windows have passed, and not at all once discarded:
+
+    >>> shifted, kept = QuantileNoise((0.5,)), QuantileNoise((0.5,))
+    >>> def window(level):
+    ...     return LogSketch.from_values(rng.lognormal(np.log(level), 0.5, 400))
+    >>> for i in range(30):
+    ...     level = 60e6 if 20 <= i < 23 else 20e6
+    ...     _ = shifted.update(window(level), baseline)
+    ...     _ = kept.update(window(level), baseline)
+    ...     if i == 22:
+    ...         _ = shifted.discard()
+    >>> round(shifted.sd(0), 3) < 0.05 < 0.15 < round(kept.sd(0), 3)
+    True
+
     References
     ----------
     Welford (1962), running variance; Finch (2009), incremental exponentially weighted
@@ -51,10 +72,12 @@ class QuantileNoise(base.Base):
     """
 
     def __init__(self, quantiles: tuple[float, ...] = (0.5, 0.99, 0.999), min_spans: int = 20,
-                 memory: int = 60):
+                 memory: int = 60, delay: int = 8):
         self.quantiles = quantiles
         self.min_spans = min_spans
         self.memory = memory
+        self.delay = delay
+        self.pending: deque[tuple[float | None, ...]] = deque()
         self.windows = 0
         self.mean = [0.0] * len(quantiles)
         self.var = [0.0] * len(quantiles)
@@ -64,25 +87,35 @@ class QuantileNoise(base.Base):
             return self
         now = current.quantiles(list(self.quantiles))
         then = baseline.quantiles(list(self.quantiles))
+        self.pending.append(tuple(math.log(a / b) if a > 0 and b > 0 else None for a, b in zip(now, then)))
+        if len(self.pending) > self.delay:
+            self._count(self.pending.popleft())
+        return self
+
+    def discard(self) -> "QuantileNoise":
+        """Drop the windows not counted yet."""
+        self.pending.clear()
+        return self
+
+    def _count(self, ratios: tuple[float | None, ...]) -> None:
         self.windows += 1
         w = 1.0 / min(self.windows, self.memory)
-        for i, (a, b) in enumerate(zip(now, then)):
-            if a <= 0 or b <= 0:
+        for i, x in enumerate(ratios):
+            if x is None:
                 continue
-            x = math.log(a / b)
             d = x - self.mean[i]
             self.mean[i] += w * d
             self.var[i] = (1 - w) * (self.var[i] + w * d * d)
-        return self
 
     def sd(self, i: int) -> float:
         """Standard deviation of the log ratio of quantile ``i``; 0 until ten windows counted."""
         return math.sqrt(self.var[i]) if self.windows >= 10 else 0.0
 
     def freeze(self) -> tuple:
-        return (self.windows, *self.mean, *self.var)
+        return (self.windows, *self.mean, *self.var, tuple(self.pending))
 
     def thaw(self, state: tuple) -> None:
         n = len(self.quantiles)
         self.windows = state[0]
         self.mean, self.var = list(state[1:1 + n]), list(state[1 + n:1 + 2 * n])
+        self.pending = deque(tuple(p) for p in state[1 + 2 * n]) if len(state) > 1 + 2 * n else deque()
