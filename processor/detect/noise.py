@@ -23,6 +23,10 @@ class QuantileNoise(base.Base):
     detector's tests already account for): a running mean and variance over the first
     ``memory`` windows, exponentially weighted with weight 1 / ``memory`` after.
 
+    Until a location has windows of its own, its spread is taken to be ``prior_sd``: the
+    estimate is shrunk towards it as if it had been seen in ``prior_windows`` windows, so
+    that the first few windows (and a tail quantile's wild ones) do not set the gate.
+
     A window counts ``delay`` windows after it was seen, unless ``discard`` dropped it in
     between: the detector discards the windows that opened a regression, so that a shift is
     not taken for the location's own spread while its evidence builds up.
@@ -37,6 +41,10 @@ class QuantileNoise(base.Base):
         Windows the spread is estimated over.
     delay
         Windows a window waits before it counts.
+    prior_sd
+        The spread assumed before the location shows its own (log ratio).
+    prior_windows
+        How many windows that assumption weighs.
 
     Examples
     --------
@@ -50,6 +58,8 @@ class QuantileNoise(base.Base):
     ...     _ = jumpy.update(LogSketch.from_values(rng.lognormal(np.log(level), 0.5, 400)), baseline)
     >>> round(steady.sd(0), 3) < 0.05 < 0.15 < round(jumpy.sd(0), 3)
     True
+    >>> QuantileNoise((0.5,)).sd(0)  # no window yet: the prior
+    0.1
 
     A shift counts only once ``delay`` windows have passed, and not at all once discarded:
 
@@ -62,7 +72,7 @@ class QuantileNoise(base.Base):
     ...     _ = kept.update(window(level), baseline)
     ...     if i == 22:
     ...         _ = shifted.discard()
-    >>> round(shifted.sd(0), 3) < 0.05 < 0.15 < round(kept.sd(0), 3)
+    >>> round(shifted.sd(0), 3) < 0.1 < 0.2 < round(kept.sd(0), 3)
     True
 
     References
@@ -72,11 +82,12 @@ class QuantileNoise(base.Base):
     """
 
     def __init__(self, quantiles: tuple[float, ...] = (0.5, 0.99, 0.999), min_spans: int = 20,
-                 memory: int = 60, delay: int = 8):
+                 memory: int = 60, delay: int = 8, prior_sd: float = 0.1, prior_windows: int = 10):
         self.quantiles = quantiles
         self.min_spans = min_spans
         self.memory = memory
         self.delay = delay
+        self.prior_sd, self.prior_windows = prior_sd, prior_windows
         self.pending: deque[tuple[float | None, ...]] = deque()
         self.windows = 0
         self.mean = [0.0] * len(quantiles)
@@ -108,8 +119,12 @@ class QuantileNoise(base.Base):
             self.var[i] = (1 - w) * (self.var[i] + w * d * d)
 
     def sd(self, i: int) -> float:
-        """Standard deviation of the log ratio of quantile ``i``; 0 until ten windows counted."""
-        return math.sqrt(self.var[i]) if self.windows >= 10 else 0.0
+        """Standard deviation of the log ratio of quantile ``i``, shrunk towards ``prior_sd``
+        as if that had been seen in ``prior_windows`` windows."""
+        n, k = min(self.windows, self.memory), self.prior_windows
+        if n + k == 0:
+            return 0.0
+        return math.sqrt((n * self.var[i] + k * self.prior_sd ** 2) / (n + k))
 
     def freeze(self) -> tuple:
         return (self.windows, *self.mean, *self.var, tuple(self.pending))
