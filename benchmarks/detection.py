@@ -93,6 +93,7 @@ class Ev:
     quantile: str = ""      # detail["quantile"] of latency events
     summary: str = field(default="", compare=False)  # for reading false events, not compared
     detail: str = field(default="", compare=False)
+    severity: str = field(default="", compare=False)
 
     @property
     def identity(self) -> tuple[str, str, int]:
@@ -107,7 +108,7 @@ def events_of(results) -> list[Ev]:
             detail = e.detail if isinstance(e.detail, dict) else {}
             out.append(Ev(e.type, e.location.key, e.version[1], e.window_start_ns, e.window_end_ns,
                           str(detail.get("quantile", "")), e.summary,
-                          json.dumps(detail, sort_keys=True, default=str)))
+                          json.dumps(detail, sort_keys=True, default=str), e.severity))
     return out
 
 
@@ -210,7 +211,7 @@ def score(sc: Scenario, events: list[Ev], window_ns: int, warmup_ns: int = WARMU
             continue
         if e.window_end_ns <= warm_end:
             warmup_events += 1
-            cold[e.type] += 1
+            cold[f"{e.type} ({e.severity})" if e.severity else e.type] += 1
             continue
         c = change_of.get(e.key)
         if c is None or e.window_end_ns <= c.change_ns:
