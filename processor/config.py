@@ -106,8 +106,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("events_maxlen", 100_000, positive_int,
             "approximate length the events stream is trimmed to (XADD MAXLEN ~)", "N"),
     Setting("redis_buffer", 100_000, positive_int,
-            "events held while Redis is unreachable; beyond this the oldest are dropped and "
-            "counted (baselines are held as one latest state per location, never dropped)", "N"),
+            "events held for Redis; when it is full the pipeline waits while Redis answers (the "
+            "receivers push back), and drops and counts the oldest only while Redis is unreachable "
+            "(baselines are held as one latest state per location, never dropped)", "N"),
     Setting("checkpoint_interval", 0.0, non_negative_float,
             "processing-time seconds between checkpoints of the baselines, detector state and "
             "window clocks to {prefix}:state, read back at start; 0 checkpoints whenever windows "

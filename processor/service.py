@@ -171,6 +171,7 @@ class Backflow:
         self.sink = RedisSink(client, cfg.prefix, cfg.events_maxlen, cfg.redis_buffer,
                               on_event_written=lambda t: self.metrics.events.labels(type=t).inc(),
                               on_dropped=self.metrics.redis_dropped.inc,
+                              on_waited=self.metrics.redis_waited.inc,
                               owners=Owners.from_file(cfg.codeowners).of if cfg.codeowners else None)
         self.pipeline: Pipeline | None = None
         self.receivers_here: list = []  # OTLP/gRPC and OTLP/HTTP, when they run in this process

@@ -168,3 +168,25 @@ def test_sigterm_with_redis_away_exits_by_the_deadline(tmp_path):
     assert code == 1  # it says that it could not deliver everything...
     assert "Redis writes not delivered" in bf.log
     assert took < 3 + 3  # ...and does not wait past the deadline (plus process teardown)
+
+
+def test_a_burst_of_new_locations_beyond_the_buffer_is_written_whole_while_redis_is_up(redis_server):
+    # 3,000 first_seen events from one window against a 50-event buffer: a burst, not an
+    # outage. The pipeline waits for Redis instead of dropping.
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushall()
+    bf = BackflowProcess(redis_server.url, "--window", "1", "--allowed-lateness", "0", "--idle-timeout", "1",
+                         "--redis-buffer", "50").start()
+    try:
+        now = time.time_ns()
+        _send(bf.grpc_target, [S(now - i, function=f"shop.new_{i}") for i in range(3000)])
+        bf.wait_for(lambda: (lambda m: m["backflow_processed_spans_total"] == 3000
+                             and m["backflow_open_windows"] == 0 and m["backflow_redis_pending_writes"] == 0)(
+            bf.metrics()), timeout=60, what="the burst written")
+        m = bf.metrics()
+    finally:
+        bf.stop()
+    seen = _first_seen_in_stream(redis_server.url, "backflow")
+    assert sorted(seen) == sorted(f"shop.new_{i}" for i in range(3000)) and len(set(seen)) == 3000
+    assert m["backflow_redis_dropped_writes_total"] == 0
+    assert m["backflow_redis_backpressure_seconds_total"] > 0

@@ -258,3 +258,47 @@ def test_the_sink_uses_the_client_s_password_and_database():
         assert redis.Redis(port=srv.port, password="sécret", db=0).dbsize() == 0
     finally:
         srv.stop()
+
+
+def test_a_burst_while_redis_answers_waits_for_room_instead_of_dropping(redis_server):
+    # More events in one window than the buffer holds is a burst, not an outage: every one
+    # arrives, none is dropped, and the wait is counted.
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    dropped, waited = [], []
+    sink = RedisSink(client, "t", 100_000, buffer_limit=50, on_dropped=dropped.append,
+                     on_waited=waited.append, batch_size=20)
+    assert sink.ping()
+    sink.start()
+    try:
+        sink.submit([event(i) for i in range(3000)], [])
+        assert sink.flush(20)
+        assert client.xlen("t:events") == 3000 and sink.dropped == 0 and dropped == []
+        assert sum(waited) > 0
+        summaries = [e[b"summary"].decode() for _, e in client.xrange("t:events", count=5)]
+        assert summaries == [f"event {i}" for i in range(5)]  # in order
+    finally:
+        sink.stop(1)
+
+
+@pytest.mark.e2e
+def test_a_submit_waiting_for_room_drops_only_once_redis_goes_away():
+    srv = RedisServer()
+    srv.start()
+    client = redis.Redis(port=srv.port, socket_timeout=1, socket_connect_timeout=1)
+    dropped = []
+    sink = RedisSink(client, "t", 100_000, buffer_limit=50, on_dropped=dropped.append, batch_size=20)
+    try:
+        assert sink.ping()  # answered: a full buffer waits (the writer is not started yet)
+        import threading
+        done = threading.Event()
+        threading.Thread(target=lambda: (sink.submit([event(i) for i in range(200)], []), done.set()),
+                         daemon=True).start()
+        assert not done.wait(1.0) and sink.pending() == 50 and dropped == []
+        srv.stop()
+        sink.start()  # its first write fails: Redis is away, the wait ends in drops, counted
+        assert done.wait(10)
+        assert sum(dropped) == 150 and sink.pending() <= 50
+    finally:
+        sink.stop(0.1)
+        srv.stop()

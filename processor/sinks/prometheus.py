@@ -123,7 +123,11 @@ class Metrics:
         self.redis_pending = Gauge("backflow_redis_pending_writes",
                                    "Writes waiting for Redis (buffered while it is away)", registry=r)
         self.redis_dropped = Counter("backflow_redis_dropped_writes",
-                                     "Writes dropped because the Redis buffer was full", registry=r)
+                                     "Writes dropped because the Redis buffer was full while Redis "
+                                     "was away", registry=r)
+        self.redis_waited = Counter("backflow_redis_backpressure_seconds",
+                                    "Seconds the pipeline waited for room in the Redis buffer while "
+                                    "Redis answered (the receivers pushed back meanwhile)", registry=r)
         self.redis_up = Gauge("backflow_redis_up", "1 when the last Redis call succeeded", registry=r)
         self.overflow_locations = Gauge("backflow_metrics_overflow_locations",
                                         "Code locations folded into the overflow series",

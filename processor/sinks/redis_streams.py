@@ -8,7 +8,9 @@ Redis is slow or away is written once, with its latest figures, and pending base
 a dict entry each, whatever the number of windows. Events go before baselines (a baseline
 write adds its key to ``{prefix}:keys``, which must not precede the key's first_seen).
 When Redis is unreachable the thread retries with backoff and keeps everything; when the
-event buffer is full the oldest events are dropped and counted, never silently.
+event buffer is full during such an outage the oldest events are dropped and counted, never
+silently. While Redis answers, a full buffer is a burst, not an outage: ``submit`` waits for
+room (the pipeline then stops taking batches and the receivers push back at the senders).
 
 Every write can be sent twice without effect (a batch whose replies were lost is sent
 again, by redis-py's retry or by this thread's): hashes and the key set take the same
@@ -91,6 +93,7 @@ class RedisSink:
     def __init__(self, client: redis.Redis, prefix: str, events_maxlen: int, buffer_limit: int,
                  on_event_written: Callable[[str], None] = lambda t: None,
                  on_dropped: Callable[[int], None] = lambda n: None,
+                 on_waited: Callable[[float], None] = lambda s: None,
                  batch_size: int = 500, owners: Callable[[str], str] | None = None,
                  written_ttl: int = WRITTEN_TTL):
         self.r = client
@@ -110,6 +113,7 @@ class RedisSink:
         self.batch_size = batch_size
         self.on_event_written = on_event_written
         self.on_dropped = on_dropped
+        self.on_waited = on_waited  # seconds submit() waited for room while Redis answered
         self.reachable = False
         self.ever_reached = False  # Redis answered once since start
         self.dropped = 0           # events dropped because the buffer was full
@@ -123,7 +127,9 @@ class RedisSink:
         # Markers of writes whose replies were read: no retry of them can follow, so they
         # are deleted with the next batch (see _write).
         self._unlink: list[str] = []
-        self._cv = threading.Condition()
+        lock = threading.Lock()
+        self._cv = threading.Condition(lock)    # the writer thread waits for work
+        self._room = threading.Condition(lock)  # submit() waits for room in the buffer
         self._stop = False
         self._thread: threading.Thread | None = None
         self._inflight = 0
@@ -174,19 +180,34 @@ class RedisSink:
         writes = [_Write("first_seen" if e.type == "first_seen" else "event", e.location.key,
                          None, e.type, e, token()) for e in events]
         with self._cv:
-            self.buffer.extend(writes)
+            waited, i = 0.0, 0
+            while i < len(writes):
+                room = self.buffer_limit - len(self.buffer)
+                if room <= 0 and self.reachable and not self._stop:
+                    # Behind, not away: wait for the writer, which takes a batch at a time.
+                    t0 = time.monotonic()
+                    self._cv.notify()
+                    self._room.wait(timeout=0.5)
+                    waited += time.monotonic() - t0
+                    continue
+                take = room if room > 0 else len(writes) - i  # (Redis away: all, the oldest dropped below)
+                self.buffer.extend(itertools.islice(writes, i, i + take))
+                i += take
+                self._cv.notify()
             over = len(self.buffer) - self.buffer_limit
-            if over > 0:
+            if over > 0:  # Redis away: an outage longer than the buffer
                 for _ in range(over):
                     self.buffer.popleft()
                 self.dropped += over
                 self.on_dropped(over)
-                log.warning("Redis buffer full: dropped the %d oldest events", over)
+                log.warning("Redis buffer full while Redis is away: dropped the %d oldest events", over)
             for key, source in baselines:
                 self.baselines[key] = source
             if window is not None:
                 self.versions.note(window)
             self._cv.notify()
+        if waited:
+            self.on_waited(waited)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="redis-sink", daemon=True)
@@ -211,6 +232,7 @@ class RedisSink:
         with self._cv:
             self._stop = True
             self._cv.notify()
+            self._room.notify_all()
         if self._thread:
             self._thread.join(timeout=1.0)
         return ok
@@ -246,6 +268,7 @@ class RedisSink:
                     return
                 batch = self._take()  # ([] when only markers are left to delete)
                 self._inflight = len(batch)
+                self._room.notify_all()
             try:
                 self._write(batch)
                 self.reachable = self.ever_reached = True
@@ -261,6 +284,7 @@ class RedisSink:
                     log.warning("Redis write failed (%s); retrying with backoff", e)
                 self.reachable = False
                 with self._cv:
+                    self._room.notify_all()  # a waiting submit() now buffers, and drops if it must
                     # retry in the same order; a baseline submitted meanwhile is newer: it wins
                     self.buffer.extendleft(reversed([w for w in batch if w.kind in ("event", "first_seen")]))
                     for w in batch:
