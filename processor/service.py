@@ -115,12 +115,29 @@ class Pipeline:
                 # With a backlog, "now" is when the newest batch taken arrived: the batches
                 # still queued arrived later, so a service that sent some is not idle.
                 self._emit(engine.flush_idle(now if self.queue.empty() else last_arrival))
+            if self.sink.take_wiped():
+                self.republish()
             self.checkpoint()
             self.metrics.queue.set(self.queue.qsize())
             self.metrics.open_windows.set(engine.windows.open_windows())
             self.metrics.redis_pending.set(self.sink.pending())
             self.metrics.redis_up.set(1 if self.sink.reachable else 0)
             self.on_tick()
+
+    def republish(self) -> None:
+        """Redis came back without its data: hand every baseline (and with it the key set)
+        to the sink again, and mark every location for the next checkpoint."""
+        engine = self.engine
+        stage = engine.baselines
+        baselines = [(b.location.key, b) for b in map(stage.baseline, range(len(stage.sketches))) if b is not None]
+        self.sink.submit([], baselines)
+        engine.dirty_services.update(engine.service_locations)
+        for ids in engine.service_locations.values():
+            engine.dirty_locations.update(ids)
+        self._checkpoint_rest = True  # due now, not at the next interval
+        self.metrics.redis_republished.inc()
+        log.warning("published %d baselines again and marked %d locations for the checkpoint",
+                    len(baselines), len(engine.dirty_locations))
 
     def checkpoint(self, force: bool = False) -> None:
         """Hand what changed since the last checkpoint to the sink, when it is due: every

@@ -190,3 +190,37 @@ def test_a_burst_of_new_locations_beyond_the_buffer_is_written_whole_while_redis
     assert sorted(seen) == sorted(f"shop.new_{i}" for i in range(3000)) and len(set(seen)) == 3000
     assert m["backflow_redis_dropped_writes_total"] == 0
     assert m["backflow_redis_backpressure_seconds_total"] > 0
+
+
+def test_a_redis_that_comes_back_empty_gets_what_the_process_holds_again(tmp_path):
+    srv = RedisServer().start()  # no data kept: a restart comes back empty
+    bf = BackflowProcess(srv.url, "--window", "1", "--allowed-lateness", "0", "--idle-timeout", "1").start()
+    once = [f"shop.once_{i}" for i in range(20)]
+    try:
+        now = time.time_ns()
+        _send(bf.grpc_target, [S(now - i, function=fn) for i, fn in enumerate(once)])
+        bf.wait_for(lambda: (lambda m: m["backflow_open_windows"] == 0 and m["backflow_redis_pending_writes"] == 0
+                             and m["backflow_checkpoint_fields_total"] > 0)(bf.metrics()),
+                    timeout=30, what="the first windows written")
+        srv.stop()
+        srv = RedisServer(port=srv.port).start()  # same address, nothing in it
+        r = redis.Redis.from_url(srv.url, decode_responses=True)
+        # Only a steady function keeps sending: the others' baselines come back only if the
+        # process notices that Redis lost them.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and r.scard("backflow:keys") < len(once) + 1:
+            _send(bf.grpc_target, [S(time.time_ns(), function="shop.steady")])
+            time.sleep(0.3)
+        bf.wait_for(lambda: bf.metrics()["backflow_redis_pending_writes"] == 0, timeout=30, what="written")
+        m = bf.metrics()
+        keys = r.smembers("backflow:keys")
+        baselines = [k for k in r.scan_iter("backflow:baseline:*")]
+        state = r.hkeys("backflow:state")
+    finally:
+        bf.stop()
+        srv.stop()
+    assert len(keys) == len(once) + 1  # the key set: every location, not only the one still sending
+    assert len(baselines) == len(once) + 1
+    assert sum(f.startswith("loc:") for f in state) == len(once) + 1  # the checkpoint again
+    assert m["backflow_redis_republished_total"] == 1
+    assert "Redis lost what it held" in bf.log

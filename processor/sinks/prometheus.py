@@ -125,6 +125,10 @@ class Metrics:
         self.redis_dropped = Counter("backflow_redis_dropped_writes",
                                      "Writes dropped because the Redis buffer was full while Redis "
                                      "was away", registry=r)
+        self.redis_republished = Counter("backflow_redis_republished",
+                                         "Times Redis was found without what it held (restarted "
+                                         "without its data) and the process published it again",
+                                         registry=r)
         self.redis_waited = Counter("backflow_redis_backpressure_seconds",
                                     "Seconds the pipeline waited for room in the Redis buffer while "
                                     "Redis answered (the receivers pushed back meanwhile)", registry=r)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -101,6 +102,13 @@ class RedisSink:
         self.prefix = prefix
         self.events_key = f"{prefix}:events"
         self.keys_key = f"{prefix}:keys"
+        # This process's field in {prefix}:instances, set (HSETNX) by every batch: set anew
+        # after the first, it was gone, and so was what Redis held (a restart without data).
+        self.instances_key = f"{prefix}:instances"
+        self.instance = secrets.token_hex(8)
+        self._registered = False
+        self.wiped = 0             # times Redis was found to have lost what it held
+        self._wiped_unseen = False  # a loss take_wiped() has not reported yet
         self.maxlen = events_maxlen
         self.written_ttl = written_ttl  # seconds a {prefix}:written:* marker lives
         self.buffer: deque[_Write] = deque()
@@ -166,6 +174,12 @@ class RedisSink:
         with self._cv:
             self.state.update(fields)
             self._cv.notify()
+
+    def take_wiped(self) -> bool:
+        """Whether Redis was found empty since the last call (see ``instances_key``)."""
+        with self._cv:
+            wiped, self._wiped_unseen = self._wiped_unseen, False
+        return wiped
 
     def state_pending(self) -> int:
         with self._cv:
@@ -308,6 +322,7 @@ class RedisSink:
         if not self._loaded:  # once, rather than a batch answered NOSCRIPT and sent again
             self._load_scripts()
         pipe = self.r.pipeline(transaction=False)
+        pipe.hsetnx(self.instances_key, self.instance, int(time.time()))  # reply 0: see __init__
         unlink = self._unlink[:]
         if unlink:  # markers of the writes acknowledged last time (module docstring)
             pipe.unlink(*unlink)
@@ -335,6 +350,14 @@ class RedisSink:
                 evalsha(self._event_sha, 3, marker, self.events_key, self.keys_key, w.token, ttl, self.maxlen,
                         w.key if w.kind == "first_seen" else "", entry)
         replies = pipe.execute(raise_on_error=False)
+        if replies[0] == 1:
+            if self._registered:
+                with self._cv:
+                    self.wiped += 1
+                    self._wiped_unseen = True
+                log.warning("Redis lost what it held (a restart without its data?): what this "
+                            "process holds is published again")
+            self._registered = True
         if any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
             if not again:
                 raise next(r for r in replies if isinstance(r, redis.exceptions.NoScriptError))
