@@ -257,3 +257,16 @@ def test_rediss_with_a_ca_file(servers, tls_redis, tls):
     assert bad.http_status("/healthz") == 503
     assert bad.stop() == 0
     assert "CERTIFICATE_VERIFY_FAILED" in bad.log and REDIS_PASSWORD not in bad.log
+
+
+@pytest.mark.parametrize("tls_on", [False, True])
+def test_a_token_on_a_plaintext_port_beyond_this_host_is_warned_about_at_start(redis_server, tls, tls_on):
+    port = free_port()
+    flags = ["--otlp-grpc", f"0.0.0.0:{port}"]
+    if tls_on:
+        flags += ["--tls-cert", str(tls["server"].cert), "--tls-key", str(tls["server"].key)]
+    bf = BackflowProcess(redis_server.url, *flags, env={"BACKFLOW_AUTH_TOKEN": TOKEN}).start()
+    bf.stop()
+    warned = "a bearer token is required, but OTLP/gRPC on 0.0.0.0" in bf.log
+    assert warned != tls_on, bf.log
+    assert TOKEN not in bf.log

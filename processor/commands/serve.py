@@ -25,6 +25,27 @@ def add_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
+def plaintext_token_warning(cfg) -> str | None:
+    """What to say at start when a bearer token is required on a receiver that speaks
+    plaintext beyond this host: the token then crosses the network readable.
+
+    >>> from types import SimpleNamespace as C
+    >>> plaintext_token_warning(C(auth_token="t", tls_cert=None, otlp_grpc="0.0.0.0:4317", otlp_http=None))[:40]
+    'a bearer token is required, but OTLP/gRP'
+    >>> plaintext_token_warning(C(auth_token="t", tls_cert=None, otlp_grpc="127.0.0.1:4317", otlp_http=None))
+    >>> plaintext_token_warning(C(auth_token="t", tls_cert="c.pem", otlp_grpc="0.0.0.0:4317", otlp_http=None))
+    """
+    if not cfg.auth_token or cfg.tls_cert:
+        return None
+    exposed = [f"{name} on {addr}" for name, addr in (("OTLP/gRPC", cfg.otlp_grpc), ("OTLP/HTTP", cfg.otlp_http))
+               if addr and addr.rpartition(":")[0].strip("[]") not in ("127.0.0.1", "::1", "localhost")]
+    if not exposed:
+        return None
+    return (f"a bearer token is required, but {' and '.join(exposed)} speak plaintext: the token "
+            f"crosses the network readable by anyone on the path; give tls_cert and tls_key "
+            f"(docs/security.md), or listen on a network you trust")
+
+
 def run(args) -> int:
     try:
         cfg = resolve(vars(args), dict(os.environ))
@@ -40,6 +61,9 @@ def serve(cfg) -> int:
 
 
     configure_logging(cfg.log_level, cfg.secrets)
+    warning = plaintext_token_warning(cfg)
+    if warning:
+        logging.getLogger("backflow").warning(warning)
     # Receiver threads answer Export calls while the pipeline thread computes: a shorter
     # GIL switch interval (5 ms by default) bounds how long a call waits for its turn.
     sys.setswitchinterval(0.001)
