@@ -182,3 +182,34 @@ def test_a_long_summary_is_cut_to_what_slack_takes_in_a_section():
     m = message({"type": "latency_regression", "severity": "warning", "summary": "p99 of " + "f" * 5000})
     section = m["blocks"][0]["text"]["text"]
     assert len(section) == 3000 and section.endswith("\u2026") and "p99 of " in section
+
+
+def test_an_event_no_run_could_post_goes_to_the_dead_letter_stream_and_notify_goes_on(
+        redis_server, redis_client, webhook):
+    add_events(redis_client, EVENTS[:2])
+    gone = webhook([(410, {})] * 3)  # the first event is refused for good; the second would pass
+    for attempt in (1, 2):
+        p = notify(redis_server.url, gone.url, "--max-attempts", "3")
+        assert p.returncode == 1 and "HTTP 410" in p.stderr and pending(redis_client) == 2
+    p = notify(redis_server.url, gone.url, "--max-attempts", "3")
+    assert p.returncode == 0, p.stderr
+    assert "dead-lettered after 3 attempts" in p.stderr
+    dead = redis_client.xrange("backflow:events:dead")
+    assert len(dead) == 1
+    fields = dead[0][1]
+    assert fields["id"] == EVENTS[0]["id"] and fields["dead.attempts"] == "3" and "HTTP 410" in fields["dead.reason"]
+    assert len(gone.posts) == 4 and "shop.payments.charge" in gone.texts()[3]  # the next one was posted
+    assert pending(redis_client) == 0
+
+
+def test_events_left_pending_by_a_consumer_that_never_returns_are_claimed(redis_server, redis_client, webhook):
+    add_events(redis_client, EVENTS)
+    failing = webhook([(503, {})])
+    p = notify(redis_server.url, failing.url, "--retries", "0", "--consumer", "pod-a")
+    assert p.returncode == 1 and pending(redis_client) == 3  # pod-a took all three, then died
+    hook = webhook()
+    time.sleep(1.2)
+    p = notify(redis_server.url, hook.url, "--consumer", "pod-b", "--claim-idle", "1")
+    assert p.returncode == 0, p.stderr
+    assert len(hook.posts) == 3 and "claimed 3 events" in p.stderr
+    assert pending(redis_client) == 0

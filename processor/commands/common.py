@@ -90,11 +90,16 @@ def add_group_arguments(parser: argparse.ArgumentParser, default_group: str) -> 
     g.add_argument("--start", choices=("new", "all"), default="new",
                    help="where a new group starts: events from now on (new, default) or the whole "
                         "stream (all); an existing group goes on from its own position")
+    g.add_argument("--claim-idle", type=float, default=300.0, metavar="SECONDS",
+                   help="take over the events another consumer of the group left pending this long "
+                        "(a consumer that does not come back); 0: never (default 300)")
 
 
 def group_options(args: argparse.Namespace) -> dict:
+    if not args.claim_idle >= 0:
+        raise ConfigError(f"invalid setting claim_idle (--claim-idle): must be >= 0, got {args.claim_idle}")
     return {"group": args.group, "consumer": args.consumer or default_consumer(),
-            "start": "$" if args.start == "new" else "0"}
+            "start": "$" if args.start == "new" else "0", "claim_idle_ms": int(args.claim_idle * 1000)}
 
 
 def stop_on_signals() -> threading.Event:

@@ -9,6 +9,10 @@ name so that a restarted consumer finds its own pending entries.
 
 Entries trimmed from the stream while pending (``MAXLEN ~``) come back without fields;
 they are acknowledged and skipped.
+
+A consumer that never comes back (a pod restarted under a new name) leaves its pending
+entries behind: every ``claim_interval_s`` a consumer claims the group's entries that were
+idle for ``claim_idle_ms`` (XAUTOCLAIM) and handles them as its own.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import fnmatch
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -75,6 +80,9 @@ class GroupReader:
     consumer: str = field(default_factory=default_consumer)
     start: str = "$"
     batch: int = 100
+    claim_idle_ms: int = 300_000   # another consumer's entry pending this long is taken over
+    claim_interval_s: float = 30.0
+    _claimed_at: float = field(default=0.0, init=False)
     _pending: bool = field(default=True, init=False)  # still reading our own pending entries
     _ready: bool = field(default=False, init=False)
 
@@ -97,6 +105,12 @@ class GroupReader:
                 if entries:
                     return entries
                 self._pending = False
+            now = time.monotonic()
+            if self.claim_idle_ms > 0 and now - self._claimed_at >= self.claim_interval_s:
+                self._claimed_at = now
+                entries = self._claim()
+                if entries:
+                    return entries
             return self._xreadgroup(">", block_ms)
         except redis.ResponseError as e:
             if "NOGROUP" not in str(e):
@@ -114,6 +128,26 @@ class GroupReader:
         # RESP2 gives [[stream, entries]], RESP3 {stream: [entries]}
         entries = next(iter(reply.values()))[0] if isinstance(reply, dict) else reply[0][1]
         return [(_text(i), {_text(k): _text(v) for k, v in (f or {}).items()}) for i, f in entries]
+
+    def _claim(self) -> list[Entry]:
+        """The group's entries pending for ``claim_idle_ms`` with any consumer, now ours."""
+        out: list[Entry] = []
+        start = "0-0"
+        while True:
+            reply = self.client.xautoclaim(self.stream, self.group, self.consumer, self.claim_idle_ms,
+                                           start_id=start, count=self.batch)
+            start, entries = _text(reply[0]), reply[1]
+            out += [(_text(i), {_text(k): _text(v) for k, v in (f or {}).items()}) for i, f in entries]
+            if start == "0-0" or len(out) >= self.batch:
+                break
+        if out:
+            log.warning("claimed %d events left pending by other consumers of group %s", len(out), self.group)
+        return out
+
+    def times_delivered(self, entry_id: str) -> int:
+        """How often the group delivered the entry (to any consumer), this time included."""
+        rows = self.client.xpending_range(self.stream, self.group, min=entry_id, max=entry_id, count=1)
+        return int(rows[0]["times_delivered"]) if rows else 0
 
     def ack(self, entry_id: str) -> None:
         self.client.xack(self.stream, self.group, entry_id)

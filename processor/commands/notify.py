@@ -8,7 +8,10 @@ posted again when notify restarts; the message carries the event's id for receiv
 deduplicate. 429 and 5xx answers and connection errors are retried with exponential
 backoff (1 s doubling to 60 s), after ``Retry-After`` seconds when the answer gives them;
 other answers (a wrong URL's 404, say) are not retried. When an event cannot be posted,
-notify exits with status 1 and the event stays pending. A token bucket keeps the pace under
+notify exits with status 1 and the event stays pending, to be tried again by the next run;
+once the group has delivered it ``--max-attempts`` times it goes to the dead-letter stream
+``{prefix}:events:dead`` (its fields, plus why, its entry id and the attempts), is
+acknowledged, and notify goes on. A token bucket keeps the pace under
 ``--rate-per-minute`` (Slack takes about one message per second per webhook).
 """
 
@@ -188,6 +191,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="retries of a message after 429, 5xx or a connection error (default 6)")
     p.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                    help="seconds to wait for the webhook's answer (default 10)")
+    p.add_argument("--max-attempts", type=int, default=5, metavar="N",
+                   help="runs that may fail to post an event before it goes to the dead-letter stream "
+                        "{prefix}:events:dead and notify goes on (default 5)")
     common.add_redis_arguments(p)
     common.add_filter_arguments(p, "post")
     common.add_group_arguments(p, "backflow-notify")
@@ -213,6 +219,8 @@ def _settings(args: argparse.Namespace) -> str:
         raise ConfigError(f"invalid setting burst (--burst): must be >= 1, got {args.burst}")
     if args.retries < 0:
         raise ConfigError(f"invalid setting retries (--retries): must be >= 0, got {args.retries}")
+    if args.max_attempts < 1:
+        raise ConfigError(f"invalid setting max_attempts (--max-attempts): must be >= 1, got {args.max_attempts}")
     return url
 
 
@@ -224,12 +232,24 @@ def run(args: argparse.Namespace) -> int:
     webhook = Webhook(url, args.timeout, args.retries, stop)
     bucket = TokenBucket(args.rate_per_minute, args.burst)
 
-    def post(_entry_id: str, fields: dict[str, str]) -> None:
+    def post(entry_id: str, fields: dict[str, str]) -> None:
         if stop.wait(bucket.take()):
             raise Stopped()
-        webhook.post(message(fields))
+        try:
+            webhook.post(message(fields))
+        except NotDelivered as e:
+            attempts = reader.times_delivered(entry_id)
+            if attempts < args.max_attempts:
+                raise
+            # Given up on: kept where an operator can find it, and the stream goes on.
+            reader.client.xadd(dead, {**fields, "dead.reason": str(e), "dead.entry_id": entry_id,
+                                      "dead.attempts": str(attempts)}, maxlen=10_000, approximate=True)
+            print(f"dead-lettered after {attempts} attempts ({e}): {common.format_event(fields)}",
+                  file=sys.stderr, flush=True)
+            return
         print(f"posted: {common.format_event(fields)}", flush=True)
 
+    dead = f"{prefix}:events:dead"
     reader = GroupReader(common.connect(redis_url), f"{prefix}:events", **common.group_options(args))
     try:
         reader.run(post, stop, follow=args.follow, event_filter=event_filter)
