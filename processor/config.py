@@ -99,6 +99,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_locations", 100_000, positive_int,
             "code locations held in memory; spans of further locations fold into one "
             "__overflow__ location per service, counted", "N"),
+    Setting("max_services", 10_000, positive_int,
+            "services held in memory; the spans of further ones fold into the shared __overflow__ "
+            "location, counted", "N"),
+    Setting("max_versions", 100_000, positive_int,
+            "service versions held in memory in all; spans of further ones count as one shared "
+            "__overflow__ version, counted", "N"),
+    Setting("max_versions_per_service", 10_000, positive_int,
+            "versions held per service; spans of further ones count as the service's "
+            "__overflow__ version, counted", "N"),
     Setting("exemplars", 3, non_negative_int,
             "trace ids kept per code location and window (the slowest spans)", "N"),
     Setting("baseline_half_life", 86400.0, positive_float,
@@ -151,6 +160,9 @@ class Config:
     queue_batches: int
     workers: int
     max_locations: int
+    max_services: int
+    max_versions: int
+    max_versions_per_service: int
     exemplars: int
     baseline_half_life: float
     events_maxlen: int

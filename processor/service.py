@@ -48,6 +48,7 @@ class Pipeline:
         self._last_checkpoint = time.monotonic()
         self._checkpoint_rest = False  # a checkpoint's part was taken, the rest is due now
         self._closed_since_trim = 0    # location-windows closed since the heap was last trimmed
+        self._refused: dict[str, int] = {}  # service / version names folded, as last counted
 
     def put(self, batch: Batch) -> None:
         """Called by the readers of receiver processes: waits while the queue is full (the
@@ -103,6 +104,7 @@ class Pipeline:
                 self.metrics.late.inc(stats["late"] - late)
                 self.metrics.processed.inc(stats["spans"] - spans)
                 self.metrics.overflow_spans.inc(stats["overflow"] - overflow)
+                self._count_refused_names()
             if stop:
                 self._emit(engine.flush_all())
                 self.checkpoint(force=True)
@@ -123,6 +125,18 @@ class Pipeline:
             self.metrics.redis_pending.set(self.sink.pending())
             self.metrics.redis_up.set(1 if self.sink.reachable else 0)
             self.on_tick()
+
+    def _count_refused_names(self) -> None:
+        t = self.engine.windows.tables
+        for kind, now, setting in (("service", t.refused_services, "max_services"),
+                                   ("version", t.refused_versions, "max_versions(_per_service)")):
+            before = self._refused.get(kind, 0)
+            if now > before:
+                self.metrics.overflow_names.labels(kind).inc(now - before)
+                self._refused[kind] = now
+                if before == 0:  # once: the metric counts the rest
+                    log.warning("more %s names than %s: the spans of further ones are folded into "
+                                "__overflow__ (backflow_overflow_names_total{kind=\"%s\"})", kind, setting, kind)
 
     def republish(self) -> None:
         """Redis came back without its data: hand every baseline (and with it the key set)

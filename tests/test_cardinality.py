@@ -1,7 +1,10 @@
 """A cardinality explosion (a new function name per span) stays within --max-locations: the
 excess folds into one overflow location per service, counted, and nothing else is lost."""
 
+import time
+
 import numpy as np
+import pytest
 
 from processor.pipeline.engine import Engine
 from processor.config import Config
@@ -61,3 +64,53 @@ def test_a_new_service_beyond_the_limit_goes_to_the_shared_overflow_location():
     assert (OVERFLOW_FUNCTION, OVERFLOW_FUNCTION) in names  # b arrived after the limit
     assert ("a", OVERFLOW_FUNCTION) in names                  # a was known: its own overflow
     assert engine.windows.stats["overflow"] == 3
+
+
+def test_services_and_versions_beyond_their_caps_fold_into_overflow_and_memory_stays_bounded():
+    engine = Engine(Config.defaults(max_services=50, max_versions=500, max_versions_per_service=20,
+                                    allowed_lateness=0.0), known_keys=set())
+    # 20,000 distinct service names, one span each, then one service with 5,000 versions
+    for chunk in range(20):
+        batch = _batch(["f"] * 1000, "svc", T0 + chunk * 10**7, 1.0)
+        batch.locations = [Location("prod", f"svc_{chunk}_{i}", "f") for i in range(1000)]
+        batch.versions = [(f"svc_{chunk}_{i}", "1.0", "") for i in range(1000)]
+        batch.ver = np.arange(1000, dtype=np.int32)
+        engine.ingest(batch)
+    batch = _batch(["f"] * 5000, "svc_0_0", T0 + SEC, 1.0)
+    batch.versions = [("svc_0_0", f"build-{i}", "") for i in range(5000)]
+    batch.ver = np.arange(5000, dtype=np.int32)
+    engine.ingest(batch)
+    results = engine.ingest(_batch(["f"], "svc_0_0", T0 + 70 * SEC, 1.0))
+
+    tables = engine.windows.tables
+    assert len(tables.services) <= 51 and len(tables.versions) <= 500 + 51 + 1
+    assert tables.refused_services == 20_000 - 50
+    assert tables.refused_versions >= 5000 - 20
+    assert engine.windows.stats["spans"] == 20_000 + 5000 + 1  # every span counted somewhere
+    (window,) = [r.window for r in results if r.window.service == "svc_0_0"]
+    (lw,) = window.locations
+    versions = {v.version[1]: v.count for v in lw.versions}
+    assert len(versions) == 20 + 1 and versions[OVERFLOW_FUNCTION] == 5000 - 19  # 1.0 and 19 builds kept
+
+
+@pytest.mark.e2e
+def test_serve_counts_and_logs_the_names_beyond_its_caps(redis_server):
+    import grpc
+
+    from tests.conftest import BackflowProcess
+    from tests.otlp import S, encoded
+
+    bf = BackflowProcess(redis_server.url, "--max-services", "3", "--max-versions-per-service", "2").start()
+    try:
+        now = time.time_ns()
+        spans = [S(now - i, service=f"svc{i}") for i in range(5)]
+        spans += [S(now - i, service="svc0", version=f"2.{i}") for i in range(4)]
+        with grpc.insecure_channel(bf.grpc_target) as ch:
+            ch.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")(encoded(spans), timeout=10)
+        bf.wait_for(lambda: bf.metrics().get("backflow_processed_spans_total") == 9, what="processed")
+        m = bf.metrics()
+    finally:
+        bf.stop()
+    assert m['backflow_overflow_names_total{kind="service"}'] == 2
+    assert m['backflow_overflow_names_total{kind="version"}'] == 3  # svc0 keeps its first and 2.0
+    assert "more service names than max_services" in bf.log and "more version names" in bf.log

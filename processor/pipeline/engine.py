@@ -111,7 +111,9 @@ class Engine:
     def __init__(self, cfg: Config, known_keys: set[str] | None = None, clock=time.monotonic):
         self.cfg = cfg
         self.windows = WindowStage(cfg.window_ns, cfg.lateness_ns, cfg.idle_timeout, cfg.exemplars,
-                                   clock=clock, max_locations=cfg.max_locations)
+                                   clock=clock, max_locations=cfg.max_locations,
+                                   max_services=cfg.max_services, max_versions=cfg.max_versions,
+                                   max_versions_per_service=cfg.max_versions_per_service)
         self.baselines = BaselineStage(cfg.window, cfg.baseline_half_life)
         self.detectors = DetectorStore(build_detectors(cfg))
         self.first_seen = FirstSeen(known_keys)

@@ -64,10 +64,34 @@ class Tables:
     further one go to its service's overflow location (``__overflow__``), or, for a service
     not seen before the limit, to one shared overflow location, so that a cardinality
     explosion (a function name with an id in it) costs no more memory than the limit.
+
+    Services and versions are capped the same way: a service beyond ``max_services`` has
+    its spans in the shared overflow location; a version beyond its service's
+    ``max_versions_per_service`` counts as that service's ``__overflow__`` version, and one
+    beyond ``max_versions`` in all as the shared ``("", "__overflow__", "")``.
+    ``refused_services`` and ``refused_versions`` count the distinct names folded.
+
+    >>> t = Tables(max_services=2, max_versions=4, max_versions_per_service=2)
+    >>> [t.locations[t.location_id(Location("prod", s, "f"))].service for s in ("a", "b", "c")]
+    ['a', 'b', '__overflow__']
+    >>> [t.versions[t.version_id(("a", v, ""))][1] for v in ("1", "2", "3", "4")]
+    ['1', '2', '__overflow__', '__overflow__']
+    >>> t.refused_services, t.refused_versions
+    (1, 2)
     """
 
-    def __init__(self, max_locations: int = 1 << 62):
+    def __init__(self, max_locations: int = 1 << 62, max_services: int = 1 << 62,
+                 max_versions: int = 1 << 62, max_versions_per_service: int = 1 << 62):
         self.max_locations = max_locations
+        self.max_services = max_services
+        self.max_versions = max_versions
+        self.max_versions_per_service = max_versions_per_service
+        self.refused_services = 0  # distinct service names folded into the shared overflow
+        self.refused_versions = 0  # distinct version names folded into an overflow version
+        self._refused_svc: set = set()  # names counted (cleared at 10,000)
+        self._refused_ver: set = set()
+        self._svc_versions: dict[str, int] = {}  # service.name -> versions with an id
+        self._svc_names: set[str] = set()        # service.name of the services with an id
         self.real_locations = 0
         self.overflow = _Growable()  # 1 at the ids of overflow locations
         self.locations: list[Location] = []
@@ -86,6 +110,14 @@ class Tables:
         i = self._loc_ids.get(loc.key)
         if i is None:
             if self.real_locations >= self.max_locations or is_overflow(loc):
+                return self._overflow_id(loc)
+            service = (loc.environment, loc.service)
+            if service not in self._svc_ids and len(self.services) >= self.max_services:
+                if service not in self._refused_svc:
+                    if len(self._refused_svc) >= 10_000:
+                        self._refused_svc.clear()  # (bounded memory: a name seen again may count twice)
+                    self._refused_svc.add(service)
+                    self.refused_services += 1
                 return self._overflow_id(loc)
             self.real_locations += 1
             i = self._add(loc, overflow=False)
@@ -112,11 +144,26 @@ class Tables:
         if i is None:
             i = self._svc_ids[name] = len(self.services)
             self.services.append(name)
+            self._svc_names.add(name[1])
         return i
 
     def version_id(self, v: tuple[str, str, str]) -> int:
         i = self._ver_ids.get(v)
         if i is None:
+            if v[1] != OVERFLOW_FUNCTION:
+                if v[0] not in self._svc_names:  # a service beyond max_services: counted there
+                    return self.version_id(("", OVERFLOW_FUNCTION, ""))
+                n = self._svc_versions.get(v[0], 0)
+                if n >= self.max_versions_per_service or len(self.versions) >= self.max_versions:
+                    if v not in self._refused_ver:
+                        if len(self._refused_ver) >= 10_000:
+                            self._refused_ver.clear()
+                        self._refused_ver.add(v)
+                        self.refused_versions += 1
+                    own = (v[0], OVERFLOW_FUNCTION, "")
+                    shared = len(self.versions) >= self.max_versions and own not in self._ver_ids
+                    return self.version_id(("", OVERFLOW_FUNCTION, "") if shared else own)
+                self._svc_versions[v[0]] = n + 1
             i = self._ver_ids[v] = len(self.versions)
             self.versions.append(v)
         return i
@@ -369,7 +416,9 @@ class WindowStage:
     """
 
     def __init__(self, window_ns: int, lateness_ns: int, idle_timeout: float = 60.0,
-                 exemplars: int = 3, clock=time.monotonic, max_locations: int = 1 << 62):
+                 exemplars: int = 3, clock=time.monotonic, max_locations: int = 1 << 62,
+                 max_services: int = 1 << 62, max_versions: int = 1 << 62,
+                 max_versions_per_service: int = 1 << 62):
         if window_ns <= 0:
             raise ValueError("window_ns must be > 0")
         self.window_ns = window_ns
@@ -377,7 +426,7 @@ class WindowStage:
         self.idle_timeout = idle_timeout
         self.exemplars = exemplars
         self.clock = clock
-        self.tables = Tables(max_locations)
+        self.tables = Tables(max_locations, max_services, max_versions, max_versions_per_service)
         self.services: dict[int, _ServiceClock] = {}
         self.stats = Counter(spans=0, late=0, windows=0, overflow=0)
 

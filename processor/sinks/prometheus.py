@@ -95,6 +95,10 @@ class Metrics:
         self.overflow_spans = Counter("backflow_overflow_spans",
                                       "Spans of code locations beyond --max-locations, folded into "
                                       "their service's __overflow__ location", registry=r)
+        self.overflow_names = Counter("backflow_overflow_names",
+                                      "Distinct service or version names beyond max_services, "
+                                      "max_versions or max_versions_per_service, folded into an "
+                                      "__overflow__ location or version", ["kind"], registry=r)
         self.checkpointed = Counter("backflow_checkpoint_fields",
                                     "Checkpoint fields (code locations and services) handed to the "
                                     "Redis sink for {prefix}:state", registry=r)
