@@ -507,3 +507,47 @@ def test_any_request_written_as_otlp_json_converts_back_to_itself(req):
 
     back = ExportTraceServiceRequest.FromString(json_request(otlp_json(req.SerializeToString())))
     assert text_format.MessageToString(back) == text_format.MessageToString(req)
+
+
+@pytest.mark.parametrize("use_tls", [False, True])
+def test_silent_connections_are_capped_and_closed_on_both_ports(tls, use_tls):  # noqa: F811
+    # Connections that never speak (nor finish a TLS handshake) hold a thread each: at most
+    # max_connections of them, closed after the idle timeout; beyond the cap they are closed
+    # at once and counted. A real request gets through once they are gone.
+    import ssl
+    import threading
+
+    from prometheus_client import CollectorRegistry
+
+    from processor.receiver.http import HttpReceiver, tls_context
+    from processor.receiver.intake import Intake
+    from processor.sinks.prometheus import Metrics
+
+    metrics = Metrics(CollectorRegistry())
+    batches = []
+    port = free_port()
+    context = tls_context(str(tls["server"].cert), str(tls["server"].key)) if use_tls else None
+    receiver = HttpReceiver(f"127.0.0.1:{port}", 1 << 20, Intake("http", batches.append, metrics), tls=context,
+                            idle_timeout=1.0, max_connections=5)
+    threads_before = threading.active_count()
+    receiver.start()
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    try:
+        time.sleep(0.5)
+        assert threading.active_count() <= threads_before + 1 + 5  # the accepting thread and the cap
+        refused = metrics.refused_requests.labels(transport="http", reason="too_many_connections")._value.get()
+        assert refused == 15
+        for s in silent:  # every one is closed by the server: at once beyond the cap, else at the timeout
+            s.settimeout(5)
+            assert s.recv(1) == b""
+        body = encoded([S(time.time_ns())])
+        conn = (http.client.HTTPSConnection("localhost", port, timeout=5,
+                                            context=ssl.create_default_context(cafile=str(tls["ca"])))
+                if use_tls else http.client.HTTPConnection("127.0.0.1", port, timeout=5))
+        conn.request("POST", "/v1/traces", body, {"Content-Type": PROTOBUF})
+        assert conn.getresponse().status == 200 and len(batches) == 1
+        conn.close()
+    finally:
+        for s in silent:
+            s.close()
+        receiver.stop(1.0)

@@ -57,6 +57,7 @@ log = logging.getLogger("backflow.http")
 PATH = "/v1/traces"
 PROTOBUF, JSON = "application/x-protobuf", "application/json"
 IDLE_TIMEOUT_S = 30.0  # a connection without a request (or a request without progress) this long is closed
+MAX_CONNECTIONS = 512  # connections served at once; further ones are closed at once, counted
 
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 
@@ -308,10 +309,32 @@ class _Server(ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
+    def process_request(self, request, client_address):
+        # A thread per connection: capped, so that silent clients cannot exhaust the process.
+        receiver = self.receiver
+        with receiver._lock:
+            full = receiver._connections >= receiver.max_connections
+            if not full:
+                receiver._connections += 1
+        if full:
+            receiver.intake.refuse_request("too_many_connections")
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.receiver._lock:
+                self.receiver._connections -= 1
+
     def finish_request(self, request, client_address):
         # The TLS handshake happens here, on the connection's own thread: a slow or silent
-        # client must not hold up the accepting thread.
+        # client must not hold up the accepting thread, nor this one for longer than the
+        # idle timeout.
         context = self.receiver.tls
+        request.settimeout(self.receiver.idle_timeout)
         if context is not None:
             try:
                 request = context.wrap_socket(request, server_side=True)
@@ -347,8 +370,12 @@ class HttpReceiver:
     """
 
     def __init__(self, address: str, max_request_bytes: int, intake: Intake, reuse_port: bool = False,
-                 tls: ssl.SSLContext | None = None, auth_token: str | None = None):
+                 tls: ssl.SSLContext | None = None, auth_token: str | None = None,
+                 idle_timeout: float = IDLE_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS):
         self.address = address
+        self.idle_timeout = idle_timeout
+        self.max_connections = max_connections
+        self._connections = 0  # connections being served (each on a thread)
         self.max_request_bytes = max_request_bytes
         self.intake = intake
         self.tls = tls
@@ -367,7 +394,10 @@ class HttpReceiver:
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
             allow_reuse_port = self._reuse_port
 
-        self._server = Server((host, port), _Handler)
+        class Handler(_Handler):
+            timeout = self.idle_timeout
+
+        self._server = Server((host, port), Handler)
         self._server.receiver = self
         self._thread = threading.Thread(target=self._server.serve_forever, name="otlp-http", daemon=True)
         self._thread.start()
