@@ -321,34 +321,17 @@ class RedisSink:
         """
         if not self._loaded:  # once, rather than a batch answered NOSCRIPT and sent again
             self._load_scripts()
+        cmds, merges, events = self._commands(batch)
         pipe = self.r.pipeline(transaction=False)
         pipe.hsetnx(self.instances_key, self.instance, int(time.time()))  # reply 0: see __init__
         unlink = self._unlink[:]
         if unlink:  # markers of the writes acknowledged last time (module docstring)
             pipe.unlink(*unlink)
-        state = [w for w in batch if w.kind == "state"]
-        if state:  # one HSET for all the batch's fields
-            pipe.hset(self.state_key, mapping={w.key: w.source for w in state})
-        merges: list[tuple[int, str]] = []  # (command index, marker)
-        events: list[tuple[int, _Write, str]] = []  # (command index, write, marker)
-        evalsha, ttl = pipe.evalsha, self.written_ttl
-        for w in batch:
-            if w.kind == "versions":
-                (key, version, revision), p = w.source
-                marker = merge_marker(self.prefix, p.token)
-                merges.append((len(pipe), marker))
-                evalsha(self._merge_sha, 2, f"{self.prefix}:versions:{key}", marker,
-                        _pairs(p.args(field_name(version, revision), ttl)))
-            elif w.kind == "baseline":
-                evalsha(self._baseline_sha, 2, f"{self.prefix}:baseline:{w.key}", self.keys_key, w.key,
-                        _fields_json(w.fields))
-            elif w.kind in ("event", "first_seen"):
-                fields = self._fields(w.source)
-                entry = _fields_json(fields)
-                marker = event_marker(self.prefix, fields["id"], entry)
-                events.append((len(pipe), w, marker))
-                evalsha(self._event_sha, 3, marker, self.events_key, self.keys_key, w.token, ttl, self.maxlen,
-                        w.key if w.kind == "first_seen" else "", entry)
+        base = len(pipe)
+        merges = [(base + i, m) for i, m in merges]
+        events = [(base + i, w, m) for i, w, m in events]
+        for c in cmds:
+            pipe.execute_command(*c)
         replies = pipe.execute(raise_on_error=False)
         if replies[0] == 1:
             if self._registered:
@@ -389,6 +372,35 @@ class RedisSink:
                 if w.kind == "first_seen":
                     self._unlink.append(marker)
                 self.on_event_written(w.event_type)
+
+    def _commands(self, batch: list[_Write]) -> tuple[list[tuple], list[tuple[int, str]], list[tuple]]:
+        """The Redis commands of a batch; with the index of each merge (and its marker) and of
+        each event (its write and marker) among them."""
+        cmds: list[tuple] = []
+        state = [w for w in batch if w.kind == "state"]
+        if state:  # one HSET for all the batch's fields
+            cmds.append(("HSET", self.state_key, *itertools.chain.from_iterable((w.key, w.source) for w in state)))
+        merges: list[tuple[int, str]] = []
+        events: list[tuple[int, _Write, str]] = []
+        ttl = self.written_ttl
+        for w in batch:
+            if w.kind == "versions":
+                (key, version, revision), p = w.source
+                marker = merge_marker(self.prefix, p.token)
+                merges.append((len(cmds), marker))
+                cmds.append(("EVALSHA", self._merge_sha, 2, f"{self.prefix}:versions:{key}", marker,
+                             _pairs(p.args(field_name(version, revision), ttl))))
+            elif w.kind == "baseline":
+                cmds.append(("EVALSHA", self._baseline_sha, 2, f"{self.prefix}:baseline:{w.key}", self.keys_key,
+                             w.key, _fields_json(w.fields)))
+            elif w.kind in ("event", "first_seen"):
+                fields = self._fields(w.source)
+                entry = _fields_json(fields)
+                marker = event_marker(self.prefix, fields["id"], entry)
+                events.append((len(cmds), w, marker))
+                cmds.append(("EVALSHA", self._event_sha, 3, marker, self.events_key, self.keys_key, w.token, ttl,
+                             self.maxlen, w.key if w.kind == "first_seen" else "", entry))
+        return cmds, merges, events
 
     def _load_scripts(self) -> None:
         for script in self._scripts:
