@@ -22,7 +22,7 @@ import yaml
 from processor.detect.registry import DetectorSettings, parse_detector_settings
 from processor.parsing import (  # noqa: F401 (re-exported: the settings' parsers)
     ConfigError, parse_address, split_address, parse_address_or_off, parse_redis_url, redact_url,
-    url_secrets, parse_readable_file, parse_codeowners, parse_token, parse_prefix, positive_float,
+    url_secrets, parse_readable_file, parse_writable_dir, parse_codeowners, parse_token, parse_prefix, positive_float,
     non_negative_float, positive_int, non_negative_int, parse_log_level,
 )
 
@@ -118,6 +118,13 @@ SETTINGS: tuple[Setting, ...] = (
             "events held for Redis; when it is full the pipeline waits while Redis answers (the "
             "receivers push back), and drops and counts the oldest only while Redis is unreachable "
             "(baselines are held as one latest state per location, never dropped)", "N"),
+    Setting("spool_dir", None, parse_writable_dir,
+            "directory where Redis writes wait on disk while Redis is away (redis-spool.log), "
+            "sent at the next start if the process dies meanwhile; without it they wait in memory "
+            "only (docs/operations.md)", "DIR"),
+    Setting("spool_max_bytes", 1 << 30, positive_int,
+            "size of the spool beyond which the receivers push back at the senders while Redis "
+            "is away", "BYTES"),
     Setting("checkpoint_interval", 0.0, non_negative_float,
             "processing-time seconds between checkpoints of the baselines, detector state and "
             "window clocks to {prefix}:state, read back at start; 0 checkpoints whenever windows "
@@ -167,6 +174,8 @@ class Config:
     baseline_half_life: float
     events_maxlen: int
     redis_buffer: int
+    spool_dir: str | None
+    spool_max_bytes: int
     checkpoint_interval: float
     shutdown_timeout: float
     metrics_max_locations: int

@@ -137,6 +137,30 @@ def parse_readable_file(value: Any) -> str:
     return path
 
 
+def parse_writable_dir(value: Any) -> str:
+    """A directory this process can write in, made if missing.
+
+    >>> import tempfile, os
+    >>> d = os.path.join(tempfile.mkdtemp(), "spool")
+    >>> parse_writable_dir(d) == d and os.path.isdir(d)
+    True
+    """
+    if value is None:
+        raise ValueError("no directory given")
+    path = str(value).strip()
+    if not path:
+        raise ValueError("empty path")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".backflow-write-probe")
+        with open(probe, "wb"):
+            pass
+        os.unlink(probe)
+    except OSError as e:
+        raise ValueError(f"cannot write in {path!r}: {e.strerror}") from None
+    return path
+
+
 def parse_codeowners(value: Any) -> str:
     """A CODEOWNERS file that reads and parses: owners come from it for every event."""
     path = parse_readable_file(value)

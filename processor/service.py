@@ -27,6 +27,7 @@ from processor.receiver.intake import OVERLOAD_RETRY_S, Overloaded
 from processor.receiver.workers import ReceiverPool
 from processor.sinks.prometheus import Metrics, serve_http
 from processor.sinks.redis_streams import RedisSink
+from processor.sinks.spool import Spool
 
 log = logging.getLogger("backflow")
 
@@ -123,6 +124,8 @@ class Pipeline:
             self.metrics.queue.set(self.queue.qsize())
             self.metrics.open_windows.set(engine.windows.open_windows())
             self.metrics.redis_pending.set(self.sink.pending())
+            if self.sink.spool is not None:
+                self.metrics.redis_spool_bytes.set(self.sink.spool.size)
             self.metrics.redis_up.set(1 if self.sink.reachable else 0)
             self.on_tick()
 
@@ -164,7 +167,9 @@ class Pipeline:
         now = time.monotonic()
         if not force:
             due = self._checkpoint_rest or now - self._last_checkpoint >= self.cfg.checkpoint_interval
-            if not due or not self.sink.reachable or self.sink.state_pending():
+            # (with a spool, a checkpoint taken while Redis is away waits on disk behind the
+            # writes of the same windows)
+            if not due or not (self.sink.reachable or self.sink.spool is not None) or self.sink.state_pending():
                 return
         self._last_checkpoint = now
         # (a part at a time: the next loop takes the rest once the sink wrote this part)
@@ -203,6 +208,7 @@ class Backflow:
                               on_event_written=lambda t: self.metrics.events.labels(type=t).inc(),
                               on_dropped=self.metrics.redis_dropped.inc,
                               on_waited=self.metrics.redis_waited.inc,
+                              spool=Spool(cfg.spool_dir, cfg.spool_max_bytes) if cfg.spool_dir else None,
                               owners=Owners.from_file(cfg.codeowners).of if cfg.codeowners else None)
         self.pipeline: Pipeline | None = None
         self.receivers_here: list = []  # OTLP/gRPC and OTLP/HTTP, when they run in this process
@@ -222,7 +228,8 @@ class Backflow:
             return True, "ok"
         if not self.sink.ever_reached:
             return False, "not ready: Redis has not answered yet"
-        return True, (f"degraded: Redis unreachable; {self.sink.pending()} writes buffered, "
+        spooled = f", {self.sink.spool.size} bytes in the spool" if self.sink.spool is not None else ""
+        return True, (f"degraded: Redis unreachable; {self.sink.pending()} writes buffered{spooled}, "
                       f"{self.sink.dropped} events dropped")
 
     def start(self, stop: threading.Event | None = None) -> bool:
@@ -241,6 +248,10 @@ class Backflow:
             if stop.wait(wait):
                 return False
             wait = min(wait * 2, 5.0)
+        try:
+            self.sink.replay_spool()  # what an earlier run could not write, before anything else
+        except redis.RedisError as e:
+            log.warning("could not send the spool yet (%s); it goes first once Redis answers", e)
         known = self.sink.known_keys()
         self.pipeline = Pipeline(self.cfg, self.sink, self.metrics, known)
         t0 = time.monotonic()
@@ -281,6 +292,9 @@ class Backflow:
         delivered = self.sink.stop(timeout=left)
         if not delivered:
             log.error("exiting with %d Redis writes not delivered", self.sink.pending())
+        if self.sink.spool is not None and self.sink.spool.size:
+            log.warning("%d bytes of Redis writes wait in %s; the next start sends them first",
+                        self.sink.spool.size, self.sink.spool.path)
         if self.http:
             self.http.shutdown()
         return delivered

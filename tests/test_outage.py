@@ -6,6 +6,7 @@ directory: what was written before the outage is still there afterwards).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -224,3 +225,75 @@ def test_a_redis_that_comes_back_empty_gets_what_the_process_holds_again(tmp_pat
     assert sum(f.startswith("loc:") for f in state) == len(once) + 1  # the checkpoint again
     assert m["backflow_redis_republished_total"] == 1
     assert "Redis lost what it held" in bf.log
+
+
+def _kill_during_outage(tmp_path, *flags: str) -> dict:
+    """Spans flowing, Redis stopped, the process killed (-9) 8 s into the outage; Redis back
+    on the same data, and the process started again with the same flags."""
+    srv = RedisServer(data_dir=str(tmp_path / "redis")).start()
+    common = ("--window", "1", "--allowed-lateness", "0", "--idle-timeout", "1", *flags)
+    bf = BackflowProcess(srv.url, *common).start()
+    out = {}
+    try:
+        with Sender(bf.grpc_target, period=0.2) as sender:
+            time.sleep(3)
+            srv.stop()
+            bf.wait_for(lambda: bf.metrics()["backflow_redis_up"] == 0, what="Redis seen down")
+            outage_from = len(sender.functions)
+            time.sleep(8)
+            bf.proc.kill()
+            bf.proc.wait()
+            sent = list(sender.functions)
+        out["outage_sent"] = sent[outage_from:]
+        srv = RedisServer(port=srv.port, data_dir=srv.dir).start()
+        bf = BackflowProcess(srv.url, *common).start()
+        bf.wait_for(lambda: bf.metrics()["backflow_redis_pending_writes"] == 0, timeout=30, what="delivered")
+        time.sleep(1)
+        out["sent"], out["seen"] = sent, _first_seen_in_stream(srv.url, "backflow")
+        r = redis.Redis.from_url(srv.url, decode_responses=True)
+        ids = [f["id"] for _, f in r.xrange("backflow:events")]
+        out["duplicate_ids"] = len(ids) - len(set(ids))
+    finally:
+        bf.stop()
+        srv.stop()
+    out["log"] = bf.log
+    return out
+
+
+def test_kill_9_during_an_outage_loses_only_the_open_window_with_a_spool(tmp_path):
+    out = _kill_during_outage(tmp_path, "--spool-dir", str(tmp_path / "spool"))
+    lost = [fn for fn in out["sent"] if fn not in out["seen"]]
+    assert len(out["outage_sent"]) >= 30
+    # At most the last two seconds' functions (the open window and the one closing) are lost.
+    assert len(lost) <= 10 and set(lost) <= set(out["sent"][-10:]), lost
+    assert out["duplicate_ids"] == 0
+    assert "kept in the spool while Redis was away" in out["log"]
+
+
+def test_kill_9_during_an_outage_without_a_spool_loses_what_waited_in_memory(tmp_path):
+    out = _kill_during_outage(tmp_path)
+    lost = [fn for fn in out["sent"] if fn not in out["seen"]]
+    assert len(lost) >= len(out["outage_sent"]) - 10  # the documented cost of no --spool-dir
+
+
+def test_sigterm_with_redis_away_and_a_spool_keeps_everything_for_the_next_start(tmp_path):
+    spool = str(tmp_path / "spool")
+    srv = RedisServer(data_dir=str(tmp_path / "redis")).start()
+    flags = ("--window", "60", "--shutdown-timeout", "10", "--spool-dir", spool)
+    bf = BackflowProcess(srv.url, *flags).start()
+    try:
+        _send(bf.grpc_target, [S(time.time_ns() - i, function=f"shop.f{i}") for i in range(20)])
+        bf.wait_for(lambda: bf.metrics()["backflow_processed_spans_total"] == 20, what="spans processed")
+        srv.stop()
+        code = bf.stop(sig=signal.SIGTERM)  # closes the open window: its writes go to the spool
+        assert code == 0 and "wait in" in bf.log, bf.log
+        srv = RedisServer(port=srv.port, data_dir=srv.dir).start()
+        bf = BackflowProcess(srv.url, *flags).start()
+        r = redis.Redis.from_url(srv.url, decode_responses=True)
+        bf.wait_for(lambda: r.xlen("backflow:events") >= 20, what="the spooled events")
+        calls = sum(json.loads(v)["calls"] for k in r.scan_iter("backflow:versions:*") for v in r.hvals(k))
+        assert calls == 20 and r.scard("backflow:keys") == 20  # every span's figures, once
+        assert sum(f.startswith("loc:") for f in r.hkeys("backflow:state")) == 20  # and the checkpoint
+    finally:
+        bf.stop()
+        srv.stop()

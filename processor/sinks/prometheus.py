@@ -133,6 +133,9 @@ class Metrics:
                                          "Times Redis was found without what it held (restarted "
                                          "without its data) and the process published it again",
                                          registry=r)
+        self.redis_spool_bytes = Gauge("backflow_redis_spool_bytes",
+                                       "Bytes of Redis writes waiting in the spool on disk (--spool-dir)",
+                                       registry=r)
         self.redis_waited = Counter("backflow_redis_backpressure_seconds",
                                     "Seconds the pipeline waited for room in the Redis buffer while "
                                     "Redis answered (the receivers pushed back meanwhile)", registry=r)

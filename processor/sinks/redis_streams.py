@@ -43,6 +43,7 @@ from processor.events import Event
 from processor.pipeline.memtrim import release_free_memory
 from processor.sinks.idempotency import (EVENT_LUA, WRITTEN, WRITTEN_BEFORE_BY_US, WRITTEN_TTL, Tokens,
                                          event_marker, merge_marker)
+from processor.sinks.spool import Spool
 from processor.sinks.versions import MERGE_LUA, VersionLedger, field_name
 
 log = logging.getLogger("backflow.redis")
@@ -96,9 +97,10 @@ class RedisSink:
                  on_dropped: Callable[[int], None] = lambda n: None,
                  on_waited: Callable[[float], None] = lambda s: None,
                  batch_size: int = 500, owners: Callable[[str], str] | None = None,
-                 written_ttl: int = WRITTEN_TTL):
+                 written_ttl: int = WRITTEN_TTL, spool: Spool | None = None):
         self.r = client
         self.owners = owners  # code.file.path -> owners (processor/owners.py), if configured
+        self.spool = spool    # batches Redis could not take, on disk (processor/sinks/spool.py)
         self.prefix = prefix
         self.events_key = f"{prefix}:events"
         self.keys_key = f"{prefix}:keys"
@@ -197,7 +199,7 @@ class RedisSink:
             waited, i = 0.0, 0
             while i < len(writes):
                 room = self.buffer_limit - len(self.buffer)
-                if room <= 0 and self.reachable and not self._stop:
+                if room <= 0 and (self.reachable or self.spool is not None) and not self._stop:
                     # Behind, not away: wait for the writer, which takes a batch at a time.
                     t0 = time.monotonic()
                     self._cv.notify()
@@ -272,17 +274,38 @@ class RedisSink:
     def _idle(self) -> bool:
         return not (self.buffer or self.baselines or self.versions or self.state or self._unlink)
 
+    def _spool_waiting(self) -> bool:
+        return self.spool is not None and self.spool.size > 0
+
     def _run(self) -> None:
         backoff = 0.1
+        next_try = 0.0  # when Redis is tried again while batches go to the spool
         while True:
             with self._cv:
-                while self._idle() and not self._stop:
-                    self._cv.wait(timeout=1.0)
+                while (self._idle() and not self._stop
+                       and not (self._spool_waiting() and time.monotonic() >= next_try)):
+                    self._cv.wait(timeout=0.5)
                 if self._stop and self._idle():
-                    return
+                    return  # (what is in the spool stays there for the next start)
+            if self._spool_waiting() and time.monotonic() >= next_try:
+                try:
+                    self.replay_spool()
+                    self.reachable = self.ever_reached = True
+                    backoff = 0.1
+                except redis.RedisError:
+                    self.reachable = False
+                    next_try = time.monotonic() + backoff
+                    backoff = min(backoff * 2, 5.0)
+            with self._cv:
+                if self._idle():
+                    continue
                 batch = self._take()  # ([] when only markers are left to delete)
                 self._inflight = len(batch)
                 self._room.notify_all()
+            if self._spool_waiting() and not self.spool.full:
+                # Redis is still away and the spool holds earlier batches: this one goes after them.
+                self._to_spool(batch)
+                continue
             try:
                 self._write(batch)
                 self.reachable = self.ever_reached = True
@@ -295,8 +318,13 @@ class RedisSink:
                     self._inflight = 0
             except redis.RedisError as e:
                 if self.reachable:
-                    log.warning("Redis write failed (%s); retrying with backoff", e)
+                    log.warning("Redis write failed (%s); %s", e, "keeping what waits in the spool"
+                                if self.spool is not None else "retrying with backoff")
                 self.reachable = False
+                if self.spool is not None and not self.spool.full and not self._spool_waiting():
+                    self._to_spool(batch)
+                    next_try = time.monotonic() + backoff
+                    continue
                 with self._cv:
                     self._room.notify_all()  # a waiting submit() now buffers, and drops if it must
                     # retry in the same order; a baseline submitted meanwhile is newer: it wins
@@ -312,6 +340,39 @@ class RedisSink:
                         return
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
+
+    def _to_spool(self, batch: list[_Write]) -> None:
+        """Keep a batch Redis cannot take now on disk, as its commands, and forget it."""
+        cmds = self._commands(batch)[0]
+        if cmds:
+            self.spool.append([list(c) for c in cmds])
+        with self._cv:
+            self._inflight = 0
+            self._room.notify_all()
+
+    def replay_spool(self) -> None:
+        """Send the spooled batches in order, then empty the spool. Raises redis.RedisError
+        when Redis does not take them (the spool is kept: a replay again is harmless)."""
+        if not self._spool_waiting():
+            return
+        self._load_scripts()
+        n = 0
+        for record in self.spool.records():
+            for attempt in (1, 2):
+                pipe = self.r.pipeline(transaction=False)
+                for c in record:
+                    pipe.execute_command(*c)
+                replies = pipe.execute(raise_on_error=False)
+                if attempt == 1 and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
+                    self._load_scripts()  # Redis restarted meanwhile
+                    continue
+                break
+            for r in replies:
+                if isinstance(r, redis.ResponseError):
+                    log.warning("a spooled write was refused (%s); dropped", r)
+            n += 1
+        self.spool.clear()
+        log.info("sent %d batches kept in the spool while Redis was away", n)
 
     def _write(self, batch: list[_Write], again: bool = True) -> None:
         """Send one batch in a pipeline; return once every reply was read and none failed.

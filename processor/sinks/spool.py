@@ -1,0 +1,84 @@
+"""A bounded on-disk spool of Redis writes, for what must outlive the process while Redis
+is away (docs/operations.md, "What survives").
+
+While Redis does not answer, the sink appends each batch it could not send, as the Redis
+commands it would have sent, to ``{dir}/redis-spool.log`` and forgets it; once Redis
+answers (or at the next start) the batches are sent again in order and the file is
+emptied. Every command can be sent twice without effect (processor/sinks/idempotency.py),
+so a replay cut short is simply replayed again.
+
+A record is a 4-byte length, a 4-byte CRC-32 and the MessagePack of the batch's commands
+(lists of strings and bytes); each append is flushed and fsync'd, one per batch. A record
+cut short by a crash, or one whose CRC does not match, ends the replay there: what follows
+it cannot be trusted to be whole.
+
+>>> import tempfile
+>>> spool = Spool(tempfile.mkdtemp(), max_bytes=1 << 20)
+>>> spool.append([["HSET", "k", "f", b"v"]]); spool.append([["SADD", "s", "m"]])
+>>> [r for r in spool.records()]
+[[['HSET', 'k', 'f', b'v']], [['SADD', 's', 'm']]]
+>>> spool.clear(); spool.size, list(spool.records())
+(0, [])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from typing import Iterator
+
+import msgpack
+
+log = logging.getLogger("backflow.spool")
+
+_HEADER = struct.Struct(">II")  # length, crc32 of the payload
+FILE_NAME = "redis-spool.log"
+
+
+class Spool:
+    def __init__(self, directory: str, max_bytes: int):
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(directory, FILE_NAME)
+        self.max_bytes = max_bytes
+        self._file = open(self.path, "ab")
+        self.size = self._file.tell()
+
+    @property
+    def full(self) -> bool:
+        return self.size >= self.max_bytes
+
+    def append(self, commands: list[list]) -> None:
+        payload = msgpack.packb(commands, use_bin_type=True)
+        self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.size += _HEADER.size + len(payload)
+
+    def records(self) -> Iterator[list[list]]:
+        """The batches in the order they were appended, up to the first one not whole."""
+        with open(self.path, "rb") as f:
+            while True:
+                header = f.read(_HEADER.size)
+                if not header:
+                    return
+                if len(header) < _HEADER.size:
+                    log.warning("the spool ends in a record cut short; what it held is lost")
+                    return
+                length, crc = _HEADER.unpack(header)
+                payload = f.read(length)
+                if len(payload) < length or zlib.crc32(payload) != crc:
+                    log.warning("the spool ends in a record cut short or damaged; what follows is not replayed")
+                    return
+                yield msgpack.unpackb(payload, raw=False)
+
+    def clear(self) -> None:
+        self._file.truncate(0)
+        self._file.seek(0)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self.size = 0
+
+    def close(self) -> None:
+        self._file.close()
