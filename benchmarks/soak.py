@@ -56,11 +56,13 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import json
 import math
 import multiprocessing as mp
 import os
 import queue
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -392,6 +394,8 @@ def run(args, tmp: str) -> dict:
             start_evt.set()
             m0 = time.monotonic()
             next_sample, next_print = m0, m0 + args.progress
+            # Redis stalls (SIGSTOP for --stall-seconds), evenly spread over the run
+            stalls = [m0 + seconds * (k + 1) / (args.redis_stalls + 1) for k in range(args.redis_stalls)]
 
             def drain() -> None:
                 nonlocal done
@@ -412,6 +416,12 @@ def run(args, tmp: str) -> dict:
                 if stack.server.poll() is not None:
                     raise RuntimeError("backflow serve died:\n" + stack.log())
                 drain()
+                if stalls and time.monotonic() >= stalls[0]:
+                    stalls.pop(0)
+                    os.kill(stack.redis.pid, signal.SIGSTOP)
+                    threading.Timer(args.stall_seconds, os.kill, (stack.redis.pid, signal.SIGCONT)).start()
+                    print(f"  [{time.monotonic() - m0:5.0f} s] Redis stopped (SIGSTOP) for "
+                          f"{args.stall_seconds:g} s", flush=True)
                 s = sample(stack, time.monotonic() - m0)
                 samples.append(s)
                 if errors:
@@ -435,6 +445,7 @@ def run(args, tmp: str) -> dict:
                     break
             if done < len(procs):
                 errors.append(f"{len(procs) - done} client processes did not finish")
+            accounting = account(stack)
             log = stack.log()
             event_types = collections.Counter(f[b"type"].decode() for _, f in stack.rclient.xrange("backflow:events"))
         finally:
@@ -445,8 +456,29 @@ def run(args, tmp: str) -> dict:
                     proc.kill()
                     proc.join(5)
     return {"samples": samples, "calls": calls, "totals": totals, "errors": errors, "log": log,
-            "event_types": event_types,
+            "event_types": event_types, "accounting": accounting,
             "cmd": stack.cmd, "workload": (w_all, w_zipf)}
+
+
+def account(stack: Stack) -> dict:
+    """Once the clients stopped: every span processed (the queue empty), then SIGTERM (the
+    open windows close and are written), then what Redis holds: the calls in the version
+    summaries and the ids of the events stream."""
+    deadline = time.monotonic() + 120
+    m = stack.metrics()
+    while time.monotonic() < deadline and (m.get("backflow_queue_batches", 0) or m.get("backflow_redis_pending_writes", 0)):
+        time.sleep(0.5)
+        m = stack.metrics()
+    processed, late = m.get("backflow_processed_spans_total", 0), m.get("backflow_late_spans_total", 0)
+    stack.server.send_signal(signal.SIGTERM)
+    exit_status = stack.server.wait(timeout=90)
+    r = stack.rclient
+    calls = 0
+    for key in r.scan_iter(b"backflow:versions:*", count=1000):
+        calls += sum(json.loads(v)["calls"] for v in r.hvals(key))
+    ids = [f[b"id"] for _, f in r.xrange("backflow:events")]
+    return {"processed": processed, "late": late, "summary_calls": calls, "events": len(ids),
+            "ids_twice": len(ids) - len(set(ids)), "exit_status": exit_status}
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -552,6 +584,16 @@ def report(args, r: dict, t_start: float, load0: tuple, command: str) -> int:
     print(f"command: {command}   (in {os.getcwd()}, backflow at {_revision()})")
     if verdict.growing or fds_grow:
         status = 1
+    acc = r["accounting"]
+    ok = (tot["spans"] - tot["rejected"] == acc["processed"] + acc["late"] and acc["processed"] == acc["summary_calls"]
+          and acc["ids_twice"] == 0)
+    print(f"accounting: {'PASS' if ok else 'FAIL'}: acknowledged {tot['spans'] - tot['rejected']:,} spans, "
+          f"processed {acc['processed']:,.0f} (late {acc['late']:,.0f}), in the version summaries "
+          f"{acc['summary_calls']:,}; {acc['events']:,} events, {acc['ids_twice']} ids twice; serve exited "
+          f"{acc['exit_status']} after SIGTERM" + (f"; {args.redis_stalls} Redis stalls of {args.stall_seconds:g} s"
+                                                   if args.redis_stalls else ""))
+    if not ok:
+        status = 1
     if late or refused or refused_req or tot["rejected"] or tot["retries"] or dropped:
         print("FAIL: spans were late, refused or rejected, or Redis writes dropped, at a steady load "
               "the server should take")
@@ -586,6 +628,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--server-arg", dest="server_args", action="append", default=[], metavar="ARG",
                    help="extra argument for backflow serve, repeatable (e.g. --server-arg=--exemplars=5)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--redis-stalls", type=int, default=0,
+                   help="times Redis is stopped (SIGSTOP) during the run, evenly spread (default 0)")
+    p.add_argument("--stall-seconds", type=float, default=6.0, help="length of each Redis stall (default 6)")
     args = p.parse_args(argv)
     if not shutil.which("redis-server"):
         print("redis-server not found on PATH", file=sys.stderr)
