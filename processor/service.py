@@ -71,8 +71,14 @@ class Pipeline:
 
     def stop(self, timeout: float) -> None:
         """Process everything queued, close all open windows, hand results to the sink."""
-        self.queue.put(_STOP)
-        self._thread.join(timeout)
+        t0 = time.monotonic()
+        try:
+            # (bounded: a pipeline waiting for a full spool while Redis is away takes nothing)
+            self.queue.put(_STOP, timeout=timeout)
+        except queue.Full:
+            log.error("the pipeline did not take the stop within %g s (waiting for Redis)", timeout)
+            return
+        self._thread.join(max(0.0, timeout - (time.monotonic() - t0)))
 
     def _run(self) -> None:
         engine, stats = self.engine, self.engine.windows.stats

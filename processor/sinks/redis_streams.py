@@ -302,9 +302,12 @@ class RedisSink:
                 batch = self._take()  # ([] when only markers are left to delete)
                 self._inflight = len(batch)
                 self._room.notify_all()
-            if self._spool_waiting() and not self.spool.full:
-                # Redis is still away and the spool holds earlier batches: this one goes after them.
-                self._to_spool(batch)
+            if self._spool_waiting():
+                # The spool holds earlier batches: this one goes after them, on disk or, with
+                # the spool full, back into memory until the spool was sent (submit() pushes back).
+                if self.spool.full or not self._to_spool(batch):
+                    self._put_back(batch)
+                    time.sleep(min(backoff, 1.0))
                 continue
             try:
                 self._write(batch)
@@ -321,55 +324,74 @@ class RedisSink:
                     log.warning("Redis write failed (%s); %s", e, "keeping what waits in the spool"
                                 if self.spool is not None else "retrying with backoff")
                 self.reachable = False
-                if self.spool is not None and not self.spool.full and not self._spool_waiting():
-                    self._to_spool(batch)
+                if self.spool is not None and not self.spool.full and self._to_spool(batch):
                     next_try = time.monotonic() + backoff
                     continue
-                with self._cv:
-                    self._room.notify_all()  # a waiting submit() now buffers, and drops if it must
-                    # retry in the same order; a baseline submitted meanwhile is newer: it wins
-                    self.buffer.extendleft(reversed([w for w in batch if w.kind in ("event", "first_seen")]))
-                    for w in batch:
-                        if w.kind == "baseline":
-                            self.baselines.setdefault(w.key, w.source)
-                        elif w.kind == "state":
-                            self.state.setdefault(w.key, w.source)
-                    self.versions.put_back([w.source for w in batch if w.kind == "versions"])
-                    self._inflight = 0
-                    if self._stop:
-                        return
+                self._put_back(batch)
+                if self._stop:
+                    return
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
-    def _to_spool(self, batch: list[_Write]) -> None:
-        """Keep a batch Redis cannot take now on disk, as its commands, and forget it."""
-        cmds = self._commands(batch)[0]
-        if cmds:
-            self.spool.append([list(c) for c in cmds])
+    def _put_back(self, batch: list[_Write]) -> None:
         with self._cv:
+            self._room.notify_all()  # a waiting submit() now buffers, and drops if it must
+            # retry in the same order; a baseline submitted meanwhile is newer: it wins
+            self.buffer.extendleft(reversed([w for w in batch if w.kind in ("event", "first_seen")]))
+            for w in batch:
+                if w.kind == "baseline":
+                    self.baselines.setdefault(w.key, w.source)
+                elif w.kind == "state":
+                    self.state.setdefault(w.key, w.source)
+            self.versions.put_back([w.source for w in batch if w.kind == "versions"])
+            self._inflight = 0
+
+    def _to_spool(self, batch: list[_Write]) -> bool:
+        """Keep a batch Redis cannot take now on disk, as its commands, and forget it; False
+        (the batch still to be put back) when the disk refused it."""
+        names = {self._event_sha: "event", self._baseline_sha: "baseline", self._merge_sha: "merge"}
+        # Scripts by name, not by SHA: a restart into a newer version sends its own scripts.
+        cmds = [["SCRIPT", names[c[1]], *c[2:]] if c[0] == "EVALSHA" else list(c)
+                for c in self._commands(batch)[0]]
+        try:
+            if cmds:
+                self.spool.append(cmds)
+        except OSError as e:
+            log.error("cannot write the spool %s (%s); writes wait in memory and the receivers "
+                      "push back", self.spool.path, e)
+            return False
+        with self._cv:
+            self._unlink = []  # markers of acknowledged writes: left to expire (written_ttl)
             self._inflight = 0
             self._room.notify_all()
+        return True
 
     def replay_spool(self) -> None:
         """Send the spooled batches in order, then empty the spool. Raises redis.RedisError
-        when Redis does not take them (the spool is kept: a replay again is harmless)."""
+        when Redis does not take them, the spool kept: sending it again is harmless. Only a
+        summary merge Redis refuses for good (a key of another type) is dropped, as _write does."""
         if not self._spool_waiting():
             return
         self._load_scripts()
+        shas = {"event": self._event_sha, "baseline": self._baseline_sha, "merge": self._merge_sha}
         n = 0
         for record in self.spool.records():
+            cmds = [("EVALSHA", shas[c[1]], *c[2:]) if c[0] == "SCRIPT" else tuple(c) for c in record]
             for attempt in (1, 2):
                 pipe = self.r.pipeline(transaction=False)
-                for c in record:
+                for c in cmds:
                     pipe.execute_command(*c)
                 replies = pipe.execute(raise_on_error=False)
                 if attempt == 1 and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
                     self._load_scripts()  # Redis restarted meanwhile
                     continue
                 break
-            for r in replies:
+            for c, r in zip(cmds, replies):
                 if isinstance(r, redis.ResponseError):
-                    log.warning("a spooled write was refused (%s); dropped", r)
+                    if c[0] == "EVALSHA" and c[1] == self._merge_sha and "WRONGTYPE" in str(r):
+                        log.warning("a spooled version summary was refused (%s); dropped", r)
+                        continue
+                    raise r  # (OOM, READONLY, MISCONF...: the spool is kept and sent again)
             n += 1
         self.spool.clear()
         log.info("sent %d batches kept in the spool while Redis was away", n)
