@@ -100,6 +100,9 @@ def test_serve_counts_and_logs_the_names_beyond_its_caps(redis_server):
     from tests.conftest import BackflowProcess
     from tests.otlp import S, encoded
 
+    import redis
+
+    redis.Redis.from_url(redis_server.url).flushall()  # no checkpoint of another test's services
     bf = BackflowProcess(redis_server.url, "--max-services", "3", "--max-versions-per-service", "2").start()
     try:
         now = time.time_ns()
