@@ -57,6 +57,17 @@ def is_overflow(loc: Location) -> bool:
     return loc.function == OVERFLOW_FUNCTION
 
 
+def _first_time(seen: set, name) -> int:
+    """1 the first time ``name`` is refused, else 0. ``seen`` is cleared at 10,000 names to
+    bound its memory: a name refused again after that counts again."""
+    if name in seen:
+        return 0
+    if len(seen) >= 10_000:
+        seen.clear()
+    seen.add(name)
+    return 1
+
+
 class Tables:
     """Interned ids for locations, services, versions and (location, version) series.
 
@@ -88,7 +99,7 @@ class Tables:
         self.max_versions_per_service = max_versions_per_service
         self.refused_services = 0  # distinct service names folded into the shared overflow
         self.refused_versions = 0  # distinct version names folded into an overflow version
-        self._refused_svc: set = set()  # names counted (cleared at 10,000)
+        self._refused_svc: set = set()  # names counted (see _first_time)
         self._refused_ver: set = set()
         self._svc_versions: dict[str, int] = {}  # service.name -> versions with an id
         self._svc_names: set[str] = set()        # service.name of the services with an id
@@ -113,11 +124,7 @@ class Tables:
                 return self._overflow_id(loc)
             service = (loc.environment, loc.service)
             if service not in self._svc_ids and len(self.services) >= self.max_services:
-                if service not in self._refused_svc:
-                    if len(self._refused_svc) >= 10_000:
-                        self._refused_svc.clear()  # (bounded memory: a name seen again may count twice)
-                    self._refused_svc.add(service)
-                    self.refused_services += 1
+                self.refused_services += _first_time(self._refused_svc, service)
                 return self._overflow_id(loc)
             self.real_locations += 1
             i = self._add(loc, overflow=False)
@@ -155,11 +162,7 @@ class Tables:
                     return self.version_id(("", OVERFLOW_FUNCTION, ""))
                 n = self._svc_versions.get(v[0], 0)
                 if n >= self.max_versions_per_service or len(self.versions) >= self.max_versions:
-                    if v not in self._refused_ver:
-                        if len(self._refused_ver) >= 10_000:
-                            self._refused_ver.clear()
-                        self._refused_ver.add(v)
-                        self.refused_versions += 1
+                    self.refused_versions += _first_time(self._refused_ver, v)
                     own = (v[0], OVERFLOW_FUNCTION, "")
                     shared = len(self.versions) >= self.max_versions and own not in self._ver_ids
                     return self.version_id(("", OVERFLOW_FUNCTION, "") if shared else own)

@@ -109,8 +109,7 @@ class RedisSink:
         self.instances_key = f"{prefix}:instances"
         self.instance = secrets.token_hex(8)
         self._registered = False
-        self.wiped = 0             # times Redis was found to have lost what it held
-        self._wiped_unseen = False  # a loss take_wiped() has not reported yet
+        self._wiped_unseen = False  # a loss of Redis's data take_wiped() has not reported yet
         self.maxlen = events_maxlen
         self.written_ttl = written_ttl  # seconds a {prefix}:written:* marker lives
         self.buffer: deque[_Write] = deque()
@@ -132,6 +131,9 @@ class RedisSink:
         # Called by their SHA; loaded before the first batch and whenever Redis answers NOSCRIPT.
         self._scripts = [client.register_script(lua) for lua in (EVENT_LUA, _BASELINE_LUA, MERGE_LUA)]
         self._event_sha, self._baseline_sha, self._merge_sha = (s.sha for s in self._scripts)
+        # The spool names scripts rather than SHAs: a restart into a newer version sends its own.
+        self._sha_of = {"event": self._event_sha, "baseline": self._baseline_sha, "merge": self._merge_sha}
+        self._name_of = {sha: name for name, sha in self._sha_of.items()}
         self._loaded = False
         self._tokens = Tokens()
         # Markers of writes whose replies were read: no retry of them can follow, so they
@@ -349,9 +351,7 @@ class RedisSink:
     def _to_spool(self, batch: list[_Write]) -> bool:
         """Keep a batch Redis cannot take now on disk, as its commands, and forget it; False
         (the batch still to be put back) when the disk refused it."""
-        names = {self._event_sha: "event", self._baseline_sha: "baseline", self._merge_sha: "merge"}
-        # Scripts by name, not by SHA: a restart into a newer version sends its own scripts.
-        cmds = [["SCRIPT", names[c[1]], *c[2:]] if c[0] == "EVALSHA" else list(c)
+        cmds = [["SCRIPT", self._name_of[c[1]], *c[2:]] if c[0] == "EVALSHA" else list(c)
                 for c in self._commands(batch)[0]]
         try:
             if cmds:
@@ -373,10 +373,9 @@ class RedisSink:
         if not self._spool_waiting():
             return
         self._load_scripts()
-        shas = {"event": self._event_sha, "baseline": self._baseline_sha, "merge": self._merge_sha}
         n = 0
         for record in self.spool.records():
-            cmds = [("EVALSHA", shas[c[1]], *c[2:]) if c[0] == "SCRIPT" else tuple(c) for c in record]
+            cmds = [("EVALSHA", self._sha_of[c[1]], *c[2:]) if c[0] == "SCRIPT" else tuple(c) for c in record]
             for attempt in (1, 2):
                 pipe = self.r.pipeline(transaction=False)
                 for c in cmds:
@@ -419,7 +418,6 @@ class RedisSink:
         if replies[0] == 1:
             if self._registered:
                 with self._cv:
-                    self.wiped += 1
                     self._wiped_unseen = True
                 log.warning("Redis lost what it held (a restart without its data?): what this "
                             "process holds is published again")
