@@ -402,7 +402,7 @@ def test_what_is_not_an_otlp_request_gets_its_status_code(backflow, redis_client
     conn.close()
     raw = socket.create_connection(("127.0.0.1", bf.http_port), timeout=10)
     raw.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
-                b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % (limit + 1))  # a chunk over the limit
+                b"Transfer-Encoding: chunked\r\n\r\n%x\r\n" % (limit + 1) + bytes(limit + 1))  # a chunk over it
     assert raw.recv(100).startswith(b"HTTP/1.1 413 ")
     raw.close()
     rss_before = _vm_hwm_kib(bf.proc.pid)
@@ -511,32 +511,21 @@ def test_any_request_written_as_otlp_json_converts_back_to_itself(req):
 
 @pytest.mark.parametrize("use_tls", [False, True])
 def test_silent_connections_are_capped_and_closed_on_both_ports(tls, use_tls):  # noqa: F811
-    # Connections that never speak (nor finish a TLS handshake) hold a thread each: at most
-    # max_connections of them, closed after the idle timeout; beyond the cap they are closed
-    # at once and counted. A real request gets through once they are gone.
+    # Connections that never speak (nor finish a TLS handshake) cost a socket, not a thread:
+    # at most max_connections of them, closed after the idle timeout; beyond the cap they are
+    # closed at once and counted. A real request gets through once they are gone.
     import ssl
     import threading
 
-    from prometheus_client import CollectorRegistry
-
-    from processor.receiver.http import HttpReceiver, tls_context
-    from processor.receiver.intake import Intake
-    from processor.sinks.prometheus import Metrics
-
-    metrics = Metrics(CollectorRegistry())
-    batches = []
-    port = free_port()
-    context = tls_context(str(tls["server"].cert), str(tls["server"].key)) if use_tls else None
-    receiver = HttpReceiver(f"127.0.0.1:{port}", 1 << 20, Intake("http", batches.append, metrics), tls=context,
-                            idle_timeout=1.0, max_connections=5)
     threads_before = threading.active_count()
-    receiver.start()
-    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(20)]
+    receiver, batches, metrics, port = _in_process_receiver(tls if use_tls else None, idle_timeout=1.0,
+                                                            max_connections=50)
+    silent = [socket.create_connection(("127.0.0.1", port)) for _ in range(60)]
     try:
         time.sleep(0.5)
-        assert threading.active_count() <= threads_before + 1 + 5  # the accepting thread and the cap
+        assert threading.active_count() == threads_before + 1  # the event loop's, and no more
         refused = metrics.refused_requests.labels(transport="http", reason="too_many_connections")._value.get()
-        assert refused == 15
+        assert refused == 10 and receiver.connections == 50
         for s in silent:  # every one is closed by the server: at once beyond the cap, else at the timeout
             s.settimeout(5)
             assert s.recv(1) == b""
@@ -547,7 +536,117 @@ def test_silent_connections_are_capped_and_closed_on_both_ports(tls, use_tls):  
         conn.request("POST", "/v1/traces", body, {"Content-Type": PROTOBUF})
         assert conn.getresponse().status == 200 and len(batches) == 1
         conn.close()
+        assert receiver.connections <= 1
     finally:
         for s in silent:
             s.close()
+        receiver.stop(1.0)
+
+
+def _in_process_receiver(tls_files=None, **kw):
+    """An HttpReceiver on a free port, taking into a list: (receiver, batches, metrics, port)."""
+    from prometheus_client import CollectorRegistry
+
+    from processor.receiver.http import HttpReceiver, tls_context
+    from processor.receiver.intake import Intake
+    from processor.sinks.prometheus import Metrics
+
+    metrics = Metrics(CollectorRegistry())
+    batches = []
+    port = free_port()
+    context = tls_context(str(tls_files["server"].cert), str(tls_files["server"].key)) if tls_files else None
+    receiver = HttpReceiver(f"127.0.0.1:{port}", 1 << 20, Intake("http", batches.append, metrics), tls=context, **kw)
+    receiver.start()
+    return receiver, batches, metrics, port
+
+
+def test_slow_clients_are_cut_off_and_do_not_hold_up_others():
+    """A client trickling its headers is closed at the idle timeout although every read makes
+    progress; one trickling its body gets 408 at the request timeout (counted from its
+    headers, not from its last byte); meanwhile normal requests are answered at once."""
+    import select
+
+    receiver, batches, metrics, port = _in_process_receiver(idle_timeout=1.0, request_timeout=1.5)
+    try:
+        head = socket.create_connection(("127.0.0.1", port))
+        body = socket.create_connection(("127.0.0.1", port))
+        body.sendall(b"POST /v1/traces HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-protobuf\r\n"
+                     b"Content-Length: 1000\r\n\r\n")
+        t0 = time.monotonic()
+        head_closed = None
+        while time.monotonic() - t0 < 3 and head_closed is None:  # a byte every 0.2 s
+            try:
+                if select.select([head], [], [], 0)[0] and head.recv(100) == b"":
+                    raise ConnectionResetError
+                head.sendall(b"X")
+            except (BrokenPipeError, ConnectionResetError):
+                head_closed = time.monotonic() - t0
+            if time.monotonic() - t0 < 1.2:
+                body.sendall(b"\0")
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                conn.request("POST", "/v1/traces", encoded([S(time.time_ns())]), {"Content-Type": PROTOBUF})
+                assert conn.getresponse().status == 200  # others are served while these trickle
+                conn.close()
+            time.sleep(0.2)
+        assert head_closed is not None and 0.8 < head_closed < 2.0, head_closed
+        body.settimeout(3)
+        answer = body.recv(4096)
+        took = time.monotonic() - t0
+        while more := body.recv(4096):  # (the server closes the connection after it)
+            answer += more
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"connection: close" in answer.lower()
+        assert b"request body not received within 1.5 s" in answer
+        assert took < 2.2, "the body's deadline ran from its last byte, not from its headers"
+        assert metrics.refused_requests.labels(transport="http", reason="timeout")._value.get() == 1
+        assert len(batches) >= 3
+    finally:
+        receiver.stop(1.0)
+
+
+def _h2_post(sock, body: bytes, authority: str) -> tuple[int, dict, bytes]:
+    """One POST /v1/traces over HTTP/2 on ``sock`` (prior knowledge, or TLS with h2 by ALPN)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+
+    conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    sid = conn.get_next_available_stream_id()
+    conn.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", "/v1/traces"),
+                            (":authority", authority), ("content-type", PROTOBUF)])
+    conn.send_data(sid, body, end_stream=True)
+    sock.sendall(conn.data_to_send())
+    headers, data = {}, b""
+    while True:
+        chunk = sock.recv(1 << 16)
+        assert chunk, "the server closed the HTTP/2 connection"
+        for ev in conn.receive_data(chunk):
+            if isinstance(ev, h2.events.ResponseReceived):
+                headers = {k.decode(): v.decode() for k, v in ev.headers}
+            elif isinstance(ev, h2.events.DataReceived):
+                data += ev.data
+                conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
+            elif isinstance(ev, h2.events.StreamEnded):
+                return int(headers[":status"]), headers, data
+        sock.sendall(conn.data_to_send())
+
+
+@pytest.mark.parametrize("use_tls", [False, True])
+def test_http2_in_cleartext_and_over_tls(tls, use_tls):  # noqa: F811
+    import ssl
+
+    receiver, batches, _, port = _in_process_receiver(tls if use_tls else None)
+    try:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        if use_tls:
+            context = ssl.create_default_context(cafile=str(tls["ca"]))
+            context.set_alpn_protocols(["h2"])
+            sock = context.wrap_socket(sock, server_hostname="localhost")
+            assert sock.selected_alpn_protocol() == "h2"
+        with sock:
+            status, headers, data = _h2_post(sock, encoded([S(time.time_ns(), service="h2")]), f"127.0.0.1:{port}")
+        assert (status, headers["content-type"]) == (200, PROTOBUF)
+        assert data == ExportTraceServiceResponse().SerializeToString()
+        assert [(b.versions[0][0], len(b.loc)) for b in batches] == [("h2", 1)]
+    finally:
         receiver.stop(1.0)

@@ -12,7 +12,8 @@ taken (maybe partly: OTLP partial success)  200, ExportTraceServiceResponse
 not OTLP (protobuf, JSON, gzip)             400, google.rpc.Status with a BadRequest
 no valid bearer token (``auth_token``)      401, ``WWW-Authenticate: Bearer``
 another path / another method               404 / 405 (``Allow: POST``)
-neither Content-Length nor chunked          411
+body not received within the request timeout 408 (and the connection closed)
+neither Content-Length nor chunked          411 (HTTP/1.x)
 body over ``max_request_bytes``             413 (after inflating; a gzip bomb is inflated
                                             only up to the limit)
 another Content-Type or Content-Encoding    415
@@ -21,45 +22,55 @@ pipeline full, or the server is stopping    503 with ``Retry-After`` (seconds) a
 ==========================================  ===============================================
 
 Bodies of answers are encoded as the request was (``application/x-protobuf`` or
-``application/json``); requests of another content type get JSON. The server is the
-standard library's threading HTTP/1.1 server (a thread per connection, connections kept
-alive between requests, closed after ``IDLE_TIMEOUT_S`` without one), optionally behind TLS
-with the same files as the gRPC port.
+``application/json``); requests of another content type get JSON. The server is Hypercorn
+(asyncio; HTTP/1.1 with keep-alive, and HTTP/2: over TLS by ALPN, in cleartext by prior
+knowledge or ``Upgrade: h2c``) on one event-loop thread, with decoding on a small thread
+pool. A silent or slow client costs a socket, not a thread: a connection is closed after
+``IDLE_TIMEOUT_S`` without a request or its headers (or its TLS handshake), a body not
+received within ``REQUEST_TIMEOUT_S`` gets 408, and connections beyond ``MAX_CONNECTIONS``
+are closed at once and counted. TLS uses the same files as the gRPC port.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
 import math
-import re
 import socket
-import socketserver
 import ssl
 import threading
 import zlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
+from concurrent.futures import ThreadPoolExecutor
 
 from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.asyncio.run import worker_serve  # (serve() without its own sockets)
+from hypercorn.config import Config, Sockets
 
 from processor.config import split_address
-from processor.receiver.decode import MalformedRequest
-from processor.receiver.intake import OVERLOAD_RETRY_S, Intake, Overloaded, token_matches
 from processor.receiver import otlpjson
+from processor.receiver.decode import MalformedRequest
+from processor.receiver.intake import (
+    OVERLOAD_RETRY_S,
+    Intake,
+    Overloaded,
+    token_matches,
+)
 
 log = logging.getLogger("backflow.http")
 
 PATH = "/v1/traces"
 PROTOBUF, JSON = "application/x-protobuf", "application/json"
-IDLE_TIMEOUT_S = 30.0  # a connection without a request (or a request without progress) this long is closed
-MAX_CONNECTIONS = 512  # connections served at once; further ones are closed at once, counted
-
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+IDLE_TIMEOUT_S = 30.0  # a connection without a request (or its headers) this long is closed
+REQUEST_TIMEOUT_S = 30.0  # a request whose body has not arrived this long after its headers: 408
+MAX_CONNECTIONS = 512  # connections open at once; further ones are closed at once, counted
+BACKLOG = 128
+DECODE_THREADS = 4  # requests decoded at once, off the event loop
 
 
 class _Refusal(Exception):
@@ -122,7 +133,7 @@ def _status_body(code: int, message: str, details: tuple[Message, ...]) -> statu
 
 
 _GRPC_CODE = {400: code_pb2.INVALID_ARGUMENT, 401: code_pb2.UNAUTHENTICATED, 404: code_pb2.NOT_FOUND,
-              405: code_pb2.UNIMPLEMENTED, 411: code_pb2.INVALID_ARGUMENT, 413: code_pb2.RESOURCE_EXHAUSTED,
+              405: code_pb2.UNIMPLEMENTED, 408: code_pb2.DEADLINE_EXCEEDED, 411: code_pb2.INVALID_ARGUMENT, 413: code_pb2.RESOURCE_EXHAUSTED,
               415: code_pb2.INVALID_ARGUMENT, 500: code_pb2.INTERNAL, 503: code_pb2.UNAVAILABLE}
 
 
@@ -134,46 +145,328 @@ def _retry_later(delay_s: float, message: str, close: bool = False) -> _Refusal:
                     details=(info,))
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: exporters reuse their connections
-    timeout = IDLE_TIMEOUT_S
-    server: "_Server"
+class _Headers:
+    """A request's headers, by lower-case name (ASGI gives them as byte pairs)."""
 
-    def do_POST(self):  # noqa: N802 (http.server's naming)
-        receiver = self.server.receiver
-        ctype = _media_type(self.headers.get("Content-Type"))
+    def __init__(self, raw):
+        self._all: dict[str, list[str]] = {}
+        for name, value in raw:
+            self._all.setdefault(name.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        values = self._all.get(name)
+        return values[0] if values else default
+
+    def get_all(self, name: str) -> list[str]:
+        return self._all.get(name, [])
+
+
+class _App:
+    """The ASGI application behind the port: one coroutine per request; decoding runs on a
+    small thread pool so that the event loop keeps accepting, timing out and answering."""
+
+    def __init__(self, receiver: HttpReceiver):
+        self.receiver = receiver
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        await _Request(self.receiver, scope, receive, send).handle()
+
+
+class _Request:
+    def __init__(self, receiver: HttpReceiver, scope, receive, send):
+        self.receiver, self.scope, self.receive, self.send = receiver, scope, receive, send
+        self.headers = _Headers(scope["headers"])
+        self.http1 = scope["http_version"] in ("1.0", "1.1")
+        self.body_read = False
+
+    async def handle(self) -> None:
+        receiver = self.receiver
+        ctype = _media_type(self.headers.get("content-type"))
         as_json = ctype != PROTOBUF  # answers in the request's encoding; JSON for non-OTLP ones
-        self._body_read = False
         try:
-            self._check_target(post=True)
-            if receiver.token is not None and not token_matches(
-                    self.headers.get_all("Authorization", []), receiver.token):
+            self._check_target()
+            if receiver.token is not None and not token_matches(self.headers.get_all("authorization"),
+                                                                receiver.token):
                 # First of all: nothing of an unauthenticated request is looked at (its body is
                 # only skipped, to keep the connection).
                 receiver.intake.refuse_request("unauthenticated")
                 raise _Refusal(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
             if ctype not in (PROTOBUF, JSON):
                 raise _Refusal(415, f"Content-Type must be {PROTOBUF} or {JSON}, not {ctype!r}")
-            encoding = self.headers.get("Content-Encoding", "").strip().lower()
+            encoding = (self.headers.get("content-encoding") or "").strip().lower()
             if encoding not in ("", "identity", "gzip", "deflate"):
                 raise _Refusal(415, f"Content-Encoding must be gzip, deflate or none, not {encoding!r}")
             with receiver.request():
-                response = self._export(receiver, encoding, as_json)
-            self._answer(200, response, as_json)
+                try:
+                    body = await self._read_body(receiver.max_request_bytes)
+                except _Refusal as r:
+                    if r.status == 413:
+                        receiver.intake.refuse_request("too_large")
+                    raise
+                response = await asyncio.get_running_loop().run_in_executor(
+                    receiver.executor, receiver.export, body, encoding, as_json)
+            await self._answer(200, response, as_json)
         except _Refusal as r:
-            self._refuse(r, as_json)
-        except (TimeoutError, ConnectionError):
-            self.close_connection = True  # the sender stalled or left mid-body: nobody to answer
+            await self._refuse(r, as_json)
+        except ConnectionError:
+            pass  # the sender left mid-body: nobody to answer
         except Exception:
             log.exception("OTLP/HTTP request failed")
-            self.close_connection = True
-            self._answer(500, _status_body(code_pb2.INTERNAL, "internal error", ()), as_json)
+            await self._answer(500, _status_body(code_pb2.INTERNAL, "internal error", ()), as_json, close=True)
 
-    def _export(self, receiver: "HttpReceiver", encoding: str, as_json: bool):
-        intake = receiver.intake
+    def _check_target(self) -> None:
+        if self.scope["path"] != PATH:
+            raise _Refusal(404, f"not found: OTLP/HTTP traces go to POST {PATH}")
+        if self.scope["method"] != "POST":
+            raise _Refusal(405, f"{self.scope['method']} not allowed: OTLP/HTTP traces go to POST {PATH}",
+                           headers={"Allow": "POST"})
+
+    async def _read_body(self, limit: int) -> bytes:
+        """The whole body, at most ``limit`` bytes, within the request timeout."""
+        self.body_read = True
+        length = self.headers.get("content-length")
+        chunked = "chunked" in (self.headers.get("transfer-encoding") or "").lower()
+        if self.http1 and length is None and not chunked:
+            raise _Refusal(411, "Content-Length or chunked Transfer-Encoding required", close=True)
+        if length is not None and int(length) > limit:  # (the HTTP parser checked that it is a number)
+            raise _too_large(limit)
+        return await self._receive_body(limit)
+
+    async def _receive_body(self, limit: int) -> bytes:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.receiver.request_timeout
+        parts, size = [], 0
+        while True:
+            try:
+                message = await asyncio.wait_for(self.receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                self.receiver.intake.refuse_request("timeout")
+                raise _Refusal(408, f"request body not received within {self.receiver.request_timeout:g} s",
+                               close=True) from None
+            if message["type"] == "http.disconnect":
+                raise ConnectionError("the sender left mid-body")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            parts.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(parts)
+
+    async def _refuse(self, r: _Refusal, as_json: bool) -> None:
+        close = r.close
+        if not close and not self.body_read:
+            # Read and drop the body of a request refused before it was read, so that the
+            # connection can carry the next one (the sender's pool keeps it).
+            try:
+                await self._receive_body(self.receiver.max_request_bytes)
+            except (_Refusal, ConnectionError):
+                close = True
+        await self._answer(r.status, _status_body(_GRPC_CODE.get(r.status, code_pb2.UNKNOWN), r.message, r.details),
+                           as_json, r.headers, close)
+
+    async def _answer(self, status: int, message: Message, as_json: bool, headers: dict | None = None,
+                      close: bool = False) -> None:
+        if as_json:
+            body = json.dumps(json_format.MessageToDict(message), separators=(",", ":")).encode()
+        else:
+            body = message.SerializeToString()
+        out = [(b"content-type", (JSON if as_json else PROTOBUF).encode()),
+               (b"content-length", str(len(body)).encode()), (b"server", b"Backflow")]
+        out += [(name.lower().encode(), value.encode()) for name, value in (headers or {}).items()]
+        if close and self.http1:
+            out.append((b"connection", b"close"))
+        await self.send({"type": "http.response.start", "status": status, "headers": out})
+        await self.send({"type": "http.response.body", "body": b"" if self.scope["method"] == "HEAD" else body})
+
+
+def _bad_request(message: str) -> _Refusal:
+    return _Refusal(400, message, details=(error_details_pb2.BadRequest(field_violations=[
+        error_details_pb2.BadRequest.FieldViolation(field="body", description=message)]),))
+
+
+class _Listener(socket.socket):
+    """The listening socket: counts the connections it hands out and closes at once those
+    beyond the receiver's cap, so that silent clients cannot exhaust the process."""
+
+    receiver: HttpReceiver
+
+    def accept(self):
+        fd, address = self._accept()
+        conn = _Connection(self.family, self.type, self.proto, fileno=fd)
+        receiver = self.receiver
+        if receiver.connections >= receiver.max_connections:
+            conn.close()
+            receiver.intake.refuse_request("too_many_connections")
+            raise ConnectionAbortedError  # (asyncio goes on accepting at the next readiness)
+        receiver.connections += 1
+        conn.receiver = receiver
+        return conn, address
+
+
+class _Connection(socket.socket):
+    receiver: HttpReceiver | None = None
+
+    def close(self):
+        receiver, self.receiver = self.receiver, None
+        if receiver is not None:
+            receiver.connections -= 1
+        super().close()
+
+
+class _Config(Config):
+    """Hypercorn's settings, with Backflow's TLS context (the gRPC port's files) instead of
+    one made from file names."""
+
+    def __init__(self, tls: ssl.SSLContext | None):
+        super().__init__()
+        self._tls = tls
+
+    @property
+    def ssl_enabled(self) -> bool:
+        return self._tls is not None
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        return self._tls
+
+
+def tls_context(cert: str | None, key: str | None, client_ca: str | None = None) -> ssl.SSLContext | None:
+    """A server TLS context from the same PEM files as the gRPC port, or None for plaintext.
+    With ``client_ca`` clients must present a certificate it signed."""
+    if cert is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    if client_ca:
+        context.load_verify_locations(cafile=client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    return context
+
+
+class HttpReceiver:
+    """``POST /v1/traces`` into ``intake``; see the module docstring for the answers.
+
+    ``tls`` (from ``tls_context``) makes the port TLS-only; with ``auth_token`` a request
+    without ``Authorization: Bearer <token>`` gets 401. ``reuse_port``: the receiver
+    processes of one Backflow share the port (see receiver/workers.py). A connection is
+    closed after ``idle_timeout`` without a request (or without its headers complete, or
+    its TLS handshake done); a request whose body has not arrived within
+    ``request_timeout`` gets 408; at most ``max_connections`` are open at once.
+    """
+
+    def __init__(self, address: str, max_request_bytes: int, intake: Intake, reuse_port: bool = False,
+                 tls: ssl.SSLContext | None = None, auth_token: str | None = None,
+                 idle_timeout: float = IDLE_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS,
+                 request_timeout: float = REQUEST_TIMEOUT_S):
+        self.address = address
+        self.idle_timeout = idle_timeout
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.connections = 0  # open connections (counted on the event loop's thread only)
+        self.max_request_bytes = max_request_bytes
+        self.intake = intake
+        self.tls = tls
+        self.token = auth_token.encode() if auth_token else None
+        self._reuse_port = reuse_port
+        self.executor: ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._shutdown: asyncio.Event | None = None
+        self._config: _Config | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Condition()
+        self._in_flight = 0
+        self._stopping = False
+
+    def start(self) -> None:
+        host, port = split_address(self.address)
+        listener = _Listener(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if self._reuse_port:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            listener.bind((host, port))  # here, so that a busy port fails the start
+            listener.listen(BACKLOG)
+        except OSError:
+            listener.close()
+            raise
+        listener.setblocking(False)
+        listener.receiver = self
+        config = self._config = _Config(self.tls)
+        config.keep_alive_timeout = self.idle_timeout  # also bounds the wait for a request's headers
+        config.read_timeout = self.idle_timeout
+        config.ssl_handshake_timeout = self.idle_timeout
+        config.backlog = BACKLOG
+        config.include_server_header = False
+        config.errorlog = logging.getLogger("backflow.http.server")
+        config.accesslog = None
+        if self.tls is not None:
+            sockets = Sockets(secure_sockets=[listener], insecure_sockets=[], quic_sockets=[])
+        else:
+            sockets = Sockets(secure_sockets=[], insecure_sockets=[listener], quic_sockets=[])
+        self.executor = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="otlp-http-decode")
+        self._loop = asyncio.new_event_loop()
+        self._shutdown = asyncio.Event()
+        serving = worker_serve(ASGIWrapper(_App(self)), config, sockets=sockets, shutdown_trigger=self._shutdown.wait)
+        self._thread = threading.Thread(target=self._run, args=(serving, listener), name="otlp-http", daemon=True)
+        self._thread.start()
+        log.info("OTLP/HTTP listening on %s (%s, %s)", self.address, "TLS" if self.tls else "plaintext",
+                 "bearer token required" if self.token else "no token required")
+
+    def _run(self, serving, listener: socket.socket) -> None:
+        asyncio.set_event_loop(self._loop)
+        try:
+            self._loop.run_until_complete(serving)
+        except Exception:
+            log.exception("the OTLP/HTTP server failed")
+        finally:
+            listener.close()
+            self._loop.close()
+
+    def stop(self, grace: float) -> None:
+        """Stop taking requests; requests in flight get ``grace`` seconds to finish. Requests
+        arriving meanwhile on open connections get 503 with Retry-After."""
+        with self._lock:
+            self._stopping = True
+        if self._thread is not None:
+            self._config.graceful_timeout = grace
+            self._loop.call_soon_threadsafe(self._shutdown.set)
+            self._thread.join(grace + 1.0)
+        with self._lock:
+            self._lock.wait_for(lambda: self._in_flight == 0, timeout=grace)
+        if self.executor is not None:
+            self.executor.shutdown(wait=False)
+
+    @contextlib.contextmanager
+    def request(self):
+        """Around the taking of one request: refused once ``stop`` began, waited for by it."""
+        with self._lock:
+            if self._stopping:
+                raise _retry_later(OVERLOAD_RETRY_S, "Backflow is stopping, retry later", close=True)
+            self._in_flight += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                self._lock.notify_all()
+
+    def export(self, body: bytes, encoding: str, as_json: bool):
+        """Inflate, convert (JSON) and take one request's body (on the decoding pool)."""
+        intake = self.intake
         try:
             try:
-                data = inflate(self._read_body(receiver.max_request_bytes), encoding, receiver.max_request_bytes)
+                data = inflate(body, encoding, self.max_request_bytes)
                 if as_json:
                     # Converting JSON costs far more than decoding protobuf: not while full.
                     obj = otlpjson.parse(data)
@@ -191,240 +484,3 @@ class _Handler(BaseHTTPRequestHandler):
             if r.status == 413:
                 intake.refuse_request("too_large")
             raise
-
-    def _read_body(self, limit: int) -> bytes:
-        self._body_read = True
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return self._read_chunked(limit)
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise _Refusal(411, "Content-Length or chunked Transfer-Encoding required", close=True)
-        if not length.strip().isdigit():
-            raise _Refusal(400, f"bad Content-Length {length[:40]!r}", close=True)
-        n = int(length)
-        if n > limit:
-            raise _too_large(limit)
-        body = self.rfile.read(n)
-        if len(body) < n:
-            raise ConnectionError("connection closed mid-body")
-        return body
-
-    def _read_chunked(self, limit: int) -> bytes:
-        parts, size = [], 0
-        while True:
-            line = self.rfile.readline(1024)
-            m = _CHUNK_SIZE.match(line.strip())
-            if not line.endswith(b"\n") or m is None:
-                raise _Refusal(400, "bad chunk in the chunked body", close=True)
-            n = int(m.group(), 16)
-            if n == 0:
-                break
-            size += n
-            if size > limit:
-                raise _too_large(limit)
-            chunk = self.rfile.read(n)
-            if len(chunk) < n or self.rfile.readline(3).strip():
-                raise _Refusal(400, "bad chunk in the chunked body", close=True)
-            parts.append(chunk)
-        for _ in range(100):  # trailers, ignored
-            if self.rfile.readline(8192).strip() == b"":
-                return b"".join(parts)
-        raise _Refusal(400, "too many trailers", close=True)
-
-    def _check_target(self, post: bool = False) -> None:
-        if urlsplit(self.path).path != PATH:
-            raise _Refusal(404, f"not found: OTLP/HTTP traces go to POST {PATH}")
-        if not post:
-            raise _Refusal(405, f"{self.command} not allowed: OTLP/HTTP traces go to POST {PATH}",
-                           headers={"Allow": "POST"})
-
-    def _not_post(self):
-        self._body_read = False
-        try:
-            self._check_target()
-        except _Refusal as r:
-            self._refuse(r, _media_type(self.headers.get("Content-Type")) != PROTOBUF)
-
-    do_GET = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = _not_post  # noqa: N815
-
-    def _refuse(self, r: _Refusal, as_json: bool) -> None:
-        if r.close or not (self._body_read or self._skip_body()):
-            self.close_connection = True
-        self._answer(r.status, _status_body(_GRPC_CODE.get(r.status, code_pb2.UNKNOWN), r.message, r.details),
-                     as_json, r.headers)
-
-    def _skip_body(self) -> bool:
-        """Read and drop the body of a request refused before it was read, if it is no larger
-        than a request may be, so that the connection can carry the next one (the sender's
-        pool keeps it); False when the connection must be closed instead."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            return False
-        length = (self.headers.get("Content-Length") or "0").strip()
-        if not length.isdigit() or int(length) > self.server.receiver.max_request_bytes:
-            return False
-        left = int(length)
-        while left:
-            data = self.rfile.read(min(left, 1 << 16))
-            if not data:
-                return False
-            left -= len(data)
-        return True
-
-    def _answer(self, status: int, message: Message, as_json: bool, headers: dict | None = None) -> None:
-        if as_json:
-            body = json.dumps(json_format.MessageToDict(message), separators=(",", ":")).encode()
-        else:
-            body = message.SerializeToString()
-        self.send_response(status)
-        self.send_header("Content-Type", JSON if as_json else PROTOBUF)
-        self.send_header("Content-Length", str(len(body)))
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def version_string(self) -> str:
-        return "Backflow"
-
-    def log_message(self, format, *args):  # noqa: A002 (http.server's signature)
-        log.debug("%s %s", self.address_string(), format % args)
-
-
-def _bad_request(message: str) -> _Refusal:
-    return _Refusal(400, message, details=(error_details_pb2.BadRequest(field_violations=[
-        error_details_pb2.BadRequest.FieldViolation(field="body", description=message)]),))
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    block_on_close = False  # idle keep-alive connections are not waited for at stop
-    request_queue_size = 128
-    receiver: "HttpReceiver"
-
-    def server_bind(self):
-        # Not HTTPServer's: it looks up the host's fully qualified name, which nothing here uses.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
-
-    def process_request(self, request, client_address):
-        # A thread per connection: capped, so that silent clients cannot exhaust the process.
-        receiver = self.receiver
-        with receiver._lock:
-            full = receiver._connections >= receiver.max_connections
-            if not full:
-                receiver._connections += 1
-        if full:
-            receiver.intake.refuse_request("too_many_connections")
-            self.shutdown_request(request)
-            return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            with self.receiver._lock:
-                self.receiver._connections -= 1
-
-    def finish_request(self, request, client_address):
-        # The TLS handshake happens here, on the connection's own thread: a slow or silent
-        # client must not hold up the accepting thread, nor this one for longer than the
-        # idle timeout.
-        context = self.receiver.tls
-        request.settimeout(self.receiver.idle_timeout)
-        if context is not None:
-            try:
-                request = context.wrap_socket(request, server_side=True)
-            except (OSError, ssl.SSLError) as e:
-                log.debug("TLS handshake with %s failed: %s", client_address, e)
-                return
-        super().finish_request(request, client_address)
-
-    def handle_error(self, request, client_address):
-        log.debug("OTLP/HTTP connection from %s failed", client_address, exc_info=True)
-
-
-def tls_context(cert: str | None, key: str | None, client_ca: str | None = None) -> ssl.SSLContext | None:
-    """A server TLS context from the same PEM files as the gRPC port, or None for plaintext.
-    With ``client_ca`` clients must present a certificate it signed."""
-    if cert is None:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    if client_ca:
-        context.load_verify_locations(cafile=client_ca)
-        context.verify_mode = ssl.CERT_REQUIRED
-    context.set_alpn_protocols(["http/1.1"])
-    return context
-
-
-class HttpReceiver:
-    """``POST /v1/traces`` into ``intake``; see the module docstring for the answers.
-
-    ``tls`` (from ``tls_context``) makes the port TLS-only; with ``auth_token`` a request
-    without ``Authorization: Bearer <token>`` gets 401. ``reuse_port``: the receiver
-    processes of one Backflow share the port (see receiver/workers.py).
-    """
-
-    def __init__(self, address: str, max_request_bytes: int, intake: Intake, reuse_port: bool = False,
-                 tls: ssl.SSLContext | None = None, auth_token: str | None = None,
-                 idle_timeout: float = IDLE_TIMEOUT_S, max_connections: int = MAX_CONNECTIONS):
-        self.address = address
-        self.idle_timeout = idle_timeout
-        self.max_connections = max_connections
-        self._connections = 0  # connections being served (each on a thread)
-        self.max_request_bytes = max_request_bytes
-        self.intake = intake
-        self.tls = tls
-        self.token = auth_token.encode() if auth_token else None
-        self._reuse_port = reuse_port
-        self._server: _Server | None = None
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Condition()
-        self._in_flight = 0
-        self._stopping = False
-
-    def start(self) -> None:
-        host, port = split_address(self.address)
-
-        class Server(_Server):
-            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            allow_reuse_port = self._reuse_port
-
-        class Handler(_Handler):
-            timeout = self.idle_timeout
-
-        self._server = Server((host, port), Handler)
-        self._server.receiver = self
-        self._thread = threading.Thread(target=self._server.serve_forever, name="otlp-http", daemon=True)
-        self._thread.start()
-        log.info("OTLP/HTTP listening on %s (%s, %s)", self.address, "TLS" if self.tls else "plaintext",
-                 "bearer token required" if self.token else "no token required")
-
-    def stop(self, grace: float) -> None:
-        """Stop taking requests; requests in flight get ``grace`` seconds to finish. Requests
-        arriving meanwhile on open connections get 503 with Retry-After."""
-        with self._lock:
-            self._stopping = True
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-        with self._lock:
-            self._lock.wait_for(lambda: self._in_flight == 0, timeout=grace)
-
-    @contextlib.contextmanager
-    def request(self):
-        """Around the taking of one request: refused once ``stop`` began, waited for by it."""
-        with self._lock:
-            if self._stopping:
-                raise _retry_later(OVERLOAD_RETRY_S, "Backflow is stopping, retry later", close=True)
-            self._in_flight += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._in_flight -= 1
-                self._lock.notify_all()
