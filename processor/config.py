@@ -108,6 +108,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("max_versions_per_service", 10_000, positive_int,
             "versions held per service; spans of further ones count as the service's "
             "__overflow__ version, counted", "N"),
+    Setting("version_idle_timeout", 7 * 86400.0, positive_float,
+            "seconds without a span after which a version is forgotten (its slot under "
+            "max_versions freed; its Redis summaries stay); it is new again if it comes back",
+            "SECONDS"),
     Setting("exemplars", 3, non_negative_int,
             "trace ids kept per code location and window (the slowest spans)", "N"),
     Setting("baseline_half_life", 86400.0, positive_float,
@@ -170,6 +174,7 @@ class Config:
     max_services: int
     max_versions: int
     max_versions_per_service: int
+    version_idle_timeout: float
     exemplars: int
     baseline_half_life: float
     events_maxlen: int

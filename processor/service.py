@@ -50,6 +50,7 @@ class Pipeline:
         self._checkpoint_rest = False  # a checkpoint's part was taken, the rest is due now
         self._closed_since_trim = 0    # location-windows closed since the heap was last trimmed
         self._refused: dict[str, int] = {}  # service / version names folded, as last counted
+        self._forgotten = 0  # versions forgotten, as last counted
 
     def put(self, batch: Batch) -> None:
         """Called by the readers of receiver processes: waits while the queue is full (the
@@ -124,6 +125,9 @@ class Pipeline:
                 # With a backlog, "now" is when the newest batch taken arrived: the batches
                 # still queued arrived later, so a service that sent some is not idle.
                 self._emit(engine.flush_idle(now if self.queue.empty() else last_arrival))
+                forgotten = engine.windows.stats["forgotten_versions"]
+                self.metrics.forgotten_versions.inc(forgotten - self._forgotten)
+                self._forgotten = forgotten
             if self.sink.take_wiped():
                 self.republish()
             self.checkpoint()

@@ -117,3 +117,81 @@ def test_serve_counts_and_logs_the_names_beyond_its_caps(redis_server):
     assert m['backflow_overflow_names_total{kind="service"}'] == 2
     assert m['backflow_overflow_names_total{kind="version"}'] == 3  # svc0 keeps its first and 2.0
     assert "more service names than max_services" in bf.log and "more version names" in bf.log
+
+
+def _versioned(service: str, version: str, t: int, n: int = 3) -> Batch:
+    b = _batch(["f"] * n, service, t, 1.0)
+    b.versions = [(service, version, "")]
+    return b
+
+
+def test_versions_no_longer_sent_are_forgotten_and_new_deploys_get_their_own():
+    """With two versions per service allowed, deploy after deploy: each new version is
+    attributed as itself once the old ones have been idle for version_idle_timeout, and
+    the counts of a reused slot are the new version's alone."""
+    clock = [0.0]
+    engine = Engine(Config.defaults(max_versions_per_service=2, version_idle_timeout=100.0,
+                                    allowed_lateness=0.0, idle_timeout=10.0), known_keys=set(),
+                    clock=lambda: clock[0])
+    seen = []
+    for deploy in range(6):
+        t = T0 + deploy * 120 * SEC
+        clock[0] = deploy * 200.0  # each deploy 200 s after the last: the previous one is idle
+        for r in engine.ingest(_versioned("shop", f"v{deploy}", t)) + engine.flush_idle(clock[0] + 11):
+            seen += [(v.version[1], v.count) for lw in r.window.locations for v in lw.versions]
+        engine.flush_idle(clock[0] + 11)
+    engine.flush_idle(clock[0] + 200.0)  # (window of the last deploy)
+    assert seen == [(f"v{d}", 3) for d in range(6)], seen  # never __overflow__, nothing mixed
+    tables = engine.windows.tables
+    assert tables.refused_versions == 0 and len(tables.versions) <= 3
+    assert set(engine.version_first_seen[("prod", "shop")]) <= {("shop", "v5", "")}
+
+
+def test_a_version_with_spans_in_an_open_window_is_not_forgotten():
+    clock = [0.0]
+    engine = Engine(Config.defaults(version_idle_timeout=100.0, allowed_lateness=0.0, idle_timeout=1000.0),
+                    known_keys=set(), clock=lambda: clock[0])
+    engine.ingest(_versioned("shop", "old", T0 + SEC))
+    clock[0] = 150.0  # "old" idle for 150 s, but its window is still open (new spans keep coming)
+    engine.ingest(_versioned("shop", "new", T0 + 2 * SEC))
+    engine.flush_idle(clock[0])
+    assert ("shop", "old", "") in engine.windows.tables._ver_ids
+    clock[0] = 200.0
+    (r,) = engine.ingest(_versioned("shop", "new", T0 + 61 * SEC))  # the window closes
+    assert {v.version[1]: v.count for v in r.window.locations[0].versions} == {"old": 3, "new": 3}
+    clock[0] = 300.0  # the next check, a tenth of the timeout later
+    engine.flush_idle(clock[0])
+    assert ("shop", "old", "") not in engine.windows.tables._ver_ids
+    assert ("shop", "new", "") in engine.windows.tables._ver_ids
+
+
+@pytest.mark.e2e
+def test_serve_forgets_an_idle_version_and_takes_the_next_deploy_as_itself(redis_server):
+    import grpc
+    import redis
+
+    from processor.pipeline.location import location_key
+    from tests.conftest import BackflowProcess
+    from tests.otlp import S, encoded
+
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.flushall()
+    bf = BackflowProcess(redis_server.url, "--max-versions-per-service", "1", "--version-idle-timeout", "2",
+                         "--window", "1", "--allowed-lateness", "0", "--idle-timeout", "1").start()
+    try:
+        export = grpc.insecure_channel(bf.grpc_target).unary_unary(
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+        export(encoded([S(time.time_ns(), service="shop", version="1.0")]), timeout=10)
+        bf.wait_for(lambda: bf.metrics().get("backflow_forgotten_versions_total") == 1, timeout=20,
+                    what="1.0 forgotten")
+        export(encoded([S(time.time_ns(), service="shop", version="2.0")]), timeout=10)
+        key = location_key("prod", "shop", "shop.f")
+        bf.wait_for(lambda: client.hgetall(f"backflow:versions:{key}"), what="version summaries")
+        bf.wait_for(lambda: any("2.0" in f for f in client.hkeys(f"backflow:versions:{key}")), timeout=20,
+                    what="2.0's summary")
+        m = bf.metrics()
+    finally:
+        bf.stop()
+    assert m.get('backflow_overflow_names_total{kind="version"}', 0) == 0  # 2.0 took 1.0's freed slot
+    fields = client.hkeys(f"backflow:versions:{key}")
+    assert not any("__overflow__" in f for f in fields), fields

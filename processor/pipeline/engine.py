@@ -113,7 +113,8 @@ class Engine:
         self.windows = WindowStage(cfg.window_ns, cfg.lateness_ns, cfg.idle_timeout, cfg.exemplars,
                                    clock=clock, max_locations=cfg.max_locations,
                                    max_services=cfg.max_services, max_versions=cfg.max_versions,
-                                   max_versions_per_service=cfg.max_versions_per_service)
+                                   max_versions_per_service=cfg.max_versions_per_service,
+                                   version_idle_timeout=cfg.version_idle_timeout)
         self.baselines = BaselineStage(cfg.window, cfg.baseline_half_life)
         self.detectors = DetectorStore(build_detectors(cfg))
         self.first_seen = FirstSeen(known_keys)
@@ -167,7 +168,20 @@ class Engine:
         return self._evaluate(self.windows.ingest(batch))
 
     def flush_idle(self, now: float | None = None) -> list[WindowResult]:
-        return self._evaluate(self.windows.flush_idle(now))
+        results = self._evaluate(self.windows.flush_idle(now))
+        self._forget(self.windows.forget_idle_versions(now))
+        return results
+
+    def _forget(self, versions: list[tuple[str, str, str]]) -> None:
+        """Versions no longer sent leave their services' first-seen tables too."""
+        if not versions:
+            return
+        gone = set(versions)
+        for service, first_seen in self.version_first_seen.items():
+            if any(v in first_seen for v in gone):
+                for v in gone:
+                    first_seen.pop(v, None)
+                self.dirty_services.add(service)
 
     def flush_all(self) -> list[WindowResult]:
         return self._evaluate(self.windows.flush_all())

@@ -32,15 +32,15 @@ _COMPACT_AT = 1 << 18  # packed entries held before an accumulator compacts them
 
 
 class _Growable:
-    """An int32 array that grows by doubling; ``view`` is the filled part."""
+    """An int32 (or ``dtype``) array that grows by doubling; ``view`` is the filled part."""
 
-    def __init__(self):
-        self._a = np.zeros(64, np.int32)
+    def __init__(self, dtype=np.int32):
+        self._a = np.zeros(64, dtype)
         self.n = 0
 
-    def append(self, v: int) -> None:
+    def append(self, v) -> None:
         if self.n == len(self._a):
-            self._a = np.concatenate([self._a, np.zeros(len(self._a), np.int32)])
+            self._a = np.concatenate([self._a, np.zeros(len(self._a), self._a.dtype)])
         self._a[self.n] = v
         self.n += 1
 
@@ -81,6 +81,8 @@ class Tables:
     ``max_versions_per_service`` counts as that service's ``__overflow__`` version, and one
     beyond ``max_versions`` in all as the shared ``("", "__overflow__", "")``.
     ``refused_services`` and ``refused_versions`` count the distinct names folded.
+    ``forget_versions`` frees the ids (and series) of versions no longer sent, so that a
+    long-running process keeps attributing the versions of new deploys.
 
     >>> t = Tables(max_services=2, max_versions=4, max_versions_per_service=2)
     >>> [t.locations[t.location_id(Location("prod", s, "f"))].service for s in ("a", "b", "c")]
@@ -110,8 +112,11 @@ class Tables:
         self.loc_service = _Growable()
         self.services: list[tuple[str, str]] = []  # (environment, service)
         self._svc_ids: dict[tuple[str, str], int] = {}
-        self.versions: list[tuple[str, str, str]] = []
+        self.versions: list[tuple[str, str, str] | None] = []  # None: a forgotten version's free id
         self._ver_ids: dict[tuple, int] = {}
+        self.ver_seen = _Growable(np.float64)  # processing time of each version's latest span
+        self._free_versions: list[int] = []
+        self._free_series: list[int] = []
         self.series_loc = _Growable()  # series id -> location id
         self.series_ver = _Growable()  # series id -> version id
         self._known = np.zeros(0, np.int64)      # packed (location, version) pairs, sorted
@@ -167,9 +172,49 @@ class Tables:
                     shared = len(self.versions) >= self.max_versions and own not in self._ver_ids
                     return self.version_id(("", OVERFLOW_FUNCTION, "") if shared else own)
                 self._svc_versions[v[0]] = n + 1
-            i = self._ver_ids[v] = len(self.versions)
-            self.versions.append(v)
+            if self._free_versions:
+                i = self._free_versions.pop()
+                self.versions[i] = v
+            else:
+                i = len(self.versions)
+                self.versions.append(v)
+                self.ver_seen.append(0.0)
+            self._ver_ids[v] = i
         return i
+
+    def forget_versions(self, idle_before: float, busy: set[int]) -> list[tuple[str, str, str]]:
+        """Forget the versions whose latest span arrived before ``idle_before`` (processing
+        time), except those in ``busy`` (with spans in an open window): their ids and their
+        series are reused by new ones. Returns the versions forgotten.
+
+        >>> t = Tables()
+        >>> _ = t.service_id(("prod", "shop"))
+        >>> a, b = t.version_id(("shop", "1", "")), t.version_id(("shop", "2", ""))
+        >>> t.ver_seen.view[:] = [10.0, 50.0]
+        >>> _ = t.series_ids(np.array([0, 1]), np.array([a, b]))
+        >>> t.forget_versions(idle_before=20.0, busy=set())
+        [('shop', '1', '')]
+        >>> t.version_id(("shop", "3", "")) == a, t.series_ids(np.array([5]), np.array([a])).tolist()
+        (True, [0])
+        """
+        seen = self.ver_seen.view
+        gone = [i for i in np.flatnonzero(seen < idle_before).tolist()
+                if self.versions[i] is not None and self.versions[i][1] != OVERFLOW_FUNCTION and i not in busy]
+        if not gone:
+            return []
+        out = []
+        for i in gone:
+            v = self.versions[i]
+            del self._ver_ids[v]
+            self.versions[i] = None
+            seen[i] = np.inf  # (set again when the id is reused)
+            self._svc_versions[v[0]] -= 1
+            self._free_versions.append(i)
+            out.append(v)
+        drop = np.isin(self._known & 0xFFFFFFFF, np.array(gone, np.int64))
+        self._free_series += self._known_ids[drop].tolist()
+        self._known, self._known_ids = self._known[~drop], self._known_ids[~drop]
+        return out
 
     def series_ids(self, loc: np.ndarray, ver: np.ndarray) -> np.ndarray:
         """Series id of each (location, version) pair; a Python step only for new pairs."""
@@ -179,16 +224,22 @@ class Tables:
         pos_c = np.minimum(pos, len(self._known) - 1)
         hit = (self._known[pos_c] == uniq) if len(self._known) else np.zeros(len(uniq), bool)
         if not hit.all():
-            new = uniq[~hit]  # sorted: new series get ids in that order
-            first = self.series_loc.n
+            new = uniq[~hit]  # sorted: new series get ids in that order (freed ones first)
+            ids = []
             for p in new.tolist():
-                self.series_loc.append(p >> 32)
-                self.series_ver.append(p & 0xFFFFFFFF)
+                if self._free_series:
+                    i = self._free_series.pop()
+                    self.series_loc.view[i], self.series_ver.view[i] = p >> 32, p & 0xFFFFFFFF
+                else:
+                    i = self.series_loc.n
+                    self.series_loc.append(p >> 32)
+                    self.series_ver.append(p & 0xFFFFFFFF)
+                ids.append(i)
             # Rebuilt only when a batch brings new pairs, which stops once traffic is known.
             known = np.concatenate([self._known, new])
             order = np.argsort(known)
             self._known = known[order]
-            self._known_ids = np.concatenate([self._known_ids, np.arange(first, first + len(new))])[order]
+            self._known_ids = np.concatenate([self._known_ids, np.array(ids, np.int64)])[order]
             pos_c = np.searchsorted(self._known, uniq)
         return self._known_ids[pos_c][inv]
 
@@ -421,7 +472,9 @@ class WindowStage:
     def __init__(self, window_ns: int, lateness_ns: int, idle_timeout: float = 60.0,
                  exemplars: int = 3, clock=time.monotonic, max_locations: int = 1 << 62,
                  max_services: int = 1 << 62, max_versions: int = 1 << 62,
-                 max_versions_per_service: int = 1 << 62):
+                 max_versions_per_service: int = 1 << 62, version_idle_timeout: float = float("inf")):
+        self.version_idle_timeout = version_idle_timeout
+        self._next_forget = -float("inf")
         if window_ns <= 0:
             raise ValueError("window_ns must be > 0")
         self.window_ns = window_ns
@@ -431,7 +484,7 @@ class WindowStage:
         self.clock = clock
         self.tables = Tables(max_locations, max_services, max_versions, max_versions_per_service)
         self.services: dict[int, _ServiceClock] = {}
-        self.stats = Counter(spans=0, late=0, windows=0, overflow=0)
+        self.stats = Counter(spans=0, late=0, windows=0, overflow=0, forgotten_versions=0)
 
     def ingest(self, batch: Batch) -> list[ClosedWindow]:
         """Add a batch; return the windows it closed (oldest first)."""
@@ -446,15 +499,17 @@ class WindowStage:
         gloc = np.array(ids, np.int64)[batch.loc]
         if t.real_locations >= t.max_locations:
             self.stats["overflow"] += int(t.overflow.view[gloc].sum())
-        gver = np.array([t.version_id(v) for v in batch.versions], np.int64)[batch.ver]
+        # Idle time counts from when the spans arrived, not from when this stage got to
+        # them: a backlog in the queue must not make a busy service look idle.
+        now = batch.received_at if batch.received_at is not None else self.clock()
+        vids = np.array([t.version_id(v) for v in batch.versions], np.int64)
+        t.ver_seen.view[vids] = now
+        gver = vids[batch.ver]
         svc = t.loc_service.view[gloc]
         end = batch.end
         win_start = end - end % self.window_ns
         win_end = win_start + self.window_ns
         keep = np.ones(n, bool)
-        # Idle time counts from when the spans arrived, not from when this stage got to
-        # them: a backlog in the queue must not make a busy service look idle.
-        now = batch.received_at if batch.received_at is not None else self.clock()
         touched = []
         for s in np.unique(svc).tolist():
             clock = self.services.get(s)
@@ -526,6 +581,25 @@ class WindowStage:
             if clock.windows and now - clock.last_arrival >= self.idle_timeout:
                 out += self._close(s, lambda ws: True)
         return sorted(out, key=lambda c: (c.end_ns, c.service))
+
+    def forget_idle_versions(self, now: float | None = None) -> list[tuple[str, str, str]]:
+        """Forget the versions that sent nothing for ``version_idle_timeout`` seconds and
+        have no span in an open window (checked at most once a minute); returns them."""
+        now = self.clock() if now is None else now
+        t = self.tables
+        before = now - self.version_idle_timeout
+        if now < self._next_forget or not (t.ver_seen.view < before).any():
+            return []
+        self._next_forget = now + min(60.0, self.version_idle_timeout / 10)
+        held = [np.zeros(0, np.int64)]
+        for clock in self.services.values():
+            for acc in clock.windows.values():
+                held += [(c >> 1) // _NB for c in acc.codes] + list(acc.ex_series)
+                held.append(np.array([series for series, _ in acc.exceptions], np.int64))
+        busy = set(t.series_ver.view[np.unique(np.concatenate(held))].tolist())
+        gone = t.forget_versions(before, busy)
+        self.stats["forgotten_versions"] += len(gone)
+        return gone
 
     def flush_all(self) -> list[ClosedWindow]:
         """Close every open window (shutdown). The service clocks do not move: after a

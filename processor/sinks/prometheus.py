@@ -95,6 +95,9 @@ class Metrics:
         self.overflow_spans = Counter("backflow_overflow_spans",
                                       "Spans of code locations beyond --max-locations, folded into "
                                       "their service's __overflow__ location", registry=r)
+        self.forgotten_versions = Counter("backflow_forgotten_versions",
+                                          "Versions forgotten after --version-idle-timeout without a span, "
+                                          "their slots under the version caps freed", registry=r)
         self.overflow_names = Counter("backflow_overflow_names",
                                       "Distinct service or version names beyond max_services, "
                                       "max_versions or max_versions_per_service, folded into an "
