@@ -24,8 +24,9 @@ pipeline full, or the server is stopping    503 with ``Retry-After`` (seconds) a
 Bodies of answers are encoded as the request was (``application/x-protobuf`` or
 ``application/json``); requests of another content type get JSON. The server is Hypercorn
 (asyncio; HTTP/1.1 with keep-alive, and HTTP/2: over TLS by ALPN, in cleartext by prior
-knowledge or ``Upgrade: h2c``) on one event-loop thread, with decoding on a small thread
-pool. A silent or slow client costs a socket, not a thread: a connection is closed after
+knowledge or ``Upgrade: h2c``) on one event-loop thread. Protobuf bodies up to
+``INLINE_BYTES`` are decoded on the loop itself (a hop to a thread costs more); JSON and
+larger bodies on a small thread pool, so that the loop keeps answering meanwhile. A silent or slow client costs a socket, not a thread: a connection is closed after
 ``IDLE_TIMEOUT_S`` without a request or its headers (or its TLS handshake), a body not
 received within ``REQUEST_TIMEOUT_S`` gets 408, and connections beyond ``MAX_CONNECTIONS``
 are closed at once and counted. TLS uses the same files as the gRPC port.
@@ -71,6 +72,7 @@ REQUEST_TIMEOUT_S = 30.0  # a request whose body has not arrived this long after
 MAX_CONNECTIONS = 512  # connections open at once; further ones are closed at once, counted
 BACKLOG = 128
 DECODE_THREADS = 4  # requests decoded at once, off the event loop
+INLINE_BYTES = 1 << 20  # protobuf bodies up to this size are decoded on the event loop itself
 
 
 class _Refusal(Exception):
@@ -162,8 +164,7 @@ class _Headers:
 
 
 class _App:
-    """The ASGI application behind the port: one coroutine per request; decoding runs on a
-    small thread pool so that the event loop keeps accepting, timing out and answering."""
+    """The ASGI application behind the port: one coroutine per request."""
 
     def __init__(self, receiver: HttpReceiver):
         self.receiver = receiver
@@ -213,8 +214,11 @@ class _Request:
                     if r.status == 413:
                         receiver.intake.refuse_request("too_large")
                     raise
-                response = await asyncio.get_running_loop().run_in_executor(
-                    receiver.executor, receiver.export, body, encoding, as_json)
+                if as_json or len(body) > INLINE_BYTES:
+                    response = await asyncio.get_running_loop().run_in_executor(
+                        receiver.executor, receiver.export, body, encoding, as_json)
+                else:  # a hop to the pool costs more than decoding a usual request
+                    response = receiver.export(body, encoding, as_json)
             await self._answer(200, response, as_json)
         except _Refusal as r:
             await self._refuse(r, as_json)
