@@ -618,7 +618,17 @@ class Stack:
                "--window", f"{self.window:g}", "--allowed-lateness", "0", "--log-level", "warning", *self.extra_args]
         self.cmd = cmd
         self.log_path = os.path.join(self.tmp, "backflow.log")
-        self.server = subprocess.Popen(cmd, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
+        self._start_server()
+
+    def restart_after_kill9(self) -> None:
+        """``kill -9`` the server, then start it again on the same ports and wait until it
+        is healthy (it waits for Redis and loads its checkpoint first)."""
+        self.server.kill()
+        self.server.wait(10)
+        self._start_server()
+
+    def _start_server(self) -> None:
+        self.server = subprocess.Popen(self.cmd, stdout=open(self.log_path, "ab"), stderr=subprocess.STDOUT,
                                        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         deadline = time.monotonic() + 30
         while True:

@@ -266,7 +266,7 @@ def client_main(proc: int, lanes: list[int], workloads: tuple[Workload, Workload
         if not start_evt.wait(timeout=300):
             return
         lock = threading.Lock()
-        acc = {"calls": [], "spans": 0, "retries": 0, "rejected": 0, "errors": []}
+        acc = {"calls": [], "acks": [], "spans": 0, "retries": 0, "rejected": 0, "errors": []}
         m0 = time.monotonic()
         end = m0 + seconds
         # Event time is the wall clock's, sped up by ``speed``: spans end "now".
@@ -313,6 +313,7 @@ def client_main(proc: int, lanes: list[int], workloads: tuple[Workload, Workload
                                 if resp else 0)
                     with lock:
                         acc["calls"].append((time.monotonic(), latency))
+                        acc["acks"].append((time.monotonic(), tpl.n))
                         acc["spans"] += tpl.n
                         acc["retries"] += retries
                         acc["rejected"] += rejected
@@ -323,7 +324,7 @@ def client_main(proc: int, lanes: list[int], workloads: tuple[Workload, Workload
         def report() -> None:
             with lock:
                 out = dict(acc, proc=proc)
-                acc.update(calls=[], spans=0, retries=0, rejected=0, errors=[])
+                acc.update(calls=[], acks=[], spans=0, retries=0, rejected=0, errors=[])
             out_q.put(out)
 
         threads = [threading.Thread(target=lane_run, args=(lane,), daemon=True) for lane in lanes]
@@ -367,6 +368,8 @@ def run(args, tmp: str) -> dict:
     seconds = args.minutes * 60
     lane_rate = args.rate / lanes
     extra = ["--workers", str(args.workers), *args.server_args]
+    if args.kill9:  # the guarantee across kill -9 is the spool's (docs/operations.md)
+        extra += ["--spool-dir", os.path.join(tmp, "spool")]
     with Stack(tmp, "soak", extra, window=args.window) as stack:
         ctx = mp.get_context("spawn")
         ready_q, out_q, start_evt, stop_evt = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
@@ -388,6 +391,8 @@ def run(args, tmp: str) -> dict:
                   flush=True)
             samples: list[Sample] = []
             calls: list[tuple[float, float]] = []
+            acks: list[tuple[float, int]] = []  # (time, spans) of each acknowledged call
+            kill: dict = {}
             totals = {"spans": 0, "retries": 0, "rejected": 0}
             errors: list[str] = []
             done = 0
@@ -396,6 +401,8 @@ def run(args, tmp: str) -> dict:
             next_sample, next_print = m0, m0 + args.progress
             # Redis stalls (SIGSTOP for --stall-seconds), evenly spread over the run
             stalls = [m0 + seconds * (k + 1) / (args.redis_stalls + 1) for k in range(args.redis_stalls)]
+            # kill -9 in the middle: 1 s into the middle stall when there is one
+            kill_at = m0 + seconds / 2 + 1.0 if args.kill9 else None
 
             def drain() -> None:
                 nonlocal done
@@ -407,6 +414,7 @@ def run(args, tmp: str) -> dict:
                     done += bool(r.get("done"))
                     errors.extend(r.get("errors", []))
                     calls.extend((t - m0, x) for t, x in r.get("calls", []))
+                    acks.extend((t - m0, n) for t, n in r.get("acks", []))
                     for k in totals:
                         totals[k] += r.get(k, 0)
 
@@ -422,6 +430,14 @@ def run(args, tmp: str) -> dict:
                     threading.Timer(args.stall_seconds, os.kill, (stack.redis.pid, signal.SIGCONT)).start()
                     print(f"  [{time.monotonic() - m0:5.0f} s] Redis stopped (SIGSTOP) for "
                           f"{args.stall_seconds:g} s", flush=True)
+                if kill_at is not None and time.monotonic() >= kill_at:
+                    kill_at = None
+                    kill["t"] = time.monotonic() - m0
+                    kill["processed"] = stack.metrics().get("backflow_processed_spans_total", 0)
+                    stack.restart_after_kill9()
+                    kill["restarted"] = time.monotonic() - m0
+                    print(f"  [{kill['t']:5.0f} s] serve killed (kill -9), healthy again after "
+                          f"{kill['restarted'] - kill['t']:.1f} s", flush=True)
                 s = sample(stack, time.monotonic() - m0)
                 samples.append(s)
                 if errors:
@@ -456,7 +472,7 @@ def run(args, tmp: str) -> dict:
                     proc.kill()
                     proc.join(5)
     return {"samples": samples, "calls": calls, "totals": totals, "errors": errors, "log": log,
-            "event_types": event_types, "accounting": accounting,
+            "event_types": event_types, "accounting": accounting, "acks": acks, "kill": kill,
             "cmd": stack.cmd, "workload": (w_all, w_zipf)}
 
 
@@ -489,6 +505,9 @@ def report(args, r: dict, t_start: float, load0: tuple, command: str) -> int:
     warmup_s = WARMUP_WINDOWS * args.window / args.speed
     # A run too short for the warm-up still gets a steady part: its second half.
     t_steady = steady_start(samples, args.locations, min(warmup_s, args.minutes * 30))
+    if r["kill"] and t_steady is not None:
+        # The process after the kill: its counters start at 0 and its memory anew.
+        t_steady = max(t_steady, r["kill"]["restarted"] + 30.0)
     t_known = next((s.t for s in samples if s.m("backflow_active_keys") >= args.locations), None)
     last = samples[-1]
     status = 0
@@ -585,20 +604,47 @@ def report(args, r: dict, t_start: float, load0: tuple, command: str) -> int:
     if verdict.growing or fds_grow:
         status = 1
     acc = r["accounting"]
-    ok = (tot["spans"] - tot["rejected"] == acc["processed"] + acc["late"] and acc["processed"] == acc["summary_calls"]
-          and acc["ids_twice"] == 0)
-    print(f"accounting: {'PASS' if ok else 'FAIL'}: acknowledged {tot['spans'] - tot['rejected']:,} spans, "
-          f"processed {acc['processed']:,.0f} (late {acc['late']:,.0f}), in the version summaries "
-          f"{acc['summary_calls']:,}; {acc['events']:,} events, {acc['ids_twice']} ids twice; serve exited "
-          f"{acc['exit_status']} after SIGTERM" + (f"; {args.redis_stalls} Redis stalls of {args.stall_seconds:g} s"
-                                                   if args.redis_stalls else ""))
+    acked = tot["spans"] - tot["rejected"]
+    faults = ", ".join(x for x in (f"{args.redis_stalls} Redis stalls of {args.stall_seconds:g} s" if args.redis_stalls
+                                   else "", f"kill -9 at {r['kill']['t']:.0f} s" if r["kill"] else "") if x)
+    if r["kill"]:
+        ok, lost, could = kill_accounting(r, acc, acked, args.window / args.speed)
+        print(f"accounting: {'PASS' if ok else 'FAIL'}: acknowledged {acked:,} spans, in the version summaries "
+              f"{acc['summary_calls']:,}: {lost:,} lost, where at most {could:,} may be (those acknowledged in "
+              f"the {args.window / args.speed + 1:g} s before the kill: windows still open); late after the "
+              f"restart {acc['late']:,.0f}; {acc['events']:,} events, {acc['ids_twice']} ids twice; serve exited "
+              f"{acc['exit_status']} after SIGTERM; {faults}")
+    else:
+        ok = (acked == acc["processed"] + acc["late"] and acc["processed"] == acc["summary_calls"]
+              and acc["ids_twice"] == 0)
+        print(f"accounting: {'PASS' if ok else 'FAIL'}: acknowledged {acked:,} spans, "
+              f"processed {acc['processed']:,.0f} (late {acc['late']:,.0f}), in the version summaries "
+              f"{acc['summary_calls']:,}; {acc['events']:,} events, {acc['ids_twice']} ids twice; serve exited "
+              f"{acc['exit_status']} after SIGTERM" + (f"; {faults}" if faults else ""))
     if not ok:
         status = 1
-    if late or refused or refused_req or tot["rejected"] or tot["retries"] or dropped:
+    retries = 0 if r["kill"] else tot["retries"]  # (the senders retry while the killed server restarts)
+    if late or refused or refused_req or tot["rejected"] or retries or dropped:
         print("FAIL: spans were late, refused or rejected, or Redis writes dropped, at a steady load "
               "the server should take")
         status = 1
     return status
+
+
+def kill_accounting(r: dict, acc: dict, acked: int, window_s: float) -> tuple[bool, int, int]:
+    """With a kill -9: (pass, spans lost, spans that may be lost). The guarantee (with a
+    spool) loses only spans of windows still open at the kill: those acknowledged within a
+    window (and a second of queue) before it. Nothing may be counted twice (lost < 0) and
+    no event id may appear twice.
+
+    >>> kill_accounting({"kill": {"t": 100.0}, "acks": [(50.0, 10), (96.0, 5), (99.0, 5)]},
+    ...                 {"summary_calls": 12, "ids_twice": 0, "late": 0}, 20, 4.0)
+    (True, 8, 10)
+    """
+    t = r["kill"]["t"]
+    could = sum(n for when, n in r["acks"] if t - window_s - 1.0 <= when <= t)
+    lost = acked - acc["summary_calls"]
+    return 0 <= lost <= could and acc["ids_twice"] == 0 and acc["late"] == 0, lost, could
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -631,6 +677,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-stalls", type=int, default=0,
                    help="times Redis is stopped (SIGSTOP) during the run, evenly spread (default 0)")
     p.add_argument("--stall-seconds", type=float, default=6.0, help="length of each Redis stall (default 6)")
+    p.add_argument("--kill9", action="store_true",
+                   help="kill -9 the server in the middle of the run (1 s into the middle Redis stall, if "
+                        "any) and start it again; the server gets a --spool-dir")
     args = p.parse_args(argv)
     if not shutil.which("redis-server"):
         print("redis-server not found on PATH", file=sys.stderr)
