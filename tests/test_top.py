@@ -101,8 +101,11 @@ def test_sort(redis_server, shop, sort, first):
 def test_limit_and_service_filter(redis_server, shop):
     _, _, rows = table(redis_server.url, "--limit", "2")
     assert len(rows) == 3 and rows[-1] == "... 2 more (--limit, or a taller terminal)"
-    _, _, rows = table(redis_server.url, "--service", "billing")
+    header, _, rows = table(redis_server.url, "--service", "billing")
     assert list(parse(rows)) == ["billing.invoice"]
+    assert "1 locations, 0 open regressions" in header  # the shop's 3 are not billing's
+    header, _, rows = table(redis_server.url, "--service", "shop")
+    assert "3 locations, 3 open regressions" in header
 
 
 def test_open_windows_sets_how_long_a_regression_stays_open(redis_server, shop):

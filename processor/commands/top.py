@@ -150,7 +150,7 @@ def snapshot(client: redis.Redis, prefix: str, args: argparse.Namespace, width: 
     limit = args.limit
     if height is not None:  # header, column names and the "more" line
         limit = min(limit or height, max(height - 3, 1))
-    header = (f"backflow top  {prefix}  {len(rows)} locations, {sum(counts.values())} open regressions  "
+    header = (f"backflow top  {prefix}  {len(rows)} locations, {sum(r.open for r in rows)} open regressions  "
               f"{time.strftime('%H:%M:%S')}")
     return render(rows, width, limit, header)
 
