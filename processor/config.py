@@ -45,7 +45,8 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("otlp_grpc", "0.0.0.0:4317", parse_address, "OTLP/gRPC listen address", "ADDR"),
+    Setting("otlp_grpc", "0.0.0.0:4317", parse_address,
+            "OTLP/gRPC listen address, HOST:PORT (:PORT for every interface)", "ADDR"),
     Setting("otlp_http", "0.0.0.0:4318", parse_address_or_off,
             "OTLP/HTTP listen address (POST /v1/traces, protobuf or JSON, gzip), 'off' disables", "ADDR"),
     Setting("tls_cert", None, parse_readable_file,

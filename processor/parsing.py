@@ -8,6 +8,8 @@ line's settings (processor/config.py) and the detectors' (processor/detect/) bot
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import ipaddress
 import os
 import re
@@ -22,7 +24,12 @@ class ConfigError(ValueError):
 # --- value parsers: each takes the raw value (str from flag/env, any from YAML) ---------------
 
 def parse_address(value: Any) -> str:
-    """``host:port`` or ``[v6]:port`` with a port in 1..65535."""
+    """``host:port`` or ``[v6]:port`` with a port in 1..65535; ``:port`` (all interfaces,
+    as the collector takes it) is ``0.0.0.0:port``.
+
+    >>> parse_address(":4317")
+    '0.0.0.0:4317'
+    """
     text = str(value).strip()
     m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]\s]*):(\d+)", text)
     if not m:
@@ -34,8 +41,31 @@ def parse_address(value: Any) -> str:
     if m.group(1):
         ipaddress.IPv6Address(host)
     elif not host:
-        raise ValueError(f"expected HOST:PORT, host is empty in {text!r}")
+        return f"0.0.0.0:{port}"
     return text
+
+
+class ListenError(OSError):
+    """A listener could not bind its address; the message names the setting."""
+
+
+@contextlib.contextmanager
+def listening(setting: str, address: str):
+    """Around binding ``address``: an OSError becomes a ListenError naming the setting's
+    flag and environment variable, so that a busy port says which of the listeners it is.
+
+    >>> with listening("otlp_http", "0.0.0.0:4318"):
+    ...     raise OSError(98, "Address already in use")
+    Traceback (most recent call last):
+    processor.parsing.ListenError: --otlp-http 0.0.0.0:4318: Address already in use (another program listens there? choose another address with --otlp-http or BACKFLOW_OTLP_HTTP)
+    """
+    try:
+        yield
+    except OSError as e:
+        flag, env = "--" + setting.replace("_", "-"), "BACKFLOW_" + setting.upper()
+        why = e.strerror or str(e)
+        hint = ("another program listens there? " if e.errno == errno.EADDRINUSE else "")
+        raise ListenError(f"{flag} {address}: {why} ({hint}choose another address with {flag} or {env})") from None
 
 
 def split_address(address: str) -> tuple[str, int]:

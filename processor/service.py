@@ -18,6 +18,7 @@ import redis
 
 from processor.config import Config, redact_url
 from processor.owners import Owners
+from processor.parsing import listening
 from processor.pipeline import checkpoint
 from processor.pipeline.engine import Engine, WindowResult
 from processor.pipeline.memtrim import release_free_memory
@@ -247,7 +248,8 @@ class Backflow:
         learned before is there, and spans processed without it would be judged against
         nothing (senders meanwhile get connection errors and retry). False when ``stop`` was
         set while waiting."""
-        self.http = serve_http(self.cfg.metrics, self.metrics.registry, self.health)
+        with listening("metrics", self.cfg.metrics):
+            self.http = serve_http(self.cfg.metrics, self.metrics.registry, self.health)
         stop = stop or threading.Event()
         wait = 0.5
         if not self.sink.ping():
@@ -283,7 +285,8 @@ class Backflow:
         else:
             for receiver in build_receivers(self.cfg, self.pipeline.offer, self.metrics, self.pipeline.has_room):
                 self.receivers_here.append(receiver)  # (stopped by stop() if a later one cannot listen)
-                receiver.start()
+                with listening(receiver.setting, receiver.address):
+                    receiver.start()
         self._listening = True
         return True
 

@@ -16,6 +16,7 @@ import threading
 from processor import __version__
 from processor.config import ConfigError, add_arguments, resolve
 from processor.logs import configure_logging
+from processor.parsing import ListenError
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -76,7 +77,7 @@ def serve(cfg) -> int:
     except OSError as e:
         logging.getLogger("backflow").error("cannot start: %s", e)
         app.stop(deadline=2.0)
-        return 1
+        return 2 if isinstance(e, ListenError) else 1  # (2: a setting to change)
     if started:
         logging.getLogger("backflow").info("backflow %s serving; metrics on %s", __version__, cfg.metrics)
     while not stop.wait(timeout=1.0):

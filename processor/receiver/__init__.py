@@ -27,4 +27,6 @@ def build_receivers(cfg, on_batch: Callable, metrics, has_room: Callable[[], boo
                                       reuse_port=reuse_port,
                                       tls=tls_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca),
                                       auth_token=cfg.auth_token))
+    for receiver, setting in zip(receivers, ("otlp_grpc", "otlp_http")):
+        receiver.setting = setting  # (named when it cannot listen)
     return receivers

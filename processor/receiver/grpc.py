@@ -85,12 +85,15 @@ class GrpcReceiver:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 
     def start(self) -> None:
-        if self.credentials is None:
-            port = self.server.add_insecure_port(self.address)
-        else:
-            port = self.server.add_secure_port(self.address, self.credentials)
+        try:
+            if self.credentials is None:
+                port = self.server.add_insecure_port(self.address)
+            else:
+                port = self.server.add_secure_port(self.address, self.credentials)
+        except RuntimeError:  # (older grpcio returns 0 instead)
+            port = 0
         if port == 0:
-            raise OSError(f"cannot listen on {self.address}")
+            raise OSError("gRPC could not bind it (in use, or not an address of this host)")
         self.server.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

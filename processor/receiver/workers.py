@@ -31,6 +31,7 @@ from typing import Callable
 
 from processor.config import Config, split_address
 from processor.logs import configure_logging
+from processor.parsing import listening
 from processor.receiver.decode import Batch
 from processor.receiver import build_receivers
 from processor.receiver.intake import OVERLOAD_RETRY_S, Overloaded
@@ -122,8 +123,9 @@ class ReceiverPool:
         self._started = False
 
     def start(self) -> None:
-        for address in self._addresses():
-            _check_port_free(address)
+        for setting, address in zip(("otlp_grpc", "otlp_http"), self._addresses()):
+            with listening(setting, address):
+                _check_port_free(address)
         for i in range(self.processes):
             self._spawn(i)
         ready = time.monotonic() + 30
@@ -206,7 +208,4 @@ def _check_port_free(address: str) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no owner
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise OSError(f"cannot listen on {address}: {e.strerror}") from None
+        s.bind((host, port))
