@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 
-.PHONY: run demo test test-fast test-sanitize sanitize-build fuzz fuzz-build test-tools compiler bench-ingest bench-detection bench-decode bench-memory bench-soak install redis-server promtool node-deps clean
+.PHONY: run demo tail top test test-fast test-sanitize sanitize-build fuzz fuzz-build test-tools compiler bench-ingest bench-detection bench-decode bench-memory bench-soak install redis-server promtool node-deps clean
 
 $(VENV)/.installed: pyproject.toml setup.py processor/receiver/_fastdecode.c | compiler
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,13 @@ run: install redis-server
 # and its bad rollout, with the events printed as they arrive.
 demo: install redis-server
 	$(VENV)/bin/backflow demo $(ARGS)
+
+# The events and the table of the Backflow that `make run` started, without activating .venv.
+tail: install
+	$(VENV)/bin/backflow tail $(ARGS)
+
+top: install
+	$(VENV)/bin/backflow top $(ARGS)
 
 # The whole suite (docs/testing.md). test-fast: the tests that start no process and are not
 # slow (no redis-server, no `backflow serve`, no receiver processes), in under a minute.

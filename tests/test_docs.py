@@ -61,3 +61,13 @@ def test_deployment_docs_link_every_file_under_deploy():
     for path in sorted((ROOT / "deploy").rglob("*")):
         if path.is_file():
             assert path in linked, f"docs/deployment.md does not link {path.relative_to(ROOT)}"
+
+
+def test_every_make_target_the_readme_names_exists():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    targets = set(re.findall(r"^([a-z][a-z-]*):", (ROOT / "Makefile").read_text(), re.M))
+    named = set(re.findall(r"\bmake ([a-z][a-z-]*)", readme))
+    assert {"run", "test", "tail", "top"} <= named
+    assert named <= targets, named - targets
