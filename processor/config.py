@@ -20,6 +20,7 @@ from typing import Any, Callable
 import yaml
 
 from processor.detect.registry import DetectorSettings, parse_detector_settings
+from processor.detect.settings import CommonSettings
 from processor.parsing import (  # noqa: F401 (re-exported: the settings' parsers)
     ConfigError, parse_address, split_address, parse_address_or_off, parse_redis_url, redact_url,
     url_secrets, parse_readable_file, parse_writable_dir, parse_codeowners, parse_token, parse_prefix, positive_float,
@@ -226,6 +227,17 @@ class Config:
 assert {f.name for f in dataclasses.fields(Config)} == set(_BY_NAME) | {"config", "detectors"}
 
 
+# The detector settings changed most often are flags and environment variables too; they
+# override the same keys of the YAML file's detectors: section.
+DETECTOR_FLAGS = ("warmup_windows", "accept_windows")
+
+
+def _detector_flag(name: str) -> tuple[str, str, Any, str]:
+    """(flag, environment variable, default, help) of a common detector setting."""
+    f = {f.name: f for f in dataclasses.fields(CommonSettings)}[name]
+    return "--" + name.replace("_", "-"), "BACKFLOW_" + name.upper(), f.default, f.metadata["help"]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per setting; defaults stay None so precedence can be applied later."""
     parser.add_argument("--config", metavar="FILE", default=None,
@@ -233,6 +245,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for s in SETTINGS:
         parser.add_argument(s.flag, dest=s.name, metavar=s.metavar, default=None,
                             help=f"{s.help} (env {s.env}, default {_shown(s.default)})")
+    for name in DETECTOR_FLAGS:
+        flag, env, default, help_ = _detector_flag(name)
+        parser.add_argument(flag, dest=name, metavar="N", default=None,
+                            help=f"{help_} (env {env}, YAML detectors.{name}, default {default})")
 
 
 def _shown(default: Any) -> str:
@@ -282,7 +298,29 @@ def resolve(flags: dict[str, Any], environ: dict[str, str]) -> Config:
     _check_tls(values, sources)
     _read_token_file(values, sources)
     detectors = parse_detector_settings(from_yaml.get("detectors"), where=str(config_path))
-    return Config(config=config_path, detectors=detectors, **values)
+    return Config(config=config_path, detectors=_detector_overrides(detectors, flags, environ), **values)
+
+
+def _detector_overrides(detectors: DetectorSettings, flags: dict[str, Any], environ: dict[str, str]):
+    """``detectors`` with the common settings given as flags or environment variables."""
+    common = detectors.common
+    for name in DETECTOR_FLAGS:
+        flag, env, _, _ = _detector_flag(name)
+        if flags.get(name) is not None:
+            raw, where = flags[name], flag
+        elif environ.get(env) not in (None, ""):
+            raw, where = environ[env], env
+        else:
+            continue
+        parsed = CommonSettings.parse({name: raw}, "detectors", where)
+        common = dataclasses.replace(common, **{name: getattr(parsed, name)})
+    if common is detectors.common:
+        return detectors
+    try:
+        common.validate()
+    except ValueError as e:
+        raise ConfigError(f"invalid setting detectors: {e}") from None
+    return DetectorSettings(common=common, **detectors.sections)
 
 
 def _invalid(name: str, sources: dict[str, str], message: str) -> ConfigError:
@@ -359,6 +397,9 @@ def reference_markdown() -> str:
     rows = ["| YAML key | flag | environment | default | meaning |", "|---|---|---|---|---|"]
     for s in SETTINGS:
         rows.append(f"| `{s.name}` | `{s.flag} {s.metavar}` | `{s.env}` | `{_shown(s.default)}` | {s.help} |")
+    for name in DETECTOR_FLAGS:
+        flag, env, default, help_ = _detector_flag(name)
+        rows.append(f"| `detectors.{name}` | `{flag} N` | `{env}` | `{default}` | {help_} |")
     return "\n".join(rows) + "\n"
 
 

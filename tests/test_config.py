@@ -88,6 +88,19 @@ def test_detector_settings_come_from_the_yaml_detectors_section(tmp_path):
     assert cfg.detectors.errors.ratio == 3.0  # default
 
 
+def test_warm_up_and_acceptance_are_flags_and_environment_variables_too(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("detectors:\n  warmup_windows: 12\n  accept_windows: 200\n  latency:\n    threshold: 9.5\n")
+    cfg = load_config(["--config", str(f), "--warmup-windows", "5"], environ={"BACKFLOW_ACCEPT_WINDOWS": "60"})
+    assert (cfg.detectors.warmup_windows, cfg.detectors.accept_windows) == (5, 60)  # flag, env over YAML
+    assert cfg.detectors.latency.threshold == 9.5  # the rest of the section stays
+    assert load_config(["--config", str(f)], environ={}).detectors.warmup_windows == 12
+    with pytest.raises(ConfigError, match=r"detectors.warmup_windows \(--warmup-windows\)"):
+        load_config(["--warmup-windows", "0"], environ={})
+    with pytest.raises(ConfigError, match="BACKFLOW_WARMUP_WINDOWS"):
+        load_config([], environ={"BACKFLOW_WARMUP_WINDOWS": "soon"})
+
+
 @pytest.mark.parametrize("yaml_text,named", [
     ("detectors:\n  latency:\n    treshold: 3\n", "unknown key 'detectors.latency.treshold'"),
     ("detectors:\n  latency:\n    threshold: -3\n", "detectors.latency.threshold"),
