@@ -70,6 +70,7 @@ import time
 import traceback
 
 import numpy as np
+import redis
 
 from benchmarks.ingest import (
     EXPORT_METHOD, SERVICES_PER_LANE, Stack, Workload, retry_delay, _revision,
@@ -344,7 +345,9 @@ def client_main(proc: int, lanes: list[int], workloads: tuple[Workload, Workload
 
 # --- the run ------------------------------------------------------------------------------------
 
-def sample(stack: Stack, t: float) -> Sample:
+def sample(stack: Stack, t: float, probe, last: Sample | None) -> Sample:
+    """The server and Redis now; ``probe`` is a Redis client with a short timeout, so that a
+    stalled Redis does not hold up the run (its figures are then the last sample's)."""
     rss = fds = threads = 0
     for p in proc_tree(stack.pid):
         try:
@@ -356,8 +359,11 @@ def sample(stack: Stack, t: float) -> Sample:
     cpu = proc_cpu_seconds(stack.pid)
     m = stack.metrics()
     m = {k: v for k, v in m.items() if not k.startswith("backflow_location_")}
-    return Sample(t, rss, fds, threads, cpu, m, int(stack.rclient.info("memory")["used_memory"]),
-                  int(stack.rclient.xlen("backflow:events")))
+    try:
+        used, events = int(probe.info("memory")["used_memory"]), int(probe.xlen("backflow:events"))
+    except redis.RedisError:
+        used, events = (last.redis_used, last.redis_events) if last else (0, 0)
+    return Sample(t, rss, fds, threads, cpu, m, used, events)
 
 
 def run(args, tmp: str) -> dict:
@@ -397,6 +403,7 @@ def run(args, tmp: str) -> dict:
             errors: list[str] = []
             done = 0
             start_evt.set()
+            probe = redis.Redis(port=stack.redis_port, socket_timeout=1.0)
             m0 = time.monotonic()
             next_sample, next_print = m0, m0 + args.progress
             # Redis stalls (SIGSTOP for --stall-seconds), evenly spread over the run
@@ -419,7 +426,15 @@ def run(args, tmp: str) -> dict:
                         totals[k] += r.get(k, 0)
 
             while time.monotonic() < m0 + seconds:
-                time.sleep(max(0.0, next_sample - time.monotonic()))
+                time.sleep(max(0.0, min(next_sample, kill_at or next_sample) - time.monotonic()))
+                if kill_at is not None and time.monotonic() >= kill_at:
+                    kill_at = None
+                    kill["t"] = time.monotonic() - m0
+                    stack.restart_after_kill9()
+                    kill["restarted"] = time.monotonic() - m0
+                    print(f"  [{kill['t']:5.0f} s] serve killed (kill -9), healthy again after "
+                          f"{kill['restarted'] - kill['t']:.1f} s", flush=True)
+                    continue
                 next_sample += args.interval
                 if stack.server.poll() is not None:
                     raise RuntimeError("backflow serve died:\n" + stack.log())
@@ -430,15 +445,7 @@ def run(args, tmp: str) -> dict:
                     threading.Timer(args.stall_seconds, os.kill, (stack.redis.pid, signal.SIGCONT)).start()
                     print(f"  [{time.monotonic() - m0:5.0f} s] Redis stopped (SIGSTOP) for "
                           f"{args.stall_seconds:g} s", flush=True)
-                if kill_at is not None and time.monotonic() >= kill_at:
-                    kill_at = None
-                    kill["t"] = time.monotonic() - m0
-                    kill["processed"] = stack.metrics().get("backflow_processed_spans_total", 0)
-                    stack.restart_after_kill9()
-                    kill["restarted"] = time.monotonic() - m0
-                    print(f"  [{kill['t']:5.0f} s] serve killed (kill -9), healthy again after "
-                          f"{kill['restarted'] - kill['t']:.1f} s", flush=True)
-                s = sample(stack, time.monotonic() - m0)
+                s = sample(stack, time.monotonic() - m0, probe, samples[-1] if samples else None)
                 samples.append(s)
                 if errors:
                     break

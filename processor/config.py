@@ -145,6 +145,9 @@ SETTINGS: tuple[Setting, ...] = (
             "CODEOWNERS file; every event's owners field gets the owners of its code.file.path "
             "(relative paths as given, absolute ones made relative as docs/commands.md's Ownership says)",
             "FILE"),
+    Setting("log_interval", 60.0, positive_float,
+            "seconds between the log's summary lines (spans, windows, locations, events); refused "
+            "and late spans are logged at most once per interval too", "SECONDS"),
     Setting("log_level", "INFO", parse_log_level, "debug, info, warning or error", "LEVEL"),
 )
 
@@ -187,6 +190,7 @@ class Config:
     shutdown_timeout: float
     metrics_max_locations: int
     codeowners: str | None
+    log_interval: float
     log_level: str
     config: str | None = None
     detectors: DetectorSettings = None  # the detectors: section (processor/detect/registry.py)

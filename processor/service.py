@@ -16,6 +16,7 @@ import time
 
 import redis
 
+from processor.activity import Activity
 from processor.config import Config, redact_url
 from processor.owners import Owners
 from processor.parsing import listening
@@ -52,6 +53,7 @@ class Pipeline:
         self._closed_since_trim = 0    # location-windows closed since the heap was last trimmed
         self._refused: dict[str, int] = {}  # service / version names folded, as last counted
         self._forgotten = 0  # versions forgotten, as last counted
+        self.activity = Activity(metrics, cfg.log_interval, cfg.allowed_lateness)
 
     def put(self, batch: Batch) -> None:
         """Called by the readers of receiver processes: waits while the queue is full (the
@@ -129,6 +131,7 @@ class Pipeline:
                 forgotten = engine.windows.stats["forgotten_versions"]
                 self.metrics.forgotten_versions.inc(forgotten - self._forgotten)
                 self._forgotten = forgotten
+                self.activity.tick(now)
             if self.sink.take_wiped():
                 self.republish()
             self.checkpoint()
@@ -190,9 +193,15 @@ class Pipeline:
         self.metrics.checkpointed.inc(len(fields))
 
     def _emit(self, results: list[WindowResult]) -> None:
+        now = time.monotonic()
         for r in results:
             self.metrics.observe_window(r.window)
             self.sink.submit(r.events, [(b.location.key, b) for b in r.baselines], r.window)
+            if r.detection_started:
+                self.activity.detection_started(r.window.environment, r.window.service,
+                                                self.cfg.detectors.warmup_windows)
+            for e in r.events:
+                self.activity.event(e, now)
             self._closed_since_trim += len(r.window.locations)
         # Counted across steps: many small closes fragment the heap as much as one big one
         # (the soak's RSS crept up by free heap while live memory stayed flat).

@@ -20,7 +20,12 @@ from processor.parsing import ListenError
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("serve", help="run the OTLP receiver, the detectors and the sinks")
+    p = sub.add_parser("serve", help="run the OTLP receiver, the detectors and the sinks",
+                       description="Receive OTLP spans, learn a baseline per code location and publish "
+                                   "events to Redis and metrics to Prometheus. first_seen events come as "
+                                   "soon as a location's first window closes; regressions only after its "
+                                   "warm-up, --warmup-windows windows of --window seconds (30 x 60 s = "
+                                   "30 min by default).")
     add_arguments(p)
     p.set_defaults(run=run)
     return p
@@ -45,6 +50,22 @@ def plaintext_token_warning(cfg) -> str | None:
     return (f"a bearer token is required, but {' and '.join(exposed)} speak plaintext: the token "
             f"crosses the network readable by anyone on the path; give tls_cert and tls_key "
             f"(docs/security.md), or listen on a network you trust")
+
+
+def detection_timing(cfg) -> str:
+    """When events can come, for the start log: first_seen at once, regressions after the
+    warm-up of each code location.
+
+    >>> from types import SimpleNamespace as C
+    >>> detection_timing(C(window=60.0, detectors=C(warmup_windows=30)))[-83:]
+    'its first 30 windows of 60 s (30 min; --warmup-windows, --window) are watched first'
+    """
+    warm, window = cfg.detectors.warmup_windows, cfg.window
+    total = warm * window
+    span = f"{total / 60:g} min" if total >= 60 else f"{total:g} s"
+    return (f"events: first_seen as soon as a code location's first window closes; regressions only "
+            f"once it is past its warm-up: its first {warm} windows of {window:g} s ({span}; "
+            f"--warmup-windows, --window) are watched first")
 
 
 def run(args) -> int:
@@ -80,6 +101,7 @@ def serve(cfg) -> int:
         return 2 if isinstance(e, ListenError) else 1  # (2: a setting to change)
     if started:
         logging.getLogger("backflow").info("backflow %s serving; metrics on %s", __version__, cfg.metrics)
+        logging.getLogger("backflow").info(detection_timing(cfg))
     while not stop.wait(timeout=1.0):
         pass
     logging.getLogger("backflow").info("stopping: closing open windows, checkpointing and flushing "

@@ -120,6 +120,7 @@ class Engine:
         self.first_seen = FirstSeen(known_keys)
         self.service_locations: dict[tuple, array] = {}       # (env, service) -> its location ids
         self.version_first_seen: dict[tuple, dict] = {}       # (env, service) -> version -> first window end
+        self.detecting: set[tuple] = set()  # (env, service) with a location past its warm-up
         # What changed since the last checkpoint (see processor/pipeline/checkpoint.py)
         self.dirty_locations: set[int] = set()
         self.dirty_services: set[tuple] = set()
@@ -202,7 +203,11 @@ class Engine:
         baselines = self._detect(cw, service, tracked, context, events)
         self.dirty_services.add(service)
         self.dirty_locations.update(self.service_locations[service])
-        return WindowResult(cw, events, baselines)
+        started = service not in self.detecting and any(
+            b is not None and b.windows >= self.cfg.detectors.warmup_windows for b in baselines)
+        if started:
+            self.detecting.add(service)
+        return WindowResult(cw, events, baselines, started)
 
     def _service_context(self, cw: ClosedWindow, service: tuple) -> ServiceContext:
         by_version: dict = {}
@@ -262,5 +267,7 @@ class WindowResult:
     window: ClosedWindow
     events: list[Event]
     baselines: list[Baseline]
+    # The service's first location has just passed its warm-up (in this process).
+    detection_started: bool = False
 
 
