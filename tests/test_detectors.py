@@ -59,6 +59,18 @@ def test_latency_regression_is_one_event_then_resolved_when_it_ends():
     assert events[1].detail["reason"] == "recovered"
 
 
+def test_error_regression_resolved_says_its_figures():
+    det = make(ErrorRateShift)
+    stream = list(observations(44, CHANGE + 60, change_at=CHANGE, kind="errors", effect=10.0))
+    calm = list(observations(45, 60))
+    events = [e for obs in stream + calm for e in det.update(obs)]
+    assert [e.type for e in events] == ["error_regression", "resolved"]
+    resolved = events[1]
+    assert resolved.detail["reason"] == "recovered"
+    assert "is back to its baseline (" in resolved.summary and "% vs " in resolved.summary
+    assert resolved.detail["current_share"] < 3 * resolved.detail["baseline_share"]
+
+
 @pytest.mark.parametrize("seed", [41, 42, 43])
 def test_error_share_rise_is_caught(seed):
     e = onset(events_of(ErrorRateShift, seed=seed, windows=CHANGE + 60, change_at=CHANGE,

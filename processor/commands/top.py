@@ -4,11 +4,13 @@ Figures come from the ``{prefix}:baseline:{key}`` hashes (calls/s, p50, p99, err
 the baseline's, which decays with serve's ``--baseline-half-life``), the open regressions
 from the latest events of ``{prefix}:events``. A regression is *open* when it is
 - a ``latency_regression``, ``error_regression`` or ``scaling_regression`` not followed by
-  a ``resolved`` event for it (``detail.resolves``) at the same location, or a
-  ``new_exception`` (which nothing resolves),
-- and its window ended within the location's latest ``--open-windows`` windows (counted
-  back from the baseline's ``updated``), so that one raised at a location no longer called
-  does not stay open for ever,
+  a ``resolved`` event for it (``detail.resolves``) at the same location: every one ends
+  with one, ``detail.reason`` ``recovered`` or ``accepted`` (the new level held for
+  serve's ``--accept-windows`` and became the baseline);
+- or a ``new_exception`` (which nothing resolves) whose window ended within the location's
+  latest ``--open-windows`` windows;
+- at a location called within ``--open-windows`` windows of its service's latest, so that
+  one raised at a location no longer called does not stay open for ever;
 - among the latest ``--events`` events of the stream.
 """
 
@@ -26,6 +28,7 @@ import redis
 from processor.commands import common
 from processor.config import ConfigError
 from processor.detect.registry import REGRESSION_TYPES as REGRESSIONS
+from processor.detect.registry import RESOLVED_TYPES
 
 _FIELDS = ("service.name", "deployment.environment.name", "code.function.name", "code.file.path",
            "code.line.number", "service.version", "rate_per_s", "p50_ms", "p99_ms", "error_rate", "updated")
@@ -84,15 +87,19 @@ def read_rows(client: redis.Redis, prefix: str, services: tuple[str, ...] = (), 
     return rows
 
 
-def open_regressions(events: list[dict[str, str]], updated_ms: dict[str, int], open_windows: int) -> dict[str, int]:
-    """Open regressions per key, from events oldest first (see the module's definition).
+def open_regressions(events: list[dict[str, str]], updated_ms: dict[str, int], open_windows: int,
+                     latest_ms: dict[str, int] | None = None) -> dict[str, int]:
+    """Open regressions per key, from events oldest first (see the module's definition);
+    ``updated_ms``: the latest window end of each location shown, ``latest_ms``: that of
+    its service (its own when not given).
 
     >>> ev = [{"key": "a", "type": "latency_regression", "window.start": "0", "window.end": "10"},
     ...       {"key": "a", "type": "new_exception", "window.start": "10", "window.end": "20"},
     ...       {"key": "a", "type": "resolved", "detail": '{"resolves": "latency_regression"}'},
-    ...       {"key": "b", "type": "error_regression", "window.start": "0", "window.end": "10"}]
-    >>> open_regressions(ev, {"a": 20, "b": 1000}, open_windows=30)
-    {'a': 1}
+    ...       {"key": "b", "type": "error_regression", "window.start": "0", "window.end": "10"},
+    ...       {"key": "c", "type": "error_regression", "window.start": "0", "window.end": "10"}]
+    >>> open_regressions(ev, {"a": 20, "b": 1000, "c": 20}, open_windows=30, latest_ms={"c": 1000})
+    {'a': 1, 'b': 1}
     """
     opened: dict[tuple[str, str], dict[str, str]] = {}
     for e in events:
@@ -106,11 +113,17 @@ def open_regressions(events: list[dict[str, str]], updated_ms: dict[str, int], o
                 continue
             opened.pop((key, resolves), None)
     counts: dict[str, int] = {}
-    for (key, _), e in opened.items():
+    for (key, kind), e in opened.items():
+        updated = updated_ms.get(key)
+        if updated is None:  # a location not shown
+            continue
         end, start = int(_float(e.get("window.end"))), int(_float(e.get("window.start")))
-        window = max(end - start, 1)
-        if updated_ms.get(key, end) - end < open_windows * window:
-            counts[key] = counts.get(key, 0) + 1
+        span = open_windows * max(end - start, 1)
+        if (latest_ms or {}).get(key, updated) - updated >= span:
+            continue  # no longer called
+        if kind not in RESOLVED_TYPES and updated - end >= span:
+            continue  # a one-shot event, aged out
+        counts[key] = counts.get(key, 0) + 1
     return counts
 
 
@@ -142,8 +155,11 @@ def render(rows: list[Row], width: int, limit: int | None, header: str) -> str:
 
 def snapshot(client: redis.Redis, prefix: str, args: argparse.Namespace, width: int, height: int | None) -> str:
     rows = read_rows(client, prefix, tuple(args.service))
-    counts = open_regressions(recent_events(client, prefix, args.events),
-                              {r.key: r.updated_ms for r in rows}, args.open_windows)
+    service_ms: dict[str, int] = {}
+    for r in rows:
+        service_ms[r.service] = max(service_ms.get(r.service, 0), r.updated_ms)
+    counts = open_regressions(recent_events(client, prefix, args.events), {r.key: r.updated_ms for r in rows},
+                              args.open_windows, {r.key: service_ms[r.service] for r in rows})
     for r in rows:
         r.open = counts.get(r.key, 0)
     rows.sort(key=SORTS[args.sort])
@@ -168,7 +184,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--service", action="append", default=[], metavar="NAME",
                    help="locations of this service.name only (repeatable)")
     p.add_argument("--open-windows", type=int, default=30, metavar="N",
-                   help="a regression counts as open for this many of its location's windows at most (default 30)")
+                   help="a new_exception counts as open for this many of its location's windows, and a "
+                        "location not called for this many windows of its service has none open (default 30)")
     p.add_argument("--events", type=int, default=10_000, metavar="N",
                    help="latest events read to find open regressions (default 10000)")
     p.set_defaults(run=run)

@@ -19,6 +19,21 @@ class DormantSettings(Settings):
     alpha: float = setting(1e-6, probability, "how unlikely the silence must be at the location's usual rate")
 
 
+def _duration(seconds: float) -> str:
+    """A silence as people say it.
+
+    >>> _duration(42), _duration(600), _duration(5400), _duration(2 * 86400)
+    ('42 s', '10 min', '1.5 h', '2 days')
+    """
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.3g} h"
+    return f"{seconds / 86400:.3g} days"
+
+
 class Dormant(Detector):
     """A steadily called location fell silent.
 
@@ -115,7 +130,7 @@ class Dormant(Detector):
         version = obs.service_version if replaced else self.last_version
         return [obs.event(
             self.event_type, "info",
-            f"{obs.location.function} has not been called for {silence_s / 60:.0f} min "
+            f"{obs.location.function} has not been called for {_duration(silence_s)} "
             f"(it was called {rate:.3g}/s)" + (f"; {version[1]} replaced {self.last_version[1]}"
                                                if replaced else ""),
             {"silence_s": round(silence_s, 3), "rate_per_s": round(rate, 6),

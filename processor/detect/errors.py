@@ -235,8 +235,10 @@ class ErrorRateShift(RegressionDetector):
             return []
         if reason == ACCEPTED:
             self.errors, self.spans = o.errors, o.spans
+        now = errors / count
         share = o.errors / o.spans if o.spans else 0.0
         return self._resolved(obs, reason, f"error share of {obs.location.function} "
-                              + ("is back to its baseline" if reason != ACCEPTED else
-                                 f"stayed at {share:.2%}; accepted as the new baseline"),
-                              {"baseline_share": round(o.baseline, 6), "open_share": round(share, 6)})
+                              + (f"is back to its baseline ({now:.2%} vs {o.baseline:.2%})" if reason != ACCEPTED
+                                 else f"stayed at {share:.2%}; accepted as the new baseline"),
+                              {"baseline_share": round(o.baseline, 6), "open_share": round(share, 6),
+                               "current_share": round(now, 6)})

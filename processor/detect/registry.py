@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from processor.detect.base import Detector
+from processor.detect.base import Detector, RegressionDetector
 from processor.detect.dormant import Dormant
 from processor.detect.errors import ErrorRateShift
 from processor.detect.exceptions import NewException
@@ -34,6 +34,9 @@ DETECTORS: tuple[type[Detector], ...] = (LatencyShift, ErrorRateShift, NewExcept
 FIRST_SEEN, RESOLVED = "first_seen", "resolved"
 EVENT_TYPES: tuple[str, ...] = (FIRST_SEEN,) + tuple(d.event_type for d in DETECTORS)
 REGRESSION_TYPES: tuple[str, ...] = tuple(d.event_type for d in DETECTORS if d.regression)
+# Regressions that stay open until a resolved event ends them (recovered, or accepted as the
+# new baseline); the others (new_exception) are one-shot.
+RESOLVED_TYPES: tuple[str, ...] = tuple(d.event_type for d in DETECTORS if issubclass(d, RegressionDetector))
 DESCRIPTIONS: dict[str, str] = {
     FIRST_SEEN: "A code location was called in production for the first time.",
     **{d.event_type: d.description for d in DETECTORS},
