@@ -71,3 +71,13 @@ def test_every_make_target_the_readme_names_exists():
     named = set(re.findall(r"\bmake ([a-z][a-z-]*)", readme))
     assert {"run", "test", "tail", "top"} <= named
     assert named <= targets, named - targets
+
+
+def test_the_package_metadata_installs_without_deprecation_warnings():
+    # setuptools 77 deprecated the license table: installing printed a warning to every user
+    import tomllib
+
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert isinstance(meta["project"]["license"], str)
+    assert any(r.startswith("setuptools>=77") for r in meta["build-system"]["requires"])
+    assert not any(c.startswith("License ::") for c in meta["project"].get("classifiers", []))
