@@ -135,6 +135,14 @@ def service_at_version(fields: dict[str, str]) -> str:
     return fields.get("service.name", "") + (f"@{version}" if version else "")
 
 
+def what_happened(fields: dict[str, str]) -> str:
+    """``service@version function file:line: summary``; without a file, a summary that
+    starts with the function's name is not preceded by it again."""
+    summary, function = fields.get("summary", ""), fields.get("code.function.name", "")
+    named = not fields.get("code.file.path") and function and summary.startswith(function)
+    return f"{service_at_version(fields)} " + ("" if named else f"{where(fields)}: ") + summary
+
+
 def format_event(fields: dict[str, str], color: bool = False) -> str:
     """One line for a person: time, severity, type, service@version, function file:line,
     summary, owners.
@@ -144,13 +152,19 @@ def format_event(fields: dict[str, str], color: bool = False) -> str:
     ...               "code.function.name": "shop.cart.apply", "code.file.path": "shop/cart.py",
     ...               "code.line.number": "12", "summary": "p50 rose 2.1x", "owners": "@acme/cart"})
     '2023-11-14 22:14:20Z warning  latency_regression shop@2.0 shop.cart.apply shop/cart.py:12: p50 rose 2.1x [owners @acme/cart]'
+
+    Without a file, a summary that names the function is not preceded by it again:
+
+    >>> format_event({"window.end": "1700000060000", "severity": "info", "type": "first_seen",
+    ...               "service.name": "shop", "code.function.name": "span:GET",
+    ...               "summary": "span:GET first seen in 1.0"})[21:]
+    'info     first_seen         shop span:GET first seen in 1.0'
     """
     severity = fields.get("severity", "")
     shown = f"{severity:<8}"
     if color and severity in _COLORS:
         shown = f"{_COLORS[severity]}{shown}\x1b[0m"
-    line = (f"{event_time(fields)} {shown} {fields.get('type', ''):<18} {service_at_version(fields)} "
-            f"{where(fields)}: {fields.get('summary', '')}")
+    line = f"{event_time(fields)} {shown} {fields.get('type', ''):<18} {what_happened(fields)}"
     if fields.get("owners"):
         line += f" [owners {fields['owners']}]"
     return line

@@ -154,11 +154,11 @@ def message(fields: dict[str, str]) -> dict:
     >>> m = message({"id": "e1", "type": "dormant", "severity": "info", "service.name": "shop",
     ...              "code.function.name": "shop.f", "summary": "shop.f is no longer called"})
     >>> m["text"]
-    '[info] dormant shop shop.f: shop.f is no longer called'
+    '[info] dormant shop shop.f is no longer called'
     """
     severity, type_ = fields.get("severity", ""), fields.get("type", "")
     summary, owners = fields.get("summary", ""), fields.get("owners", "")
-    text = f"[{severity}] {type_} {common.service_at_version(fields)} {common.where(fields)}: {summary}"
+    text = f"[{severity}] {type_} {common.what_happened(fields)}"
     if owners:
         text += f" (owners {owners})"
     context = [f"*where* `{_escape(common.where(fields) or '-')}`",
