@@ -368,8 +368,10 @@ def test_report_on_what_a_real_server_learnt_from_sdk_spans(backflow, redis_serv
     lines = p.stdout.splitlines()
     at = lines.index("shop/checkout.py")
     assert lines[at + 1].split() == ["18", "shop.checkout.Checkout.apply_discount", "[prod/shop]"]
-    assert "300 calls in 6 windows, 1.1" in lines[at + 2]
-    assert lines[at + 3].strip().startswith("[info] first_seen in 1.0")
+    # the baseline mixes both versions: labelled as a blend, each version's own figures below
+    assert "300 calls, decayed, in 6 windows, blend of 1.1, 1.0)" in lines[at + 2]
+    assert lines[at + 3].split()[:2] == ["1.1:", "5/s"] and lines[at + 4].split()[0] == "1.0:"
+    assert lines[at + 5].strip().startswith("[info] first_seen in 1.0")
     assert "  span:inventory.reserve  [prod/shop]  (no code.file.path, 1 event)" in lines
     never = p.stdout[p.stdout.index("never seen in production"):]
     assert "shop.inventory.reserve" not in never  # seen through its span name

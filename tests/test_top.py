@@ -181,3 +181,24 @@ def test_figures_of_a_real_server(backflow, redis_server, redis_client):
     assert float(cells[2]) == pytest.approx(np.quantile(durations, 0.5) / 1e6, rel=0.05)
     assert cells[4] == "10.00%" and cells[5] == ""
     assert json.loads(redis_client.xrange("backflow:events")[0][1]["detail"])  # first_seen was written
+
+
+def _version(client, key, version, calls, p50, p99, first_ms, last_ms, errors=0):
+    client.hset(f"backflow:versions:{key}", json.dumps([version, ""]), json.dumps({
+        "calls": calls, "errors": errors, "windows": 10, "seconds": 600.0, "p50_ms": p50, "p99_ms": p99,
+        "first": first_ms, "last": last_ms}))
+
+
+def test_a_baseline_of_two_versions_is_labelled_and_shown_per_version(redis_server, shop, redis_client):
+    # 1.0.0 ran at 20 ms until the rollout, 2.0.0 at 60 ms since: the baseline (44 ms) is a blend
+    _version(redis_client, "cart", "1.0.0", 6000, 20.0, 50.0, UPDATED - 200 * W_MS, UPDATED - 20 * W_MS)
+    _version(redis_client, "cart", "2.0.0", 1200, 60.0, 150.0, UPDATED - 20 * W_MS, UPDATED, errors=12)
+    _version(redis_client, "search", "0.9.0", 100, 30.0, 90.0, UPDATED - 30 * 86_400_000, UPDATED - 20 * 86_400_000)
+    _, _, rows = table(redis_server.url)
+    i = next(n for n, r in enumerate(rows) if r.endswith("shop.cart.apply_discount (shop/cart.py:3)"))
+    assert rows[i].startswith("shop (2 versions)")  # not "shop@2.0.0": 44 ms is neither's
+    new, old = rows[i + 1].split(), rows[i + 2].split()
+    assert new[:6] == ["@2.0.0", "2.0", "60", "150", "1.00%", "since"]  # calls/s over its 600 s
+    assert old[:5] == ["@1.0.0", "10.0", "20", "50", "0.00%"]
+    # a version that stopped weeks ago is not part of the blend: one version, labelled as before
+    assert any(r.startswith("shop@2.0.0") and r.endswith("shop.search.search (shop/search.py:3)") for r in rows)

@@ -119,6 +119,11 @@ def event_time(fields: dict[str, str]) -> str:
         ms = int(fields.get("window.end") or 0)
     except ValueError:
         return "-"
+    return time_of(ms)
+
+
+def time_of(ms: int) -> str:
+    """Epoch milliseconds as UTC time; "-" for none."""
     return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ms / 1000)) if ms else "-"
 
 

@@ -21,7 +21,7 @@ import json
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import redis
 
@@ -29,6 +29,7 @@ from processor.commands import common
 from processor.config import ConfigError
 from processor.detect.registry import REGRESSION_TYPES as REGRESSIONS
 from processor.detect.registry import RESOLVED_TYPES
+from processor.report.store import blended, parse_version_field
 
 _FIELDS = ("service.name", "deployment.environment.name", "code.function.name", "code.file.path",
            "code.line.number", "service.version", "rate_per_s", "p50_ms", "p99_ms", "error_rate", "updated")
@@ -48,6 +49,7 @@ class Row:
     errors: float
     updated_ms: int
     open: int = 0
+    versions: list = field(default_factory=list)  # rows of the versions a blended baseline mixes
 
 
 SORTS = {
@@ -131,26 +133,55 @@ def recent_events(client: redis.Redis, prefix: str, count: int) -> list[dict[str
     return [fields for _, fields in reversed(client.xrevrange(f"{prefix}:events", count=count))]
 
 
+def _label(r: Row) -> str:
+    if r.versions:
+        return f"{r.service} ({len(r.versions)} versions)"
+    return f"{r.service}@{r.version}" if r.version else r.service
+
+
 def render(rows: list[Row], width: int, limit: int | None, header: str) -> str:
+    """The table; ``limit``: lines of rows at most (a blended location's version lines count)."""
     total = len(rows)
-    shown = rows if limit is None else rows[:max(limit, 0)]
+    lines_left = len(rows) + sum(len(r.versions) for r in rows) if limit is None else max(limit, 0)
+    flat: list[Row] = []
+    shown = 0
+    for r in rows:
+        if 1 + len(r.versions) > lines_left:
+            break
+        flat += [r, *r.versions]
+        lines_left -= 1 + len(r.versions)
+        shown += 1
     numbers = [(f"{r.calls:.1f}", f"{r.p50:.3g}", f"{r.p99:.3g}", f"{r.errors:.2%}", str(r.open or ""))
-               for r in shown]
+               for r in flat]
     head = ("CALLS/S", "P50 MS", "P99 MS", "ERRORS", "OPEN")
     num_w = [max([len(h)] + [len(n[i]) for n in numbers]) for i, h in enumerate(head)]
-    svc_w = max([len("SERVICE")] + [len(f"{r.service}@{r.version}" if r.version else r.service) for r in shown])
+    svc_w = max([len("SERVICE")] + [len(_label(r)) for r in flat])
     svc_w = min(svc_w, 24)
     rest = max(width - svc_w - sum(num_w) - 2 * (len(head) + 1), 20)
     lines = [header, "  ".join([f"{'SERVICE':<{svc_w}}"] + [f"{h:>{w}}" for h, w in zip(head, num_w)]
                                + ["FUNCTION (FILE:LINE)"])]
-    for r, n in zip(shown, numbers):
-        svc = f"{r.service}@{r.version}" if r.version else r.service
+    for r, n in zip(flat, numbers):
+        svc = _label(r)
         what = f"{r.function} ({r.where})" if r.where else r.function
         lines.append("  ".join([f"{svc[:svc_w]:<{svc_w}}"] + [f"{v:>{w}}" for v, w in zip(n, num_w)]
-                               + [what[:rest]]))
-    if len(shown) < total:
-        lines.append(f"... {total - len(shown)} more (--limit, or a taller terminal)")
+                               + [what[:rest]]).rstrip())
+    if shown < total:
+        lines.append(f"... {total - shown} more (--limit, or a taller terminal)")
     return "\n".join(lines)
+
+
+def add_versions(client: redis.Redis, prefix: str, rows: list[Row]) -> None:
+    """Give each row whose baseline blends versions a line per version (from the
+    ``{prefix}:versions:{key}`` summaries: calls/s, p50, p99 and error share over the
+    version's windows)."""
+    pipe = client.pipeline(transaction=False)
+    for r in rows:
+        pipe.hgetall(f"{prefix}:versions:{r.key}")
+    for r, fields in zip(rows, pipe.execute()):
+        records = [v for v in (parse_version_field(n, x) for n, x in fields.items()) if v]
+        r.versions = [Row(r.key, f"  @{v.version}", f"since {common.time_of(v.first_ms)}", "", "",
+                          v.rate_per_s or 0.0, v.p50_ms or 0.0, v.p99_ms or 0.0, v.error_share or 0.0,
+                          v.last_ms) for v in blended(records, r.updated_ms)]
 
 
 def snapshot(client: redis.Redis, prefix: str, args: argparse.Namespace, width: int, height: int | None) -> str:
@@ -166,6 +197,7 @@ def snapshot(client: redis.Redis, prefix: str, args: argparse.Namespace, width: 
     limit = args.limit
     if height is not None:  # header, column names and the "more" line
         limit = min(limit or height, max(height - 3, 1))
+    add_versions(client, prefix, rows if limit is None else rows[:limit])
     header = (f"backflow top  {prefix}  {len(rows)} locations, {sum(r.open for r in rows)} open regressions  "
               f"{time.strftime('%H:%M:%S')}")
     return render(rows, width, limit, header)

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from processor.report.source import SPAN_MARK, Function, SourceIndex
-from processor.report.store import BaselineRecord, EventRecord, Production, Where
+from processor.report.store import BaselineRecord, EventRecord, Production, VersionRecord, Where, blended
 
 
 @dataclass
@@ -19,6 +19,7 @@ class Finding:
     function: Function | None
     baseline: BaselineRecord | None
     events: list[EventRecord] = field(default_factory=list)
+    versions: list[VersionRecord] = field(default_factory=list)  # its version summaries
 
 
 @dataclass
@@ -42,7 +43,8 @@ def build_report(index: SourceIndex, prod: Production) -> Report:
     span_names: set[str] = set()
     for key, where in sorted(prod.locations().items(), key=lambda kv: (kv[1].service, kv[1].function)):
         path, line, fn = index.locate(where.function, where.file, where.line)
-        finding = Finding(where, path, line, fn, prod.baselines.get(key), events_by_key.get(key, []))
+        finding = Finding(where, path, line, fn, prod.baselines.get(key), events_by_key.get(key, []),
+                          prod.versions.get(key, []))
         if where.function.startswith(SPAN_MARK):
             span_names.add(where.function[len(SPAN_MARK):])
         if fn is not None:
@@ -73,11 +75,19 @@ def when(ms: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M", time.gmtime(ms / 1000)) + "Z" if ms else "-"
 
 
-def figures(b: BaselineRecord | None) -> str:
+def figures(b: BaselineRecord | None, versions: list[VersionRecord] = ()) -> list[str]:
+    """The baseline's figures, labelled with its version, or as a blend with a line per
+    version when it mixes several (the version summaries have each one's own)."""
     if b is None:
-        return "no baseline"
-    return (f"{_rate(b.rate_per_s)}  p50 {_ms(b.p50_ms)}  p99 {_ms(b.p99_ms)}  "
-            f"errors {_share(b.error_rate)}  ({int(b.count)} calls in {b.windows} windows, {b.version or '-'})")
+        return ["no baseline"]
+    mix = blended(list(versions), b.updated_ms)
+    label = "blend of " + ", ".join(v.version or "-" for v in mix) if mix else b.version or "-"
+    lines = [f"{_rate(b.rate_per_s)}  p50 {_ms(b.p50_ms)}  p99 {_ms(b.p99_ms)}  errors {_share(b.error_rate)}  "
+             f"({b.count:.0f} calls, decayed, in {b.windows} windows, {label})"]
+    for v in mix:
+        lines.append(f"  {v.version or '-'}: {_rate(v.rate_per_s)}  p50 {_ms(v.p50_ms)}  p99 {_ms(v.p99_ms)}  "
+                     f"errors {_share(v.error_share)}  ({v.calls:.0f} calls since {when(v.first_ms)})")
+    return lines
 
 
 def event_line(e: EventRecord) -> str:
@@ -96,7 +106,7 @@ def render_text(report: Report) -> str:
             name = f.function.dotted if f.function else f.where.function
             shown = name if name == f.where.function else f"{name} (as {f.where.function})"
             out.append(f"  {f.line if f.line is not None else '?':>5}  {shown}  [{identity(f.where)}]")
-            out.append(f"         {figures(f.baseline)}")
+            out += [f"         {x}" for x in figures(f.baseline, f.versions)]
             for e in f.events:
                 out.append(f"         {event_line(e)}")
         out.append("")

@@ -119,6 +119,25 @@ class Production:
         return [e for e in self.events if e.where.key == key]
 
 
+RECENT_MS = 86_400_000  # a version that ran within a day of the location's latest window
+                        # still weighs in its baseline (serve's half-life is a day by default)
+
+
+def blended(versions: list[VersionRecord], updated_ms: int, within_ms: int = RECENT_MS) -> list[VersionRecord]:
+    """The versions a location's baseline blends, newest first: those that ran within
+    ``within_ms`` of its latest window; empty when there is only one (the baseline is then
+    that version's).
+
+    >>> v = lambda name, first, last: VersionRecord(name, "", 10, 0, 1, 60, 20.0, 40.0, first, last)
+    >>> [r.version for r in blended([v("1.0", 0, 500), v("2.0", 400, 1000)], 1000)]
+    ['2.0', '1.0']
+    >>> blended([v("1.0", 0, 500), v("2.0", 400, 1000)], 1000, within_ms=100)
+    []
+    """
+    recent = [r for r in versions if r.last_ms >= updated_ms - within_ms]
+    return sorted(recent, key=lambda r: (r.last_ms, r.first_ms), reverse=True) if len(recent) > 1 else []
+
+
 def parse_version_field(name: str, value: str) -> VersionRecord | None:
     try:
         version, revision = json.loads(name)
