@@ -71,6 +71,8 @@ import traceback
 
 import numpy as np
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from benchmarks.ingest import (
     EXPORT_METHOD, SERVICES_PER_LANE, Stack, Workload, retry_delay, _revision,
@@ -403,7 +405,8 @@ def run(args, tmp: str) -> dict:
             errors: list[str] = []
             done = 0
             start_evt.set()
-            probe = redis.Redis(port=stack.redis_port, socket_timeout=1.0)
+            # (no retries: redis-py's default retries would hold a sample for seconds)
+            probe = redis.Redis(port=stack.redis_port, socket_timeout=0.5, retry=Retry(NoBackoff(), 0))
             m0 = time.monotonic()
             next_sample, next_print = m0, m0 + args.progress
             # Redis stalls (SIGSTOP for --stall-seconds), evenly spread over the run

@@ -131,6 +131,23 @@ def test_instrumented_functions_are_decorated_open_a_span_or_set_code_attributes
     assert [f.qualname for f in attrs_only.instrumented()] == ["f", "g.<locals>.h"]
 
 
+def test_naming_the_attribute_is_not_instrumenting_and_tests_are_not_listed_as_never_seen():
+    from processor.report.findings import build_report
+    from processor.report.store import Production
+
+    index = SourceIndex.from_sources({
+        "app/parse.py": "def key_of(attrs):\n    return attrs.get('code.function.name')\n"
+                        "FIELDS = ('code.function.name',)\n",
+        "app/work.py": "def run(tracer):\n    with tracer.start_span('w', attributes={'code.function.name': 'run'}):\n"
+                       "        pass\n"
+                       "def spans(s):\n    s.set_attributes({'code.function.name': 'spans'})\n",
+        "tests/test_work.py": "def test_run(tracer):\n    with tracer.start_as_current_span('t'):\n        pass\n",
+    })
+    assert [f.dotted for f in index.instrumented()] == ["app.work.run", "app.work.spans", "tests.test_work.test_run"]
+    assert [f.dotted for f in build_report(index, Production()).never_seen] == ["app.work.run", "app.work.spans"]
+    assert len(build_report(index, Production(), include_tests=True).never_seen) == 3
+
+
 # --- the report --------------------------------------------------------------------------------
 
 def _production(r):

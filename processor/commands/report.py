@@ -36,6 +36,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--since", metavar="REV", default=None,
                    help="for every Python function changed in REV..HEAD, production before and after "
                         "the version that shipped the change")
+    p.add_argument("--include-tests", action="store_true",
+                   help="list instrumented functions of test files among those never seen in production too")
     p.set_defaults(run=run)
     return p
 
@@ -97,7 +99,7 @@ def run(args, environ=None, out=None) -> int:
         client.close()
 
     index = SourceIndex.from_checkout(repo)
-    report = build_report(index, prod)
+    report = build_report(index, prod, include_tests=args.include_tests)
     text = render_text(report)
     if changes is not None:
         text += "\n" + _since_text(repo, args.since, changes, prod, index)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from processor.report.source import SPAN_MARK, Function, SourceIndex
+from processor.report.source import SPAN_MARK, Function, SourceIndex, is_test_path
 from processor.report.store import BaselineRecord, EventRecord, Production, VersionRecord, Where, blended
 
 
@@ -33,7 +33,7 @@ class Report:
         return [f for fs in self.by_file.values() for f in fs] + self.unmapped
 
 
-def build_report(index: SourceIndex, prod: Production) -> Report:
+def build_report(index: SourceIndex, prod: Production, include_tests: bool = False) -> Report:
     by_file: dict[str, list[Finding]] = {}
     unmapped: list[Finding] = []
     events_by_key: dict[str, list[EventRecord]] = {}
@@ -53,7 +53,8 @@ def build_report(index: SourceIndex, prod: Production) -> Report:
     for fs in by_file.values():
         fs.sort(key=lambda f: (f.line or 0, f.where.function, f.where.service, f.where.environment))
     never = [f for f in index.instrumented()
-             if (f.path, f.qualname) not in seen and not span_names.intersection(f.span_names)]
+             if (f.path, f.qualname) not in seen and not span_names.intersection(f.span_names)
+             and (include_tests or not is_test_path(f.path))]
     return Report(dict(sorted(by_file.items())), unmapped, never)
 
 

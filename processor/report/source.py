@@ -18,8 +18,11 @@ A function is **instrumented** when it opens a span itself: it is decorated with
 ``@<anything>.start_as_current_span(...)`` (or ``start_span``), or its own body (not a
 nested ``def``) has a ``with <anything>.start_as_current_span(...)`` /
 ``start_span(...)``, or sets the attribute ``"code.function.name"`` / ``"code.function"``
-(a string constant with that value in its own body). The span name, where it is a string
+on a span in its own body (``.set_attribute("code.function.name", ...)``, or that key in a
+dict given to ``.set_attributes`` or as a span's ``attributes``): merely naming the
+attribute (a parser, a test) is not instrumenting. The span name, where it is a string
 constant, is kept: a production location without code attributes is ``span:<name>``.
+Test files (``is_test_path``) are not listed as "never seen in production".
 
 >>> idx = SourceIndex.from_sources({"shop/checkout.py": '''
 ... class Checkout:
@@ -129,9 +132,36 @@ def _instrumentation(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> tuple[bool, 
                     found = True
                     if (name := _span_name(item.context_expr)) is not None:
                         spans.append(name)
-        elif isinstance(node, ast.Constant) and node.value in CODE_NAME_ATTRIBUTES:
+        elif isinstance(node, ast.Call) and _sets_code_attribute(node):
             found = True
     return found, tuple(dict.fromkeys(spans))
+
+
+def _sets_code_attribute(call: ast.Call) -> bool:
+    """``x.set_attribute("code.function.name", ...)``, or the key in a dict literal given
+    to ``x.set_attributes(...)`` or as ``attributes=`` of a span call."""
+    name = _call_name(call)
+    if name == "set_attribute":
+        first = call.args[0] if call.args else None
+        return isinstance(first, ast.Constant) and first.value in CODE_NAME_ATTRIBUTES
+    if name == "set_attributes" or name in SPAN_CALLS:
+        dicts = [a for a in call.args if isinstance(a, ast.Dict)]
+        dicts += [k.value for k in call.keywords if k.arg == "attributes" and isinstance(k.value, ast.Dict)]
+        return any(isinstance(k, ast.Constant) and k.value in CODE_NAME_ATTRIBUTES for d in dicts for k in d.keys)
+    return False
+
+
+def is_test_path(path: str) -> bool:
+    """A test file by the usual layouts: under ``tests/``, ``test/`` or ``testing/``, or named
+    ``test_*.py``, ``*_test.py`` or ``conftest.py``.
+
+    >>> [is_test_path(p) for p in ("tests/test_a.py", "src/a_test.py", "conftest.py", "shop/cart.py")]
+    [True, True, True, False]
+    """
+    parts = PurePosixPath(path).parts
+    name = parts[-1] if parts else ""
+    return (any(p in ("tests", "test", "testing") for p in parts[:-1]) or name.startswith("test_")
+            or name.endswith("_test.py") or name == "conftest.py")
 
 
 def functions_of(source: str, path: str) -> list[Function]:
