@@ -270,6 +270,40 @@ def test_kill_9_during_an_outage_loses_only_the_open_window_with_a_spool(tmp_pat
     assert "kept in the spool while Redis was away" in out["log"]
 
 
+def test_kill_9_while_redis_is_stalled_loses_only_the_open_window_with_a_spool(tmp_path):
+    # A stalled Redis (SIGSTOP) does not refuse writes, it leaves them unanswered: the
+    # windows closed meanwhile must reach the spool within a second, not wait in memory for
+    # the socket to time out, or kill -9 loses them.
+    srv = RedisServer(data_dir=str(tmp_path / "redis")).start()
+    common = ("--window", "1", "--allowed-lateness", "0", "--idle-timeout", "1",
+              "--spool-dir", str(tmp_path / "spool"))
+    bf = BackflowProcess(srv.url, *common).start()
+    try:
+        with Sender(bf.grpc_target, period=0.2) as sender:
+            time.sleep(3)
+            os.kill(srv.proc.pid, signal.SIGSTOP)
+            stall_from = len(sender.functions)
+            time.sleep(6)
+            bf.proc.kill()
+            bf.proc.wait()
+            sent = list(sender.functions)
+        os.kill(srv.proc.pid, signal.SIGCONT)
+        bf = BackflowProcess(srv.url, *common).start()
+        bf.wait_for(lambda: bf.metrics()["backflow_redis_pending_writes"] == 0, timeout=30, what="delivered")
+        time.sleep(1)
+        seen = _first_seen_in_stream(srv.url, "backflow")
+        ids = [f["id"] for _, f in redis.Redis.from_url(srv.url, decode_responses=True).xrange("backflow:events")]
+    finally:
+        bf.stop()
+        os.kill(srv.proc.pid, signal.SIGCONT)
+        srv.stop()
+    lost = [fn for fn in sent if fn not in seen]
+    assert len(sent) - stall_from >= 25
+    # The open window, the one closing and the last second's unanswered write: 3 s at most.
+    assert len(lost) <= 15 and set(lost) <= set(sent[-15:]), (len(sent) - stall_from, lost)
+    assert len(ids) == len(set(ids))
+
+
 def test_kill_9_during_an_outage_without_a_spool_loses_what_waited_in_memory(tmp_path):
     out = _kill_during_outage(tmp_path)
     lost = [fn for fn in out["sent"] if fn not in out["seen"]]

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from processor.events import Event
 from processor.pipeline.memtrim import release_free_memory
@@ -48,6 +50,7 @@ from processor.sinks.versions import MERGE_LUA, VersionLedger, field_name
 
 log = logging.getLogger("backflow.redis")
 
+WRITE_TIMEOUT_S = 1.0  # with a spool: a write not answered by then is spooled (see __init__)
 _TRIM_AFTER_FIELDS = 20_000  # checkpoint fields (kilobytes each) written before a malloc_trim
 
 # KEYS: the baseline hash, the key set. ARGV: the location key, the fields as a JSON array.
@@ -99,6 +102,17 @@ class RedisSink:
                  batch_size: int = 500, owners: Callable[[str], str] | None = None,
                  written_ttl: int = WRITTEN_TTL, spool: Spool | None = None):
         self.r = client
+        # With a spool, a write (or a replay of the spool) Redis has not answered within
+        # WRITE_TIMEOUT_S fails, and the batch goes to the spool (and what waits behind it): a
+        # stalled Redis must not keep closed windows in memory only, where kill -9 would lose
+        # them. Written twice is harmless: every write is idempotent. No retries in the
+        # client: _run has its own.
+        self.w = client
+        if spool is not None:
+            pool = client.connection_pool
+            self.w = redis.Redis(connection_pool=type(pool)(
+                connection_class=pool.connection_class,
+                **{**pool.connection_kwargs, "socket_timeout": WRITE_TIMEOUT_S, "retry": Retry(NoBackoff(), 0)}))
         self.owners = owners  # code.file.path -> owners (processor/owners.py), if configured
         self.spool = spool    # batches Redis could not take, on disk (processor/sinks/spool.py)
         self.prefix = prefix
@@ -377,7 +391,7 @@ class RedisSink:
         for record in self.spool.records():
             cmds = [("EVALSHA", self._sha_of[c[1]], *c[2:]) if c[0] == "SCRIPT" else tuple(c) for c in record]
             for attempt in (1, 2):
-                pipe = self.r.pipeline(transaction=False)
+                pipe = self.w.pipeline(transaction=False)
                 for c in cmds:
                     pipe.execute_command(*c)
                 replies = pipe.execute(raise_on_error=False)
@@ -404,7 +418,7 @@ class RedisSink:
         if not self._loaded:  # once, rather than a batch answered NOSCRIPT and sent again
             self._load_scripts()
         cmds, merges, events = self._commands(batch)
-        pipe = self.r.pipeline(transaction=False)
+        pipe = self.w.pipeline(transaction=False)
         pipe.hsetnx(self.instances_key, self.instance, int(time.time()))  # reply 0: see __init__
         unlink = self._unlink[:]
         if unlink:  # markers of the writes acknowledged last time (module docstring)
@@ -485,7 +499,7 @@ class RedisSink:
 
     def _load_scripts(self) -> None:
         for script in self._scripts:
-            self.r.script_load(script.script)
+            self.w.script_load(script.script)
         self._loaded = True
 
     def _fields(self, event: Event) -> dict[str, str]:
