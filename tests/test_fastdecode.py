@@ -31,7 +31,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from processor.pipeline.location import CODE_ATTRIBUTES, RESOURCE_ATTRIBUTES
+from processor.pipeline.location import CODE_ATTRIBUTES, OPERATION_ATTRIBUTES, RESOURCE_ATTRIBUTES, SPAN_ATTRIBUTES
 from processor.receiver import decode
 from processor.receiver.decode import MalformedRequest
 from tests.otlp import S, encoded, kv, mutated, request
@@ -288,6 +288,26 @@ def test_attribute_values_render_like_python(key, value):
     check_same(req.SerializeToString(), compiled_alone=True)
 
 
+# One of each family's attributes set, so that every attribute can decide a key.
+_OPERATIONS = [{"http.request.method": "GET", "http.route": "/r/{id}"}, {"http.method": "PUT", "url.template": "/t"},
+               {"http.request.method": "GET", "server.address": "api"}, {"rpc.system": "grpc", "rpc.method": "Get"},
+               {"rpc.system": "grpc", "rpc.service": "shop.Cart", "rpc.method": "Add"},
+               {"db.system.name": "pg", "db.query.summary": "SELECT orders"},
+               {"db.system": "mysql", "db.operation.name": "SELECT", "db.collection.name": "orders"},
+               {"messaging.operation.name": "send", "messaging.destination.name": "q"},
+               {"http.response.status_code": 404}, {"http.status_code": 404}, {}]
+
+
+@pytest.mark.parametrize("value", ["", "v", 0, 404, 503, True, False, 0.0, 2.5, float("nan")])
+@pytest.mark.parametrize("key", sorted(OPERATION_ATTRIBUTES))
+def test_operation_attributes_key_and_render_like_python(key, value):
+    spans = [S(T + 1 + i, function=None, error=True, attrs={**base, key: value}) for i, base in enumerate(_OPERATIONS)]
+    req = request(spans * 6)
+    for i, sp in enumerate(req.resource_spans[0].scope_spans[0].spans):
+        sp.kind = i // len(spans)  # unspecified, internal, server, client, producer, consumer
+    check_same(req.SerializeToString(), compiled_alone=True)
+
+
 @pytest.mark.parametrize("value", ["", "v", 0, 5, True, False, 0.0, 2.5, float("nan")])
 @pytest.mark.parametrize("key", sorted(RESOURCE_ATTRIBUTES - CODE_ATTRIBUTES))
 def test_resource_values_render_like_python(key, value):
@@ -316,7 +336,7 @@ def _any(kind, v=None) -> AnyValue:
 
 
 @pytest.mark.parametrize("kind", ["bytes", "array", "kvlist"])
-@pytest.mark.parametrize("key", sorted(CODE_ATTRIBUTES | {"service.name", "exception.type"}))
+@pytest.mark.parametrize("key", sorted(SPAN_ATTRIBUTES | {"service.name", "exception.type"}))
 def test_bytes_array_and_kvlist_values_are_left_to_python(key, kind):
     req = request([S(T + 1, function=None)])
     rs = req.resource_spans[0]
@@ -347,7 +367,7 @@ def test_unsupported_values_elsewhere_stay_compiled():
 # --- Hypothesis: random requests ---------------------------------------------------------
 
 READ_KEYS = sorted(RESOURCE_ATTRIBUTES)
-OTHER_KEYS = ["http.route", "thread.id", "", "code", "code.function.name ", "Code.function",
+OTHER_KEYS = ["http.target", "thread.id", "", "code", "code.function.name ", "Code.function",
               "exception.type", "service.namespace", "telemetry.sdk.name"]
 TEXT = st.text(st.characters(codec="utf-8"), max_size=8)
 SCALARS = st.one_of(
@@ -413,8 +433,8 @@ def spans(draw, values, other_values):
         sp.span_id = draw(st.binary(min_size=8, max_size=8).filter(any))
         sp.start_time_unix_nano = draw(st.integers(1, 2 ** 62 - 1))
         sp.end_time_unix_nano = draw(st.integers(sp.start_time_unix_nano, 2 ** 62 - 1))
-    code = sorted(CODE_ATTRIBUTES)
-    sp.attributes.extend(make_kv(k, v) for k, v in draw(attributes(code, values, other_values)))
+    read = sorted(SPAN_ATTRIBUTES)
+    sp.attributes.extend(make_kv(k, v) for k, v in draw(attributes(read, values, other_values)))
     sp.status.code = draw(st.sampled_from([0, 1, 2, 3, -1, 2 ** 31 - 1]))
     if draw(st.booleans()):
         sp.status.message = draw(TEXT)
@@ -887,7 +907,7 @@ def test_compiled_schema_matches_the_installed_opentelemetry_proto():
 
 
 def test_compiled_decoder_reads_the_attributes_location_names():
-    assert set(_fastdecode.CODE_ATTRIBUTES) == CODE_ATTRIBUTES
+    assert set(_fastdecode.SPAN_ATTRIBUTES) == SPAN_ATTRIBUTES
     assert set(_fastdecode.RESOURCE_ATTRIBUTES) == RESOURCE_ATTRIBUTES
 
 

@@ -4,7 +4,9 @@ New semantic-convention names come first, the older ones are the fallback, and s
 attributes win over resource attributes:
 
 - function: ``code.function.name``; else ``code.namespace`` + "." + ``code.function``;
-  else ``code.function``; else ``span:<span name>`` (the scope name is kept beside it).
+  else ``code.function``; else, for a span without code attributes (auto-instrumented), its
+  operation as the semantic conventions name it (``operation_of``); else ``span:<span name>``
+  (the scope name is kept beside it).
 - file: ``code.file.path`` else ``code.filepath``; line: ``code.line.number`` else ``code.lineno``.
 - environment: ``deployment.environment.name`` else ``deployment.environment``.
 - version: ``service.version``; revision: ``vcs.ref.head.revision``.
@@ -15,6 +17,8 @@ A location is identified by (environment, service, function); its key is a stabl
 'shop.cart.apply'
 >>> function_of({}, {}, "POST /cart")
 'span:POST /cart'
+>>> function_of({"http.request.method": "GET", "http.route": "/orders/{id}"}, {}, "GET", KIND_SERVER)
+'http.server:GET /orders/{id}'
 >>> location_key("prod", "shop", "shop.cart.apply")
 '92a2a17955fa19a3'
 """
@@ -30,10 +34,22 @@ CODE_ATTRIBUTES = frozenset({
     "code.function.name", "code.namespace", "code.function",
     "code.file.path", "code.filepath", "code.line.number", "code.lineno",
 })
+# What names the operation of a span without code attributes (operation_of), and what tells
+# a server's 4xx (not an error there, by the HTTP conventions) apart.
+OPERATION_ATTRIBUTES = frozenset({
+    "http.request.method", "http.method", "http.route", "url.template", "server.address",
+    "rpc.system", "rpc.service", "rpc.method",
+    "db.system.name", "db.system", "db.query.summary", "db.operation.name", "db.collection.name",
+    "messaging.operation.name", "messaging.destination.name",
+    "http.response.status_code", "http.status_code",
+})
+SPAN_ATTRIBUTES = CODE_ATTRIBUTES | OPERATION_ATTRIBUTES
 RESOURCE_ATTRIBUTES = frozenset({
     "service.name", "service.version", "vcs.ref.head.revision",
     "deployment.environment.name", "deployment.environment",
-}) | CODE_ATTRIBUTES
+}) | SPAN_ATTRIBUTES
+
+KIND_SERVER, KIND_CLIENT = 2, 3  # opentelemetry.proto.trace.v1.Span.SpanKind
 
 SPAN_NAME_MARK = "span:"
 UNKNOWN_SERVICE = "unknown_service"
@@ -49,8 +65,82 @@ def _function(attrs: Mapping[str, Any]) -> str:
     return str(f) if f else ""
 
 
-def function_of(span_attrs: Mapping[str, Any], resource_attrs: Mapping[str, Any], span_name: str) -> str:
-    return _function(span_attrs) or _function(resource_attrs) or SPAN_NAME_MARK + span_name
+def function_of(span_attrs: Mapping[str, Any], resource_attrs: Mapping[str, Any], span_name: str,
+                kind: int = 0) -> str:
+    return (_function(span_attrs) or _function(resource_attrs) or operation_of(span_attrs, kind)
+            or SPAN_NAME_MARK + span_name)
+
+
+def operation_of(attrs: Mapping[str, Any], kind: int) -> str:
+    """The operation of a span, by the semantic conventions, for a span without code
+    attributes; "" when none applies (the span name is used then). The first that applies:
+
+    - HTTP server: ``http.server:<method> <http.route>``;
+    - HTTP client: ``http.client:<method> <url.template, else server.address>``;
+    - RPC: ``rpc.server:`` (a server span) or ``rpc.client:``, then
+      ``<rpc.system> <rpc.service>/<rpc.method>``;
+    - database: ``db:<db.system.name> <db.query.summary, else db.operation.name db.collection.name>``;
+    - messaging: ``messaging:<messaging.operation.name> <messaging.destination.name>``.
+
+    The method is ``http.request.method``, else the older ``http.method``; the database
+    system ``db.system.name``, else the older ``db.system``.
+
+    >>> operation_of({"http.method": "GET", "server.address": "api.acme.com"}, KIND_CLIENT)
+    'http.client:GET api.acme.com'
+    >>> operation_of({"db.system.name": "postgresql", "db.operation.name": "SELECT",
+    ...               "db.collection.name": "orders"}, KIND_CLIENT)
+    'db:postgresql SELECT orders'
+    >>> operation_of({"http.request.method": "GET"}, KIND_SERVER)  # no route: the span name
+    ''
+    """
+    def get(*names: str) -> str:
+        for name in names:
+            v = attrs.get(name)
+            if v:
+                return str(v)
+        return ""
+
+    method = get("http.request.method", "http.method")
+    if method:
+        route = get("http.route")
+        if kind == KIND_SERVER and route:
+            return f"http.server:{method} {route}"
+        target = get("url.template", "server.address")
+        if kind == KIND_CLIENT and target:
+            return f"http.client:{method} {target}"
+    system, rpc_method = get("rpc.system"), get("rpc.method")
+    if system and rpc_method:
+        service = get("rpc.service")
+        side = "server" if kind == KIND_SERVER else "client"
+        return f"rpc.{side}:{system} {service + '/' if service else ''}{rpc_method}"
+    db = get("db.system.name", "db.system")
+    if db:
+        what = get("db.query.summary") or " ".join(x for x in (get("db.operation.name"),
+                                                                get("db.collection.name")) if x)
+        if what:
+            return f"db:{db} {what}"
+    operation, destination = get("messaging.operation.name"), get("messaging.destination.name")
+    if operation and destination:
+        return f"messaging:{operation} {destination}"
+    return ""
+
+
+def client_error_on_server(attrs: Mapping[str, Any], kind: int) -> bool:
+    """A server span answering 4xx: by the HTTP conventions not an error of the server
+    (its status must be left unset), so not counted as one even where an instrumentation
+    sets it.
+
+    >>> client_error_on_server({"http.response.status_code": 404}, KIND_SERVER)
+    True
+    >>> client_error_on_server({"http.response.status_code": 404}, KIND_CLIENT)
+    False
+    """
+    if kind != KIND_SERVER:
+        return False
+    v = attrs.get("http.response.status_code")
+    if v is None:
+        v = attrs.get("http.status_code")
+    return isinstance(v, int) and not isinstance(v, bool) and 400 <= v < 500
 
 
 def file_of(span_attrs: Mapping[str, Any], resource_attrs: Mapping[str, Any]) -> str:

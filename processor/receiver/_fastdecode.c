@@ -378,8 +378,14 @@ ALWAYS_INLINE int next_field(cur_t *c, fld_t *f) {
 /* Attribute values, rendered like Python's str() of protobuf's scalars                 */
 
 enum { A_FUNCTION_NAME, A_NAMESPACE, A_FUNCTION, A_FILE_PATH, A_FILEPATH, A_LINE_NUMBER,
-       A_LINENO, A_CODE_COUNT, /* the span attributes read: code.* */
-       A_SERVICE_NAME = A_CODE_COUNT, A_SERVICE_VERSION, A_REVISION, A_ENV_NAME, A_ENV,
+       A_LINENO, /* code.* */
+       /* a span's operation without code attributes (location.operation_of), and its HTTP status */
+       A_HTTP_METHOD, A_HTTP_METHOD_OLD, A_HTTP_ROUTE, A_URL_TEMPLATE, A_SERVER_ADDRESS,
+       A_RPC_SYSTEM, A_RPC_SERVICE, A_RPC_METHOD, A_DB_SYSTEM, A_DB_SYSTEM_OLD, A_DB_SUMMARY,
+       A_DB_OPERATION, A_DB_COLLECTION, A_MSG_OPERATION, A_MSG_DESTINATION, A_HTTP_STATUS,
+       A_HTTP_STATUS_OLD,
+       A_SPAN_COUNT, /* the span attributes read */
+       A_SERVICE_NAME = A_SPAN_COUNT, A_SERVICE_VERSION, A_REVISION, A_ENV_NAME, A_ENV,
        A_COUNT /* the resource attributes read */ };
 
 enum { VK_NONE = 0, VK_STR, VK_INT, VK_BOOL, VK_DOUBLE, VK_UNSUPPORTED /* bytes, array, kvlist */ };
@@ -389,7 +395,12 @@ typedef struct { int kind; const uint8_t *s; Py_ssize_t n; int64_t i; double d; 
 /* In slot order; exported, so that decode.py can compare them with processor.location's. */
 static const char *const ATTR_NAMES[A_COUNT] = {
     "code.function.name", "code.namespace", "code.function", "code.file.path", "code.filepath",
-    "code.line.number", "code.lineno", "service.name", "service.version", "vcs.ref.head.revision",
+    "code.line.number", "code.lineno",
+    "http.request.method", "http.method", "http.route", "url.template", "server.address",
+    "rpc.system", "rpc.service", "rpc.method", "db.system.name", "db.system", "db.query.summary",
+    "db.operation.name", "db.collection.name", "messaging.operation.name",
+    "messaging.destination.name", "http.response.status_code", "http.status_code",
+    "service.name", "service.version", "vcs.ref.head.revision",
     "deployment.environment.name", "deployment.environment",
 };
 
@@ -397,8 +408,21 @@ static const char *const ATTR_NAMES[A_COUNT] = {
 
 static int attr_slot(const uint8_t *k, Py_ssize_t n) {
     switch (n) {
-    case 11: if (KEYIS("code.lineno")) return A_LINENO; break;
-    case 12: if (KEYIS("service.name")) return A_SERVICE_NAME; break;
+    case 9: if (KEYIS("db.system")) return A_DB_SYSTEM_OLD; break;
+    case 10:
+        if (KEYIS("http.route")) return A_HTTP_ROUTE;
+        if (KEYIS("rpc.system")) return A_RPC_SYSTEM;
+        if (KEYIS("rpc.method")) return A_RPC_METHOD;
+        break;
+    case 11:
+        if (KEYIS("code.lineno")) return A_LINENO;
+        if (KEYIS("http.method")) return A_HTTP_METHOD_OLD;
+        if (KEYIS("rpc.service")) return A_RPC_SERVICE;
+        break;
+    case 12:
+        if (KEYIS("service.name")) return A_SERVICE_NAME;
+        if (KEYIS("url.template")) return A_URL_TEMPLATE;
+        break;
     case 13:
         if (KEYIS("code.function")) return A_FUNCTION;
         if (KEYIS("code.filepath")) return A_FILEPATH;
@@ -406,12 +430,26 @@ static int attr_slot(const uint8_t *k, Py_ssize_t n) {
     case 14:
         if (KEYIS("code.namespace")) return A_NAMESPACE;
         if (KEYIS("code.file.path")) return A_FILE_PATH;
+        if (KEYIS("server.address")) return A_SERVER_ADDRESS;
+        if (KEYIS("db.system.name")) return A_DB_SYSTEM;
         break;
     case 15: if (KEYIS("service.version")) return A_SERVICE_VERSION; break;
-    case 16: if (KEYIS("code.line.number")) return A_LINE_NUMBER; break;
-    case 18: if (KEYIS("code.function.name")) return A_FUNCTION_NAME; break;
+    case 16:
+        if (KEYIS("code.line.number")) return A_LINE_NUMBER;
+        if (KEYIS("db.query.summary")) return A_DB_SUMMARY;
+        if (KEYIS("http.status_code")) return A_HTTP_STATUS_OLD;
+        break;
+    case 17: if (KEYIS("db.operation.name")) return A_DB_OPERATION; break;
+    case 18:
+        if (KEYIS("code.function.name")) return A_FUNCTION_NAME;
+        if (KEYIS("db.collection.name")) return A_DB_COLLECTION;
+        break;
+    case 19: if (KEYIS("http.request.method")) return A_HTTP_METHOD; break;
     case 21: if (KEYIS("vcs.ref.head.revision")) return A_REVISION; break;
     case 22: if (KEYIS("deployment.environment")) return A_ENV; break;
+    case 24: if (KEYIS("messaging.operation.name")) return A_MSG_OPERATION; break;
+    case 25: if (KEYIS("http.response.status_code")) return A_HTTP_STATUS; break;
+    case 26: if (KEYIS("messaging.destination.name")) return A_MSG_DESTINATION; break;
     case 27: if (KEYIS("deployment.environment.name")) return A_ENV_NAME; break;
     }
     return -1;
@@ -620,6 +658,61 @@ static int render_or(const val_t *a, const val_t *b, const char *dflt, sbuf_t *s
     if (truthy(a)) return render(a, sb);
     if (b && truthy(b)) return render(b, sb);
     return sb_put(sb, dflt, strlen(dflt));
+}
+
+/* The first of a, b that is truthy, or NULL. */
+static const val_t *either(const val_t *a, const val_t *b) {
+    return truthy(a) ? a : (b && truthy(b)) ? b : NULL;
+}
+
+#define KIND_SERVER 2
+#define KIND_CLIENT 3
+#define PUT(lit) (sb_put(sb, lit, sizeof(lit) - 1) < 0)
+
+/* location.operation_of: the operation of a span without code attributes, by the semantic
+ * conventions. 1 when it wrote a name, 0 when none applies, -1 on error. */
+static int operation_into(const val_t *a, int32_t kind, sbuf_t *sb) {
+    const val_t *method = either(&a[A_HTTP_METHOD], &a[A_HTTP_METHOD_OLD]);
+    if (method) {
+        const val_t *route = either(&a[A_HTTP_ROUTE], NULL);
+        if (kind == KIND_SERVER && route)
+            return PUT("http.server:") || render(method, sb) < 0 || PUT(" ") || render(route, sb) < 0 ? -1 : 1;
+        const val_t *target = either(&a[A_URL_TEMPLATE], &a[A_SERVER_ADDRESS]);
+        if (kind == KIND_CLIENT && target)
+            return PUT("http.client:") || render(method, sb) < 0 || PUT(" ") || render(target, sb) < 0 ? -1 : 1;
+    }
+    const val_t *system = either(&a[A_RPC_SYSTEM], NULL), *rpc_method = either(&a[A_RPC_METHOD], NULL);
+    if (system && rpc_method) {
+        const val_t *service = either(&a[A_RPC_SERVICE], NULL);
+        if ((kind == KIND_SERVER ? PUT("rpc.server:") : PUT("rpc.client:")) || render(system, sb) < 0 || PUT(" "))
+            return -1;
+        if (service && (render(service, sb) < 0 || PUT("/"))) return -1;
+        return render(rpc_method, sb) < 0 ? -1 : 1;
+    }
+    const val_t *db = either(&a[A_DB_SYSTEM], &a[A_DB_SYSTEM_OLD]);
+    if (db) {
+        const val_t *summary = either(&a[A_DB_SUMMARY], NULL);
+        const val_t *op = either(&a[A_DB_OPERATION], NULL), *coll = either(&a[A_DB_COLLECTION], NULL);
+        if (summary || op || coll) {
+            if (PUT("db:") || render(db, sb) < 0 || PUT(" ")) return -1;
+            if (summary) return render(summary, sb) < 0 ? -1 : 1;
+            if (op && render(op, sb) < 0) return -1;
+            if (op && coll && PUT(" ")) return -1;
+            if (coll && render(coll, sb) < 0) return -1;
+            return 1;
+        }
+    }
+    const val_t *mop = either(&a[A_MSG_OPERATION], NULL), *dest = either(&a[A_MSG_DESTINATION], NULL);
+    if (mop && dest)
+        return PUT("messaging:") || render(mop, sb) < 0 || PUT(" ") || render(dest, sb) < 0 ? -1 : 1;
+    return 0;
+}
+
+/* location.client_error_on_server: a server span answering 4xx is no error of the server. */
+static int client_error_on_server(const val_t *a, int32_t kind) {
+    if (kind != KIND_SERVER) return 0;
+    const val_t *v = a[A_HTTP_STATUS].kind != VK_NONE ? &a[A_HTTP_STATUS] : &a[A_HTTP_STATUS_OLD];
+    return v->kind == VK_INT && v->i >= 400 && v->i < 500;
 }
 
 static int has_unsupported(const val_t *a, int n) {
@@ -951,10 +1044,10 @@ static int do_span(ctx_t *x, const res_t *r, scope_t *scope, const uint8_t *s, P
     const uint8_t *tid = NULL, *sid = NULL, *name = (const uint8_t *)"";
     Py_ssize_t tidn = 0, sidn = 0, namen = 0;
     uint64_t st_ns = 0, en_ns = 0;
-    int32_t status = 0;
+    int32_t status = 0, kind = 0;
     int events = 0, st;
-    val_t code[A_CODE_COUNT];
-    for (int i = 0; i < A_CODE_COUNT; i++) code[i].kind = VK_NONE;
+    val_t code[A_SPAN_COUNT];
+    for (int i = 0; i < A_SPAN_COUNT; i++) code[i].kind = VK_NONE;
     cur_t c = {s, s + n};
     fld_t f = {0};
     while (c.p < c.end) {
@@ -963,11 +1056,12 @@ static int do_span(ctx_t *x, const res_t *r, scope_t *scope, const uint8_t *s, P
         case 1: if (f.wt == 2) { tid = f.s; tidn = f.n; } break;
         case 2: if (f.wt == 2) { sid = f.s; sidn = f.n; } break;
         case 5: if (f.wt == 2) { name = f.s; namen = f.n; } break;
+        case 6: if (f.wt == 0) kind = (int32_t)(uint32_t)f.u; break;
         case 7: if (f.wt == 1) st_ns = f.u; break;
         case 8: if (f.wt == 1) en_ns = f.u; break;
         case 9:
             if (f.wt == 2) {
-                if ((st = collect_attr(f.s, f.n, code, A_CODE_COUNT, depth - 1))) return st;
+                if ((st = collect_attr(f.s, f.n, code, A_SPAN_COUNT, depth - 1))) return st;
                 continue;
             }
             break;
@@ -996,7 +1090,7 @@ static int do_span(ctx_t *x, const res_t *r, scope_t *scope, const uint8_t *s, P
     if (!st_ns || !en_ns) { reject(x, R_TIME); return ST_OK; }
     if (en_ns < st_ns) { reject(x, R_ORDER); return ST_OK; }
     if (en_ns > x->max_end) { reject(x, R_FUTURE); return ST_OK; }
-    if (has_unsupported(code, A_CODE_COUNT)) return ST_FALLBACK;
+    if (has_unsupported(code, A_SPAN_COUNT)) return ST_FALLBACK;
     if (r->too_long) { reject(x, R_TOO_LONG); return ST_OK; }
     if (x->n >= x->cap && grow_columns(x) < 0) return ST_PYTHON;
 
@@ -1013,6 +1107,7 @@ static int do_span(ctx_t *x, const res_t *r, scope_t *scope, const uint8_t *s, P
     if (sb_put(k, &r->index, sizeof r->index) < 0) return ST_PYTHON;
     int got = function_into(code, k);
     if (got == 0) got = function_into(r->a, k);
+    if (got == 0) got = operation_into(code, kind, k);
     if (got < 0) return ST_PYTHON;
     if (got == 0 && (sb_put(k, "span:", 5) < 0 || sb_put(k, name, (size_t)namen) < 0)) return ST_PYTHON;
     uint64_t h = siphash13((const uint8_t *)k->b, k->len);
@@ -1033,7 +1128,7 @@ static int do_span(ctx_t *x, const res_t *r, scope_t *scope, const uint8_t *s, P
     x->ver[i] = r->vi;
     x->start[i] = (int64_t)st_ns;
     x->end[i] = (int64_t)en_ns;
-    x->err[i] = status == STATUS_ERROR;
+    x->err[i] = status == STATUS_ERROR && !client_error_on_server(code, kind);
     memcpy(x->tid + 16 * i, tid, 16);
     return ST_OK;
 refuse:
@@ -1346,8 +1441,8 @@ PyMODINIT_FUNC PyInit__fastdecode(void) {
     PyObject *m = PyModule_Create(&module);
     if (!m) return NULL;
     /* the span attributes read, then all the resource attributes read */
-    PyObject *code = names_tuple(0, A_CODE_COUNT), *res = names_tuple(0, A_COUNT);
-    if (!code || !res || PyModule_AddObjectRef(m, "CODE_ATTRIBUTES", code) < 0 ||
+    PyObject *code = names_tuple(0, A_SPAN_COUNT), *res = names_tuple(0, A_COUNT);
+    if (!code || !res || PyModule_AddObjectRef(m, "SPAN_ATTRIBUTES", code) < 0 ||
         PyModule_AddObjectRef(m, "RESOURCE_ATTRIBUTES", res) < 0) {
         Py_XDECREF(code); Py_XDECREF(res); Py_DECREF(m);
         return NULL;

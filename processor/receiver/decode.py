@@ -35,8 +35,8 @@ from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from processor.pipeline.location import (
-    CODE_ATTRIBUTES, RESOURCE_ATTRIBUTES, SPAN_NAME_MARK, Location,
-    file_of, function_of, line_of, resource_of,
+    RESOURCE_ATTRIBUTES, SPAN_ATTRIBUTES, SPAN_NAME_MARK, Location,
+    client_error_on_server, file_of, function_of, line_of, resource_of,
 )
 
 log = logging.getLogger("backflow.decode")
@@ -308,7 +308,7 @@ def decode_message(req: ExportTraceServiceRequest, max_end_ns: int = MAX_END_NS,
                 code = None
                 for kv in span.attributes:
                     k = kv.key
-                    if k in CODE_ATTRIBUTES:
+                    if k in SPAN_ATTRIBUTES:
                         if code is None:
                             code = {}
                         code[k] = _scalar(kv.value)
@@ -326,7 +326,7 @@ def decode_message(req: ExportTraceServiceRequest, max_end_ns: int = MAX_END_NS,
                 if too_long(*span_exceptions):
                     reasons[REASONS[_TOO_LONG]] += 1
                     continue
-                fn = function_of(code, res.attrs, span.name)
+                fn = function_of(code, res.attrs, span.name, span.kind)
                 lkey = (res_i, fn)
                 li = loc_index.get(lkey)
                 if li is None:
@@ -348,7 +348,7 @@ def decode_message(req: ExportTraceServiceRequest, max_end_ns: int = MAX_END_NS,
                 ver_col.append(vi)
                 starts.append(st)
                 ends.append(en)
-                errors.append(span.status.code == STATUS_ERROR)
+                errors.append(span.status.code == STATUS_ERROR and not client_error_on_server(code, span.kind))
                 trace_ids.append(tid)
 
     n = len(ends)
@@ -397,7 +397,7 @@ def _load_compiled():
         log.warning("processor.receiver._fastdecode was built for another OTLP schema than the "
                     "installed opentelemetry-proto; decoding in Python")
         return None
-    if (set(mod.CODE_ATTRIBUTES) != CODE_ATTRIBUTES
+    if (set(mod.SPAN_ATTRIBUTES) != SPAN_ATTRIBUTES
             or set(mod.RESOURCE_ATTRIBUTES) != RESOURCE_ATTRIBUTES):
         log.warning("processor.receiver._fastdecode reads other attributes than processor.pipeline.location "
                     "names; decoding in Python")
