@@ -290,7 +290,8 @@ def test_attribute_values_render_like_python(key, value):
 
 # One of each family's attributes set, so that every attribute can decide a key.
 _OPERATIONS = [{"http.request.method": "GET", "http.route": "/r/{id}"}, {"http.method": "PUT", "url.template": "/t"},
-               {"http.request.method": "GET", "server.address": "api"}, {"rpc.system": "grpc", "rpc.method": "Get"},
+               {"http.request.method": "GET", "server.address": "api"}, {"http.method": "GET", "net.peer.name": "h"},
+               {"rpc.system": "grpc", "rpc.method": "Get"}, {"db.system": "redis", "db.operation": "GET"},
                {"rpc.system": "grpc", "rpc.service": "shop.Cart", "rpc.method": "Add"},
                {"db.system.name": "pg", "db.query.summary": "SELECT orders"},
                {"db.system": "mysql", "db.operation.name": "SELECT", "db.collection.name": "orders"},

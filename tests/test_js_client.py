@@ -7,6 +7,7 @@ tests/js/node_modules comes from `make node-deps` (part of `make test`)."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -99,3 +100,21 @@ def test_the_node_consumer_refuses_an_entry_that_does_not_conform_naming_the_fie
     p = subprocess.run([node(), "consume.js", "--redis-url", redis_server.url, "--prefix", "unknown",
                         "--count", "1", "--timeout-ms", "5000"], cwd=JS, capture_output=True, text=True, timeout=60, check=False)
     assert p.returncode == 1 and "Event field 'colour': is not in the schema" in p.stderr
+
+
+@pytest.mark.e2e
+def test_auto_instrumented_http_spans_are_keyed_by_their_operation(backflow, redis_server, redis_client):
+    """The JS HTTP instrumentation's spans carry no code attributes and are all named GET or
+    POST: keyed by kind and method (and the peer, for a client), not by the span name."""
+    redis_client.flushall()
+    bf = backflow("--window", "1", "--allowed-lateness", "0")
+    env = {"PATH": os.environ["PATH"], "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{bf.grpc_target}",
+           "OTEL_SERVICE_NAME": "shop-node", "OTEL_RESOURCE_ATTRIBUTES": "service.version=3.1.0"}
+    sent = subprocess.run([node(), "http-spans.js"], cwd=JS, env=env, capture_output=True, text=True, timeout=60)
+    assert sent.returncode == 0, sent.stderr
+    bf.wait_for(lambda: bf.metrics().get("backflow_processed_spans_total") == 20, what="20 spans processed")
+    assert bf.stop() == 0
+    first_seen = sorted(f["code.function.name"] for _, f in redis_client.xrange("backflow:events")
+                        if f["type"] == "first_seen" and f["service.name"] == "shop-node")
+    assert first_seen == ["http.client:GET localhost", "http.client:POST localhost", "http.server:GET",
+                          "http.server:POST"]

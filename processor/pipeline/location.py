@@ -37,9 +37,10 @@ CODE_ATTRIBUTES = frozenset({
 # What names the operation of a span without code attributes (operation_of), and what tells
 # a server's 4xx (not an error there, by the HTTP conventions) apart.
 OPERATION_ATTRIBUTES = frozenset({
-    "http.request.method", "http.method", "http.route", "url.template", "server.address",
+    "http.request.method", "http.method", "http.route", "url.template", "server.address", "net.peer.name",
     "rpc.system", "rpc.service", "rpc.method",
-    "db.system.name", "db.system", "db.query.summary", "db.operation.name", "db.collection.name",
+    "db.system.name", "db.system", "db.query.summary", "db.operation.name", "db.operation",
+    "db.collection.name",
     "messaging.operation.name", "messaging.destination.name",
     "http.response.status_code", "http.status_code",
 })
@@ -75,22 +76,27 @@ def operation_of(attrs: Mapping[str, Any], kind: int) -> str:
     """The operation of a span, by the semantic conventions, for a span without code
     attributes; "" when none applies (the span name is used then). The first that applies:
 
-    - HTTP server: ``http.server:<method> <http.route>``;
-    - HTTP client: ``http.client:<method> <url.template, else server.address>``;
+    - HTTP server: ``http.server:<method> <http.route>`` (``http.server:<method>`` without a
+      route);
+    - HTTP client: ``http.client:<method> <url.template, else server.address>``
+      (``http.client:<method>`` without either);
     - RPC: ``rpc.server:`` (a server span) or ``rpc.client:``, then
       ``<rpc.system> <rpc.service>/<rpc.method>``;
     - database: ``db:<db.system.name> <db.query.summary, else db.operation.name db.collection.name>``;
     - messaging: ``messaging:<messaging.operation.name> <messaging.destination.name>``.
 
-    The method is ``http.request.method``, else the older ``http.method``; the database
-    system ``db.system.name``, else the older ``db.system``.
+    The older names are the fallback: ``http.method`` for ``http.request.method``,
+    ``net.peer.name`` for ``server.address``, ``db.system`` for ``db.system.name`` and
+    ``db.operation`` for ``db.operation.name``.
 
     >>> operation_of({"http.method": "GET", "server.address": "api.acme.com"}, KIND_CLIENT)
     'http.client:GET api.acme.com'
     >>> operation_of({"db.system.name": "postgresql", "db.operation.name": "SELECT",
     ...               "db.collection.name": "orders"}, KIND_CLIENT)
     'db:postgresql SELECT orders'
-    >>> operation_of({"http.request.method": "GET"}, KIND_SERVER)  # no route: the span name
+    >>> operation_of({"http.request.method": "GET"}, KIND_SERVER)  # no route
+    'http.server:GET'
+    >>> operation_of({"http.request.method": "GET"}, 1)  # an internal span: its name
     ''
     """
     def get(*names: str) -> str:
@@ -101,13 +107,10 @@ def operation_of(attrs: Mapping[str, Any], kind: int) -> str:
         return ""
 
     method = get("http.request.method", "http.method")
-    if method:
-        route = get("http.route")
-        if kind == KIND_SERVER and route:
-            return f"http.server:{method} {route}"
-        target = get("url.template", "server.address")
-        if kind == KIND_CLIENT and target:
-            return f"http.client:{method} {target}"
+    if method and kind in (KIND_SERVER, KIND_CLIENT):
+        side, target = (("server", get("http.route")) if kind == KIND_SERVER
+                        else ("client", get("url.template", "server.address", "net.peer.name")))
+        return f"http.{side}:{method} {target}" if target else f"http.{side}:{method}"
     system, rpc_method = get("rpc.system"), get("rpc.method")
     if system and rpc_method:
         service = get("rpc.service")
@@ -115,7 +118,7 @@ def operation_of(attrs: Mapping[str, Any], kind: int) -> str:
         return f"rpc.{side}:{system} {service + '/' if service else ''}{rpc_method}"
     db = get("db.system.name", "db.system")
     if db:
-        what = get("db.query.summary") or " ".join(x for x in (get("db.operation.name"),
+        what = get("db.query.summary") or " ".join(x for x in (get("db.operation.name", "db.operation"),
                                                                 get("db.collection.name")) if x)
         if what:
             return f"db:{db} {what}"

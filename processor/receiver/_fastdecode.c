@@ -381,9 +381,9 @@ enum { A_FUNCTION_NAME, A_NAMESPACE, A_FUNCTION, A_FILE_PATH, A_FILEPATH, A_LINE
        A_LINENO, /* code.* */
        /* a span's operation without code attributes (location.operation_of), and its HTTP status */
        A_HTTP_METHOD, A_HTTP_METHOD_OLD, A_HTTP_ROUTE, A_URL_TEMPLATE, A_SERVER_ADDRESS,
-       A_RPC_SYSTEM, A_RPC_SERVICE, A_RPC_METHOD, A_DB_SYSTEM, A_DB_SYSTEM_OLD, A_DB_SUMMARY,
-       A_DB_OPERATION, A_DB_COLLECTION, A_MSG_OPERATION, A_MSG_DESTINATION, A_HTTP_STATUS,
-       A_HTTP_STATUS_OLD,
+       A_NET_PEER_NAME, A_RPC_SYSTEM, A_RPC_SERVICE, A_RPC_METHOD, A_DB_SYSTEM, A_DB_SYSTEM_OLD,
+       A_DB_SUMMARY, A_DB_OPERATION, A_DB_OPERATION_OLD, A_DB_COLLECTION, A_MSG_OPERATION,
+       A_MSG_DESTINATION, A_HTTP_STATUS, A_HTTP_STATUS_OLD,
        A_SPAN_COUNT, /* the span attributes read */
        A_SERVICE_NAME = A_SPAN_COUNT, A_SERVICE_VERSION, A_REVISION, A_ENV_NAME, A_ENV,
        A_COUNT /* the resource attributes read */ };
@@ -397,8 +397,8 @@ static const char *const ATTR_NAMES[A_COUNT] = {
     "code.function.name", "code.namespace", "code.function", "code.file.path", "code.filepath",
     "code.line.number", "code.lineno",
     "http.request.method", "http.method", "http.route", "url.template", "server.address",
-    "rpc.system", "rpc.service", "rpc.method", "db.system.name", "db.system", "db.query.summary",
-    "db.operation.name", "db.collection.name", "messaging.operation.name",
+    "net.peer.name", "rpc.system", "rpc.service", "rpc.method", "db.system.name", "db.system",
+    "db.query.summary", "db.operation.name", "db.operation", "db.collection.name", "messaging.operation.name",
     "messaging.destination.name", "http.response.status_code", "http.status_code",
     "service.name", "service.version", "vcs.ref.head.revision",
     "deployment.environment.name", "deployment.environment",
@@ -422,10 +422,12 @@ static int attr_slot(const uint8_t *k, Py_ssize_t n) {
     case 12:
         if (KEYIS("service.name")) return A_SERVICE_NAME;
         if (KEYIS("url.template")) return A_URL_TEMPLATE;
+        if (KEYIS("db.operation")) return A_DB_OPERATION_OLD;
         break;
     case 13:
         if (KEYIS("code.function")) return A_FUNCTION;
         if (KEYIS("code.filepath")) return A_FILEPATH;
+        if (KEYIS("net.peer.name")) return A_NET_PEER_NAME;
         break;
     case 14:
         if (KEYIS("code.namespace")) return A_NAMESPACE;
@@ -673,13 +675,12 @@ static const val_t *either(const val_t *a, const val_t *b) {
  * conventions. 1 when it wrote a name, 0 when none applies, -1 on error. */
 static int operation_into(const val_t *a, int32_t kind, sbuf_t *sb) {
     const val_t *method = either(&a[A_HTTP_METHOD], &a[A_HTTP_METHOD_OLD]);
-    if (method) {
-        const val_t *route = either(&a[A_HTTP_ROUTE], NULL);
-        if (kind == KIND_SERVER && route)
-            return PUT("http.server:") || render(method, sb) < 0 || PUT(" ") || render(route, sb) < 0 ? -1 : 1;
-        const val_t *target = either(&a[A_URL_TEMPLATE], &a[A_SERVER_ADDRESS]);
-        if (kind == KIND_CLIENT && target)
-            return PUT("http.client:") || render(method, sb) < 0 || PUT(" ") || render(target, sb) < 0 ? -1 : 1;
+    if (method && (kind == KIND_SERVER || kind == KIND_CLIENT)) {
+        const val_t *target = kind == KIND_SERVER ? either(&a[A_HTTP_ROUTE], NULL)
+                              : either(&a[A_URL_TEMPLATE], either(&a[A_SERVER_ADDRESS], &a[A_NET_PEER_NAME]));
+        if ((kind == KIND_SERVER ? PUT("http.server:") : PUT("http.client:")) || render(method, sb) < 0)
+            return -1;
+        return target && (PUT(" ") || render(target, sb) < 0) ? -1 : 1;
     }
     const val_t *system = either(&a[A_RPC_SYSTEM], NULL), *rpc_method = either(&a[A_RPC_METHOD], NULL);
     if (system && rpc_method) {
@@ -692,7 +693,8 @@ static int operation_into(const val_t *a, int32_t kind, sbuf_t *sb) {
     const val_t *db = either(&a[A_DB_SYSTEM], &a[A_DB_SYSTEM_OLD]);
     if (db) {
         const val_t *summary = either(&a[A_DB_SUMMARY], NULL);
-        const val_t *op = either(&a[A_DB_OPERATION], NULL), *coll = either(&a[A_DB_COLLECTION], NULL);
+        const val_t *op = either(&a[A_DB_OPERATION], &a[A_DB_OPERATION_OLD]);
+        const val_t *coll = either(&a[A_DB_COLLECTION], NULL);
         if (summary || op || coll) {
             if (PUT("db:") || render(db, sb) < 0 || PUT(" ")) return -1;
             if (summary) return render(summary, sb) < 0 ? -1 : 1;
