@@ -614,7 +614,13 @@ def report(args, r: dict, t_start: float, load0: tuple, command: str) -> int:
     print(f"total time {time.monotonic() - t_start:.0f} s; {os.cpu_count()} CPUs; load average "
           f"{load0[0]:.2f} at start, {os.getloadavg()[0]:.2f} at end; python {sys.version.split()[0]}")
     print(f"command: {command}   (in {os.getcwd()}, backflow at {_revision()})")
-    if verdict.growing or fds_grow:
+    if r["kill"] and verdict.growing:
+        # (a few minutes of a process restarted from its checkpoint: its heap still settles)
+        print("note: with --kill9 the memory verdict covers only the restarted process's first "
+              "minutes and is not held against the run; run without --kill9 for it")
+    elif verdict.growing or fds_grow:
+        status = 1
+    if fds_grow:
         status = 1
     acc = r["accounting"]
     acked = tot["spans"] - tot["rejected"]
