@@ -195,3 +195,15 @@ def test_serve_forgets_an_idle_version_and_takes_the_next_deploy_as_itself(redis
     assert m.get('backflow_overflow_names_total{kind="version"}', 0) == 0  # 2.0 took 1.0's freed slot
     fields = client.hkeys(f"backflow:versions:{key}")
     assert not any("__overflow__" in f for f in fields), fields
+
+
+def test_a_forgotten_version_frees_its_place_under_the_total_cap_too():
+    from processor.pipeline.window import Tables
+
+    t = Tables(max_versions=2)
+    t.service_id(("prod", "shop"))
+    a, b = t.version_id(("shop", "1", "")), t.version_id(("shop", "2", ""))
+    assert t.versions[t.version_id(("shop", "3", ""))][1] == OVERFLOW_FUNCTION  # at the cap
+    t.ver_seen.view[[a, b]] = 0.0
+    assert sorted(v[1] for v in t.forget_versions(idle_before=1.0, busy=set())) == ["1", "2"]
+    assert t.versions[t.version_id(("shop", "4", ""))] == ("shop", "4", "")

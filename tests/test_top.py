@@ -202,3 +202,23 @@ def test_a_baseline_of_two_versions_is_labelled_and_shown_per_version(redis_serv
     assert old[:5] == ["@1.0.0", "10.0", "20", "50", "0.00%"]
     # a version that stopped weeks ago is not part of the blend: one version, labelled as before
     assert any(r.startswith("shop@2.0.0") and r.endswith("shop.search.search (shop/search.py:3)") for r in rows)
+
+
+def test_a_first_row_taller_than_the_terminal_is_cut_not_hidden():
+    from processor.commands.top import Row, render
+
+    versions = [Row("k", f"  @{v}", "since -", "", "", 1.0, 2.0, 3.0, 0.0, 0) for v in "abcd"]
+    top = Row("k", "shop", "shop.f", "shop/f.py:1", "", 5.0, 2.0, 3.0, 0.0, 0, versions=versions)
+    lines = render([top, Row("j", "shop", "shop.g", "", "1", 1.0, 1.0, 1.0, 0.0, 0)], 120, 3, "header").splitlines()
+    assert lines[2].startswith("shop (4 versions)") and lines[3].split()[0] == "@a" and lines[4].split()[0] == "@b"
+    assert lines[5] == "... 1 more (--limit, or a taller terminal)"
+
+
+def test_a_staging_location_is_judged_against_staging_not_prod(redis_server, redis_client):
+    ev = lambda type_, key, end, **kw: event_fields(type_, key, key=key, window_end_ms=end, window_ms=W_MS, **kw)  # noqa: E731
+    baseline(redis_client, "p", "shop.f", "shop/f.py", 5.0, 10.0, 20.0, 0.0)
+    baseline(redis_client, "s", "shop.g", "shop/g.py", 5.0, 10.0, 20.0, 0.0, updated=UPDATED - 40 * W_MS)
+    redis_client.hset("backflow:baseline:s", "deployment.environment.name", "staging")
+    add_events(redis_client, [ev("latency_regression", "s", UPDATED - 41 * W_MS)])
+    header, _, rows = table(redis_server.url)
+    assert parse(rows)["shop.g"][5] == "1"  # staging's latest window is its own: still called there

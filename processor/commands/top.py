@@ -50,6 +50,7 @@ class Row:
     updated_ms: int
     open: int = 0
     versions: list = field(default_factory=list)  # rows of the versions a blended baseline mixes
+    environment: str = ""
 
 
 SORTS = {
@@ -85,7 +86,8 @@ def read_rows(client: redis.Redis, prefix: str, services: tuple[str, ...] = (), 
             place = h["code.file.path"] + (f":{h['code.line.number']}" if h["code.line.number"] else "")
             rows.append(Row(key, h["service.name"], h["code.function.name"], place, h["service.version"],
                             _float(h["rate_per_s"]), _float(h["p50_ms"]), _float(h["p99_ms"]),
-                            _float(h["error_rate"]), int(_float(h["updated"]))))
+                            _float(h["error_rate"]), int(_float(h["updated"])),
+                            environment=h["deployment.environment.name"]))
     return rows
 
 
@@ -146,10 +148,11 @@ def render(rows: list[Row], width: int, limit: int | None, header: str) -> str:
     flat: list[Row] = []
     shown = 0
     for r in rows:
-        if 1 + len(r.versions) > lines_left:
+        if lines_left < 1 or (shown and 1 + len(r.versions) > lines_left):
             break
-        flat += [r, *r.versions]
-        lines_left -= 1 + len(r.versions)
+        versions = r.versions[:lines_left - 1]  # (a first row taller than the limit is cut)
+        flat += [r, *versions]
+        lines_left -= 1 + len(versions)
         shown += 1
     numbers = [(f"{r.calls:.1f}", f"{r.p50:.3g}", f"{r.p99:.3g}", f"{r.errors:.2%}", str(r.open or ""))
                for r in flat]
@@ -186,11 +189,11 @@ def add_versions(client: redis.Redis, prefix: str, rows: list[Row]) -> None:
 
 def snapshot(client: redis.Redis, prefix: str, args: argparse.Namespace, width: int, height: int | None) -> str:
     rows = read_rows(client, prefix, tuple(args.service))
-    service_ms: dict[str, int] = {}
+    service_ms: dict[tuple[str, str], int] = {}
     for r in rows:
-        service_ms[r.service] = max(service_ms.get(r.service, 0), r.updated_ms)
+        service_ms[r.environment, r.service] = max(service_ms.get((r.environment, r.service), 0), r.updated_ms)
     counts = open_regressions(recent_events(client, prefix, args.events), {r.key: r.updated_ms for r in rows},
-                              args.open_windows, {r.key: service_ms[r.service] for r in rows})
+                              args.open_windows, {r.key: service_ms[r.environment, r.service] for r in rows})
     for r in rows:
         r.open = counts.get(r.key, 0)
     rows.sort(key=SORTS[args.sort])

@@ -166,10 +166,11 @@ class Tables:
                 if v[0] not in self._svc_names:  # a service beyond max_services: counted there
                     return self.version_id(("", OVERFLOW_FUNCTION, ""))
                 n = self._svc_versions.get(v[0], 0)
-                if n >= self.max_versions_per_service or len(self.versions) >= self.max_versions:
+                held = len(self.versions) - len(self._free_versions)  # (forgotten ones free their place)
+                if n >= self.max_versions_per_service or held >= self.max_versions:
                     self.refused_versions += _first_time(self._refused_ver, v)
                     own = (v[0], OVERFLOW_FUNCTION, "")
-                    shared = len(self.versions) >= self.max_versions and own not in self._ver_ids
+                    shared = held >= self.max_versions and own not in self._ver_ids
                     return self.version_id(("", OVERFLOW_FUNCTION, "") if shared else own)
                 self._svc_versions[v[0]] = n + 1
             if self._free_versions:

@@ -24,9 +24,8 @@ pipeline full, or the server is stopping    503 with ``Retry-After`` (seconds) a
 Bodies of answers are encoded as the request was (``application/x-protobuf`` or
 ``application/json``); requests of another content type get JSON. The server is Hypercorn
 (asyncio; HTTP/1.1 with keep-alive, and HTTP/2: over TLS by ALPN, in cleartext by prior
-knowledge or ``Upgrade: h2c``) on one event-loop thread. Protobuf bodies up to
-``INLINE_BYTES`` are decoded on the loop itself (a hop to a thread costs more); JSON and
-larger bodies on a small thread pool, so that the loop keeps answering meanwhile. A silent or slow client costs a socket, not a thread: a connection is closed after
+knowledge or ``Upgrade: h2c``) on one event-loop thread, with decoding on a small thread
+pool, so that the loop keeps answering meanwhile. A silent or slow client costs a socket, not a thread: a connection is closed after
 ``IDLE_TIMEOUT_S`` without a request or its headers (or its TLS handshake), a body not
 received within ``REQUEST_TIMEOUT_S`` gets 408, and connections beyond ``MAX_CONNECTIONS``
 are closed at once and counted. TLS uses the same files as the gRPC port.
@@ -72,7 +71,7 @@ REQUEST_TIMEOUT_S = 30.0  # a request whose body has not arrived this long after
 MAX_CONNECTIONS = 512  # connections open at once; further ones are closed at once, counted
 BACKLOG = 128
 DECODE_THREADS = 4  # requests decoded at once, off the event loop
-INLINE_BYTES = 1 << 20  # protobuf bodies up to this size are decoded on the event loop itself
+MAX_DRAIN_BYTES = 64 << 20  # most of a refused HTTP/2 body read (and dropped) before answering
 
 
 class _Refusal(Exception):
@@ -189,6 +188,7 @@ class _Request:
         self.headers = _Headers(scope["headers"])
         self.http1 = scope["http_version"] in ("1.0", "1.1")
         self.body_read = False
+        self.body_done = False  # the last of the body (or the sender's leaving) was received
 
     async def handle(self) -> None:
         receiver = self.receiver
@@ -214,11 +214,10 @@ class _Request:
                     if r.status == 413:
                         receiver.intake.refuse_request("too_large")
                     raise
-                if as_json or len(body) > INLINE_BYTES:
-                    response = await asyncio.get_running_loop().run_in_executor(
-                        receiver.executor, receiver.export, body, encoding, as_json)
-                else:  # a hop to the pool costs more than decoding a usual request
-                    response = receiver.export(body, encoding, as_json)
+                # On the pool, never on the loop: handing a batch over may block (a full pipe
+                # to the main process with --workers), and the loop must keep answering.
+                response = await asyncio.get_running_loop().run_in_executor(
+                    receiver.executor, receiver.export, body, encoding, as_json)
             await self._answer(200, response, as_json)
         except _Refusal as r:
             await self._refuse(r, as_json)
@@ -246,7 +245,8 @@ class _Request:
             raise _too_large(limit)
         return await self._receive_body(limit)
 
-    async def _receive_body(self, limit: int) -> bytes:
+    async def _receive_body(self, limit: int, keep: bool = True) -> bytes:
+        """The body's bytes (dropped as they come unless ``keep``), at most ``limit``."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.receiver.request_timeout
         parts, size = [], 0
@@ -254,28 +254,41 @@ class _Request:
             try:
                 message = await asyncio.wait_for(self.receive(), max(0.0, deadline - loop.time()))
             except TimeoutError:
-                self.receiver.intake.refuse_request("timeout")
+                if keep:  # (a body skipped after a refusal was counted by that refusal)
+                    self.receiver.intake.refuse_request("timeout")
                 raise _Refusal(408, f"request body not received within {self.receiver.request_timeout:g} s",
                                close=True) from None
             if message["type"] == "http.disconnect":
+                self.body_done = True
                 raise ConnectionError("the sender left mid-body")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
                 raise _too_large(limit)
-            parts.append(chunk)
+            if keep:
+                parts.append(chunk)
             if not message.get("more_body"):
+                self.body_done = True
                 return b"".join(parts)
 
     async def _refuse(self, r: _Refusal, as_json: bool) -> None:
         close = r.close
-        if not close and not self.body_read:
+        if self.http1 and not close and not self.body_read:
             # Read and drop the body of a request refused before it was read, so that the
             # connection can carry the next one (the sender's pool keeps it).
             try:
-                await self._receive_body(self.receiver.max_request_bytes)
+                await self._receive_body(self.receiver.max_request_bytes, keep=False)
             except (_Refusal, ConnectionError):
                 close = True
+        elif not self.http1 and not self.body_done and r.status != 408:
+            # HTTP/2: the rest of the body first (dropped). Data arriving for a stream already
+            # answered breaks Hypercorn's connection, every other stream on it with it
+            # (pgjones/hypercorn#329); a sender streams its body without waiting for the answer.
+            declared = self.headers.get("content-length") or ""
+            cap = min(max(4 * self.receiver.max_request_bytes, int(declared) if declared.isdigit() else 0),
+                      MAX_DRAIN_BYTES)
+            with contextlib.suppress(_Refusal, ConnectionError):
+                await self._receive_body(cap, keep=False)
         await self._answer(r.status, _status_body(_GRPC_CODE.get(r.status, code_pb2.UNKNOWN), r.message, r.details),
                            as_json, r.headers, close)
 
@@ -319,13 +332,31 @@ class _Listener(socket.socket):
 
 
 class _Connection(socket.socket):
+    """A connection, counted until the peer closed it or it was closed here (Hypercorn keeps
+    a connection's task until its keep-alive timeout even when the peer left)."""
+
     receiver: HttpReceiver | None = None
 
+    def recv(self, *args):
+        data = super().recv(*args)
+        if not data:
+            self._release()
+        return data
+
+    def recv_into(self, *args):
+        n = super().recv_into(*args)
+        if n == 0:
+            self._release()
+        return n
+
     def close(self):
+        self._release()
+        super().close()
+
+    def _release(self) -> None:
         receiver, self.receiver = self.receiver, None
         if receiver is not None:
             receiver.connections -= 1
-        super().close()
 
 
 class _Config(Config):
@@ -442,7 +473,7 @@ class HttpReceiver:
         arriving meanwhile on open connections get 503 with Retry-After."""
         with self._lock:
             self._stopping = True
-        if self._thread is not None:
+        if self._thread is not None and self._thread.is_alive():
             self._config.graceful_timeout = grace
             self._loop.call_soon_threadsafe(self._shutdown.set)
             self._thread.join(grace + 1.0)

@@ -112,7 +112,8 @@ class RedisSink:
             pool = client.connection_pool
             self.w = redis.Redis(connection_pool=type(pool)(
                 connection_class=pool.connection_class,
-                **{**pool.connection_kwargs, "socket_timeout": WRITE_TIMEOUT_S, "retry": Retry(NoBackoff(), 0)}))
+                **{**pool.connection_kwargs, "socket_timeout": WRITE_TIMEOUT_S,
+                   "socket_connect_timeout": WRITE_TIMEOUT_S, "retry": Retry(NoBackoff(), 0)}))
         self.owners = owners  # code.file.path -> owners (processor/owners.py), if configured
         self.spool = spool    # batches Redis could not take, on disk (processor/sinks/spool.py)
         self.prefix = prefix
