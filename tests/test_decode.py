@@ -37,6 +37,15 @@ def test_span_name_fallback_keeps_scope_name():
     assert b.locations[0].scope == "tests"
 
 
+def test_code_locations_keep_their_scope_name_too_unless_too_long():
+    b = decode_request(encoded([S(T + 1, function="shop.cart.add")]))
+    assert (b.locations[0].function, b.locations[0].scope) == ("shop.cart.add", "tests")
+    req = request([S(T + 1, function="shop.cart.add")])
+    req.resource_spans[0].scope_spans[0].scope.name = "s" * 50
+    b = decode_request(req.SerializeToString(), max_attribute_length=20)
+    assert (len(b), b.locations[0].scope) == (1, "")  # the span is kept, the scope name not
+
+
 def test_exception_events_are_collected_per_row():
     b = decode_request(encoded([S(T + 1), S(T + 2, exceptions=("ValueError", "KeyError"))]))
     assert b.exceptions == [(1, "ValueError"), (1, "KeyError")]

@@ -195,7 +195,7 @@ class Location:
     function: str
     file: str = ""
     line: str = ""
-    scope: str = ""  # instrumentation scope, kept for span-name locations
+    scope: str = ""  # instrumentation scope name, shown on events (otel.scope.name)
     key: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):

@@ -928,14 +928,17 @@ static int new_location(ctx_t *x, const res_t *r, const val_t *code, const char 
     const val_t *file = NULL, *line = NULL;
     PyObject *fo = NULL, *lo = NULL, *so = NULL, *fno = NULL, *t = NULL;
     int by_name = fnlen >= 5 && memcmp(fn, "span:", 5) == 0, rc = ST_PYTHON;
-    if (by_name && !scope->known && (rc = scope_name(scope))) return rc;
+    if (!scope->known && (rc = scope_name(scope))) return rc;
     rc = ST_PYTHON;
     for (int i = 0; i < 4 && !file; i++)
         if (truthy(files[i])) file = files[i];
     for (int i = 0; i < 4 && !line; i++) /* v not in (None, "") */
         if (lines[i]->kind != VK_NONE && !(lines[i]->kind == VK_STR && lines[i]->n == 0)) line = lines[i];
-    const char *scb = by_name ? (const char *)scope->name : "";
-    size_t sclen = by_name ? (size_t)scope->namelen : 0;
+    /* The scope name: part of a span-name location's identity; beside a code location only
+     * shown, so dropped there rather than refusing the location when too long. */
+    const char *scb = (const char *)scope->name;
+    size_t sclen = (size_t)scope->namelen;
+    if (!by_name && too_long(x, scb, sclen)) sclen = 0;
     /* The identity key: five lengths, then env, service, function, file, line and scope. */
     sbuf_t *id = &x->tmp;
     size_t lens[5] = {r->envlen, r->svclen, fnlen, 0, 0};

@@ -333,7 +333,8 @@ def decode_message(req: ExportTraceServiceRequest, max_end_ns: int = MAX_END_NS,
                     loc = Location(
                         environment=res.environment, service=res.service, function=fn,
                         file=file_of(code, res.attrs), line=line_of(code, res.attrs),
-                        scope=scope if fn.startswith(SPAN_NAME_MARK) else "",
+                        # beside a code location only shown: dropped there when too long
+                        scope=scope if fn.startswith(SPAN_NAME_MARK) or not too_long(scope) else "",
                     )
                     if too_long(loc.function, loc.file, loc.line, loc.scope):
                         li = loc_index[lkey] = -1
