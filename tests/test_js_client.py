@@ -68,7 +68,7 @@ def test_a_node_consumer_decodes_the_first_seen_events_of_spans_from_the_js_sdk(
             "code_function_name": function,
             "code_file_path": function.rsplit(".", 1)[0].replace(".", "/") + ".js",
             "code_line_number": str(10 + n),
-            "otel_scope_name": "",
+            "otel_scope_name": "shop.js",  # the tracer's, kept beside code locations too
             "service_version": "2.0.0",
             "vcs_ref_head_revision": "9f2c4e1",
             "window_start": str(T0_MS),  # int64: a string in JSON, as proto3's JSON mapping writes it
