@@ -61,10 +61,7 @@ class Activity:
                 "events": _by_label(m.events, "type")}
 
     def event(self, e, now: float) -> None:
-        second = int(now)
-        if second != self._second:
-            self._flush_held()
-            self._second, self._lines = second, 0
+        self._new_second(now)
         if self._lines >= EVENT_LINES:
             self._held[e.type] += 1
             return
@@ -72,6 +69,12 @@ class Activity:
         v = e.version
         where = f"{e.location.service}@{v[1]}" if v[1] else e.location.service
         log.info("event %s %s %s: %s (id %s)", e.type, e.severity, where, e.summary, e.id)
+
+    def _new_second(self, now: float) -> None:
+        """A new second: the events held back in the last one are counted in a line."""
+        if int(now) != self._second:
+            self._flush_held()
+            self._second, self._lines = int(now), 0
 
     def _flush_held(self) -> None:
         if self._held:
@@ -85,9 +88,7 @@ class Activity:
                  service, f" ({environment})" if environment else "", warmup_windows)
 
     def tick(self, now: float) -> None:
-        if int(now) != self._second:
-            self._flush_held()
-            self._second, self._lines = int(now), 0
+        self._new_second(now)
         self._warn_refused(now)
         self._warn_late(now)
         if now >= self._next_summary:

@@ -24,7 +24,7 @@ from processor.detect.settings import CommonSettings
 from processor.parsing import (  # noqa: F401 (re-exported: the settings' parsers)
     ConfigError, parse_address, split_address, parse_address_or_off, parse_redis_url, redact_url,
     url_secrets, parse_readable_file, parse_writable_dir, parse_codeowners, parse_token, parse_prefix, positive_float,
-    non_negative_float, positive_int, non_negative_int, parse_log_level,
+    non_negative_float, positive_int, non_negative_int, parse_log_level, flag_of, env_of,
 )
 
 
@@ -38,11 +38,11 @@ class Setting:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        return flag_of(self.name)
 
     @property
     def env(self) -> str:
-        return "BACKFLOW_" + self.name.upper()
+        return env_of(self.name)
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -239,7 +239,7 @@ DETECTOR_FLAGS = ("warmup_windows", "accept_windows")
 def _detector_flag(name: str) -> tuple[str, str, Any, str]:
     """(flag, environment variable, default, help) of a common detector setting."""
     f = {f.name: f for f in dataclasses.fields(CommonSettings)}[name]
-    return "--" + name.replace("_", "-"), "BACKFLOW_" + name.upper(), f.default, f.metadata["help"]
+    return flag_of(name), env_of(name), f.default, f.metadata["help"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

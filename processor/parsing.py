@@ -45,6 +45,16 @@ def parse_address(value: Any) -> str:
     return text
 
 
+def flag_of(setting: str) -> str:
+    """The command-line flag of a setting: ``otlp_http`` -> ``--otlp-http``."""
+    return "--" + setting.replace("_", "-")
+
+
+def env_of(setting: str) -> str:
+    """The environment variable of a setting: ``otlp_http`` -> ``BACKFLOW_OTLP_HTTP``."""
+    return "BACKFLOW_" + setting.upper()
+
+
 class ListenError(OSError):
     """A listener could not bind its address; the message names the setting."""
 
@@ -62,7 +72,7 @@ def listening(setting: str, address: str):
     try:
         yield
     except OSError as e:
-        flag, env = "--" + setting.replace("_", "-"), "BACKFLOW_" + setting.upper()
+        flag, env = flag_of(setting), env_of(setting)
         why = e.strerror or str(e)
         hint = ("another program listens there? " if e.errno == errno.EADDRINUSE else "")
         raise ListenError(f"{flag} {address}: {why} ({hint}choose another address with {flag} or {env})") from None

@@ -370,6 +370,18 @@ def gzip_of_zeros(mib: int) -> bytes:
     return header + block * mib + b"\x03\x00" + struct.pack("<II", crc, (mib << 20) & 0xFFFFFFFF)
 
 
+def h2_send_allowed(conn: h2.connection.H2Connection, sid: int, body: bytes, sent: int) -> int:
+    """Queue as much of ``body`` after ``sent`` bytes as the peer's flow-control window
+    allows, the last frame ending the stream; the bytes sent so far."""
+    while sent < len(body):
+        n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, len(body) - sent)
+        if n <= 0:
+            break
+        conn.send_data(sid, body[sent:sent + n], end_stream=sent + n == len(body))
+        sent += n
+    return sent
+
+
 def h2_export(target: str, message: bytes, compressed: bool) -> dict[str, str]:
     """One Export call written frame by frame over HTTP/2 (h2), so that the message can be a
     gzip stream made here: gRPC's own client compresses what it is given. Returns the
@@ -388,12 +400,7 @@ def h2_export(target: str, message: bytes, compressed: bool) -> dict[str, str]:
         conn.send_headers(sid, headers)
         sent, ended = 0, False
         while not ended:
-            while sent < len(body):  # as much as the peer's flow-control window allows
-                n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, len(body) - sent)
-                if n <= 0:
-                    break
-                conn.send_data(sid, body[sent:sent + n], end_stream=sent + n == len(body))
-                sent += n
+            sent = h2_send_allowed(conn, sid, body, sent)
             sock.sendall(conn.data_to_send())
             data = sock.recv(1 << 16)
             if not data:

@@ -39,7 +39,7 @@ from processor.receiver.decode import MalformedRequest
 from processor.receiver.otlpjson import json_request
 from tests.otlp import S, encoded
 from tests.test_fastdecode import requests as random_requests
-from tests.test_hostile import gzip_of_zeros
+from tests.test_hostile import gzip_of_zeros, h2_send_allowed
 from tests.test_overload import OVERLOAD_FLAGS, check_nothing_lost, overload
 from tests.test_security import TOKEN, tls  # noqa: F401 (tls is a fixture)
 
@@ -690,12 +690,7 @@ def test_an_http2_refusal_before_the_body_keeps_the_connection_for_other_streams
                                     ("content-length", str(length or len(body)))])
             sent = 0
             while sid not in statuses:
-                while sent < len(body):
-                    n = min(conn.local_flow_control_window(sid), conn.max_outbound_frame_size, len(body) - sent)
-                    if n <= 0:
-                        break
-                    conn.send_data(sid, body[sent:sent + n], end_stream=sent + n == len(body))
-                    sent += n
+                sent = h2_send_allowed(conn, sid, body, sent)
                 sock.sendall(conn.data_to_send())
                 data = sock.recv(1 << 16)
                 assert data, "the server closed the HTTP/2 connection"

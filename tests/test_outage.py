@@ -227,9 +227,10 @@ def test_a_redis_that_comes_back_empty_gets_what_the_process_holds_again(tmp_pat
     assert "Redis lost what it held" in bf.log
 
 
-def _kill_during_outage(tmp_path, *flags: str) -> dict:
-    """Spans flowing, Redis stopped, the process killed (-9) 8 s into the outage; Redis back
-    on the same data, and the process started again with the same flags."""
+def _kill_during_outage(tmp_path, *flags: str, stall: bool = False) -> dict:
+    """Spans flowing, Redis stopped (or, with ``stall``, stalled with SIGSTOP), the process
+    killed (-9) 8 s (6 s) into the outage; Redis back on the same data, and the process
+    started again with the same flags."""
     srv = RedisServer(data_dir=str(tmp_path / "redis")).start()
     common = ("--window", "1", "--allowed-lateness", "0", "--idle-timeout", "1", *flags)
     bf = BackflowProcess(srv.url, *common).start()
@@ -237,15 +238,21 @@ def _kill_during_outage(tmp_path, *flags: str) -> dict:
     try:
         with Sender(bf.grpc_target, period=0.2) as sender:
             time.sleep(3)
-            srv.stop()
-            bf.wait_for(lambda: bf.metrics()["backflow_redis_up"] == 0, what="Redis seen down")
+            if stall:
+                os.kill(srv.proc.pid, signal.SIGSTOP)
+            else:
+                srv.stop()
+                bf.wait_for(lambda: bf.metrics()["backflow_redis_up"] == 0, what="Redis seen down")
             outage_from = len(sender.functions)
-            time.sleep(8)
+            time.sleep(6 if stall else 8)
             bf.proc.kill()
             bf.proc.wait()
             sent = list(sender.functions)
         out["outage_sent"] = sent[outage_from:]
-        srv = RedisServer(port=srv.port, data_dir=srv.dir).start()
+        if stall:
+            os.kill(srv.proc.pid, signal.SIGCONT)
+        else:
+            srv = RedisServer(port=srv.port, data_dir=srv.dir).start()
         bf = BackflowProcess(srv.url, *common).start()
         bf.wait_for(lambda: bf.metrics()["backflow_redis_pending_writes"] == 0, timeout=30, what="delivered")
         time.sleep(1)
@@ -255,6 +262,8 @@ def _kill_during_outage(tmp_path, *flags: str) -> dict:
         out["duplicate_ids"] = len(ids) - len(set(ids))
     finally:
         bf.stop()
+        if stall:
+            os.kill(srv.proc.pid, signal.SIGCONT)
         srv.stop()
     out["log"] = bf.log
     return out
@@ -274,34 +283,13 @@ def test_kill_9_while_redis_is_stalled_loses_only_the_open_window_with_a_spool(t
     # A stalled Redis (SIGSTOP) does not refuse writes, it leaves them unanswered: the
     # windows closed meanwhile must reach the spool within a second, not wait in memory for
     # the socket to time out, or kill -9 loses them.
-    srv = RedisServer(data_dir=str(tmp_path / "redis")).start()
-    common = ("--window", "1", "--allowed-lateness", "0", "--idle-timeout", "1",
-              "--spool-dir", str(tmp_path / "spool"))
-    bf = BackflowProcess(srv.url, *common).start()
-    try:
-        with Sender(bf.grpc_target, period=0.2) as sender:
-            time.sleep(3)
-            os.kill(srv.proc.pid, signal.SIGSTOP)
-            stall_from = len(sender.functions)
-            time.sleep(6)
-            bf.proc.kill()
-            bf.proc.wait()
-            sent = list(sender.functions)
-        os.kill(srv.proc.pid, signal.SIGCONT)
-        bf = BackflowProcess(srv.url, *common).start()
-        bf.wait_for(lambda: bf.metrics()["backflow_redis_pending_writes"] == 0, timeout=30, what="delivered")
-        time.sleep(1)
-        seen = _first_seen_in_stream(srv.url, "backflow")
-        ids = [f["id"] for _, f in redis.Redis.from_url(srv.url, decode_responses=True).xrange("backflow:events")]
-    finally:
-        bf.stop()
-        os.kill(srv.proc.pid, signal.SIGCONT)
-        srv.stop()
-    lost = [fn for fn in sent if fn not in seen]
-    assert len(sent) - stall_from >= 25
+    out = _kill_during_outage(tmp_path, "--spool-dir", str(tmp_path / "spool"), stall=True)
+    sent = out["sent"]
+    lost = [fn for fn in sent if fn not in out["seen"]]
+    assert len(out["outage_sent"]) >= 25
     # The open window, the one closing and the last second's unanswered write: 3 s at most.
-    assert len(lost) <= 15 and set(lost) <= set(sent[-15:]), (len(sent) - stall_from, lost)
-    assert len(ids) == len(set(ids))
+    assert len(lost) <= 15 and set(lost) <= set(sent[-15:]), (len(out["outage_sent"]), lost)
+    assert out["duplicate_ids"] == 0
 
 
 def test_kill_9_during_an_outage_without_a_spool_loses_what_waited_in_memory(tmp_path):

@@ -12,6 +12,7 @@ import time
 import redis
 
 from processor.config import ConfigError, parse_prefix, parse_redis_url
+from processor.parsing import env_of
 from processor.commands.consume import EventFilter, default_consumer
 from processor.detect.registry import EVENT_TYPES, RESOLVED
 
@@ -33,7 +34,7 @@ def redis_settings(args: argparse.Namespace, environ: dict[str, str] | None = No
     out = []
     for name, flag, default, parse in (("redis_url", "--redis-url", "redis://localhost:6379/0", parse_redis_url),
                                        ("prefix", "--prefix", "backflow", parse_prefix)):
-        env_name = "BACKFLOW_" + name.upper()
+        env_name = env_of(name)
         if getattr(args, name) is not None:
             raw, where = getattr(args, name), flag
         elif env.get(env_name):
