@@ -114,6 +114,11 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds without a span after which a version is forgotten (its slot under "
             "max_versions freed; its Redis summaries stay); it is new again if it comes back",
             "SECONDS"),
+    Setting("location_idle_timeout", 7 * 86400.0, positive_float,
+            "seconds without a span after which a code location is forgotten (its baseline, "
+            "detectors and checkpoint freed; its Redis baseline and key stay), and a service with "
+            "none left; a location that comes back is learned anew, without a second first_seen",
+            "SECONDS"),
     Setting("exemplars", 3, non_negative_int,
             "trace ids kept per code location and window (the slowest spans)", "N"),
     Setting("baseline_half_life", 86400.0, positive_float,
@@ -180,6 +185,7 @@ class Config:
     max_versions: int
     max_versions_per_service: int
     version_idle_timeout: float
+    location_idle_timeout: float
     exemplars: int
     baseline_half_life: float
     events_maxlen: int

@@ -52,7 +52,6 @@ class Pipeline:
         self._checkpoint_rest = False  # a checkpoint's part was taken, the rest is due now
         self._closed_since_trim = 0    # location-windows closed since the heap was last trimmed
         self._refused: dict[str, int] = {}  # service / version names folded, as last counted
-        self._forgotten = 0  # versions forgotten, as last counted
         self.activity = Activity(metrics, cfg.log_interval, cfg.allowed_lateness)
 
     def put(self, batch: Batch) -> None:
@@ -111,7 +110,7 @@ class Pipeline:
                 late, spans, overflow = stats["late"], stats["spans"], stats["overflow"]
                 self._emit(engine.ingest(Batch.concat(batches)))
                 # Locations first: a scrape that sees these spans processed sees their locations.
-                self.metrics.active_keys.set(len(engine.windows.tables.locations))
+                self.metrics.active_keys.set(engine.windows.tables.held_locations)
                 self.metrics.late.inc(stats["late"] - late)
                 self.metrics.processed.inc(stats["spans"] - spans)
                 self.metrics.overflow_spans.inc(stats["overflow"] - overflow)
@@ -128,9 +127,7 @@ class Pipeline:
                 # With a backlog, "now" is when the newest batch taken arrived: the batches
                 # still queued arrived later, so a service that sent some is not idle.
                 self._emit(engine.flush_idle(now if self.queue.empty() else last_arrival))
-                forgotten = engine.windows.stats["forgotten_versions"]
-                self.metrics.forgotten_versions.inc(forgotten - self._forgotten)
-                self._forgotten = forgotten
+                self._forget(now if self.queue.empty() else last_arrival)
                 self.activity.tick(now)
             if self.sink.take_wiped():
                 self.republish()
@@ -142,6 +139,17 @@ class Pipeline:
                 self.metrics.redis_spool_bytes.set(self.sink.spool.size)
             self.metrics.redis_up.set(1 if self.sink.reachable else 0)
             self.on_tick()
+
+    def _forget(self, now: float) -> None:
+        """Forget what has been idle too long (``Engine.forget_idle``), its series on
+        /metrics too, and count it."""
+        f = self.engine.forget_idle(now)
+        if f.versions or f.locations or f.services:
+            self.metrics.forget(f)
+            self.metrics.active_keys.set(self.engine.windows.tables.held_locations)
+            log.info("forgot %d code locations, %d services and %d versions idle for their "
+                     "--location-idle-timeout / --version-idle-timeout", len(f.locations),
+                     len(f.services), len(f.versions))
 
     def _count_refused_names(self) -> None:
         t = self.engine.windows.tables
@@ -176,7 +184,7 @@ class Pipeline:
         the sink cannot write (Redis away, or the previous checkpoint still pending) nothing
         is encoded: the changes stay marked, and the next checkpoint takes them all."""
         engine = self.engine
-        if not (engine.dirty_locations or engine.dirty_services):
+        if not (engine.dirty_locations or engine.dirty_services or engine.forgotten_fields):
             return
         now = time.monotonic()
         if not force:

@@ -70,12 +70,14 @@ class BackflowProcess:
         except urllib.error.HTTPError as e:
             return e.read().decode()
 
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
     def metrics(self) -> dict[str, float]:
         """Samples of /metrics as {'name{labels}': value}."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as r:
-            text = r.read().decode()
         out = {}
-        for line in text.splitlines():
+        for line in self.metrics_text().splitlines():
             if line and not line.startswith("#"):
                 name, _, value = line.rpartition(" ")
                 out[name] = float(value)

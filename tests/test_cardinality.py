@@ -139,8 +139,9 @@ def test_versions_no_longer_sent_are_forgotten_and_new_deploys_get_their_own():
         clock[0] = deploy * 200.0  # each deploy 200 s after the last: the previous one is idle
         for r in engine.ingest(_versioned("shop", f"v{deploy}", t)) + engine.flush_idle(clock[0] + 11):
             seen += [(v.version[1], v.count) for lw in r.window.locations for v in lw.versions]
-        engine.flush_idle(clock[0] + 11)
+        engine.forget_idle(clock[0] + 11)
     engine.flush_idle(clock[0] + 200.0)  # (window of the last deploy)
+    engine.forget_idle(clock[0] + 200.0)
     assert seen == [(f"v{d}", 3) for d in range(6)], seen  # never __overflow__, nothing mixed
     tables = engine.windows.tables
     assert tables.refused_versions == 0 and len(tables.versions) <= 3
@@ -154,13 +155,13 @@ def test_a_version_with_spans_in_an_open_window_is_not_forgotten():
     engine.ingest(_versioned("shop", "old", T0 + SEC))
     clock[0] = 150.0  # "old" idle for 150 s, but its window is still open (new spans keep coming)
     engine.ingest(_versioned("shop", "new", T0 + 2 * SEC))
-    engine.flush_idle(clock[0])
+    engine.forget_idle(clock[0])
     assert ("shop", "old", "") in engine.windows.tables._ver_ids
     clock[0] = 200.0
     (r,) = engine.ingest(_versioned("shop", "new", T0 + 61 * SEC))  # the window closes
     assert {v.version[1]: v.count for v in r.window.locations[0].versions} == {"old": 3, "new": 3}
     clock[0] = 300.0  # the next check, a tenth of the timeout later
-    engine.flush_idle(clock[0])
+    engine.forget_idle(clock[0])
     assert ("shop", "old", "") not in engine.windows.tables._ver_ids
     assert ("shop", "new", "") in engine.windows.tables._ver_ids
 
@@ -207,3 +208,178 @@ def test_a_forgotten_version_frees_its_place_under_the_total_cap_too():
     t.ver_seen.view[[a, b]] = 0.0
     assert sorted(v[1] for v in t.forget_versions(idle_before=1.0, busy=set())) == ["1", "2"]
     assert t.versions[t.version_id(("shop", "4", ""))] == ("shop", "4", "")
+
+
+def _forgetting_engine(clock: list, **settings) -> Engine:
+    cfg = dict(location_idle_timeout=100.0, version_idle_timeout=100.0, allowed_lateness=0.0,
+               idle_timeout=10.0)
+    return Engine(Config.defaults(**{**cfg, **settings}), known_keys=set(), clock=lambda: clock[0])
+
+
+def test_idle_services_are_forgotten_and_new_ones_take_their_places():
+    """Service names churn (each round 50 new services, the last round's idle): memory
+    follows the live ones, and no new service is folded into __overflow__ for want of room."""
+    clock = [0.0]
+    engine = _forgetting_engine(clock, max_services=50, max_locations=150)
+    first_seen = []
+    for round_ in range(12):
+        clock[0] = round_ * 200.0  # each round 200 s after the last: its services are idle
+        t = T0 + round_ * 120 * SEC
+        engine.forget_idle(clock[0])  # (the pipeline asks every second)
+        for s in range(50):
+            engine.ingest(_batch(["f", "g", "h"], f"svc-{round_}-{s}", t, 1.0))
+        for r in engine.flush_idle(clock[0] + 11):
+            first_seen += [e for e in r.events if e.type == "first_seen"]
+    tables = engine.windows.tables
+    assert tables.refused_services == 0 and engine.windows.stats["overflow"] == 0
+    assert len(first_seen) == 12 * 150  # every round's locations were its own
+    # what is held is one round's, not twelve
+    assert len(tables.services) <= 50 and tables.held_locations == 150 and len(tables.locations) <= 150
+    assert len(engine.baselines) == 150 and len(engine.detectors) == 150
+    assert len(engine.service_locations) == 50 and len(engine.version_first_seen) == 50
+    assert len(engine.windows.services) == 50
+    stats = engine.windows.stats
+    assert (stats["forgotten_locations"], stats["forgotten_services"]) == (11 * 150, 11 * 50)
+
+
+def test_a_forgotten_location_comes_back_learned_anew_without_a_second_first_seen():
+    clock = [0.0]
+    engine = _forgetting_engine(clock)
+    windows = []
+    for step, t in enumerate((T0, T0 + 60 * SEC, T0 + 400 * SEC)):
+        clock[0] = step * 60.0 if step < 2 else 500.0  # idle for 380 s before the third window
+        engine.ingest(_batch(["f"], "shop", t, 1.0))
+        if step == 1:
+            windows += engine.flush_idle(clock[0] + 11)
+            assert engine.windows.tables.held_locations == 1
+            engine.forget_idle(clock[0] + 200)
+            assert engine.windows.tables.held_locations == 0 and len(engine.baselines) == 0
+            assert ("prod", "shop") not in engine.service_locations
+        windows += engine.flush_idle(clock[0] + 11)
+    first_seen = [e for r in windows for e in r.events if e.type == "first_seen"]
+    assert len(first_seen) == 1 and first_seen[0].window_end_ns == T0 + 60 * SEC
+    (lw,) = windows[-1].window.locations
+    assert engine.baselines.baseline(lw.loc_id).windows == 1  # learned anew
+    assert lw.loc_id in engine.detectors
+    assert list(engine.service_locations[("prod", "shop")]) == [lw.loc_id]
+
+
+def test_a_location_with_spans_in_an_open_window_is_not_forgotten():
+    clock = [0.0]
+    engine = _forgetting_engine(clock, idle_timeout=1000.0)
+    engine.ingest(_batch(["old"], "shop", T0 + SEC, 1.0))
+    clock[0] = 150.0  # "old" idle for 150 s, but its window is still open
+    engine.ingest(_batch(["new"], "shop", T0 + 2 * SEC, 1.0))
+    assert engine.forget_idle(clock[0]).locations == []
+    (r,) = engine.ingest(_batch(["new"], "shop", T0 + 61 * SEC, 1.0))  # the window closes
+    assert sorted(lw.location.function for lw in r.window.locations) == ["new", "old"]
+    clock[0] = 300.0
+    assert [loc.function for _, loc in engine.forget_idle(clock[0]).locations] == ["old"]
+
+
+def test_forgotten_locations_and_services_leave_the_checkpoint():
+    from processor.pipeline import checkpoint
+
+    clock = [0.0]
+    engine = _forgetting_engine(clock)
+    engine.ingest(_batch(["f"], "gone", T0, 1.0))
+    engine.ingest(_batch(["f"], "kept", T0, 1.0))
+    engine.flush_idle(11.0)
+    state = {k: v for k, v in checkpoint.dumps_dirty(engine).items()}
+    assert len(state) == 4
+    clock[0] = 150.0
+    engine.ingest(_batch(["f"], "kept", T0 + 100 * SEC, 1.0))  # only "kept" sends again
+    engine.forget_idle(150.0)
+    fields = checkpoint.dumps_dirty(engine)
+    gone = {name for name, blob in fields.items() if blob is None}
+    assert gone == {checkpoint.location_field(Location("prod", "gone", "f").key), "svc:prod:gone"}
+    for name, blob in fields.items():  # as the sink applies them: HSET, HDEL
+        if blob is None:
+            state.pop(name)
+        else:
+            state[name] = blob
+    fresh = Engine(engine.cfg, known_keys=set())
+    assert checkpoint.restore(fresh, state).locations == 1
+    assert [s[1] for s in fresh.windows.tables.services if s] == ["kept"]
+
+
+def test_restored_versions_never_seen_again_leave_the_first_seen_table():
+    clock = [0.0]
+    engine = _forgetting_engine(clock)
+    old = ("shop", "0.9", "")
+    engine.restore_service(("prod", "shop"), T0, T0, {old: T0 - 86400 * SEC, ("shop", "1.0", ""): T0})
+    engine.ingest(_batch(["f"], "shop", T0 + 200 * SEC, 1.0))
+    engine.ingest(_batch(["g"], "other", T0, 1.0))
+    engine.flush_idle(11.0)
+    clock[0] = 150.0
+    engine.ingest(_batch(["f"], "shop", T0 + 300 * SEC, 1.0))
+    engine.forget_idle(150.0)  # "other" is forgotten: a pass runs
+    assert set(engine.version_first_seen[("prod", "shop")]) == {("shop", "1.0", "")}
+
+
+def test_metrics_drop_the_series_of_forgotten_locations():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from processor.sinks.prometheus import Metrics
+
+    clock = [0.0]
+    engine = _forgetting_engine(clock)
+    metrics = Metrics(CollectorRegistry())
+    engine.ingest(_batch(["f"], "shop", T0, 1.0))
+    for r in engine.flush_idle(11.0):
+        metrics.observe_window(r.window)
+    assert b'code_function_name="f"' in generate_latest(metrics.registry)
+    metrics.forget(engine.forget_idle(200.0))
+    text = generate_latest(metrics.registry).decode()
+    assert 'code_function_name="f"' not in text
+    assert "backflow_forgotten_locations_total 1.0" in text and "backflow_forgotten_services_total 1.0" in text
+
+
+@pytest.mark.e2e
+def test_serve_forgets_an_idle_service_and_gives_its_place_to_the_next(redis_server):
+    """A real serve with room for one service: once "a" is idle it is forgotten (checkpoint
+    field, /metrics series), "b" gets its own place, and "a" coming back is not announced
+    a second time."""
+    import grpc
+    import redis
+
+    from processor.pipeline.location import location_key
+    from tests.conftest import BackflowProcess
+    from tests.otlp import S, encoded
+
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.flushall()
+    bf = BackflowProcess(redis_server.url, "--max-services", "1", "--location-idle-timeout", "2",
+                         "--version-idle-timeout", "2", "--window", "1", "--allowed-lateness", "0",
+                         "--idle-timeout", "1", "--checkpoint-interval", "0").start()
+    a, b = location_key("prod", "a", "shop.f"), location_key("prod", "b", "shop.f")
+
+    def first_seen(key):
+        return [f for _, f in client.xrange("backflow:events") if f["type"] == "first_seen" and f["key"] == key]
+
+    try:
+        export = grpc.insecure_channel(bf.grpc_target).unary_unary(
+            "/opentelemetry.proto.collector.trace.v1.TraceService/Export")
+        export(encoded([S(time.time_ns(), service="a")]), timeout=10)
+        bf.wait_for(lambda: client.hexists("backflow:state", f"loc:{a}"), what="a's checkpoint")
+        assert 'service_name="a"' in bf.metrics_text()
+        bf.wait_for(lambda: bf.metrics().get("backflow_forgotten_services_total") == 1, timeout=20,
+                    what="a forgotten")
+        bf.wait_for(lambda: not client.hexists("backflow:state", f"loc:{a}"), what="a's field deleted")
+        assert not client.hexists("backflow:state", "svc:prod:a")
+        assert client.sismember("backflow:keys", a)  # Redis keeps what was seen
+        assert 'service_name="a"' not in bf.metrics_text()
+        assert bf.metrics().get("backflow_forgotten_locations_total") == 1
+
+        export(encoded([S(time.time_ns(), service="b")]), timeout=10)
+        bf.wait_for(lambda: first_seen(b), what="b's first_seen")
+        export(encoded([S(time.time_ns(), service="a")]), timeout=10)  # b is not idle yet: a folds
+        bf.wait_for(lambda: bf.metrics().get("backflow_forgotten_services_total") == 2, timeout=20,
+                    what="b forgotten")
+        export(encoded([S(time.time_ns(), service="a")]), timeout=10)
+        bf.wait_for(lambda: client.hexists("backflow:state", f"loc:{a}"), what="a back")
+        m = bf.metrics()
+    finally:
+        bf.stop()
+    assert len(first_seen(a)) == 1 and len(first_seen(b)) == 1
+    assert m.get('backflow_overflow_names_total{kind="service"}') == 1  # a, while b held the place

@@ -7,6 +7,8 @@ processes sharing Redis cannot both announce it.
 
 from __future__ import annotations
 
+import numpy as np
+
 from processor.events import Event
 from processor.pipeline.window import ClosedWindow, LocationWindow
 
@@ -18,10 +20,38 @@ class FirstSeen:
 
     def __init__(self, known_keys: set[str] | None = None):
         self.known = set(known_keys or ())
+        # Keys of locations this process forgot (idle), as sorted integers: 8 bytes each
+        # instead of a string's hundred, kept so that a return is not announced again.
+        self._forgotten = np.zeros(0, np.uint64)
+
+    def forget(self, keys: list[str]) -> None:
+        """The locations of ``keys`` (``location_key``s) were forgotten: they are not new if
+        they come back.
+
+        >>> from processor.pipeline.location import location_key
+        >>> f, key = FirstSeen(), location_key("prod", "shop", "f")
+        >>> f.forget([key]); f.forget([key])
+        >>> f.seen_before(key), f.seen_before(location_key("prod", "shop", "g")), len(f._forgotten)
+        (True, False, 1)
+        """
+        if keys:
+            new = np.array([int(k, 16) for k in keys], np.uint64)
+            self._forgotten = np.union1d(self._forgotten, new)
+
+    def seen_before(self, key: str) -> bool:
+        """Whether the location was known from Redis or forgotten by this process."""
+        if key in self.known:
+            return True
+        f = self._forgotten
+        if not len(f):
+            return False
+        k = np.uint64(int(key, 16))
+        i = int(np.searchsorted(f, k))
+        return bool(i < len(f) and f[i] == k)
 
     def update(self, cw: ClosedWindow, lw: LocationWindow) -> list[Event]:
         key = lw.location.key
-        if key in self.known:
+        if self.seen_before(key):
             self.known.discard(key)
             return []
         v = lw.main_version

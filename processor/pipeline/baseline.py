@@ -192,6 +192,13 @@ class BaselineStage:
         self.restore(i, b)
         return b, before, decay
 
+    def forget(self, loc_id: int) -> None:
+        """Drop a location's baseline (the location was forgotten: its id may be reused)."""
+        if loc_id < len(self.sketches) and self.sketches[loc_id] is not None:
+            self.count -= 1
+            self.sketches[loc_id] = self.locations[loc_id] = self.versions[loc_id] = None
+            self.figures[4 * loc_id: 4 * loc_id + 4] = array("d", bytes(32))
+
     def restore(self, loc_id: int, b: Baseline) -> None:
         """Set a location's baseline (from ``absorb``, or from a checkpoint)."""
         i = loc_id

@@ -102,16 +102,19 @@ def service_field(service: tuple[str, str]) -> str:
 
 # --- writing ------------------------------------------------------------------------------
 
-def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes]:
+def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | None]:
     """The fields of what changed since the last call (at most ``limit`` locations, the
-    oldest ids first, and every changed service); clears the marks of what it took.
+    oldest ids first, and every changed service), and None for the fields of what the
+    engine forgot since (to delete); clears the marks of what it took.
 
     Runs on the thread that owns the engine, so the state written is one moment's. The limit
     keeps a checkpoint of many locations from holding all their blobs at once: the rest
     stay marked for the next call. A location whose state is not plain data (a detector
     that froze a list or a set: it would not come back the same) is left out and logged.
     """
-    out: dict[str, bytes] = {}
+    # (a forgotten location that came back since is written below, over its None)
+    out: dict[str, bytes | None] = dict.fromkeys(sorted(engine.forgotten_fields))
+    engine.forgotten_fields.clear()
     tables = engine.windows.tables
     dirty = sorted(engine.dirty_locations)
     if limit is not None and len(dirty) > limit:

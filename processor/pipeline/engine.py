@@ -18,7 +18,8 @@ from processor.detect.registry import build_detectors
 from processor.detect.first_seen import FirstSeen
 from processor.events import Event
 from processor.pipeline.baseline import Baseline, BaselineStage
-from processor.pipeline.window import ClosedWindow, WindowStage, is_overflow
+from processor.pipeline import checkpoint
+from processor.pipeline.window import ClosedWindow, Forgotten, WindowStage, is_overflow
 from processor.receiver.decode import Batch
 
 log = logging.getLogger("backflow.engine")
@@ -59,6 +60,11 @@ class DetectorStore:
         if loc_id >= len(self.frozen):
             self.frozen.extend([None] * (loc_id + 1 - len(self.frozen)))
         self.frozen[loc_id] = self.fresh if frozen is None else frozen
+
+    def forget(self, loc_id: int) -> None:
+        """Drop a location's detectors (the location was forgotten: its id may be reused)."""
+        if loc_id < len(self.frozen):
+            self.frozen[loc_id] = None
 
     def detectors_of(self, loc_id: int, sketch: bytes) -> list[Detector]:
         """A location's detectors as they stand (thawed copies: changing them changes nothing)."""
@@ -114,7 +120,8 @@ class Engine:
                                    clock=clock, max_locations=cfg.max_locations,
                                    max_services=cfg.max_services, max_versions=cfg.max_versions,
                                    max_versions_per_service=cfg.max_versions_per_service,
-                                   version_idle_timeout=cfg.version_idle_timeout)
+                                   version_idle_timeout=cfg.version_idle_timeout,
+                                   location_idle_timeout=cfg.location_idle_timeout)
         self.baselines = BaselineStage(cfg.window, cfg.baseline_half_life)
         self.detectors = DetectorStore(build_detectors(cfg))
         self.first_seen = FirstSeen(known_keys)
@@ -124,6 +131,7 @@ class Engine:
         # What changed since the last checkpoint (see processor/pipeline/checkpoint.py)
         self.dirty_locations: set[int] = set()
         self.dirty_services: set[tuple] = set()
+        self.forgotten_fields: set[str] = set()  # checkpoint fields of what was forgotten since
         self._fingerprint = checkpoint_fingerprint(cfg)
 
     @property
@@ -143,7 +151,7 @@ class Engine:
         """A location's baseline and frozen detectors from a checkpoint; 1 if restored, 0 if
         the location limit left it no room. Detectors saved under other detector settings are
         built anew (they learn again); the baseline is kept."""
-        loc_id = self.windows.tables.location_id(location)
+        loc_id = self.windows.restore_location(location)
         if is_overflow(self.windows.tables.locations[loc_id]):
             return 0
         if baseline is not None:
@@ -169,19 +177,54 @@ class Engine:
         return self._evaluate(self.windows.ingest(batch))
 
     def flush_idle(self, now: float | None = None) -> list[WindowResult]:
-        results = self._evaluate(self.windows.flush_idle(now))
-        self._forget(self.windows.forget_idle_versions(now))
-        return results
+        return self._evaluate(self.windows.flush_idle(now))
 
-    def _forget(self, versions: list[tuple[str, str, str]]) -> None:
-        """Versions no longer sent leave their services' first-seen tables too."""
-        if not versions:
-            return
-        gone = set(versions)
+    def forget_idle(self, now: float | None = None) -> Forgotten:
+        """Forget what sent nothing for its idle timeout (``WindowStage.forget_idle``): a
+        location's baseline, detectors and checkpoint field go with it, a service's clock
+        and first-seen versions too. A forgotten location that comes back is learned anew,
+        without a second ``first_seen``."""
+        f = self.windows.forget_idle(now)
+        gone_versions = set(f.versions)
+        by_service: dict[tuple, set[int]] = {}
+        keys = []
+        for loc_id, loc in f.locations:
+            self.baselines.forget(loc_id)
+            self.detectors.forget(loc_id)
+            self.dirty_locations.discard(loc_id)
+            by_service.setdefault((loc.environment, loc.service), set()).add(loc_id)
+            if not is_overflow(loc):
+                keys.append(loc.key)
+                self.forgotten_fields.add(checkpoint.location_field(loc.key))
+        self.first_seen.forget(keys)
+        for service, ids in by_service.items():
+            known = self.service_locations.get(service)
+            if known is not None:
+                self.service_locations[service] = array("q", (i for i in known if i not in ids))
+        for service in f.services:
+            self.version_first_seen.pop(service, None)
+            self.service_locations.pop(service, None)
+            self.detecting.discard(service)
+            self.dirty_services.discard(service)
+            self.forgotten_fields.add(checkpoint.service_field(service))
+        if f.versions or f.locations:
+            self._forget_versions(gone_versions)
+        return f
+
+    def _forget_versions(self, gone: set) -> None:
+        """Versions forgotten leave their services' first-seen tables, and so do versions
+        restored from a checkpoint that never sent a span to this process and were first
+        seen over ``version_idle_timeout`` before their service's newest span."""
+        tables, clocks = self.windows.tables, self.windows.services
+        timeout_ns = self.cfg.version_idle_timeout * 1e9
         for service, first_seen in self.version_first_seen.items():
-            if any(v in first_seen for v in gone):
-                for v in gone:
-                    first_seen.pop(v, None)
+            clock = clocks.get(tables._svc_ids.get(service))
+            newest = clock.max_end if clock is not None else 0
+            old = [v for v, end in first_seen.items()
+                   if v in gone or (v not in tables._ver_ids and end < newest - timeout_ns)]
+            for v in old:
+                del first_seen[v]
+            if old:
                 self.dirty_services.add(service)
 
     def flush_all(self) -> list[WindowResult]:

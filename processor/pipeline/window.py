@@ -52,6 +52,9 @@ class _Growable:
 OVERFLOW_FUNCTION = "__overflow__"
 
 
+_SHARED = ("", OVERFLOW_FUNCTION)  # the service of the shared overflow location
+
+
 def is_overflow(loc: Location) -> bool:
     """The location that holds a service's spans beyond the location limit."""
     return loc.function == OVERFLOW_FUNCTION
@@ -68,6 +71,25 @@ def _first_time(seen: set, name) -> int:
     return 1
 
 
+def _take_slot(items: list, free: list[int], value) -> int:
+    """Put ``value`` at an index of ``items`` freed before, else at its end; returns it."""
+    if free:
+        i = free.pop()
+        items[i] = value
+        return i
+    items.append(value)
+    return len(items) - 1
+
+
+def _count_down(counts: dict, key) -> None:
+    """One less of ``key``; a key counted down to 0 leaves the dict (names churn)."""
+    n = counts[key] - 1
+    if n:
+        counts[key] = n
+    else:
+        del counts[key]
+
+
 class Tables:
     """Interned ids for locations, services, versions and (location, version) series.
 
@@ -81,8 +103,9 @@ class Tables:
     ``max_versions_per_service`` counts as that service's ``__overflow__`` version, and one
     beyond ``max_versions`` in all as the shared ``("", "__overflow__", "")``.
     ``refused_services`` and ``refused_versions`` count the distinct names folded.
-    ``forget_versions`` frees the ids (and series) of versions no longer sent, so that a
-    long-running process keeps attributing the versions of new deploys.
+    ``forget_versions``, ``forget_locations`` and ``forget_services`` free the ids (and
+    series) of names no longer sent, for new ones to reuse: a long-running process keeps
+    attributing new deploys, functions and services, and its memory follows what is live.
 
     >>> t = Tables(max_services=2, max_versions=4, max_versions_per_service=2)
     >>> [t.locations[t.location_id(Location("prod", s, "f"))].service for s in ("a", "b", "c")]
@@ -104,14 +127,18 @@ class Tables:
         self._refused_svc: set = set()  # names counted (see _first_time)
         self._refused_ver: set = set()
         self._svc_versions: dict[str, int] = {}  # service.name -> versions with an id
-        self._svc_names: set[str] = set()        # service.name of the services with an id
+        self._svc_names: dict[str, int] = {}     # service.name -> services with an id (environments)
         self.real_locations = 0
+        self.now = 0.0  # processing time stamped on a new location's id (set by WindowStage)
         self.overflow = _Growable()  # 1 at the ids of overflow locations
-        self.locations: list[Location] = []
+        self.locations: list[Location | None] = []  # None: a forgotten location's free id
         self._loc_ids: dict[str, int] = {}  # by Location.key
         self.loc_service = _Growable()
-        self.services: list[tuple[str, str]] = []  # (environment, service)
+        self.loc_seen = _Growable(np.float64)  # processing time of each location's latest span
+        self._free_locations: list[int] = []
+        self.services: list[tuple[str, str] | None] = []  # (environment, service); None: free id
         self._svc_ids: dict[tuple[str, str], int] = {}
+        self._free_services: list[int] = []
         self.versions: list[tuple[str, str, str] | None] = []  # None: a forgotten version's free id
         self._ver_ids: dict[tuple, int] = {}
         self.ver_seen = _Growable(np.float64)  # processing time of each version's latest span
@@ -128,7 +155,8 @@ class Tables:
             if self.real_locations >= self.max_locations or is_overflow(loc):
                 return self._overflow_id(loc)
             service = (loc.environment, loc.service)
-            if service not in self._svc_ids and len(self.services) >= self.max_services:
+            held = len(self._svc_ids) - (_SHARED in self._svc_ids)  # (the shared overflow is not one)
+            if service not in self._svc_ids and held >= self.max_services:
                 self.refused_services += _first_time(self._refused_svc, service)
                 return self._overflow_id(loc)
             self.real_locations += 1
@@ -138,25 +166,31 @@ class Tables:
     def _overflow_id(self, loc: Location) -> int:
         service = (loc.environment, loc.service)
         if service not in self._svc_ids:
-            service = ("", OVERFLOW_FUNCTION)
+            service = _SHARED
         i = self._loc_ids.get(location_key(*service, OVERFLOW_FUNCTION))
         if i is None:
             i = self._add(Location(*service, OVERFLOW_FUNCTION), overflow=True)
         return i
 
     def _add(self, loc: Location, overflow: bool) -> int:
-        i = self._loc_ids[loc.key] = len(self.locations)
-        self.locations.append(loc)
-        self.loc_service.append(self.service_id((loc.environment, loc.service)))
-        self.overflow.append(1 if overflow else 0)
+        service = self.service_id((loc.environment, loc.service))
+        i = self._loc_ids[loc.key] = _take_slot(self.locations, self._free_locations, loc)
+        if i == self.loc_service.n:
+            for column in (self.loc_service, self.overflow, self.loc_seen):
+                column.append(0)
+        self.loc_service.view[i], self.overflow.view[i], self.loc_seen.view[i] = service, overflow, self.now
         return i
+
+    @property
+    def held_locations(self) -> int:
+        """Code locations with an id (overflow locations included)."""
+        return len(self._loc_ids)
 
     def service_id(self, name: tuple[str, str]) -> int:
         i = self._svc_ids.get(name)
         if i is None:
-            i = self._svc_ids[name] = len(self.services)
-            self.services.append(name)
-            self._svc_names.add(name[1])
+            i = self._svc_ids[name] = _take_slot(self.services, self._free_services, name)
+            self._svc_names[name[1]] = self._svc_names.get(name[1], 0) + 1
         return i
 
     def version_id(self, v: tuple[str, str, str]) -> int:
@@ -173,14 +207,9 @@ class Tables:
                     shared = held >= self.max_versions and own not in self._ver_ids
                     return self.version_id(("", OVERFLOW_FUNCTION, "") if shared else own)
                 self._svc_versions[v[0]] = n + 1
-            if self._free_versions:
-                i = self._free_versions.pop()
-                self.versions[i] = v
-            else:
-                i = len(self.versions)
-                self.versions.append(v)
+            i = self._ver_ids[v] = _take_slot(self.versions, self._free_versions, v)
+            if i == self.ver_seen.n:
                 self.ver_seen.append(0.0)
-            self._ver_ids[v] = i
         return i
 
     def forget_versions(self, idle_before: float, busy: set[int]) -> list[tuple[str, str, str]]:
@@ -209,13 +238,68 @@ class Tables:
             del self._ver_ids[v]
             self.versions[i] = None
             seen[i] = np.inf  # (set again when the id is reused)
-            self._svc_versions[v[0]] -= 1
+            _count_down(self._svc_versions, v[0])
             self._free_versions.append(i)
             out.append(v)
-        drop = np.isin(self._known & 0xFFFFFFFF, np.array(gone, np.int64))
+        self._drop_series(np.isin(self._known & 0xFFFFFFFF, np.array(gone, np.int64)))
+        return out
+
+    def forget_locations(self, idle_before: float, busy: set[int]) -> list[tuple[int, Location]]:
+        """Forget the code locations whose latest span arrived before ``idle_before``
+        (processing time), except those in ``busy`` (with spans in an open window): their
+        ids and series are reused by new ones, and they free their place under
+        ``max_locations``. Returns the (id, location) pairs forgotten.
+
+        >>> t = Tables(max_locations=1)
+        >>> t.now = 10.0
+        >>> a = t.location_id(Location("prod", "shop", "old"))
+        >>> t.locations[t.location_id(Location("prod", "shop", "new"))].function  # beyond the limit
+        '__overflow__'
+        >>> t.now = 50.0
+        >>> [loc.function for _, loc in t.forget_locations(idle_before=20.0, busy=set())]
+        ['old', '__overflow__']
+        >>> t.location_id(Location("prod", "shop", "new")) in (0, 1), t.held_locations
+        (True, 1)
+        """
+        seen = self.loc_seen.view
+        gone = [i for i in np.flatnonzero(seen < idle_before).tolist()
+                if self.locations[i] is not None and i not in busy]
+        out = []
+        for i in gone:
+            loc = self.locations[i]
+            del self._loc_ids[loc.key]
+            self.locations[i] = None
+            seen[i] = np.inf  # (set again when the id is reused)
+            if not self.overflow.view[i]:
+                self.real_locations -= 1
+            self._free_locations.append(i)
+            out.append((i, loc))
+        if gone:
+            self._drop_series(np.isin(self._known >> 32, np.array(gone, np.int64)))
+        return out
+
+    def forget_services(self, busy: set[int]) -> list[tuple[int, tuple[str, str]]]:
+        """Forget the services left without a code location, except those in ``busy`` (with
+        an open window, or spans lately); their ids are reused. Returns the (id, service)
+        pairs forgotten."""
+        alive = np.array([loc is not None for loc in self.locations], bool)
+        held = np.bincount(self.loc_service.view[alive], minlength=len(self.services))
+        out = []
+        for i in np.flatnonzero(held == 0).tolist():
+            name = self.services[i]
+            if name is None or i in busy:
+                continue
+            del self._svc_ids[name]
+            self.services[i] = None
+            _count_down(self._svc_names, name[1])
+            self._free_services.append(i)
+            out.append((i, name))
+        return out
+
+    def _drop_series(self, drop: np.ndarray) -> None:
+        """Free the series ids of the known pairs where ``drop`` is set."""
         self._free_series += self._known_ids[drop].tolist()
         self._known, self._known_ids = self._known[~drop], self._known_ids[~drop]
-        return out
 
     def series_ids(self, loc: np.ndarray, ver: np.ndarray) -> np.ndarray:
         """Series id of each (location, version) pair; a Python step only for new pairs."""
@@ -445,6 +529,14 @@ class _Accumulator:
 
 
 @dataclass
+class Forgotten:
+    """What ``WindowStage.forget_idle`` forgot: versions, (id, location) pairs, services."""
+    versions: list[tuple[str, str, str]] = field(default_factory=list)
+    locations: list[tuple[int, Location]] = field(default_factory=list)
+    services: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
 class _ServiceClock:
     max_end: int = -(1 << 62)         # latest end timestamp seen (ns)
     closed_through: int = -(1 << 62)  # every window ending at or before this is closed
@@ -473,8 +565,10 @@ class WindowStage:
     def __init__(self, window_ns: int, lateness_ns: int, idle_timeout: float = 60.0,
                  exemplars: int = 3, clock=time.monotonic, max_locations: int = 1 << 62,
                  max_services: int = 1 << 62, max_versions: int = 1 << 62,
-                 max_versions_per_service: int = 1 << 62, version_idle_timeout: float = float("inf")):
+                 max_versions_per_service: int = 1 << 62, version_idle_timeout: float = float("inf"),
+                 location_idle_timeout: float = float("inf")):
         self.version_idle_timeout = version_idle_timeout
+        self.location_idle_timeout = location_idle_timeout
         self._next_forget = -float("inf")
         if window_ns <= 0:
             raise ValueError("window_ns must be > 0")
@@ -485,7 +579,8 @@ class WindowStage:
         self.clock = clock
         self.tables = Tables(max_locations, max_services, max_versions, max_versions_per_service)
         self.services: dict[int, _ServiceClock] = {}
-        self.stats = Counter(spans=0, late=0, windows=0, overflow=0, forgotten_versions=0)
+        self.stats = Counter(spans=0, late=0, windows=0, overflow=0, forgotten_versions=0,
+                             forgotten_locations=0, forgotten_services=0)
 
     def ingest(self, batch: Batch) -> list[ClosedWindow]:
         """Add a batch; return the windows it closed (oldest first)."""
@@ -493,16 +588,18 @@ class WindowStage:
         if n == 0:
             return []
         t = self.tables
+        # Idle time counts from when the spans arrived, not from when this stage got to
+        # them: a backlog in the queue must not make a busy service look idle.
+        now = t.now = batch.received_at if batch.received_at is not None else self.clock()
         get = t._loc_ids.get
         ids = [get(loc.key) for loc in batch.locations]
         if None in ids:
             ids = [t.location_id(loc) for loc in batch.locations]
-        gloc = np.array(ids, np.int64)[batch.loc]
+        lids = np.array(ids, np.int64)
+        t.loc_seen.view[lids] = now
+        gloc = lids[batch.loc]
         if t.real_locations >= t.max_locations:
             self.stats["overflow"] += int(t.overflow.view[gloc].sum())
-        # Idle time counts from when the spans arrived, not from when this stage got to
-        # them: a backlog in the queue must not make a busy service look idle.
-        now = batch.received_at if batch.received_at is not None else self.clock()
         vids = np.array([t.version_id(v) for v in batch.versions], np.int64)
         t.ver_seen.view[vids] = now
         gver = vids[batch.ver]
@@ -583,24 +680,36 @@ class WindowStage:
                 out += self._close(s, lambda ws: True)
         return sorted(out, key=lambda c: (c.end_ns, c.service))
 
-    def forget_idle_versions(self, now: float | None = None) -> list[tuple[str, str, str]]:
-        """Forget the versions that sent nothing for ``version_idle_timeout`` seconds and
-        have no span in an open window (checked at most once a minute); returns them."""
+    def forget_idle(self, now: float | None = None) -> Forgotten:
+        """Forget the versions that sent nothing for ``version_idle_timeout`` seconds, the
+        code locations that sent nothing for ``location_idle_timeout`` seconds, neither with
+        a span in an open window, then the services left without a location and idle as
+        long (checked at most once a minute); returns what was forgotten."""
         now = self.clock() if now is None else now
         t = self.tables
-        before = now - self.version_idle_timeout
-        if now < self._next_forget or not (t.ver_seen.view < before).any():
-            return []
-        self._next_forget = now + min(60.0, self.version_idle_timeout / 10)
+        v_before, l_before = now - self.version_idle_timeout, now - self.location_idle_timeout
+        if now < self._next_forget:
+            return Forgotten()
+        idle_services = [s for s, c in self.services.items() if c.last_arrival < l_before and not c.windows]
+        if not ((t.ver_seen.view < v_before).any() or (t.loc_seen.view < l_before).any() or idle_services):
+            return Forgotten()
+        self._next_forget = now + min(60.0, min(self.version_idle_timeout, self.location_idle_timeout) / 10)
         held = [np.zeros(0, np.int64)]
         for clock in self.services.values():
             for acc in clock.windows.values():
                 held += [(c >> 1) // _NB for c in acc.codes] + list(acc.ex_series)
                 held.append(np.array([series for series, _ in acc.exceptions], np.int64))
-        busy = set(t.series_ver.view[np.unique(np.concatenate(held))].tolist())
-        gone = t.forget_versions(before, busy)
-        self.stats["forgotten_versions"] += len(gone)
-        return gone
+        series = np.unique(np.concatenate(held))
+        out = Forgotten(t.forget_versions(v_before, set(t.series_ver.view[series].tolist())),
+                        t.forget_locations(l_before, set(t.series_loc.view[series].tolist())))
+        if out.locations or idle_services:
+            for s, name in t.forget_services(busy=set(self.services) - set(idle_services)):
+                self.services.pop(s, None)  # (its clock: the id is free for another service)
+                out.services.append(name)
+        self.stats["forgotten_versions"] += len(out.versions)
+        self.stats["forgotten_locations"] += len(out.locations)
+        self.stats["forgotten_services"] += len(out.services)
+        return out
 
     def flush_all(self) -> list[ClosedWindow]:
         """Close every open window (shutdown). The service clocks do not move: after a
@@ -618,6 +727,12 @@ class WindowStage:
         clock.max_end = max(clock.max_end, max_end)
         clock.closed_through = max(clock.closed_through, closed_through)
         clock.last_arrival = self.clock()
+
+    def restore_location(self, loc: Location) -> int:
+        """A location's id, for a checkpoint's location: idle from now on, not from before
+        the restart."""
+        self.tables.now = self.clock()
+        return self.tables.location_id(loc)
 
     def open_windows(self) -> int:
         return sum(len(c.windows) for c in self.services.values())

@@ -56,6 +56,13 @@ class LocationGauges:
                 self._rows[("", "", OVERFLOW)] = (sketch, sum(lw.errors for lw in spill),
                                                   sum(lw.count for lw in spill), window_s)
 
+    def forget(self, locations) -> None:
+        """Drop the series of forgotten locations (their ids and places are reused)."""
+        with self._lock:
+            for loc in locations:
+                self._rows.pop((loc.service, loc.environment, loc.function), None)
+                self.overflowed.discard(loc.key)
+
     def collect(self):
         lat = GaugeMetricFamily("backflow_location_latency_milliseconds",
                                 "Span duration per code location at a quantile, latest closed window",
@@ -95,6 +102,14 @@ class Metrics:
         self.overflow_spans = Counter("backflow_overflow_spans",
                                       "Spans of code locations beyond --max-locations, folded into "
                                       "their service's __overflow__ location", registry=r)
+        self.forgotten_locations = Counter("backflow_forgotten_locations",
+                                           "Code locations forgotten after --location-idle-timeout "
+                                           "without a span: baseline, detectors and checkpoint "
+                                           "field freed", registry=r)
+        self.forgotten_services = Counter("backflow_forgotten_services",
+                                          "Services forgotten once none of their code locations "
+                                          "was left, their slots under --max-services freed",
+                                          registry=r)
         self.forgotten_versions = Counter("backflow_forgotten_versions",
                                           "Versions forgotten after --version-idle-timeout without a span, "
                                           "their slots under the version caps freed", registry=r)
@@ -150,6 +165,14 @@ class Metrics:
         r.register(self.locations)
         for t in EVENT_TYPES + (RESOLVED,):
             self.events.labels(type=t)
+
+    def forget(self, forgotten) -> None:
+        """Count what the engine forgot (``Forgotten``) and drop its per-location series."""
+        self.forgotten_versions.inc(len(forgotten.versions))
+        self.forgotten_locations.inc(len(forgotten.locations))
+        self.forgotten_services.inc(len(forgotten.services))
+        self.locations.forget(loc for _, loc in forgotten.locations)
+        self.overflow_locations.set(len(self.locations.overflowed))
 
     def observe_window(self, cw: ClosedWindow) -> None:
         self.windows.inc()

@@ -187,9 +187,9 @@ class RedisSink:
         return out
 
     # --- writing ----------------------------------------------------------------------------
-    def submit_state(self, fields: dict[str, bytes]) -> None:
-        """Note checkpoint fields; written after the events and baselines waiting, a newer
-        blob of a field replacing one not yet written."""
+    def submit_state(self, fields: dict[str, bytes | None]) -> None:
+        """Note checkpoint fields (None: delete the field); written after the events and
+        baselines waiting, a newer blob of a field replacing one not yet written."""
         with self._cv:
             self.state.update(fields)
             self._cv.notify()
@@ -473,9 +473,12 @@ class RedisSink:
         """The Redis commands of a batch; with the index of each merge (and its marker) and of
         each event (its write and marker) among them."""
         cmds: list[tuple] = []
-        state = [w for w in batch if w.kind == "state"]
+        state = [w for w in batch if w.kind == "state" and w.source is not None]
         if state:  # one HSET for all the batch's fields
             cmds.append(("HSET", self.state_key, *itertools.chain.from_iterable((w.key, w.source) for w in state)))
+        gone = [w.key for w in batch if w.kind == "state" and w.source is None]
+        if gone:  # fields of what the engine forgot
+            cmds.append(("HDEL", self.state_key, *gone))
         merges: list[tuple[int, str]] = []
         events: list[tuple[int, _Write, str]] = []
         ttl = self.written_ttl
