@@ -155,17 +155,23 @@ def breakdown(engine: Engine, n_locations: int, sample: int = 2000) -> list[tupl
     columns = (stage.figures, stage.sketches, stage.updated_ns, stage.versions, stage.locations)
     out.append(("baseline figures (columns of the baseline stage)",
                 sum(block(sys.getsizeof(c)) for c in columns) / n_locations, True))
-    frozen = [engine.frozen[i] for i in pick]
+    store = engine.detectors
+    frozen = [store.frozen[i] for i in pick]
     sampled("detectors, frozen between windows (one bytes object)", frozen)
     # each detector's share of those bytes: its state marshalled alone
     states = [marshal.loads(f) for f in frozen]
-    for j, proto in enumerate(engine.detectors.prototypes):
-        size = sum(len(marshal.dumps(s[j])) for s in states) / len(pick)
-        out.append((f"    of which {type(proto).__name__}", size, False))
+    for j, proto in enumerate(store.prototypes):
+        if j not in store.columns:
+            size = sum(len(marshal.dumps(s[j])) for s in states) / len(pick)
+            out.append((f"    of which {type(proto).__name__}", size, False))
+    for j, cols in store.columns.items():
+        arrays = [getattr(cols, name) for name, _ in cols._ARRAYS] + [cols.last_version]
+        out.append((f"detectors kept as columns: {type(store.prototypes[j]).__name__}",
+                    sum(block(sys.getsizeof(a)) for a in arrays) / n_locations, True))
     # The sample stands for every location: what the others hold is not charged again below.
     for loc in tables.locations:
         seen.update((id(loc), id(loc.key), id(loc.function)))
-    containers = [engine.frozen, engine.first_seen.known, *engine.service_locations.values()]
+    containers = [store.frozen, engine.first_seen.known, *engine.service_locations.values()]
     held = sum(block(sys.getsizeof(c)) for c in containers)
     seen.update(map(id, containers))
     held += sum(block(sys.getsizeof(k)) for k in engine.first_seen.known if id(k) not in seen)

@@ -332,3 +332,46 @@ def test_a_gross_tail_shift_right_after_a_short_warm_up_is_not_taken_for_noise(s
     e = onset(events, "latency_regression")
     assert e.detail["quantile"] in ("p99", "p999") and e.detail["ratio"] > 3
     assert e.window_start_ns // (60 * 10**9) - change <= 8
+
+
+def test_dormant_columns_over_many_locations_agree_with_one_detector_each():
+    """The engine's path (every location of a service in one update) gives the events and
+    states of one Dormant per location fed window by window: locations that vanish, come
+    back, start late and stay rare, with rows out of order."""
+    from processor.detect.base import Observation
+    from processor.pipeline.location import Location
+    from processor.pipeline.sketch import LogSketch
+    from processor.pipeline.window import LocationWindow, VersionFigures
+
+    rng = np.random.default_rng(3)
+    n, windows = 80, 160
+    proto = Dormant(warmup_windows=10, min_silence_s=300)
+    cols, singles = proto.columns(), [proto.thawed(proto.freeze()) for _ in range(n)]
+    rows = rng.permutation(1000)[:n]  # location ids: sparse, unordered
+    for r in rows:
+        cols.put(int(r))
+    locs = [Location("p", "s", f"f{i}") for i in range(n)]
+    presence = rng.uniform(0.5, 1.0, n)
+    gone = rng.integers(20, windows + 40, n)   # some vanish, some never do
+    back = gone + rng.integers(10, 60, n)      # and some come back
+    start = rng.integers(0, 30, n)
+    got, want = [], []
+    for w in range(windows):
+        version = ("s", "1" if w < 80 else "2", "")
+        counts = np.array([int(rng.poisson(50)) if start[i] <= w and (w < gone[i] or w >= back[i])
+                           and rng.random() < presence[i] else 0 for i in range(n)])
+
+        def obs(i, w=w, version=version, counts=counts):
+            lw = None if not counts[i] else LocationWindow(
+                int(rows[i]), locs[i], int(counts[i]), 0, LogSketch(), [VersionFigures(version, int(counts[i]), 0, LogSketch())])
+            return Observation(locs[i], w * 60 * 10**9, (w + 1) * 60 * 10**9, lw, service_version=version)
+
+        for i in range(n):
+            want += [e.fields() for e in singles[i].update(obs(i))]
+        order = np.concatenate([np.flatnonzero(counts > 0), np.flatnonzero(counts == 0)])
+        got += [e.fields() for e in cols.update(
+            rows[order], counts[order], [version] * int((counts > 0).sum()), (w + 1) * 60 * 10**9, version,
+            lambda k, order=order, obs=obs: obs(int(order[k])))]
+    assert sorted(e["id"] for e in got) == sorted(e["id"] for e in want) and len(want) > 10
+    assert {e["type"] for e in want} == {"dormant", "resolved"}
+    assert [cols.row(int(r)) for r in rows] == [d.freeze() for d in singles]

@@ -117,6 +117,12 @@ class Detector(base.Base):
         baseline sketch (``LogSketch.pack``), which a detector holding the same need not copy."""
         raise NotImplementedError
 
+    def columns(self):
+        """State for many locations at once (as ``DormantColumns``), for a detector the engine
+        updates once per service window over all its locations; None (the default): the
+        engine keeps this detector frozen per location and feeds it location by location."""
+        return None
+
     def thawed(self, state: tuple, sketch: bytes = b"") -> "Detector":
         """A detector of this one's configuration in the state ``freeze`` gave (given the
         same ``sketch``); this one is left as it is."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 from processor.detect.base import Detector, Observation, Version
 from processor.detect.settings import Settings, parse_bool, positive_float, probability, setting
 from processor.events import Event
@@ -72,69 +74,148 @@ class Dormant(Detector):
                  min_presence: float = 0.9, alpha: float = 1e-6, fading_factor: float = 0.02):
         self.window_s, self.warmup_windows, self.min_silence_s = window_s, warmup_windows, min_silence_s
         self.min_presence, self.alpha, self.fading_factor = min_presence, alpha, fading_factor
-        self.presence = 0.0  # EWMean of 1 (called) / 0 (not called) per window
-        self.calls = 0.0     # EWMean of calls per window, over windows with calls
-        self.windows = 0
-        self.last_seen_ns = 0
-        self.last_version: Version = ("", "", "")
-        self.presence_when_last_seen = 0.0
-        self.silent = False
+        self._thaw(DormantColumns.FRESH, b"")
 
     @classmethod
     def _contract(cls) -> dict:
         return {"change": ("vanish", 1.0), "max_stationary": 0}
 
+    # The state is one row of DormantColumns: presence (EWMean of 1 called / 0 not called per
+    # window), calls (EWMean of calls per window, over windows with calls), windows with
+    # calls, the end of the last one, its version, presence then, and whether reported silent.
+    presence = property(lambda self: float(self._row.presence[0]))
+    calls = property(lambda self: float(self._row.calls[0]))
+    windows = property(lambda self: int(self._row.windows[0]))
+    silent = property(lambda self: bool(self._row.silent[0]))
+
     def freeze(self, sketch: bytes = b"") -> tuple:
-        return (self.presence, self.calls, self.windows, self.last_seen_ns, self.last_version,
-                self.presence_when_last_seen, self.silent)
+        return self._row.row(0)
 
     def _thaw(self, state: tuple, sketch: bytes) -> None:
-        (self.presence, self.calls, self.windows, self.last_seen_ns, self.last_version,
-         self.presence_when_last_seen, self.silent) = state
+        self._row = DormantColumns(self)
+        self._row.put(0, state)
 
-    def _ewm(self, mean: float, x: float) -> float:
-        """One update of River's ``stats.EWMean`` after its first value."""
-        return self.fading_factor * x + (1 - self.fading_factor) * mean
+    def columns(self) -> DormantColumns:
+        """State for many locations at once, which the engine keeps instead of a frozen
+        state per location."""
+        return DormantColumns(self)
 
     def update(self, obs: Observation) -> list[Event]:
-        if obs.window is not None and obs.window.count > 0:
-            if self.windows == 0:  # both means start at their first value
-                self.presence, self.calls = 1.0, float(obs.window.count)
-            else:
-                self.presence = self._ewm(self.presence, 1.0)
-                self.calls = self._ewm(self.calls, obs.window.count)
-            self.windows += 1
-            self.last_seen_ns = obs.end_ns
-            self.last_version = obs.window.main_version.version
-            self.presence_when_last_seen = self.presence
-            if self.silent:
-                self.silent = False
-                return [obs.event("resolved", "info",
-                                  f"{obs.location.function} is called again",
-                                  {"resolves": self.event_type, "reason": "called again",
-                                   "count": obs.window.count}, subject=self.event_type)]
-            return []
-        if self.windows == 0:
-            return []
-        self.presence = self._ewm(self.presence, 0.0)
-        if self.silent or self.windows < self.warmup_windows:
-            return []
-        silence_s = (obs.end_ns - self.last_seen_ns) / 1e9
-        rate = self.calls / self.window_s  # calls per second while it was called
-        p_silence = math.exp(-rate * silence_s)
-        if (silence_s < self.min_silence_s or p_silence >= self.alpha
-                or self.presence_when_last_seen < self.min_presence):
-            return []
-        self.silent = True
-        replaced = obs.service_version != self.last_version and obs.service_version != ("", "", "")
-        version = obs.service_version if replaced else self.last_version
-        return [obs.event(
+        here = obs.window is not None and obs.window.count > 0
+        return self._row.update(_ROW, np.array([obs.count if here else 0]),
+                                [obs.window.main_version.version] if here else [], obs.end_ns,
+                                obs.service_version, lambda k: obs)
+
+    def _silence(self, obs: Observation, silence_s: float, rate: float, p_silence: float,
+                 last_version: Version, presence: float, last_seen_ns: int) -> Event:
+        """The event of a silence too long to be chance."""
+        replaced = obs.service_version != last_version and obs.service_version != ("", "", "")
+        version = obs.service_version if replaced else last_version
+        return obs.event(
             self.event_type, "info",
             f"{obs.location.function} has not been called for {_duration(silence_s)} "
-            f"(it was called {rate:.3g}/s)" + (f"; {version[1]} replaced {self.last_version[1]}"
+            f"(it was called {rate:.3g}/s)" + (f"; {version[1]} replaced {last_version[1]}"
                                                if replaced else ""),
             {"silence_s": round(silence_s, 3), "rate_per_s": round(rate, 6),
-             "p_silence": p_silence, "alpha": self.alpha, "presence": round(self.presence_when_last_seen, 4),
-             "last_seen": self.last_seen_ns // 1_000_000, "last_version": self.last_version[1],
-             "last_revision": self.last_version[2], "threshold_s": self.min_silence_s},
-            version)]
+             "p_silence": p_silence, "alpha": self.alpha, "presence": round(presence, 4),
+             "last_seen": last_seen_ns // 1_000_000, "last_version": last_version[1],
+             "last_revision": last_version[2], "threshold_s": self.min_silence_s},
+            version)
+
+
+_ROW = np.zeros(1, np.int64)  # the one row of a Dormant's own state
+
+
+class DormantColumns:
+    """The dormant state of many locations as columns indexed by location id, updated for
+    every location of a service in one step: an absent location, which most locations are
+    in most windows, costs numpy over an array, not a Python step of its own. ``Dormant``
+    runs on a one-row instance, so there is one implementation of the rule.
+
+    >>> cols = DormantColumns(Dormant(warmup_windows=1, min_silence_s=60))
+    >>> cols.put(7)
+    >>> ids = np.array([7])
+    >>> cols.update(ids, np.array([50]), [("s", "1", "")], 60 * 10**9, ("s", "1", ""), None)
+    []
+    >>> cols.row(7)
+    (1.0, 50.0, 1, 60000000000, ('s', '1', ''), 1.0, False)
+    """
+
+    FRESH = (0.0, 0.0, 0, 0, ("", "", ""), 0.0, False)  # Dormant.freeze of a new detector
+    _ARRAYS = (("presence", np.float64), ("calls", np.float64), ("windows", np.int64),
+               ("last_seen", np.int64), ("pwls", np.float64), ("silent", np.bool_))
+
+    def __init__(self, det: Dormant):
+        self.det = det
+        for name, dtype in self._ARRAYS:
+            setattr(self, name, np.zeros(0, dtype))
+        self.last_version: list[Version] = []
+
+    def _room(self, n: int) -> None:
+        if n > len(self.presence):
+            size = max(n, 2 * len(self.presence), 16)
+            for name, dtype in self._ARRAYS:
+                old = getattr(self, name)
+                new = np.zeros(size, dtype)
+                new[:len(old)] = old
+                setattr(self, name, new)
+            self.last_version += [self.FRESH[4]] * (size - len(self.last_version))
+
+    def put(self, i: int, state: tuple | None = None) -> None:
+        """Set row ``i``: a new location's state, or a frozen one (``Dormant.freeze``)."""
+        self._room(i + 1)
+        (self.presence[i], self.calls[i], self.windows[i], self.last_seen[i], self.last_version[i],
+         self.pwls[i], self.silent[i]) = self.FRESH if state is None else state
+
+    def row(self, i: int) -> tuple:
+        """Row ``i`` as ``Dormant.freeze`` gives it (plain Python values)."""
+        return (float(self.presence[i]), float(self.calls[i]), int(self.windows[i]), int(self.last_seen[i]),
+                tuple(self.last_version[i]), float(self.pwls[i]), bool(self.silent[i]))
+
+    def update(self, ids: np.ndarray, counts: np.ndarray, versions: list[Version], end_ns: int,
+               service_version: Version, observe) -> list[Event]:
+        """One closed window of a service: ``ids`` its locations (rows), ``counts`` their calls
+        in it (0: absent), ``versions`` the main version of each present one, in order;
+        ``observe(k)`` gives the Observation of ``ids[k]``, asked only for the few with an event."""
+        d, ff = self.det, self.det.fading_factor
+        here = counts > 0
+        k_here = np.flatnonzero(here)
+        rows = ids[k_here]
+        # River's EWMean: the first value as it is, then ff * x + (1 - ff) * mean (same float ops)
+        first = self.windows[rows] == 0
+        c = counts[k_here].astype(np.float64)
+        presence = np.where(first, 1.0, ff * 1.0 + (1 - ff) * self.presence[rows])
+        self.presence[rows] = presence
+        self.calls[rows] = np.where(first, c, ff * c + (1 - ff) * self.calls[rows])
+        self.windows[rows] += 1
+        self.last_seen[rows] = end_ns
+        self.pwls[rows] = presence
+        for i, v in zip(rows.tolist(), versions):
+            self.last_version[i] = v
+        events: list[Event] = []
+        back = self.silent[rows]
+        for k, i in zip(k_here[back].tolist(), rows[back].tolist()):
+            self.silent[i] = False
+            obs = observe(k)
+            events.append(obs.event("resolved", "info", f"{obs.location.function} is called again",
+                                    {"resolves": d.event_type, "reason": "called again", "count": obs.count},
+                                    subject=d.event_type))
+
+        k_away = np.flatnonzero(~here)
+        rows = ids[k_away]
+        seen = self.windows[rows] > 0
+        k_away, rows = k_away[seen], rows[seen]
+        self.presence[rows] = (1 - ff) * self.presence[rows]  # (ff * 0.0 + that: the same float)
+        due = (~self.silent[rows] & (self.windows[rows] >= d.warmup_windows)
+               & (self.pwls[rows] >= d.min_presence)
+               & ((end_ns - self.last_seen[rows]) / 1e9 >= d.min_silence_s))
+        for k, i in zip(k_away[due].tolist(), rows[due].tolist()):
+            silence_s = (end_ns - int(self.last_seen[i])) / 1e9
+            rate = float(self.calls[i]) / d.window_s  # calls per second while it was called
+            p_silence = math.exp(-rate * silence_s)
+            if p_silence >= d.alpha:
+                continue
+            self.silent[i] = True
+            events.append(d._silence(observe(k), silence_s, rate, p_silence, tuple(self.last_version[i]),
+                                     float(self.pwls[i]), int(self.last_seen[i])))
+        return events

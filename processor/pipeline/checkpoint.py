@@ -128,7 +128,7 @@ def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | None]:
         try:
             out[location_field(loc.key)] = encode_location(LocationState(
                 loc, loc_id, engine.baselines.baseline(loc_id),
-                engine.frozen[loc_id], engine._fingerprint))
+                engine.detectors.state(loc_id), engine._fingerprint))
         except (ValueError, TypeError, OverflowError) as e:
             failed.append((loc.key, e))
     for service in sorted(engine.dirty_services):

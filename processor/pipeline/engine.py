@@ -12,6 +12,8 @@ import time
 from array import array
 from dataclasses import dataclass
 
+import numpy as np
+
 from processor.config import Config
 from processor.detect.base import Detector, Observation
 from processor.detect.registry import build_detectors
@@ -37,13 +39,23 @@ class DetectorStore:
 
     A location's detectors are thawed from the configuration's prototypes for each window
     of its service, given its baseline sketch: a detector whose own baseline is that same
-    sketch leaves it out of its frozen state (see ``LatencyShift.freeze``).
+    sketch leaves it out of its frozen state (see ``LatencyShift.freeze``). A detector with
+    ``columns()`` (``Dormant``) is kept as columns over every location instead, updated once
+    per service window (``update_service``); its place in a location's frozen tuple holds
+    None, and ``state`` puts its row back for checkpoints.
     """
 
     def __init__(self, prototypes: list[Detector]):
         self.prototypes = prototypes
-        self.fresh = marshal.dumps(tuple(d.freeze() for d in prototypes))  # a new location's
-        self.frozen: list[bytes | None] = []
+        self.columns = {j: c for j, c in ((j, p.columns()) for j, p in enumerate(prototypes)) if c is not None}
+        fresh = tuple(d.freeze() for d in prototypes)
+        self.fresh = marshal.dumps(fresh)  # a new location's state, whole
+        self._fresh_held = marshal.dumps(self._held(fresh))
+        self.frozen: list[bytes | None] = []  # (columnar detectors' places: None)
+        self.absent_per_location = any(p.wants_absent for j, p in enumerate(prototypes) if j not in self.columns)
+
+    def _held(self, states: tuple) -> tuple:
+        return tuple(None if j in self.columns else s for j, s in enumerate(states))
 
     def __contains__(self, loc_id: int) -> bool:
         return loc_id < len(self.frozen) and self.frozen[loc_id] is not None
@@ -52,14 +64,23 @@ class DetectorStore:
         return sum(f is not None for f in self.frozen)
 
     def state(self, loc_id: int) -> bytes | None:
-        """The location's frozen detectors (what a checkpoint keeps)."""
-        return self.frozen[loc_id] if loc_id < len(self.frozen) else None
+        """The location's frozen detectors, whole (what a checkpoint keeps)."""
+        held = self.frozen[loc_id] if loc_id < len(self.frozen) else None
+        if held is None or not self.columns:
+            return held
+        states = list(marshal.loads(held))
+        for j, c in self.columns.items():
+            states[j] = c.row(loc_id)
+        return marshal.dumps(tuple(states))
 
     def put(self, loc_id: int, frozen: bytes | None = None) -> None:
-        """Give a location detectors: fresh ones, or ``frozen`` ones (from a checkpoint)."""
+        """Give a location detectors: fresh ones, or ``frozen`` ones (``state``'s, checked)."""
         if loc_id >= len(self.frozen):
             self.frozen.extend([None] * (loc_id + 1 - len(self.frozen)))
-        self.frozen[loc_id] = self.fresh if frozen is None else frozen
+        states = None if frozen is None else marshal.loads(frozen)
+        for j, c in self.columns.items():
+            c.put(loc_id, None if states is None else states[j])
+        self.frozen[loc_id] = self._fresh_held if states is None else marshal.dumps(self._held(states))
 
     def forget(self, loc_id: int) -> None:
         """Drop a location's detectors (the location was forgotten: its id may be reused)."""
@@ -73,10 +94,10 @@ class DetectorStore:
             return []
         return [p.thawed(s, sketch) for p, s in zip(self.prototypes, marshal.loads(data))]
 
-    def check(self, loc_id: int, sketch: bytes) -> None:
-        """Raise if the location's frozen state does not thaw into this configuration's
+    def check(self, frozen: bytes, sketch: bytes) -> None:
+        """Raise if ``frozen`` (a whole state) does not thaw into this configuration's
         detectors (a checkpoint's state of another shape)."""
-        states = marshal.loads(self.frozen[loc_id])
+        states = marshal.loads(frozen)
         if not isinstance(states, tuple) or len(states) != len(self.prototypes):
             raise ValueError(f"{len(self.prototypes)} detector states expected")
         for p, state in zip(self.prototypes, states):
@@ -84,17 +105,26 @@ class DetectorStore:
 
     def update(self, loc_id: int, obs: Observation, before: bytes, after: bytes) -> list[Event]:
         """Feed one window to a location's detectors (the absent-location window only to those
-        that want it); ``before`` and ``after`` are its baseline sketch before and after the
-        window was absorbed."""
+        that want it), the columnar ones aside; ``before`` and ``after`` are its baseline
+        sketch before and after the window was absorbed."""
         events: list[Event] = []
         states = list(marshal.loads(self.frozen[loc_id]))
         present = obs.window is not None
         for j, proto in enumerate(self.prototypes):
-            if present or proto.wants_absent:
+            if j not in self.columns and (present or proto.wants_absent):
                 det = proto.thawed(states[j], before)
                 events += det.update(obs)
                 states[j] = det.freeze(after)
         self.frozen[loc_id] = marshal.dumps(tuple(states))
+        return events
+
+    def update_service(self, ids: np.ndarray, counts: np.ndarray, versions: list, end_ns: int,
+                       service_version: tuple, observe) -> list[Event]:
+        """Feed one window of a service to the columnar detectors: ``ids`` its locations,
+        ``counts`` their calls (0: absent), ``versions`` the present ones' main versions."""
+        events: list[Event] = []
+        for c in self.columns.values():
+            events += c.update(ids, counts, versions, end_ns, service_version, observe)
         return events
 
 
@@ -136,8 +166,8 @@ class Engine:
 
     @property
     def frozen(self) -> list[bytes | None]:
-        """Each location id's frozen detectors (``DetectorStore.frozen``)."""
-        return self.detectors.frozen
+        """Each location id's frozen detectors, whole (``DetectorStore.state``): a copy."""
+        return [self.detectors.state(i) for i in range(len(self.detectors.frozen))]
 
     def restore_service(self, service: tuple[str, str], max_end: int, closed_through: int,
                         version_first_seen: dict) -> None:
@@ -159,13 +189,15 @@ class Engine:
         if loc_id not in self.detectors:
             service = (location.environment, location.service)
             self.service_locations.setdefault(service, array("q")).append(loc_id)
-        self.detectors.put(loc_id, frozen if fingerprint == self._fingerprint else None)
-        try:  # plain data of the wrong shape would fail at the location's next window instead
-            self.detectors.check(loc_id, self.baselines.sketches[loc_id])
-        except Exception as e:  # noqa: BLE001 (any shape error: the detectors learn again)
-            log.warning("checkpoint of %s: detector state does not fit this version (%s: %s); "
-                        "its detectors learn again", location.key, type(e).__name__, e)
-            self.detectors.put(loc_id, None)
+        state = frozen if fingerprint == self._fingerprint else None
+        if state is not None:
+            try:  # plain data of the wrong shape would fail at the location's next window instead
+                self.detectors.check(state, self.baselines.sketches[loc_id])
+            except Exception as e:  # noqa: BLE001 (any shape error: the detectors learn again)
+                log.warning("checkpoint of %s: detector state does not fit this version (%s: %s); "
+                            "its detectors learn again", location.key, type(e).__name__, e)
+                state = None
+        self.detectors.put(loc_id, state)
         self.first_seen.known.add(location.key)
         return 1
 
@@ -281,26 +313,40 @@ class Engine:
 
     def _detect(self, cw: ClosedWindow, service: tuple, tracked: list, context: ServiceContext,
                 events: list[Event]) -> list[Baseline]:
-        """Baselines of the present locations, detectors of every location of the service
-        (absent ones too: silence is what the dormant detector learns from); events appended
-        to ``events``, the baselines returned."""
-        present = {lw.loc_id: i for i, lw in enumerate(tracked)}
+        """Baselines of the present locations, their detectors, then the columnar detectors
+        over every location of the service at once (absent ones too: silence is what the
+        dormant detector learns from); events appended to ``events``, the baselines returned."""
         baselines: list = [None] * len(tracked)
         locations = self.windows.tables.locations
-        stage = self.baselines
-        for loc_id in self.service_locations[service]:
-            i = present.get(loc_id)
-            lw = step = None
-            if i is not None:
-                lw = tracked[i]
-                # The baseline first: the latency detector, while it keeps the same sketch,
-                # takes the stage's result instead of computing it again (baseline_step).
-                baselines[i], before, decay = stage.absorb(cw, lw)
-                step = (before, decay, stage.sketches[loc_id])
-            obs = Observation(locations[loc_id], cw.start_ns, cw.end_ns, lw, context.inflight,
-                              context.version, context.version_first_seen, context.calls_per_s, step)
+        stage, store = self.baselines, self.detectors
+        known = self.service_locations[service]
+
+        def observation(loc_id: int, lw, step=None) -> Observation:
+            return Observation(locations[loc_id], cw.start_ns, cw.end_ns, lw, context.inflight,
+                               context.version, context.version_first_seen, context.calls_per_s, step)
+
+        for i, lw in enumerate(tracked):
+            loc_id = lw.loc_id
+            # The baseline first: the latency detector, while it keeps the same sketch,
+            # takes the stage's result instead of computing it again (baseline_step).
+            baselines[i], before, decay = stage.absorb(cw, lw)
             after = stage.sketches[loc_id]
-            events += self.detectors.update(loc_id, obs, after if step is None else step[0], after)
+            events += store.update(loc_id, observation(loc_id, lw, (before, decay, after)), before, after)
+        if store.absent_per_location:
+            present = {lw.loc_id for lw in tracked}
+            for loc_id in known:
+                if loc_id not in present:
+                    sketch = stage.sketches[loc_id]
+                    events += store.update(loc_id, observation(loc_id, None), sketch, sketch)
+        if store.columns:
+            here = np.fromiter((lw.loc_id for lw in tracked), np.int64, len(tracked))
+            away = np.setdiff1d(np.frombuffer(known, np.int64), here, assume_unique=True)
+            ids = np.concatenate([here, away])
+            counts = np.zeros(len(ids), np.int64)
+            counts[:len(here)] = [lw.count for lw in tracked]
+            events += store.update_service(
+                ids, counts, [lw.main_version.version for lw in tracked], cw.end_ns, context.version,
+                lambda k: observation(int(ids[k]), tracked[k] if k < len(tracked) else None))
         return baselines
 
 
