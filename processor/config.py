@@ -114,11 +114,11 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds without a span after which a version is forgotten (its slot under "
             "max_versions freed; its Redis summaries stay); it is new again if it comes back",
             "SECONDS"),
-    Setting("location_idle_timeout", 7 * 86400.0, positive_float,
+    Setting("location_idle_timeout", 35 * 86400.0, positive_float,
             "seconds without a span after which a code location is forgotten (its baseline, "
             "detectors and checkpoint freed; its Redis baseline and key stay), and a service with "
-            "none left; a location that comes back is learned anew, without a second first_seen",
-            "SECONDS"),
+            "none left; a location that comes back is learned anew, without a second first_seen "
+            "(the default, five weeks, keeps monthly jobs)", "SECONDS"),
     Setting("exemplars", 3, non_negative_int,
             "trace ids kept per code location and window (the slowest spans)", "N"),
     Setting("baseline_half_life", 86400.0, positive_float,

@@ -291,10 +291,12 @@ def test_forgotten_locations_and_services_leave_the_checkpoint():
     engine.ingest(_batch(["f"], "kept", T0 + 100 * SEC, 1.0))  # only "kept" sends again
     engine.forget_idle(150.0)
     fields = checkpoint.dumps_dirty(engine)
-    gone = {name for name, blob in fields.items() if blob is None}
-    assert gone == {checkpoint.location_field(Location("prod", "gone", "f").key), "svc:prod:gone"}
-    for name, blob in fields.items():  # as the sink applies them: HSET, HDEL
-        if blob is None:
+    gone = {name: at for name, at in fields.items() if not isinstance(at, bytes)}
+    # (each with the event time of what it held: the end of its newest window)
+    assert gone == {checkpoint.location_field(Location("prod", "gone", "f").key): T0 + 60 * SEC,
+                    "svc:prod:gone": T0}  # (and its newest span)
+    for name, blob in fields.items():  # as the sink applies them: HSET, or delete
+        if name in gone:
             state.pop(name)
         else:
             state[name] = blob
@@ -383,3 +385,72 @@ def test_serve_forgets_an_idle_service_and_gives_its_place_to_the_next(redis_ser
         bf.stop()
     assert len(first_seen(a)) == 1 and len(first_seen(b)) == 1
     assert m.get('backflow_overflow_names_total{kind="service"}') == 1  # a, while b held the place
+
+
+@pytest.mark.e2e
+def test_a_forgotten_field_another_process_wrote_since_stays(redis_server):
+    """The service moved to another instance, which checkpoints it with later windows: the
+    instance that forgot it must not delete those fields."""
+    import redis
+
+    from processor.pipeline import checkpoint
+    from processor.sinks.redis_streams import RedisSink
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    clock = [0.0]
+    engine = _forgetting_engine(clock)
+    engine.ingest(_batch(["f"], "moved", T0, 1.0))
+    engine.ingest(_batch(["f"], "gone", T0, 1.0))
+    engine.flush_idle(11.0)
+    ours = checkpoint.dumps_dirty(engine)
+    assert len(ours) == 4
+    later = Engine(engine.cfg, known_keys=set())  # the other instance, a few windows on
+    later.ingest(_batch(["f"], "moved", T0 + 300 * SEC, 1.0))
+    later.flush_idle(11.0)
+    theirs = checkpoint.dumps_dirty(later)
+    sink = RedisSink(client, "backflow", 1000, 1000)
+    sink.start()
+    try:
+        sink.submit_state({**ours, **theirs})  # Redis holds "gone" as ours, "moved" as theirs
+        assert sink.flush(10)
+        engine.forget_idle(200.0)
+        forgotten = checkpoint.dumps_dirty(engine)
+        assert len(forgotten) == 4 and not any(isinstance(v, bytes) for v in forgotten.values())
+        sink.submit_state(forgotten)
+        assert sink.flush(10)
+    finally:
+        sink.stop(5)
+    left = {k.decode(): v for k, v in client.hgetall("backflow:state").items()}
+    assert left == theirs
+
+
+def test_restored_versions_are_kept_while_the_process_is_younger_than_the_version_timeout():
+    clock = [0.0]
+    engine = _forgetting_engine(clock, version_idle_timeout=1000.0)
+    canary = ("shop", "2.0", "")  # live, first seen long ago, not sent since the restart yet
+    engine.restore_service(("prod", "shop"), T0, T0, {canary: T0 - 8 * 86400 * SEC})
+    engine.ingest(_batch(["f"], "shop", T0 + 200 * SEC, 1.0))
+    engine.ingest(_batch(["g"], "other", T0, 1.0))
+    engine.flush_idle(11.0)
+    clock[0] = 150.0
+    engine.ingest(_batch(["f"], "shop", T0 + 300 * SEC, 1.0))
+    assert engine.forget_idle(150.0).services == [("prod", "other")]
+    assert canary in engine.version_first_seen[("prod", "shop")]
+
+
+def test_the_overflow_series_goes_once_nothing_is_folded_into_it():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from processor.sinks.prometheus import Metrics
+
+    clock = [0.0]
+    engine = _forgetting_engine(clock)
+    metrics = Metrics(CollectorRegistry(), max_locations=1)
+    engine.ingest(_batch(["f", "g"], "shop", T0, 1.0))
+    for r in engine.flush_idle(11.0):
+        metrics.observe_window(r.window)
+    assert 'code_function_name="__overflow__"' in generate_latest(metrics.registry).decode()
+    metrics.forget(engine.forget_idle(200.0))
+    text = generate_latest(metrics.registry).decode()
+    assert "code_function_name=" not in text and "backflow_metrics_overflow_locations 0.0" in text

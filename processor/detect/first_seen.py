@@ -15,44 +15,44 @@ from processor.pipeline.window import ClosedWindow, LocationWindow
 
 class FirstSeen:
     """Asked once per location: at its first window in this process (the engine knows its
-    locations; no set of every key seen is kept here). A key known from Redis is forgotten
-    once its location has come back, so the set loaded at start only shrinks."""
+    locations), and again if it comes back after this process forgot it. The keys known
+    (from ``{prefix}:keys`` at start, and those of locations this process forgot) are kept
+    as sorted 64-bit integers: 8 bytes a key rather than a string's hundred, so that a
+    process restarted after months of name churn does not hold every name ever seen.
+
+    >>> from processor.pipeline.location import location_key
+    >>> f = FirstSeen({location_key("prod", "shop", "f"), "not-a-key"})
+    >>> f.remember([location_key("prod", "shop", "g")])
+    >>> [f.seen_before(location_key("prod", "shop", n)) for n in "fgh"], f.seen_before("not-a-key")
+    ([True, True, False], True)
+    """
 
     def __init__(self, known_keys: set[str] | None = None):
-        self.known = set(known_keys or ())
-        # Keys of locations this process forgot (idle), as sorted integers: 8 bytes each
-        # instead of a string's hundred, kept so that a return is not announced again.
-        self._forgotten = np.zeros(0, np.uint64)
+        keys = list(known_keys or ())
+        self.known = {k for k in keys if not _is_key(k)}  # other keys (not location_key's), if any
+        self._keys = np.unique(np.array([int(k, 16) for k in keys if _is_key(k)], np.uint64))
+        self._pending: list[str] = []  # remembered, merged into _keys when next asked
 
-    def forget(self, keys: list[str]) -> None:
-        """The locations of ``keys`` (``location_key``s) were forgotten: they are not new if
-        they come back.
-
-        >>> from processor.pipeline.location import location_key
-        >>> f, key = FirstSeen(), location_key("prod", "shop", "f")
-        >>> f.forget([key]); f.forget([key])
-        >>> f.seen_before(key), f.seen_before(location_key("prod", "shop", "g")), len(f._forgotten)
-        (True, False, 1)
-        """
-        if keys:
-            new = np.array([int(k, 16) for k in keys], np.uint64)
-            self._forgotten = np.union1d(self._forgotten, new)
+    def remember(self, keys: list[str]) -> None:
+        """``keys`` (``location_key``s) are known: their locations are not new if they come
+        (back) later."""
+        self._pending += keys
 
     def seen_before(self, key: str) -> bool:
         """Whether the location was known from Redis or forgotten by this process."""
-        if key in self.known:
-            return True
-        f = self._forgotten
-        if not len(f):
-            return False
+        if self._pending:
+            new = np.array([int(k, 16) for k in self._pending], np.uint64)
+            self._keys, self._pending = np.union1d(self._keys, new), []
+        if not _is_key(key):
+            return key in self.known
+        keys = self._keys
         k = np.uint64(int(key, 16))
-        i = int(np.searchsorted(f, k))
-        return bool(i < len(f) and f[i] == k)
+        i = int(np.searchsorted(keys, k))
+        return bool(i < len(keys) and keys[i] == k)
 
     def update(self, cw: ClosedWindow, lw: LocationWindow) -> list[Event]:
         key = lw.location.key
         if self.seen_before(key):
-            self.known.discard(key)
             return []
         v = lw.main_version
         q50, q99 = lw.sketch.quantiles([0.5, 0.99]) / 1e6
@@ -66,3 +66,14 @@ class FirstSeen:
             detail={"count": lw.count, "errors": lw.errors, "p50_ms": round(q50, 6),
                     "p99_ms": round(q99, 6), "exemplars": lw.exemplars},
         )]
+
+
+def _is_key(key: str) -> bool:
+    """Whether ``key`` is a ``location_key`` (16 hex digits)."""
+    if len(key) != 16:
+        return False
+    try:
+        int(key, 16)
+    except ValueError:
+        return False
+    return key.isalnum()  # (int() takes "_" and spaces too)

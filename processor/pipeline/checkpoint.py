@@ -102,18 +102,19 @@ def service_field(service: tuple[str, str]) -> str:
 
 # --- writing ------------------------------------------------------------------------------
 
-def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | None]:
+def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | int]:
     """The fields of what changed since the last call (at most ``limit`` locations, the
-    oldest ids first, and every changed service), and None for the fields of what the
-    engine forgot since (to delete); clears the marks of what it took.
+    lowest ids first, and every changed service), and for the fields of what the engine
+    forgot since, the event time of its newest window (the sink deletes such a field unless
+    another process wrote a later one); clears the marks of what it took.
 
     Runs on the thread that owns the engine, so the state written is one moment's. The limit
     keeps a checkpoint of many locations from holding all their blobs at once: the rest
     stay marked for the next call. A location whose state is not plain data (a detector
     that froze a list or a set: it would not come back the same) is left out and logged.
     """
-    # (a forgotten location that came back since is written below, over its None)
-    out: dict[str, bytes | None] = dict.fromkeys(sorted(engine.forgotten_fields))
+    # (a forgotten location that came back since is written below, over its deletion)
+    out: dict[str, bytes | int] = dict(sorted(engine.forgotten_fields.items()))
     engine.forgotten_fields.clear()
     tables = engine.windows.tables
     dirty = sorted(engine.dirty_locations)

@@ -161,8 +161,10 @@ class Engine:
         # What changed since the last checkpoint (see processor/pipeline/checkpoint.py)
         self.dirty_locations: set[int] = set()
         self.dirty_services: set[tuple] = set()
-        self.forgotten_fields: set[str] = set()  # checkpoint fields of what was forgotten since
+        # checkpoint fields of what was forgotten since -> event time of its newest window (ns)
+        self.forgotten_fields: dict[str, int] = {}
         self._fingerprint = checkpoint_fingerprint(cfg)
+        self._started = self.windows.clock()
 
     @property
     def frozen(self) -> list[bytes | None]:
@@ -198,7 +200,7 @@ class Engine:
                             "its detectors learn again", location.key, type(e).__name__, e)
                 state = None
         self.detectors.put(loc_id, state)
-        self.first_seen.known.add(location.key)
+        self.first_seen.remember([location.key])
         return 1
 
     def detectors_of(self, loc_id: int) -> list[Detector]:
@@ -221,14 +223,16 @@ class Engine:
         by_service: dict[tuple, set[int]] = {}
         keys = []
         for loc_id, loc in f.locations:
+            if not is_overflow(loc):
+                b = self.baselines.baseline(loc_id)
+                self.forgotten_fields[checkpoint.location_field(loc.key)] = b.updated_ns if b else 0
             self.baselines.forget(loc_id)
             self.detectors.forget(loc_id)
             self.dirty_locations.discard(loc_id)
             by_service.setdefault((loc.environment, loc.service), set()).add(loc_id)
             if not is_overflow(loc):
                 keys.append(loc.key)
-                self.forgotten_fields.add(checkpoint.location_field(loc.key))
-        self.first_seen.forget(keys)
+        self.first_seen.remember(keys)
         for service, ids in by_service.items():
             known = self.service_locations.get(service)
             if known is not None:
@@ -238,22 +242,24 @@ class Engine:
             self.service_locations.pop(service, None)
             self.detecting.discard(service)
             self.dirty_services.discard(service)
-            self.forgotten_fields.add(checkpoint.service_field(service))
+            self.forgotten_fields[checkpoint.service_field(service)] = f.service_ends.get(service, 0)
         if f.versions or f.locations:
-            self._forget_versions(gone_versions)
+            self._forget_versions(gone_versions, self.windows.clock() if now is None else now)
         return f
 
-    def _forget_versions(self, gone: set) -> None:
+    def _forget_versions(self, gone: set, now: float) -> None:
         """Versions forgotten leave their services' first-seen tables, and so do versions
-        restored from a checkpoint that never sent a span to this process and were first
-        seen over ``version_idle_timeout`` before their service's newest span."""
+        restored from a checkpoint that have sent no span to this process in its first
+        ``version_idle_timeout`` seconds and were first seen that long before their
+        service's newest span."""
         tables, clocks = self.windows.tables, self.windows.services
-        timeout_ns = self.cfg.version_idle_timeout * 1e9
+        timeout = self.cfg.version_idle_timeout
+        restored_idle = now - self._started >= timeout
         for service, first_seen in self.version_first_seen.items():
             clock = clocks.get(tables._svc_ids.get(service))
             newest = clock.max_end if clock is not None else 0
-            old = [v for v, end in first_seen.items()
-                   if v in gone or (v not in tables._ver_ids and end < newest - timeout_ns)]
+            old = [v for v, end in first_seen.items() if v in gone or (
+                restored_idle and v not in tables._ver_ids and end < newest - timeout * 1e9)]
             for v in old:
                 del first_seen[v]
             if old:

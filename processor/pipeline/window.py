@@ -534,6 +534,7 @@ class Forgotten:
     versions: list[tuple[str, str, str]] = field(default_factory=list)
     locations: list[tuple[int, Location]] = field(default_factory=list)
     services: list[tuple[str, str]] = field(default_factory=list)
+    service_ends: dict[tuple[str, str], int] = field(default_factory=dict)  # their clocks' max_end
 
 
 @dataclass
@@ -704,8 +705,9 @@ class WindowStage:
                         t.forget_locations(l_before, set(t.series_loc.view[series].tolist())))
         if out.locations or idle_services:
             for s, name in t.forget_services(busy=set(self.services) - set(idle_services)):
-                self.services.pop(s, None)  # (its clock: the id is free for another service)
+                clock = self.services.pop(s, None)  # (the id is free for another service)
                 out.services.append(name)
+                out.service_ends[name] = clock.max_end if clock is not None else 0
         self.stats["forgotten_versions"] += len(out.versions)
         self.stats["forgotten_locations"] += len(out.locations)
         self.stats["forgotten_services"] += len(out.services)

@@ -62,6 +62,8 @@ class LocationGauges:
             for loc in locations:
                 self._rows.pop((loc.service, loc.environment, loc.function), None)
                 self.overflowed.discard(loc.key)
+            if not self.overflowed:  # (none left to fold: the overflow series goes too)
+                self._rows.pop(("", "", OVERFLOW), None)
 
     def collect(self):
         lat = GaugeMetricFamily("backflow_location_latency_milliseconds",

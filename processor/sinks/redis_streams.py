@@ -62,6 +62,40 @@ _STR = {str}
 _pairs = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+# KEYS: the checkpoint hash. ARGV: pairs of (field, event time in ns of the newest window the
+# process folded into what it forgot). The field goes unless it holds a later time (its
+# baseline's updated_ns, its service's max_end): then another process wrote it since (the
+# service moved there) and it stays. The time is read from the MessagePack bytes (Redis's
+# cmsgpack does not take bin types); 1 ms of slack covers Lua's doubles.
+_FORGET_LUA = """
+local function at(v, name)
+  local i = string.find(v, name, 1, true)
+  if not i then return nil end
+  local j = i + #name
+  local t = string.byte(v, j)
+  if t == nil then return nil end
+  if t < 128 then return t end
+  local n
+  if t == 204 then n = 1 elseif t == 205 then n = 2 elseif t == 206 then n = 4
+  elseif t == 207 or t == 211 then n = 8 else return nil end
+  local x = 0
+  for k = 1, n do x = x * 256 + (string.byte(v, j + k) or 0) end
+  return x
+end
+local n = 0
+for i = 1, #ARGV, 2 do
+  local v = redis.call('HGET', KEYS[1], ARGV[i])
+  if v then
+    local t = at(v, '\170updated_ns') or at(v, '\167max_end')
+    if t == nil or t <= tonumber(ARGV[i + 1]) + 1e6 then
+      n = n + redis.call('HDEL', KEYS[1], ARGV[i])
+    end
+  end
+end
+return n
+"""
+
+
 def _fields_json(fields: dict) -> str:
     """``{"a": "1", "b": 2.5}`` -> ``'["a","1","b","2.5"]'``: one argument for a script.
 
@@ -129,7 +163,7 @@ class RedisSink:
         self.written_ttl = written_ttl  # seconds a {prefix}:written:* marker lives
         self.buffer: deque[_Write] = deque()
         self.baselines: dict[str, object] = {}  # key -> latest baseline not yet written
-        self.state: dict[str, bytes] = {}       # checkpoint field -> latest blob not yet written
+        self.state: dict[str, bytes | int] = {}  # checkpoint field -> latest blob (or deletion) not yet written
         self.state_key = f"{prefix}:state"
         self.versions = VersionLedger()  # per-version summaries (processor/sinks/versions.py)
         self._state_taken = 0  # checkpoint fields written since memory was last trimmed
@@ -144,10 +178,11 @@ class RedisSink:
         self.summaries_dropped = 0  # version summaries Redis refused ({prefix}:versions:{key})
         self.last_error: Exception | None = None  # of the last failed ping()
         # Called by their SHA; loaded before the first batch and whenever Redis answers NOSCRIPT.
-        self._scripts = [client.register_script(lua) for lua in (EVENT_LUA, _BASELINE_LUA, MERGE_LUA)]
-        self._event_sha, self._baseline_sha, self._merge_sha = (s.sha for s in self._scripts)
+        self._scripts = [client.register_script(lua) for lua in (EVENT_LUA, _BASELINE_LUA, MERGE_LUA, _FORGET_LUA)]
+        self._event_sha, self._baseline_sha, self._merge_sha, self._forget_sha = (s.sha for s in self._scripts)
         # The spool names scripts rather than SHAs: a restart into a newer version sends its own.
-        self._sha_of = {"event": self._event_sha, "baseline": self._baseline_sha, "merge": self._merge_sha}
+        self._sha_of = {"event": self._event_sha, "baseline": self._baseline_sha, "merge": self._merge_sha,
+                        "forget": self._forget_sha}
         self._name_of = {sha: name for name, sha in self._sha_of.items()}
         self._loaded = False
         self._tokens = Tokens()
@@ -187,9 +222,11 @@ class RedisSink:
         return out
 
     # --- writing ----------------------------------------------------------------------------
-    def submit_state(self, fields: dict[str, bytes | None]) -> None:
-        """Note checkpoint fields (None: delete the field); written after the events and
-        baselines waiting, a newer blob of a field replacing one not yet written."""
+    def submit_state(self, fields: dict[str, bytes | int]) -> None:
+        """Note checkpoint fields: a blob to write, or, for what the engine forgot, the event
+        time (ns) of its newest window, to delete the field unless a later one is there
+        (``_FORGET_LUA``); written after the events and baselines waiting, a newer value of a
+        field replacing one not yet written."""
         with self._cv:
             self.state.update(fields)
             self._cv.notify()
@@ -473,12 +510,13 @@ class RedisSink:
         """The Redis commands of a batch; with the index of each merge (and its marker) and of
         each event (its write and marker) among them."""
         cmds: list[tuple] = []
-        state = [w for w in batch if w.kind == "state" and w.source is not None]
+        state = [w for w in batch if w.kind == "state" and isinstance(w.source, bytes)]
         if state:  # one HSET for all the batch's fields
             cmds.append(("HSET", self.state_key, *itertools.chain.from_iterable((w.key, w.source) for w in state)))
-        gone = [w.key for w in batch if w.kind == "state" and w.source is None]
-        if gone:  # fields of what the engine forgot
-            cmds.append(("HDEL", self.state_key, *gone))
+        gone = [w for w in batch if w.kind == "state" and not isinstance(w.source, bytes)]
+        if gone:  # fields of what the engine forgot (an event time: see _FORGET_LUA)
+            cmds.append(("EVALSHA", self._forget_sha, 1, self.state_key,
+                         *itertools.chain.from_iterable((w.key, w.source) for w in gone)))
         merges: list[tuple[int, str]] = []
         events: list[tuple[int, _Write, str]] = []
         ttl = self.written_ttl
