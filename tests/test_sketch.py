@@ -138,3 +138,15 @@ def test_merge_adds_counts_bucket_by_bucket_in_order(seed, shift, factor):
         m = x.merge(y)
         assert m.index.dtype == np.int32 and m.index.tolist() == sorted(sums)
         assert m.counts.tolist() == [sums[i] for i in sorted(sums)]
+
+
+def test_window_quantiles_of_many_sketches_equal_one_call_each():
+    from processor.pipeline.sketch import window_quantiles
+
+    rng = np.random.default_rng(11)
+    sketches = [LogSketch.from_values(rng.lognormal(np.log(5e6), rng.uniform(0.1, 2.0), int(rng.integers(1, 400))))
+                for _ in range(300)]
+    sketches = [s.merge(LogSketch.from_values(np.array([1e3, 1e9]))) if i % 7 == 0 else s
+                for i, s in enumerate(sketches)]  # some wide ones
+    qs = (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
+    assert np.array_equal(window_quantiles(sketches, qs), np.vstack([s.quantiles(qs) for s in sketches]))

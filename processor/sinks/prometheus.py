@@ -8,6 +8,7 @@ scrape.
 
 from __future__ import annotations
 
+import functools
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -20,6 +21,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from processor.pipeline.baseline import QUANTILES
 from processor.config import split_address
 from processor.detect.registry import EVENT_TYPES, RESOLVED
+from processor.pipeline.sketch import LogSketch
 from processor.pipeline.window import ClosedWindow
 
 OVERFLOW = "__overflow__"
@@ -49,11 +51,8 @@ class LocationGauges:
                     spill.append(lw)
                     continue
                 self._rows[labels] = (lw.sketch, lw.errors, lw.count, window_s)
-            if spill:
-                sketch = spill[0].sketch
-                for lw in spill[1:]:
-                    sketch = sketch.merge(lw.sketch)
-                self._rows[("", "", OVERFLOW)] = (sketch, sum(lw.errors for lw in spill),
+            if spill:  # (the sketches are merged when scraped, as quantiles are computed then)
+                self._rows[("", "", OVERFLOW)] = ([lw.sketch for lw in spill], sum(lw.errors for lw in spill),
                                                   sum(lw.count for lw in spill), window_s)
 
     def forget(self, locations) -> None:
@@ -78,6 +77,8 @@ class LocationGauges:
         with self._lock:
             rows = list(self._rows.items())
         for labels, (sketch, errors, count, window_s) in rows:
+            if isinstance(sketch, list):  # the overflow series: the locations folded into it
+                sketch = functools.reduce(LogSketch.merge, sketch)
             for q, v in zip(QUANTILES, sketch.quantiles(QUANTILES) / 1e6):
                 lat.add_metric(list(labels) + [str(q)], float(v))
             err.add_metric(list(labels), errors / count)

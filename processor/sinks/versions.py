@@ -44,6 +44,7 @@ import itertools
 import json
 from dataclasses import dataclass
 
+from processor.pipeline.sketch import window_quantiles
 from processor.pipeline.window import ClosedWindow, is_overflow
 from processor.sinks.idempotency import Tokens
 
@@ -124,24 +125,22 @@ class VersionLedger:
     def note(self, window: ClosedWindow) -> None:
         seconds = (window.end_ns - window.start_ns) / 1e9
         start_ms, end_ms = window.start_ns // 1_000_000, window.end_ns // 1_000_000
-        for lw in window.locations:
-            if is_overflow(lw.location):
-                continue
-            for vf in lw.versions:
-                if not vf.count:
-                    continue
-                p50, p99 = (vf.sketch.quantiles((0.5, 0.99)) / 1e6).tolist()
-                k = (lw.location.key, vf.version[1], vf.version[2])
-                p = self.pending.get(k)
-                if p is None:
-                    p = self.pending[k] = Pending(first=start_ms, last=end_ms)
-                p.calls += int(vf.count)
-                p.errors += int(vf.errors)
-                p.windows += 1
-                p.seconds += seconds
-                p.p50_sum += p50 * vf.count
-                p.p99_sum += p99 * vf.count
-                p.first, p.last = min(p.first, start_ms), max(p.last, end_ms)
+        rows = [(lw, vf) for lw in window.locations if not is_overflow(lw.location) for vf in lw.versions if vf.count]
+        if not rows:
+            return
+        quantiles = (window_quantiles([vf.sketch for _, vf in rows], (0.5, 0.99)) / 1e6).tolist()
+        for (lw, vf), (p50, p99) in zip(rows, quantiles):
+            k = (lw.location.key, vf.version[1], vf.version[2])
+            p = self.pending.get(k)
+            if p is None:
+                p = self.pending[k] = Pending(first=start_ms, last=end_ms)
+            p.calls += int(vf.count)
+            p.errors += int(vf.errors)
+            p.windows += 1
+            p.seconds += seconds
+            p.p50_sum += p50 * vf.count
+            p.p99_sum += p99 * vf.count
+            p.first, p.last = min(p.first, start_ms), max(p.last, end_ms)
 
     def take(self, n: int) -> list[Item]:
         """Up to ``n`` merges to send: those to retry first, then new ones (given a token)."""
