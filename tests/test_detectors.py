@@ -1,6 +1,8 @@
 """Each detector fires on its own injected change, once, attributed to the new version,
 and stays silent on stationary data from the same generator with other seeds."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -334,10 +336,48 @@ def test_a_gross_tail_shift_right_after_a_short_warm_up_is_not_taken_for_noise(s
     assert e.window_start_ns // (60 * 10**9) - change <= 8
 
 
+class _ScalarDormant(Dormant):
+    """The dormant rule written for one location, scalar by scalar, as it was before its
+    state became columns: what the columnar code must reproduce."""
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.state = list(self.freeze())  # presence, calls, windows, last_seen, version, pwls, silent
+
+    def update(self, obs):
+        st, ff = self.state, self.fading_factor
+        if obs.window is not None and obs.window.count > 0:
+            n = obs.window.count
+            st[0], st[1] = (1.0, float(n)) if st[2] == 0 else (ff * 1.0 + (1 - ff) * st[0], ff * n + (1 - ff) * st[1])
+            st[2] += 1
+            st[3], st[4], st[5] = obs.end_ns, obs.window.main_version.version, st[0]
+            if st[6]:
+                st[6] = False
+                return [obs.event("resolved", "info", f"{obs.location.function} is called again",
+                                  {"resolves": self.event_type, "reason": "called again", "count": n},
+                                  subject=self.event_type)]
+            return []
+        if st[2] == 0:
+            return []
+        st[0] = ff * 0.0 + (1 - ff) * st[0]
+        if st[6] or st[2] < self.warmup_windows:
+            return []
+        silence_s = (obs.end_ns - st[3]) / 1e9
+        rate = st[1] / self.window_s
+        p = math.exp(-rate * silence_s)
+        if silence_s < self.min_silence_s or p >= self.alpha or st[5] < self.min_presence:
+            return []
+        st[6] = True
+        return [self._silence(obs, silence_s, rate, p, st[4], st[5], st[3])]
+
+    def freeze(self, sketch=b""):
+        return tuple(self.state) if hasattr(self, "state") else super().freeze(sketch)
+
+
 def test_dormant_columns_over_many_locations_agree_with_one_detector_each():
     """The engine's path (every location of a service in one update) gives the events and
-    states of one Dormant per location fed window by window: locations that vanish, come
-    back, start late and stay rare, with rows out of order."""
+    states of the scalar rule fed location by location, window by window: locations that
+    vanish, come back, start late and stay rare, with rows out of order."""
     from processor.detect.base import Observation
     from processor.pipeline.location import Location
     from processor.pipeline.sketch import LogSketch
@@ -346,7 +386,7 @@ def test_dormant_columns_over_many_locations_agree_with_one_detector_each():
     rng = np.random.default_rng(3)
     n, windows = 80, 160
     proto = Dormant(warmup_windows=10, min_silence_s=300)
-    cols, singles = proto.columns(), [proto.thawed(proto.freeze()) for _ in range(n)]
+    cols, singles = proto.columns(), [_ScalarDormant(warmup_windows=10, min_silence_s=300) for _ in range(n)]
     rows = rng.permutation(1000)[:n]  # location ids: sparse, unordered
     for r in rows:
         cols.put(int(r))

@@ -110,7 +110,8 @@ class Detector(base.Base):
     # Between windows the engine keeps each location's detectors frozen: their state as
     # plain values (numbers, strings, bytes, None, and tuples and dicts of those), which
     # ``marshal`` turns into one bytes object per location. A few hundred small Python
-    # objects per location would cost more than the numbers they hold.
+    # objects per location would cost more than the numbers they hold. (A detector with
+    # ``columns()`` is kept as columns instead; its place in the tuple is filled from them.)
 
     def freeze(self, sketch: bytes = b"") -> tuple:
         """The state, parameters left out, as plain values; ``sketch`` is the location's

@@ -92,6 +92,8 @@ class Dormant(Detector):
         return self._row.row(0)
 
     def _thaw(self, state: tuple, sketch: bytes) -> None:
+        if type(state) is not tuple:  # (None means a new row to DormantColumns.put)
+            raise ValueError("dormant: the state is not a tuple")
         self._row = DormantColumns(self)
         self._row.put(0, state)
 

@@ -58,7 +58,7 @@ class LocationState:
     location: Location
     order: int             # its id when saved: restored locations keep their relative order
     baseline: Baseline | None
-    detectors: bytes       # its detectors frozen (Engine.frozen: marshal of Detector.freeze)
+    detectors: bytes | tuple  # its detectors frozen: marshal of each Detector.freeze, or those states
     fingerprint: str       # the detector settings they were built with (checkpoint_fingerprint)
 
 
@@ -129,7 +129,7 @@ def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | int]:
         try:
             out[location_field(loc.key)] = encode_location(LocationState(
                 loc, loc_id, engine.baselines.baseline(loc_id),
-                engine.detectors.state(loc_id), engine._fingerprint))
+                engine.detectors.states(loc_id), engine._fingerprint))
         except (ValueError, TypeError, OverflowError) as e:
             failed.append((loc.key, e))
     for service in sorted(engine.dirty_services):
@@ -147,7 +147,7 @@ def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | int]:
 def encode_location(state: LocationState) -> bytes:
     """A ``loc:{key}`` field. The detectors' frozen bytes are this process's own (marshal
     of plain data): they are loaded here and written as that plain data."""
-    detectors = marshal.loads(state.detectors)
+    detectors = state.detectors if type(state.detectors) is tuple else marshal.loads(state.detectors)
     _check_detectors(detectors)
     loc = state.location
     return msgpack.packb({

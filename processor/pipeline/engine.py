@@ -64,14 +64,18 @@ class DetectorStore:
         return sum(f is not None for f in self.frozen)
 
     def state(self, loc_id: int) -> bytes | None:
-        """The location's frozen detectors, whole (what a checkpoint keeps)."""
+        """The location's frozen detectors, whole (``Detector.freeze`` of each, marshalled)."""
         held = self.frozen[loc_id] if loc_id < len(self.frozen) else None
         if held is None or not self.columns:
             return held
-        states = list(marshal.loads(held))
+        return marshal.dumps(self.states(loc_id))
+
+    def states(self, loc_id: int) -> tuple:
+        """The location's detector states, whole, as plain values (what a checkpoint keeps)."""
+        states = list(marshal.loads(self.frozen[loc_id]))
         for j, c in self.columns.items():
             states[j] = c.row(loc_id)
-        return marshal.dumps(tuple(states))
+        return tuple(states)
 
     def put(self, loc_id: int, frozen: bytes | None = None) -> None:
         """Give a location detectors: fresh ones, or ``frozen`` ones (``state``'s, checked)."""
@@ -273,8 +277,8 @@ class Engine:
 
     def _window(self, cw: ClosedWindow) -> WindowResult:
         """One closed window of a service: the service's bookkeeping, first_seen for its new
-        locations, then every location of the service in the order they were first seen: the
-        present ones' baselines and detectors, the absent ones' detectors that want silence."""
+        locations, the present locations' baselines and detectors (by location id), then the
+        columnar detectors over every location of the service, absent ones included."""
         service = (cw.environment, cw.service)
         context = self._service_context(cw, service)
         # The overflow location counts in its service's totals but has no baseline, no
@@ -351,7 +355,7 @@ class Engine:
             counts = np.zeros(len(ids), np.int64)
             counts[:len(here)] = [lw.count for lw in tracked]
             events += store.update_service(
-                ids, counts, [lw.main_version.version for lw in tracked], cw.end_ns, context.version,
+                ids, counts, [lw.main_version.version for lw in tracked if lw.count], cw.end_ns, context.version,
                 lambda k: observation(int(ids[k]), tracked[k] if k < len(tracked) else None))
         return baselines
 

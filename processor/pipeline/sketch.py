@@ -183,7 +183,7 @@ class LogSketch:
 def window_quantiles(sketches: list[LogSketch], qs) -> np.ndarray:
     """``LogSketch.quantiles`` of many sketches of whole counts (a window's: exact sums in
     any order), in one numpy pass: row i holds sketch i's values (ns) at ``qs``. The same
-    values as one call per sketch (no sketch may be empty).
+    values as one call per sketch (NaN for an empty one).
 
     >>> a = LogSketch.from_values(np.array([1e6, 2e6, 3e6]))
     >>> b = LogSketch.from_values(np.array([5e6] * 9 + [9e7]))
@@ -192,6 +192,12 @@ def window_quantiles(sketches: list[LogSketch], qs) -> np.ndarray:
     True
     """
     qs = np.asarray(qs, dtype=np.float64)
+    full = [i for i, sk in enumerate(sketches) if sk.counts.sum() > 0]
+    if len(full) < len(sketches):
+        out = np.full((len(sketches), len(qs)), np.nan)
+        if full:
+            out[full] = window_quantiles([sketches[i] for i in full], qs)
+        return out
     sizes = np.fromiter((len(sk.counts) for sk in sketches), np.int64, len(sketches))
     counts = np.concatenate([sk.counts for sk in sketches])
     index = np.concatenate([sk.index for sk in sketches])

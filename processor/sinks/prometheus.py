@@ -76,9 +76,13 @@ class LocationGauges:
                                  labels=_LABELS)
         with self._lock:
             rows = list(self._rows.items())
-        for labels, (sketch, errors, count, window_s) in rows:
+        for labels, row in rows:
+            sketch, errors, count, window_s = row
             if isinstance(sketch, list):  # the overflow series: the locations folded into it
                 sketch = functools.reduce(LogSketch.merge, sketch)
+                with self._lock:  # merged once (unless a newer window replaced the row)
+                    if self._rows.get(labels) is row:
+                        self._rows[labels] = (sketch, errors, count, window_s)
             for q, v in zip(QUANTILES, sketch.quantiles(QUANTILES) / 1e6):
                 lat.add_metric(list(labels) + [str(q)], float(v))
             err.add_metric(list(labels), errors / count)
