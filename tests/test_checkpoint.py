@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import builtins
 import marshal
+
+import numpy as np
 import pickle
 import struct
 
@@ -485,3 +487,86 @@ def test_detector_state_of_the_wrong_shape_is_relearned_not_a_crash_later(good, 
             engine.ingest(batch)
         engine.flush_all()
     assert "learn again" in caplog.text
+
+
+def _sparse_batch(w: int, present: list[int]) -> "Batch":
+    from processor.pipeline.location import Location
+    from processor.receiver.decode import Batch
+
+    sec = 1_000_000_000
+    n = 30 * len(present)
+    rng = np.random.default_rng(w)
+    end = 1_700_000_040 * sec + w * 60 * sec + np.sort(rng.integers(0, 55 * sec, n))
+    dur = rng.lognormal(np.log(5e6), 0.4, n).astype(np.int64)
+    return Batch(locations=[Location("prod", "shop", f"f{i}") for i in present],
+                 versions=[("shop", "1.0" if w < 70 else "2.0", "")],
+                 loc=np.tile(np.arange(len(present), dtype=np.int32), 30), ver=np.zeros(n, np.int32),
+                 start=end - dur, end=end, error=np.zeros(n, bool),
+                 trace_id=np.frombuffer(rng.bytes(16 * n), np.uint8).reshape(n, 16) | 1)
+
+
+def test_checkpoints_that_skip_unchanged_absent_locations_restore_the_same_engine():
+    """Checkpoints taken window by window rewrite only what changed: an absent location's
+    field stays as it was. Restored from those fields, an engine raises the events of the
+    one that kept running: locations that fell silent (dormant) before and after the cut,
+    one silent across the cut that comes back, rare ones."""
+    def present(w):
+        on = [i for i in range(6) if w < 50 or i < 2]           # f2..f5 fall silent at 50
+        on += [6] if not 40 <= w < 65 else []                   # f6: silent across the cut, back at 65
+        on += [7] if w % 9 == 0 else []                         # f7: rare
+        return on
+
+    straight, first = _engine(), _engine()
+    redis_state: dict = {}
+    cut, end = 55, 110
+    skipped = 0
+    for w in range(cut):
+        straight.ingest(_sparse_batch(w, present(w)))
+        results = first.ingest(_sparse_batch(w, present(w)))
+        fields = checkpoint.dumps_dirty(first)
+        # only what changed is rewritten: the window's locations, and those found silent
+        changed = {lw.location.key for r in results for lw in r.window.locations}
+        changed |= {e.location.key for r in results for e in r.events if e.type == "dormant"}
+        rewritten = {k for k in fields if k.startswith("loc:")}
+        assert rewritten == {checkpoint.location_field(k) for k in changed}
+        skipped += len(first.service_locations[("prod", "shop")]) - len(rewritten) if results else 0
+        redis_state.update(fields)
+    assert skipped > 20
+    straight.flush_all()
+    first.flush_all()
+    redis_state.update(checkpoint.dumps_dirty(first))
+    restored = _engine()
+    checkpoint.restore(restored, dict(redis_state))
+    a, b = [], []
+    for w in range(cut, end):
+        a += straight.ingest(_sparse_batch(w, present(w)))
+        b += restored.ingest(_sparse_batch(w, present(w)))
+    a += straight.flush_all()
+    b += restored.flush_all()
+    events = _events(a)
+    assert {t for _, t, _ in events} >= {"dormant", "resolved"}
+    assert _events(b) == events
+    keys = {loc.key: i for i, loc in enumerate(straight.windows.tables.locations) if loc}
+    for i, loc in enumerate(restored.windows.tables.locations):
+        if loc:
+            assert _canonical(restored.frozen[i]) == _canonical(straight.frozen[keys[loc.key]])
+
+
+def test_fields_written_before_the_window_count_restore_without_relearning(learned, caplog):
+    """Before ``ticks``, a service field had no window count and the dormant state seven
+    fields (rewritten every window, so current): such fields restore as they are."""
+    engine, fields = learned
+    dormant = [type(d).__name__ for d in engine.detectors.prototypes].index("Dormant")
+    old = {}
+    for name, blob in fields.items():
+        d = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+        if name.startswith("svc:"):
+            del d["ticks"]
+        else:
+            d["detectors"][dormant] = d["detectors"][dormant][:7]
+        old[name] = msgpack.packb(d, use_bin_type=True)
+    restored = _engine()
+    assert checkpoint.restore(restored, old).locations == len(_locations(fields))
+    assert "learn again" not in caplog.text
+    lid = next(i for i, f in enumerate(restored.frozen) if f is not None)
+    assert restored.detectors_of(lid)[dormant].windows > 0  # its state, not a fresh one

@@ -80,22 +80,20 @@ class Dormant(Detector):
     def _contract(cls) -> dict:
         return {"change": ("vanish", 1.0), "max_stationary": 0}
 
-    # The state is one row of DormantColumns: presence (EWMean of 1 called / 0 not called per
-    # window), calls (EWMean of calls per window, over windows with calls), windows with
-    # calls, the end of the last one, its version, presence then, and whether reported silent.
-    presence = property(lambda self: float(self._row.presence[0]))
+    # The state is one row of DormantColumns, and this detector's own count of windows.
+    presence = property(lambda self: self._row.presence_at(0, self._tick))
     calls = property(lambda self: float(self._row.calls[0]))
     windows = property(lambda self: int(self._row.windows[0]))
     silent = property(lambda self: bool(self._row.silent[0]))
 
     def freeze(self, sketch: bytes = b"") -> tuple:
-        return self._row.row(0)
+        return self._row.row(0, self._tick)
 
     def _thaw(self, state: tuple, sketch: bytes) -> None:
         if type(state) is not tuple:  # (None means a new row to DormantColumns.put)
             raise ValueError("dormant: the state is not a tuple")
         self._row = DormantColumns(self)
-        self._row.put(0, state)
+        self._tick = self._row.put(0, state)
 
     def columns(self) -> DormantColumns:
         """State for many locations at once, which the engine keeps instead of a frozen
@@ -104,9 +102,10 @@ class Dormant(Detector):
 
     def update(self, obs: Observation) -> list[Event]:
         here = obs.window is not None and obs.window.count > 0
+        self._tick += 1
         return self._row.update(_ROW, np.array([obs.count if here else 0]),
                                 [obs.window.main_version.version] if here else [], obs.end_ns,
-                                obs.service_version, lambda k: obs)
+                                obs.service_version, lambda k: obs, self._tick)
 
     def _silence(self, obs: Observation, silence_s: float, rate: float, p_silence: float,
                  last_version: Version, presence: float, last_seen_ns: int) -> Event:
@@ -131,27 +130,37 @@ _ROW = np.zeros(1, np.int64)  # the one row of a Dormant's own state
 class DormantColumns:
     """The dormant state of many locations as columns indexed by location id, updated for
     every location of a service in one step: an absent location, which most locations are
-    in most windows, costs numpy over an array, not a Python step of its own. ``Dormant``
-    runs on a one-row instance, so there is one implementation of the rule.
+    in most windows, costs numpy over an array, not a Python step of its own, and its state
+    does not change (so it need not be checkpointed again). ``Dormant`` runs on a one-row
+    instance, so there is one implementation of the rule.
+
+    Windows are counted per service (``tick``, 1 for its first). A location's presence is
+    kept as it was after the last window with calls (``at``); the absent windows since
+    decay it when it is called again, one multiplication each, as River's ``EWMean`` would
+    have taken a 0 each window (the same floats). A frozen row is ``(presence, calls,
+    windows, last_seen, last_version, presence_when_last_seen, silent, at, tick)``.
 
     >>> cols = DormantColumns(Dormant(warmup_windows=1, min_silence_s=60))
-    >>> cols.put(7)
+    >>> _ = cols.put(7)
     >>> ids = np.array([7])
-    >>> cols.update(ids, np.array([50]), [("s", "1", "")], 60 * 10**9, ("s", "1", ""), None)
+    >>> cols.update(ids, np.array([50]), [("s", "1", "")], 60 * 10**9, ("s", "1", ""), None, tick=1)
     []
-    >>> cols.row(7)
-    (1.0, 50.0, 1, 60000000000, ('s', '1', ''), 1.0, False)
+    >>> cols.row(7, tick=3)
+    (1.0, 50.0, 1, 60000000000, ('s', '1', ''), 1.0, False, 1, 3)
+    >>> round(cols.presence_at(7, tick=3), 6)  # two windows without calls since: 0.98 ** 2
+    0.9604
     """
 
-    FRESH = (0.0, 0.0, 0, 0, ("", "", ""), 0.0, False)  # Dormant.freeze of a new detector
+    FRESH = (0.0, 0.0, 0, 0, ("", "", ""), 0.0, False, 0, 0)  # Dormant.freeze of a new detector
     _ARRAYS = (("presence", np.float64), ("calls", np.float64), ("windows", np.int64),
-               ("last_seen", np.int64), ("pwls", np.float64), ("silent", np.bool_))
+               ("last_seen", np.int64), ("pwls", np.float64), ("silent", np.bool_), ("at", np.int64))
 
     def __init__(self, det: Dormant):
         self.det = det
         for name, dtype in self._ARRAYS:
             setattr(self, name, np.zeros(0, dtype))
         self.last_version: list[Version] = []
+        self.changed: list[int] = []  # rows an update changed beyond the present ones (reported)
 
     def _room(self, n: int) -> None:
         if n > len(self.presence):
@@ -163,35 +172,56 @@ class DormantColumns:
                 setattr(self, name, new)
             self.last_version += [self.FRESH[4]] * (size - len(self.last_version))
 
-    def put(self, i: int, state: tuple | None = None) -> None:
-        """Set row ``i``: a new location's state, or a frozen one (``Dormant.freeze``)."""
+    def put(self, i: int, state: tuple | None = None, tick: int = 0) -> int:
+        """Set row ``i``: a new location's state, or a frozen one (``row``'s; the seven
+        fields of the format before ``at`` and ``tick`` are taken as current at ``tick``).
+        Returns the tick the state was frozen at."""
         self._room(i + 1)
+        state = self.FRESH if state is None else state
+        if len(state) == 7:
+            state = (*state, tick, tick)
         (self.presence[i], self.calls[i], self.windows[i], self.last_seen[i], self.last_version[i],
-         self.pwls[i], self.silent[i]) = self.FRESH if state is None else state
+         self.pwls[i], self.silent[i], self.at[i], frozen_at) = state
+        return int(frozen_at)
 
-    def row(self, i: int) -> tuple:
-        """Row ``i`` as ``Dormant.freeze`` gives it (plain Python values)."""
+    def row(self, i: int, tick: int) -> tuple:
+        """Row ``i`` as plain Python values, frozen at the service's ``tick``."""
         return (float(self.presence[i]), float(self.calls[i]), int(self.windows[i]), int(self.last_seen[i]),
-                tuple(self.last_version[i]), float(self.pwls[i]), bool(self.silent[i]))
+                tuple(self.last_version[i]), float(self.pwls[i]), bool(self.silent[i]), int(self.at[i]),
+                int(tick))
+
+    def presence_at(self, i: int, tick: int) -> float:
+        """Row ``i``'s presence after the service's window ``tick``."""
+        p, c = float(self.presence[i]), 1 - self.det.fading_factor
+        for _ in range(max(0, tick - int(self.at[i])) if self.windows[i] else 0):
+            p = c * p
+        return p
 
     def update(self, ids: np.ndarray, counts: np.ndarray, versions: list[Version], end_ns: int,
-               service_version: Version, observe) -> list[Event]:
-        """One closed window of a service: ``ids`` its locations (rows), ``counts`` their calls
-        in it (0: absent), ``versions`` the main version of each present one, in order;
-        ``observe(k)`` gives the Observation of ``ids[k]``, asked only for the few with an event."""
+               service_version: Version, observe, tick: int) -> list[Event]:
+        """One closed window of a service, its ``tick``-th: ``ids`` its locations (rows),
+        ``counts`` their calls in it (0: absent), ``versions`` the main version of each
+        present one, in order; ``observe(k)`` gives the Observation of ``ids[k]``, asked only
+        for the few with an event. ``changed`` lists the absent rows whose state changed."""
         d, ff = self.det, self.det.fading_factor
         here = counts > 0
         k_here = np.flatnonzero(here)
         rows = ids[k_here]
-        # River's EWMean: the first value as it is, then ff * x + (1 - ff) * mean (same float ops)
         first = self.windows[rows] == 0
+        # River's EWMean: the first value as it is, then ff * x + (1 - ff) * mean (same float
+        # ops); each window without calls since was x = 0: (1 - ff) * mean.
+        presence = self.presence[rows]
+        gap = np.where(first, 0, tick - 1 - self.at[rows])
+        for step in range(int(gap.max()) if len(gap) else 0):
+            presence = np.where(gap > step, (1 - ff) * presence, presence)
         c = counts[k_here].astype(np.float64)
-        presence = np.where(first, 1.0, ff * 1.0 + (1 - ff) * self.presence[rows])
+        presence = np.where(first, 1.0, ff * 1.0 + (1 - ff) * presence)
         self.presence[rows] = presence
         self.calls[rows] = np.where(first, c, ff * c + (1 - ff) * self.calls[rows])
         self.windows[rows] += 1
         self.last_seen[rows] = end_ns
         self.pwls[rows] = presence
+        self.at[rows] = tick
         for i, v in zip(rows.tolist(), versions):
             self.last_version[i] = v
         events: list[Event] = []
@@ -207,10 +237,10 @@ class DormantColumns:
         rows = ids[k_away]
         seen = self.windows[rows] > 0
         k_away, rows = k_away[seen], rows[seen]
-        self.presence[rows] = (1 - ff) * self.presence[rows]  # (ff * 0.0 + that: the same float)
         due = (~self.silent[rows] & (self.windows[rows] >= d.warmup_windows)
                & (self.pwls[rows] >= d.min_presence)
                & ((end_ns - self.last_seen[rows]) / 1e9 >= d.min_silence_s))
+        self.changed = []
         for k, i in zip(k_away[due].tolist(), rows[due].tolist()):
             silence_s = (end_ns - int(self.last_seen[i])) / 1e9
             rate = float(self.calls[i]) / d.window_s  # calls per second while it was called
@@ -218,6 +248,7 @@ class DormantColumns:
             if p_silence >= d.alpha:
                 continue
             self.silent[i] = True
+            self.changed.append(i)
             events.append(d._silence(observe(k), silence_s, rate, p_silence, tuple(self.last_version[i]),
                                      float(self.pwls[i]), int(self.last_seen[i])))
         return events

@@ -48,7 +48,7 @@ FORMAT = 3  # bumped when what a field holds changes; fields of other formats ar
 
 _LOCATION_FIELDS = tuple(f.name for f in dataclasses.fields(Location) if f.init)
 _LOCATION_KEYS = frozenset({"format", "location", "order", "baseline", "detectors", "fingerprint"})
-_SERVICE_KEYS = frozenset({"format", "service", "max_end", "closed_through", "version_first_seen"})
+_SERVICE_KEYS = frozenset({"format", "service", "max_end", "closed_through", "version_first_seen", "ticks"})
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes})  # and tuples and dicts of them
 _LOGGED = 10  # refused fields logged one by one at start; the rest only counted
 
@@ -68,6 +68,7 @@ class ServiceState:
     max_end: int                    # the clock of window._ServiceClock
     closed_through: int
     version_first_seen: dict        # (service, version, revision) -> end of its first window
+    ticks: int = 0                  # windows it closed (Engine.service_ticks)
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | int]:
     for service in sorted(engine.dirty_services):
         clock = engine.windows.services[tables.service_id(service)]
         out[service_field(service)] = encode_service(ServiceState(
-            service, clock.max_end, clock.closed_through, engine.version_first_seen.get(service, {})))
+            service, clock.max_end, clock.closed_through, engine.version_first_seen.get(service, {}),
+            engine.service_ticks.get(service, 0)))
     engine.dirty_services.clear()
     if failed:
         log.error("%d code locations were not checkpointed (their state is not plain data; "
@@ -169,6 +171,7 @@ def encode_service(state: ServiceState) -> bytes:
         "max_end": state.max_end,
         "closed_through": state.closed_through,
         "version_first_seen": [[*version, end] for version, end in state.version_first_seen.items()],
+        "ticks": state.ticks,
     }, use_bin_type=True)
 
 
@@ -203,7 +206,7 @@ def restore(engine, fields: dict) -> Restored:
                     "never unpickled); their code locations are learned again: a one-time "
                     "relearn after an upgrade", other)
     for s in sorted(services, key=lambda s: s.service):
-        engine.restore_service(s.service, s.max_end, s.closed_through, s.version_first_seen)
+        engine.restore_service(s.service, s.max_end, s.closed_through, s.version_first_seen, s.ticks)
     restored = 0
     for state in sorted(locations, key=lambda s: s.order):
         restored += engine.restore_location(state.location, state.baseline, state.detectors,
@@ -278,8 +281,11 @@ def _location_state(d: dict) -> LocationState:
 
 
 def _service_state(d: dict) -> ServiceState:
-    if d.keys() != _SERVICE_KEYS:
+    if d.keys() != _SERVICE_KEYS and d.keys() != _SERVICE_KEYS - {"ticks"}:  # (written before ticks)
         raise Malformed("a service field has the keys " + ", ".join(sorted(_SERVICE_KEYS)))
+    ticks = d.get("ticks", 0)
+    if type(ticks) is not int or ticks < 0:
+        raise Malformed("ticks is not an integer >= 0")
     service = d["service"]
     if type(service) is not tuple or len(service) != 2 or any(type(s) is not str for s in service):
         raise Malformed("service is not (environment, service.name)")
@@ -290,7 +296,7 @@ def _service_state(d: dict) -> ServiceState:
             type(r) is tuple and len(r) == 4 and all(type(v) is str for v in r[:3]) and type(r[3]) is int
             for r in rows):
         raise Malformed("version_first_seen is not rows [service, version, revision, end_ns]")
-    return ServiceState(service, d["max_end"], d["closed_through"], {r[:3]: r[3] for r in rows})
+    return ServiceState(service, d["max_end"], d["closed_through"], {r[:3]: r[3] for r in rows}, ticks)
 
 
 def _check_detectors(value) -> None:

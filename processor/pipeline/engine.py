@@ -52,6 +52,7 @@ class DetectorStore:
         self.fresh = marshal.dumps(fresh)  # a new location's state, whole
         self._fresh_held = marshal.dumps(self._held(fresh))
         self.frozen: list[bytes | None] = []  # (columnar detectors' places: None)
+        self.tick_of = lambda loc_id: 0  # the windows its service closed (Engine sets it)
         self.absent_per_location = any(p.wants_absent for j, p in enumerate(prototypes) if j not in self.columns)
 
     def _held(self, states: tuple) -> tuple:
@@ -73,17 +74,19 @@ class DetectorStore:
     def states(self, loc_id: int) -> tuple:
         """The location's detector states, whole, as plain values (what a checkpoint keeps)."""
         states = list(marshal.loads(self.frozen[loc_id]))
+        tick = self.tick_of(loc_id)
         for j, c in self.columns.items():
-            states[j] = c.row(loc_id)
+            states[j] = c.row(loc_id, tick)
         return tuple(states)
 
-    def put(self, loc_id: int, frozen: bytes | None = None) -> None:
-        """Give a location detectors: fresh ones, or ``frozen`` ones (``state``'s, checked)."""
+    def put(self, loc_id: int, frozen: bytes | None = None, tick: int = 0) -> None:
+        """Give a location detectors: fresh ones, or ``frozen`` ones (``state``'s, checked);
+        ``tick``: the windows its service closed so far."""
         if loc_id >= len(self.frozen):
             self.frozen.extend([None] * (loc_id + 1 - len(self.frozen)))
         states = None if frozen is None else marshal.loads(frozen)
         for j, c in self.columns.items():
-            c.put(loc_id, None if states is None else states[j])
+            c.put(loc_id, None if states is None else states[j], tick)
         self.frozen[loc_id] = self._fresh_held if states is None else marshal.dumps(self._held(states))
 
     def forget(self, loc_id: int) -> None:
@@ -123,13 +126,16 @@ class DetectorStore:
         return events
 
     def update_service(self, ids: np.ndarray, counts: np.ndarray, versions: list, end_ns: int,
-                       service_version: tuple, observe) -> list[Event]:
-        """Feed one window of a service to the columnar detectors: ``ids`` its locations,
-        ``counts`` their calls (0: absent), ``versions`` the present ones' main versions."""
+                       service_version: tuple, observe, tick: int) -> tuple[list[Event], list[int]]:
+        """Feed the ``tick``-th window of a service to the columnar detectors: ``ids`` its
+        locations, ``counts`` their calls (0: absent), ``versions`` the present ones' main
+        versions. Returns the events, and the absent locations whose state changed."""
         events: list[Event] = []
+        changed: list[int] = []
         for c in self.columns.values():
-            events += c.update(ids, counts, versions, end_ns, service_version, observe)
-        return events
+            events += c.update(ids, counts, versions, end_ns, service_version, observe, tick)
+            changed += c.changed
+        return events, changed
 
 
 @dataclass
@@ -167,8 +173,14 @@ class Engine:
         self.dirty_services: set[tuple] = set()
         # checkpoint fields of what was forgotten since -> event time of its newest window (ns)
         self.forgotten_fields: dict[str, int] = {}
+        self._changed: list[int] = []  # absent locations the last window's columnar detectors changed
         self._fingerprint = checkpoint_fingerprint(cfg)
         self._started = self.windows.clock()
+        # Windows each service closed: the columnar detectors count time in them.
+        self.service_ticks: dict[tuple, int] = {}
+        tables = self.windows.tables
+        self.detectors.tick_of = lambda loc_id: self.service_ticks.get(
+            tables.services[tables.loc_service.view[loc_id]], 0)
 
     @property
     def frozen(self) -> list[bytes | None]:
@@ -176,9 +188,11 @@ class Engine:
         return [self.detectors.state(i) for i in range(len(self.detectors.frozen))]
 
     def restore_service(self, service: tuple[str, str], max_end: int, closed_through: int,
-                        version_first_seen: dict) -> None:
-        """A service's clock and versions from a checkpoint: its closed windows stay closed."""
+                        version_first_seen: dict, ticks: int = 0) -> None:
+        """A service's clock, versions and window count from a checkpoint: its closed windows
+        stay closed."""
         self.windows.restore_clock(service, max_end, closed_through)
+        self.service_ticks[service] = ticks
         self.version_first_seen[service] = dict(version_first_seen)
         self.service_locations.setdefault(service, array("q"))
 
@@ -203,7 +217,7 @@ class Engine:
                 log.warning("checkpoint of %s: detector state does not fit this version (%s: %s); "
                             "its detectors learn again", location.key, type(e).__name__, e)
                 state = None
-        self.detectors.put(loc_id, state)
+        self.detectors.put(loc_id, state, self.service_ticks.get((location.environment, location.service), 0))
         self.first_seen.remember([location.key])
         return 1
 
@@ -243,6 +257,7 @@ class Engine:
                 self.service_locations[service] = array("q", (i for i in known if i not in ids))
         for service in f.services:
             self.version_first_seen.pop(service, None)
+            self.service_ticks.pop(service, None)
             self.service_locations.pop(service, None)
             self.detecting.discard(service)
             self.dirty_services.discard(service)
@@ -287,7 +302,13 @@ class Engine:
         events = self._first_seen(cw, service, tracked)
         baselines = self._detect(cw, service, tracked, context, events)
         self.dirty_services.add(service)
-        self.dirty_locations.update(self.service_locations[service])
+        # What changed: the present locations, and absent ones a detector changed (their
+        # state is otherwise as it was: a sparse service does not rewrite every location).
+        if self.detectors.absent_per_location:
+            self.dirty_locations.update(self.service_locations[service])
+        else:
+            self.dirty_locations.update(lw.loc_id for lw in tracked)
+            self.dirty_locations.update(self._changed)
         started = service not in self.detecting and any(
             b is not None and b.windows >= self.cfg.detectors.warmup_windows for b in baselines)
         if started:
@@ -354,9 +375,11 @@ class Engine:
             ids = np.concatenate([here, away])
             counts = np.zeros(len(ids), np.int64)
             counts[:len(here)] = [lw.count for lw in tracked]
-            events += store.update_service(
+            tick = self.service_ticks[service] = self.service_ticks.get(service, 0) + 1
+            found, self._changed = store.update_service(
                 ids, counts, [lw.main_version.version for lw in tracked if lw.count], cw.end_ns, context.version,
-                lambda k: observation(int(ids[k]), tracked[k] if k < len(tracked) else None))
+                lambda k: observation(int(ids[k]), tracked[k] if k < len(tracked) else None), tick)
+            events += found
         return baselines
 
 
