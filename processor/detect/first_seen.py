@@ -40,32 +40,43 @@ class FirstSeen:
 
     def seen_before(self, key: str) -> bool:
         """Whether the location was known from Redis or forgotten by this process."""
+        return bool(self.seen_before_many([key])[0])
+
+    def seen_before_many(self, keys: list[str]) -> np.ndarray:
+        """``seen_before`` of each key, in one numpy step (a window can bring thousands of
+        new locations; one step also leaves no small objects between the long-lived ones)."""
         if self._pending:
             new = np.array([int(k, 16) for k in self._pending], np.uint64)
             self._keys, self._pending = np.union1d(self._keys, new), []
-        if not _is_key(key):
-            return key in self.known
-        keys = self._keys
-        k = np.uint64(int(key, 16))
-        i = int(np.searchsorted(keys, k))
-        return bool(i < len(keys) and keys[i] == k)
+        out = np.zeros(len(keys), bool)
+        hex_keys = [_is_key(k) for k in keys]
+        for i, (k, ok) in enumerate(zip(keys, hex_keys)):
+            if not ok:
+                out[i] = k in self.known
+        if len(self._keys) and any(hex_keys):
+            rows = np.flatnonzero(hex_keys)
+            ints = np.array([int(keys[i], 16) for i in rows.tolist()], np.uint64)
+            pos = np.minimum(np.searchsorted(self._keys, ints), len(self._keys) - 1)
+            out[rows] = self._keys[pos] == ints
+        return out
 
-    def update(self, cw: ClosedWindow, lw: LocationWindow) -> list[Event]:
-        key = lw.location.key
-        if self.seen_before(key):
-            return []
+    def event(self, cw: ClosedWindow, lw: LocationWindow) -> Event:
+        """The ``first_seen`` event of a location new in this window."""
         v = lw.main_version
         q50, q99 = lw.sketch.quantiles([0.5, 0.99]) / 1e6
         where = f" ({lw.location.file}:{lw.location.line})" if lw.location.file else ""
         in_version = f" in {v.version[1]}" if v.version[1] else ""
-        return [Event(
+        return Event(
             type="first_seen", location=lw.location, version=v.version,
             window_start_ns=cw.start_ns, window_end_ns=cw.end_ns, severity="info",
             summary=(f"{lw.location.function}{where} first seen{in_version}: "
                      f"{lw.count} calls, p50 {q50:.3g} ms, p99 {q99:.3g} ms"),
             detail={"count": lw.count, "errors": lw.errors, "p50_ms": round(q50, 6),
                     "p99_ms": round(q99, 6), "exemplars": lw.exemplars},
-        )]
+        )
+
+    def update(self, cw: ClosedWindow, lw: LocationWindow) -> list[Event]:
+        return [] if self.seen_before(lw.location.key) else [self.event(cw, lw)]
 
 
 def _is_key(key: str) -> bool:

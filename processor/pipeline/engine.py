@@ -307,7 +307,9 @@ class Engine:
         if self.detectors.absent_per_location:
             self.dirty_locations.update(self.service_locations[service])
         else:
-            self.dirty_locations.update(lw.loc_id for lw in tracked)
+            # (ids made here, together: the windows' own int objects, kept in the set, would
+            # pin the allocator's pools of that window's short-lived objects)
+            self.dirty_locations.update(np.fromiter((lw.loc_id for lw in tracked), np.int64, len(tracked)).tolist())
             self.dirty_locations.update(self._changed)
         started = service not in self.detecting and any(
             b is not None and b.windows >= self.cfg.detectors.warmup_windows for b in baselines)
@@ -334,12 +336,14 @@ class Engine:
         known = self.service_locations.get(service)
         if known is None:
             known = self.service_locations[service] = array("q")
-        events: list[Event] = []
-        for lw in tracked:
-            if lw.loc_id not in self.detectors:
-                events += self.first_seen.update(cw, lw)
-                self.detectors.put(lw.loc_id)
-                known.append(lw.loc_id)
+        new = [lw for lw in tracked if lw.loc_id not in self.detectors]
+        if not new:
+            return []
+        seen = self.first_seen.seen_before_many([lw.location.key for lw in new]).tolist()
+        events: list[Event] = [self.first_seen.event(cw, lw) for lw, s in zip(new, seen) if not s]
+        for lw in new:
+            self.detectors.put(lw.loc_id)
+            known.append(lw.loc_id)
         return events
 
     def _detect(self, cw: ClosedWindow, service: tuple, tracked: list, context: ServiceContext,
