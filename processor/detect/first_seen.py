@@ -28,9 +28,9 @@ class FirstSeen:
     """
 
     def __init__(self, known_keys: set[str] | None = None):
-        keys = list(known_keys or ())
-        self.known = {k for k in keys if not _is_key(k)}  # other keys (not location_key's), if any
-        self._keys = np.unique(np.array([int(k, 16) for k in keys if _is_key(k)], np.uint64))
+        ints = [(k, _key_int(k)) for k in known_keys or ()]
+        self.known = {k for k, i in ints if i is None}  # other keys (not location_key's), if any
+        self._keys = np.unique(np.array([i for _, i in ints if i is not None], np.uint64))
         self._pending: list[str] = []  # remembered, merged into _keys when next asked
 
     def remember(self, keys: list[str]) -> None:
@@ -49,15 +49,17 @@ class FirstSeen:
             new = np.array([int(k, 16) for k in self._pending], np.uint64)
             self._keys, self._pending = np.union1d(self._keys, new), []
         out = np.zeros(len(keys), bool)
-        hex_keys = [_is_key(k) for k in keys]
-        for i, (k, ok) in enumerate(zip(keys, hex_keys)):
-            if not ok:
+        ints = [_key_int(k) for k in keys]
+        rows = []
+        for i, (k, n) in enumerate(zip(keys, ints)):
+            if n is None:
                 out[i] = k in self.known
-        if len(self._keys) and any(hex_keys):
-            rows = np.flatnonzero(hex_keys)
-            ints = np.array([int(keys[i], 16) for i in rows.tolist()], np.uint64)
-            pos = np.minimum(np.searchsorted(self._keys, ints), len(self._keys) - 1)
-            out[rows] = self._keys[pos] == ints
+            else:
+                rows.append(i)
+        if len(self._keys) and rows:
+            found = np.array([ints[i] for i in rows], np.uint64)
+            pos = np.minimum(np.searchsorted(self._keys, found), len(self._keys) - 1)
+            out[rows] = self._keys[pos] == found
         return out
 
     def event(self, cw: ClosedWindow, lw: LocationWindow) -> Event:
@@ -79,12 +81,11 @@ class FirstSeen:
         return [] if self.seen_before(lw.location.key) else [self.event(cw, lw)]
 
 
-def _is_key(key: str) -> bool:
-    """Whether ``key`` is a ``location_key`` (16 hex digits)."""
-    if len(key) != 16:
-        return False
+def _key_int(key: str) -> int | None:
+    """``key`` as an integer if it is a ``location_key`` (16 hex digits), else None."""
+    if len(key) != 16 or not key.isalnum():  # (int() takes "_" and spaces too)
+        return None
     try:
-        int(key, 16)
+        return int(key, 16)
     except ValueError:
-        return False
-    return key.isalnum()  # (int() takes "_" and spaces too)
+        return None

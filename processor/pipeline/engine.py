@@ -173,7 +173,6 @@ class Engine:
         self.dirty_services: set[tuple] = set()
         # checkpoint fields of what was forgotten since -> event time of its newest window (ns)
         self.forgotten_fields: dict[str, int] = {}
-        self._changed: list[int] = []  # absent locations the last window's columnar detectors changed
         self._fingerprint = checkpoint_fingerprint(cfg)
         self._started = self.windows.clock()
         # Windows each service closed: the columnar detectors count time in them.
@@ -244,12 +243,11 @@ class Engine:
             if not is_overflow(loc):
                 b = self.baselines.baseline(loc_id)
                 self.forgotten_fields[checkpoint.location_field(loc.key)] = b.updated_ns if b else 0
+                keys.append(loc.key)
             self.baselines.forget(loc_id)
             self.detectors.forget(loc_id)
             self.dirty_locations.discard(loc_id)
             by_service.setdefault((loc.environment, loc.service), set()).add(loc_id)
-            if not is_overflow(loc):
-                keys.append(loc.key)
         self.first_seen.remember(keys)
         for service, ids in by_service.items():
             known = self.service_locations.get(service)
@@ -300,7 +298,8 @@ class Engine:
         # detectors and no first_seen: it is many functions mixed, not one.
         tracked = [lw for lw in cw.locations if not is_overflow(lw.location)]
         events = self._first_seen(cw, service, tracked)
-        baselines = self._detect(cw, service, tracked, context, events)
+        here = np.fromiter((lw.loc_id for lw in tracked), np.int64, len(tracked))
+        baselines, changed = self._detect(cw, service, tracked, here, context, events)
         self.dirty_services.add(service)
         # What changed: the present locations, and absent ones a detector changed (their
         # state is otherwise as it was: a sparse service does not rewrite every location).
@@ -309,8 +308,8 @@ class Engine:
         else:
             # (ids made here, together: the windows' own int objects, kept in the set, would
             # pin the allocator's pools of that window's short-lived objects)
-            self.dirty_locations.update(np.fromiter((lw.loc_id for lw in tracked), np.int64, len(tracked)).tolist())
-            self.dirty_locations.update(self._changed)
+            self.dirty_locations.update(here.tolist())
+            self.dirty_locations.update(changed)
         started = service not in self.detecting and any(
             b is not None and b.windows >= self.cfg.detectors.warmup_windows for b in baselines)
         if started:
@@ -346,11 +345,12 @@ class Engine:
             known.append(lw.loc_id)
         return events
 
-    def _detect(self, cw: ClosedWindow, service: tuple, tracked: list, context: ServiceContext,
-                events: list[Event]) -> list[Baseline]:
-        """Baselines of the present locations, their detectors, then the columnar detectors
-        over every location of the service at once (absent ones too: silence is what the
-        dormant detector learns from); events appended to ``events``, the baselines returned."""
+    def _detect(self, cw: ClosedWindow, service: tuple, tracked: list, here: np.ndarray,
+                context: ServiceContext, events: list[Event]) -> tuple[list[Baseline], list[int]]:
+        """Baselines of the present locations (``tracked``, their ids ``here``), their
+        detectors, then the columnar detectors over every location of the service at once
+        (absent ones too: silence is what the dormant detector learns from); events appended
+        to ``events``. Returns the baselines, and the absent locations whose state changed."""
         baselines: list = [None] * len(tracked)
         locations = self.windows.tables.locations
         stage, store = self.baselines, self.detectors
@@ -373,18 +373,18 @@ class Engine:
                 if loc_id not in present:
                     sketch = stage.sketches[loc_id]
                     events += store.update(loc_id, observation(loc_id, None), sketch, sketch)
+        changed: list[int] = []
         if store.columns:
-            here = np.fromiter((lw.loc_id for lw in tracked), np.int64, len(tracked))
             away = np.setdiff1d(np.frombuffer(known, np.int64), here, assume_unique=True)
             ids = np.concatenate([here, away])
             counts = np.zeros(len(ids), np.int64)
             counts[:len(here)] = [lw.count for lw in tracked]
             tick = self.service_ticks[service] = self.service_ticks.get(service, 0) + 1
-            found, self._changed = store.update_service(
+            found, changed = store.update_service(
                 ids, counts, [lw.main_version.version for lw in tracked if lw.count], cw.end_ns, context.version,
                 lambda k: observation(int(ids[k]), tracked[k] if k < len(tracked) else None), tick)
             events += found
-        return baselines
+        return baselines, changed
 
 
 @dataclass
