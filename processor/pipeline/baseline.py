@@ -192,6 +192,77 @@ class BaselineStage:
         self.restore(i, b)
         return b, before, decay
 
+    def absorb_many(self, cw: ClosedWindow, lws: list[LocationWindow]
+                    ) -> tuple[list[Baseline], list[bytes], list[float | None]]:
+        """``absorb`` for many locations of one closed window at once: their sketches decayed
+        and merged in one numpy pass over all of them, with the same values, bit for bit, as
+        location by location (each bucket is 0.0 + its decayed count + the window's, in that
+        order, as ``LogSketch.merge`` adds them). Returns the baselines, the packed sketches
+        before and the decays applied (``absorb``'s, per location).
+
+        >>> from processor.pipeline.window import VersionFigures
+        >>> loc = Location("prod", "shop", "f")
+        >>> one, many = BaselineStage(60.0, 3600.0), BaselineStage(60.0, 3600.0)
+        >>> for w in range(3):
+        ...     sk = LogSketch.from_values(np.array([1e6, 2e6 * (w + 1), 3e6]))
+        ...     lw = LocationWindow(0, loc, 3, 1, sk, [VersionFigures(("shop", "1", ""), 3, 1, sk)])
+        ...     cw = ClosedWindow("shop", w * 60 * 10**9, (w + 1) * 60 * 10**9, [lw], "prod")
+        ...     _ = one.absorb(cw, lw), many.absorb_many(cw, [lw])
+        >>> one.sketches == many.sketches and one.figures == many.figures
+        True
+        """
+        n = len(lws)
+        if not n:
+            return [], [], []
+        ids = [lw.loc_id for lw in lws]
+        self._grow(max(ids))
+        end, window_s, half_life_s = cw.end_ns, self.window_s, self.half_life_s
+        sketches, updated_ns = self.sketches, self.updated_ns
+        figures = np.frombuffer(self.figures, np.float64).reshape(-1, 4)
+        rows = np.array(ids, np.int64)
+        old = figures[rows]  # count, errors, seconds, windows
+        befores = [sketches[i] or b"" for i in ids]
+        # A decay per distinct age (a window's locations mostly share theirs), as absorb's
+        decays: list[float | None] = [None] * n
+        by_age: dict[int, float] = {}
+        for k, (i, windows) in enumerate(zip(ids, old[:, 3].tolist())):
+            if windows:
+                age = max(0, end - updated_ns[i])
+                d = by_age.get(age)
+                if d is None:
+                    d = by_age[age] = 0.5 ** (age / 1e9 / half_life_s)
+                decays[k] = d
+        decay = np.array([1.0 if d is None else d for d in decays])
+        had = np.array([d is not None for d in decays])
+        new = np.array([(lw.count, lw.errors) for lw in lws], np.float64).reshape(n, 2)
+        figures[rows, 0] = np.where(had, old[:, 0] * decay, old[:, 0]) + new[:, 0]
+        figures[rows, 1] = np.where(had, old[:, 1] * decay, old[:, 1]) + new[:, 1]
+        figures[rows, 2] = np.where(had, old[:, 2] * decay, old[:, 2]) + window_s
+        figures[rows, 3] = old[:, 3] + 1
+        merged = _merge_rows([LogSketch.unpack(b) for b in befores], decays, [lw.sketch for lw in lws])
+        locations, versions = self.locations, self.versions
+        out: list[Baseline] = []
+        for k, (i, lw) in enumerate(zip(ids, lws)):
+            if sketches[i] is None:
+                self.count += 1
+            sketches[i] = merged[k]
+            locations[i] = lw.location
+            updated_ns[i] = max(updated_ns[i] or 0, end)
+            versions[i] = lw.main_version.version
+            b = Baseline(lw.location, _EMPTY)
+            b._sketch = merged[k]
+            b.count, b.errors, b.seconds, windows = figures[i].tolist()
+            b.windows, b.updated_ns, b.version = int(windows), updated_ns[i], versions[i]
+            out.append(b)
+        return out, befores, decays
+
+    def _grow(self, loc_id: int) -> None:
+        if loc_id >= len(self.sketches):
+            grow = loc_id + 1 - len(self.sketches)
+            for column in (self.sketches, self.updated_ns, self.versions, self.locations):
+                column.extend([None] * grow)
+            self.figures.frombytes(bytes(32 * grow))
+
     def forget(self, loc_id: int) -> None:
         """Drop a location's baseline (the location was forgotten: its id may be reused)."""
         if loc_id < len(self.sketches) and self.sketches[loc_id] is not None:
@@ -202,11 +273,7 @@ class BaselineStage:
     def restore(self, loc_id: int, b: Baseline) -> None:
         """Set a location's baseline (from ``absorb``, or from a checkpoint)."""
         i = loc_id
-        if i >= len(self.sketches):
-            grow = i + 1 - len(self.sketches)
-            for column in (self.sketches, self.updated_ns, self.versions, self.locations):
-                column.extend([None] * grow)
-            self.figures.frombytes(bytes(32 * grow))
+        self._grow(i)
         if self.sketches[i] is None:
             self.count += 1
         self.locations[i] = b.location
@@ -216,6 +283,45 @@ class BaselineStage:
 
 
 _EMPTY = LogSketch()
+_ROW = MAX_BUCKET + 1  # (row, bucket) packed as row * _ROW + bucket
+
+
+def _merge_rows(bases: list[LogSketch], decays: list[float | None], windows: list[LogSketch]) -> list[bytes]:
+    """Per row, ``bases[k].scaled(decays[k]).merge(windows[k]).pack()`` (no scaling where the
+    decay is None), for all rows in one pass: every bucket's sum is 0.0 + the decayed count
+    + the window's count, added in that order, as ``LogSketch.merge`` adds them)."""
+    n = len(bases)
+    sizes_b = np.fromiter((len(s.index) for s in bases), np.int64, n)
+    sizes_w = np.fromiter((len(s.index) for s in windows), np.int64, n)
+    rows = np.arange(n, dtype=np.int64)
+    idx_b = np.concatenate([s.index for s in bases] + [_NO_BUCKETS]).astype(np.int64)
+    cnt_b = np.concatenate([s.counts for s in bases] + [_NO_COUNTS])
+    if any(d is not None for d in decays):
+        factor = np.repeat(np.array([1.0 if d is None else d for d in decays]), sizes_b)
+        scaled = np.repeat(np.array([d is not None for d in decays]), sizes_b)
+        cnt_b = np.where(scaled, cnt_b * factor, cnt_b)
+        keep = ~scaled | (cnt_b >= 1e-3)  # LogSketch.scaled's min_count
+        idx_b, cnt_b = idx_b[keep], cnt_b[keep]
+        row_b = np.repeat(rows, sizes_b)[keep]
+    else:
+        row_b = np.repeat(rows, sizes_b)
+    # Both key arrays are sorted (rows in order, buckets sorted in each): merged, not sorted.
+    keys_b = row_b * _ROW + idx_b
+    keys_w = np.repeat(rows, sizes_w) * _ROW + np.concatenate([s.index for s in windows] + [_NO_BUCKETS])
+    pos = np.searchsorted(keys_b, keys_w)
+    hit = np.zeros(len(keys_w), np.bool_)
+    inside = pos < len(keys_b)
+    hit[inside] = keys_b[pos[inside]] == keys_w[inside]
+    unique = np.insert(keys_b, pos[~hit], keys_w[~hit])
+    counts = np.insert(cnt_b, pos[~hit], 0.0)
+    counts[np.searchsorted(unique, keys_w)] += np.concatenate([s.counts for s in windows] + [_NO_COUNTS])
+    bounds = np.searchsorted(unique, rows * _ROW).tolist() + [len(unique)]
+    buckets = (unique % _ROW).astype(np.int32)
+    return [LogSketch(buckets[a:b], counts[a:b]).pack() for a, b in zip(bounds, bounds[1:])]
+
+
+_NO_BUCKETS = np.zeros(0, np.int64)
+_NO_COUNTS = np.zeros(0, np.float64)
 
 # Baseline.from_plain: what a plain baseline holds, and the checks of its values.
 _PLAIN_FIELDS = frozenset({"sketch", "count", "errors", "seconds", "windows", "updated_ns", "version"})

@@ -351,7 +351,6 @@ class Engine:
         detectors, then the columnar detectors over every location of the service at once
         (absent ones too: silence is what the dormant detector learns from); events appended
         to ``events``. Returns the baselines, and the absent locations whose state changed."""
-        baselines: list = [None] * len(tracked)
         locations = self.windows.tables.locations
         stage, store = self.baselines, self.detectors
         known = self.service_locations[service]
@@ -360,11 +359,11 @@ class Engine:
             return Observation(locations[loc_id], cw.start_ns, cw.end_ns, lw, context.inflight,
                                context.version, context.version_first_seen, context.calls_per_s, step)
 
-        for i, lw in enumerate(tracked):
+        # The baselines first, all at once: the latency detector, while it keeps the same
+        # sketch, takes the stage's result instead of computing it again (baseline_step).
+        baselines, befores, decays = stage.absorb_many(cw, tracked)
+        for lw, before, decay in zip(tracked, befores, decays):
             loc_id = lw.loc_id
-            # The baseline first: the latency detector, while it keeps the same sketch,
-            # takes the stage's result instead of computing it again (baseline_step).
-            baselines[i], before, decay = stage.absorb(cw, lw)
             after = stage.sketches[loc_id]
             events += store.update(loc_id, observation(loc_id, lw, (before, decay, after)), before, after)
         if store.absent_per_location:

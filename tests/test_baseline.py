@@ -1,0 +1,48 @@
+"""The baseline stage: a closed window's locations absorbed at once, as one by one."""
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from processor.pipeline.baseline import Baseline, BaselineStage
+from processor.pipeline.location import Location
+from processor.pipeline.sketch import LogSketch
+from processor.pipeline.window import ClosedWindow, LocationWindow, VersionFigures
+
+SEC = 1_000_000_000
+
+
+def _window(rng, loc_id: int, loc: Location, scale: float) -> LocationWindow:
+    n = int(rng.integers(1, 40))
+    sk = LogSketch.from_values(rng.lognormal(np.log(scale), float(rng.uniform(0.05, 2.0)), n))
+    errors = int(rng.integers(0, n + 1))
+    return LocationWindow(loc_id, loc, n, errors, sk, [VersionFigures(("shop", str(loc_id % 3), ""), n, errors, sk)])
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), locations=st.integers(1, 30), windows=st.integers(1, 12),
+       presence=st.floats(0.2, 1.0), half_life=st.sampled_from([5.0, 30.0, 600.0, 21600.0]))
+def test_absorbing_a_window_at_once_equals_one_location_at_a_time(seed, locations, windows, presence, half_life):
+    """Same packed sketches (bit for bit), figures, versions and returned steps, over windows
+    with gaps (different decays in one window), new locations and a restored baseline that
+    has a sketch but no windows (no decay)."""
+    rng = np.random.default_rng(seed)
+    locs = [Location("prod", "shop", f"f{i}") for i in range(locations)]
+    scales = rng.lognormal(np.log(5e6), 2.0, locations)
+    one, many = BaselineStage(10.0, half_life), BaselineStage(10.0, half_life)
+    restored = Baseline(locs[0], LogSketch.from_values(np.array([3e6, 4e6])), count=2.0, seconds=10.0)
+    one.restore(0, restored)
+    many.restore(0, restored)
+    for w in range(windows):
+        ids = [i for i in range(locations) if rng.random() < presence]
+        lws = [_window(rng, i, locs[i], scales[i] * (1 + w / 4)) for i in ids]
+        end = (w + 1) * 10 * SEC + int(rng.integers(0, 3)) * 10 * SEC
+        cw = ClosedWindow("shop", end - 10 * SEC, end, lws, "prod")
+        expected = [one.absorb(cw, lw) for lw in lws]
+        baselines, befores, decays = many.absorb_many(cw, lws)
+        assert [b.packed_sketch for b in baselines] == [e[0].packed_sketch for e in expected]
+        assert [b.fields() for b in baselines] == [e[0].fields() for e in expected]
+        assert befores == [e[1] for e in expected] and decays == [e[2] for e in expected]
+    assert one.sketches == many.sketches
+    assert one.figures == many.figures and one.updated_ns == many.updated_ns and one.versions == many.versions
+    assert len(one) == len(many)
