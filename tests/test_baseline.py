@@ -39,10 +39,11 @@ def test_absorbing_a_window_at_once_equals_one_location_at_a_time(seed, location
         end = (w + 1) * 10 * SEC + int(rng.integers(0, 3)) * 10 * SEC
         cw = ClosedWindow("shop", end - 10 * SEC, end, lws, "prod")
         expected = [one.absorb(cw, lw) for lw in lws]
-        baselines, befores, decays = many.absorb_many(cw, lws)
+        baselines, befores, decays, unpacked = many.absorb_many(cw, lws)
         assert [b.packed_sketch for b in baselines] == [e[0].packed_sketch for e in expected]
         assert [b.fields() for b in baselines] == [e[0].fields() for e in expected]
         assert befores == [e[1] for e in expected] and decays == [e[2] for e in expected]
+        assert [u.pack() for u in unpacked] == befores
     assert one.sketches == many.sketches
     assert one.figures == many.figures and one.updated_ns == many.updated_ns and one.versions == many.versions
     assert len(one) == len(many)

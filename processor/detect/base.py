@@ -22,6 +22,7 @@ from processor.detect.settings import CommonSettings, Settings
 from processor.detect.stats import two_proportion_z
 from processor.events import Event
 from processor.pipeline.location import Location
+from processor.pipeline.sketch import LogSketch
 from processor.pipeline.window import LocationWindow
 
 
@@ -37,10 +38,11 @@ class Observation:
     version_first_seen: dict[Version, int] = field(default_factory=dict)  # version -> first window end (ns)
     service_calls: float = 0.0         # spans per second of the whole service in this window
     # The location's published baseline this window, as (sketch before, decay applied or None
-    # for its first window, sketch after), sketches packed: a detector whose own baseline
-    # sketch is that very "before" object and that merges this window's sketch in after the
-    # same decay gets the same bytes, so it may take "after" instead of computing it.
-    baseline_step: tuple[bytes, float | None, bytes] | None = None
+    # for its first window, sketch after), sketches packed, then the sketch before unpacked: a
+    # detector whose own baseline sketch is that very "before" object and that merges this
+    # window's sketch in after the same decay gets the same bytes, so it may take "after"
+    # instead of computing it (and the unpacked one instead of unpacking its own).
+    baseline_step: tuple[bytes, float | None, bytes, LogSketch] | None = None
 
     @property
     def count(self) -> int:

@@ -12,7 +12,7 @@ from processor.detect.lifecycle import ACCEPTED, RECOVERED, Regression
 from processor.detect.settings import Settings, parse_bool, positive_float, probability, setting
 from processor.detect.stats import (
     BinomialCUSUM, CallMix, LoadFit, binomial_greater, mass_above, mean_log_ms, quantile_bucket,
-    rank_test_greater, shifted, wilson_lower,
+    quantile_buckets, rank_test_greater, shifted, wilson_lower,
 )
 from processor.events import Event
 from processor.parsing import non_negative_float
@@ -274,13 +274,20 @@ class LatencyShift(RegressionDetector):
             return 0.0, True
         return expected - self.load_ref, uncertain or x - hi > self.load_margin
 
-    def _absorb(self, sketch: LogSketch, obs: Observation, baseline: LogSketch | None = None) -> None:
+    def _unpacked(self, obs: Observation) -> LogSketch:
+        """The baseline sketch, unpacked once per window: the engine's, when it is the same."""
+        step = obs.baseline_step
+        if step is not None and step[0] is self._baseline:
+            return step[3]
+        return self.baseline
+
+    def _absorb(self, sketch: LogSketch, obs: Observation, baseline: LogSketch) -> None:
         step = obs.baseline_step
         if (step is not None and step[0] is self._baseline and sketch is obs.window.sketch
                 and (step[1] == self.decay or not step[0])):
             self._baseline = step[2]  # what the line below would compute, computed once
         else:
-            self.baseline = (self.baseline if baseline is None else baseline).scaled(self.decay).merge(sketch)
+            self.baseline = baseline.scaled(self.decay).merge(sketch)
         self.baseline_windows += 1
 
     # -- the interface ----------------------------------------------------------------------
@@ -291,10 +298,11 @@ class LatencyShift(RegressionDetector):
         x, uncertain = self._load_x(obs)
         adjustment, beyond = self._load_adjustment(x, uncertain)
         current = shifted(lw.sketch, -adjustment)
+        baseline = self._unpacked(obs)
         if self.open is None and not beyond:
-            self.noise.update(current, self.baseline)
+            self.noise.update(current, baseline)
         if self.baseline_windows < self.warmup_windows:
-            self._absorb(current, obs)
+            self._absorb(current, obs, baseline)
             if x is not None:
                 self.load.update(x, mean_log_ms(lw.sketch))
             return []
@@ -310,17 +318,16 @@ class LatencyShift(RegressionDetector):
             return self._follow_open(obs, shifted(vf.sketch, -adjustment) if vf else current)
 
         events: list[Event] = []
-        baseline = self.baseline
         base_total = baseline.count
         tests = {}
         # q -> (bucket, baseline share above it, spans above it), shared by the median's two CUSUMs
+        watched = [q for q in QUANTILES.values() if q <= 0.5 or base_total * (1 - q) >= self.min_tail_expected]
         at_q: dict[float, tuple] = {}
+        for q, b in zip(watched, quantile_buckets(baseline, watched)):
+            at_q[q] = (b, mass_above(baseline, b) / base_total, mass_above(current, b))
         for name, q in WATCHES.items():
-            if q > 0.5 and base_total * (1 - q) < self.min_tail_expected:
-                continue  # too few baseline spans to know this tail yet
             if q not in at_q:
-                b = quantile_bucket(baseline, q)
-                at_q[q] = (b, mass_above(baseline, b) / base_total, mass_above(current, b))
+                continue  # too few baseline spans to know this tail yet
             b, p0, all_hits = at_q[q]
             if p0 > 0:
                 if q > 0.5:
@@ -341,7 +348,7 @@ class LatencyShift(RegressionDetector):
             hits_above: dict[int, float] = {}
             for name, (q, b, p0, p1, all_hits) in tests.items():
                 w = watches[name]
-                hits = hits_above.get(b)
+                hits = all_hits if vs is current else hits_above.get(b)  # (one version: the window's own)
                 if hits is None:
                     hits = hits_above[b] = mass_above(vs, b)
                 w.cusum.update(hits, vf.count, p0, p1)

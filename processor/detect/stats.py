@@ -337,6 +337,16 @@ def quantile_bucket(sketch: LogSketch, q: float) -> int:
     return int(sketch.index[pos])
 
 
+def quantile_buckets(sketch: LogSketch, qs: list[float]) -> list[int]:
+    """``quantile_bucket`` of each of ``qs``, from one cumulative sum."""
+    if not qs:
+        return []
+    cum = np.cumsum(sketch.counts)
+    ranks = [math.floor(q * (cum[-1] - 1)) for q in qs]
+    pos = np.minimum(np.searchsorted(cum, ranks, side="right"), len(cum) - 1)
+    return sketch.index[pos].tolist()
+
+
 def shifted(sketch: LogSketch, log_factor: float) -> LogSketch:
     """The sketch of every value multiplied by ``exp(log_factor)`` (an index offset)."""
     offset = int(round(log_factor / LOG_GAMMA))

@@ -193,12 +193,13 @@ class BaselineStage:
         return b, before, decay
 
     def absorb_many(self, cw: ClosedWindow, lws: list[LocationWindow]
-                    ) -> tuple[list[Baseline], list[bytes], list[float | None]]:
+                    ) -> tuple[list[Baseline], list[bytes], list[float | None], list[LogSketch]]:
         """``absorb`` for many locations of one closed window at once: their sketches decayed
         and merged in one numpy pass over all of them, with the same values, bit for bit, as
         location by location (each bucket is 0.0 + its decayed count + the window's, in that
         order, as ``LogSketch.merge`` adds them). Returns the baselines, the packed sketches
-        before and the decays applied (``absorb``'s, per location).
+        before, the decays applied (``absorb``'s, per location) and the sketches before,
+        unpacked.
 
         >>> from processor.pipeline.window import VersionFigures
         >>> loc = Location("prod", "shop", "f")
@@ -213,7 +214,7 @@ class BaselineStage:
         """
         n = len(lws)
         if not n:
-            return [], [], []
+            return [], [], [], []
         ids = [lw.loc_id for lw in lws]
         self._grow(max(ids))
         end, window_s, half_life_s = cw.end_ns, self.window_s, self.half_life_s
@@ -239,7 +240,8 @@ class BaselineStage:
         figures[rows, 1] = np.where(had, old[:, 1] * decay, old[:, 1]) + new[:, 1]
         figures[rows, 2] = np.where(had, old[:, 2] * decay, old[:, 2]) + window_s
         figures[rows, 3] = old[:, 3] + 1
-        merged = _merge_rows([LogSketch.unpack(b) for b in befores], decays, [lw.sketch for lw in lws])
+        unpacked = [LogSketch.unpack(b) for b in befores]
+        merged = _merge_rows(unpacked, decays, [lw.sketch for lw in lws])
         locations, versions = self.locations, self.versions
         out: list[Baseline] = []
         for k, (i, lw) in enumerate(zip(ids, lws)):
@@ -254,7 +256,7 @@ class BaselineStage:
             b.count, b.errors, b.seconds, windows = figures[i].tolist()
             b.windows, b.updated_ns, b.version = int(windows), updated_ns[i], versions[i]
             out.append(b)
-        return out, befores, decays
+        return out, befores, decays, unpacked
 
     def _grow(self, loc_id: int) -> None:
         if loc_id >= len(self.sketches):

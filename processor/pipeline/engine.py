@@ -361,11 +361,11 @@ class Engine:
 
         # The baselines first, all at once: the latency detector, while it keeps the same
         # sketch, takes the stage's result instead of computing it again (baseline_step).
-        baselines, befores, decays = stage.absorb_many(cw, tracked)
-        for lw, before, decay in zip(tracked, befores, decays):
+        baselines, befores, decays, unpacked = stage.absorb_many(cw, tracked)
+        for lw, before, decay, sketch in zip(tracked, befores, decays, unpacked):
             loc_id = lw.loc_id
             after = stage.sketches[loc_id]
-            events += store.update(loc_id, observation(loc_id, lw, (before, decay, after)), before, after)
+            events += store.update(loc_id, observation(loc_id, lw, (before, decay, after, sketch)), before, after)
         if store.absent_per_location:
             present = {lw.loc_id for lw in tracked}
             for loc_id in known:
