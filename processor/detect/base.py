@@ -19,7 +19,7 @@ from river import base
 
 from processor.detect.lifecycle import Regression, Version
 from processor.detect.settings import CommonSettings, Settings
-from processor.detect.stats import two_proportion_z
+from processor.detect.stats import mean_log_ms, two_proportion_z
 from processor.events import Event
 from processor.pipeline.location import Location
 from processor.pipeline.sketch import LogSketch
@@ -44,9 +44,17 @@ class Observation:
     # instead of computing it (and the unpacked one instead of unpacking its own).
     baseline_step: tuple[bytes, float | None, bytes, LogSketch] | None = None
 
+    _mean_log: float | None = None
+
     @property
     def count(self) -> int:
         return self.window.count if self.window else 0
+
+    def mean_log_ms(self) -> float:
+        """``mean_log_ms`` of the window's sketch, computed once for all the detectors."""
+        if self._mean_log is None:
+            self._mean_log = mean_log_ms(self.window.sketch)
+        return self._mean_log
 
     def others_load(self) -> float | None:
         """log of the calls per second in the rest of the service: the load this location

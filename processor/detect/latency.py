@@ -11,7 +11,7 @@ from processor.detect.noise import QuantileNoise
 from processor.detect.lifecycle import ACCEPTED, RECOVERED, Regression
 from processor.detect.settings import Settings, parse_bool, positive_float, probability, setting
 from processor.detect.stats import (
-    BinomialCUSUM, CallMix, LoadFit, binomial_greater, mass_above, mean_log_ms, quantile_bucket,
+    BinomialCUSUM, CallMix, LoadFit, binomial_greater, mass_above,
     quantile_buckets, rank_test_greater, shifted, wilson_lower,
 )
 from processor.events import Event
@@ -304,12 +304,12 @@ class LatencyShift(RegressionDetector):
         if self.baseline_windows < self.warmup_windows:
             self._absorb(current, obs, baseline)
             if x is not None:
-                self.load.update(x, mean_log_ms(lw.sketch))
+                self.load.update(x, obs.mean_log_ms())
             return []
         if beyond and self.open is None:
             # Load the baseline has not seen: held, neither evidence nor baseline, until the
             # load fit has seen it.
-            self.load.update(x, mean_log_ms(lw.sketch))
+            self.load.update(x, obs.mean_log_ms())
             return []
         if self.open is not None:
             # Follow the version that regressed while it runs (a canary beside the old
@@ -375,7 +375,7 @@ class LatencyShift(RegressionDetector):
         if not events:
             self._absorb(current, obs, baseline)
             if x is not None:
-                self.load.update(x, mean_log_ms(lw.sketch))
+                self.load.update(x, obs.mean_log_ms())
         return events
 
     def _confirm(self, obs: Observation, name: str, q: float, b: int, p0: float, w: _Watch, version,

@@ -10,7 +10,7 @@ import numpy as np
 from processor.detect.base import Observation, RegressionDetector
 from processor.detect.lifecycle import ACCEPTED, RECOVERED, Regression
 from processor.detect.settings import Settings, parse_bool, positive_float, positive_int, setting
-from processor.detect.stats import CallMix, LoadFit, mean_log_ms
+from processor.detect.stats import CallMix, LoadFit
 from processor.events import Event
 from processor.parsing import non_negative_float
 
@@ -128,7 +128,7 @@ class ScalingShift(RegressionDetector):
         others = math.exp(x) * (obs.end_ns - obs.start_ns) / 1e9
         load, self._uncertain = self.mix.load(x, obs.count, others)
         self.mix.update(obs.count, others)
-        return load, mean_log_ms(obs.window.sketch)
+        return load, obs.mean_log_ms()
 
     def _residual(self, x: float, y: float) -> float:
         """y less what the baseline expects at x; NaN where it has not seen that load, or
