@@ -150,3 +150,25 @@ def test_window_quantiles_of_many_sketches_equal_one_call_each():
                 for i, s in enumerate(sketches)]  # some wide ones
     qs = (0.0, 0.5, 0.9, 0.99, 0.999, 1.0)
     assert np.array_equal(window_quantiles(sketches, qs), np.vstack([s.quantiles(qs) for s in sketches]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), rows=st.integers(1, 40), chunk=st.integers(1, 16))
+def test_quantiles_of_rows_end_to_end_equal_one_call_each(seed, rows, chunk):
+    """Decayed (float) counts, whole ones and empty sketches, over several chunks."""
+    from processor.pipeline.sketch import rows_quantiles
+
+    rng = np.random.default_rng(seed)
+    sketches = []
+    for _ in range(rows):
+        n = int(rng.integers(0, 300))
+        sk = LogSketch.from_values(rng.lognormal(np.log(5e6), float(rng.uniform(0.01, 3.0)), n))
+        if rng.random() < 0.6:
+            sk = sk.scaled(float(rng.uniform(0.001, 1.0)))
+        sketches.append(sk)
+    bounds = np.concatenate(([0], np.cumsum([len(s.index) for s in sketches]))).tolist()
+    qs = (0.5, 0.9, 0.99, 0.999)
+    got = rows_quantiles(np.concatenate([s.index for s in sketches]), np.concatenate([s.counts for s in sketches]),
+                         bounds, qs, chunk=chunk)
+    want = np.vstack([s.quantiles(qs) for s in sketches])
+    assert np.array_equal(got, want, equal_nan=True)

@@ -12,7 +12,7 @@ from array import array
 import numpy as np
 
 from processor.pipeline.location import Location
-from processor.pipeline.sketch import _TRAILER, MAX_BUCKET, LogSketch
+from processor.pipeline.sketch import _TRAILER, MAX_BUCKET, LogSketch, rows_quantiles
 from processor.pipeline.window import ClosedWindow, LocationWindow
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
@@ -22,13 +22,15 @@ class Baseline:
     """One location's decayed figures. The sketch is kept packed (``LogSketch.pack``): one
     bytes object per location instead of two arrays; ``sketch`` unpacks it, without a copy."""
 
-    __slots__ = ("_sketch", "count", "errors", "location", "seconds", "updated_ns", "version", "windows")
+    __slots__ = ("_quantiles", "_sketch", "count", "errors", "location", "seconds", "updated_ns", "version",
+                 "windows")
 
     def __init__(self, location: Location, sketch: LogSketch, count: float = 0.0, errors: float = 0.0,
                  seconds: float = 0.0, windows: int = 0, updated_ns: int = 0,
                  version: tuple[str, str, str] = ("", "", "")):
         self.location = location
         self.sketch = sketch
+        self._quantiles = None  # the sketch's values at QUANTILES (ns), when computed with others
         self.count = count
         self.errors = errors
         self.seconds = seconds      # decayed window time the counts were seen over
@@ -115,7 +117,7 @@ class Baseline:
     def fields(self) -> dict[str, str]:
         """The ``{prefix}:baseline:{key}`` hash."""
         loc = self.location
-        q = self.sketch.quantiles(QUANTILES) / 1e6
+        q = (self.sketch.quantiles(QUANTILES) if self._quantiles is None else self._quantiles) / 1e6
         return {
             "key": loc.key,
             "service.name": loc.service,
@@ -241,7 +243,7 @@ class BaselineStage:
         figures[rows, 2] = np.where(had, old[:, 2] * decay, old[:, 2]) + window_s
         figures[rows, 3] = old[:, 3] + 1
         unpacked = [LogSketch.unpack(b) for b in befores]
-        merged = _merge_rows(unpacked, decays, [lw.sketch for lw in lws])
+        merged, quantiles = _merge_rows(unpacked, decays, [lw.sketch for lw in lws])
         locations, versions = self.locations, self.versions
         out: list[Baseline] = []
         for k, (i, lw) in enumerate(zip(ids, lws)):
@@ -252,7 +254,7 @@ class BaselineStage:
             updated_ns[i] = max(updated_ns[i] or 0, end)
             versions[i] = lw.main_version.version
             b = Baseline(lw.location, _EMPTY)
-            b._sketch = merged[k]
+            b._sketch, b._quantiles = merged[k], quantiles[k]
             b.count, b.errors, b.seconds, windows = figures[i].tolist()
             b.windows, b.updated_ns, b.version = int(windows), updated_ns[i], versions[i]
             out.append(b)
@@ -288,10 +290,12 @@ _EMPTY = LogSketch()
 _ROW = MAX_BUCKET + 1  # (row, bucket) packed as row * _ROW + bucket
 
 
-def _merge_rows(bases: list[LogSketch], decays: list[float | None], windows: list[LogSketch]) -> list[bytes]:
+def _merge_rows(bases: list[LogSketch], decays: list[float | None], windows: list[LogSketch]
+                ) -> tuple[list[bytes], np.ndarray]:
     """Per row, ``bases[k].scaled(decays[k]).merge(windows[k]).pack()`` (no scaling where the
     decay is None), for all rows in one pass: every bucket's sum is 0.0 + the decayed count
-    + the window's count, added in that order, as ``LogSketch.merge`` adds them)."""
+    + the window's count, added in that order, as ``LogSketch.merge`` adds them); and each
+    merged sketch's values at QUANTILES (what ``Baseline.fields`` publishes)."""
     n = len(bases)
     sizes_b = np.fromiter((len(s.index) for s in bases), np.int64, n)
     sizes_w = np.fromiter((len(s.index) for s in windows), np.int64, n)
@@ -319,7 +323,8 @@ def _merge_rows(bases: list[LogSketch], decays: list[float | None], windows: lis
     counts[np.searchsorted(unique, keys_w)] += np.concatenate([s.counts for s in windows] + [_NO_COUNTS])
     bounds = np.searchsorted(unique, rows * _ROW).tolist() + [len(unique)]
     buckets = (unique % _ROW).astype(np.int32)
-    return [LogSketch(buckets[a:b], counts[a:b]).pack() for a, b in zip(bounds, bounds[1:])]
+    packed = [LogSketch(buckets[a:b], counts[a:b]).pack() for a, b in zip(bounds, bounds[1:])]
+    return packed, rows_quantiles(buckets, counts, bounds, QUANTILES)
 
 
 _NO_BUCKETS = np.zeros(0, np.int64)

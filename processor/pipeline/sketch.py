@@ -209,3 +209,46 @@ def window_quantiles(sketches: list[LogSketch], qs) -> np.ndarray:
     pos = np.searchsorted(cum, before[:, None] + ranks, side="right")
     pos = np.minimum(pos, last[:, None])
     return bucket_value(index[pos].astype(np.float64))
+
+
+def rows_quantiles(index: np.ndarray, counts: np.ndarray, bounds: list[int], qs, chunk: int = 512) -> np.ndarray:
+    """``LogSketch.quantiles`` of many sketches held end to end (sketch k's buckets are
+    ``index[bounds[k]:bounds[k + 1]]``, its counts the same slice of ``counts``), any counts
+    (decayed ones too): row k holds sketch k's values (ns) at ``qs``, NaN for an empty one.
+    The same values, bit for bit, as one call per sketch: each total is that sketch's own
+    ``sum``, and the cumulative sums run along zero-padded rows, ``chunk`` sketches at a time
+    (a running sum in order, as ``np.cumsum`` of each alone).
+
+    >>> a = LogSketch.from_values(np.array([1e6, 2e6, 3e6])).scaled(0.7)
+    >>> b = LogSketch.from_values(np.array([5e6] * 9 + [9e7]))
+    >>> out = rows_quantiles(np.concatenate([a.index, b.index]), np.concatenate([a.counts, b.counts]),
+    ...                      [0, 3, 5], (0.5, 0.99))
+    >>> bool((out == np.vstack([a.quantiles((0.5, 0.99)), b.quantiles((0.5, 0.99))])).all())
+    True
+    """
+    qs = np.asarray(qs, dtype=np.float64)
+    n = len(bounds) - 1
+    out = np.full((n, len(qs)), np.nan)
+    for lo in range(0, n, chunk):
+        starts = np.asarray(bounds[lo:lo + chunk + 1], np.int64)
+        sizes = np.diff(starts)
+        m = len(sizes)
+        totals = np.array([counts[a:b].sum() for a, b in zip(starts.tolist(), starts[1:].tolist())])
+        width = int(sizes.max()) if m else 0
+        if not width:
+            continue
+        grid = np.zeros((m, width))
+        rows = np.repeat(np.arange(m), sizes)
+        cols = np.arange(int(starts[-1] - starts[0])) - np.repeat(starts[:-1] - starts[0], sizes)
+        grid[rows, cols] = counts[starts[0]:starts[-1]]
+        cum = np.cumsum(grid, axis=1)
+        # Past a row's end its cumulative sum stays at its total, above every rank: the count
+        # of sums at or below a rank is where searchsorted(side="right") puts it.
+        ranks = np.floor(qs[None, :] * (totals[:, None] - 1))
+        pos = (cum[:, None, :] <= ranks[:, :, None]).sum(axis=2)
+        pos = np.minimum(pos, np.maximum(sizes, 1)[:, None] - 1)
+        full = totals > 0
+        at = np.minimum(starts[:-1, None] + pos, max(len(index) - 1, 0))  # (an empty last row: any)
+        values = bucket_value(index[at].astype(np.float64))
+        out[lo:lo + m][full] = values[full]
+    return out
