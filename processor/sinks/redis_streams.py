@@ -58,6 +58,35 @@ _BASELINE_LUA = """
 redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[2])))
 return redis.call('SADD', KEYS[2], ARGV[1])
 """
+# A batch's baselines in one call. KEYS: {prefix}:keys, then each baseline's hash. ARGV[1]:
+# JSON rows [location key, field, value, ...], one per hash in KEYS order. One command per
+# batch instead of one per location: the client packs and reads one, and Redis parses one.
+# A hash Redis refuses (a key of another type) does not stop the others; the first refusal
+# is the reply, so the batch is sent again (its key left out of {prefix}:keys until then).
+_BASELINES_LUA = """
+local rows = cjson.decode(ARGV[1])
+local names, refused = {}, nil
+for i, row in ipairs(rows) do
+  local name = table.remove(row, 1)
+  local r = redis.pcall('HSET', KEYS[i + 1], unpack(row))
+  if type(r) == 'table' and r.err then
+    refused = refused or r.err
+  else
+    names[#names + 1] = name
+  end
+  if #names == 500 then
+    redis.call('SADD', KEYS[1], unpack(names))
+    names = {}
+  end
+end
+if #names > 0 then
+  redis.call('SADD', KEYS[1], unpack(names))
+end
+if refused then
+  return redis.error_reply(refused)
+end
+return #rows
+"""
 _STR = {str}
 _pairs = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -106,6 +135,14 @@ def _fields_json(fields: dict) -> str:
     if set(map(type, flat)) != _STR:
         flat = [_text(x) for x in flat]
     return _pairs(flat)
+
+
+def _rows_json(rows) -> str:
+    """Rows of values -> one JSON array of arrays of text (as ``_fields_json``)."""
+    out = []
+    for row in rows:
+        out.append(row if set(map(type, row)) == _STR else [_text(x) for x in row])
+    return _pairs(out)
 
 
 def _text(value) -> str:
@@ -178,11 +215,14 @@ class RedisSink:
         self.summaries_dropped = 0  # version summaries Redis refused ({prefix}:versions:{key})
         self.last_error: Exception | None = None  # of the last failed ping()
         # Called by their SHA; loaded before the first batch and whenever Redis answers NOSCRIPT.
-        self._scripts = [client.register_script(lua) for lua in (EVENT_LUA, _BASELINE_LUA, MERGE_LUA, _FORGET_LUA)]
-        self._event_sha, self._baseline_sha, self._merge_sha, self._forget_sha = (s.sha for s in self._scripts)
-        # The spool names scripts rather than SHAs: a restart into a newer version sends its own.
+        self._scripts = [client.register_script(lua)
+                         for lua in (EVENT_LUA, _BASELINE_LUA, MERGE_LUA, _FORGET_LUA, _BASELINES_LUA)]
+        self._event_sha, self._baseline_sha, self._merge_sha, self._forget_sha, self._baselines_sha = (
+            s.sha for s in self._scripts)
+        # The spool names scripts rather than SHAs: a restart into a newer version sends its own
+        # (and still knows "baseline", one per call, which spools of earlier versions hold).
         self._sha_of = {"event": self._event_sha, "baseline": self._baseline_sha, "merge": self._merge_sha,
-                        "forget": self._forget_sha}
+                        "forget": self._forget_sha, "baselines": self._baselines_sha}
         self._name_of = {sha: name for name, sha in self._sha_of.items()}
         self._loaded = False
         self._tokens = Tokens()
@@ -520,6 +560,11 @@ class RedisSink:
         merges: list[tuple[int, str]] = []
         events: list[tuple[int, _Write, str]] = []
         ttl = self.written_ttl
+        baselines = [w for w in batch if w.kind == "baseline"]
+        if baselines:
+            cmds.append(("EVALSHA", self._baselines_sha, 1 + len(baselines), self.keys_key,
+                         *[f"{self.prefix}:baseline:{w.key}" for w in baselines],
+                         _rows_json([w.key, *itertools.chain.from_iterable(w.fields.items())] for w in baselines)))
         for w in batch:
             if w.kind == "versions":
                 (key, version, revision), p = w.source
@@ -527,9 +572,6 @@ class RedisSink:
                 merges.append((len(cmds), marker))
                 cmds.append(("EVALSHA", self._merge_sha, 2, f"{self.prefix}:versions:{key}", marker,
                              _pairs(p.args(field_name(version, revision), ttl))))
-            elif w.kind == "baseline":
-                cmds.append(("EVALSHA", self._baseline_sha, 2, f"{self.prefix}:baseline:{w.key}", self.keys_key,
-                             w.key, _fields_json(w.fields)))
             elif w.kind in ("event", "first_seen"):
                 fields = self._fields(w.source)
                 entry = _fields_json(fields)
