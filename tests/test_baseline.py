@@ -47,3 +47,23 @@ def test_absorbing_a_window_at_once_equals_one_location_at_a_time(seed, location
     assert one.sketches == many.sketches
     assert one.figures == many.figures and one.updated_ns == many.updated_ns and one.versions == many.versions
     assert len(one) == len(many)
+
+
+def test_a_forgotten_location_s_id_starts_a_new_baseline_at_its_own_time():
+    """A reused id (the location was forgotten) starts from nothing: the new owner's
+    windows decay by their own gaps, and its baseline says its own event time."""
+    a, b = Location("prod", "shop", "a"), Location("prod", "shop", "b")
+    sk = LogSketch.from_values(np.array([1e6, 2e6, 3e6]))
+    one, many = BaselineStage(60.0, 600.0), BaselineStage(60.0, 600.0)
+    for stage, absorb in ((one, lambda cw, lw: [stage.absorb(cw, lw)[0]]),
+                          (many, lambda cw, lw: stage.absorb_many(cw, [lw])[0])):
+        absorb(ClosedWindow("shop", 9_940 * SEC, 10_000 * SEC, [_lw(0, a, sk)], "prod"), _lw(0, a, sk))
+        stage.forget(0)
+        for end in (1_000, 1_060, 1_120):
+            last = absorb(ClosedWindow("shop", (end - 60) * SEC, end * SEC, [_lw(0, b, sk)], "prod"), _lw(0, b, sk))
+        assert last[0].updated_ns == 1_120 * SEC and last[0].windows == 3
+    assert one.sketches == many.sketches and one.figures == many.figures and one.updated_ns == many.updated_ns
+
+
+def _lw(loc_id: int, loc: Location, sk: LogSketch) -> LocationWindow:
+    return LocationWindow(loc_id, loc, 3, 0, sk, [VersionFigures(("shop", "1", ""), 3, 0, sk)])

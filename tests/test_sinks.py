@@ -320,6 +320,10 @@ def test_with_a_spool_what_waits_for_redis_goes_to_disk_and_arrives_in_order_onc
         sink.submit_state({"loc:x": b"\x00state"})
         assert sink.flush(timeout=20) and sink.pending() == 0  # all on disk, nothing dropped
         assert spool.size > 0 and sink.dropped == 0
+        # baselines are spooled one call each of the one-baseline script, which the version
+        # before the batched one knows too: a rollback can replay the spool
+        scripts = [c[1] for record in spool.records() for c in record if c[0] == "SCRIPT"]
+        assert "baseline" in scripts and set(scripts) <= {"event", "baseline", "merge", "forget"}
         # a second sink on the same spool (the next start) sends it before anything else
         srv.start()
         sink.stop(1)

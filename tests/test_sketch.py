@@ -172,3 +172,17 @@ def test_quantiles_of_rows_end_to_end_equal_one_call_each(seed, rows, chunk):
                          bounds, qs, chunk=chunk)
     want = np.vstack([s.quantiles(qs) for s in sketches])
     assert np.array_equal(got, want, equal_nan=True)
+
+
+def test_quantiles_of_rows_with_a_wide_sketch_among_narrow_ones_equal_one_call_each():
+    """Sketches are grouped by width (one of 2,000 buckets among a thousand narrow ones)."""
+    from processor.pipeline.sketch import rows_quantiles
+
+    rng = np.random.default_rng(7)
+    sketches = [LogSketch.from_values(rng.lognormal(np.log(5e6), 0.2, 50)).scaled(0.9) for _ in range(1200)]
+    sketches[600] = LogSketch(np.arange(100, 2100, dtype=np.int32), rng.random(2000))
+    bounds = np.concatenate(([0], np.cumsum([len(s.index) for s in sketches]))).tolist()
+    qs = (0.5, 0.99)
+    got = rows_quantiles(np.concatenate([s.index for s in sketches]), np.concatenate([s.counts for s in sketches]),
+                         bounds, qs)
+    assert np.array_equal(got, np.vstack([s.quantiles(qs) for s in sketches]))

@@ -44,7 +44,7 @@ class Observation:
     # instead of computing it (and the unpacked one instead of unpacking its own).
     baseline_step: tuple[bytes, float | None, bytes, LogSketch] | None = None
 
-    _mean_log: float | None = None
+    _mean_log: float | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def count(self) -> int:

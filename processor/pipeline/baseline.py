@@ -199,9 +199,9 @@ class BaselineStage:
         """``absorb`` for many locations of one closed window at once: their sketches decayed
         and merged in one numpy pass over all of them, with the same values, bit for bit, as
         location by location (each bucket is 0.0 + its decayed count + the window's, in that
-        order, as ``LogSketch.merge`` adds them). Returns the baselines, the packed sketches
-        before, the decays applied (``absorb``'s, per location) and the sketches before,
-        unpacked.
+        order, as ``LogSketch.merge`` adds them). The locations' ids are distinct, as in a
+        closed window. Returns the baselines, the packed sketches before, the decays applied
+        (``absorb``'s, per location) and the sketches before, unpacked.
 
         >>> from processor.pipeline.window import VersionFigures
         >>> loc = Location("prod", "shop", "f")
@@ -221,9 +221,8 @@ class BaselineStage:
         self._grow(max(ids))
         end, window_s, half_life_s = cw.end_ns, self.window_s, self.half_life_s
         sketches, updated_ns = self.sketches, self.updated_ns
-        figures = np.frombuffer(self.figures, np.float64).reshape(-1, 4)
         rows = np.array(ids, np.int64)
-        old = figures[rows]  # count, errors, seconds, windows
+        old = np.frombuffer(self.figures, np.float64).reshape(-1, 4)[rows]  # count, errors, seconds, windows
         befores = [sketches[i] or b"" for i in ids]
         # A decay per distinct age (a window's locations mostly share theirs), as absorb's
         decays: list[float | None] = [None] * n
@@ -235,27 +234,32 @@ class BaselineStage:
                 if d is None:
                     d = by_age[age] = 0.5 ** (age / 1e9 / half_life_s)
                 decays[k] = d
+        unpacked = [LogSketch.unpack(b) for b in befores]
+        # (merged before anything is set: a failure leaves the stage as it was)
+        merged, quantiles = _merge_rows(unpacked, decays, [lw.sketch for lw in lws])
         decay = np.array([1.0 if d is None else d for d in decays])
         had = np.array([d is not None for d in decays])
         new = np.array([(lw.count, lw.errors) for lw in lws], np.float64).reshape(n, 2)
-        figures[rows, 0] = np.where(had, old[:, 0] * decay, old[:, 0]) + new[:, 0]
-        figures[rows, 1] = np.where(had, old[:, 1] * decay, old[:, 1]) + new[:, 1]
-        figures[rows, 2] = np.where(had, old[:, 2] * decay, old[:, 2]) + window_s
-        figures[rows, 3] = old[:, 3] + 1
-        unpacked = [LogSketch.unpack(b) for b in befores]
-        merged, quantiles = _merge_rows(unpacked, decays, [lw.sketch for lw in lws])
+        after = np.empty((n, 4))
+        after[:, 0] = np.where(had, old[:, 0] * decay, old[:, 0]) + new[:, 0]
+        after[:, 1] = np.where(had, old[:, 1] * decay, old[:, 1]) + new[:, 1]
+        after[:, 2] = np.where(had, old[:, 2] * decay, old[:, 2]) + window_s
+        after[:, 3] = old[:, 3] + 1
+        np.frombuffer(self.figures, np.float64).reshape(-1, 4)[rows] = after
         locations, versions = self.locations, self.versions
         out: list[Baseline] = []
-        for k, (i, lw) in enumerate(zip(ids, lws)):
-            if sketches[i] is None:
+        for k, (i, lw, figures) in enumerate(zip(ids, lws, after.tolist())):
+            if sketches[i] is None:  # a new baseline (its id may be a forgotten location's)
                 self.count += 1
+                updated_ns[i] = end
+            else:
+                updated_ns[i] = max(updated_ns[i], end)
             sketches[i] = merged[k]
             locations[i] = lw.location
-            updated_ns[i] = max(updated_ns[i] or 0, end)
             versions[i] = lw.main_version.version
             b = Baseline(lw.location, _EMPTY)
             b._sketch, b._quantiles = merged[k], quantiles[k]
-            b.count, b.errors, b.seconds, windows = figures[i].tolist()
+            b.count, b.errors, b.seconds, windows = figures
             b.windows, b.updated_ns, b.version = int(windows), updated_ns[i], versions[i]
             out.append(b)
         return out, befores, decays, unpacked
@@ -272,6 +276,7 @@ class BaselineStage:
         if loc_id < len(self.sketches) and self.sketches[loc_id] is not None:
             self.count -= 1
             self.sketches[loc_id] = self.locations[loc_id] = self.versions[loc_id] = None
+            self.updated_ns[loc_id] = None
             self.figures[4 * loc_id: 4 * loc_id + 4] = array("d", bytes(32))
 
     def restore(self, loc_id: int, b: Baseline) -> None:

@@ -216,8 +216,8 @@ def rows_quantiles(index: np.ndarray, counts: np.ndarray, bounds: list[int], qs,
     ``index[bounds[k]:bounds[k + 1]]``, its counts the same slice of ``counts``), any counts
     (decayed ones too): row k holds sketch k's values (ns) at ``qs``, NaN for an empty one.
     The same values, bit for bit, as one call per sketch: each total is that sketch's own
-    ``sum``, and the cumulative sums run along zero-padded rows, ``chunk`` sketches at a time
-    (a running sum in order, as ``np.cumsum`` of each alone).
+    ``sum``, and the cumulative sums run along zero-padded rows, ``chunk`` sketches of like
+    width at a time (a running sum in order, as ``np.cumsum`` of each alone).
 
     >>> a = LogSketch.from_values(np.array([1e6, 2e6, 3e6])).scaled(0.7)
     >>> b = LogSketch.from_values(np.array([5e6] * 9 + [9e7]))
@@ -227,28 +227,29 @@ def rows_quantiles(index: np.ndarray, counts: np.ndarray, bounds: list[int], qs,
     True
     """
     qs = np.asarray(qs, dtype=np.float64)
-    n = len(bounds) - 1
+    edges = np.asarray(bounds, np.int64)
+    n = len(edges) - 1
     out = np.full((n, len(qs)), np.nan)
+    # Sketches of like width together: one wide sketch does not widen a whole chunk's grid.
+    order = np.argsort(np.diff(edges), kind="stable")
     for lo in range(0, n, chunk):
-        starts = np.asarray(bounds[lo:lo + chunk + 1], np.int64)
-        sizes = np.diff(starts)
-        m = len(sizes)
-        totals = np.array([counts[a:b].sum() for a, b in zip(starts.tolist(), starts[1:].tolist())])
-        width = int(sizes.max()) if m else 0
+        sel = order[lo:lo + chunk]
+        starts, sizes = edges[sel], edges[sel + 1] - edges[sel]
+        m, width = len(sel), int(sizes.max())
         if not width:
             continue
-        grid = np.zeros((m, width))
+        totals = np.array([counts[a:a + k].sum() for a, k in zip(starts.tolist(), sizes.tolist())])
         rows = np.repeat(np.arange(m), sizes)
-        cols = np.arange(int(starts[-1] - starts[0])) - np.repeat(starts[:-1] - starts[0], sizes)
-        grid[rows, cols] = counts[starts[0]:starts[-1]]
+        cols = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        grid = np.zeros((m, width))
+        grid[rows, cols] = counts[np.repeat(starts, sizes) + cols]
         cum = np.cumsum(grid, axis=1)
         # Past a row's end its cumulative sum stays at its total, above every rank: the count
         # of sums at or below a rank is where searchsorted(side="right") puts it.
         ranks = np.floor(qs[None, :] * (totals[:, None] - 1))
         pos = (cum[:, None, :] <= ranks[:, :, None]).sum(axis=2)
         pos = np.minimum(pos, np.maximum(sizes, 1)[:, None] - 1)
+        at = np.minimum(starts[:, None] + pos, max(len(index) - 1, 0))  # (an empty row: any)
         full = totals > 0
-        at = np.minimum(starts[:-1, None] + pos, max(len(index) - 1, 0))  # (an empty last row: any)
-        values = bucket_value(index[at].astype(np.float64))
-        out[lo:lo + m][full] = values[full]
+        out[sel[full]] = bucket_value(index[at].astype(np.float64))[full]
     return out

@@ -219,10 +219,10 @@ class RedisSink:
                          for lua in (EVENT_LUA, _BASELINE_LUA, MERGE_LUA, _FORGET_LUA, _BASELINES_LUA)]
         self._event_sha, self._baseline_sha, self._merge_sha, self._forget_sha, self._baselines_sha = (
             s.sha for s in self._scripts)
-        # The spool names scripts rather than SHAs: a restart into a newer version sends its own
-        # (and still knows "baseline", one per call, which spools of earlier versions hold).
+        # The spool names scripts rather than SHAs: a restart into a newer version sends its own.
+        # Baselines are spooled one call each of "baseline", which every version knows.
         self._sha_of = {"event": self._event_sha, "baseline": self._baseline_sha, "merge": self._merge_sha,
-                        "forget": self._forget_sha, "baselines": self._baselines_sha}
+                        "forget": self._forget_sha}
         self._name_of = {sha: name for name, sha in self._sha_of.items()}
         self._loaded = False
         self._tokens = Tokens()
@@ -444,7 +444,7 @@ class RedisSink:
         """Keep a batch Redis cannot take now on disk, as its commands, and forget it; False
         (the batch still to be put back) when the disk refused it."""
         cmds = [["SCRIPT", self._name_of[c[1]], *c[2:]] if c[0] == "EVALSHA" else list(c)
-                for c in self._commands(batch)[0]]
+                for c in self._commands(batch, spooled=True)[0]]
         try:
             if cmds:
                 self.spool.append(cmds)
@@ -546,9 +546,12 @@ class RedisSink:
                     self._unlink.append(marker)
                 self.on_event_written(w.event_type)
 
-    def _commands(self, batch: list[_Write]) -> tuple[list[tuple], list[tuple[int, str]], list[tuple]]:
+    def _commands(self, batch: list[_Write], spooled: bool = False
+                  ) -> tuple[list[tuple], list[tuple[int, str]], list[tuple]]:
         """The Redis commands of a batch; with the index of each merge (and its marker) and of
-        each event (its write and marker) among them."""
+        each event (its write and marker) among them. ``spooled``: for the spool, baselines
+        one call each of the one-baseline script, which every version knows (a spool may be
+        replayed by the version rolled back to)."""
         cmds: list[tuple] = []
         state = [w for w in batch if w.kind == "state" and isinstance(w.source, bytes)]
         if state:  # one HSET for all the batch's fields
@@ -561,7 +564,10 @@ class RedisSink:
         events: list[tuple[int, _Write, str]] = []
         ttl = self.written_ttl
         baselines = [w for w in batch if w.kind == "baseline"]
-        if baselines:
+        if baselines and spooled:
+            cmds += [("EVALSHA", self._baseline_sha, 2, f"{self.prefix}:baseline:{w.key}", self.keys_key,
+                      w.key, _fields_json(w.fields)) for w in baselines]
+        elif baselines:
             cmds.append(("EVALSHA", self._baselines_sha, 1 + len(baselines), self.keys_key,
                          *[f"{self.prefix}:baseline:{w.key}" for w in baselines],
                          _rows_json([w.key, *itertools.chain.from_iterable(w.fields.items())] for w in baselines)))
