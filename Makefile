@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 
-.PHONY: run demo tail top test test-fast test-sanitize sanitize-build fuzz fuzz-build test-tools compiler bench-ingest bench-detection bench-decode bench-memory bench-churn bench-soak install redis-server promtool node-deps clean
+.PHONY: run demo tail top test test-fast test-sanitize sanitize-build fuzz fuzz-build test-tools compiler bench-ingest bench-detection bench-decode bench-memory bench-sink bench-churn bench-soak install redis-server promtool node-deps clean
 
 $(VENV)/.installed: pyproject.toml setup.py processor/receiver/_fastdecode.c | compiler
 	$(PYTHON) -m venv $(VENV)
@@ -143,6 +143,10 @@ bench-detection: install redis-server
 
 bench-memory: install
 	$(PY) -m benchmarks.memory $(ARGS)
+
+# What writing a baseline to Redis costs the sink's thread, batched and one call each.
+bench-sink: install redis-server
+	$(PY) -m benchmarks.sink $(ARGS)
 
 # Service names that come and go: memory and places with and without forgetting.
 bench-churn: install

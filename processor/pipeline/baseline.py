@@ -7,6 +7,7 @@ accepted change slowly and forgets a location's distant past. The figures publis
 
 from __future__ import annotations
 
+import math
 from array import array
 
 import numpy as np
@@ -117,7 +118,7 @@ class Baseline:
     def fields(self) -> dict[str, str]:
         """The ``{prefix}:baseline:{key}`` hash."""
         loc = self.location
-        q = (self.sketch.quantiles(QUANTILES) if self._quantiles is None else self._quantiles) / 1e6
+        q = ((self.sketch.quantiles(QUANTILES) if self._quantiles is None else self._quantiles) / 1e6).tolist()
         return {
             "key": loc.key,
             "service.name": loc.service,
@@ -141,7 +142,7 @@ class Baseline:
 
 
 def _num(x: float) -> str:
-    return "" if not np.isfinite(x) else f"{x:.6g}"
+    return f"{x:.6g}" if math.isfinite(x) else ""
 
 
 class BaselineStage:
