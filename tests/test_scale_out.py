@@ -6,6 +6,8 @@ that owns its service."""
 
 from __future__ import annotations
 
+import codecs
+import json
 import re
 import threading
 from collections import defaultdict
@@ -97,8 +99,16 @@ class WriteLog:
             elif cmd == b"SADD" and key == f"{self.prefix}:keys":
                 targets = [(self.announced, a.decode()) for a in args[2:]]
             elif cmd == b"EVALSHA" and len(args) > 5 and args[3].decode().startswith(f"{self.prefix}:baseline:"):
-                # the baseline script (docs/sinks.md): its hash, and its key added to the set
+                # the one-baseline script (spooled batches): its hash, and its key added to the set
                 targets = [(self.baselines, args[3].decode().rsplit(":", 1)[1]), (self.announced, args[5].decode())]
+            elif cmd == b"EVALSHA" and len(args) > 4 and args[3].decode() == f"{self.prefix}:keys" \
+                    and args[4].decode().startswith(f"{self.prefix}:baseline:"):
+                # the baselines script (docs/sinks.md): its hashes, then one JSON array of rows,
+                # each the key it adds to the set and the fields (as MONITOR escapes them)
+                n = int(args[2])
+                rows = json.loads(codecs.escape_decode(args[3 + n])[0])
+                targets = ([(self.baselines, k.decode().rsplit(":", 1)[1]) for k in args[4:3 + n]]
+                           + [(self.announced, row[0]) for row in rows])
             elif cmd == b"EVALSHA" and len(args) > 9 and args[5].decode() == f"{self.prefix}:keys":
                 # the event script: the key it adds to the set if the event is a first_seen
                 targets = [(self.announced, args[9].decode())] if args[9] else []
