@@ -329,16 +329,9 @@ def mass_above(sketch: LogSketch, bucket: int) -> float:
     return float(sketch.counts[sketch.index > bucket].sum())
 
 
-def quantile_bucket(sketch: LogSketch, q: float) -> int:
-    """Bucket index holding quantile ``q`` (see ``LogSketch.quantiles``)."""
-    cum = np.cumsum(sketch.counts)
-    rank = math.floor(q * (cum[-1] - 1))
-    pos = min(int(np.searchsorted(cum, rank, side="right")), len(cum) - 1)
-    return int(sketch.index[pos])
-
-
 def quantile_buckets(sketch: LogSketch, qs: list[float]) -> list[int]:
-    """``quantile_bucket`` of each of ``qs``, from one cumulative sum."""
+    """Bucket index holding each quantile of ``qs`` (see ``LogSketch.quantiles``), from one
+    cumulative sum."""
     if not qs:
         return []
     cum = np.cumsum(sketch.counts)

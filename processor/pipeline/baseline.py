@@ -13,7 +13,7 @@ from array import array
 import numpy as np
 
 from processor.pipeline.location import Location
-from processor.pipeline.sketch import _TRAILER, MAX_BUCKET, LogSketch, rows_quantiles
+from processor.pipeline.sketch import _NO_COUNTS, _NO_INDEX, _TRAILER, MAX_BUCKET, LogSketch, rows_quantiles
 from processor.pipeline.window import ClosedWindow, LocationWindow
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
@@ -306,7 +306,7 @@ def _merge_rows(bases: list[LogSketch], decays: list[float | None], windows: lis
     sizes_b = np.fromiter((len(s.index) for s in bases), np.int64, n)
     sizes_w = np.fromiter((len(s.index) for s in windows), np.int64, n)
     rows = np.arange(n, dtype=np.int64)
-    idx_b = np.concatenate([s.index for s in bases] + [_NO_BUCKETS]).astype(np.int64)
+    idx_b = np.concatenate([s.index for s in bases] + [_NO_INDEX]).astype(np.int64)
     cnt_b = np.concatenate([s.counts for s in bases] + [_NO_COUNTS])
     if any(d is not None for d in decays):
         factor = np.repeat(np.array([1.0 if d is None else d for d in decays]), sizes_b)
@@ -319,7 +319,7 @@ def _merge_rows(bases: list[LogSketch], decays: list[float | None], windows: lis
         row_b = np.repeat(rows, sizes_b)
     # Both key arrays are sorted (rows in order, buckets sorted in each): merged, not sorted.
     keys_b = row_b * _ROW + idx_b
-    keys_w = np.repeat(rows, sizes_w) * _ROW + np.concatenate([s.index for s in windows] + [_NO_BUCKETS])
+    keys_w = np.repeat(rows, sizes_w) * _ROW + np.concatenate([s.index for s in windows] + [_NO_INDEX])
     pos = np.searchsorted(keys_b, keys_w)
     hit = np.zeros(len(keys_w), np.bool_)
     inside = pos < len(keys_b)
@@ -332,9 +332,6 @@ def _merge_rows(bases: list[LogSketch], decays: list[float | None], windows: lis
     packed = [LogSketch(buckets[a:b], counts[a:b]).pack() for a, b in zip(bounds, bounds[1:])]
     return packed, rows_quantiles(buckets, counts, bounds, QUANTILES)
 
-
-_NO_BUCKETS = np.zeros(0, np.int64)
-_NO_COUNTS = np.zeros(0, np.float64)
 
 # Baseline.from_plain: what a plain baseline holds, and the checks of its values.
 _PLAIN_FIELDS = frozenset({"sketch", "count", "errors", "seconds", "windows", "updated_ns", "version"})

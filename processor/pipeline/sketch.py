@@ -181,9 +181,9 @@ class LogSketch:
 
 
 def window_quantiles(sketches: list[LogSketch], qs) -> np.ndarray:
-    """``LogSketch.quantiles`` of many sketches of whole counts (a window's: exact sums in
-    any order), in one numpy pass: row i holds sketch i's values (ns) at ``qs``. The same
-    values as one call per sketch (NaN for an empty one).
+    """``LogSketch.quantiles`` of many sketches (``rows_quantiles`` of them end to end): row
+    i holds sketch i's values (ns) at ``qs``, the same values as one call per sketch (NaN
+    for an empty one).
 
     >>> a = LogSketch.from_values(np.array([1e6, 2e6, 3e6]))
     >>> b = LogSketch.from_values(np.array([5e6] * 9 + [9e7]))
@@ -191,24 +191,9 @@ def window_quantiles(sketches: list[LogSketch], qs) -> np.ndarray:
     ...                                                          b.quantiles((0.5, 0.99))])).all())
     True
     """
-    qs = np.asarray(qs, dtype=np.float64)
-    full = [i for i, sk in enumerate(sketches) if sk.counts.sum() > 0]
-    if len(full) < len(sketches):
-        out = np.full((len(sketches), len(qs)), np.nan)
-        if full:
-            out[full] = window_quantiles([sketches[i] for i in full], qs)
-        return out
-    sizes = np.fromiter((len(sk.counts) for sk in sketches), np.int64, len(sketches))
-    counts = np.concatenate([sk.counts for sk in sketches])
-    index = np.concatenate([sk.index for sk in sketches])
-    cum = np.cumsum(counts)
-    last = np.cumsum(sizes) - 1        # each sketch's last position
-    before = np.concatenate(([0.0], cum[last[:-1]]))  # what the sketches before it hold
-    total = cum[last] - before
-    ranks = np.floor(qs[None, :] * (total[:, None] - 1))
-    pos = np.searchsorted(cum, before[:, None] + ranks, side="right")
-    pos = np.minimum(pos, last[:, None])
-    return bucket_value(index[pos].astype(np.float64))
+    bounds = np.concatenate(([0], np.cumsum([len(sk.index) for sk in sketches]))).tolist()
+    return rows_quantiles(np.concatenate([sk.index for sk in sketches] + [_NO_INDEX]),
+                          np.concatenate([sk.counts for sk in sketches] + [_NO_COUNTS]), bounds, qs)
 
 
 def rows_quantiles(index: np.ndarray, counts: np.ndarray, bounds: list[int], qs, chunk: int = 512) -> np.ndarray:

@@ -131,18 +131,17 @@ def _fields_json(fields: dict) -> str:
     Values go as text, as redis-py would send them (a number as its repr, bytes as UTF-8):
     a JSON number would reach HSET as Lua prints it.
     """
-    flat = [x for kv in fields.items() for x in kv]
-    if set(map(type, flat)) != _STR:
-        flat = [_text(x) for x in flat]
-    return _pairs(flat)
+    return _pairs(_texts([x for kv in fields.items() for x in kv]))
 
 
 def _rows_json(rows) -> str:
     """Rows of values -> one JSON array of arrays of text (as ``_fields_json``)."""
-    out = []
-    for row in rows:
-        out.append(row if set(map(type, row)) == _STR else [_text(x) for x in row])
-    return _pairs(out)
+    return _pairs([_texts(row) for row in rows])
+
+
+def _texts(values: list) -> list[str]:
+    """``values`` as text (``_text``), the list itself when it is all text already."""
+    return values if set(map(type, values)) == _STR else [_text(x) for x in values]
 
 
 def _text(value) -> str:
