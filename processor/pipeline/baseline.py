@@ -149,9 +149,9 @@ class BaselineStage:
     """Every location's baseline, kept as columns indexed by location id rather than as an
     object per location: its sketch (packed), its count, errors, seconds and windows (four
     doubles of one array), the end of its latest window and its version (objects shared with
-    the window they came from). ``update`` hands out a ``Baseline`` per location changed, a
-    snapshot made for publishing: the sink renders it when it writes, and the stage never
-    changes it afterwards."""
+    the window they came from). ``absorb_many`` hands out a ``Baseline`` per location
+    changed, a snapshot made for publishing: the sink renders it when it writes, and the
+    stage never changes it afterwards."""
 
     def __init__(self, window_s: float, half_life_s: float):
         self.window_s = window_s
@@ -177,15 +177,11 @@ class BaselineStage:
         b.updated_ns, b.version = self.updated_ns[loc_id], self.versions[loc_id]
         return b
 
-    def update(self, cw: ClosedWindow, locations: list[LocationWindow] | None = None) -> list[Baseline]:
-        """Merge a closed window (or the given locations of it); return the baselines changed."""
-        return [self.absorb(cw, lw)[0] for lw in (cw.locations if locations is None else locations)]
-
     def absorb(self, cw: ClosedWindow, lw: LocationWindow) -> tuple[Baseline, bytes, float | None]:
-        """Merge one location's window in. Returns the baseline (a snapshot to publish), the
-        packed sketch it had before and the decay applied to it (None: its first window):
-        with the sketch after (``sketches[lw.loc_id]``), what ``Observation.baseline_step``
-        hands the detectors."""
+        """Merge one location's window in, with ``Baseline.absorb``: the rule ``absorb_many``
+        applies to a whole window at once (and is tested against). Returns the baseline (a
+        snapshot to publish), the packed sketch it had before and the decay applied to it
+        (None: its first window)."""
         i = lw.loc_id
         b = self.baseline(i)
         if b is None:
