@@ -111,6 +111,8 @@ def deep_size(roots, seen: set[int]) -> int:
             continue
         seen.add(id(o))
         if isinstance(o, np.ndarray):
+            if o.dtype == object:
+                stack.extend(o.ravel().tolist())
             if o.base is None:
                 total += block(sys.getsizeof(o) - o.nbytes) + block(o.nbytes)
             else:
@@ -165,9 +167,9 @@ def breakdown(engine: Engine, n_locations: int, sample: int = 2000) -> list[tupl
             size = sum(len(marshal.dumps(s[j])) for s in states) / len(pick)
             out.append((f"    of which {type(proto).__name__}", size, False))
     for j, cols in store.columns.items():
-        arrays = [getattr(cols, name) for name, _ in cols._ARRAYS] + [cols.last_version]
+        seen.add(id(cols.det))  # (the prototype: configuration, not state)
         out.append((f"detectors kept as columns: {type(store.prototypes[j]).__name__}",
-                    sum(block(sys.getsizeof(a)) for a in arrays) / n_locations, True))
+                    deep_size([cols], seen) / n_locations, True))
     # The sample stands for every location: what the others hold is not charged again below.
     for loc in tables.locations:
         seen.update((id(loc), id(loc.key), id(loc.function)))

@@ -11,8 +11,8 @@ from processor.detect.noise import QuantileNoise
 from processor.detect.lifecycle import ACCEPTED, RECOVERED, Regression
 from processor.detect.settings import Settings, parse_bool, positive_float, probability, setting
 from processor.detect.stats import (
-    BinomialCUSUM, CallMix, LoadFit, binomial_greater, mass_above,
-    quantile_buckets, rank_test_greater, shifted, wilson_lower,
+    BinomialCUSUM, CallMix, LoadFit, binomial_greater, exceedances, mass_above,
+    rank_test_greater, shifted, wilson_lower,
 )
 from processor.events import Event
 from processor.parsing import non_negative_float
@@ -191,6 +191,13 @@ class LatencyShift(RegressionDetector):
     def _contract(cls) -> dict:
         return {"change": ("median", 2.0), "max_stationary": 0}
 
+    def columns(self):
+        """State for many locations at once (``LatencyColumns``), which the engine keeps
+        instead of a frozen state per location."""
+        from processor.detect.latency_columns import LatencyColumns
+
+        return LatencyColumns(self)
+
     @property
     def baseline(self) -> LogSketch:
         """The baseline sketch. Kept packed between windows (``LogSketch.pack``): one bytes
@@ -318,13 +325,14 @@ class LatencyShift(RegressionDetector):
             return self._follow_open(obs, shifted(vf.sketch, -adjustment) if vf else current)
 
         events: list[Event] = []
-        base_total = baseline.count
         tests = {}
-        # q -> (bucket, baseline share above it, spans above it), shared by the median's two CUSUMs
-        watched = [q for q in QUANTILES.values() if q <= 0.5 or base_total * (1 - q) >= self.min_tail_expected]
+        # q -> (bucket, baseline share above it, spans above it), shared by the median's two
+        # CUSUMs; a tail once enough baseline spans are expected above it
+        base_total, buckets, above = exceedances(baseline, list(QUANTILES.values()))
         at_q: dict[float, tuple] = {}
-        for q, b in zip(watched, quantile_buckets(baseline, watched)):
-            at_q[q] = (b, mass_above(baseline, b) / base_total, mass_above(current, b))
+        for q, b, a in zip(QUANTILES.values(), buckets, above):
+            if q <= 0.5 or base_total * (1 - q) >= self.min_tail_expected:
+                at_q[q] = (b, a / base_total, mass_above(current, b))
         for name, q in WATCHES.items():
             if q not in at_q:
                 continue  # too few baseline spans to know this tail yet

@@ -76,6 +76,50 @@ def _line(w: float, sx: float, sxx: float, sy: float, sxy: float) -> tuple[float
     return mx, my, ((sxy / w - mx * my) / vx if vx > 1e-12 else 0.0)
 
 
+def _exp(values: np.ndarray) -> np.ndarray:
+    """``math.exp`` of each value: numpy's own exp differs from it in the last bit at times."""
+    return np.fromiter(map(math.exp, values.tolist()), np.float64, len(values))
+
+
+def _log(values: np.ndarray) -> np.ndarray:
+    """``math.log`` of each value (as ``_exp``)."""
+    return np.fromiter(map(math.log, values.tolist()), np.float64, len(values))
+
+
+def _line_rows(s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``_line`` of each row of sums (w, sx, sxx, sy, sxy)."""
+    w, sx, sxx, sy, sxy = s.T
+    mx, my = sx / w, sy / w
+    vx = sxx / w - mx * mx
+    return mx, my, np.where(vx > 1e-12, (sxy / w - mx * my) / np.where(vx > 1e-12, vx, 1.0), 0.0)
+
+
+def _forms_rows(s: np.ndarray, u: np.ndarray, big_l: np.ndarray):
+    """``LoadFit._forms_at`` of many fits (rows of sums), given u = x - x0 and L = exp(u)."""
+    m = len(s)
+    with np.errstate(all="ignore"):
+        w, su, suu, sy, suy = s[:, :5].T
+        mu, my = su / w, sy / w
+        vu = np.maximum(suu / w - mu * mu, 0.0)
+        cuy = suy / w - mu * my
+        flat = vu <= 1e-12
+        power = np.where(flat, my, my + cuy / np.where(flat, 1.0, vu) * (u - mu))
+        ml, mean_y, b = _line_rows(s[:, 6:11])
+        level = mean_y + b * (big_l - ml)
+        linear = np.full(m, np.nan)
+        ok = np.flatnonzero(level > 0)
+        linear[ok] = s[ok, 17] + _log(level[ok])
+        ml, mean_z, b = _line_rows(s[:, 11:16])
+        level = mean_z + b * (big_l - ml)
+        queue = np.full(m, np.inf)
+        ok = np.flatnonzero(level > 1e-9)
+        queue[ok] = s[ok, 17] - _log(level[ok])
+    linear[flat], queue[flat] = my[flat], my[flat]
+    none = ~(w > 0)  # no weight: no forms (as _loglog's None)
+    power[none] = linear[none] = queue[none] = 0.0
+    return power, linear, queue
+
+
 class LoadFit(base.Base):
     """Mean log latency (y) on log load (x): decayed weighted least squares in three forms,
     the one that predicts best, and the range of load they rest on.
@@ -164,6 +208,36 @@ class LoadFit(base.Base):
         self.n += 1
         self._moments = self._at = None
         return self
+
+    @staticmethod
+    def update_rows(sums: np.ndarray, n: np.ndarray, x: np.ndarray, y: np.ndarray, weight: np.ndarray,
+                    decay: float) -> None:
+        """``update`` of many fits at once, in place: row i of ``sums`` (float64, 21 columns)
+        and ``n`` (points so far; incremented) are fit i's, ``x``, ``y``, ``weight`` its point.
+        The same floats as ``update`` one by one: the same operations in the same order, and
+        ``math``'s exp and log, which numpy's do not always equal in the last bit."""
+        first = n == 0
+        sums[first, 16], sums[first, 17] = x[first], y[first]
+        u = x - sums[:, 16]
+        big_l, big_y = _exp(u), _exp(y - sums[:, 17])
+        a, b = big_y.copy(), big_y.copy()
+        k = np.flatnonzero(n >= 3)
+        if len(k):
+            yk, wk = y[k], weight[k]
+            forms = _forms_rows(sums[k], u[k], big_l[k])
+            for i, f in enumerate(forms):
+                e = np.where(np.isnan(f), 0.5, np.minimum(np.abs(yk - f), 0.5))
+                sums[k, 18 + i] = sums[k, 18 + i] * decay + wk * e
+            for level, i in ((a, 1), (b, 2)):
+                near = np.flatnonzero(np.abs(forms[i] - yk) < 2.0)
+                level[k[near]] = _exp(forms[i][near] - sums[k[near], 17])
+        a, b = weight / (a * a), weight * b * b
+        values = (weight, weight * u, weight * u * u, weight * y, weight * u * y, weight * y * y,
+                  a, a * big_l, a * big_l * big_l, a * big_y, a * big_l * big_y,
+                  b, b * big_l, b * big_l * big_l, b / big_y, b * big_l / big_y)
+        for i, v in enumerate(values):
+            sums[:, i] = sums[:, i] * decay + v
+        n += 1
 
     def _loglog(self):
         """(w, mean u, mean y, var u, cov(u, y), var y), or None."""
@@ -329,15 +403,20 @@ def mass_above(sketch: LogSketch, bucket: int) -> float:
     return float(sketch.counts[sketch.index > bucket].sum())
 
 
-def quantile_buckets(sketch: LogSketch, qs: list[float]) -> list[int]:
-    """Bucket index holding each quantile of ``qs`` (see ``LogSketch.quantiles``), from one
-    cumulative sum."""
-    if not qs:
-        return []
+def exceedances(sketch: LogSketch, qs: list[float]) -> tuple[float, list[int], list[float]]:
+    """(the sketch's total, the bucket holding each quantile of ``qs`` as ``LogSketch.quantiles``
+    finds it, the count above each such bucket), all from one running sum, so that many
+    sketches' figures can be had at once as the same floats (``LatencyColumns``).
+
+    >>> exceedances(LogSketch(np.array([3, 5, 9], np.int32), np.array([2.0, 5.0, 3.0])), [0.5, 0.9])
+    (10.0, [5, 9], [3.0, 0.0])
+    """
     cum = np.cumsum(sketch.counts)
-    ranks = [math.floor(q * (cum[-1] - 1)) for q in qs]
-    pos = np.minimum(np.searchsorted(cum, ranks, side="right"), len(cum) - 1)
-    return sketch.index[pos].tolist()
+    if not len(cum):
+        return 0.0, [], []
+    total = float(cum[-1])
+    pos = np.minimum(np.searchsorted(cum, [math.floor(q * (total - 1)) for q in qs], side="right"), len(cum) - 1)
+    return total, sketch.index[pos].tolist(), (total - cum[pos]).tolist()
 
 
 def shifted(sketch: LogSketch, log_factor: float) -> LogSketch:

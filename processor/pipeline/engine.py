@@ -40,9 +40,10 @@ class DetectorStore:
     A location's detectors are thawed from the configuration's prototypes for each window
     of its service, given its baseline sketch: a detector whose own baseline is that same
     sketch leaves it out of its frozen state (see ``LatencyShift.freeze``). A detector with
-    ``columns()`` (``Dormant``) is kept as columns over every location instead, updated once
-    per service window (``update_service``); its place in a location's frozen tuple holds
-    None, and ``state`` puts its row back for checkpoints.
+    ``columns()`` is kept as columns over every location instead, updated once per service
+    window: over all its locations (``update_service``: ``Dormant``), or over the present
+    ones (``update_present``: ``LatencyShift``, whose columns say ``present_only``). Its place
+    in a location's frozen tuple holds None, and ``state`` puts its row back for checkpoints.
     """
 
     def __init__(self, prototypes: list[Detector]):
@@ -93,6 +94,9 @@ class DetectorStore:
         """Drop a location's detectors (the location was forgotten: its id may be reused)."""
         if loc_id < len(self.frozen):
             self.frozen[loc_id] = None
+            for c in self.columns.values():
+                if hasattr(c, "forget"):
+                    c.forget(loc_id)
 
     def detectors_of(self, loc_id: int, sketch: bytes) -> list[Detector]:
         """A location's detectors as they stand (thawed copies: changing them changes nothing)."""
@@ -133,9 +137,19 @@ class DetectorStore:
         events: list[Event] = []
         changed: list[int] = []
         for c in self.columns.values():
-            events += c.update(ids, counts, versions, end_ns, service_version, observe, tick)
-            changed += c.changed
+            if not getattr(c, "present_only", False):
+                events += c.update(ids, counts, versions, end_ns, service_version, observe, tick)
+                changed += c.changed
         return events, changed
+
+    def update_present(self, ids: np.ndarray, observations: list[Observation]) -> list[Event]:
+        """Feed a service window's present locations (``ids``, with their ``observations``)
+        to the columnar detectors that want only those (``LatencyColumns``)."""
+        events: list[Event] = []
+        for c in self.columns.values():
+            if getattr(c, "present_only", False):
+                events += c.update_present(ids, observations)
+        return events
 
 
 @dataclass
@@ -362,10 +376,14 @@ class Engine:
         # The baselines first, all at once: the latency detector, while it keeps the same
         # sketch, takes the stage's result instead of computing it again (baseline_step).
         baselines, befores, decays, unpacked = stage.absorb_many(cw, tracked)
+        observations = []
         for lw, before, decay, sketch in zip(tracked, befores, decays, unpacked):
             loc_id = lw.loc_id
             after = stage.sketches[loc_id]
-            events += store.update(loc_id, observation(loc_id, lw, (before, decay, after, sketch)), before, after)
+            obs = observation(loc_id, lw, (before, decay, after, sketch))
+            observations.append(obs)
+            events += store.update(loc_id, obs, before, after)
+        events += store.update_present(here, observations)
         if store.absent_per_location:
             present = {lw.loc_id for lw in tracked}
             for loc_id in known:

@@ -163,10 +163,10 @@ class LogSketch:
     def quantiles(self, qs) -> np.ndarray:
         """Values (ns) at quantiles ``qs``; NaN for an empty sketch."""
         qs = np.atleast_1d(np.asarray(qs, dtype=np.float64))
-        total = self.counts.sum()
+        cum = np.cumsum(self.counts)
+        total = cum[-1] if len(cum) else 0.0  # (a running sum: the same in rows_quantiles' grid)
         if total <= 0:
             return np.full(len(qs), np.nan)
-        cum = np.cumsum(self.counts)
         # The bucket holding rank floor(q * (n - 1)): first one whose cumulative count exceeds it.
         ranks = np.floor(qs * (total - 1))
         pos = np.searchsorted(cum, ranks, side="right")
@@ -200,9 +200,9 @@ def rows_quantiles(index: np.ndarray, counts: np.ndarray, bounds: list[int], qs,
     """``LogSketch.quantiles`` of many sketches held end to end (sketch k's buckets are
     ``index[bounds[k]:bounds[k + 1]]``, its counts the same slice of ``counts``), any counts
     (decayed ones too): row k holds sketch k's values (ns) at ``qs``, NaN for an empty one.
-    The same values, bit for bit, as one call per sketch: each total is that sketch's own
-    ``sum``, and the cumulative sums run along zero-padded rows, ``chunk`` sketches of like
-    width at a time (a running sum in order, as ``np.cumsum`` of each alone).
+    The same values, bit for bit, as one call per sketch: the cumulative sums run along
+    zero-padded rows, ``chunk`` sketches of like width at a time (a running sum in order, as
+    ``np.cumsum`` of each alone), and each total is the last of them.
 
     >>> a = LogSketch.from_values(np.array([1e6, 2e6, 3e6])).scaled(0.7)
     >>> b = LogSketch.from_values(np.array([5e6] * 9 + [9e7]))
@@ -223,12 +223,12 @@ def rows_quantiles(index: np.ndarray, counts: np.ndarray, bounds: list[int], qs,
         m, width = len(sel), int(sizes.max())
         if not width:
             continue
-        totals = np.array([counts[a:a + k].sum() for a, k in zip(starts.tolist(), sizes.tolist())])
         rows = np.repeat(np.arange(m), sizes)
         cols = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
         grid = np.zeros((m, width))
         grid[rows, cols] = counts[np.repeat(starts, sizes) + cols]
         cum = np.cumsum(grid, axis=1)
+        totals = cum[:, -1]
         # Past a row's end its cumulative sum stays at its total, above every rank: the count
         # of sums at or below a rank is where searchsorted(side="right") puts it.
         ranks = np.floor(qs[None, :] * (totals[:, None] - 1))

@@ -1,0 +1,530 @@
+"""``LatencyShift`` over many locations at once: its state as columns, a window in numpy.
+
+Most location-windows take the same few steps: the load measure and call mix updated, the
+window judged against the baseline by a few CUSUMs that stay below their threshold, the
+window absorbed, the load fit updated. ``LatencyColumns`` keeps every location's detector
+state as columns indexed by location id and takes those steps for all the present
+locations of a service window at once. A location in any other case (an open regression,
+a CUSUM past its threshold, a window brought to another load, a baseline of its own,
+several versions in the window or a version its watches do not follow yet) goes through
+``LatencyShift.update`` itself, thawed from its row and frozen back into it.
+
+The columns give the same state, float for float, as ``LatencyShift.update`` would: the
+same operations in the same order, and ``math``'s exp and log (numpy's differ from them in
+the last bit at times). tests/test_latency_columns.py holds them to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from processor.detect.latency import LOAD_T, QUANTILES, SEEN_SD, WATCHES, LatencyShift
+from processor.detect.stats import LoadFit, _exp, _forms_rows, _log
+from processor.events import Event
+from processor.pipeline.baseline import _merge_rows
+from processor.pipeline.sketch import LOG_GAMMA, LogSketch, bucket_value
+
+_QS = np.array(list(QUANTILES.values()))
+_WATCH_Q = [list(QUANTILES.values()).index(q) for q in WATCHES.values()]  # watch -> its quantile
+_STATS = 5  # per watch: CUSUM statistic, hits, trials, others' hits, others' trials
+
+
+def _grid(sketches: list[LogSketch]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sketches as zero-padded rows: (bucket indices, counts, sizes)."""
+    sizes = np.fromiter((len(sk.index) for sk in sketches), np.int64, len(sketches))
+    width = max(int(sizes.max()), 1) if len(sizes) else 1
+    index = np.zeros((len(sketches), width), np.int64)
+    counts = np.zeros((len(sketches), width))
+    if sizes.sum():
+        rows = np.repeat(np.arange(len(sketches)), sizes)
+        cols = np.arange(int(sizes.sum())) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+        index[rows, cols] = np.concatenate([sk.index for sk in sketches])
+        counts[rows, cols] = np.concatenate([sk.counts for sk in sketches])
+    return index, counts, sizes
+
+
+def _quantile_positions(cum: np.ndarray, sizes: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Per row and quantile, the position ``LogSketch.quantiles`` takes (``exceedances``)."""
+    total = cum[:, -1]
+    ranks = np.floor(qs[None, :] * (total[:, None] - 1))
+    pos = (cum[:, None, :] <= ranks[:, :, None]).sum(axis=2)
+    return np.minimum(pos, np.maximum(sizes, 1)[:, None] - 1)
+
+
+class LatencyColumns:
+    """Every location's ``LatencyShift`` state as columns (see the module's docstring).
+
+    A row frozen (``row``) is ``LatencyShift.freeze``'s tuple; ``put`` takes one back. The
+    watches of the version a location's windows come from are columns; those of other
+    versions (kept until evicted) are held as frozen tuples beside them.
+    """
+
+    present_only = True  # fed the present locations of a service window (``update_present``)
+
+    def __init__(self, det: LatencyShift):
+        self.det = det
+        self.own: dict[int, bytes] = {}      # a baseline of its own (else the location's published one)
+        self.open: dict[int, tuple] = {}     # the open regression, frozen
+        self.others: dict[int, tuple] = {}   # watches of the other versions, frozen, in order
+        self.main_version: list = []         # the version whose watches are columns (None: no watches)
+        self.windows_in_numpy = self.windows_one_at_a_time = 0  # location-windows taken each way
+        self._alloc(0)
+
+    # (name, shape per row, dtype): counters as int32, the figures as float64
+    _ARRAYS = (("bw", (), np.int32), ("fit", (21,), np.float64), ("fit_n", (), np.int32),
+               ("mix", (4,), np.float64), ("ref", (), np.float64),
+               ("nwin", (), np.int32), ("nmean", (3,), np.float64), ("nvar", (3,), np.float64),
+               ("pend", ("delay", 3), np.float64), ("plen", (), np.int8),
+               ("wtick", (), np.int32), ("wlast", (), np.int32), ("wpos", (), np.int8),
+               ("wstat", (len(WATCHES), _STATS), np.float64), ("wwin", (len(WATCHES),), np.int32),
+               ("wseg", (len(WATCHES),), object))
+
+    def _alloc(self, size: int) -> None:
+        delay = self.det.noise.delay
+        for name, shape, dtype in self._ARRAYS:
+            shape = (size, *(delay if s == "delay" else s for s in shape))
+            old = getattr(self, name, None)
+            if old is None:
+                new = np.zeros(shape, dtype)
+            elif dtype is object:
+                new = np.empty(shape, dtype)
+                new[:len(old)] = old
+            else:  # grown where it lies (realloc): no copy left behind as a hole in the heap
+                new = old
+                new.resize(shape, refcheck=False)
+            if dtype is object:
+                new[len(old) if old is not None else 0:] = b""
+            setattr(self, name, new)
+        self.main_version += [None] * (size - len(self.main_version))
+
+    def _room(self, n: int) -> None:
+        if n > len(self.bw):
+            self._alloc(max(n, len(self.bw) + len(self.bw) // 4, 16))
+
+    # -- rows ---------------------------------------------------------------------------------
+    def put(self, i: int, state: tuple | None = None, tick: int = 0) -> int:
+        """Set row ``i`` to a frozen state (``LatencyShift.freeze``'s), or a new location's."""
+        self._room(i + 1)
+        d = self.det
+        if state is None:
+            state = d.freeze()
+        baseline, bw, (load, mix, ref, noise), watches, o = state
+        if baseline is None:
+            self.own.pop(i, None)
+        else:
+            self.own[i] = baseline
+        self.bw[i] = bw
+        self.fit[i] = np.frombuffer(load[0], np.float64)
+        self.fit_n[i] = load[1]
+        self.mix[i] = mix
+        self.ref[i] = math.nan if ref is None else ref
+        n = len(QUANTILES)
+        self.nwin[i], self.nmean[i], self.nvar[i] = noise[0], noise[1:1 + n], noise[1 + n:1 + 2 * n]
+        pending = noise[1 + 2 * n] if len(noise) > 1 + 2 * n else ()
+        if len(pending) > d.noise.delay:
+            raise ValueError("latency: more windows pending than the noise delay")
+        self.pend[i] = math.nan
+        for k, p in enumerate(pending):
+            self.pend[i, k] = [math.nan if v is None else v for v in p]
+        self.plen[i] = len(pending)
+        self.others.pop(i, None)
+        self.main_version[i] = None
+        self.wtick[i] = -1
+        if watches is not None:
+            self.wtick[i], groups = watches
+            if groups:
+                # The columns follow the version seen last (the latest of equals).
+                k = max(range(len(groups)), key=lambda g: (groups[g][1], g))
+                version, last_seen, quantiles = groups[k]
+                self.main_version[i], self.wlast[i], self.wpos[i] = tuple(version), last_seen, k
+                for w, (statistic, segment, hits, trials, oh, ot, windows) in enumerate(quantiles):
+                    self.wstat[i, w] = statistic, hits, trials, oh, ot
+                    self.wwin[i, w], self.wseg[i, w] = windows, segment
+                if len(groups) > 1:
+                    self.others[i] = tuple(groups[:k]) + tuple(groups[k + 1:])
+        if o is None:
+            self.open.pop(i, None)
+        else:
+            self.open[i] = o
+        return tick
+
+    def forget(self, i: int) -> None:
+        """Let go of row ``i``'s objects (its location was forgotten; ``put`` sets it anew)."""
+        for held in (self.own, self.open, self.others):
+            held.pop(i, None)
+        if i < len(self.wseg):
+            self.wseg[i] = b""
+            self.main_version[i] = None
+
+    def row(self, i: int, tick: int = 0) -> tuple:
+        """Row ``i`` as ``LatencyShift.freeze`` gives it."""
+        pending = tuple(tuple(None if math.isnan(v) else v for v in p) for p in self.pend[i, :self.plen[i]].tolist())
+        noise = (int(self.nwin[i]), *self.nmean[i].tolist(), *self.nvar[i].tolist(), pending)
+        ref = float(self.ref[i])
+        load = ((self.fit[i].tobytes(), int(self.fit_n[i])), tuple(self.mix[i].tolist()),
+                None if math.isnan(ref) else ref, noise)
+        watches = None
+        if self.wtick[i] >= 0:
+            groups = list(self.others.get(i, ()))
+            v = self.main_version[i]
+            if v is not None:
+                stats, wins = self.wstat[i].tolist(), self.wwin[i].tolist()
+                main = (v, int(self.wlast[i]), tuple(
+                    (s[0], self.wseg[i, w], s[1], s[2], s[3], s[4], wins[w]) for w, s in enumerate(stats)))
+                groups.insert(int(self.wpos[i]), main)
+            watches = (int(self.wtick[i]), tuple(groups))
+        return (self.own.get(i), int(self.bw[i]), load, watches, self.open.get(i))
+
+    # -- one service window -------------------------------------------------------------------
+    def update_present(self, ids: np.ndarray, observations: list) -> list[Event]:
+        """One closed window of a service: ``ids`` the present locations (rows), with their
+        ``observations`` (each with its ``baseline_step``). Returns the events."""
+        d = self.det
+        m = len(ids)
+        if not m:
+            return []
+        rows = np.asarray(ids, np.int64)
+        lws = [o.window for o in observations]
+        count = np.fromiter((lw.count if lw is not None else 0 for lw in lws), np.int64, m)
+        steps = [o.baseline_step for o in observations]
+        # Locations that LatencyShift.update takes one at a time (see the module docstring)
+        slow = np.zeros(m, bool)
+        version: list = [None] * m
+        for k, (i, lw, step) in enumerate(zip(rows.tolist(), lws, steps)):
+            if not count[k]:
+                continue
+            versions = [v for v in lw.versions if v.count]
+            if versions:
+                version[k] = versions[0].version
+            if (i in self.open or step is None or len(versions) != 1
+                    or versions[0].count != lw.count
+                    or (self.wtick[i] >= 0 and versions[0].version != self.main_version[i])):
+                slow[k] = True
+        live = np.flatnonzero((count > 0) & ~slow)
+        events: list[Event] = []
+        self.windows_in_numpy += len(live)
+        if len(live):
+            slow[live[self._fast(rows[live], [observations[k] for k in live], count[live],
+                                 [version[k] for k in live])]] = True
+        one = np.flatnonzero(slow)
+        self.windows_one_at_a_time += len(one)
+        self.windows_in_numpy -= int(slow[live].sum())
+        for k in one.tolist():
+            i, obs, step = int(rows[k]), observations[k], steps[k]
+            before, after = (step[0], step[2]) if step is not None else (b"", b"")
+            det = d.thawed(self.row(i), before)
+            events += det.update(obs)
+            self.put(i, det.freeze(after))
+        return events
+
+    def _fast(self, rows: np.ndarray, observations: list, count: np.ndarray, versions: list) -> np.ndarray:
+        """LatencyShift.update for locations that take the common steps, in numpy; returns
+        the mask of those that turned out not to (a CUSUM past its threshold, a window
+        beyond the load seen), left as they were."""
+        d = self.det
+        m = len(rows)
+        out = np.zeros(m, bool)
+        at = np.arange(m)[:, None]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # The load: the rest of the service's calls (Observation.others_load), then the
+            # own calls' view of it (CallMix).
+            span = np.fromiter((o.end_ns - o.start_ns for o in observations), np.float64, m)
+            calls = np.fromiter((o.service_calls for o in observations), np.float64, m)
+            others = calls - count / (span / 1e9)
+            has_x = others > 1e-9
+            x = np.full(m, np.nan)
+            x[has_x] = _log(others[has_x])
+            x, uncertain, mix_new = self._mix(x, has_x, count, span, self.mix[rows])
+            # The window brought to the baseline's load (LatencyShift._load_adjustment)
+            fit, fit_n = self.fit[rows], self.fit_n[rows]
+            offset, beyond, ref = self._load_adjustment(x, has_x, uncertain, fit, fit_n, self.ref[rows])
+            bw = self.bw[rows]
+            warm = bw < d.warmup_windows
+            held = beyond & ~warm  # neither evidence nor baseline: only the load fit learns
+            # The detector's baseline before this window (the published one, or its own),
+            # and the window as judged (its buckets moved by the load adjustment)
+            own = [self.own.get(i) for i in rows.tolist()]
+            bases = [o.baseline_step[3] if b is None else LogSketch.unpack(b) for o, b in zip(observations, own)]
+            b_index, b_counts, b_sizes = _grid(bases)
+            w_index, w_counts, w_sizes = _grid([o.window.sketch for o in observations])
+            w_index += offset[:, None]
+            b_cum = np.cumsum(b_counts, axis=1)
+            w_cum = np.cumsum(w_counts, axis=1)
+            b_total, w_total = b_cum[:, -1], w_cum[:, -1]
+            b_pos = _quantile_positions(b_cum, b_sizes, _QS)
+            # QuantileNoise.update (the regression is not open), unless beyond the load seen
+            noise_rows = ~beyond & (w_total >= d.noise.min_spans) & self._count_at_least(
+                bases, b_total, d.noise.min_spans)
+            w_pos = _quantile_positions(w_cum, w_sizes, _QS)
+            noise = self._noise(rows, noise_rows, bucket_value(w_index[at, w_pos].astype(np.float64)),
+                                bucket_value(b_index[at, b_pos].astype(np.float64)))
+            # The CUSUMs of the judged windows
+            judged = ~warm & ~beyond
+            b_bucket = b_index[at, b_pos]
+            p0 = (b_total[:, None] - b_cum[at, b_pos]) / b_total[:, None]
+            hits = (w_counts[:, None, :] * (w_index[:, None, :] > b_bucket[:, :, None])).sum(axis=2)
+            watched = (_QS[None, :] <= 0.5) | (b_total[:, None] * (1 - _QS[None, :]) >= d.min_tail_expected)
+            watch = self._watches(rows, judged, count, watched, p0, hits)
+            if watch is not None:
+                out |= watch[1].any(axis=1) & judged
+        keep = ~out
+        if not keep.any():
+            return out
+        k = np.flatnonzero(keep)
+        r = rows[k]
+        # The windows as judged, where the adjustment moved them
+        currents = [o.window.sketch for o in observations]
+        for a in np.flatnonzero(offset).tolist():
+            sk = currents[a]
+            currents[a] = LogSketch(sk.index + np.int32(offset[a]), sk.counts)
+        # The baselines: absorbed (held ones stay as they were), published or their own
+        self._absorb(rows, k[~held[k]], observations, own, bases, currents, offset)
+        for a in k[held[k]].tolist():
+            i, step = int(rows[a]), observations[a].baseline_step
+            baseline = step[0] if own[a] is None else own[a]
+            self._set_own(i, baseline, step[2])
+        self.bw[rows[k[~held[k]]]] += 1
+        # The mix, the load reference, the noise, the watches and the load fit
+        self.mix[r] = mix_new[k]
+        self.ref[r] = ref[k]
+        nwin, nmean, nvar, pend, plen = noise
+        self.nwin[r], self.nmean[r], self.nvar[r], self.pend[r], self.plen[r] = (
+            nwin[k], nmean[k], nvar[k], pend[k], plen[k])
+        if watch is not None:
+            self._commit_watches(rows, keep & judged, count, watch, hits, currents, versions)
+        f = k[has_x[k]]
+        if len(f):
+            y = np.fromiter((observations[a].mean_log_ms() for a in f.tolist()), np.float64, len(f))
+            sums, n = fit[f], fit_n[f]
+            LoadFit.update_rows(sums, n, x[f], y, np.ones(len(f)), d.decay)
+            self.fit[rows[f]], self.fit_n[rows[f]] = sums, n
+        return out
+
+    def _set_own(self, i: int, baseline: bytes, published: bytes) -> None:
+        """Row ``i``'s baseline is ``baseline``: its own, unless it is the published one."""
+        if baseline == published:
+            self.own.pop(i, None)
+        else:
+            self.own[i] = baseline
+
+    def _absorb(self, rows, k, observations, own, bases, currents, offset) -> None:
+        """LatencyShift._absorb of rows ``k``: the published baseline taken as it is where the
+        detector's is that one and the window unmoved, else merged (``_merge_rows``)."""
+        d = self.det
+        merge = []
+        for a in k.tolist():
+            step = observations[a].baseline_step
+            if not (own[a] is None and not offset[a] and (step[1] == d.decay or not step[0])):
+                merge.append(a)
+        if not merge:
+            return
+        merged, _ = _merge_rows([bases[a] for a in merge], [d.decay] * len(merge), [currents[a] for a in merge])
+        for a, packed in zip(merge, merged):
+            self._set_own(int(rows[a]), packed, observations[a].baseline_step[2])
+
+    def _count_at_least(self, sketches: list[LogSketch], totals: np.ndarray, least: float) -> np.ndarray:
+        """``sketch.count >= least`` for each: from the running totals, and from the sketch's
+        own sum where the two could round to different sides."""
+        ok = totals >= least
+        near = np.flatnonzero(np.abs(totals - least) <= 1e-9 * least)
+        for k in near.tolist():
+            ok[k] = sketches[k].count >= least
+        return ok
+
+    def _mix(self, x, has_x, own, span, sums):
+        """CallMix.load then CallMix.update, where there is a load measure."""
+        c = self.det.mix
+        w, wd, fw, fwd = sums.T
+        others = np.full(len(x), np.nan)
+        others[has_x] = np.fromiter(map(math.exp, x[has_x].tolist()), np.float64, int(has_x.sum())) * span[has_x] / 1e9
+        # load
+        short = np.where((w >= 5.0) & (fw >= 2.0), wd / w - fwd / fw, 0.0)
+        short = np.where(short <= c.floor, 0.0, short)
+        ownf = own.astype(np.float64)
+        sure = has_x & (w >= 5.0) & (own >= c.min_calls) & (others >= 1.0)
+        now = np.full(len(x), np.nan)
+        ratio = others / ownf
+        now[sure] = wd[sure] / w[sure] - _log(ratio[sure])
+        over = sure & (now > c.floor)
+        noise = c.z * np.sqrt(1.0 / ownf + 1.0 / others)
+        beyond_noise = over & (now > noise)
+        load_short = np.where(beyond_noise & (now > short), now, short)  # max(short, now)
+        uncertain = over & ~beyond_noise & (short == 0.0)
+        x_load = x + load_short
+        # update
+        counted = has_x & (own >= c.min_calls) & (others >= 1.0)
+        dd = np.full(len(x), np.nan)
+        dd[counted] = _log(ratio[counted])
+        fast_short = np.where((w >= 5.0) & (fw >= 2.0), wd / w - fwd / fw, 0.0)
+        usual = (w < 5.0) | ((wd / w - dd <= np.maximum(c.floor, noise)) & (fast_short <= c.floor / 2))
+        grow = counted & usual
+        new = sums.copy()
+        new[grow, 0] = w[grow] * c.decay + 1.0
+        new[grow, 1] = wd[grow] * c.decay + dd[grow]
+        new[counted, 2] = fw[counted] * c.fast + 1.0
+        new[counted, 3] = fwd[counted] * c.fast + dd[counted]
+        return np.where(has_x, x_load, np.nan), uncertain, new
+
+    def _load_adjustment(self, x, has_x, uncertain, s, n, ref):
+        """LatencyShift._load_adjustment of each row: (the window's bucket offset, beyond the
+        load seen, the load reference after)."""
+        d = self.det
+        m = len(x)
+        w, su, suu, sy, suy, syy = s[:, :6].T
+        defined = w > 0
+        mu, my = su / w, sy / w
+        vu = np.maximum(suu / w - mu * mu, 0.0)
+        cuy = suy / w - mu * my
+        vy = syy / w - my * my
+        sd = np.sqrt(vu)
+        mean = s[:, 16] + mu
+        lo = np.where(defined, mean - SEEN_SD * sd, np.inf)
+        hi = np.where(defined, mean + SEEN_SD * sd, -np.inf)
+        spread = defined & (vu > 1e-12)
+        slope = np.where(spread, cuy / np.where(spread, vu, 1.0), 0.0)
+        effective = np.minimum(n, 1.0 / (1.0 - d.decay))
+        has_se = spread & (effective > 2)
+        se = np.full(m, np.inf)
+        se[has_se] = np.sqrt(np.maximum(vy - cuy * cuy / vu, 1e-12)[has_se] / (vu[has_se] * (effective[has_se] - 2)))
+        t = np.where(np.isfinite(se), slope / se, 0.0)
+        judged = has_x & (n >= d.warmup_windows)
+        flat = (slope <= 0) | (t < LOAD_T)
+        # No load effect shown: none assumed, unless the load went so far past what was seen
+        # that one the data cannot rule out would be a reportable rise.
+        plausible = (np.where(slope > 0.0, slope, 0.0) + 2.0 * se) * (x - hi)
+        beyond = judged & flat & (x - hi > d.load_margin) & (plausible > 0.5 * math.log1p(d.min_relative))
+        offset = np.zeros(m, np.int64)
+        ref = ref.copy()
+        k = np.flatnonzero(judged & ~flat)
+        if len(k):
+            sk = s[k]
+            unset = np.isnan(ref[k])
+            ref[k[unset]] = self._predict(sk[unset], mean[k][unset])
+            xk = x[k]
+            clamped = np.where(lo[k] > xk, lo[k], xk)
+            top = hi[k] + d.load_margin
+            clamped = np.where(top < clamped, top, clamped)
+            expected = self._predict(sk, clamped)
+            finite = np.isfinite(expected)
+            log_factor = -(expected - ref[k])
+            offset[k] = np.where(finite, np.rint(log_factor / LOG_GAMMA), 0).astype(np.int64)
+            beyond[k] = ~finite | uncertain[k] | (xk - hi[k] > d.load_margin)
+        return offset, beyond, ref
+
+    @staticmethod
+    def _predict(s: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """LoadFit.predict of each row of sums at x."""
+        u = x - s[:, 16]
+        forms = np.column_stack(_forms_rows(s, u, _exp(u)))
+        best = forms[np.arange(len(s)), np.argmin(s[:, 18:21], axis=1)]
+        return np.where(np.isnan(best), forms[:, 0], best)
+
+    def _noise(self, rows, update, now_q, then_q):
+        """QuantileNoise.update of the rows where ``update``: the new (windows, mean, var,
+        pending, pending length) of every row."""
+        q = self.det.noise
+        nwin, nmean, nvar = self.nwin[rows], self.nmean[rows], self.nvar[rows]
+        pend, plen = self.pend[rows], self.plen[rows]
+        u = np.flatnonzero(update)
+        if not len(u):
+            return nwin, nmean, nvar, pend, plen
+        ratio = now_q[u] / then_q[u]
+        ok = (now_q[u] > 0) & (then_q[u] > 0)
+        logs = np.full(ratio.shape, np.nan)
+        logs[ok] = _log(ratio[ok])
+        full = plen[u] >= q.delay
+        # Append; when more than ``delay`` wait, the oldest counts.
+        oldest = pend[u, 0].copy()
+        shifted = np.concatenate([pend[u, 1:], logs[:, None, :]], axis=1)
+        appended = pend[u].copy()
+        appended[np.arange(len(u)), np.minimum(plen[u], q.delay - 1)] = logs
+        pend[u] = np.where(full[:, None, None], shifted, appended)
+        plen[u] = np.where(full, plen[u], plen[u] + 1)
+        c = u[full]
+        if len(c):
+            nwin[c] += 1
+            weight = 1.0 / np.minimum(nwin[c], q.memory)
+            xs = oldest[full]
+            there = ~np.isnan(xs)
+            dlt = xs - nmean[c]
+            new_mean = nmean[c] + weight[:, None] * dlt
+            new_var = (1 - weight[:, None]) * (nvar[c] + weight[:, None] * dlt * dlt)
+            nmean[c] = np.where(there, new_mean, nmean[c])
+            nvar[c] = np.where(there, new_var, nvar[c])
+        return nwin, nmean, nvar, pend, plen
+
+    def _watches(self, rows, judged, count, watched, p0, hits):
+        """The CUSUMs of the judged rows' version: (statistics after, drift, active, tested)
+        per row and watch, or None when there is nothing to judge."""
+        d = self.det
+        if not judged.any():
+            return None
+        qi = np.array(_WATCH_Q)
+        p0w, hitsw = p0[:, qi], hits[:, qi]
+        tested = judged[:, None] & watched[:, qi] & (p0w > 0)
+        names = list(WATCHES)
+        tail = np.array([WATCHES[nm] > 0.5 for nm in names])
+        delta = np.array([d.gross_delta if nm == "p50_gross" else d.median_delta for nm in names])
+        p1 = np.where(tail[None, :], np.minimum(d.tail_ratio * p0w, 0.5), np.minimum(p0w + delta[None, :], 0.999))
+        a = np.minimum(np.maximum(p0w, 1e-9), 1 - 1e-9)
+        b = np.minimum(np.maximum(p1, 1e-9), 1 - 1e-9)
+        t = np.flatnonzero(tested.ravel())
+        up = np.zeros(tested.shape)
+        down = np.zeros(tested.shape)
+        up.ravel()[t] = _log((b / a).ravel()[t])
+        down.ravel()[t] = _log(((1 - b) / (1 - a)).ravel()[t])
+        trials = count.astype(np.float64)[:, None]
+        llr = hitsw * up + (trials - hitsw) * down
+        fresh = self.wtick[rows] < 0
+        before = np.where(fresh[:, None], 0.0, self.wstat[rows, :, 0])
+        total = before + llr
+        stat = np.where(total > 0.0, total, 0.0)
+        stat = np.where(tested, stat, before)
+        active = tested & (stat > 0)
+        drift = active & (stat > d.threshold)
+        return stat, drift, active, tested
+
+    def _commit_watches(self, rows, judged, count, watch, hits, windows, versions):
+        """Write the judged rows' watches (``_watches``'s figures): a tested watch at zero is
+        reset, a positive one adds the window to its segment and counts."""
+        stat, _, active, tested = watch
+        k = np.flatnonzero(judged)
+        if not len(k):
+            return
+        r = rows[k]
+        fresh = self.wtick[r] < 0
+        if fresh.any():  # their first judged window: watches made, the window's version followed
+            f = r[fresh]
+            self.wtick[f] = 0
+            self.wstat[f] = 0.0
+            self.wwin[f] = 0
+            self.wseg[f] = b""
+            self.wpos[f] = 0
+            for i, o in zip(f.tolist(), k[fresh].tolist()):
+                self.main_version[i] = versions[o]
+        self.wtick[r] += 1
+        self.wlast[r] = self.wtick[r]
+        qi = np.array(_WATCH_Q)
+        hitsw = hits[:, qi]
+        reset = tested[k] & ~active[k]
+        grow = active[k]
+        st = self.wstat[r]
+        st[:, :, 0] = np.where(tested[k], stat[k], st[:, :, 0])
+        st[reset] = 0.0
+        trials = count[k].astype(np.float64)[:, None]
+        st[:, :, 1] = np.where(grow, st[:, :, 1] + hitsw[k], st[:, :, 1])
+        st[:, :, 2] = np.where(grow, st[:, :, 2] + trials, st[:, :, 2])
+        st[:, :, 3] = np.where(grow, st[:, :, 3] + 0.0, st[:, :, 3])
+        st[:, :, 4] = np.where(grow, st[:, :, 4] + 0.0, st[:, :, 4])
+        self.wstat[r] = st
+        wins = self.wwin[r]
+        wins[reset] = 0
+        wins[grow] += 1
+        self.wwin[r] = wins
+        segs = self.wseg[r]
+        segs[reset] = b""
+        for a, w in zip(*np.nonzero(grow)):
+            segs[a, w] = LogSketch.unpack(segs[a, w]).merge(windows[k[a]]).pack()
+        self.wseg[r] = segs
