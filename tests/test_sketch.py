@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.pipeline.sketch import ALPHA, LogSketch, bucket_index, bucket_value
+from processor.pipeline.sketch import ALPHA, LogSketch, bucket_index, bucket_value, pack_rows
 
 TOLERANCE = ALPHA * (1 + 1e-9)  # floating-point slack at bucket boundaries only
 
@@ -186,3 +186,29 @@ def test_quantiles_of_rows_with_a_wide_sketch_among_narrow_ones_equal_one_call_e
     got = rows_quantiles(np.concatenate([s.index for s in sketches]), np.concatenate([s.counts for s in sketches]),
                          bounds, qs)
     assert np.array_equal(got, np.vstack([s.quantiles(qs) for s in sketches]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), sketches=st.integers(1, 40), lead=st.integers(0, 3))
+def test_pack_rows_gives_each_sketch_its_own_pack(seed, sketches, lead):
+    """Many sketches packed at once: byte for byte what each one's pack gives, whatever
+    their count types (narrow whole counts, decayed floats, counts past 2**32), layouts
+    (dense, sparse) and sizes (empty ones too)."""
+    rng = np.random.default_rng(seed)
+    many = []
+    for _ in range(sketches):
+        kind = int(rng.integers(6))
+        values = rng.lognormal(np.log(2e7), float(rng.choice([0.01, 0.5, 3.0])), int(rng.integers(0, 300)))
+        sk = LogSketch.from_values(values) if len(values) else LogSketch()
+        if kind == 1:
+            sk = sk.scaled(float(rng.uniform(0.01, 1.0)))
+        elif kind == 2:
+            sk = LogSketch(sk.index, sk.counts * float(rng.choice([300, 70_000, 2**33])))
+        elif kind == 3:
+            sk = LogSketch(np.arange(5, 5 + len(sk.index), dtype=np.int32), sk.counts)  # dense
+        many.append(sk)
+    pad = [LogSketch.from_values(np.array([1e6] * 3))] * lead  # rows before the first one packed
+    index = np.concatenate([s.index for s in pad + many] + [np.zeros(0, np.int32)])
+    counts = np.concatenate([s.counts for s in pad + many] + [np.zeros(0)])
+    bounds = np.cumsum([0] + [len(s.index) for s in pad + many])[lead:].tolist()
+    assert pack_rows(index, counts, bounds) == [s.pack() for s in many]

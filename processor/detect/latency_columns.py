@@ -320,7 +320,8 @@ class LatencyColumns:
                 merge.append(a)
         if not merge:
             return
-        merged, _ = _merge_rows([bases[a] for a in merge], [d.decay] * len(merge), [currents[a] for a in merge])
+        merged, _ = _merge_rows([bases[a] for a in merge], [d.decay] * len(merge), [currents[a] for a in merge],
+                                quantiles=False)
         for a, packed in zip(merge, merged):
             self._set_own(int(rows[a]), packed, observations[a].baseline_step[2])
 
@@ -525,6 +526,9 @@ class LatencyColumns:
         self.wwin[r] = wins
         segs = self.wseg[r]
         segs[reset] = b""
-        for a, w in zip(*np.nonzero(grow)):
-            segs[a, w] = LogSketch.unpack(segs[a, w]).merge(windows[k[a]]).pack()
+        a, w = np.nonzero(grow)
+        if len(a):  # each growing segment merged with its window (packed, as _Watch keeps it)
+            merged, _ = _merge_rows([LogSketch.unpack(b) for b in segs[a, w].tolist()], [None] * len(a),
+                                    [windows[k[x]] for x in a.tolist()], quantiles=False)
+            segs[a, w] = merged
         self.wseg[r] = segs

@@ -13,7 +13,9 @@ from array import array
 import numpy as np
 
 from processor.pipeline.location import Location
-from processor.pipeline.sketch import _NO_COUNTS, _NO_INDEX, _TRAILER, MAX_BUCKET, LogSketch, rows_quantiles
+from processor.pipeline.sketch import (
+    _NO_COUNTS, _NO_INDEX, _TRAILER, MAX_BUCKET, LogSketch, pack_rows, rows_quantiles,
+)
 from processor.pipeline.window import ClosedWindow, LocationWindow
 
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
@@ -292,12 +294,13 @@ _EMPTY = LogSketch()
 _ROW = MAX_BUCKET + 1  # (row, bucket) packed as row * _ROW + bucket
 
 
-def _merge_rows(bases: list[LogSketch], decays: list[float | None], windows: list[LogSketch]
-                ) -> tuple[list[bytes], np.ndarray]:
+def _merge_rows(bases: list[LogSketch], decays: list[float | None], windows: list[LogSketch],
+                quantiles: bool = True) -> tuple[list[bytes], np.ndarray | None]:
     """Per row, ``bases[k].scaled(decays[k]).merge(windows[k]).pack()`` (no scaling where the
     decay is None), for all rows in one pass: every bucket's sum is 0.0 + the decayed count
-    + the window's count, added in that order, as ``LogSketch.merge`` adds them); and each
-    merged sketch's values at QUANTILES (what ``Baseline.fields`` publishes)."""
+    + the window's count, added in that order, as ``LogSketch.merge`` adds them); and, with
+    ``quantiles``, each merged sketch's values at QUANTILES (what ``Baseline.fields``
+    publishes)."""
     n = len(bases)
     sizes_b = np.fromiter((len(s.index) for s in bases), np.int64, n)
     sizes_w = np.fromiter((len(s.index) for s in windows), np.int64, n)
@@ -325,8 +328,7 @@ def _merge_rows(bases: list[LogSketch], decays: list[float | None], windows: lis
     counts[np.searchsorted(unique, keys_w)] += np.concatenate([s.counts for s in windows] + [_NO_COUNTS])
     bounds = np.searchsorted(unique, rows * _ROW).tolist() + [len(unique)]
     buckets = (unique % _ROW).astype(np.int32)
-    packed = [LogSketch(buckets[a:b], counts[a:b]).pack() for a, b in zip(bounds, bounds[1:])]
-    return packed, rows_quantiles(buckets, counts, bounds, QUANTILES)
+    return pack_rows(buckets, counts, bounds), rows_quantiles(buckets, counts, bounds, QUANTILES) if quantiles else None
 
 
 # Baseline.from_plain: what a plain baseline holds, and the checks of its values.
