@@ -25,11 +25,11 @@ def bits(value):
     return value
 
 
-def _streams(seed: int, locations: int, windows: int):
+def _streams(seed: int, locations: int, windows: int, kinds=KINDS):
     rng = np.random.default_rng(seed)
     out = []
     for k in range(locations):
-        kind = KINDS[int(rng.integers(len(KINDS)))]
+        kind = kinds[int(rng.integers(len(kinds)))]
         change_at = int(rng.integers(windows // 3, windows)) if kind else None
         out.append(list(observations(int(rng.integers(2**31)), windows, change_at, kind,
                                      effect=float(rng.choice([1.3, 2.0, 3.0])),

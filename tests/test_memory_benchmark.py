@@ -9,6 +9,6 @@ def test_memory_benchmark_sizes_every_part_of_a_small_run(capsys):
     out = capsys.readouterr().out
     assert out.startswith("steady-state RSS per location:") and "2 past warm-up" in out
     for part in ("baseline sketches", "detectors, frozen between windows", "kept as columns: LatencyShift",
-                 "of which ScalingShift", "code locations", "allocators' free blocks"):
+                 "kept as columns: ScalingShift", "code locations", "allocators' free blocks"):
         assert part in out
     assert "(latency detector; shared)" in out

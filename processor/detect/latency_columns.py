@@ -20,15 +20,29 @@ import math
 
 import numpy as np
 
+from processor.detect.columns import PresentColumns
 from processor.detect.latency import LOAD_T, QUANTILES, SEEN_SD, WATCHES, LatencyShift
-from processor.detect.stats import LoadFit, _exp, _forms_rows, _log
-from processor.events import Event
+from processor.detect.stats import LoadFit, _log, fit_rows, predict_rows
 from processor.pipeline.baseline import _merge_rows
 from processor.pipeline.sketch import LOG_GAMMA, LogSketch, bucket_value
 
 _QS = np.array(list(QUANTILES.values()))
 _WATCH_Q = [list(QUANTILES.values()).index(q) for q in WATCHES.values()]  # watch -> its quantile
 _STATS = 5  # per watch: CUSUM statistic, hits, trials, others' hits, others' trials
+
+
+def load_measure(observations: list, count: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``Observation.others_load`` of each (NaN where None), whether there is one, and each
+    window's length (ns, as a float)."""
+    m = len(observations)
+    span = np.fromiter((o.end_ns - o.start_ns for o in observations), np.float64, m)
+    calls = np.fromiter((o.service_calls for o in observations), np.float64, m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        others = calls - count / (span / 1e9)
+    has_x = others > 1e-9
+    x = np.full(m, np.nan)
+    x[has_x] = _log(others[has_x])
+    return x, has_x, span
 
 
 def _grid(sketches: list[LogSketch]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -53,7 +67,7 @@ def _quantile_positions(cum: np.ndarray, sizes: np.ndarray, qs: np.ndarray) -> n
     return np.minimum(pos, np.maximum(sizes, 1)[:, None] - 1)
 
 
-class LatencyColumns:
+class LatencyColumns(PresentColumns):
     """Every location's ``LatencyShift`` state as columns (see the module's docstring).
 
     A row frozen (``row``) is ``LatencyShift.freeze``'s tuple; ``put`` takes one back. The
@@ -61,47 +75,28 @@ class LatencyColumns:
     versions (kept until evicted) are held as frozen tuples beside them.
     """
 
-    present_only = True  # fed the present locations of a service window (``update_present``)
-
     def __init__(self, det: LatencyShift):
-        self.det = det
         self.own: dict[int, bytes] = {}      # a baseline of its own (else the location's published one)
-        self.open: dict[int, tuple] = {}     # the open regression, frozen
         self.others: dict[int, tuple] = {}   # watches of the other versions, frozen, in order
         self.main_version: list = []         # the version whose watches are columns (None: no watches)
-        self.windows_in_numpy = self.windows_one_at_a_time = 0  # location-windows taken each way
-        self._alloc(0)
+        super().__init__(det)
 
     # (name, shape per row, dtype): counters as int32, the figures as float64
     _ARRAYS = (("bw", (), np.int32), ("fit", (21,), np.float64), ("fit_n", (), np.int32),
                ("mix", (4,), np.float64), ("ref", (), np.float64),
                ("nwin", (), np.int32), ("nmean", (3,), np.float64), ("nvar", (3,), np.float64),
-               ("pend", ("delay", 3), np.float64), ("plen", (), np.int8),
+               ("pend", ("noise_delay", 3), np.float64), ("plen", (), np.int8),
                ("wtick", (), np.int32), ("wlast", (), np.int32), ("wpos", (), np.int8),
                ("wstat", (len(WATCHES), _STATS), np.float64), ("wwin", (len(WATCHES),), np.int32),
                ("wseg", (len(WATCHES),), object))
 
-    def _alloc(self, size: int) -> None:
-        delay = self.det.noise.delay
-        for name, shape, dtype in self._ARRAYS:
-            shape = (size, *(delay if s == "delay" else s for s in shape))
-            old = getattr(self, name, None)
-            if old is None:
-                new = np.zeros(shape, dtype)
-            elif dtype is object:
-                new = np.empty(shape, dtype)
-                new[:len(old)] = old
-            else:  # grown where it lies (realloc): no copy left behind as a hole in the heap
-                new = old
-                new.resize(shape, refcheck=False)
-            if dtype is object:
-                new[len(old) if old is not None else 0:] = b""
-            setattr(self, name, new)
-        self.main_version += [None] * (size - len(self.main_version))
+    @property
+    def noise_delay(self) -> int:
+        return self.det.noise.delay
 
-    def _room(self, n: int) -> None:
-        if n > len(self.bw):
-            self._alloc(max(n, len(self.bw) + len(self.bw) // 4, 16))
+    def _alloc(self, size: int) -> None:
+        super()._alloc(size)
+        self.main_version += [None] * (size - len(self.main_version))
 
     # -- rows ---------------------------------------------------------------------------------
     def put(self, i: int, state: tuple | None = None, tick: int = 0) -> int:
@@ -144,15 +139,12 @@ class LatencyColumns:
                     self.wwin[i, w], self.wseg[i, w] = windows, segment
                 if len(groups) > 1:
                     self.others[i] = tuple(groups[:k]) + tuple(groups[k + 1:])
-        if o is None:
-            self.open.pop(i, None)
-        else:
-            self.open[i] = o
+        self._hold_open(i, o)
         return tick
 
     def forget(self, i: int) -> None:
-        """Let go of row ``i``'s objects (its location was forgotten; ``put`` sets it anew)."""
-        for held in (self.own, self.open, self.others):
+        super().forget(i)
+        for held in (self.own, self.others):
             held.pop(i, None)
         if i < len(self.wseg):
             self.wseg[i] = b""
@@ -178,46 +170,23 @@ class LatencyColumns:
         return (self.own.get(i), int(self.bw[i]), load, watches, self.open.get(i))
 
     # -- one service window -------------------------------------------------------------------
-    def update_present(self, ids: np.ndarray, observations: list) -> list[Event]:
-        """One closed window of a service: ``ids`` the present locations (rows), with their
-        ``observations`` (each with its ``baseline_step``). Returns the events."""
-        d = self.det
-        m = len(ids)
-        if not m:
-            return []
-        rows = np.asarray(ids, np.int64)
-        lws = [o.window for o in observations]
-        count = np.fromiter((lw.count if lw is not None else 0 for lw in lws), np.int64, m)
-        steps = [o.baseline_step for o in observations]
-        # Locations that LatencyShift.update takes one at a time (see the module docstring)
-        slow = np.zeros(m, bool)
-        version: list = [None] * m
-        for k, (i, lw, step) in enumerate(zip(rows.tolist(), lws, steps)):
+    def _route(self, rows: np.ndarray, observations: list, count: np.ndarray) -> tuple[np.ndarray, list]:
+        """Locations that LatencyShift.update takes one at a time (see the module docstring),
+        and each one's version."""
+        slow = np.zeros(len(rows), bool)
+        version: list = [None] * len(rows)
+        for k, (i, obs) in enumerate(zip(rows.tolist(), observations)):
             if not count[k]:
                 continue
+            lw = obs.window
             versions = [v for v in lw.versions if v.count]
             if versions:
                 version[k] = versions[0].version
-            if (i in self.open or step is None or len(versions) != 1
+            if (i in self.open or obs.baseline_step is None or len(versions) != 1
                     or versions[0].count != lw.count
                     or (self.wtick[i] >= 0 and versions[0].version != self.main_version[i])):
                 slow[k] = True
-        live = np.flatnonzero((count > 0) & ~slow)
-        events: list[Event] = []
-        self.windows_in_numpy += len(live)
-        if len(live):
-            slow[live[self._fast(rows[live], [observations[k] for k in live], count[live],
-                                 [version[k] for k in live])]] = True
-        one = np.flatnonzero(slow)
-        self.windows_one_at_a_time += len(one)
-        self.windows_in_numpy -= int(slow[live].sum())
-        for k in one.tolist():
-            i, obs, step = int(rows[k]), observations[k], steps[k]
-            before, after = (step[0], step[2]) if step is not None else (b"", b"")
-            det = d.thawed(self.row(i), before)
-            events += det.update(obs)
-            self.put(i, det.freeze(after))
-        return events
+        return slow, version
 
     def _fast(self, rows: np.ndarray, observations: list, count: np.ndarray, versions: list) -> np.ndarray:
         """LatencyShift.update for locations that take the common steps, in numpy; returns
@@ -230,13 +199,8 @@ class LatencyColumns:
         with np.errstate(divide="ignore", invalid="ignore"):
             # The load: the rest of the service's calls (Observation.others_load), then the
             # own calls' view of it (CallMix).
-            span = np.fromiter((o.end_ns - o.start_ns for o in observations), np.float64, m)
-            calls = np.fromiter((o.service_calls for o in observations), np.float64, m)
-            others = calls - count / (span / 1e9)
-            has_x = others > 1e-9
-            x = np.full(m, np.nan)
-            x[has_x] = _log(others[has_x])
-            x, uncertain, mix_new = self._mix(x, has_x, count, span, self.mix[rows])
+            x, has_x, span = load_measure(observations, count)
+            x, uncertain, mix_new = d.mix.load_update_rows(self.mix[rows], x, has_x, count, span)
             # The window brought to the baseline's load (LatencyShift._load_adjustment)
             fit, fit_n = self.fit[rows], self.fit_n[rows]
             offset, beyond, ref = self._load_adjustment(x, has_x, uncertain, fit, fit_n, self.ref[rows])
@@ -334,62 +298,13 @@ class LatencyColumns:
             ok[k] = sketches[k].count >= least
         return ok
 
-    def _mix(self, x, has_x, own, span, sums):
-        """CallMix.load then CallMix.update, where there is a load measure."""
-        c = self.det.mix
-        w, wd, fw, fwd = sums.T
-        others = np.full(len(x), np.nan)
-        others[has_x] = np.fromiter(map(math.exp, x[has_x].tolist()), np.float64, int(has_x.sum())) * span[has_x] / 1e9
-        # load
-        short = np.where((w >= 5.0) & (fw >= 2.0), wd / w - fwd / fw, 0.0)
-        short = np.where(short <= c.floor, 0.0, short)
-        ownf = own.astype(np.float64)
-        sure = has_x & (w >= 5.0) & (own >= c.min_calls) & (others >= 1.0)
-        now = np.full(len(x), np.nan)
-        ratio = others / ownf
-        now[sure] = wd[sure] / w[sure] - _log(ratio[sure])
-        over = sure & (now > c.floor)
-        noise = c.z * np.sqrt(1.0 / ownf + 1.0 / others)
-        beyond_noise = over & (now > noise)
-        load_short = np.where(beyond_noise & (now > short), now, short)  # max(short, now)
-        uncertain = over & ~beyond_noise & (short == 0.0)
-        x_load = x + load_short
-        # update
-        counted = has_x & (own >= c.min_calls) & (others >= 1.0)
-        dd = np.full(len(x), np.nan)
-        dd[counted] = _log(ratio[counted])
-        fast_short = np.where((w >= 5.0) & (fw >= 2.0), wd / w - fwd / fw, 0.0)
-        usual = (w < 5.0) | ((wd / w - dd <= np.maximum(c.floor, noise)) & (fast_short <= c.floor / 2))
-        grow = counted & usual
-        new = sums.copy()
-        new[grow, 0] = w[grow] * c.decay + 1.0
-        new[grow, 1] = wd[grow] * c.decay + dd[grow]
-        new[counted, 2] = fw[counted] * c.fast + 1.0
-        new[counted, 3] = fwd[counted] * c.fast + dd[counted]
-        return np.where(has_x, x_load, np.nan), uncertain, new
-
     def _load_adjustment(self, x, has_x, uncertain, s, n, ref):
         """LatencyShift._load_adjustment of each row: (the window's bucket offset, beyond the
         load seen, the load reference after)."""
         d = self.det
         m = len(x)
-        w, su, suu, sy, suy, syy = s[:, :6].T
-        defined = w > 0
-        mu, my = su / w, sy / w
-        vu = np.maximum(suu / w - mu * mu, 0.0)
-        cuy = suy / w - mu * my
-        vy = syy / w - my * my
-        sd = np.sqrt(vu)
-        mean = s[:, 16] + mu
-        lo = np.where(defined, mean - SEEN_SD * sd, np.inf)
-        hi = np.where(defined, mean + SEEN_SD * sd, -np.inf)
-        spread = defined & (vu > 1e-12)
-        slope = np.where(spread, cuy / np.where(spread, vu, 1.0), 0.0)
-        effective = np.minimum(n, 1.0 / (1.0 - d.decay))
-        has_se = spread & (effective > 2)
-        se = np.full(m, np.inf)
-        se[has_se] = np.sqrt(np.maximum(vy - cuy * cuy / vu, 1e-12)[has_se] / (vu[has_se] * (effective[has_se] - 2)))
-        t = np.where(np.isfinite(se), slope / se, 0.0)
+        f = fit_rows(s, n, d.decay, SEEN_SD)
+        lo, hi, slope, se, t, mean = f.lo, f.hi, f.slope, f.se, f.t, f.mean_x
         judged = has_x & (n >= d.warmup_windows)
         flat = (slope <= 0) | (t < LOAD_T)
         # No load effect shown: none assumed, unless the load went so far past what was seen
@@ -402,25 +317,17 @@ class LatencyColumns:
         if len(k):
             sk = s[k]
             unset = np.isnan(ref[k])
-            ref[k[unset]] = self._predict(sk[unset], mean[k][unset])
+            ref[k[unset]] = predict_rows(sk[unset], mean[k][unset])
             xk = x[k]
             clamped = np.where(lo[k] > xk, lo[k], xk)
             top = hi[k] + d.load_margin
             clamped = np.where(top < clamped, top, clamped)
-            expected = self._predict(sk, clamped)
+            expected = predict_rows(sk, clamped)
             finite = np.isfinite(expected)
             log_factor = -(expected - ref[k])
             offset[k] = np.where(finite, np.rint(log_factor / LOG_GAMMA), 0).astype(np.int64)
             beyond[k] = ~finite | uncertain[k] | (xk - hi[k] > d.load_margin)
         return offset, beyond, ref
-
-    @staticmethod
-    def _predict(s: np.ndarray, x: np.ndarray) -> np.ndarray:
-        """LoadFit.predict of each row of sums at x."""
-        u = x - s[:, 16]
-        forms = np.column_stack(_forms_rows(s, u, _exp(u)))
-        best = forms[np.arange(len(s)), np.argmin(s[:, 18:21], axis=1)]
-        return np.where(np.isnan(best), forms[:, 0], best)
 
     def _noise(self, rows, update, now_q, then_q):
         """QuantileNoise.update of the rows where ``update``: the new (windows, mean, var,

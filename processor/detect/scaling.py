@@ -109,6 +109,13 @@ class ScalingShift(RegressionDetector):
     def _contract(cls) -> dict:
         return {"change": ("scaling", 2.0), "max_stationary": 0}
 
+    def columns(self):
+        """State for many locations at once (``ScalingColumns``), which the engine keeps
+        instead of a frozen state per location."""
+        from processor.detect.scaling_columns import ScalingColumns
+
+        return ScalingColumns(self)
+
     def freeze(self, sketch: bytes = b"") -> tuple:
         recent = None if self.recent is None else self.recent.tobytes()
         return ((self.fit.freeze(), self.mix.freeze()), recent, self.pos, self.streak,

@@ -120,6 +120,49 @@ def _forms_rows(s: np.ndarray, u: np.ndarray, big_l: np.ndarray):
     return power, linear, queue
 
 
+class FitRows:
+    """``LoadFit``'s figures for many fits (rows of sums) at once: ``lo``, ``hi`` of
+    ``seen(spread)``, ``mean_x``, ``slope``, ``se`` (``slope_se(effective)``) and ``t``
+    (``slope_t(effective)``), with ``effective = min(n, 1 / (1 - decay))`` as the detectors
+    take it; the same floats as each fit's own."""
+
+    __slots__ = ("hi", "lo", "mean_x", "se", "slope", "t")
+
+    def __init__(self, s: np.ndarray, n: np.ndarray, decay: float, spread: float):
+        m = len(s)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            w, su, suu, sy, suy, syy = s[:, :6].T
+            defined = w > 0
+            mu, my = su / w, sy / w
+            vu = np.maximum(suu / w - mu * mu, 0.0)
+            cuy = suy / w - mu * my
+            vy = syy / w - my * my
+            sd = np.sqrt(vu)
+            self.mean_x = s[:, 16] + np.where(defined, mu, 0.0)
+            self.lo = np.where(defined, self.mean_x - spread * sd, np.inf)
+            self.hi = np.where(defined, self.mean_x + spread * sd, -np.inf)
+            wide = defined & (vu > 1e-12)
+            self.slope = np.where(wide, cuy / np.where(wide, vu, 1.0), 0.0)
+            effective = np.minimum(n, 1.0 / (1.0 - decay))
+            has_se = wide & (effective > 2)
+            self.se = np.full(m, np.inf)
+            self.se[has_se] = np.sqrt(np.maximum(vy - cuy * cuy / vu, 1e-12)[has_se]
+                                      / (vu[has_se] * (effective[has_se] - 2)))
+            self.t = np.where(np.isfinite(self.se), self.slope / self.se, 0.0)
+
+
+def fit_rows(s: np.ndarray, n: np.ndarray, decay: float, spread: float) -> FitRows:
+    return FitRows(s, n, decay, spread)
+
+
+def predict_rows(s: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``LoadFit.predict`` of each fit (row of sums) at its x."""
+    u = x - s[:, 16]
+    forms = np.column_stack(_forms_rows(s, u, _exp(u)))
+    best = forms[np.arange(len(s)), np.argmin(s[:, 18:21], axis=1)]
+    return np.where(np.isnan(best), forms[:, 0], best)
+
+
 class LoadFit(base.Base):
     """Mean log latency (y) on log load (x): decayed weighted least squares in three forms,
     the one that predicts best, and the range of load they rest on.
@@ -385,6 +428,43 @@ class CallMix(base.Base):
                 else:
                     uncertain = short == 0.0
         return x + short, uncertain
+
+    def load_update_rows(self, sums: np.ndarray, x: np.ndarray, has_x: np.ndarray, own: np.ndarray,
+                         span: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``load`` then ``update`` for many locations at once (rows of ``sums``, this one's
+        parameters): ``x`` their load measures (where ``has_x``), ``own`` their calls, ``span``
+        their windows' lengths (ns). Returns the loads, whether uncertain, and the new sums:
+        the same floats as one location at a time."""
+        m = len(x)
+        w, wd, fw, fwd = sums.T
+        ownf = own.astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            others = np.full(m, np.nan)
+            others[has_x] = _exp(x[has_x]) * span[has_x] / 1e9
+            ratio = others / ownf
+            noise = self.z * np.sqrt(1.0 / ownf + 1.0 / others)
+            short = np.where((w >= 5.0) & (fw >= 2.0), wd / w - fwd / fw, 0.0)  # _short
+            # load: the own calls' view where the rest's calls fell short of the usual mix
+            held = np.where(short <= self.floor, 0.0, short)
+            sure = has_x & (w >= 5.0) & (own >= self.min_calls) & (others >= 1.0)
+            now = np.full(m, np.nan)
+            now[sure] = wd[sure] / w[sure] - _log(ratio[sure])
+            over = sure & (now > self.floor)
+            beyond_noise = over & (now > noise)
+            load = x + np.where(beyond_noise & (now > held), now, held)  # max(held, now)
+            uncertain = over & ~beyond_noise & (held == 0.0)
+            # update
+            counted = has_x & (own >= self.min_calls) & (others >= 1.0)
+            d = np.full(m, np.nan)
+            d[counted] = _log(ratio[counted])
+            usual = (w < 5.0) | ((wd / w - d <= np.maximum(self.floor, noise)) & (short <= self.floor / 2))
+        grow = counted & usual
+        new = sums.copy()
+        new[grow, 0] = w[grow] * self.decay + 1.0
+        new[grow, 1] = wd[grow] * self.decay + d[grow]
+        new[counted, 2] = fw[counted] * self.fast + 1.0
+        new[counted, 3] = fwd[counted] * self.fast + d[counted]
+        return np.where(has_x, load, np.nan), uncertain, new
 
     def update(self, own: float, others: float) -> "CallMix":
         """Add a window's counts: the location's own calls and the rest of the service's."""
