@@ -199,10 +199,10 @@ def test_a_location_whose_state_is_not_plain_data_is_left_out_and_logged(scenari
     for b in scenario[:20]:
         engine.ingest(b)
     lid = next(i for i, f in enumerate(engine.frozen) if f is not None)
-    states = list(marshal.loads(engine.detectors.frozen[lid]))  # (as held: columnar detectors' places None)
-    j = next(j for j in range(len(states)) if j not in engine.detectors.columns)
-    states[j] = {"buffer": [1.0, 2.0]}  # a list: comes back a tuple
-    engine.detectors.frozen[lid] = marshal.dumps(tuple(states))
+    # A detector (here the exceptions' columns) holding a list: msgpack gives it back a tuple
+    exceptions = next(c for c in engine.detectors.columns.values() if hasattr(c, "known"))
+    exceptions.known[lid] = {"TimeoutError": [1.0, 2.0]}
+    engine.dirty_locations.add(lid)
     fields = checkpoint.dumps_dirty(engine)
     key = engine.windows.tables.locations[lid].key
     assert checkpoint.location_field(key) not in fields and len(_locations(fields)) > 0

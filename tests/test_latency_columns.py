@@ -21,6 +21,8 @@ def bits(value):
         return ("float", value.hex())
     if type(value) is tuple:
         return tuple(bits(v) for v in value)
+    if type(value) is dict:  # (in order: the order is state too)
+        return ("dict", tuple((bits(k), bits(v)) for k, v in value.items()))
     assert value is None or type(value) in (int, bool, str, bytes), type(value)
     return value
 

@@ -85,3 +85,92 @@ class PresentColumns:
         is to be told of each (None by default)."""
         return np.fromiter((i in self.open for i in rows.tolist()), np.bool_, len(rows)) & (count > 0), \
             [None] * len(rows)
+
+
+class VersionedColumns(PresentColumns):
+    """Columns of a detector that keeps evidence per version (``VersionWatches``, frozen as
+    ``(tick, ((version, last_seen, *evidence), ...))``): the evidence of the version seen
+    last is columns of the subclass (``put_evidence``, ``row_evidence``), the other versions'
+    are kept frozen beside them. A window of one version, the one followed, is taken in
+    numpy; any other goes to the detector itself (``_route``)."""
+
+    _WATCHES = (("wtick", (), np.int32), ("wlast", (), np.int32), ("wpos", (), np.int8))
+
+    def __init__(self, det):
+        self.others: dict[int, tuple] = {}  # watches of the other versions, frozen, in order
+        self.main_version: list = []        # the version whose watches are columns (None: none)
+        super().__init__(det)
+
+    def _alloc(self, size: int) -> None:
+        super()._alloc(size)
+        self.main_version += [None] * (size - len(self.main_version))
+
+    def forget(self, i: int) -> None:
+        super().forget(i)
+        self.others.pop(i, None)
+        if i < len(self.main_version):
+            self.main_version[i] = None
+
+    def _put_watches(self, i: int, watches: tuple | None) -> None:
+        """Row ``i``'s watches from their frozen form; the columns follow the version seen
+        last (the latest of equals)."""
+        self.others.pop(i, None)
+        self.main_version[i] = None
+        self.wtick[i] = -1
+        if watches is None:
+            return
+        self.wtick[i], groups = watches
+        if not groups:
+            return
+        k = max(range(len(groups)), key=lambda g: (groups[g][1], g))
+        version, last_seen, *evidence = groups[k]
+        self.main_version[i], self.wlast[i], self.wpos[i] = tuple(version), last_seen, k
+        self.put_evidence(i, evidence)
+        if len(groups) > 1:
+            self.others[i] = tuple(groups[:k]) + tuple(groups[k + 1:])
+
+    def _row_watches(self, i: int) -> tuple | None:
+        if self.wtick[i] < 0:
+            return None
+        groups = list(self.others.get(i, ()))
+        v = self.main_version[i]
+        if v is not None:
+            groups.insert(int(self.wpos[i]), (v, int(self.wlast[i]), *self.row_evidence(i)))
+        return int(self.wtick[i]), tuple(groups)
+
+    def put_evidence(self, i: int, evidence: list) -> None:
+        raise NotImplementedError
+
+    def row_evidence(self, i: int) -> tuple:
+        raise NotImplementedError
+
+    def _route(self, rows: np.ndarray, observations: list, count: np.ndarray) -> tuple[np.ndarray, list]:
+        """To the detector itself: an open regression, a window of several versions, or of
+        a version whose watches are not the columns'; and each window's version."""
+        slow = np.zeros(len(rows), bool)
+        version: list = [None] * len(rows)
+        for k, (i, obs) in enumerate(zip(rows.tolist(), observations)):
+            if not count[k]:
+                continue
+            lw = obs.window
+            versions = [v for v in lw.versions if v.count]
+            if versions:
+                version[k] = versions[0].version
+            if (i in self.open or len(versions) != 1 or versions[0].count != lw.count
+                    or (self.wtick[i] >= 0 and versions[0].version != self.main_version[i])):
+                slow[k] = True
+        return slow, version
+
+    def _tick_watches(self, r: np.ndarray, versions: list) -> np.ndarray:
+        """A judged window for rows ``r`` (``versions[k]`` the version of ``r[k]``): watches
+        made where there were none (returned, a mask), the window counted, the version
+        seen now."""
+        fresh = self.wtick[r] < 0
+        for i, k in zip(r[fresh].tolist(), np.flatnonzero(fresh).tolist()):
+            self.main_version[i] = versions[k]
+        f = r[fresh]
+        self.wtick[f] = 0
+        self.wpos[f] = 0
+        self.wtick[r] += 1
+        self.wlast[r] = self.wtick[r]
+        return fresh

@@ -103,6 +103,13 @@ class ErrorRateShift(RegressionDetector):
     def _contract(cls) -> dict:
         return {"change": ("errors", 20.0), "max_stationary": 0}
 
+    def columns(self):
+        """State for many locations at once (``ErrorColumns``), which the engine keeps
+        instead of a frozen state per location."""
+        from processor.detect.errors_columns import ErrorColumns
+
+        return ErrorColumns(self)
+
     def freeze(self, sketch: bytes = b"") -> tuple:
         watches = None
         if self.watches is not None:

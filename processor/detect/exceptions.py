@@ -82,6 +82,13 @@ class NewException(Detector):
     def _contract(cls) -> dict:
         return {"change": ("exception", 1.0), "max_stationary": 0}
 
+    def columns(self):
+        """State for many locations at once (``ExceptionColumns``), which the engine keeps
+        instead of a frozen state per location."""
+        from processor.detect.exceptions_columns import ExceptionColumns
+
+        return ExceptionColumns(self)
+
     def freeze(self, sketch: bytes = b"") -> tuple:
         return self.known, self.windows, self.warm_ns
 

@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-from processor.detect.columns import PresentColumns
+from processor.detect.columns import VersionedColumns
 from processor.detect.latency import LOAD_T, QUANTILES, SEEN_SD, WATCHES, LatencyShift
 from processor.detect.stats import LoadFit, _log, fit_rows, predict_rows
 from processor.pipeline.baseline import _merge_rows
@@ -67,7 +67,7 @@ def _quantile_positions(cum: np.ndarray, sizes: np.ndarray, qs: np.ndarray) -> n
     return np.minimum(pos, np.maximum(sizes, 1)[:, None] - 1)
 
 
-class LatencyColumns(PresentColumns):
+class LatencyColumns(VersionedColumns):
     """Every location's ``LatencyShift`` state as columns (see the module's docstring).
 
     A row frozen (``row``) is ``LatencyShift.freeze``'s tuple; ``put`` takes one back. The
@@ -77,8 +77,6 @@ class LatencyColumns(PresentColumns):
 
     def __init__(self, det: LatencyShift):
         self.own: dict[int, bytes] = {}      # a baseline of its own (else the location's published one)
-        self.others: dict[int, tuple] = {}   # watches of the other versions, frozen, in order
-        self.main_version: list = []         # the version whose watches are columns (None: no watches)
         super().__init__(det)
 
     # (name, shape per row, dtype): counters as int32, the figures as float64
@@ -86,17 +84,13 @@ class LatencyColumns(PresentColumns):
                ("mix", (4,), np.float64), ("ref", (), np.float64),
                ("nwin", (), np.int32), ("nmean", (3,), np.float64), ("nvar", (3,), np.float64),
                ("pend", ("noise_delay", 3), np.float64), ("plen", (), np.int8),
-               ("wtick", (), np.int32), ("wlast", (), np.int32), ("wpos", (), np.int8),
+               *VersionedColumns._WATCHES,
                ("wstat", (len(WATCHES), _STATS), np.float64), ("wwin", (len(WATCHES),), np.int32),
                ("wseg", (len(WATCHES),), object))
 
     @property
     def noise_delay(self) -> int:
         return self.det.noise.delay
-
-    def _alloc(self, size: int) -> None:
-        super()._alloc(size)
-        self.main_version += [None] * (size - len(self.main_version))
 
     # -- rows ---------------------------------------------------------------------------------
     def put(self, i: int, state: tuple | None = None, tick: int = 0) -> int:
@@ -124,31 +118,24 @@ class LatencyColumns(PresentColumns):
         for k, p in enumerate(pending):
             self.pend[i, k] = [math.nan if v is None else v for v in p]
         self.plen[i] = len(pending)
-        self.others.pop(i, None)
-        self.main_version[i] = None
-        self.wtick[i] = -1
-        if watches is not None:
-            self.wtick[i], groups = watches
-            if groups:
-                # The columns follow the version seen last (the latest of equals).
-                k = max(range(len(groups)), key=lambda g: (groups[g][1], g))
-                version, last_seen, quantiles = groups[k]
-                self.main_version[i], self.wlast[i], self.wpos[i] = tuple(version), last_seen, k
-                for w, (statistic, segment, hits, trials, oh, ot, windows) in enumerate(quantiles):
-                    self.wstat[i, w] = statistic, hits, trials, oh, ot
-                    self.wwin[i, w], self.wseg[i, w] = windows, segment
-                if len(groups) > 1:
-                    self.others[i] = tuple(groups[:k]) + tuple(groups[k + 1:])
+        self._put_watches(i, watches)
         self._hold_open(i, o)
         return tick
 
+    def put_evidence(self, i: int, evidence: list) -> None:
+        for w, (statistic, segment, hits, trials, oh, ot, windows) in enumerate(evidence[0]):
+            self.wstat[i, w] = statistic, hits, trials, oh, ot
+            self.wwin[i, w], self.wseg[i, w] = windows, segment
+
+    def row_evidence(self, i: int) -> tuple:
+        stats, wins = self.wstat[i].tolist(), self.wwin[i].tolist()
+        return (tuple((s[0], self.wseg[i, w], s[1], s[2], s[3], s[4], wins[w]) for w, s in enumerate(stats)),)
+
     def forget(self, i: int) -> None:
         super().forget(i)
-        for held in (self.own, self.others):
-            held.pop(i, None)
+        self.own.pop(i, None)
         if i < len(self.wseg):
             self.wseg[i] = b""
-            self.main_version[i] = None
 
     def row(self, i: int, tick: int = 0) -> tuple:
         """Row ``i`` as ``LatencyShift.freeze`` gives it."""
@@ -157,35 +144,12 @@ class LatencyColumns(PresentColumns):
         ref = float(self.ref[i])
         load = ((self.fit[i].tobytes(), int(self.fit_n[i])), tuple(self.mix[i].tolist()),
                 None if math.isnan(ref) else ref, noise)
-        watches = None
-        if self.wtick[i] >= 0:
-            groups = list(self.others.get(i, ()))
-            v = self.main_version[i]
-            if v is not None:
-                stats, wins = self.wstat[i].tolist(), self.wwin[i].tolist()
-                main = (v, int(self.wlast[i]), tuple(
-                    (s[0], self.wseg[i, w], s[1], s[2], s[3], s[4], wins[w]) for w, s in enumerate(stats)))
-                groups.insert(int(self.wpos[i]), main)
-            watches = (int(self.wtick[i]), tuple(groups))
-        return (self.own.get(i), int(self.bw[i]), load, watches, self.open.get(i))
+        return (self.own.get(i), int(self.bw[i]), load, self._row_watches(i), self.open.get(i))
 
     # -- one service window -------------------------------------------------------------------
     def _route(self, rows: np.ndarray, observations: list, count: np.ndarray) -> tuple[np.ndarray, list]:
-        """Locations that LatencyShift.update takes one at a time (see the module docstring),
-        and each one's version."""
-        slow = np.zeros(len(rows), bool)
-        version: list = [None] * len(rows)
-        for k, (i, obs) in enumerate(zip(rows.tolist(), observations)):
-            if not count[k]:
-                continue
-            lw = obs.window
-            versions = [v for v in lw.versions if v.count]
-            if versions:
-                version[k] = versions[0].version
-            if (i in self.open or obs.baseline_step is None or len(versions) != 1
-                    or versions[0].count != lw.count
-                    or (self.wtick[i] >= 0 and versions[0].version != self.main_version[i])):
-                slow[k] = True
+        slow, version = super()._route(rows, observations, count)
+        slow |= np.fromiter((o.baseline_step is None for o in observations), np.bool_, len(rows)) & (count > 0)
         return slow, version
 
     def _fast(self, rows: np.ndarray, observations: list, count: np.ndarray, versions: list) -> np.ndarray:
@@ -402,18 +366,11 @@ class LatencyColumns(PresentColumns):
         if not len(k):
             return
         r = rows[k]
-        fresh = self.wtick[r] < 0
-        if fresh.any():  # their first judged window: watches made, the window's version followed
-            f = r[fresh]
-            self.wtick[f] = 0
-            self.wstat[f] = 0.0
-            self.wwin[f] = 0
-            self.wseg[f] = b""
-            self.wpos[f] = 0
-            for i, o in zip(f.tolist(), k[fresh].tolist()):
-                self.main_version[i] = versions[o]
-        self.wtick[r] += 1
-        self.wlast[r] = self.wtick[r]
+        fresh = self._tick_watches(r, [versions[o] for o in k.tolist()])
+        f = r[fresh]  # (their first judged window: fresh watches)
+        self.wstat[f] = 0.0
+        self.wwin[f] = 0
+        self.wseg[f] = b""
         qi = np.array(_WATCH_Q)
         hitsw = hits[:, qi]
         reset = tested[k] & ~active[k]

@@ -5,7 +5,7 @@ steps of a window (the load point, the residual against the baseline fit, the ri
 recent points and its residual slope, the streak, the fit's update) for every present
 location of a service window at once; a location with an open regression, or whose streak
 reaches ``persist_windows`` (an event), goes through ``ScalingShift.update`` itself,
-thawed from its row. The same state, float for float (tests/test_scaling_columns.py).
+thawed from its row. The same state, float for float (tests/test_detector_columns.py).
 """
 
 from __future__ import annotations

@@ -54,7 +54,8 @@ class DetectorStore:
         self._fresh_held = marshal.dumps(self._held(fresh))
         self.frozen: list[bytes | None] = []  # (columnar detectors' places: None)
         self.tick_of = lambda loc_id: 0  # the windows its service closed (Engine sets it)
-        self.absent_per_location = any(p.wants_absent for j, p in enumerate(prototypes) if j not in self.columns)
+        self.per_location = [j for j in range(len(prototypes)) if j not in self.columns]  # kept frozen
+        self.absent_per_location = any(prototypes[j].wants_absent for j in self.per_location)
 
     def _held(self, states: tuple) -> tuple:
         return tuple(None if j in self.columns else s for j, s in enumerate(states))
@@ -118,6 +119,8 @@ class DetectorStore:
         """Feed one window to a location's detectors (the absent-location window only to those
         that want it), the columnar ones aside; ``before`` and ``after`` are its baseline
         sketch before and after the window was absorbed."""
+        if not self.per_location:
+            return []
         events: list[Event] = []
         states = list(marshal.loads(self.frozen[loc_id]))
         present = obs.window is not None
