@@ -201,7 +201,8 @@ def test_a_location_whose_state_is_not_plain_data_is_left_out_and_logged(scenari
     lid = next(i for i, f in enumerate(engine.frozen) if f is not None)
     # A detector (here the exceptions' columns) holding a list: msgpack gives it back a tuple
     exceptions = next(c for c in engine.detectors.columns.values() if hasattr(c, "known"))
-    exceptions.known[lid] = {"TimeoutError": [1.0, 2.0]}
+    _, windows, warm_ns = exceptions.row(lid)
+    exceptions.put(lid, ({"TimeoutError": [1.0, 2.0]}, windows, warm_ns))
     engine.dirty_locations.add(lid)
     fields = checkpoint.dumps_dirty(engine)
     key = engine.windows.tables.locations[lid].key

@@ -23,6 +23,7 @@ def _run(cls, seed: int, locations: int = 10, windows: int = 200, **params):
     proto = cls(window_s=60.0, half_life_s=3600.0, **params) if cls is ScalingShift else cls(**params)
     streams = _streams(seed, locations, windows, kinds=KINDS[cls])
     cols = proto.columns()
+    cols.min_numpy = 1  # (numpy for every window, however few its locations)
     singles = [proto.clone() for _ in range(locations)]
     ids = np.arange(locations) * 2 + 3
     for i in ids.tolist():

@@ -27,7 +27,7 @@ def bits(value):
     return value
 
 
-def _streams(seed: int, locations: int, windows: int, kinds=KINDS):
+def _streams(seed: int, locations: int, windows: int, kinds=KINDS, rate=None):
     rng = np.random.default_rng(seed)
     out = []
     for k in range(locations):
@@ -35,17 +35,18 @@ def _streams(seed: int, locations: int, windows: int, kinds=KINDS):
         change_at = int(rng.integers(windows // 3, windows)) if kind else None
         out.append(list(observations(int(rng.integers(2**31)), windows, change_at, kind,
                                      effect=float(rng.choice([1.3, 2.0, 3.0])),
-                                     rate=float(rng.choice([0.1, 0.5, 6.0])),
+                                     rate=rate or float(rng.choice([0.1, 0.5, 6.0])),
                                      sigma=float(rng.choice([0.3, 0.6])))))
     return out
 
 
-def _run(seed: int, locations: int = 10, windows: int = 160, **params):
+def _run(seed: int, locations: int = 10, windows: int = 160, min_numpy: int = 1, **params):
     """Feed the same windows to a LatencyShift per location and to LatencyColumns; compare
     the frozen state of every location after every window, and the events."""
+    streams = _streams(seed, locations, windows, rate=params.pop("rate", None))
     proto = LatencyShift(window_s=60.0, half_life_s=3600.0, **params)
-    streams = _streams(seed, locations, windows)
     cols = LatencyColumns(proto)
+    cols.min_numpy = min_numpy  # (1: numpy for every window, however few its locations)
     singles = [proto.clone() for _ in range(locations)]
     published = [b""] * locations  # each location's baseline sketch, as the engine's stage keeps it
     ids = np.arange(locations) * 3 + 1  # rows need not be 0..n-1
@@ -87,6 +88,13 @@ def test_columns_equal_one_detector_per_location(seed):
 @given(seed=st.integers(0, 2**31), warmup=st.sampled_from([5, 30]), noise_z=st.sampled_from([0.0, 3.0]))
 def test_columns_equal_one_detector_per_location_any_settings(seed, warmup, noise_z):
     _run(seed, locations=6, windows=120, warmup_windows=warmup, accept_windows=15, noise_z=noise_z)
+
+
+def test_small_windows_held_marshalled_then_in_numpy_give_the_same():
+    """Windows of fewer than min_numpy locations go one at a time, the rows held marshalled;
+    a bigger window puts them back into the columns."""
+    cols = _run(5, locations=12, windows=160, min_numpy=9, warmup_windows=10, rate=0.2)
+    assert cols.windows_in_numpy > 100 and cols.windows_one_at_a_time > 100
 
 
 def test_a_row_round_trips():

@@ -4,6 +4,8 @@ taken in numpy and those fed to the detector itself, thawed from their rows."""
 
 from __future__ import annotations
 
+import marshal
+
 import numpy as np
 
 from processor.events import Event
@@ -12,14 +14,20 @@ from processor.events import Event
 class PresentColumns:
     """Base of ``LatencyColumns`` and ``ScalingColumns``. A subclass lists its arrays in
     ``_ARRAYS`` as (name, shape of a row, dtype; a str in a shape names an attribute that
-    gives that length), and implements ``put``, ``row``, ``_fast`` and perhaps ``_route``."""
+    gives that length), and implements ``_put``, ``_row``, ``_fast`` and perhaps ``_route``."""
 
     present_only = True  # fed the present locations of a service window (``update_present``)
     _ARRAYS: tuple = ()
+    # Present locations from which a window is taken in numpy: below, numpy's fixed cost per
+    # call outweighs the Python it saves (benchmarks/window_close.py --locations).
+    min_numpy = 12
 
     def __init__(self, det):
         self.det = det
         self.open: dict[int, tuple] = {}  # the open regression, frozen
+        # Rows held as their frozen state, marshalled (a location seen in small windows
+        # only: thawed and frozen as cheaply as before columns), not in the columns
+        self.packed: dict[int, bytes] = {}
         self.windows_in_numpy = self.windows_one_at_a_time = 0  # location-windows taken each way
         self._alloc(0)
 
@@ -53,13 +61,38 @@ class PresentColumns:
     def forget(self, i: int) -> None:
         """Let go of row ``i``'s objects (its location was forgotten; ``put`` sets it anew)."""
         self.open.pop(i, None)
+        self.packed.pop(i, None)
+
+    def put(self, i: int, state: tuple | None = None, tick: int = 0) -> int:
+        """Set row ``i`` to a frozen state (the detector's ``freeze``), or a new location's;
+        returns ``tick``."""
+        self.packed.pop(i, None)
+        return self._put(i, state, tick)
+
+    def row(self, i: int, tick: int = 0) -> tuple:
+        """Row ``i`` as the detector's ``freeze`` gives it."""
+        packed = self.packed.get(i)
+        return self._row(i, tick) if packed is None else marshal.loads(packed)
+
+    def _put(self, i: int, state: tuple | None, tick: int) -> int:
+        raise NotImplementedError
+
+    def _row(self, i: int, tick: int) -> tuple:
+        raise NotImplementedError
 
     def update_present(self, ids: np.ndarray, observations: list) -> list[Event]:
         """One closed window of a service: ``ids`` the present locations (rows), with their
         ``observations``. Returns the events."""
         m = len(ids)
-        if not m:
-            return []
+        if m < self.min_numpy:
+            one = [k for k, o in enumerate(observations) if o.window is not None and o.window.count]
+            self.windows_one_at_a_time += len(one)
+            return self._one_at_a_time(ids, observations, one, packed=True)
+        packed = self.packed
+        if packed:  # into the columns, for numpy
+            for i in ids.tolist():
+                if i in packed:
+                    self._put(i, marshal.loads(packed.pop(i)), 0)
         rows = np.asarray(ids, np.int64)
         count = np.fromiter((o.window.count if o.window is not None else 0 for o in observations), np.int64, m)
         slow, extra = self._route(rows, observations, count)
@@ -67,17 +100,25 @@ class PresentColumns:
         if len(live):
             slow[live[self._fast(rows[live], [observations[k] for k in live.tolist()], count[live],
                                  [extra[k] for k in live.tolist()])]] = True
-        one = np.flatnonzero(slow)
+        one = np.flatnonzero(slow).tolist()
         self.windows_one_at_a_time += len(one)
         self.windows_in_numpy += len(live) - int(slow[live].sum())
+        return self._one_at_a_time(rows, observations, one)
+
+    def _one_at_a_time(self, ids, observations: list, which: list[int], packed: bool = False) -> list[Event]:
+        """Feed the windows ``which`` (positions in ``ids``) to the detector itself, thawed
+        from their rows and frozen back into them (``packed``: held marshalled)."""
         events: list[Event] = []
-        for k in one.tolist():
-            i, obs = int(rows[k]), observations[k]
+        for k in which:
+            i, obs = int(ids[k]), observations[k]
             step = obs.baseline_step
             before, after = (step[0], step[2]) if step is not None else (b"", b"")
             det = self.det.thawed(self.row(i), before)
             events += det.update(obs)
-            self.put(i, det.freeze(after))
+            if packed:
+                self.packed[i] = marshal.dumps(det.freeze(after))
+            else:
+                self.put(i, det.freeze(after))
         return events
 
     def _route(self, rows: np.ndarray, observations: list, count: np.ndarray) -> tuple[np.ndarray, list]:

@@ -44,7 +44,7 @@ class ErrorColumns(VersionedColumns):
                ("wstat", (5,), np.float64),  # CUSUM statistic, errors, spans, others' errors, others' spans
                ("wwin", (), np.int32))
 
-    def put(self, i: int, state: tuple | None = None, tick: int = 0) -> int:
+    def _put(self, i: int, state: tuple | None = None, tick: int = 0) -> int:
         self._room(i + 1)
         errors, spans, windows, watches, o = self.det.freeze() if state is None else state
         self.errors[i], self.spans[i], self.windows[i] = errors, spans, windows
@@ -60,7 +60,7 @@ class ErrorColumns(VersionedColumns):
     def row_evidence(self, i: int) -> tuple:
         return (*self.wstat[i].tolist(), int(self.wwin[i]))
 
-    def row(self, i: int, tick: int = 0) -> tuple:
+    def _row(self, i: int, tick: int = 0) -> tuple:
         return (float(self.errors[i]), float(self.spans[i]), int(self.windows[i]), self._row_watches(i),
                 self.open.get(i))
 

@@ -19,7 +19,7 @@ class ExceptionColumns(PresentColumns):
         self.known: dict[int, dict] = {}
         super().__init__(det)
 
-    def put(self, i: int, state: tuple | None = None, tick: int = 0) -> int:
+    def _put(self, i: int, state: tuple | None = None, tick: int = 0) -> int:
         self._room(i + 1)
         known, windows = (state or self.det.freeze())[:2]
         self.windows[i] = windows
@@ -34,7 +34,7 @@ class ExceptionColumns(PresentColumns):
         super().forget(i)
         self.known.pop(i, None)
 
-    def row(self, i: int, tick: int = 0) -> tuple:
+    def _row(self, i: int, tick: int = 0) -> tuple:
         return self.known.get(i), int(self.windows[i]), int(self.warm_ns[i])
 
     def _route(self, rows: np.ndarray, observations: list, count: np.ndarray) -> tuple[np.ndarray, list]:

@@ -93,7 +93,7 @@ class LatencyColumns(VersionedColumns):
         return self.det.noise.delay
 
     # -- rows ---------------------------------------------------------------------------------
-    def put(self, i: int, state: tuple | None = None, tick: int = 0) -> int:
+    def _put(self, i: int, state: tuple | None = None, tick: int = 0) -> int:
         """Set row ``i`` to a frozen state (``LatencyShift.freeze``'s), or a new location's."""
         self._room(i + 1)
         d = self.det
@@ -137,7 +137,7 @@ class LatencyColumns(VersionedColumns):
         if i < len(self.wseg):
             self.wseg[i] = b""
 
-    def row(self, i: int, tick: int = 0) -> tuple:
+    def _row(self, i: int, tick: int = 0) -> tuple:
         """Row ``i`` as ``LatencyShift.freeze`` gives it."""
         pending = tuple(tuple(None if math.isnan(v) else v for v in p) for p in self.pend[i, :self.plen[i]].tolist())
         noise = (int(self.nwin[i]), *self.nmean[i].tolist(), *self.nvar[i].tolist(), pending)

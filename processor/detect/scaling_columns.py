@@ -57,7 +57,7 @@ class ScalingColumns(PresentColumns):
     def recent_windows(self) -> int:
         return self.det.recent_windows
 
-    def put(self, i: int, state: tuple | None = None, tick: int = 0) -> int:
+    def _put(self, i: int, state: tuple | None = None, tick: int = 0) -> int:
         """Set row ``i`` to a frozen state (``ScalingShift.freeze``'s), or a new location's."""
         self._room(i + 1)
         (fit, mix), recent, pos, streak, o = self.det.freeze() if state is None else state
@@ -70,7 +70,7 @@ class ScalingColumns(PresentColumns):
         self._hold_open(i, o)
         return tick
 
-    def row(self, i: int, tick: int = 0) -> tuple:
+    def _row(self, i: int, tick: int = 0) -> tuple:
         """Row ``i`` as ``ScalingShift.freeze`` gives it."""
         recent = self.recent[i].tobytes() if self.has_recent[i] else None
         return (((self.fit[i].tobytes(), int(self.fit_n[i])), tuple(self.mix[i].tolist())), recent,
