@@ -5,7 +5,8 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.detect.stats import LoadFit
+from processor.detect.stats import LoadFit, mean_log_ms, mean_log_rows
+from processor.pipeline.sketch import LogSketch
 
 
 def _points(rng: np.random.Generator, n: int, kind: int) -> np.ndarray:
@@ -41,3 +42,19 @@ def test_update_rows_equals_update_one_by_one(seed, fits, steps, decay):
         sums[some], n[some] = rows, count
         for i, f in enumerate(one_by_one):
             assert (f.sums.tobytes(), f.n) == (sums[i].tobytes(), int(n[i]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 60), decayed=st.booleans())
+def test_mean_log_rows_equals_mean_log_ms_of_each(seed, n, decayed):
+    """Many sketches' mean log latency at once (by groups of like size): the same floats
+    as one sketch at a time, for sizes across numpy's pairwise-sum blocks."""
+    rng = np.random.default_rng(seed)
+    sketches = []
+    for _ in range(n):
+        values = rng.lognormal(np.log(2e7), float(rng.choice([0.05, 0.5, 2.0])), int(rng.integers(0, 2000)))
+        sk = LogSketch.from_values(values) if len(values) else LogSketch()
+        sketches.append(sk.scaled(0.9) if decayed else sk)
+    got = mean_log_rows(sketches)
+    want = [mean_log_ms(sk) for sk in sketches]
+    assert [g.hex() for g in got.tolist()] == [w.hex() for w in want]

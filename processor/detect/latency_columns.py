@@ -22,7 +22,7 @@ import numpy as np
 
 from processor.detect.columns import VersionedColumns
 from processor.detect.latency import LOAD_T, QUANTILES, SEEN_SD, WATCHES, LatencyShift
-from processor.detect.stats import LoadFit, _log, fit_rows, predict_rows
+from processor.detect.stats import LoadFit, _log, fit_rows, mean_log_rows, predict_rows
 from processor.pipeline.baseline import _merge_rows
 from processor.pipeline.sketch import LOG_GAMMA, LogSketch, bucket_value
 
@@ -43,6 +43,16 @@ def load_measure(observations: list, count: np.ndarray) -> tuple[np.ndarray, np.
     x = np.full(m, np.nan)
     x[has_x] = _log(others[has_x])
     return x, has_x, span
+
+
+def mean_logs(observations: list) -> np.ndarray:
+    """``Observation.mean_log_ms`` of each, computed at once for those not known yet (and
+    kept on them for the other detectors)."""
+    todo = [o for o in observations if o._mean_log is None]
+    if todo:
+        for o, v in zip(todo, mean_log_rows([o.window.sketch for o in todo]).tolist()):
+            o._mean_log = v
+    return np.fromiter((o._mean_log for o in observations), np.float64, len(observations))
 
 
 def _grid(sketches: list[LogSketch]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -224,7 +234,7 @@ class LatencyColumns(VersionedColumns):
             self._commit_watches(rows, keep & judged, count, watch, hits, currents, versions)
         f = k[has_x[k]]
         if len(f):
-            y = np.fromiter((observations[a].mean_log_ms() for a in f.tolist()), np.float64, len(f))
+            y = mean_logs([observations[a] for a in f.tolist()])
             sums, n = fit[f], fit_n[f]
             LoadFit.update_rows(sums, n, x[f], y, np.ones(len(f)), d.decay)
             self.fit[rows[f]], self.fit_n[rows[f]] = sums, n

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from processor.detect.columns import PresentColumns
-from processor.detect.latency_columns import load_measure
+from processor.detect.latency_columns import load_measure, mean_logs
 from processor.detect.scaling import INVERSE_T, SEEN_SD
 from processor.detect.stats import LoadFit, _exp, fit_rows, predict_rows
 
@@ -89,7 +89,7 @@ class ScalingColumns(PresentColumns):
             return out
         r = rows[p]
         x, uncertain = x[p], uncertain[p]
-        y = np.fromiter((observations[k].mean_log_ms() for k in p.tolist()), np.float64, len(p))
+        y = mean_logs([observations[k] for k in p.tolist()])
         fit, fit_n = self.fit[r], self.fit_n[r]
         warm = fit_n < d.warmup_windows
         f = fit_rows(fit, fit_n, d.decay, SEEN_SD)

@@ -515,6 +515,28 @@ def mean_log_ms(sketch: LogSketch) -> float:
     return float((sketch.counts * (sketch.index * LOG_GAMMA - math.log(1e6))).sum() / total)
 
 
+def mean_log_rows(sketches: list[LogSketch]) -> np.ndarray:
+    """``mean_log_ms`` of each sketch, the same floats: sketches of as many buckets are
+    summed together, a row each, which numpy sums as it sums one sketch alone (pairwise,
+    over that length).
+
+    >>> sks = [LogSketch.from_values(np.array(v)) for v in ([1e6, 3e6], [2e6] * 5, [5e5, 1e7, 2e8])]
+    >>> mean_log_rows(sks).tolist() == [mean_log_ms(sk) for sk in sks]
+    True
+    """
+    out = np.full(len(sketches), np.nan)
+    sizes = np.fromiter((len(sk.index) for sk in sketches), np.int64, len(sketches))
+    shift = math.log(1e6)
+    for n in np.unique(sizes[sizes > 0]).tolist():
+        rows = np.flatnonzero(sizes == n).tolist()
+        index = np.array([sketches[k].index for k in rows])
+        counts = np.array([sketches[k].counts for k in rows])
+        total = counts.sum(axis=1)
+        mean = (counts * (index * LOG_GAMMA - shift)).sum(axis=1) / total
+        out[rows] = np.where(total > 0, mean, np.nan)
+    return out
+
+
 def rank_test_greater(current: LogSketch, baseline: LogSketch) -> tuple[float, float]:
     """Mann-Whitney U from two histograms: one-sided p that ``current`` is stochastically
     greater than ``baseline``, with the tie correction (a bucket is a tie group).
