@@ -480,14 +480,16 @@ class _Accumulator:
         bounds = np.flatnonzero(np.diff(u_series)) + 1
         starts = np.concatenate(([0], bounds))
         ends = np.concatenate((bounds, [len(u_series)]))
-        loc_of_u = loc_of[first]
-        for lo, hi in zip(starts.tolist(), ends.tolist()):
-            s = int(u_series[lo])
-            c = merged_counts[lo:hi]
-            sk = LogSketch(u_bucket[lo:hi], c)
-            per_version.setdefault(int(loc_of_u[lo]), []).append(VersionFigures(
-                version=tables.versions[int(ver_of[s])], count=int(c.sum()),
-                errors=int(merged_errors[lo:hi].sum()), sketch=sk,
+        # Each series' calls and errors (whole numbers: any order of summing gives them)
+        series_counts = np.add.reduceat(merged_counts, starts).astype(np.int64).tolist() if len(u_series) else []
+        series_errors = np.add.reduceat(merged_errors, starts).astype(np.int64).tolist() if len(u_series) else []
+        series_ids = u_series[starts].tolist() if len(u_series) else []
+        series_locs = loc_of[first][starts].tolist() if len(u_series) else []
+        versions_of = ver_of[series_ids].tolist() if series_ids else []
+        for lo, hi, s, loc, ver, n, e in zip(starts.tolist(), ends.tolist(), series_ids, series_locs, versions_of,
+                                             series_counts, series_errors):
+            per_version.setdefault(loc, []).append(VersionFigures(
+                version=tables.versions[ver], count=n, errors=e, sketch=LogSketch(u_bucket[lo:hi], merged_counts[lo:hi]),
                 exceptions=version_exceptions.get(s, NO_EXCEPTIONS)))
 
         # Exemplars: each location's k slowest spans over its series, ties to the smaller
