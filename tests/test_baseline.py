@@ -67,3 +67,20 @@ def test_a_forgotten_location_s_id_starts_a_new_baseline_at_its_own_time():
 
 def _lw(loc_id: int, loc: Location, sk: LogSketch) -> LocationWindow:
     return LocationWindow(loc_id, loc, 3, 0, sk, [VersionFigures(("shop", "1", ""), 3, 0, sk)])
+
+
+def test_merge_rows_takes_buckets_below_zero_and_above_the_top():
+    """A window brought to another load (the latency detector's) may hold buckets below 0 or
+    above MAX_BUCKET: merged per row as LogSketch.merge merges them, none moved to another row."""
+    from processor.pipeline.baseline import _merge_rows
+    from processor.pipeline.sketch import MAX_BUCKET
+
+    def sk(index, counts):
+        return LogSketch(np.array(index, np.int32), np.array(counts, np.float64))
+
+    bases = [sk([10, 20], [1.0, 2.0]), sk([10, 20], [3.0, 4.0]), sk([], []), sk([MAX_BUCKET], [1.0])]
+    windows = [sk([-2, 11], [5, 1]), sk([-2, 11], [5, 1]), sk([-7, -1], [1, 1]), sk([MAX_BUCKET + 3], [2])]
+    decays = [0.5, None, 0.9, 0.9]
+    merged, _ = _merge_rows(bases, decays, windows, quantiles=False)
+    want = [(b.scaled(d) if d is not None else b).merge(w).pack() for b, d, w in zip(bases, decays, windows)]
+    assert merged == want

@@ -40,13 +40,14 @@ def _streams(seed: int, locations: int, windows: int, kinds=KINDS, rate=None):
     return out
 
 
-def _run(seed: int, locations: int = 10, windows: int = 160, min_numpy: int = 1, **params):
+def _run(seed: int, locations: int = 10, windows: int = 160, min_numpy: int = 1, chunk: int = 2048, **params):
     """Feed the same windows to a LatencyShift per location and to LatencyColumns; compare
     the frozen state of every location after every window, and the events."""
     streams = _streams(seed, locations, windows, rate=params.pop("rate", None))
     proto = LatencyShift(window_s=60.0, half_life_s=3600.0, **params)
     cols = LatencyColumns(proto)
     cols.min_numpy = min_numpy  # (1: numpy for every window, however few its locations)
+    cols.chunk = chunk
     singles = [proto.clone() for _ in range(locations)]
     published = [b""] * locations  # each location's baseline sketch, as the engine's stage keeps it
     ids = np.arange(locations) * 3 + 1  # rows need not be 0..n-1
@@ -95,6 +96,11 @@ def test_small_windows_held_marshalled_then_in_numpy_give_the_same():
     a bigger window puts them back into the columns."""
     cols = _run(5, locations=12, windows=160, min_numpy=9, warmup_windows=10, rate=0.2)
     assert cols.windows_in_numpy > 100 and cols.windows_one_at_a_time > 100
+
+
+def test_windows_taken_in_chunks_of_like_width_give_the_same():
+    cols = _run(6, locations=12, windows=120, chunk=3, warmup_windows=10)
+    assert cols.windows_in_numpy > 500
 
 
 def test_a_row_round_trips():

@@ -129,9 +129,11 @@ class Detector(base.Base):
         raise NotImplementedError
 
     def columns(self):
-        """State for many locations at once (as ``DormantColumns``), for a detector the engine
-        updates once per service window over all its locations; None (the default): the
-        engine keeps this detector frozen per location and feeds it location by location."""
+        """State for many locations at once, which the engine updates once per service
+        window: over all its locations (as ``DormantColumns``), or over the present ones (a
+        ``PresentColumns``, processor/detect/columns.py, whose ``present_only`` is true). None
+        (the default): the engine keeps this detector frozen per location and feeds it
+        location by location."""
         return None
 
     def thawed(self, state: tuple, sketch: bytes = b"") -> "Detector":

@@ -21,6 +21,7 @@ class PresentColumns:
     # Present locations from which a window is taken in numpy: below, numpy's fixed cost per
     # call outweighs the Python it saves (benchmarks/window_close.py --locations).
     min_numpy = 12
+    chunk = 2048  # present locations per numpy pass at most (bounds its arrays)
 
     def __init__(self, det):
         self.det = det
@@ -85,7 +86,7 @@ class PresentColumns:
         ``observations``. Returns the events."""
         m = len(ids)
         if m < self.min_numpy:
-            one = [k for k, o in enumerate(observations) if o.window is not None and o.window.count]
+            one = [k for k, o in enumerate(observations) if o.window is not None]
             self.windows_one_at_a_time += len(one)
             return self._one_at_a_time(ids, observations, one, packed=True)
         packed = self.packed
@@ -96,10 +97,16 @@ class PresentColumns:
         rows = np.asarray(ids, np.int64)
         count = np.fromiter((o.window.count if o.window is not None else 0 for o in observations), np.int64, m)
         slow, extra = self._route(rows, observations, count)
-        live = np.flatnonzero((count > 0) & ~slow)
-        if len(live):
-            slow[live[self._fast(rows[live], [observations[k] for k in live.tolist()], count[live],
-                                 [extra[k] for k in live.tolist()])]] = True
+        slow |= count == 0  # (a window without calls: as the detector takes it, whatever that is)
+        live = np.flatnonzero(~slow)
+        # In chunks of like width: one wide sketch does not widen a whole service's arrays.
+        widths = self._widths([observations[k] for k in live.tolist()])
+        if widths is not None:
+            live = live[np.argsort(widths, kind="stable")]
+        for a in range(0, len(live), self.chunk):
+            part = live[a:a + self.chunk]
+            slow[part[self._fast(rows[part], [observations[k] for k in part.tolist()], count[part],
+                                 [extra[k] for k in part.tolist()])]] = True
         one = np.flatnonzero(slow).tolist()
         self.windows_one_at_a_time += len(one)
         self.windows_in_numpy += len(live) - int(slow[live].sum())
@@ -120,6 +127,10 @@ class PresentColumns:
             else:
                 self.put(i, det.freeze(after))
         return events
+
+    def _widths(self, observations: list) -> np.ndarray | None:
+        """How wide each location's arrays in ``_fast`` are (None: all alike)."""
+        return None
 
     def _route(self, rows: np.ndarray, observations: list, count: np.ndarray) -> tuple[np.ndarray, list]:
         """The present locations to feed to the detector itself (a mask), and what ``_fast``

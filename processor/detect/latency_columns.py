@@ -157,6 +157,11 @@ class LatencyColumns(VersionedColumns):
         return (self.own.get(i), int(self.bw[i]), load, self._row_watches(i), self.open.get(i))
 
     # -- one service window -------------------------------------------------------------------
+    def _widths(self, observations: list) -> np.ndarray:
+        """Buckets of the published baseline (an own one is about as wide) and the window."""
+        return np.fromiter((max(len(o.baseline_step[3].index), len(o.window.sketch.index)) for o in observations),
+                           np.int64, len(observations))
+
     def _route(self, rows: np.ndarray, observations: list, count: np.ndarray) -> tuple[np.ndarray, list]:
         slow, version = super()._route(rows, observations, count)
         slow |= np.fromiter((o.baseline_step is None for o in observations), np.bool_, len(rows)) & (count > 0)

@@ -317,8 +317,14 @@ def _merge_rows(bases: list[LogSketch], decays: list[float | None], windows: lis
     else:
         row_b = np.repeat(rows, sizes_b)
     # Both key arrays are sorted (rows in order, buckets sorted in each): merged, not sorted.
-    keys_b = row_b * _ROW + idx_b
-    keys_w = np.repeat(rows, sizes_w) * _ROW + np.concatenate([s.index for s in windows] + [_NO_INDEX])
+    # Buckets are counted from the lowest (a sketch moved to another load may hold
+    # negative ones), each row spanning at least _ROW keys.
+    idx_w = np.concatenate([s.index for s in windows] + [_NO_INDEX]).astype(np.int64)
+    lo = min(int(idx_b.min()) if len(idx_b) else 0, int(idx_w.min()) if len(idx_w) else 0, 0)
+    hi = max(int(idx_b.max()) if len(idx_b) else 0, int(idx_w.max()) if len(idx_w) else 0)
+    stride = max(_ROW, hi - lo + 1)
+    keys_b = row_b * stride + (idx_b - lo)
+    keys_w = np.repeat(rows, sizes_w) * stride + (idx_w - lo)
     pos = np.searchsorted(keys_b, keys_w)
     hit = np.zeros(len(keys_w), np.bool_)
     inside = pos < len(keys_b)
@@ -326,8 +332,8 @@ def _merge_rows(bases: list[LogSketch], decays: list[float | None], windows: lis
     unique = np.insert(keys_b, pos[~hit], keys_w[~hit])
     counts = np.insert(cnt_b, pos[~hit], 0.0)
     counts[np.searchsorted(unique, keys_w)] += np.concatenate([s.counts for s in windows] + [_NO_COUNTS])
-    bounds = np.searchsorted(unique, rows * _ROW).tolist() + [len(unique)]
-    buckets = (unique % _ROW).astype(np.int32)
+    bounds = np.searchsorted(unique, rows * stride).tolist() + [len(unique)]
+    buckets = (unique % stride + lo).astype(np.int32)
     return pack_rows(buckets, counts, bounds), rows_quantiles(buckets, counts, bounds, QUANTILES) if quantiles else None
 
 

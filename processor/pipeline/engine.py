@@ -55,6 +55,7 @@ class DetectorStore:
         self.frozen: list[bytes | None] = []  # (columnar detectors' places: None)
         self.tick_of = lambda loc_id: 0  # the windows its service closed (Engine sets it)
         self.per_location = [j for j in range(len(prototypes)) if j not in self.columns]  # kept frozen
+        self._scratch: dict[int, object] = {}  # columns that ``check`` puts a state into
         self.absent_per_location = any(prototypes[j].wants_absent for j in self.per_location)
 
     def _held(self, states: tuple) -> tuple:
@@ -112,8 +113,13 @@ class DetectorStore:
         states = marshal.loads(frozen)
         if not isinstance(states, tuple) or len(states) != len(self.prototypes):
             raise ValueError(f"{len(self.prototypes)} detector states expected")
-        for p, state in zip(self.prototypes, states):
+        for j, (p, state) in enumerate(zip(self.prototypes, states)):
             p.thawed(state, sketch).freeze(sketch)
+            if j in self.columns:  # (and it fits the columns: a scratch row of their own)
+                scratch = self._scratch.get(j)
+                if scratch is None:
+                    scratch = self._scratch[j] = p.columns()
+                scratch.put(0, state)
 
     def update(self, loc_id: int, obs: Observation, before: bytes, after: bytes) -> list[Event]:
         """Feed one window to a location's detectors (the absent-location window only to those
