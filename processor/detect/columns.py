@@ -86,7 +86,7 @@ class PresentColumns:
         ``observations``. Returns the events."""
         m = len(ids)
         if m < self.min_numpy:
-            one = [k for k, o in enumerate(observations) if o.window is not None]
+            one = list(range(m))
             self.windows_one_at_a_time += len(one)
             return self._one_at_a_time(ids, observations, one, packed=True)
         packed = self.packed

@@ -291,7 +291,7 @@ class BaselineStage:
 
 
 _EMPTY = LogSketch()
-_ROW = MAX_BUCKET + 1  # (row, bucket) packed as row * _ROW + bucket
+_ROW = MAX_BUCKET + 1  # the least stride of _merge_rows' (row, bucket) keys
 
 
 def _merge_rows(bases: list[LogSketch], decays: list[float | None], windows: list[LogSketch],

@@ -107,9 +107,10 @@ class DetectorStore:
             return []
         return [p.thawed(s, sketch) for p, s in zip(self.prototypes, marshal.loads(data))]
 
-    def check(self, frozen: bytes, sketch: bytes) -> None:
+    def check(self, frozen: bytes, sketch: bytes, tick: int = 0) -> None:
         """Raise if ``frozen`` (a whole state) does not thaw into this configuration's
-        detectors (a checkpoint's state of another shape)."""
+        detectors, or does not fit their columns at the service's window ``tick`` (a
+        checkpoint's state of another shape)."""
         states = marshal.loads(frozen)
         if not isinstance(states, tuple) or len(states) != len(self.prototypes):
             raise ValueError(f"{len(self.prototypes)} detector states expected")
@@ -119,7 +120,7 @@ class DetectorStore:
                 scratch = self._scratch.get(j)
                 if scratch is None:
                     scratch = self._scratch[j] = p.columns()
-                scratch.put(0, state)
+                scratch.put(0, state, tick)
 
     def update(self, loc_id: int, obs: Observation, before: bytes, after: bytes) -> list[Event]:
         """Feed one window to a location's detectors (the absent-location window only to those
@@ -234,7 +235,8 @@ class Engine:
         state = frozen if fingerprint == self._fingerprint else None
         if state is not None:
             try:  # plain data of the wrong shape would fail at the location's next window instead
-                self.detectors.check(state, self.baselines.sketches[loc_id])
+                self.detectors.check(state, self.baselines.sketches[loc_id],
+                                     self.service_ticks.get((location.environment, location.service), 0))
             except Exception as e:  # noqa: BLE001 (any shape error: the detectors learn again)
                 log.warning("checkpoint of %s: detector state does not fit this version (%s: %s); "
                             "its detectors learn again", location.key, type(e).__name__, e)
