@@ -51,7 +51,7 @@ class PresentColumns:
     def _room(self, n: int) -> None:
         size = len(getattr(self, self._ARRAYS[0][0]))
         if n > size:
-            self._alloc(max(n, size + size // 4, 16))
+            self._alloc(max(n, size + size // 8, 16))  # (realloc: growing often costs little)
 
     def _hold_open(self, i: int, frozen: tuple | None) -> None:
         if frozen is None:
