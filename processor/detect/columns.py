@@ -8,11 +8,36 @@ import marshal
 
 import numpy as np
 
+from processor.detect.stats import _log, mean_log_rows
 from processor.events import Event
 
 
+def load_measure(observations: list, count: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``Observation.others_load`` of each (NaN where None), whether there is one, and each
+    window's length (ns, as a float)."""
+    m = len(observations)
+    span = np.fromiter((o.end_ns - o.start_ns for o in observations), np.float64, m)
+    calls = np.fromiter((o.service_calls for o in observations), np.float64, m)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        others = calls - count / (span / 1e9)
+    has_x = others > 1e-9
+    x = np.full(m, np.nan)
+    x[has_x] = _log(others[has_x])
+    return x, has_x, span
+
+
+def mean_logs(observations: list) -> np.ndarray:
+    """``Observation.mean_log_ms`` of each, computed at once for those not known yet (and
+    kept on them for the other detectors)."""
+    todo = [o for o in observations if o._mean_log is None]
+    if todo:
+        for o, v in zip(todo, mean_log_rows([o.window.sketch for o in todo]).tolist()):
+            o._mean_log = v
+    return np.fromiter((o._mean_log for o in observations), np.float64, len(observations))
+
+
 class PresentColumns:
-    """Base of ``LatencyColumns`` and ``ScalingColumns``. A subclass lists its arrays in
+    """Base of the latency, scaling, error and exception columns. A subclass lists its arrays in
     ``_ARRAYS`` as (name, shape of a row, dtype; a str in a shape names an attribute that
     gives that length), and implements ``_put``, ``_row``, ``_fast`` and perhaps ``_route``."""
 
@@ -135,8 +160,7 @@ class PresentColumns:
     def _route(self, rows: np.ndarray, observations: list, count: np.ndarray) -> tuple[np.ndarray, list]:
         """The present locations to feed to the detector itself (a mask), and what ``_fast``
         is to be told of each (None by default)."""
-        return np.fromiter((i in self.open for i in rows.tolist()), np.bool_, len(rows)) & (count > 0), \
-            [None] * len(rows)
+        return np.fromiter((i in self.open for i in rows.tolist()), np.bool_, len(rows)), [None] * len(rows)
 
 
 class VersionedColumns(PresentColumns):
@@ -212,6 +236,22 @@ class VersionedColumns(PresentColumns):
                     or (self.wtick[i] >= 0 and versions[0].version != self.main_version[i])):
                 slow[k] = True
         return slow, version
+
+    @staticmethod
+    def _count_evidence(st: np.ndarray, wins: np.ndarray, tested: np.ndarray, active: np.ndarray,
+                        stat: np.ndarray, hits: np.ndarray, trials: np.ndarray) -> None:
+        """A window of the followed version into its watches' evidence, in place: ``st``
+        (..., 5: CUSUM statistic, hits, trials, the other versions' hits and trials) and
+        ``wins`` (windows). A tested watch takes its new ``stat``; one back at zero is reset,
+        an ``active`` one counts the window (the other versions' figures gain nothing in a
+        window of one version)."""
+        st[..., 0] = np.where(tested, stat, st[..., 0])
+        reset = tested & ~active
+        st[reset] = 0.0
+        st[..., 1] = np.where(active, st[..., 1] + hits, st[..., 1])
+        st[..., 2] = np.where(active, st[..., 2] + trials, st[..., 2])
+        wins[reset] = 0
+        wins[active] += 1
 
     def _tick_watches(self, r: np.ndarray, versions: list) -> np.ndarray:
         """A judged window for rows ``r`` (``versions[k]`` the version of ``r[k]``): watches

@@ -12,27 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from processor.detect.columns import VersionedColumns
-from processor.detect.stats import _log
-
-
-def wilson_rows(successes: np.ndarray, trials: np.ndarray, z: float) -> np.ndarray:
-    """``wilson_lower`` of each (where trials > 0; 0.0 elsewhere)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        p = successes / trials
-        p = np.where(0.0 > p, 0.0, p)
-        p = np.where(1.0 < p, 1.0, p)
-        z2 = z * z
-        centre = p + z2 / (2 * trials)
-        spread = z * np.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
-        low = (centre - spread) / (1 + z2 / trials)
-    return np.where((trials > 0) & (low > 0.0), low, 0.0)
-
-
-def binomial_llr(successes: np.ndarray, trials: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
-    """``BinomialCUSUM.update``'s log-likelihood ratio of each."""
-    a = np.minimum(np.maximum(p0, 1e-9), 1 - 1e-9)
-    b = np.minimum(np.maximum(p1, 1e-9), 1 - 1e-9)
-    return successes * _log(b / a) + (trials - successes) * _log((1 - b) / (1 - a))
+from processor.detect.stats import binomial_llr, wilson_rows
 
 
 class ErrorColumns(VersionedColumns):
@@ -103,13 +83,6 @@ class ErrorColumns(VersionedColumns):
             w = self.wstat[r]
             w[made] = 0.0
             wins = np.where(made, 0, self.wwin[r])
-            active = stat[k] > 0
-            w[:, 0] = stat[k]
-            w[~active] = 0.0  # reset
-            w[active, 1] += errors[k][active]
-            w[active, 2] += spans[k][active]
-            w[active, 3] += 0.0  # (the other versions: none in a window of one version)
-            w[active, 4] += 0.0
-            self.wstat[r] = w
-            self.wwin[r] = np.where(active, wins + 1, 0)
+            self._count_evidence(w, wins, np.ones(len(k), bool), stat[k] > 0, stat[k], errors[k], spans[k])
+            self.wstat[r], self.wwin[r] = w, wins
         return out

@@ -48,8 +48,6 @@ class ExceptionColumns(PresentColumns):
 
     def _fast(self, rows: np.ndarray, observations: list, count: np.ndarray, _=None) -> np.ndarray:
         self.windows[rows] += 1
-        warmed = rows[self.windows[rows] == self.det.warmup_windows]
-        if len(warmed):
-            ends = {i: o.end_ns for i, o in zip(rows.tolist(), observations)}
-            self.warm_ns[warmed] = [ends[i] for i in warmed.tolist()]
+        warmed = np.flatnonzero(self.windows[rows] == self.det.warmup_windows)
+        self.warm_ns[rows[warmed]] = [observations[k].end_ns for k in warmed.tolist()]
         return np.zeros(len(rows), bool)

@@ -4,8 +4,9 @@ Most location-windows take the same few steps: the load measure and call mix upd
 window judged against the baseline by a few CUSUMs that stay below their threshold, the
 window absorbed, the load fit updated. ``LatencyColumns`` keeps every location's detector
 state as columns indexed by location id and takes those steps for all the present
-locations of a service window at once. A location in any other case (an open regression,
-a CUSUM past its threshold, a window brought to another load, a baseline of its own,
+locations of a service window at once, also where the window is brought to the
+baseline's load or the detector keeps a baseline of its own. A location in any other case
+(an open regression, a CUSUM past its threshold, a load beyond what the baseline has seen,
 several versions in the window or a version its watches do not follow yet) goes through
 ``LatencyShift.update`` itself, thawed from its row and frozen back into it.
 
@@ -20,39 +21,15 @@ import math
 
 import numpy as np
 
-from processor.detect.columns import VersionedColumns
+from processor.detect.columns import VersionedColumns, load_measure, mean_logs
 from processor.detect.latency import LOAD_T, QUANTILES, SEEN_SD, WATCHES, LatencyShift
-from processor.detect.stats import LoadFit, _log, fit_rows, mean_log_rows, predict_rows
+from processor.detect.stats import LoadFit, _log, binomial_llr, fit_rows, predict_rows
 from processor.pipeline.baseline import _merge_rows
-from processor.pipeline.sketch import LOG_GAMMA, LogSketch, bucket_value
+from processor.pipeline.sketch import LOG_GAMMA, LogSketch, bucket_value, quantile_positions
 
 _QS = np.array(list(QUANTILES.values()))
 _WATCH_Q = [list(QUANTILES.values()).index(q) for q in WATCHES.values()]  # watch -> its quantile
 _STATS = 5  # per watch: CUSUM statistic, hits, trials, others' hits, others' trials
-
-
-def load_measure(observations: list, count: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``Observation.others_load`` of each (NaN where None), whether there is one, and each
-    window's length (ns, as a float)."""
-    m = len(observations)
-    span = np.fromiter((o.end_ns - o.start_ns for o in observations), np.float64, m)
-    calls = np.fromiter((o.service_calls for o in observations), np.float64, m)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        others = calls - count / (span / 1e9)
-    has_x = others > 1e-9
-    x = np.full(m, np.nan)
-    x[has_x] = _log(others[has_x])
-    return x, has_x, span
-
-
-def mean_logs(observations: list) -> np.ndarray:
-    """``Observation.mean_log_ms`` of each, computed at once for those not known yet (and
-    kept on them for the other detectors)."""
-    todo = [o for o in observations if o._mean_log is None]
-    if todo:
-        for o, v in zip(todo, mean_log_rows([o.window.sketch for o in todo]).tolist()):
-            o._mean_log = v
-    return np.fromiter((o._mean_log for o in observations), np.float64, len(observations))
 
 
 def _grid(sketches: list[LogSketch]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -67,14 +44,6 @@ def _grid(sketches: list[LogSketch]) -> tuple[np.ndarray, np.ndarray, np.ndarray
         index[rows, cols] = np.concatenate([sk.index for sk in sketches])
         counts[rows, cols] = np.concatenate([sk.counts for sk in sketches])
     return index, counts, sizes
-
-
-def _quantile_positions(cum: np.ndarray, sizes: np.ndarray, qs: np.ndarray) -> np.ndarray:
-    """Per row and quantile, the position ``LogSketch.quantiles`` takes (``exceedances``)."""
-    total = cum[:, -1]
-    ranks = np.floor(qs[None, :] * (total[:, None] - 1))
-    pos = (cum[:, None, :] <= ranks[:, :, None]).sum(axis=2)
-    return np.minimum(pos, np.maximum(sizes, 1)[:, None] - 1)
 
 
 class LatencyColumns(VersionedColumns):
@@ -164,7 +133,7 @@ class LatencyColumns(VersionedColumns):
 
     def _route(self, rows: np.ndarray, observations: list, count: np.ndarray) -> tuple[np.ndarray, list]:
         slow, version = super()._route(rows, observations, count)
-        slow |= np.fromiter((o.baseline_step is None for o in observations), np.bool_, len(rows)) & (count > 0)
+        slow |= np.fromiter((o.baseline_step is None for o in observations), np.bool_, len(rows))
         return slow, version
 
     def _fast(self, rows: np.ndarray, observations: list, count: np.ndarray, versions: list) -> np.ndarray:
@@ -196,11 +165,11 @@ class LatencyColumns(VersionedColumns):
             b_cum = np.cumsum(b_counts, axis=1)
             w_cum = np.cumsum(w_counts, axis=1)
             b_total, w_total = b_cum[:, -1], w_cum[:, -1]
-            b_pos = _quantile_positions(b_cum, b_sizes, _QS)
+            b_pos = quantile_positions(b_cum, b_sizes, _QS)
             # QuantileNoise.update (the regression is not open), unless beyond the load seen
             noise_rows = ~beyond & (w_total >= d.noise.min_spans) & self._count_at_least(
                 bases, b_total, d.noise.min_spans)
-            w_pos = _quantile_positions(w_cum, w_sizes, _QS)
+            w_pos = quantile_positions(w_cum, w_sizes, _QS)
             noise = self._noise(rows, noise_rows, bucket_value(w_index[at, w_pos].astype(np.float64)),
                                 bucket_value(b_index[at, b_pos].astype(np.float64)))
             # The CUSUMs of the judged windows
@@ -355,15 +324,9 @@ class LatencyColumns(VersionedColumns):
         tail = np.array([WATCHES[nm] > 0.5 for nm in names])
         delta = np.array([d.gross_delta if nm == "p50_gross" else d.median_delta for nm in names])
         p1 = np.where(tail[None, :], np.minimum(d.tail_ratio * p0w, 0.5), np.minimum(p0w + delta[None, :], 0.999))
-        a = np.minimum(np.maximum(p0w, 1e-9), 1 - 1e-9)
-        b = np.minimum(np.maximum(p1, 1e-9), 1 - 1e-9)
-        t = np.flatnonzero(tested.ravel())
-        up = np.zeros(tested.shape)
-        down = np.zeros(tested.shape)
-        up.ravel()[t] = _log((b / a).ravel()[t])
-        down.ravel()[t] = _log(((1 - b) / (1 - a)).ravel()[t])
-        trials = count.astype(np.float64)[:, None]
-        llr = hitsw * up + (trials - hitsw) * down
+        trials = np.broadcast_to(count.astype(np.float64)[:, None], p0w.shape)
+        llr = np.zeros(p0w.shape)
+        llr[tested] = binomial_llr(hitsw[tested], trials[tested], p0w[tested], p1[tested])
         fresh = self.wtick[rows] < 0
         before = np.where(fresh[:, None], 0.0, self.wstat[rows, :, 0])
         total = before + llr
@@ -386,23 +349,11 @@ class LatencyColumns(VersionedColumns):
         self.wstat[f] = 0.0
         self.wwin[f] = 0
         self.wseg[f] = b""
-        qi = np.array(_WATCH_Q)
-        hitsw = hits[:, qi]
-        reset = tested[k] & ~active[k]
-        grow = active[k]
-        st = self.wstat[r]
-        st[:, :, 0] = np.where(tested[k], stat[k], st[:, :, 0])
-        st[reset] = 0.0
-        trials = count[k].astype(np.float64)[:, None]
-        st[:, :, 1] = np.where(grow, st[:, :, 1] + hitsw[k], st[:, :, 1])
-        st[:, :, 2] = np.where(grow, st[:, :, 2] + trials, st[:, :, 2])
-        st[:, :, 3] = np.where(grow, st[:, :, 3] + 0.0, st[:, :, 3])
-        st[:, :, 4] = np.where(grow, st[:, :, 4] + 0.0, st[:, :, 4])
-        self.wstat[r] = st
-        wins = self.wwin[r]
-        wins[reset] = 0
-        wins[grow] += 1
-        self.wwin[r] = wins
+        reset, grow = tested[k] & ~active[k], active[k]
+        st, wins = self.wstat[r], self.wwin[r]
+        self._count_evidence(st, wins, tested[k], grow, stat[k], hits[k][:, np.array(_WATCH_Q)],
+                             count[k].astype(np.float64)[:, None])
+        self.wstat[r], self.wwin[r] = st, wins
         segs = self.wseg[r]
         segs[reset] = b""
         a, w = np.nonzero(grow)

@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from processor.detect.columns import PresentColumns
-from processor.detect.latency_columns import load_measure, mean_logs
+from processor.detect.columns import PresentColumns, load_measure, mean_logs
 from processor.detect.scaling import INVERSE_T, SEEN_SD
 from processor.detect.stats import LoadFit, _exp, fit_rows, predict_rows
 

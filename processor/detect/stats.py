@@ -572,6 +572,26 @@ def binomial_greater(successes: float, trials: float, p0: float) -> float:
     return float(sps.binom.sf(k - 1, int(round(trials)), min(max(p0, 1e-12), 1.0)))
 
 
+def wilson_rows(successes: np.ndarray, trials: np.ndarray, z: float) -> np.ndarray:
+    """``wilson_lower`` of each (where trials > 0; 0.0 elsewhere)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        p = successes / trials
+        p = np.where(0.0 > p, 0.0, p)
+        p = np.where(1.0 < p, 1.0, p)
+        z2 = z * z
+        centre = p + z2 / (2 * trials)
+        spread = z * np.sqrt(p * (1 - p) / trials + z2 / (4 * trials * trials))
+        low = (centre - spread) / (1 + z2 / trials)
+    return np.where((trials > 0) & (low > 0.0), low, 0.0)
+
+
+def binomial_llr(successes: np.ndarray, trials: np.ndarray, p0: np.ndarray, p1: np.ndarray) -> np.ndarray:
+    """``BinomialCUSUM.update``'s log-likelihood ratio of each (``math``'s log)."""
+    a = np.minimum(np.maximum(p0, 1e-9), 1 - 1e-9)
+    b = np.minimum(np.maximum(p1, 1e-9), 1 - 1e-9)
+    return successes * _log(b / a) + (trials - successes) * _log((1 - b) / (1 - a))
+
+
 def two_proportion_z(x1: float, n1: float, x2: float, n2: float) -> float:
     """z of the first share exceeding the second (pooled); 0 when undefined."""
     if n1 <= 0 or n2 <= 0:

@@ -42,7 +42,7 @@ class DetectorStore:
     sketch leaves it out of its frozen state (see ``LatencyShift.freeze``). A detector with
     ``columns()`` is kept as columns over every location instead, updated once per service
     window: over all its locations (``update_service``: ``Dormant``), or over the present
-    ones (``update_present``: ``LatencyShift``, whose columns say ``present_only``). Its place
+    ones (``update_present``: the others, whose columns say ``present_only``). Its place
     in a location's frozen tuple holds None, and ``state`` puts its row back for checkpoints.
     """
 
@@ -154,7 +154,7 @@ class DetectorStore:
 
     def update_present(self, ids: np.ndarray, observations: list[Observation]) -> list[Event]:
         """Feed a service window's present locations (``ids``, with their ``observations``)
-        to the columnar detectors that want only those (``LatencyColumns``)."""
+        to the columnar detectors that want only those (``PresentColumns``)."""
         events: list[Event] = []
         for c in self.columns.values():
             if getattr(c, "present_only", False):

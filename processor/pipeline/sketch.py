@@ -259,6 +259,16 @@ def window_quantiles(sketches: list[LogSketch], qs) -> np.ndarray:
                           np.concatenate([sk.counts for sk in sketches] + [_NO_COUNTS]), bounds, qs)
 
 
+def quantile_positions(cum: np.ndarray, sizes: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Per row of running sums (zero-padded rows of ``sizes`` buckets) and quantile, the
+    position of the bucket ``LogSketch.quantiles`` takes. Past a row's end its sum stays at
+    its total, above every rank: the count of sums at or below a rank is where
+    ``searchsorted(side="right")`` puts it."""
+    ranks = np.floor(qs[None, :] * (cum[:, -1][:, None] - 1))
+    pos = (cum[:, None, :] <= ranks[:, :, None]).sum(axis=2)
+    return np.minimum(pos, np.maximum(sizes, 1)[:, None] - 1)
+
+
 def rows_quantiles(index: np.ndarray, counts: np.ndarray, bounds: list[int], qs, chunk: int = 512) -> np.ndarray:
     """``LogSketch.quantiles`` of many sketches held end to end (sketch k's buckets are
     ``index[bounds[k]:bounds[k + 1]]``, its counts the same slice of ``counts``), any counts
@@ -292,11 +302,7 @@ def rows_quantiles(index: np.ndarray, counts: np.ndarray, bounds: list[int], qs,
         grid[rows, cols] = counts[np.repeat(starts, sizes) + cols]
         cum = np.cumsum(grid, axis=1)
         totals = cum[:, -1]
-        # Past a row's end its cumulative sum stays at its total, above every rank: the count
-        # of sums at or below a rank is where searchsorted(side="right") puts it.
-        ranks = np.floor(qs[None, :] * (totals[:, None] - 1))
-        pos = (cum[:, None, :] <= ranks[:, :, None]).sum(axis=2)
-        pos = np.minimum(pos, np.maximum(sizes, 1)[:, None] - 1)
+        pos = quantile_positions(cum, sizes, qs)
         at = np.minimum(starts[:, None] + pos, max(len(index) - 1, 0))  # (an empty row: any)
         full = totals > 0
         out[sel[full]] = bucket_value(index[at].astype(np.float64))[full]
