@@ -121,6 +121,14 @@ def test_baselines_first_seen_and_metrics(backflow, redis_client):
             'deployment_environment_name="prod",quantile="0.99",service_name="shop"}']
     assert p99 == pytest.approx(np.quantile(durations["old"], 0.99, method="lower") / 1e6, rel=0.0101)
 
+    # ?name[]= restricts a scrape to the series asked for; the per-location gauges are skipped
+    text = bf.http_body("/metrics?name[]=backflow_processed_spans_total&name[]=backflow_active_keys")
+    samples = {line.rpartition(" ")[0]: float(line.rpartition(" ")[2])
+               for line in text.splitlines() if line and not line.startswith("#")}
+    assert samples == {"backflow_processed_spans_total": len(spans), "backflow_active_keys": 3}
+    assert "backflow_location_latency_milliseconds" in bf.http_body("/metrics?name[]=backflow_location_"
+                                                                    "latency_milliseconds")
+
 
 def test_sigterm_flushes_open_windows_and_restart_does_not_repeat_first_seen(backflow, redis_client):
     attrs = {"code.function.name": "shop.f"}

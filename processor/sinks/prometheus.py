@@ -13,6 +13,7 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
+from urllib.parse import parse_qs
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -64,7 +65,11 @@ class LocationGauges:
             if not self.overflowed:  # (none left to fold: the overflow series goes too)
                 self._rows.pop(("", "", OVERFLOW), None)
 
-    def collect(self):
+    def describe(self):
+        # Named, so that a scrape restricted by ``name[]`` to other metrics skips this one.
+        return self._families()
+
+    def _families(self):
         lat = GaugeMetricFamily("backflow_location_latency_milliseconds",
                                 "Span duration per code location at a quantile, latest closed window",
                                 labels=_LABELS + ["quantile"])
@@ -74,6 +79,10 @@ class LocationGauges:
         rate = GaugeMetricFamily("backflow_location_calls_per_second",
                                  "Spans per second per code location, latest closed window",
                                  labels=_LABELS)
+        return [lat, err, rate]
+
+    def collect(self):
+        lat, err, rate = self._families()
         with self._lock:
             rows = list(self._rows.items())
         for labels, row in rows:
@@ -195,9 +204,12 @@ def serve_http(address: str, registry: CollectorRegistry,
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's naming)
-            path = self.path.split("?")[0]
+            path, _, query = self.path.partition("?")
             if path == "/metrics":
-                body, status, ctype = generate_latest(registry), 200, CONTENT_TYPE_LATEST
+                # ?name[]=...: only those series, as prometheus_client's own handler allows
+                names = parse_qs(query).get("name[]")
+                body = generate_latest(registry.restricted_registry(names) if names else registry)
+                status, ctype = 200, CONTENT_TYPE_LATEST
             elif path == "/healthz":
                 ok, line = health()
                 body = line.encode() + b"\n"
