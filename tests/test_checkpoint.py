@@ -208,6 +208,11 @@ def test_a_location_whose_state_is_not_plain_data_is_left_out_and_logged(scenari
     key = engine.windows.tables.locations[lid].key
     assert checkpoint.location_field(key) not in fields and len(_locations(fields)) > 0
     assert "not checkpointed" in caplog.text and "list is not plain data" in caplog.text
+    # Rows the numpy steps wrote are not checked again; this one is, at every checkpoint
+    caplog.clear()
+    engine.dirty_locations.add(lid)
+    assert checkpoint.location_field(key) not in checkpoint.dumps_dirty(engine)
+    assert "list is not plain data" in caplog.text
 
 
 # --- format 2, and what is refused -------------------------------------------------------

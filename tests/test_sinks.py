@@ -1,5 +1,6 @@
 """Sinks: the Redis sink survives outages in order and bounded; Prometheus stays bounded."""
 
+import json
 
 import numpy as np
 import pytest
@@ -315,8 +316,11 @@ def test_with_a_spool_what_waits_for_redis_goes_to_disk_and_arrives_in_order_onc
     sink = RedisSink(client, "t", 100_000, buffer_limit=10, spool=spool, batch_size=5)
     sink.start()
     try:
+        sk = LogSketch.from_values(np.full(3, 10_000_000))
         for i in range(40):  # four times the memory buffer, while Redis is away
-            sink.submit([event(i)], [(LOC.key, {"n": str(i)})])
+            lw = LocationWindow(0, LOC, 3, 1, sk, [VersionFigures(("shop", "1.0", "abc"), 3, 1, sk)])
+            sink.submit([event(i)], [(LOC.key, {"n": str(i)})], ClosedWindow("shop", i * 10**9, (i + 1) * 10**9,
+                                                                           [lw], "prod"))
         sink.submit_state({"loc:x": b"\x00state"})
         assert sink.flush(timeout=20) and sink.pending() == 0  # all on disk, nothing dropped
         assert spool.size > 0 and sink.dropped == 0
@@ -324,6 +328,8 @@ def test_with_a_spool_what_waits_for_redis_goes_to_disk_and_arrives_in_order_onc
         # before the batched one knows too: a rollback can replay the spool
         scripts = [c[1] for record in spool.records() for c in record if c[0] == "SCRIPT"]
         assert "baseline" in scripts and set(scripts) <= {"event", "baseline", "merge", "forget"}
+        # and merges as the batch script itself (EVAL), under their batch's marker
+        assert any(c[0] == "EVAL" for record in spool.records() for c in record)
         # a second sink on the same spool (the next start) sends it before anything else
         srv.start()
         sink.stop(1)
@@ -332,6 +338,8 @@ def test_with_a_spool_what_waits_for_redis_goes_to_disk_and_arrives_in_order_onc
         assert [e[b"summary"].decode() for _, e in client.xrange("t:events")] == [f"event {i}" for i in range(40)]
         assert client.hgetall(f"t:baseline:{LOC.key}") == {b"n": b"39"}
         assert client.hget("t:state", "loc:x") == b"\x00state"
+        summary = json.loads(client.hget(f"t:versions:{LOC.key}", '["1.0", "abc"]'))
+        assert (summary["calls"], summary["errors"], summary["windows"]) == (120, 40, 40)
         assert again.spool.size == 0
         again.replay_spool()  # nothing left: nothing written twice
         assert client.xlen("t:events") == 40

@@ -54,6 +54,9 @@ class PresentColumns:
         # Rows held as their frozen state, marshalled (a location seen in small windows
         # only: thawed and frozen as cheaply as before columns), not in the columns
         self.packed: dict[int, bytes] = {}
+        # Rows set from a detector's own freeze (or a checkpoint) since the last checkpoint:
+        # the only ones that may hold what is not plain data (rows the numpy steps write are)
+        self.unchecked: set[int] = set()
         self.windows_in_numpy = self.windows_one_at_a_time = 0  # location-windows taken each way
         self._alloc(0)
 
@@ -88,11 +91,13 @@ class PresentColumns:
         """Let go of row ``i``'s objects (its location was forgotten; ``put`` sets it anew)."""
         self.open.pop(i, None)
         self.packed.pop(i, None)
+        self.unchecked.discard(i)
 
     def put(self, i: int, state: tuple | None = None, tick: int = 0) -> int:
         """Set row ``i`` to a frozen state (the detector's ``freeze``), or a new location's;
         returns ``tick``."""
         self.packed.pop(i, None)
+        self.unchecked.add(i)
         return self._put(i, state, tick)
 
     def row(self, i: int, tick: int = 0) -> tuple:
@@ -149,6 +154,7 @@ class PresentColumns:
             events += det.update(obs)
             if packed:
                 self.packed[i] = marshal.dumps(det.freeze(after))
+                self.unchecked.add(i)
             else:
                 self.put(i, det.freeze(after))
         return events

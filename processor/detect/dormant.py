@@ -151,6 +151,7 @@ class DormantColumns:
     0.9604
     """
 
+    unchecked = frozenset()  # rows are plain data whatever was put (``row`` builds them)
     FRESH = (0.0, 0.0, 0, 0, ("", "", ""), 0.0, False, 0, 0)  # Dormant.freeze of a new detector
     _ARRAYS = (("presence", np.float64), ("calls", np.float64), ("windows", np.int64),
                ("last_seen", np.int64), ("pwls", np.float64), ("silent", np.bool_), ("at", np.int64))

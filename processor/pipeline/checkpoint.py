@@ -125,14 +125,17 @@ def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | int]:
     else:
         engine.dirty_locations.clear()
     failed: list[tuple[str, Exception]] = []
+    left_out: list[int] = []
     for loc_id in dirty:
         loc = tables.locations[loc_id]
         try:
             out[location_field(loc.key)] = encode_location(LocationState(
                 loc, loc_id, engine.baselines.baseline(loc_id),
-                engine.detectors.states(loc_id), engine._fingerprint))
+                engine.detectors.states(loc_id), engine._fingerprint), engine.detectors.to_check(loc_id))
         except (ValueError, TypeError, OverflowError) as e:
             failed.append((loc.key, e))
+            left_out.append(loc_id)  # (checked again at its next checkpoint)
+    engine.detectors.checked(set(dirty).difference(left_out))
     for service in sorted(engine.dirty_services):
         clock = engine.windows.services[tables.service_id(service)]
         out[service_field(service)] = encode_service(ServiceState(
@@ -146,11 +149,14 @@ def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | int]:
     return out
 
 
-def encode_location(state: LocationState) -> bytes:
+def encode_location(state: LocationState, check: list[int] | None = None) -> bytes:
     """A ``loc:{key}`` field. The detectors' frozen bytes are this process's own (marshal
-    of plain data): they are loaded here and written as that plain data."""
+    of plain data): they are loaded here and written as that plain data. ``check``: the
+    detectors whose states may not be plain data (``DetectorStore.to_check``); all if None."""
     detectors = state.detectors if type(state.detectors) is tuple else marshal.loads(state.detectors)
-    _check_detectors(detectors)
+    if type(detectors) is not tuple:
+        raise ValueError("detectors: not a tuple of states")
+    _check_detectors(detectors if check is None else tuple(detectors[j] for j in check))
     loc = state.location
     return msgpack.packb({
         "format": FORMAT,

@@ -82,6 +82,18 @@ class DetectorStore:
             states[j] = c.row(loc_id, tick)
         return tuple(states)
 
+    def to_check(self, loc_id: int) -> list[int]:
+        """The detectors whose state of the location may not be plain data, for a checkpoint
+        to check: those kept frozen per location, and columns whose row was set from a
+        detector's freeze since ``checked``."""
+        return self.per_location + [j for j, c in self.columns.items() if loc_id in c.unchecked]
+
+    def checked(self, loc_ids) -> None:
+        """The locations' states were checked (or left out) by a checkpoint."""
+        for c in self.columns.values():
+            if c.unchecked:
+                c.unchecked.difference_update(loc_ids)
+
     def put(self, loc_id: int, frozen: bytes | None = None, tick: int = 0) -> None:
         """Give a location detectors: fresh ones, or ``frozen`` ones (``state``'s, checked);
         ``tick``: the windows its service closed so far."""

@@ -46,7 +46,7 @@ from processor.pipeline.memtrim import release_free_memory
 from processor.sinks.idempotency import (EVENT_LUA, WRITTEN, WRITTEN_BEFORE_BY_US, WRITTEN_TTL, Tokens,
                                          event_marker, merge_marker)
 from processor.sinks.spool import Spool
-from processor.sinks.versions import MERGE_LUA, VersionLedger, field_name
+from processor.sinks.versions import MERGE_LUA, MERGES_LUA, VersionLedger, field_name
 
 log = logging.getLogger("backflow.redis")
 
@@ -215,9 +215,9 @@ class RedisSink:
         self.last_error: Exception | None = None  # of the last failed ping()
         # Called by their SHA; loaded before the first batch and whenever Redis answers NOSCRIPT.
         self._scripts = [client.register_script(lua)
-                         for lua in (EVENT_LUA, _BASELINE_LUA, MERGE_LUA, _FORGET_LUA, _BASELINES_LUA)]
-        self._event_sha, self._baseline_sha, self._merge_sha, self._forget_sha, self._baselines_sha = (
-            s.sha for s in self._scripts)
+                         for lua in (EVENT_LUA, _BASELINE_LUA, MERGE_LUA, _FORGET_LUA, _BASELINES_LUA, MERGES_LUA)]
+        (self._event_sha, self._baseline_sha, self._merge_sha, self._forget_sha, self._baselines_sha,
+         self._merges_sha) = (s.sha for s in self._scripts)
         # The spool names scripts rather than SHAs: a restart into a newer version sends its own.
         # Baselines are spooled one call each of "baseline", which every version knows.
         self._sha_of = {"event": self._event_sha, "baseline": self._baseline_sha, "merge": self._merge_sha,
@@ -357,7 +357,7 @@ class RedisSink:
             return [_Write("baseline", key, src if isinstance(src, dict) else src.fields(), source=src)
                     for key, src in zip(keys, sources)]
         if self.versions:  # after the baselines of the same windows, before the checkpoint
-            return [_Write("versions", k[0], None, source=(k, p)) for k, p in self.versions.take(self.batch_size)]
+            return [_Write("versions", "", None, source=self.versions.take(self.batch_size))]
         # Checkpoint fields last: a restart must not know of a window whose events and
         # baselines were not written yet. A few fields per write: they are kilobytes each.
         names = list(itertools.islice(self.state, max(1, self.batch_size // 10)))
@@ -436,7 +436,9 @@ class RedisSink:
                     self.baselines.setdefault(w.key, w.source)
                 elif w.kind == "state":
                     self.state.setdefault(w.key, w.source)
-            self.versions.put_back([w.source for w in batch if w.kind == "versions"])
+            for w in batch:
+                if w.kind == "versions":
+                    self.versions.put_back(w.source)
             self._inflight = 0
 
     def _to_spool(self, batch: list[_Write]) -> bool:
@@ -522,12 +524,14 @@ class RedisSink:
             return self._write(batch, again=False)
 
         # A merge Redis refuses (a key of another type, a field another writer left) would
-        # fail every retry and block every later write: dropped, logged and counted.
-        refused = {i for i, _ in merges if isinstance(replies[i], redis.ResponseError)}
-        for i in refused:
-            log.warning("version summary not written (%s); dropped", replies[i])
-            replies[i] = None
-        self.summaries_dropped += len(refused)
+        # fail every retry and block every later write: the script left it out; logged and
+        # counted here.
+        for i, _ in merges:
+            if isinstance(replies[i], list):
+                for r in replies[i]:
+                    log.warning("version summary not written (%s); dropped",
+                                (r.decode() if isinstance(r, bytes) else r).partition(" ")[2])
+                self.summaries_dropped += len(replies[i])
         # Like execute()'s raise_on_error: every reply was read (the connection is in sync)
         # and nothing counts as written; _run sends the batch again.
         for i, reply in enumerate(replies):
@@ -538,7 +542,7 @@ class RedisSink:
         # Acknowledged: the markers of merges and first_seen events go with the next batch
         # (a retry can no longer follow; {prefix}:keys keeps first_seen once per key).
         # Other events keep theirs until it expires, against the same event judged again.
-        self._unlink = [m for i, m in merges if i not in refused]  # (a refused one set none)
+        self._unlink = [m for _, m in merges]
         for i, w, marker in events:
             if replies[i] in (WRITTEN, WRITTEN_BEFORE_BY_US):  # now, or by its lost first attempt
                 if w.kind == "first_seen":
@@ -571,13 +575,17 @@ class RedisSink:
                          *[f"{self.prefix}:baseline:{w.key}" for w in baselines],
                          _rows_json([w.key, *itertools.chain.from_iterable(w.fields.items())] for w in baselines)))
         for w in batch:
-            if w.kind == "versions":
-                (key, version, revision), p = w.source
-                marker = merge_marker(self.prefix, p.token)
+            if w.kind == "versions":  # one call for the batch's merges, under its token's marker
+                token, items = w.source
+                marker = merge_marker(self.prefix, token)
+                keys = [f"{self.prefix}:versions:{key}" for (key, _, _), _ in items]
+                rows = _pairs([p.args(field_name(version, revision), ttl) for (_, version, revision), p in items])
                 merges.append((len(cmds), marker))
-                cmds.append(("EVALSHA", self._merge_sha, 2, f"{self.prefix}:versions:{key}", marker,
-                             _pairs(p.args(field_name(version, revision), ttl))))
-            elif w.kind in ("event", "first_seen"):
+                # (spooled: the script itself, which a version rolled back to can run too)
+                script = ("EVAL", MERGES_LUA) if spooled else ("EVALSHA", self._merges_sha)
+                cmds.append((*script, 1 + len(keys), marker, *keys, rows, ttl))
+        for w in batch:
+            if w.kind in ("event", "first_seen"):
                 fields = self._fields(w.source)
                 entry = _fields_json(fields)
                 marker = event_marker(self.prefix, fields["id"], entry)

@@ -15,14 +15,14 @@ keeps, per location, one small record per version (``service.version`` and
 - At most ``VERSIONS_KEPT`` versions per location: beyond it the version last seen longest
   ago is dropped.
 
-Records are merged in Redis by a Lua script (one EVALSHA per location and version), written
+Records are merged in Redis by a Lua script (one EVALSHA for a batch of them), written
 after the events and baselines of the same windows. While Redis is away the figures of
 windows not yet written are summed per (location, version), so what waits is bounded by
-locations times versions, not by windows. A merge is sent with a token of its own; one
-that was sent and failed is retried as it was, with its token, never summed with newer
-figures: the script skips a merge whose token it has recorded (``{prefix}:written:merge:``,
-processor/sinks/idempotency.py), so a batch Redis executed but whose reply was lost is
-not counted twice.
+locations times versions, not by windows. A batch of merges is sent with a token of its
+own; one that was sent and failed is retried as it was, with its token, never summed with
+newer figures: the script skips a batch whose token it has recorded
+(``{prefix}:written:merge:``, processor/sinks/idempotency.py), so a batch Redis executed
+but whose reply was lost is not counted twice.
 
 >>> import numpy as np
 >>> from processor.pipeline.location import Location
@@ -40,6 +40,7 @@ not counted twice.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 from dataclasses import dataclass
@@ -50,44 +51,68 @@ from processor.sinks.idempotency import Tokens
 
 VERSIONS_KEPT = 50
 
-# KEYS: the summaries hash, the merge's marker (processor/sinks/idempotency.py). ARGV[1]:
-# a JSON array (one argument, as the sink sends its scripts' fields) of the field, calls,
-# errors, windows, seconds, p50 and p99 sums, first, last, VERSIONS_KEPT and the marker's
-# TTL. The marker is set after what can fail (a key of another type, a value that is not
-# JSON), so a refused merge leaves none; a merge whose marker is there was applied by an
-# earlier attempt whose reply was lost: 0, nothing changes.
-MERGE_LUA = """
-local A = cjson.decode(ARGV[1])
-local cur = redis.call('HGET', KEYS[1], A[1])
-local first, last = tonumber(A[8]), tonumber(A[9])
-local v
-if cur then v = cjson.decode(cur) else
-  v = {calls = 0, errors = 0, windows = 0, seconds = 0, p50_ms = 0, p99_ms = 0, first = first, last = last}
-end
-if not redis.call('SET', KEYS[2], '1', 'NX', 'EX', A[11]) then return 0 end
-local c0, c = v.calls, tonumber(A[2])
-local total = c0 + c
-if total > 0 then
-  v.p50_ms = (v.p50_ms * c0 + tonumber(A[6])) / total
-  v.p99_ms = (v.p99_ms * c0 + tonumber(A[7])) / total
-end
-v.calls = total
-v.errors = v.errors + tonumber(A[3])
-v.windows = v.windows + tonumber(A[4])
-v.seconds = v.seconds + tonumber(A[5])
-v.first = math.min(v.first, first)
-v.last = math.max(v.last, last)
-redis.call('HSET', KEYS[1], A[1], cjson.encode(v))
-if redis.call('HLEN', KEYS[1]) > tonumber(A[10]) then
-  local all = redis.call('HGETALL', KEYS[1])
-  local oldest, at = nil, nil
-  for i = 1, #all, 2 do
-    local r = cjson.decode(all[i + 1])
-    if at == nil or r.last < at then oldest, at = all[i], r.last end
+# Merges one row into a summaries hash: ``merge(key, A, mark)``, A the row (a JSON array,
+# one argument, as the sink sends its scripts' fields: the field, calls, errors, windows,
+# seconds, p50 and p99 sums, first, last, VERSIONS_KEPT, and the marker's TTL). ``mark``,
+# if given, records the merge's marker after what can fail (a key of another type, a value
+# that is not JSON), so a refused merge leaves none; it is false when the marker was there
+# (an earlier attempt, whose reply was lost, merged it): 0, nothing changes.
+_MERGE = """
+local function merge(key, A, mark)
+  local cur = redis.call('HGET', key, A[1])
+  local first, last = tonumber(A[8]), tonumber(A[9])
+  local v
+  if cur then v = cjson.decode(cur) else
+    v = {calls = 0, errors = 0, windows = 0, seconds = 0, p50_ms = 0, p99_ms = 0, first = first, last = last}
   end
-  redis.call('HDEL', KEYS[1], oldest)
+  if mark and not mark() then return 0 end
+  local c0, c = v.calls, tonumber(A[2])
+  local total = c0 + c
+  if total > 0 then
+    v.p50_ms = (v.p50_ms * c0 + tonumber(A[6])) / total
+    v.p99_ms = (v.p99_ms * c0 + tonumber(A[7])) / total
+  end
+  v.calls = total
+  v.errors = v.errors + tonumber(A[3])
+  v.windows = v.windows + tonumber(A[4])
+  v.seconds = v.seconds + tonumber(A[5])
+  v.first = math.min(v.first, first)
+  v.last = math.max(v.last, last)
+  redis.call('HSET', key, A[1], cjson.encode(v))
+  if redis.call('HLEN', key) > tonumber(A[10]) then
+    local all = redis.call('HGETALL', key)
+    local oldest, at = nil, nil
+    for i = 1, #all, 2 do
+      local r = cjson.decode(all[i + 1])
+      if at == nil or r.last < at then oldest, at = all[i], r.last end
+    end
+    redis.call('HDEL', key, oldest)
+  end
+  return 1
 end
-return 1
+"""
+# One merge (what a spool written before MERGES_LUA holds). KEYS: the summaries hash, the
+# merge's marker (processor/sinks/idempotency.py). ARGV[1]: the row.
+MERGE_LUA = _MERGE + """
+local A = cjson.decode(ARGV[1])
+return merge(KEYS[1], A, function() return redis.call('SET', KEYS[2], '1', 'NX', 'EX', A[11]) end)
+"""
+# A batch of merges in one call, under one marker. KEYS: the marker, then each row's
+# summaries hash. ARGV[1]: the rows, as one JSON array; ARGV[2]: the marker's TTL. The
+# marker goes first: a script is all or nothing once it writes, so a marker there means
+# every row was merged. A row Redis refuses (a key of another type) is left out and the
+# others merged. Reply: "<row number> <error>" per refused row.
+MERGES_LUA = _MERGE + """
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return {} end
+local refused = {}
+for i, A in ipairs(cjson.decode(ARGV[1])) do
+  local ok, err = pcall(merge, KEYS[i + 1], A)
+  if not ok then
+    if type(err) == 'table' then err = err.err end
+    refused[#refused + 1] = i .. ' ' .. tostring(err)
+  end
+end
+return refused
 """
 
 
@@ -102,7 +127,6 @@ class Pending:
     p99_sum: float = 0.0
     first: int = 0
     last: int = 0
-    token: str = ""  # given when first taken for a write; the same on every retry
 
     def args(self, field: str, ttl: int) -> list:
         return [field, self.calls, self.errors, self.windows, self.seconds,
@@ -110,6 +134,7 @@ class Pending:
 
 
 Item = tuple[tuple[str, str, str], Pending]  # ((location key, version, revision), figures)
+Group = tuple[str, list[Item]]  # merges sent together, under one token (their marker's)
 
 
 class VersionLedger:
@@ -142,23 +167,23 @@ class VersionLedger:
             p.p99_sum += p99 * vf.count
             p.first, p.last = min(p.first, start_ms), max(p.last, end_ms)
 
-    def take(self, n: int) -> list[Item]:
-        """Up to ``n`` merges to send: those to retry first, then new ones (given a token)."""
-        out, self.retry = self.retry[:n], self.retry[n:]
-        for k in list(itertools.islice(self.pending, n - len(out))):
-            p = self.pending.pop(k)
-            p.token = self._tokens.next()
-            out.append((k, p))
-        return out
+    def take(self, n: int) -> Group:
+        """The next merges to send, with their token: a group to retry, whole, else up to
+        ``n`` new ones under a new token."""
+        if self.retry:
+            return self.retry.pop(0)
+        keys = list(itertools.islice(self.pending, n))
+        return self._tokens.next(), [(k, self.pending.pop(k)) for k in keys]
 
-    def put_back(self, items: list[Item]) -> None:
-        """After a failed write: retried first, each as it was sent (Redis may have merged
-        it already; its token tells)."""
-        self.retry[:0] = items
+    def put_back(self, group: Group) -> None:
+        """After a failed write: retried first, as it was sent (Redis may have merged it
+        already; its token tells)."""
+        self.retry.insert(0, group)
 
     def __len__(self) -> int:
-        return len(self.pending) + len(self.retry)
+        return len(self.pending) + sum(len(items) for _, items in self.retry)
 
 
+@functools.lru_cache(maxsize=4096)  # (a few versions serve many locations each window)
 def field_name(version: str, revision: str) -> str:
     return json.dumps([version, revision])
