@@ -21,7 +21,7 @@ from benchmarks.scenarios import generate
 from processor.config import Config
 from processor.pipeline import checkpoint
 from processor.pipeline.baseline import Baseline
-from processor.pipeline.engine import Engine
+from processor.pipeline.engine import Engine, checkpoint_fingerprint
 from processor.sinks.redis_streams import RedisSink
 
 CFG = dict(window=60.0, allowed_lateness=0.0, idle_timeout=1e9)
@@ -584,3 +584,26 @@ def test_fields_written_before_the_window_count_restore_without_relearning(learn
     assert "learn again" not in caplog.text
     lid = next(i for i, f in enumerate(restored.frozen) if f is not None)
     assert restored.detectors_of(lid)[dormant].windows > 0  # its state, not a fresh one
+
+
+def test_fields_with_the_settings_text_as_fingerprint_restore_without_relearning(learned):
+    """Fields keep a digest of the detector settings; those written before kept the text
+    itself (about a kilobyte per location), and must restore as they are."""
+    engine, fields = learned
+    fp = msgpack.unpackb(next(iter(_locations(fields).values())), raw=False)["fingerprint"]
+    assert len(fp) == 32 and fp == engine._fingerprint
+    text = checkpoint_fingerprint(engine.cfg, whole=True)
+    assert len(text) > 200 and text != fp
+    old = {}
+    for name, blob in fields.items():
+        d = msgpack.unpackb(blob, raw=False, strict_map_key=False)
+        if name.startswith("loc:"):
+            d["fingerprint"] = text
+        old[name] = msgpack.packb(d, use_bin_type=True)
+    restored, relearned = _engine(), _engine(window=30.0)
+    assert checkpoint.restore(restored, old).locations == len(_locations(fields))
+    checkpoint.restore(relearned, old)
+    lid = next(i for i, f in enumerate(restored.frozen) if f is not None)
+    assert _canonical(restored.frozen[lid]) == _canonical(engine.frozen[lid])
+    # the digest still tells other settings apart: those are built anew
+    assert len({_canonical(f) for f in relearned.frozen if f is not None}) == 1

@@ -13,6 +13,7 @@ import threading
 from collections import defaultdict
 from pathlib import Path
 
+import msgpack
 import pytest
 import redis
 import yaml
@@ -109,6 +110,10 @@ class WriteLog:
                 rows = json.loads(codecs.escape_decode(args[3 + n])[0])
                 targets = ([(self.baselines, k.decode().rsplit(":", 1)[1]) for k in args[4:3 + n]]
                            + [(self.announced, row[0]) for row in rows])
+            elif cmd == b"EVALSHA" and len(args) == 5 and args[3].decode() == f"{self.prefix}:state":
+                # the checkpoint script: fields and values as one MessagePack array
+                pairs = msgpack.unpackb(codecs.escape_decode(args[4])[0], raw=True)
+                targets = [(self.state_fields, a.decode()) for a in pairs[::2]]
             elif cmd == b"EVALSHA" and len(args) > 9 and args[5].decode() == f"{self.prefix}:keys":
                 # the event script: the key it adds to the set if the event is a first_seen
                 targets = [(self.announced, args[9].decode())] if args[9] else []

@@ -6,6 +6,7 @@ by the receivers and writing to the sinks; benchmarks and tests drive one direct
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import marshal
 import time
@@ -26,10 +27,13 @@ from processor.receiver.decode import Batch
 
 log = logging.getLogger("backflow.engine")
 
-def checkpoint_fingerprint(cfg: Config) -> str:
+def checkpoint_fingerprint(cfg: Config, whole: bool = False) -> str:
     """What a detector's frozen state depends on: the settings, and marshal's format (the
-    frozen bytes are marshal's). State saved under others is not reused."""
-    return repr((cfg.window, cfg.detectors, marshal.version))
+    frozen bytes are marshal's), as 32 hex of their digest (``whole``: as the text itself,
+    which checkpoints kept before: almost a kilobyte per location). State saved under
+    others is not reused."""
+    text = repr((cfg.window, cfg.detectors, marshal.version))
+    return text if whole else hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 class DetectorStore:
@@ -210,6 +214,7 @@ class Engine:
         # checkpoint fields of what was forgotten since -> event time of its newest window (ns)
         self.forgotten_fields: dict[str, int] = {}
         self._fingerprint = checkpoint_fingerprint(cfg)
+        self._fingerprints = {self._fingerprint, checkpoint_fingerprint(cfg, whole=True)}  # (read)
         self._started = self.windows.clock()
         # Windows each service closed: the columnar detectors count time in them.
         self.service_ticks: dict[tuple, int] = {}
@@ -244,7 +249,7 @@ class Engine:
         if loc_id not in self.detectors:
             service = (location.environment, location.service)
             self.service_locations.setdefault(service, array("q")).append(loc_id)
-        state = frozen if fingerprint == self._fingerprint else None
+        state = frozen if fingerprint in self._fingerprints else None
         if state is not None:
             try:  # plain data of the wrong shape would fail at the location's next window instead
                 self.detectors.check(state, self.baselines.sketches[loc_id],

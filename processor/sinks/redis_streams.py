@@ -37,6 +37,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
+import msgpack
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -89,6 +90,14 @@ return #rows
 """
 _STR = {str}
 _pairs = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+# KEYS: the checkpoint hash. ARGV[1]: its fields and values, alternating, as one MessagePack
+# array (bytes as raw strings: Redis's cmsgpack does not take bin types). One argument: as
+# many of a few kilobytes each, redis-py copies them into chunks and sends each on its own.
+_STATE_LUA = """
+return redis.call('HSET', KEYS[1], unpack(cmsgpack.unpack(ARGV[1])))
+"""
 
 
 # KEYS: the checkpoint hash. ARGV: pairs of (field, event time in ns of the newest window the
@@ -215,9 +224,10 @@ class RedisSink:
         self.last_error: Exception | None = None  # of the last failed ping()
         # Called by their SHA; loaded before the first batch and whenever Redis answers NOSCRIPT.
         self._scripts = [client.register_script(lua)
-                         for lua in (EVENT_LUA, _BASELINE_LUA, MERGE_LUA, _FORGET_LUA, _BASELINES_LUA, MERGES_LUA)]
+                         for lua in (EVENT_LUA, _BASELINE_LUA, MERGE_LUA, _FORGET_LUA, _BASELINES_LUA, MERGES_LUA,
+                                     _STATE_LUA)]
         (self._event_sha, self._baseline_sha, self._merge_sha, self._forget_sha, self._baselines_sha,
-         self._merges_sha) = (s.sha for s in self._scripts)
+         self._merges_sha, self._state_sha) = (s.sha for s in self._scripts)
         # The spool names scripts rather than SHAs: a restart into a newer version sends its own.
         # Baselines are spooled one call each of "baseline", which every version knows.
         self._sha_of = {"event": self._event_sha, "baseline": self._baseline_sha, "merge": self._merge_sha,
@@ -557,8 +567,10 @@ class RedisSink:
         replayed by the version rolled back to)."""
         cmds: list[tuple] = []
         state = [w for w in batch if w.kind == "state" and isinstance(w.source, bytes)]
-        if state:  # one HSET for all the batch's fields
-            cmds.append(("HSET", self.state_key, *itertools.chain.from_iterable((w.key, w.source) for w in state)))
+        if state:  # one HSET for all the batch's fields (in the spool as HSET itself)
+            pairs = list(itertools.chain.from_iterable((w.key, w.source) for w in state))
+            cmds.append(("HSET", self.state_key, *pairs) if spooled else
+                        ("EVALSHA", self._state_sha, 1, self.state_key, msgpack.packb(pairs, use_bin_type=False)))
         gone = [w for w in batch if w.kind == "state" and not isinstance(w.source, bytes)]
         if gone:  # fields of what the engine forgot (an event time: see _FORGET_LUA)
             cmds.append(("EVALSHA", self._forget_sha, 1, self.state_key,
