@@ -49,11 +49,11 @@ class _Source:
     """Stands for a Baseline: rendered only when written."""
 
     def __init__(self, value: int):
-        self.value, self.rendered = value, 0
+        self.value, self.rendered, self.whole = value, 0, True
 
-    def fields(self) -> dict[str, str]:
+    def row(self, whole: bool = True) -> list[str]:
         self.rendered += 1
-        return {"count": str(self.value)}
+        return ["count", str(self.value)]
 
 
 @pytest.mark.e2e
@@ -414,3 +414,57 @@ def test_stopping_while_redis_is_away_after_a_first_seen_spools_and_returns(tmp_
     finally:
         sink.stop(0.1)
         srv.stop()
+
+
+def _absorbed(stage, windows: list[tuple[str, int]]) -> list[Baseline]:
+    """The snapshots a BaselineStage hands out for LOC's windows [(version, calls)]."""
+    out = []
+    for w, (version, calls) in enumerate(windows):
+        sk = LogSketch.from_values(np.full(calls, 5_000_000))
+        lw = LocationWindow(0, LOC, calls, 0, sk, [VersionFigures(("shop", version, "r" + version), calls, 0, sk)])
+        out += stage.absorb_many(ClosedWindow("shop", w * 10**10, (w + 1) * 10**10, [lw], "prod"), [lw])[0]
+    return out
+
+
+def test_a_baseline_is_whole_at_first_and_when_its_version_changes_else_its_figures_only():
+    from processor.pipeline.baseline import BaselineStage
+
+    snaps = _absorbed(BaselineStage(10.0, 3600.0), [("1", 3), ("1", 4), ("2", 5), ("2", 6)])
+    assert [b.whole for b in snaps] == [True, False, True, False]
+    figures = snaps[1].row(whole=False)
+    assert "code.function.name" not in figures and "service.version" not in figures
+    assert dict(zip(figures[::2], figures[1::2])) == {k: v for k, v in snaps[1].fields().items()
+                                                       if k in figures[::2]}
+    assert set(figures[::2]) | {"key", "service.name", "deployment.environment.name", "code.function.name",
+                                "code.file.path", "code.line.number", "otel.scope.name", "service.version",
+                                "vcs.ref.head.revision"} == set(snaps[1].fields())
+
+
+@pytest.mark.e2e
+def test_figures_only_are_written_over_a_whole_hash_and_a_missing_one_is_written_whole(redis_server):
+    from processor.pipeline.baseline import BaselineStage
+
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.flushall()
+    first, second, third = _absorbed(BaselineStage(10.0, 3600.0), [("1", 3), ("1", 4), ("1", 5)])
+    sink = RedisSink(client, "t", 1000, buffer_limit=10)
+    key = f"t:baseline:{LOC.key}"
+    # a whole snapshot not yet written, replaced by one of figures only: written whole
+    sink.submit([], [(LOC.key, first)])
+    sink.submit([], [(LOC.key, second)])
+    sink._write(sink._take())
+    assert client.hgetall(key) == second.fields()
+    # figures only over the hash there: the identity stays
+    client.hset(key, "code.file.path", "kept.py")
+    sink.submit([], [(LOC.key, third)])
+    sink._write(sink._take())
+    assert client.hget(key, "code.file.path") == "kept.py" and client.hget(key, "windows") == "3"
+    # the hash gone (deleted, evicted): figures only are not written, and it comes back whole
+    client.delete(key, "t:keys")
+    fourth = _absorbed(BaselineStage(10.0, 3600.0), [("1", 3), ("1", 4)])[1]
+    assert not fourth.whole
+    sink.submit([], [(LOC.key, fourth)])
+    sink._write(sink._take())
+    assert not client.exists(key) and sink.pending() == 1
+    sink._write(sink._take())
+    assert client.hgetall(key) == fourth.fields() and client.smembers("t:keys") == {LOC.key}

@@ -26,7 +26,7 @@ class Baseline:
     bytes object per location instead of two arrays; ``sketch`` unpacks it, without a copy."""
 
     __slots__ = ("_quantiles", "_sketch", "count", "errors", "location", "seconds", "updated_ns", "version",
-                 "windows")
+                 "whole", "windows")
 
     def __init__(self, location: Location, sketch: LogSketch, count: float = 0.0, errors: float = 0.0,
                  seconds: float = 0.0, windows: int = 0, updated_ns: int = 0,
@@ -40,6 +40,9 @@ class Baseline:
         self.windows = windows
         self.updated_ns = updated_ns  # end of the latest window merged in (event time)
         self.version = version
+        # Whether its hash must be written whole: False when only its figures changed since
+        # the last one handed out (its location's identity and version are in Redis already)
+        self.whole = True
 
     @property
     def sketch(self) -> LogSketch:
@@ -119,28 +122,27 @@ class Baseline:
 
     def fields(self) -> dict[str, str]:
         """The ``{prefix}:baseline:{key}`` hash."""
-        loc = self.location
+        row = self.row()
+        return dict(zip(row[::2], row[1::2]))
+
+    def row(self, whole: bool = True) -> list[str]:
+        """The hash as [field, value, ...]; without ``whole``, its figures only."""
         q = ((self.sketch.quantiles(QUANTILES) if self._quantiles is None else self._quantiles) / 1e6).tolist()
-        return {
-            "key": loc.key,
-            "service.name": loc.service,
-            "deployment.environment.name": loc.environment,
-            "code.function.name": loc.function,
-            "code.file.path": loc.file,
-            "code.line.number": loc.line,
-            "otel.scope.name": loc.scope,
-            "service.version": self.version[1],
-            "vcs.ref.head.revision": self.version[2],
-            "count": str(int(round(self.count))),
-            "rate_per_s": _num(self.count / self.seconds if self.seconds else 0.0),
-            "p50_ms": _num(q[0]),
-            "p90_ms": _num(q[1]),
-            "p99_ms": _num(q[2]),
-            "p999_ms": _num(q[3]),
-            "error_rate": _num(self.errors / self.count if self.count else 0.0),
-            "windows": str(self.windows),
-            "updated": str(self.updated_ns // 1_000_000),
-        }
+        figures = [
+            "count", str(int(round(self.count))),
+            "rate_per_s", _num(self.count / self.seconds if self.seconds else 0.0),
+            "p50_ms", _num(q[0]), "p90_ms", _num(q[1]), "p99_ms", _num(q[2]), "p999_ms", _num(q[3]),
+            "error_rate", _num(self.errors / self.count if self.count else 0.0),
+            "windows", str(self.windows),
+            "updated", str(self.updated_ns // 1_000_000),
+        ]
+        if not whole:
+            return figures
+        loc = self.location
+        return ["key", loc.key, "service.name", loc.service, "deployment.environment.name", loc.environment,
+                "code.function.name", loc.function, "code.file.path", loc.file, "code.line.number", loc.line,
+                "otel.scope.name", loc.scope, "service.version", self.version[1],
+                "vcs.ref.head.revision", self.version[2], *figures]
 
 
 def _num(x: float) -> str:
@@ -248,15 +250,17 @@ class BaselineStage:
         locations, versions = self.locations, self.versions
         out: list[Baseline] = []
         for k, (i, lw, figures) in enumerate(zip(ids, lws, after.tolist())):
+            b = Baseline(lw.location, _EMPTY)
+            version = lw.main_version.version
             if sketches[i] is None:  # a new baseline (its id may be a forgotten location's)
                 self.count += 1
                 updated_ns[i] = end
             else:
                 updated_ns[i] = max(updated_ns[i], end)
+                b.whole = versions[i] != version
             sketches[i] = merged[k]
             locations[i] = lw.location
-            versions[i] = lw.main_version.version
-            b = Baseline(lw.location, _EMPTY)
+            versions[i] = version
             b._sketch, b._quantiles = merged[k], quantiles[k]
             b.count, b.errors, b.seconds, windows = figures
             b.windows, b.updated_ns, b.version = int(windows), updated_ns[i], versions[i]

@@ -60,20 +60,29 @@ redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[2])))
 return redis.call('SADD', KEYS[2], ARGV[1])
 """
 # A batch's baselines in one call. KEYS: {prefix}:keys, then each baseline's hash. ARGV[1]:
-# JSON rows [location key, field, value, ...], one per hash in KEYS order. One command per
-# batch instead of one per location: the client packs and reads one, and Redis parses one.
-# A hash Redis refuses (a key of another type) does not stop the others; the first refusal
-# is the reply, so the batch is sent again (its key left out of {prefix}:keys until then).
+# JSON rows [location key, whole, field, value, ...], one per hash in KEYS order; ``whole``
+# "1" when the row holds every field, "" when only the figures (its identity was written
+# before). One command per batch instead of one per location: the client packs and reads
+# one, and Redis parses one. A row of figures whose hash is not there (deleted, evicted,
+# or Redis lost it) is not written: its row number is in the reply, and the sink sends it
+# whole. A hash Redis refuses (a key of another type) does not stop the others; the first
+# refusal is the reply, so the batch is sent again (its key left out of {prefix}:keys until
+# then).
 _BASELINES_LUA = """
 local rows = cjson.decode(ARGV[1])
-local names, refused = {}, nil
+local names, refused, missing = {}, nil, {}
 for i, row in ipairs(rows) do
   local name = table.remove(row, 1)
-  local r = redis.pcall('HSET', KEYS[i + 1], unpack(row))
-  if type(r) == 'table' and r.err then
-    refused = refused or r.err
+  local whole = table.remove(row, 1)
+  if whole == '' and redis.call('EXISTS', KEYS[i + 1]) == 0 then
+    missing[#missing + 1] = i
   else
-    names[#names + 1] = name
+    local r = redis.pcall('HSET', KEYS[i + 1], unpack(row))
+    if type(r) == 'table' and r.err then
+      refused = refused or r.err
+    else
+      names[#names + 1] = name
+    end
   end
   if #names == 500 then
     redis.call('SADD', KEYS[1], unpack(names))
@@ -86,7 +95,7 @@ end
 if refused then
   return redis.error_reply(refused)
 end
-return #rows
+return missing
 """
 _STR = {str}
 _pairs = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -153,6 +162,23 @@ def _texts(values: list) -> list[str]:
     return values if set(map(type, values)) == _STR else [_text(x) for x in values]
 
 
+def _whole(source) -> bool:
+    """Whether a baseline (an object with ``row``, or a fields dict) is to be written whole."""
+    return True if isinstance(source, dict) else source.whole
+
+
+def _make_whole(source) -> None:
+    if not isinstance(source, dict):
+        source.whole = True
+
+
+def _row(source, whole: bool | None = None) -> list:
+    """A baseline's hash as [field, value, ...]: whole, or as its ``whole`` says."""
+    if isinstance(source, dict):
+        return [x for kv in source.items() for x in kv]
+    return source.row(source.whole if whole is None else whole)
+
+
 def _text(value) -> str:
     if isinstance(value, str):
         return value
@@ -167,10 +193,11 @@ def _text(value) -> str:
 class _Write:
     kind: str            # "event", "first_seen", "baseline", "versions" or "state"
     key: str
-    fields: dict[str, str] | None  # a baseline's hash; None for events (rendered from source)
+    fields: list[str] | None  # a baseline's hash as [field, value, ...]; None for events (rendered from source)
     event_type: str = ""
     source: object = None  # the Event, the baseline object or the state blob (put back if the write fails)
     token: str = ""      # an event's: names this write in its marker, the same on every retry
+    whole: bool = True   # a baseline's: ``fields`` holds every field (else its figures only)
 
 
 class RedisSink:
@@ -320,8 +347,12 @@ class RedisSink:
                 self.dropped += over
                 self.on_dropped(over)
                 log.warning("Redis buffer full while Redis is away: dropped the %d oldest events", over)
+            pending = self.baselines
             for key, source in baselines:
-                self.baselines[key] = source
+                prev = pending.get(key)
+                if prev is not None and _whole(prev):  # (not written yet: its identity neither)
+                    _make_whole(source)
+                pending[key] = source
             if window is not None:
                 self.versions.note(window)
             self._cv.notify()
@@ -364,8 +395,7 @@ class RedisSink:
         if self.baselines:
             keys = list(itertools.islice(self.baselines, self.batch_size))
             sources = [self.baselines.pop(key) for key in keys]
-            return [_Write("baseline", key, src if isinstance(src, dict) else src.fields(), source=src)
-                    for key, src in zip(keys, sources)]
+            return [_Write("baseline", key, _row(src), source=src, whole=_whole(src)) for key, src in zip(keys, sources)]
         if self.versions:  # after the baselines of the same windows, before the checkpoint
             return [_Write("versions", "", None, source=self.versions.take(self.batch_size))]
         # Checkpoint fields last: a restart must not know of a window whose events and
@@ -443,7 +473,8 @@ class RedisSink:
             self.buffer.extendleft(reversed([w for w in batch if w.kind in ("event", "first_seen")]))
             for w in batch:
                 if w.kind == "baseline":
-                    self.baselines.setdefault(w.key, w.source)
+                    if self.baselines.setdefault(w.key, w.source) is not w.source and w.whole:
+                        _make_whole(self.baselines[w.key])  # (a newer one: written whole instead)
                 elif w.kind == "state":
                     self.state.setdefault(w.key, w.source)
             for w in batch:
@@ -506,7 +537,7 @@ class RedisSink:
         """
         if not self._loaded:  # once, rather than a batch answered NOSCRIPT and sent again
             self._load_scripts()
-        cmds, merges, events = self._commands(batch)
+        cmds, merges, events, partial = self._commands(batch)
         pipe = self.w.pipeline(transaction=False)
         pipe.hsetnx(self.instances_key, self.instance, int(time.time()))  # reply 0: see __init__
         unlink = self._unlink[:]
@@ -514,6 +545,7 @@ class RedisSink:
             pipe.unlink(*unlink)
         base = len(pipe)
         merges = [(base + i, m) for i, m in merges]
+        partial = partial and (base + partial[0], partial[1])
         events = [(base + i, w, m) for i, w, m in events]
         for c in cmds:
             pipe.execute_command(*c)
@@ -553,6 +585,11 @@ class RedisSink:
         # (a retry can no longer follow; {prefix}:keys keeps first_seen once per key).
         # Other events keep theirs until it expires, against the same event judged again.
         self._unlink = [m for _, m in merges]
+        if partial and replies[partial[0]]:  # rows of figures whose hash was gone: sent whole
+            with self._cv:
+                for row in replies[partial[0]]:
+                    w = partial[1][int(row) - 1]
+                    _make_whole(self.baselines.setdefault(w.key, w.source))
         for i, w, marker in events:
             if replies[i] in (WRITTEN, WRITTEN_BEFORE_BY_US):  # now, or by its lost first attempt
                 if w.kind == "first_seen":
@@ -560,11 +597,12 @@ class RedisSink:
                 self.on_event_written(w.event_type)
 
     def _commands(self, batch: list[_Write], spooled: bool = False
-                  ) -> tuple[list[tuple], list[tuple[int, str]], list[tuple]]:
+                  ) -> tuple[list[tuple], list[tuple[int, str]], list[tuple], tuple | None]:
         """The Redis commands of a batch; with the index of each merge (and its marker) and of
-        each event (its write and marker) among them. ``spooled``: for the spool, baselines
-        one call each of the one-baseline script, which every version knows (a spool may be
-        replayed by the version rolled back to)."""
+        each event (its write and marker) among them, and of the baselines' call (with its
+        writes, in row order). ``spooled``: for the spool, baselines one call each of the
+        one-baseline script, which every version knows (a spool may be replayed by the
+        version rolled back to), written whole."""
         cmds: list[tuple] = []
         state = [w for w in batch if w.kind == "state" and isinstance(w.source, bytes)]
         if state:  # one HSET for all the batch's fields (in the spool as HSET itself)
@@ -577,15 +615,18 @@ class RedisSink:
                          *itertools.chain.from_iterable((w.key, w.source) for w in gone)))
         merges: list[tuple[int, str]] = []
         events: list[tuple[int, _Write, str]] = []
+        partial = None
         ttl = self.written_ttl
         baselines = [w for w in batch if w.kind == "baseline"]
-        if baselines and spooled:
+        if baselines and spooled:  # (whole: the one-baseline script writes what it is given)
             cmds += [("EVALSHA", self._baseline_sha, 2, f"{self.prefix}:baseline:{w.key}", self.keys_key,
-                      w.key, _fields_json(w.fields)) for w in baselines]
+                      w.key, _pairs(_texts(w.fields if w.whole else _row(w.source, whole=True))))
+                     for w in baselines]
         elif baselines:
+            partial = (len(cmds), baselines)
             cmds.append(("EVALSHA", self._baselines_sha, 1 + len(baselines), self.keys_key,
                          *[f"{self.prefix}:baseline:{w.key}" for w in baselines],
-                         _rows_json([w.key, *itertools.chain.from_iterable(w.fields.items())] for w in baselines)))
+                         _rows_json([w.key, "1" if w.whole else "", *w.fields] for w in baselines)))
         for w in batch:
             if w.kind == "versions":  # one call for the batch's merges, under its token's marker
                 token, items = w.source
@@ -604,7 +645,7 @@ class RedisSink:
                 events.append((len(cmds), w, marker))
                 cmds.append(("EVALSHA", self._event_sha, 3, marker, self.events_key, self.keys_key, w.token, ttl,
                              self.maxlen, w.key if w.kind == "first_seen" else "", entry))
-        return cmds, merges, events
+        return cmds, merges, events, partial
 
     def _load_scripts(self) -> None:
         for script in self._scripts:
