@@ -33,7 +33,7 @@ def _baselines(n: int, rng: np.random.Generator) -> list[Baseline]:
         b = Baseline(Location("prod", "shop", f"shop.module.function_{i}", "shop/module.py", str(i)),
                      LogSketch.from_values(rng.lognormal(15, 1, 500)).scaled(0.9), count=5.0, seconds=10.0,
                      windows=3, updated_ns=10**18, version=("shop", "1.0", "abc"))
-        b._quantiles = b.sketch.quantiles(QUANTILES)
+        b._quantiles = (b.sketch.quantiles(QUANTILES) / 1e6).tolist()
         out.append(b)
     return out
 

@@ -33,7 +33,7 @@ class Baseline:
                  version: tuple[str, str, str] = ("", "", "")):
         self.location = location
         self.sketch = sketch
-        self._quantiles = None  # the sketch's values at QUANTILES (ns), when computed with others
+        self._quantiles = None  # the sketch's values at QUANTILES in ms (a list), when computed with others
         self.count = count
         self.errors = errors
         self.seconds = seconds      # decayed window time the counts were seen over
@@ -127,15 +127,14 @@ class Baseline:
 
     def row(self, whole: bool = True) -> list[str]:
         """The hash as [field, value, ...]; without ``whole``, its figures only."""
-        q = ((self.sketch.quantiles(QUANTILES) if self._quantiles is None else self._quantiles) / 1e6).tolist()
-        figures = [
-            "count", str(int(round(self.count))),
-            "rate_per_s", _num(self.count / self.seconds if self.seconds else 0.0),
-            "p50_ms", _num(q[0]), "p90_ms", _num(q[1]), "p99_ms", _num(q[2]), "p999_ms", _num(q[3]),
-            "error_rate", _num(self.errors / self.count if self.count else 0.0),
-            "windows", str(self.windows),
-            "updated", str(self.updated_ns // 1_000_000),
-        ]
+        q = (self.sketch.quantiles(QUANTILES) / 1e6).tolist() if self._quantiles is None else self._quantiles
+        count = self.count
+        nums = (count / self.seconds if self.seconds else 0.0, *q, self.errors / count if count else 0.0)
+        text = _SIX % nums  # (one format for the six: this runs for every location-window)
+        r, p50, p90, p99, p999, e = text.split() if "n" not in text else map(_num, nums)  # (nan, inf)
+        figures = ["count", str(int(round(count))), "rate_per_s", r, "p50_ms", p50, "p90_ms", p90,
+                   "p99_ms", p99, "p999_ms", p999, "error_rate", e, "windows", str(self.windows),
+                   "updated", str(self.updated_ns // 1_000_000)]
         if not whole:
             return figures
         loc = self.location
@@ -147,6 +146,9 @@ class Baseline:
 
 def _num(x: float) -> str:
     return f"{x:.6g}" if math.isfinite(x) else ""
+
+
+_SIX = " ".join(["%.6g"] * 6)
 
 
 class BaselineStage:
@@ -248,6 +250,7 @@ class BaselineStage:
         after[:, 3] = old[:, 3] + 1
         np.frombuffer(self.figures, np.float64).reshape(-1, 4)[rows] = after
         locations, versions = self.locations, self.versions
+        quantiles_ms = (quantiles / 1e6).tolist()
         out: list[Baseline] = []
         for k, (i, lw, figures) in enumerate(zip(ids, lws, after.tolist())):
             b = Baseline(lw.location, _EMPTY)
@@ -261,7 +264,7 @@ class BaselineStage:
             sketches[i] = merged[k]
             locations[i] = lw.location
             versions[i] = version
-            b._sketch, b._quantiles = merged[k], quantiles[k]
+            b._sketch, b._quantiles = merged[k], quantiles_ms[k]
             b.count, b.errors, b.seconds, windows = figures
             b.windows, b.updated_ns, b.version = int(windows), updated_ns[i], versions[i]
             out.append(b)
