@@ -4,7 +4,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.pipeline.sketch import ALPHA, LogSketch, bucket_index, bucket_value, pack_rows
+from processor.pipeline.sketch import ALPHA, LogSketch, bucket_index, bucket_value, pack_rows, unpack_rows
 
 TOLERANCE = ALPHA * (1 + 1e-9)  # floating-point slack at bucket boundaries only
 
@@ -190,7 +190,7 @@ def test_quantiles_of_rows_with_a_wide_sketch_among_narrow_ones_equal_one_call_e
 
 @settings(max_examples=80, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), sketches=st.integers(1, 40), lead=st.integers(0, 3))
-def test_pack_rows_gives_each_sketch_its_own_pack(seed, sketches, lead):
+def test_pack_rows_and_unpack_rows_give_each_sketch_its_own(seed, sketches, lead):
     """Many sketches packed at once: byte for byte what each one's pack gives, whatever
     their count types (narrow whole counts, decayed floats, counts past 2**32), layouts
     (dense, sparse) and sizes (empty ones too)."""
@@ -212,3 +212,7 @@ def test_pack_rows_gives_each_sketch_its_own_pack(seed, sketches, lead):
     counts = np.concatenate([s.counts for s in pad + many] + [np.zeros(0)])
     bounds = np.cumsum([0] + [len(s.index) for s in pad + many])[lead:].tolist()
     assert pack_rows(index, counts, bounds) == [s.pack() for s in many]
+    # and back, all at once: what each one's unpack gives, bit for bit
+    for got, want in zip(unpack_rows([s.pack() for s in many]), [LogSketch.unpack(s.pack()) for s in many]):
+        assert got.index.dtype == want.index.dtype == np.int32 and got.counts.dtype == want.counts.dtype
+        assert got.index.tobytes() == want.index.tobytes() and got.counts.tobytes() == want.counts.tobytes()

@@ -97,7 +97,8 @@ class PresentColumns:
         """Set row ``i`` to a frozen state (the detector's ``freeze``), or a new location's;
         returns ``tick``."""
         self.packed.pop(i, None)
-        self.unchecked.add(i)
+        if state is not None:  # (a new location's is the detector's own fresh state)
+            self.unchecked.add(i)
         return self._put(i, state, tick)
 
     def row(self, i: int, tick: int = 0) -> tuple:

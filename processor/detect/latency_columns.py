@@ -25,7 +25,7 @@ from processor.detect.columns import VersionedColumns, load_measure, mean_logs
 from processor.detect.latency import LOAD_T, QUANTILES, SEEN_SD, WATCHES, LatencyShift
 from processor.detect.stats import LoadFit, _log, binomial_llr, fit_rows, predict_rows
 from processor.pipeline.baseline import _merge_rows
-from processor.pipeline.sketch import LOG_GAMMA, LogSketch, bucket_value, quantile_positions
+from processor.pipeline.sketch import LOG_GAMMA, LogSketch, bucket_value, quantile_positions, unpack_rows
 
 _QS = np.array(list(QUANTILES.values()))
 _WATCH_Q = [list(QUANTILES.values()).index(q) for q in WATCHES.values()]  # watch -> its quantile
@@ -358,7 +358,7 @@ class LatencyColumns(VersionedColumns):
         segs[reset] = b""
         a, w = np.nonzero(grow)
         if len(a):  # each growing segment merged with its window (packed, as _Watch keeps it)
-            merged, _ = _merge_rows([LogSketch.unpack(b) for b in segs[a, w].tolist()], [None] * len(a),
+            merged, _ = _merge_rows(unpack_rows(segs[a, w].tolist()), [None] * len(a),
                                     [windows[k[x]] for x in a.tolist()], quantiles=False)
             segs[a, w] = merged
         self.wseg[r] = segs

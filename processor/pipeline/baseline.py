@@ -14,7 +14,7 @@ import numpy as np
 
 from processor.pipeline.location import Location
 from processor.pipeline.sketch import (
-    _NO_COUNTS, _NO_INDEX, _TRAILER, MAX_BUCKET, LogSketch, pack_rows, rows_quantiles,
+    _NO_COUNTS, _NO_INDEX, _TRAILER, MAX_BUCKET, LogSketch, pack_rows, rows_quantiles, unpack_rows,
 )
 from processor.pipeline.window import ClosedWindow, LocationWindow
 
@@ -237,7 +237,7 @@ class BaselineStage:
                 if d is None:
                     d = by_age[age] = 0.5 ** (age / 1e9 / half_life_s)
                 decays[k] = d
-        unpacked = [LogSketch.unpack(b) for b in befores]
+        unpacked = unpack_rows(befores)
         # (merged before anything is set: a failure leaves the stage as it was)
         merged, quantiles = _merge_rows(unpacked, decays, [lw.sketch for lw in lws])
         decay = np.array([1.0 if d is None else d for d in decays])
