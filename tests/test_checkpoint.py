@@ -210,6 +210,9 @@ def test_a_location_whose_state_is_not_plain_data_is_left_out_and_logged(scenari
     assert "not checkpointed" in caplog.text and "list is not plain data" in caplog.text
     # Rows the numpy steps wrote are not checked again; this one is, at every checkpoint
     caplog.clear()
+    checked = [i for i, f in enumerate(engine.frozen) if f is not None and i != lid]
+    assert all(engine.detectors.to_check(i) == [] for i in checked)  # (their rows were checked)
+    assert engine.detectors.to_check(lid) != []
     engine.dirty_locations.add(lid)
     assert checkpoint.location_field(key) not in checkpoint.dumps_dirty(engine)
     assert "list is not plain data" in caplog.text

@@ -349,6 +349,29 @@ def test_with_a_spool_what_waits_for_redis_goes_to_disk_and_arrives_in_order_onc
 
 
 @pytest.mark.e2e
+def test_a_spool_of_one_merge_per_call_written_before_batched_merges_replays_once(tmp_path):
+    """Spools written before merges were batched hold one call of the one-merge script
+    each, with a marker per merge: they replay, and a record sent twice merges once."""
+    from processor.sinks.spool import Spool
+    from processor.sinks.versions import VERSIONS_KEPT, field_name
+
+    srv = RedisServer().start()
+    try:
+        client = redis.Redis(port=srv.port)
+        spool = Spool(str(tmp_path), max_bytes=1 << 20)
+        args = [field_name("1.0", "abc"), 3, 1, 1, 10.0, 30.0, 60.0, 0, 10_000, VERSIONS_KEPT, 3600]
+        record = [["SCRIPT", "merge", 2, f"t:versions:{LOC.key}", "t:written:merge:old.1", json.dumps(args)]]
+        spool.append(record)
+        spool.append(record)  # (sent twice: its marker skips the second)
+        RedisSink(client, "t", 1000, buffer_limit=10, spool=spool).replay_spool()
+        summary = json.loads(client.hget(f"t:versions:{LOC.key}", field_name("1.0", "abc")))
+        assert (summary["calls"], summary["errors"], summary["windows"]) == (3, 1, 1)
+        assert spool.size == 0
+    finally:
+        srv.stop()
+
+
+@pytest.mark.e2e
 def test_a_full_spool_pushes_back_instead_of_dropping(tmp_path):
     import threading
 
@@ -459,9 +482,26 @@ def test_figures_only_are_written_over_a_whole_hash_and_a_missing_one_is_written
     sink.submit([], [(LOC.key, third)])
     sink._write(sink._take())
     assert client.hget(key, "code.file.path") == "kept.py" and client.hget(key, "windows") == "3"
+    # the hash of another version (Redis lost a later write): not written over, sent whole
+    client.hset(key, "service.version", "0")
+    again = _absorbed(BaselineStage(10.0, 3600.0), [("1", 3), ("1", 4)])[1]
+    sink.submit([], [(LOC.key, again)])
+    sink._write(sink._take())
+    assert client.hget(key, "service.version") == "0" and client.hget(key, "windows") == "3"
+    sink._write(sink._take())
+    assert client.hgetall(key) == again.fields()
+    # a whole write that failed, put back behind a newer row of figures: that one goes whole
+    first, second = _absorbed(BaselineStage(10.0, 3600.0), [("2", 3), ("2", 4)])
+    sink.submit([], [(LOC.key, first)])
+    in_flight = sink._take()
+    sink.submit([], [(LOC.key, second)])
+    assert not second.whole
+    sink._put_back(in_flight)
+    sink._write(sink._take())
+    assert client.hgetall(key) == second.fields() and client.hget(key, "service.version") == "2"
     # the hash gone (deleted, evicted): figures only are not written, and it comes back whole
     client.delete(key, "t:keys")
-    fourth = _absorbed(BaselineStage(10.0, 3600.0), [("1", 3), ("1", 4)])[1]
+    fourth = _absorbed(BaselineStage(10.0, 3600.0), [("2", 3), ("2", 4)])[1]
     assert not fourth.whole
     sink.submit([], [(LOC.key, fourth)])
     sink._write(sink._take())

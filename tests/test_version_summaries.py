@@ -131,11 +131,13 @@ def test_a_merge_sent_and_put_back_is_retried_as_sent_not_summed_with_newer_wind
     # are a merge of their own.
     ledger = versions_mod.VersionLedger()
     ledger.note(window(0, {"1.0": ([10.0] * 3, 0)}))
-    sent = ledger.take(10)
+    sent_token, sent_items = ledger.take(10)
+    sent = [(key, p.calls, p.windows) for key, p in sent_items]
     ledger.note(window(1, {"1.0": ([10.0] * 5, 1)}))
-    ledger.put_back(sent)
+    ledger.put_back((sent_token, sent_items))
     assert len(ledger) == 2
     token, items = ledger.take(10)
-    assert (token, items) == sent and items[0][1].calls == 3 and token
+    assert token == sent_token and [(key, p.calls, p.windows) for key, p in items] == sent == [
+        ((LOC.key, "1.0", "rev-1.0"), 3, 1)]
     newer_token, newer = ledger.take(10)
-    assert newer[0][1].calls == 5 and newer_token != token and not len(ledger)
+    assert [(p.calls, p.windows) for _, p in newer] == [(5, 1)] and newer_token != token and not len(ledger)

@@ -282,6 +282,8 @@ def unpack_rows(datas: list[bytes]) -> list[LogSketch]:
     itemsize = _ITEMSIZES[kind]
     nbits = np.where(dense, 0, (span + 7) >> 3)
     n = np.where(dense, span, (lens[full] - t - nbits) // itemsize)
+    if (n < 0).any() or (kind >= len(_DTYPES)).any():  # (not what pack makes: as unpack takes it)
+        return [LogSketch.unpack(d) for d in datas]
     edges = np.concatenate(([0], np.cumsum(n)))
     row = np.repeat(np.arange(len(full)), n)
     at = np.arange(int(edges[-1])) - edges[:-1][row]  # each bucket's place in its sketch
@@ -305,6 +307,9 @@ def unpack_rows(datas: list[bytes]) -> list[LogSketch]:
         brow = np.repeat(np.arange(len(sparse)), nb)
         bits = np.unpackbits(raw[first[brow] + np.arange(int(nb.sum())) - bit_edges[brow]])
         pos = np.flatnonzero(bits)
+        if not np.array_equal(np.bincount(brow[pos >> 3], minlength=len(sparse)), n[sparse]) or (
+                (pos - bit_edges[brow[pos >> 3]] * 8) >= span[sparse][brow[pos >> 3]]).any():
+            return [LogSketch.unpack(d) for d in datas]  # (a bitmap pack did not make: as unpack takes it)
         found = pos + (lo[sparse] - bit_edges * 8)[brow[pos >> 3]]
         if len(sparse) == len(full):
             index = found.astype(np.int32)

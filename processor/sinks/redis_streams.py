@@ -60,23 +60,34 @@ redis.call('HSET', KEYS[1], unpack(cjson.decode(ARGV[2])))
 return redis.call('SADD', KEYS[2], ARGV[1])
 """
 # A batch's baselines in one call. KEYS: {prefix}:keys, then each baseline's hash. ARGV[1]:
-# JSON rows [location key, whole, field, value, ...], one per hash in KEYS order; ``whole``
-# "1" when the row holds every field, "" when only the figures (its identity was written
-# before). One command per batch instead of one per location: the client packs and reads
-# one, and Redis parses one. A row of figures whose hash is not there (deleted, evicted,
-# or Redis lost it) is not written: its row number is in the reply, and the sink sends it
-# whole. A hash Redis refuses (a key of another type) does not stop the others; the first
-# refusal is the reply, so the batch is sent again (its key left out of {prefix}:keys until
-# then).
+# JSON rows, one per hash in KEYS order: [location key, "1", field, value, ...] when the row
+# holds every field, or [location key, "", version, revision, field, value, ...] when it
+# holds the figures only (its identity was written before, under that version). One
+# command per batch instead of one per location: the client packs and reads one, and
+# Redis parses one. A row of figures is written only over a hash of its version: one that
+# is gone (deleted, evicted, Redis lost it) or holds another version (Redis lost a later
+# write, a restart from a checkpoint behind it) is not written, its row number is in the
+# reply, and the sink sends it whole. A hash Redis refuses (a key of another type) does
+# not stop the others; the first refusal is the reply, so the batch is sent again (its key
+# left out of {prefix}:keys until then).
 _BASELINES_LUA = """
 local rows = cjson.decode(ARGV[1])
 local names, refused, missing = {}, nil, {}
 for i, row in ipairs(rows) do
   local name = table.remove(row, 1)
-  local whole = table.remove(row, 1)
-  if whole == '' and redis.call('EXISTS', KEYS[i + 1]) == 0 then
-    missing[#missing + 1] = i
-  else
+  local write = table.remove(row, 1) == '1'
+  if not write then
+    local version, revision = table.remove(row, 1), table.remove(row, 1)
+    local have = redis.pcall('HMGET', KEYS[i + 1], 'service.version', 'vcs.ref.head.revision')
+    if type(have) == 'table' and have.err then
+      refused = refused or have.err
+    elseif have[1] == version and have[2] == revision then
+      write = true
+    else
+      missing[#missing + 1] = i
+    end
+  end
+  if write then
     local r = redis.pcall('HSET', KEYS[i + 1], unpack(row))
     if type(r) == 'table' and r.err then
       refused = refused or r.err
@@ -104,6 +115,7 @@ _pairs = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 # KEYS: the checkpoint hash. ARGV[1]: its fields and values, alternating, as one MessagePack
 # array (bytes as raw strings: Redis's cmsgpack does not take bin types). One argument: as
 # many of a few kilobytes each, redis-py copies them into chunks and sends each on its own.
+# (Lua's unpack takes up to about 8,000 values: a batch holds batch_size // 10 fields.)
 _STATE_LUA = """
 return redis.call('HSET', KEYS[1], unpack(cmsgpack.unpack(ARGV[1])))
 """
@@ -520,6 +532,8 @@ class RedisSink:
                     continue
                 break
             for c, r in zip(cmds, replies):
+                if c[0] == "EVAL" and c[1] == MERGES_LUA and isinstance(r, list) and r:
+                    self._refused_merges(r)
                 if isinstance(r, redis.ResponseError):
                     if c[0] == "EVALSHA" and c[1] == self._merge_sha and "WRONGTYPE" in str(r):
                         log.warning("a spooled version summary was refused (%s); dropped", r)
@@ -570,10 +584,7 @@ class RedisSink:
         # counted here.
         for i, _ in merges:
             if isinstance(replies[i], list):
-                for r in replies[i]:
-                    log.warning("version summary not written (%s); dropped",
-                                (r.decode() if isinstance(r, bytes) else r).partition(" ")[2])
-                self.summaries_dropped += len(replies[i])
+                self._refused_merges(replies[i])
         # Like execute()'s raise_on_error: every reply was read (the connection is in sync)
         # and nothing counts as written; _run sends the batch again.
         for i, reply in enumerate(replies):
@@ -626,7 +637,9 @@ class RedisSink:
             partial = (len(cmds), baselines)
             cmds.append(("EVALSHA", self._baselines_sha, 1 + len(baselines), self.keys_key,
                          *[f"{self.prefix}:baseline:{w.key}" for w in baselines],
-                         _rows_json([w.key, "1" if w.whole else "", *w.fields] for w in baselines)))
+                         _rows_json([w.key, "1", *w.fields] if w.whole else
+                                    [w.key, "", w.source.version[1], w.source.version[2], *w.fields]
+                                    for w in baselines)))
         for w in batch:
             if w.kind == "versions":  # one call for the batch's merges, under its token's marker
                 token, items = w.source
@@ -646,6 +659,13 @@ class RedisSink:
                 cmds.append(("EVALSHA", self._event_sha, 3, marker, self.events_key, self.keys_key, w.token, ttl,
                              self.maxlen, w.key if w.kind == "first_seen" else "", entry))
         return cmds, merges, events, partial
+
+    def _refused_merges(self, reply: list) -> None:
+        """Log and count the merges a merge call left out (its reply: "<row> <error>" each)."""
+        for r in reply:
+            log.warning("version summary not written (%s); dropped",
+                        (r.decode() if isinstance(r, bytes) else r).partition(" ")[2])
+        self.summaries_dropped += len(reply)
 
     def _load_scripts(self) -> None:
         for script in self._scripts:

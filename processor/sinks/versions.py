@@ -99,13 +99,16 @@ return merge(KEYS[1], A, function() return redis.call('SET', KEYS[2], '1', 'NX',
 """
 # A batch of merges in one call, under one marker. KEYS: the marker, then each row's
 # summaries hash. ARGV[1]: the rows, as one JSON array; ARGV[2]: the marker's TTL. The
-# marker goes first: a script is all or nothing once it writes, so a marker there means
-# every row was merged. A row Redis refuses (a key of another type) is left out and the
-# others merged. Reply: "<row number> <error>" per refused row.
+# rows are decoded before the marker is set, and each is merged under pcall: past the
+# marker nothing can stop the script (Redis does not roll a script back, and runs it to
+# its end), so a marker there means every row was merged. A row Redis refuses (a key of
+# another type) is left out and the others merged. Reply: "<row number> <error>" per
+# refused row.
 MERGES_LUA = _MERGE + """
+local rows = cjson.decode(ARGV[1])
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return {} end
 local refused = {}
-for i, A in ipairs(cjson.decode(ARGV[1])) do
+for i, A in ipairs(rows) do
   local ok, err = pcall(merge, KEYS[i + 1], A)
   if not ok then
     if type(err) == 'table' then err = err.err end
