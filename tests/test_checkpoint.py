@@ -22,6 +22,7 @@ from processor.config import Config
 from processor.pipeline import checkpoint
 from processor.pipeline.baseline import Baseline
 from processor.pipeline.engine import Engine, checkpoint_fingerprint
+from processor.receiver.decode import Batch
 from processor.sinks.redis_streams import RedisSink
 
 CFG = dict(window=60.0, allowed_lateness=0.0, idle_timeout=1e9)
@@ -508,7 +509,6 @@ def test_detector_state_of_the_wrong_shape_is_relearned_not_a_crash_later(good, 
 
 def _sparse_batch(w: int, present: list[int]) -> "Batch":
     from processor.pipeline.location import Location
-    from processor.receiver.decode import Batch
 
     sec = 1_000_000_000
     n = 30 * len(present)

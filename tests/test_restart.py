@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import signal
 
-import pytest
-
 from processor.receiver.decode import count_spans
 from tests.test_workers import _send_all, requests_by_service  # noqa: F401 (a fixture)
 
 FLAGS = ("--window", "60", "--allowed-lateness", "5", "--idle-timeout", "2", "--checkpoint-interval", "0")
 
 
-def _halves(requests_by_service):
+def _halves(requests_by_service):  # noqa: F811 (a plain argument, not the fixture)
     first = {s: reqs[: len(reqs) // 2] for s, reqs in requests_by_service.items()}
     second = {s: reqs[len(reqs) // 2:] for s, reqs in requests_by_service.items()}
     return first, second
