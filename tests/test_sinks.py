@@ -363,10 +363,15 @@ def test_a_spool_of_one_merge_per_call_written_before_batched_merges_replays_onc
         record = [["SCRIPT", "merge", 2, f"t:versions:{LOC.key}", "t:written:merge:old.1", json.dumps(args)]]
         spool.append(record)
         spool.append(record)  # (sent twice: its marker skips the second)
-        RedisSink(client, "t", 1000, buffer_limit=10, spool=spool).replay_spool()
+        # a record the script cannot apply (a value that is not JSON): dropped and counted,
+        # not replayed for ever in front of everything else
+        client.hset("t:versions:other", field_name("1.0", "abc"), "not json")
+        spool.append([["SCRIPT", "merge", 2, "t:versions:other", "t:written:merge:old.2", json.dumps(args)]])
+        sink = RedisSink(client, "t", 1000, buffer_limit=10, spool=spool)
+        sink.replay_spool()
         summary = json.loads(client.hget(f"t:versions:{LOC.key}", field_name("1.0", "abc")))
         assert (summary["calls"], summary["errors"], summary["windows"]) == (3, 1, 1)
-        assert spool.size == 0
+        assert spool.size == 0 and sink.summaries_dropped == 1
     finally:
         srv.stop()
 

@@ -1,10 +1,12 @@
 """The log-bucket sketch: at most 1% relative error at every quantile, exact merges."""
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.pipeline.sketch import ALPHA, LogSketch, bucket_index, bucket_value, pack_rows, unpack_rows
+from processor.pipeline.sketch import (_TRAILER, ALPHA, LogSketch, bucket_index, bucket_value, pack_rows,
+                                       unpack_rows)
 
 TOLERANCE = ALPHA * (1 + 1e-9)  # floating-point slack at bucket boundaries only
 
@@ -216,3 +218,16 @@ def test_pack_rows_and_unpack_rows_give_each_sketch_its_own(seed, sketches, lead
     for got, want in zip(unpack_rows([s.pack() for s in many]), [LogSketch.unpack(s.pack()) for s in many]):
         assert got.index.dtype == want.index.dtype == np.int32 and got.counts.dtype == want.counts.dtype
         assert got.index.tobytes() == want.index.tobytes() and got.counts.tobytes() == want.counts.tobytes()
+
+
+@pytest.mark.parametrize("bad", [b"\x11", b"\x00\x00\x00\x11", b"\x07\x07" + _TRAILER.pack(10, 30, 1 | 0x10),
+                                 b"\x00" * 8 + _TRAILER.pack(1, 1, 7)])
+def test_unpack_rows_takes_bytes_pack_did_not_make_as_unpack_does(bad):
+    """Among good packs (a checkpoint's segments are not all checked), bytes pack did not
+    make fail as ``LogSketch.unpack`` fails on them, and never borrow a neighbour's bytes."""
+    rng = np.random.default_rng(2)
+    good = [LogSketch.from_values(rng.lognormal(15, s, 40)).pack() for s in (0.001, 1.0) * 10]
+    with pytest.raises(Exception) as one:
+        LogSketch.unpack(bad)
+    with pytest.raises(type(one.value)):
+        unpack_rows(good[:10] + [bad] + good[10:])

@@ -274,15 +274,19 @@ def unpack_rows(datas: list[bytes]) -> list[LogSketch]:
     raw = np.frombuffer(b"".join([d + _PAD[-len(d) & 7] for d in datas]), np.uint8)
     starts = (np.cumsum(padded) - padded)[full]  # each sketch's first byte in ``raw`` (8-aligned)
     t = _TRAILER.size
+    if (lens[full] < t).any():  # (not what pack makes: as unpack takes it)
+        return [LogSketch.unpack(d) for d in datas]
     trailers = raw[(starts + lens[full] - t)[:, None] + np.arange(t)].copy().view(_TRAILER_ROWS).ravel()
     lo = trailers["lo"].astype(np.int64)
     span = trailers["span"].astype(np.int64)
     kind = (trailers["flags"] & _KIND_MASK).astype(np.int64)
     dense = (trailers["flags"] & _DENSE) != 0
+    if (kind >= len(_DTYPES)).any():
+        return [LogSketch.unpack(d) for d in datas]
     itemsize = _ITEMSIZES[kind]
     nbits = np.where(dense, 0, (span + 7) >> 3)
     n = np.where(dense, span, (lens[full] - t - nbits) // itemsize)
-    if (n < 0).any() or (kind >= len(_DTYPES)).any():  # (not what pack makes: as unpack takes it)
+    if (n < 0).any() or (n * itemsize + nbits + t != lens[full]).any():  # (each part's length, as pack lays it)
         return [LogSketch.unpack(d) for d in datas]
     edges = np.concatenate(([0], np.cumsum(n)))
     row = np.repeat(np.arange(len(full)), n)
