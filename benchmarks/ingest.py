@@ -44,7 +44,6 @@ import os
 import queue
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,8 @@ import urllib.error
 import urllib.request
 
 import numpy as np
+
+from processor.devtools.redis_server import free_port
 
 EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 EPOCH_NS = 1_700_000_000 * 1_000_000_000  # 2023-11-14, a fixed event-time origin
@@ -523,12 +524,6 @@ def client_main(proc: int, w: Workload, lanes: list[int], per_lane: int, window_
 
 
 # --- processes under test ---------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def stop_process(p: subprocess.Popen | None, timeout: float = 10.0) -> None:
     if p is None or p.poll() is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import shutil
 import signal
 import socket
@@ -28,10 +29,40 @@ def find_redis_server() -> str | None:
     return next((p for p in _CANDIDATES if os.access(p, os.X_OK)), None)
 
 
+_HANDED: set[int] = set()  # ports free_port gave out in this process
+_RANDOM = random.SystemRandom()  # (unseeded: tests that seed random must not pick alike)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A TCP port free on 127.0.0.1 when asked, for a server started afterwards. It is
+    taken below the range the kernel gives outgoing connections (a port from that range,
+    picked by binding port 0, could be taken by a client socket before the server binds
+    it), and never twice in one process."""
+    lo, hi = _outgoing_ports()
+    pool = (10_000, lo - 1) if lo > 12_000 else (hi + 1, 65_535)
+    for _ in range(500):
+        port = _RANDOM.randint(*pool)
+        if port in _HANDED:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED.add(port)
+        return port
+    with socket.socket() as s:  # (nothing free there: whatever the kernel gives)
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _outgoing_ports() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = map(int, f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32_768, 60_999  # (Linux's default)
 
 
 def answers_ping(host: str, port: int, timeout: float = 0.5) -> bool:
