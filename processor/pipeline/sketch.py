@@ -263,31 +263,40 @@ def unpack_rows(datas: list[bytes]) -> list[LogSketch]:
     """
     if len(datas) < _ROWS_FROM:
         return [LogSketch.unpack(d) for d in datas]
-    if len(datas) > _ROWS_CHUNK:  # (arrays that stay in the cache: wider passes were slower)
-        return [sk for a in range(0, len(datas), _ROWS_CHUNK) for sk in unpack_rows(datas[a:a + _ROWS_CHUNK])]
+    out = []
+    for a in range(0, len(datas), _ROWS_CHUNK):  # (arrays that stay in the cache: wider passes were slower)
+        part = datas[a:a + _ROWS_CHUNK]
+        sketches = _unpack_chunk(part)
+        # bytes pack did not make: as unpack takes them, one by one (never a neighbour's bytes)
+        out += [LogSketch.unpack(d) for d in part] if sketches is None else sketches
+    return out
+
+
+def _unpack_chunk(datas: list[bytes]) -> list[LogSketch] | None:
+    """``unpack_rows`` of up to ``_ROWS_CHUNK`` sketches; None if one is not what pack makes."""
     out = [_EMPTY_SKETCH] * len(datas)
     lens = np.fromiter(map(len, datas), np.int64, len(datas))
     full = np.flatnonzero(lens)
     if not len(full):
         return out
+    t = _TRAILER.size
+    if (lens[full] < t).any():
+        return None
     padded = (lens + 7) & ~7
     raw = np.frombuffer(b"".join([d + _PAD[-len(d) & 7] for d in datas]), np.uint8)
     starts = (np.cumsum(padded) - padded)[full]  # each sketch's first byte in ``raw`` (8-aligned)
-    t = _TRAILER.size
-    if (lens[full] < t).any():  # (not what pack makes: as unpack takes it)
-        return [LogSketch.unpack(d) for d in datas]
     trailers = raw[(starts + lens[full] - t)[:, None] + np.arange(t)].copy().view(_TRAILER_ROWS).ravel()
     lo = trailers["lo"].astype(np.int64)
     span = trailers["span"].astype(np.int64)
     kind = (trailers["flags"] & _KIND_MASK).astype(np.int64)
     dense = (trailers["flags"] & _DENSE) != 0
     if (kind >= len(_DTYPES)).any():
-        return [LogSketch.unpack(d) for d in datas]
+        return None
     itemsize = _ITEMSIZES[kind]
     nbits = np.where(dense, 0, (span + 7) >> 3)
     n = np.where(dense, span, (lens[full] - t - nbits) // itemsize)
     if (n < 0).any() or (n * itemsize + nbits + t != lens[full]).any():  # (each part's length, as pack lays it)
-        return [LogSketch.unpack(d) for d in datas]
+        return None
     edges = np.concatenate(([0], np.cumsum(n)))
     row = np.repeat(np.arange(len(full)), n)
     at = np.arange(int(edges[-1])) - edges[:-1][row]  # each bucket's place in its sketch
@@ -311,10 +320,12 @@ def unpack_rows(datas: list[bytes]) -> list[LogSketch]:
         brow = np.repeat(np.arange(len(sparse)), nb)
         bits = np.unpackbits(raw[first[brow] + np.arange(int(nb.sum())) - bit_edges[brow]])
         pos = np.flatnonzero(bits)
-        if not np.array_equal(np.bincount(brow[pos >> 3], minlength=len(sparse)), n[sparse]) or (
-                (pos - bit_edges[brow[pos >> 3]] * 8) >= span[sparse][brow[pos >> 3]]).any():
-            return [LogSketch.unpack(d) for d in datas]  # (a bitmap pack did not make: as unpack takes it)
-        found = pos + (lo[sparse] - bit_edges * 8)[brow[pos >> 3]]
+        owner = brow[pos >> 3]  # each set bit's sketch, among the sparse ones
+        place = pos - bit_edges[owner] * 8
+        if not np.array_equal(np.bincount(owner, minlength=len(sparse)), n[sparse]) or (
+                place >= span[sparse][owner]).any():
+            return None
+        found = place + lo[sparse][owner]
         if len(sparse) == len(full):
             index = found.astype(np.int32)
         else:

@@ -209,7 +209,6 @@ class _Write:
     event_type: str = ""
     source: object = None  # the Event, the baseline object or the state blob (put back if the write fails)
     token: str = ""      # an event's: names this write in its marker, the same on every retry
-    whole: bool = True   # a baseline's: ``fields`` holds every field (else its figures only)
 
 
 class RedisSink:
@@ -407,7 +406,7 @@ class RedisSink:
         if self.baselines:
             keys = list(itertools.islice(self.baselines, self.batch_size))
             sources = [self.baselines.pop(key) for key in keys]
-            return [_Write("baseline", key, _row(src), source=src, whole=_whole(src)) for key, src in zip(keys, sources)]
+            return [_Write("baseline", key, _row(src), source=src) for key, src in zip(keys, sources)]
         if self.versions:  # after the baselines of the same windows, before the checkpoint
             return [_Write("versions", "", None, source=self.versions.take(self.batch_size))]
         # Checkpoint fields last: a restart must not know of a window whose events and
@@ -485,7 +484,7 @@ class RedisSink:
             self.buffer.extendleft(reversed([w for w in batch if w.kind in ("event", "first_seen")]))
             for w in batch:
                 if w.kind == "baseline":
-                    if self.baselines.setdefault(w.key, w.source) is not w.source and w.whole:
+                    if self.baselines.setdefault(w.key, w.source) is not w.source and _whole(w.source):
                         _make_whole(self.baselines[w.key])  # (a newer one: written whole instead)
                 elif w.kind == "state":
                     self.state.setdefault(w.key, w.source)
@@ -635,13 +634,13 @@ class RedisSink:
         baselines = [w for w in batch if w.kind == "baseline"]
         if baselines and spooled:  # (whole: the one-baseline script writes what it is given)
             cmds += [("EVALSHA", self._baseline_sha, 2, f"{self.prefix}:baseline:{w.key}", self.keys_key,
-                      w.key, _pairs(w.fields if w.whole else _row(w.source, whole=True)))
+                      w.key, _pairs(w.fields if _whole(w.source) else _row(w.source, whole=True)))
                      for w in baselines]
         elif baselines:
             partial = (len(cmds), baselines)
             cmds.append(("EVALSHA", self._baselines_sha, 1 + len(baselines), self.keys_key,
                          *[f"{self.prefix}:baseline:{w.key}" for w in baselines],
-                         _rows_json([w.key, "1", *w.fields] if w.whole else
+                         _rows_json([w.key, "1", *w.fields] if _whole(w.source) else
                                     [w.key, "", w.source.version[1], w.source.version[2], *w.fields]
                                     for w in baselines)))
         for w in batch:

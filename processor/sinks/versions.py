@@ -147,7 +147,7 @@ class VersionLedger:
 
     def __init__(self):
         self.pending: dict[tuple[str, str, str], Pending] = {}
-        self.retry: list[Item] = []
+        self.retry: list[Group] = []
         self._tokens = Tokens()
 
     def note(self, window: ClosedWindow) -> None:
