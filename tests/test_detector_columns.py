@@ -37,6 +37,8 @@ def _run(cls, seed: int, locations: int = 10, windows: int = 200, **params):
         for k in present:
             want, have = singles[k].freeze(), cols.row(int(ids[k]))
             assert bits(have) == bits(want), f"window {w}, location {k}: {have} != {want}"
+        every = ids.tolist()  # (all at once, as a checkpoint takes them: the same rows)
+        assert bits(tuple(cols.rows(every, [0] * len(every)))) == bits(tuple(cols.row(i) for i in every))
     return cols
 
 

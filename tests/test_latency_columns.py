@@ -75,6 +75,8 @@ def _run(seed: int, locations: int = 10, windows: int = 160, min_numpy: int = 1,
         for k, after in zip(present, afters):
             want, have = singles[k].freeze(after), cols.row(int(ids[k]))
             assert bits(have) == bits(want), f"window {w}, location {k}: {have} != {want}"
+        every = ids.tolist()  # (all at once, as a checkpoint takes them: the same rows)
+        assert bits(tuple(cols.rows(every, [0] * len(every)))) == bits(tuple(cols.row(i) for i in every))
     return cols
 
 

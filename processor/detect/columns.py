@@ -106,6 +106,21 @@ class PresentColumns:
         packed = self.packed.get(i)
         return self._row(i, tick) if packed is None else marshal.loads(packed)
 
+    def rows(self, ids: list[int], ticks: list[int]) -> list[tuple]:
+        """``row`` of each of ``ids`` (at the ``ticks`` of their services), taken at once:
+        each array read once for all of them rather than element by element."""
+        out = self._rows(ids, ticks) if ids else []
+        packed = self.packed
+        if packed:
+            for k, i in enumerate(ids):
+                p = packed.get(i)
+                if p is not None:
+                    out[k] = marshal.loads(p)
+        return out
+
+    def _rows(self, ids: list[int], ticks: list[int]) -> list[tuple]:
+        return [self._row(i, t) for i, t in zip(ids, ticks)]
+
     def _put(self, i: int, state: tuple | None, tick: int) -> int:
         raise NotImplementedError
 
@@ -221,11 +236,34 @@ class VersionedColumns(PresentColumns):
             groups.insert(int(self.wpos[i]), (v, int(self.wlast[i]), *self.row_evidence(i)))
         return int(self.wtick[i]), tuple(groups)
 
+    def _rows_watches(self, ids: list[int]) -> list:
+        """``_row_watches`` of each of ``ids``, at once."""
+        r = np.asarray(ids, np.int64)
+        wtick, wlast, wpos = self.wtick[r].tolist(), self.wlast[r].tolist(), self.wpos[r].tolist()
+        evidence = self.rows_evidence(r)
+        others, main = self.others, self.main_version
+        out: list = []
+        for k, i in enumerate(ids):
+            if wtick[k] < 0:
+                out.append(None)
+                continue
+            v = main[i]
+            groups = others.get(i, ())
+            if v is not None:
+                groups = list(groups)
+                groups.insert(wpos[k], (v, wlast[k], *evidence[k]))
+            out.append((wtick[k], tuple(groups)))
+        return out
+
     def put_evidence(self, i: int, evidence: list) -> None:
         raise NotImplementedError
 
     def row_evidence(self, i: int) -> tuple:
         raise NotImplementedError
+
+    def rows_evidence(self, r: np.ndarray) -> list[tuple]:
+        """``row_evidence`` of each row of ``r``."""
+        return [self.row_evidence(i) for i in r.tolist()]
 
     def _route(self, rows: np.ndarray, observations: list, count: np.ndarray) -> tuple[np.ndarray, list]:
         """To the detector itself: an open regression, a window of several versions, or of

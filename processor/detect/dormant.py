@@ -191,6 +191,14 @@ class DormantColumns:
                 tuple(self.last_version[i]), float(self.pwls[i]), bool(self.silent[i]), int(self.at[i]),
                 int(tick))
 
+    def rows(self, ids: list[int], ticks: list[int]) -> list[tuple]:
+        """``row`` of each of ``ids`` (at the ``ticks`` of their services), at once."""
+        r = np.asarray(ids, np.int64)
+        last = self.last_version
+        return [(p, c, w, s, tuple(last[i]), q, x, a, t) for i, p, c, w, s, q, x, a, t in zip(
+            ids, self.presence[r].tolist(), self.calls[r].tolist(), self.windows[r].tolist(),
+            self.last_seen[r].tolist(), self.pwls[r].tolist(), self.silent[r].tolist(), self.at[r].tolist(), ticks)]
+
     def presence_at(self, i: int, tick: int) -> float:
         """Row ``i``'s presence after the service's window ``tick``."""
         p, c = float(self.presence[i]), 1 - self.det.fading_factor

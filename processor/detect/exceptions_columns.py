@@ -37,6 +37,11 @@ class ExceptionColumns(PresentColumns):
     def _row(self, i: int, tick: int = 0) -> tuple:
         return self.known.get(i), int(self.windows[i]), int(self.warm_ns[i])
 
+    def _rows(self, ids: list[int], ticks: list[int]) -> list[tuple]:
+        r = np.asarray(ids, np.int64)
+        known = self.known
+        return [(known.get(i), n, w) for i, n, w in zip(ids, self.windows[r].tolist(), self.warm_ns[r].tolist())]
+
     def _route(self, rows: np.ndarray, observations: list, count: np.ndarray) -> tuple[np.ndarray, list]:
         """To the detector itself: a window with a type the location does not know."""
         slow = np.zeros(len(rows), bool)

@@ -110,6 +110,10 @@ class LatencyColumns(VersionedColumns):
         stats, wins = self.wstat[i].tolist(), self.wwin[i].tolist()
         return (tuple((s[0], self.wseg[i, w], s[1], s[2], s[3], s[4], wins[w]) for w, s in enumerate(stats)),)
 
+    def rows_evidence(self, r: np.ndarray) -> list[tuple]:
+        return [(tuple((s[0], g, s[1], s[2], s[3], s[4], n) for s, g, n in zip(stats, segs, wins)),)
+                for stats, segs, wins in zip(self.wstat[r].tolist(), self.wseg[r].tolist(), self.wwin[r].tolist())]
+
     def forget(self, i: int) -> None:
         super().forget(i)
         self.own.pop(i, None)
@@ -124,6 +128,23 @@ class LatencyColumns(VersionedColumns):
         load = ((self.fit[i].tobytes(), int(self.fit_n[i])), tuple(self.mix[i].tolist()),
                 None if math.isnan(ref) else ref, noise)
         return (self.own.get(i), int(self.bw[i]), load, self._row_watches(i), self.open.get(i))
+
+    def _rows(self, ids: list[int], ticks: list[int]) -> list[tuple]:
+        r = np.asarray(ids, np.int64)
+        fit, fw = self.fit[r].tobytes(), self.fit.shape[1] * 8
+        plen = self.plen[r].tolist()
+        pend = self.pend[r].tolist() if any(plen) else None
+        own, opened = self.own, self.open
+        out = []
+        for k, (i, bw, fit_n, mix, ref, nwin, nmean, nvar, watches) in enumerate(zip(
+                ids, self.bw[r].tolist(), self.fit_n[r].tolist(), self.mix[r].tolist(), self.ref[r].tolist(),
+                self.nwin[r].tolist(), self.nmean[r].tolist(), self.nvar[r].tolist(), self._rows_watches(ids))):
+            pending = () if not plen[k] else tuple(
+                tuple(None if math.isnan(v) else v for v in p) for p in pend[k][:plen[k]])
+            load = ((fit[k * fw:(k + 1) * fw], fit_n), tuple(mix), None if math.isnan(ref) else ref,
+                    (nwin, *nmean, *nvar, pending))
+            out.append((own.get(i), bw, load, watches, opened.get(i)))
+        return out
 
     # -- one service window -------------------------------------------------------------------
     def _widths(self, observations: list) -> np.ndarray:

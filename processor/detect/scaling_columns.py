@@ -75,6 +75,17 @@ class ScalingColumns(PresentColumns):
         return (((self.fit[i].tobytes(), int(self.fit_n[i])), tuple(self.mix[i].tolist())), recent,
                 int(self.pos[i]), int(self.streak[i]), self.open.get(i))
 
+    def _rows(self, ids: list[int], ticks: list[int]) -> list[tuple]:
+        r = np.asarray(ids, np.int64)
+        fit, recent = self.fit[r].tobytes(), self.recent[r].tobytes()
+        fw, rw = self.fit.shape[1] * 8, self.recent.shape[1] * 24
+        opened = self.open
+        return [(((fit[k * fw:(k + 1) * fw], n), tuple(mix)), recent[k * rw:(k + 1) * rw] if has else None,
+                 pos, streak, opened.get(i))
+                for k, (i, n, mix, has, pos, streak) in enumerate(zip(
+                    ids, self.fit_n[r].tolist(), self.mix[r].tolist(), self.has_recent[r].tolist(),
+                    self.pos[r].tolist(), self.streak[r].tolist()))]
+
     def _fast(self, rows: np.ndarray, observations: list, count: np.ndarray, _=None) -> np.ndarray:
         """ScalingShift.update of locations whose window raises nothing, in numpy; returns
         the mask of those whose streak reached ``persist_windows``, left as they were."""

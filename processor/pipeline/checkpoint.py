@@ -103,6 +103,9 @@ def service_field(service: tuple[str, str]) -> str:
 
 # --- writing ------------------------------------------------------------------------------
 
+_CHUNK = 512  # locations whose detector states are read from the columns at once
+
+
 def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | int]:
     """The fields of what changed since the last call (at most ``limit`` locations, the
     lowest ids first, and every changed service), and for the fields of what the engine
@@ -126,15 +129,17 @@ def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | int]:
         engine.dirty_locations.clear()
     failed: list[tuple[str, Exception]] = []
     left_out: list[int] = []
-    for loc_id in dirty:
-        loc = tables.locations[loc_id]
-        try:
-            out[location_field(loc.key)] = encode_location(LocationState(
-                loc, loc_id, engine.baselines.baseline(loc_id),
-                engine.detectors.states(loc_id), engine._fingerprint), engine.detectors.to_check(loc_id))
-        except (ValueError, TypeError, OverflowError) as e:
-            failed.append((loc.key, e))
-            left_out.append(loc_id)  # (checked again at its next checkpoint)
+    store, baseline, fingerprint = engine.detectors, engine.baselines.baseline, engine._fingerprint
+    for a in range(0, len(dirty), _CHUNK):
+        ids = dirty[a:a + _CHUNK]
+        for loc_id, states in zip(ids, store.states_many(ids)):
+            loc = tables.locations[loc_id]
+            try:
+                out[location_field(loc.key)] = encode_location(LocationState(
+                    loc, loc_id, baseline(loc_id), states, fingerprint), store.to_check(loc_id))
+            except (ValueError, TypeError, OverflowError) as e:
+                failed.append((loc.key, e))
+                left_out.append(loc_id)  # (checked again at its next checkpoint)
     engine.detectors.checked(set(dirty).difference(left_out))
     for service in sorted(engine.dirty_services):
         clock = engine.windows.services[tables.service_id(service)]
