@@ -82,3 +82,22 @@ def test_detectors_are_kept_frozen_one_bytes_object_per_location():
     engine.detectors_of(0)[0].baseline_windows = 0
     assert engine.detectors.state(0) == before
     assert engine.detectors_of(0)[0].baseline_windows == 15
+
+
+def test_windows_without_calls_leave_the_detector_on_the_published_baseline():
+    """A location absent from some windows: the stage decays its baseline by the event time
+    since the last window, and the latency detector by the same, so the two stay one sketch
+    (nothing of its own to keep or merge) instead of parting at the first gap."""
+    engine = Engine(config(), known_keys=set())
+    rng = np.random.default_rng(5)
+    gaps = {3, 4, 9, 15, 16, 17, 22}
+    shared = []
+    for w in range(30):
+        if w in gaps:
+            continue
+        for r in engine.ingest(window(w, 99, rng)):
+            published = r.baselines[0].packed_sketch
+            latency = engine.detectors_of(0)[0]
+            shared.append(latency._baseline == published and latency.freeze(published)[0] is None)
+    assert len(shared) == 30 - len(gaps) - 1 and all(shared)
+    assert not engine.detectors.columns[0].own and engine.baselines.baseline(0).windows == len(shared)

@@ -289,12 +289,15 @@ class LatencyShift(RegressionDetector):
         return self.baseline
 
     def _absorb(self, sketch: LogSketch, obs: Observation, baseline: LogSketch) -> None:
+        # Decayed by the event time since the location's last window, as the engine decays
+        # its published baseline (the step's decay), so that the two stay one sketch through
+        # windows without calls; a detector fed without the engine decays by one window.
         step = obs.baseline_step
-        if (step is not None and step[0] is self._baseline and sketch is obs.window.sketch
-                and (step[1] == self.decay or not step[0])):
+        if step is not None and step[0] is self._baseline and sketch is obs.window.sketch:
             self._baseline = step[2]  # what the line below would compute, computed once
         else:
-            self.baseline = baseline.scaled(self.decay).merge(sketch)
+            decay = step[1] if step is not None and step[1] is not None else self.decay
+            self.baseline = baseline.scaled(decay).merge(sketch)
         self.baseline_windows += 1
 
     # -- the interface ----------------------------------------------------------------------

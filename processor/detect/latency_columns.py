@@ -246,15 +246,12 @@ class LatencyColumns(VersionedColumns):
         """LatencyShift._absorb of rows ``k``: the published baseline taken as it is where the
         detector's is that one and the window unmoved, else merged (``_merge_rows``)."""
         d = self.det
-        merge = []
-        for a in k.tolist():
-            step = observations[a].baseline_step
-            if not (own[a] is None and not offset[a] and (step[1] == d.decay or not step[0])):
-                merge.append(a)
+        merge = [a for a in k.tolist() if own[a] is not None or offset[a]]
         if not merge:
             return
-        merged, _ = _merge_rows([bases[a] for a in merge], [d.decay] * len(merge), [currents[a] for a in merge],
-                                quantiles=False)
+        decays = [observations[a].baseline_step[1] for a in merge]
+        merged, _ = _merge_rows([bases[a] for a in merge], [d.decay if x is None else x for x in decays],
+                                [currents[a] for a in merge], quantiles=False)
         for a, packed in zip(merge, merged):
             self._set_own(int(rows[a]), packed, observations[a].baseline_step[2])
 
