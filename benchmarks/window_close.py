@@ -9,7 +9,8 @@ all of them in the first window, then each present in a window with probability
 receiver, no Redis) and a checkpoint's fields are taken after every window, as ``serve``
 does with ``--checkpoint-interval 0``. It prints, past the first ``--skip`` windows, the
 CPU (process time) per present location-window of the engine (windows, baselines,
-detectors) and of the checkpoint (encoding what changed), median (min-max) over ``--runs``.
+detectors) and of the checkpoint (encoding what changed), median (min-max) over ``--runs``,
+and the mean size of a location's checkpoint field.
 """
 
 from __future__ import annotations
@@ -42,24 +43,26 @@ def window(locs: list[Location], w: int, presence: float, rng: np.random.Generat
                  trace_id=np.frombuffer(rng.bytes(16 * n), np.uint8).reshape(n, 16) | 1)
 
 
-def run(locations: int, presence: float, windows: int, skip: int, seed: int) -> tuple[float, float]:
+def run(locations: int, presence: float, windows: int, skip: int, seed: int) -> tuple[float, float, float]:
     engine = Engine(Config.defaults(allowed_lateness=0.0, window=10.0), known_keys=set())
     locs = [Location("prod", "shop", f"shop.module.function_{i}") for i in range(locations)]
     rng = np.random.default_rng(seed)
     batches = [window(locs, w, presence, rng) for w in range(windows)]
     t_engine = t_checkpoint = 0.0
-    pairs = 0
+    pairs = fields = field_bytes = 0
     for w, batch in enumerate(batches):
         t0 = time.process_time()
         results = engine.ingest(batch)
         t1 = time.process_time()
-        checkpoint.dumps_dirty(engine)
+        written = checkpoint.dumps_dirty(engine)
         t2 = time.process_time()
         if w > skip:
             t_engine += t1 - t0
             t_checkpoint += t2 - t1
             pairs += sum(len(r.window.locations) for r in results)
-    return t_engine / pairs * 1e6, t_checkpoint / pairs * 1e6
+            sizes = [len(v) for k, v in written.items() if k.startswith("loc:")]
+            fields, field_bytes = fields + len(sizes), field_bytes + sum(sizes)
+    return t_engine / pairs * 1e6, t_checkpoint / pairs * 1e6, field_bytes / fields
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{args.locations:,} locations, {args.presence:.0%} present per window, windows {args.skip + 1}"
           f"-{args.windows - 1} of {args.windows}, {args.runs} runs; CPU per present location-window:")
-    print(f"  engine:     {mmm([e for e, _ in figures])}")
-    print(f"  checkpoint: {mmm([c for _, c in figures])}")
+    print(f"  engine:     {mmm([e for e, _, _ in figures])}")
+    print(f"  checkpoint: {mmm([c for _, c, _ in figures])}   "
+          f"({statistics.median([b for _, _, b in figures]):,.0f} bytes per location field)")
     return 0
 
 

@@ -21,11 +21,15 @@ from benchmarks.scenarios import generate
 from processor.config import Config
 from processor.pipeline import checkpoint
 from processor.pipeline.baseline import Baseline
+from processor.detect.columns import RECORD
 from processor.pipeline.engine import Engine, checkpoint_fingerprint
+from processor.pipeline.location import Location
 from processor.receiver.decode import Batch
 from processor.sinks.redis_streams import RedisSink
 
 CFG = dict(window=60.0, allowed_lateness=0.0, idle_timeout=1e9)
+SEC = 1_000_000_000
+T0 = 1_700_000_040 * SEC  # a 60 s window boundary
 
 
 def _engine(**overrides) -> Engine:
@@ -126,8 +130,12 @@ def test_every_location_comes_back_as_it_was(learned):
         assert state.location == loc and state.location.key == loc.key
         assert (state.location.file, state.location.line, state.location.scope) == (loc.file, loc.line, loc.scope)
         assert state.order == loc_id and state.fingerprint == engine._fingerprint
-        assert _canonical(state.detectors) == _canonical(frozen)
-        assert marshal.loads(state.detectors) == marshal.loads(frozen)
+        saved = marshal.loads(state.detectors)  # (columnar detectors' rows as records of their columns)
+        assert any(type(s) is tuple and s[:1] == (RECORD,) for s in saved)
+        tick = engine.service_ticks[(loc.environment, loc.service)]
+        plain = marshal.dumps(engine.detectors.plain(saved, tick))
+        assert _canonical(plain) == _canonical(frozen)
+        assert marshal.loads(plain) == marshal.loads(frozen)
         original = engine.baselines.baseline(loc_id)
         assert state.baseline.packed_sketch == original.packed_sketch
         assert state.baseline.fields() == original.fields()
@@ -610,3 +618,81 @@ def test_fields_with_the_settings_text_as_fingerprint_restore_without_relearning
     assert _canonical(restored.frozen[lid]) == _canonical(engine.frozen[lid])
     # the digest still tells other settings apart: those are built anew
     assert len({_canonical(f) for f in relearned.frozen if f is not None}) == 1
+
+
+def _wide_window(w: int, locs: list, rng) -> Batch:
+    """A window of a service of many locations (windows taken in numpy, rows kept in the
+    columns): 80% of them present, 5 spans each; from window 40 the first ten are 3x slower
+    and the next five fail half their calls."""
+    sel = np.flatnonzero(rng.random(len(locs)) < 0.8)
+    n = len(sel) * 5
+    end = T0 + w * 60 * SEC + np.sort(rng.integers(0, 55 * SEC, n))
+    loc = np.tile(np.arange(len(sel), dtype=np.int32), 5)
+    slow = (w >= 40) & (sel[loc] < 10)
+    dur = (rng.lognormal(np.log(5e6), 0.3, n) * np.where(slow, 3.0, 1.0)).astype(np.int64)
+    error = (w >= 40) & (sel[loc] >= 10) & (sel[loc] < 15) & (rng.random(n) < 0.5)
+    return Batch(locations=[locs[i] for i in sel], versions=[("shop", "1.0", "")], loc=loc,
+                 ver=np.zeros(n, np.int32), start=end - dur, end=end, error=error,
+                 trace_id=np.frombuffer(rng.bytes(16 * n), np.uint8).reshape(n, 16) | 1)
+
+
+def test_rows_kept_in_columns_come_back_from_their_records():
+    """Detectors whose rows live in their columns are checkpointed as records of them: an
+    engine restored from those raises the same events and ends in the same state as the one
+    that went on."""
+    locs = [Location("prod", "shop", f"shop.mod.f{i}") for i in range(40)]
+    rng = np.random.default_rng(11)
+    batches = [_wide_window(w, locs, rng) for w in range(70)]
+    straight, fields = _engine(), {}
+    for b in batches[:35]:
+        straight.ingest(b)
+        fields.update(checkpoint.dumps_dirty(straight))
+    straight.flush_all()  # (the open window too, as serve does when it stops)
+    fields.update(checkpoint.dumps_dirty(straight))
+    saved = [marshal.loads(checkpoint.decode(n, v).detectors) for n, v in fields.items() if n.startswith("loc:")]
+    assert all(all(type(s) is tuple and s[:1] == (RECORD,) for s in states) for states in saved)
+    restored = _engine()
+    checkpoint.restore(restored, fields)
+    a = _events(r for b in batches[35:] for r in straight.ingest(b))
+    b = _events(r for b in batches[35:] for r in restored.ingest(b))
+    assert {t for _, t, _ in a} >= {"latency_regression", "error_regression"} and a == b
+    assert [_canonical(f) for f in restored.frozen] == [_canonical(f) for f in straight.frozen]
+
+
+def test_a_record_that_does_not_fit_its_columns_is_relearned(caplog):
+    """Records cut short, with other values of the wrong kind, or a ring that disagrees with
+    its flag: that location's detectors learn again; a sound field beside it comes back."""
+    locs = [Location("prod", "shop", f"shop.mod.f{i}") for i in range(40)]
+    rng = np.random.default_rng(11)
+    engine, fields = _engine(), {}
+    for w in range(90):  # (the scaling detector's ring comes after its 60 windows of warm-up)
+        engine.ingest(_wide_window(w, locs, rng))
+        fields.update(checkpoint.dumps_dirty(engine))
+    names = sorted(n for n in fields if n.startswith("loc:"))
+    bad_name, good_name = names[0], names[1]
+    data = msgpack.unpackb(fields[bad_name], use_list=False, raw=False, strict_map_key=False)
+    latency, errors, _, scaling, dormant = data["detectors"]
+    assert scaling[2][1] is not None  # (past warm-up: the ring is there)
+    wrong = [
+        (latency[0], latency[1][:-8], latency[2]),                     # bytes cut short
+        (latency[0], latency[1], latency[2][:-1]),                     # a value missing
+        (latency[0], latency[1], (*latency[2][:5], b"\0" * 24)),       # pending windows the flag does not count
+        (scaling[0], scaling[1], (scaling[2][0], scaling[2][1][:-24])),  # a ring cut short
+        (dormant[0], dormant[1], (dormant[2][0], "34")),               # a tick that is not a number
+    ]
+    for k, record in enumerate(wrong):
+        j = 3 if k == 3 else 4 if k == 4 else 0
+        states = list(data["detectors"])
+        states[j] = record
+        field = msgpack.packb({**data, "detectors": tuple(states)}, use_bin_type=True)
+        restored = _engine()
+        svc = [n for n in fields if n.startswith("svc:")]
+        assert checkpoint.restore(restored, {bad_name: field, good_name: fields[good_name],
+                                             **{n: fields[n] for n in svc}}).locations == 2
+        ids = {restored.windows.tables.locations[i].key: i for i, f in enumerate(restored.frozen) if f is not None}
+        bad, good = (ids[n.removeprefix("loc:")] for n in (bad_name, good_name))
+        fresh = marshal.loads(restored.detectors.fresh)  # (the dormant detector's at the service's tick)
+        assert marshal.loads(restored.detectors.state(bad)) == (*fresh[:4], (*fresh[4][:8], 89)), k
+        assert marshal.loads(restored.detectors.state(good)) == marshal.loads(
+            engine.detectors.state(engine.windows.tables.location_id(restored.windows.tables.locations[good]))), k
+    assert caplog.text.count("learn again") == len(wrong)

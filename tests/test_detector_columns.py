@@ -37,8 +37,9 @@ def _run(cls, seed: int, locations: int = 10, windows: int = 200, **params):
         for k in present:
             want, have = singles[k].freeze(), cols.row(int(ids[k]))
             assert bits(have) == bits(want), f"window {w}, location {k}: {have} != {want}"
-        every = ids.tolist()  # (all at once, as a checkpoint takes them: the same rows)
-        assert bits(tuple(cols.rows(every, [0] * len(every)))) == bits(tuple(cols.row(i) for i in every))
+        every = ids.tolist()  # (records, as a checkpoint takes them all at once: the same rows back)
+        records = cols.records(every, [0] * len(every))
+        assert bits(tuple(cols.from_record(r) for r in records)) == bits(tuple(cols.row(i) for i in every))
     return cols
 
 

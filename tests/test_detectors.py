@@ -417,6 +417,7 @@ def test_dormant_columns_over_many_locations_agree_with_one_detector_each():
     # the same state; presence decayed to now, as the scalar rule decays it window by window
     assert [(cols.presence_at(int(r), windows),) + cols.row(int(r), windows)[1:7] for r in rows] == [
         d.freeze() for d in singles]
-    # all rows at once (as a checkpoint reads them), ticks of their services as they are
+    # as records (a checkpoint's, all rows at once) at the ticks of their services: the same rows back
     ticks = [windows + k % 3 for k in range(n)]
-    assert cols.rows(rows.tolist(), ticks) == [cols.row(int(r), t) for r, t in zip(rows, ticks)]
+    records = cols.records(rows.tolist(), ticks)
+    assert [cols.from_record(r) for r in records] == [cols.row(int(r), t) for r, t in zip(rows, ticks)]

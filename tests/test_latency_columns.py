@@ -75,8 +75,9 @@ def _run(seed: int, locations: int = 10, windows: int = 160, min_numpy: int = 1,
         for k, after in zip(present, afters):
             want, have = singles[k].freeze(after), cols.row(int(ids[k]))
             assert bits(have) == bits(want), f"window {w}, location {k}: {have} != {want}"
-        every = ids.tolist()  # (all at once, as a checkpoint takes them: the same rows)
-        assert bits(tuple(cols.rows(every, [0] * len(every)))) == bits(tuple(cols.row(i) for i in every))
+        every = ids.tolist()  # (records, as a checkpoint takes them all at once: the same rows back)
+        records = cols.records(every, [0] * len(every))
+        assert bits(tuple(cols.from_record(r) for r in records)) == bits(tuple(cols.row(i) for i in every))
     return cols
 
 

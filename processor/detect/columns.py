@@ -11,6 +11,48 @@ import numpy as np
 from processor.detect.stats import _log, mean_log_rows
 from processor.events import Event
 
+# A row in a checkpoint as its columns hold it: (RECORD, the bytes of its numeric arrays
+# in ``layout`` order, its other values); ``from_record`` gives back ``row``'s tuple.
+RECORD = "columns"
+
+
+def numeric_layout(cols) -> list[tuple[str, np.dtype, tuple, int]]:
+    """The numeric arrays of ``cols`` (``_ARRAYS``, objects left out): (name, dtype, shape of
+    a row, values in a row), in the order a record holds them (kept on ``cols``: a row's
+    shape is set by the detector's settings)."""
+    layout = cols.__dict__.get("_layout")
+    if layout is None:
+        layout = cols._layout = [(name, getattr(cols, name).dtype, getattr(cols, name).shape[1:],
+                                  int(np.prod(getattr(cols, name).shape[1:]))) for name in cols._NUMERIC]
+        cols._record = np.dtype([(name, dtype, shape) for name, dtype, shape, _ in layout])  # (packed)
+        cols._record_size = cols._record.itemsize
+    return layout
+
+
+def take_records(cols, ids: list[int], extras: list[tuple]) -> list[tuple]:
+    """Records of rows ``ids`` of ``cols``: each numeric array read once for all of them,
+    ``extras`` the rows' other values."""
+    r = np.asarray(ids, np.int64)
+    n = len(ids)
+    fixed = np.concatenate([getattr(cols, name)[r].reshape(n, -1).view(np.uint8) for name in cols._NUMERIC], axis=1)
+    w, buf = fixed.shape[1], fixed.tobytes()
+    return [(RECORD, buf[k * w:(k + 1) * w], e) for k, e in enumerate(extras)]
+
+
+def read_record(cols, record, i: int):
+    """Set row ``i`` of ``cols``'s numeric arrays from a record's bytes; its other values
+    (ValueError if it is not a record of this layout)."""
+    if type(record) is not tuple or len(record) != 3 or record[0] != RECORD or type(record[1]) is not bytes \
+            or type(record[2]) is not tuple:
+        raise ValueError("not a record of columns")
+    layout = numeric_layout(cols)
+    if len(record[1]) != cols._record_size:
+        raise ValueError("a record of columns of another layout")
+    values = np.frombuffer(record[1], cols._record)[0]
+    for name, _, _, _ in layout:
+        getattr(cols, name)[i] = values[name]
+    return record[2]
+
 
 def load_measure(observations: list, count: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``Observation.others_load`` of each (NaN where None), whether there is one, and each
@@ -43,6 +85,7 @@ class PresentColumns:
 
     present_only = True  # fed the present locations of a service window (``update_present``)
     _ARRAYS: tuple = ()
+    _APART: tuple = ()  # numeric arrays a record holds among its other values (mostly empty rows)
     # Present locations from which a window is taken in numpy: below, numpy's fixed cost per
     # call outweighs the Python it saves (benchmarks/window_close.py --locations).
     min_numpy = 12
@@ -59,6 +102,10 @@ class PresentColumns:
         self.unchecked: set[int] = set()
         self.windows_in_numpy = self.windows_one_at_a_time = 0  # location-windows taken each way
         self._alloc(0)
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls._NUMERIC = tuple(name for name, _, dtype in cls._ARRAYS if dtype is not object and name not in cls._APART)
 
     def _alloc(self, size: int) -> None:
         for name, shape, dtype in self._ARRAYS:
@@ -106,20 +153,42 @@ class PresentColumns:
         packed = self.packed.get(i)
         return self._row(i, tick) if packed is None else marshal.loads(packed)
 
-    def rows(self, ids: list[int], ticks: list[int]) -> list[tuple]:
-        """``row`` of each of ``ids`` (at the ``ticks`` of their services), taken at once:
-        each array read once for all of them rather than element by element."""
-        out = self._rows(ids, ticks) if ids else []
-        packed = self.packed
-        if packed:
+    def records(self, ids: list[int], ticks: list[int]) -> list[tuple]:
+        """Rows ``ids`` as a checkpoint keeps them: records (``RECORD``), each numeric array
+        read once for all of them and written as its bytes; rows held packed or set from a
+        detector's freeze since the last checkpoint (``unchecked``) as ``row`` gives them."""
+        if not ids:
+            return []
+        out = take_records(self, ids, self._extras(ids))
+        packed, unchecked = self.packed, self.unchecked
+        if packed or unchecked:
             for k, i in enumerate(ids):
-                p = packed.get(i)
-                if p is not None:
-                    out[k] = marshal.loads(p)
+                if i in packed or i in unchecked:
+                    out[k] = self.row(i, ticks[k])
         return out
 
-    def _rows(self, ids: list[int], ticks: list[int]) -> list[tuple]:
-        return [self._row(i, t) for i, t in zip(ids, ticks)]
+    def from_record(self, record, tick: int = 0) -> tuple:
+        """The row (``row``'s tuple) that a record of ``records`` holds."""
+        if type(record) is not tuple or record[:1] != (RECORD,):
+            return record
+        scratch = self.__dict__.get("_record_scratch")
+        if scratch is None:
+            scratch = self._record_scratch = type(self)(self.det)
+            scratch._room(1)
+        scratch.forget(0)
+        scratch._put_extras(0, read_record(scratch, record, 0))
+        return scratch._row(0, tick)
+
+    def layout(self) -> str:
+        """What a record's bytes hold, for the checkpoint's fingerprint."""
+        return repr([(name, dtype.str, shape) for name, dtype, shape, _ in numeric_layout(self)])
+
+    def _extras(self, ids: list[int]) -> list[tuple]:
+        """A record's values besides the numeric arrays, of each row."""
+        raise NotImplementedError
+
+    def _put_extras(self, i: int, extras: tuple) -> None:
+        raise NotImplementedError
 
     def _put(self, i: int, state: tuple | None, tick: int) -> int:
         raise NotImplementedError
@@ -236,34 +305,21 @@ class VersionedColumns(PresentColumns):
             groups.insert(int(self.wpos[i]), (v, int(self.wlast[i]), *self.row_evidence(i)))
         return int(self.wtick[i]), tuple(groups)
 
-    def _rows_watches(self, ids: list[int]) -> list:
-        """``_row_watches`` of each of ``ids``, at once."""
-        r = np.asarray(ids, np.int64)
-        wtick, wlast, wpos = self.wtick[r].tolist(), self.wlast[r].tolist(), self.wpos[r].tolist()
-        evidence = self.rows_evidence(r)
-        others, main = self.others, self.main_version
-        out: list = []
-        for k, i in enumerate(ids):
-            if wtick[k] < 0:
-                out.append(None)
-                continue
-            v = main[i]
-            groups = others.get(i, ())
-            if v is not None:
-                groups = list(groups)
-                groups.insert(wpos[k], (v, wlast[k], *evidence[k]))
-            out.append((wtick[k], tuple(groups)))
-        return out
+    def _put_versions(self, i: int, main_version, others) -> None:
+        """Row ``i``'s version followed and the other versions' watches, from a record."""
+        if main_version is not None and (type(main_version) is not tuple or len(main_version) != 3):
+            raise ValueError("a record's version is not (service, version, revision)")
+        self.main_version[i] = main_version
+        if others:
+            self.others[i] = tuple(others)
+        else:
+            self.others.pop(i, None)
 
     def put_evidence(self, i: int, evidence: list) -> None:
         raise NotImplementedError
 
     def row_evidence(self, i: int) -> tuple:
         raise NotImplementedError
-
-    def rows_evidence(self, r: np.ndarray) -> list[tuple]:
-        """``row_evidence`` of each row of ``r``."""
-        return [self.row_evidence(i) for i in r.tolist()]
 
     def _route(self, rows: np.ndarray, observations: list, count: np.ndarray) -> tuple[np.ndarray, list]:
         """To the detector itself: an open regression, a window of several versions, or of

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from processor.detect.base import Detector, Observation, Version
+from processor.detect.columns import RECORD, numeric_layout, read_record, take_records
 from processor.detect.settings import Settings, parse_bool, positive_float, probability, setting
 from processor.events import Event
 
@@ -155,6 +156,7 @@ class DormantColumns:
     FRESH = (0.0, 0.0, 0, 0, ("", "", ""), 0.0, False, 0, 0)  # Dormant.freeze of a new detector
     _ARRAYS = (("presence", np.float64), ("calls", np.float64), ("windows", np.int64),
                ("last_seen", np.int64), ("pwls", np.float64), ("silent", np.bool_), ("at", np.int64))
+    _NUMERIC = tuple(name for name, _ in _ARRAYS)
 
     def __init__(self, det: Dormant):
         self.det = det
@@ -191,13 +193,29 @@ class DormantColumns:
                 tuple(self.last_version[i]), float(self.pwls[i]), bool(self.silent[i]), int(self.at[i]),
                 int(tick))
 
-    def rows(self, ids: list[int], ticks: list[int]) -> list[tuple]:
-        """``row`` of each of ``ids`` (at the ``ticks`` of their services), at once."""
-        r = np.asarray(ids, np.int64)
+    def records(self, ids: list[int], ticks: list[int]) -> list[tuple]:
+        """Rows ``ids`` as a checkpoint keeps them: records (``columns.RECORD``) of the
+        arrays' bytes, the version seen last and the tick."""
         last = self.last_version
-        return [(p, c, w, s, tuple(last[i]), q, x, a, t) for i, p, c, w, s, q, x, a, t in zip(
-            ids, self.presence[r].tolist(), self.calls[r].tolist(), self.windows[r].tolist(),
-            self.last_seen[r].tolist(), self.pwls[r].tolist(), self.silent[r].tolist(), self.at[r].tolist(), ticks)]
+        return take_records(self, ids, [(tuple(last[i]), t) for i, t in zip(ids, ticks)]) if ids else []
+
+    def from_record(self, record, tick: int = 0) -> tuple:
+        """The row (``row``'s tuple) that a record of ``records`` holds."""
+        if type(record) is not tuple or record[:1] != (RECORD,):
+            return record
+        scratch = self.__dict__.get("_record_scratch")
+        if scratch is None:
+            scratch = self._record_scratch = DormantColumns(self.det)
+            scratch._room(1)
+        version, at = read_record(scratch, record, 0)
+        if type(version) is not tuple or len(version) != 3 or type(at) is not int:
+            raise ValueError("dormant: a record's version or tick does not fit")
+        scratch.last_version[0] = version
+        return scratch.row(0, at)
+
+    def layout(self) -> str:
+        """What a record's bytes hold, for the checkpoint's fingerprint."""
+        return repr([(name, dtype.str, shape) for name, dtype, shape, _ in numeric_layout(self)])
 
     def presence_at(self, i: int, tick: int) -> float:
         """Row ``i``'s presence after the service's window ``tick``."""

@@ -40,18 +40,18 @@ class ErrorColumns(VersionedColumns):
     def row_evidence(self, i: int) -> tuple:
         return (*self.wstat[i].tolist(), int(self.wwin[i]))
 
-    def rows_evidence(self, r: np.ndarray) -> list[tuple]:
-        return [(*s, w) for s, w in zip(self.wstat[r].tolist(), self.wwin[r].tolist())]
-
     def _row(self, i: int, tick: int = 0) -> tuple:
         return (float(self.errors[i]), float(self.spans[i]), int(self.windows[i]), self._row_watches(i),
                 self.open.get(i))
 
-    def _rows(self, ids: list[int], ticks: list[int]) -> list[tuple]:
-        r = np.asarray(ids, np.int64)
-        opened = self.open
-        return [(e, s, n, w, opened.get(i)) for i, e, s, n, w in zip(
-            ids, self.errors[r].tolist(), self.spans[r].tolist(), self.windows[r].tolist(), self._rows_watches(ids))]
+    def _extras(self, ids: list[int]) -> list[tuple]:
+        opened, others, main = self.open, self.others, self.main_version
+        return [(opened.get(i), others.get(i), main[i]) for i in ids]
+
+    def _put_extras(self, i: int, extras: tuple) -> None:
+        o, others, main_version = extras
+        self._hold_open(i, o)
+        self._put_versions(i, main_version, others)
 
     def _route(self, rows: np.ndarray, observations: list, count: np.ndarray) -> tuple[np.ndarray, list]:
         slow, version = super()._route(rows, observations, count)

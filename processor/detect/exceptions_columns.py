@@ -37,10 +37,16 @@ class ExceptionColumns(PresentColumns):
     def _row(self, i: int, tick: int = 0) -> tuple:
         return self.known.get(i), int(self.windows[i]), int(self.warm_ns[i])
 
-    def _rows(self, ids: list[int], ticks: list[int]) -> list[tuple]:
-        r = np.asarray(ids, np.int64)
+    def _extras(self, ids: list[int]) -> list[tuple]:
         known = self.known
-        return [(known.get(i), n, w) for i, n, w in zip(ids, self.windows[r].tolist(), self.warm_ns[r].tolist())]
+        return [(known.get(i),) for i in ids]
+
+    def _put_extras(self, i: int, extras: tuple) -> None:
+        (known,) = extras
+        if known is not None and type(known) is not dict:
+            raise ValueError("exceptions: a record's known types are not a map")
+        if known is not None:
+            self.known[i] = known
 
     def _route(self, rows: np.ndarray, observations: list, count: np.ndarray) -> tuple[np.ndarray, list]:
         """To the detector itself: a window with a type the location does not know."""

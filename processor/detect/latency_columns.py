@@ -110,10 +110,6 @@ class LatencyColumns(VersionedColumns):
         stats, wins = self.wstat[i].tolist(), self.wwin[i].tolist()
         return (tuple((s[0], self.wseg[i, w], s[1], s[2], s[3], s[4], wins[w]) for w, s in enumerate(stats)),)
 
-    def rows_evidence(self, r: np.ndarray) -> list[tuple]:
-        return [(tuple((s[0], g, s[1], s[2], s[3], s[4], n) for s, g, n in zip(stats, segs, wins)),)
-                for stats, segs, wins in zip(self.wstat[r].tolist(), self.wseg[r].tolist(), self.wwin[r].tolist())]
-
     def forget(self, i: int) -> None:
         super().forget(i)
         self.own.pop(i, None)
@@ -129,22 +125,30 @@ class LatencyColumns(VersionedColumns):
                 None if math.isnan(ref) else ref, noise)
         return (self.own.get(i), int(self.bw[i]), load, self._row_watches(i), self.open.get(i))
 
-    def _rows(self, ids: list[int], ticks: list[int]) -> list[tuple]:
+    _APART = ("pend",)  # (the noise's pending windows: none, mostly)
+
+    def _extras(self, ids: list[int]) -> list[tuple]:
+        own, opened, others, main = self.own, self.open, self.others, self.main_version
         r = np.asarray(ids, np.int64)
-        fit, fw = self.fit[r].tobytes(), self.fit.shape[1] * 8
-        plen = self.plen[r].tolist()
-        pend = self.pend[r].tolist() if any(plen) else None
-        own, opened = self.own, self.open
-        out = []
-        for k, (i, bw, fit_n, mix, ref, nwin, nmean, nvar, watches) in enumerate(zip(
-                ids, self.bw[r].tolist(), self.fit_n[r].tolist(), self.mix[r].tolist(), self.ref[r].tolist(),
-                self.nwin[r].tolist(), self.nmean[r].tolist(), self.nvar[r].tolist(), self._rows_watches(ids))):
-            pending = () if not plen[k] else tuple(
-                tuple(None if math.isnan(v) else v for v in p) for p in pend[k][:plen[k]])
-            load = ((fit[k * fw:(k + 1) * fw], fit_n), tuple(mix), None if math.isnan(ref) else ref,
-                    (nwin, *nmean, *nvar, pending))
-            out.append((own.get(i), bw, load, watches, opened.get(i)))
-        return out
+        segments, plen = self.wseg[r].tolist(), self.plen[r].tolist()
+        return [(own.get(i), opened.get(i), others.get(i), main[i], tuple(g),
+                 self.pend[i, :n].tobytes() if n else b"") for i, g, n in zip(ids, segments, plen)]
+
+    def _put_extras(self, i: int, extras: tuple) -> None:
+        own, o, others, main_version, segments, pending = extras
+        if (own is not None and type(own) is not bytes) or len(segments) != len(WATCHES) or any(
+                type(g) is not bytes for g in segments) or type(pending) is not bytes:
+            raise ValueError("latency: a record's baseline, segments or pending windows are not bytes")
+        n = int(self.plen[i])
+        if len(pending) != n * 24 or n > self.det.noise.delay:
+            raise ValueError("latency: a record's pending windows do not fit")
+        self.pend[i] = math.nan
+        self.pend[i, :n] = np.frombuffer(pending, np.float64).reshape(n, 3)
+        if own is not None:
+            self.own[i] = own
+        self._hold_open(i, o)
+        self._put_versions(i, main_version, others)
+        self.wseg[i] = list(segments)
 
     # -- one service window -------------------------------------------------------------------
     def _widths(self, observations: list) -> np.ndarray:

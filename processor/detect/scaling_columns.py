@@ -75,16 +75,21 @@ class ScalingColumns(PresentColumns):
         return (((self.fit[i].tobytes(), int(self.fit_n[i])), tuple(self.mix[i].tolist())), recent,
                 int(self.pos[i]), int(self.streak[i]), self.open.get(i))
 
-    def _rows(self, ids: list[int], ticks: list[int]) -> list[tuple]:
-        r = np.asarray(ids, np.int64)
-        fit, recent = self.fit[r].tobytes(), self.recent[r].tobytes()
-        fw, rw = self.fit.shape[1] * 8, self.recent.shape[1] * 24
+    _APART = ("recent",)  # (the ring: none before the warm-up's end)
+
+    def _extras(self, ids: list[int]) -> list[tuple]:
         opened = self.open
-        return [(((fit[k * fw:(k + 1) * fw], n), tuple(mix)), recent[k * rw:(k + 1) * rw] if has else None,
-                 pos, streak, opened.get(i))
-                for k, (i, n, mix, has, pos, streak) in enumerate(zip(
-                    ids, self.fit_n[r].tolist(), self.mix[r].tolist(), self.has_recent[r].tolist(),
-                    self.pos[r].tolist(), self.streak[r].tolist()))]
+        has = self.has_recent[np.asarray(ids, np.int64)].tolist()
+        return [(opened.get(i), self.recent[i].tobytes() if h else None) for i, h in zip(ids, has)]
+
+    def _put_extras(self, i: int, extras: tuple) -> None:
+        o, recent = extras
+        if recent is not None and (type(recent) is not bytes or len(recent) != self.recent[i].nbytes):
+            raise ValueError("scaling: a record's ring does not fit")
+        if (recent is not None) != bool(self.has_recent[i]):
+            raise ValueError("scaling: a record's ring and its flag disagree")
+        self.recent[i] = np.nan if recent is None else np.frombuffer(recent, np.float64).reshape(-1, 3)
+        self._hold_open(i, o)
 
     def _fast(self, rows: np.ndarray, observations: list, count: np.ndarray, _=None) -> np.ndarray:
         """ScalingShift.update of locations whose window raises nothing, in numpy; returns

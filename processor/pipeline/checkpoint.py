@@ -132,7 +132,7 @@ def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | int]:
     store, baseline, fingerprint = engine.detectors, engine.baselines.baseline, engine._fingerprint
     for a in range(0, len(dirty), _CHUNK):
         ids = dirty[a:a + _CHUNK]
-        for loc_id, states in zip(ids, store.states_many(ids)):
+        for loc_id, states in zip(ids, store.saved(ids)):
             loc = tables.locations[loc_id]
             try:
                 out[location_field(loc.key)] = encode_location(LocationState(

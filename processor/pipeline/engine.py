@@ -27,13 +27,16 @@ from processor.receiver.decode import Batch
 
 log = logging.getLogger("backflow.engine")
 
-def checkpoint_fingerprint(cfg: Config, whole: bool = False) -> str:
-    """What a detector's frozen state depends on: the settings, and marshal's format (the
-    frozen bytes are marshal's), as 32 hex of their digest (``whole``: as the text itself,
-    which checkpoints kept before: almost a kilobyte per location). State saved under
-    others is not reused."""
+def checkpoint_fingerprint(cfg: Config, whole: bool = False, layout: str = "") -> str:
+    """What a detector's frozen state depends on: the settings, marshal's format (the
+    frozen bytes are marshal's) and the ``layout`` of the columns' records
+    (``DetectorStore.layout``), as 32 hex of their digest (``whole``: as the text itself,
+    which checkpoints kept before records: almost a kilobyte per location). State saved
+    under others is not reused."""
     text = repr((cfg.window, cfg.detectors, marshal.version))
-    return text if whole else hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    if whole:
+        return text
+    return hashlib.blake2b((text + layout if layout else text).encode(), digest_size=16).hexdigest()
 
 
 class DetectorStore:
@@ -86,16 +89,26 @@ class DetectorStore:
             states[j] = c.row(loc_id, tick)
         return tuple(states)
 
-    def states_many(self, loc_ids: list[int]) -> list[tuple]:
-        """``states`` of each of ``loc_ids``, every column read once for all of them."""
+    def saved(self, loc_ids: list[int]) -> list[tuple]:
+        """The detector states of each of ``loc_ids`` as a checkpoint keeps them: ``states``,
+        but a columnar detector's row as a record of its columns (``PresentColumns.records``),
+        every column read once for all of them."""
         loads, frozen = marshal.loads, self.frozen
         states = [list(loads(frozen[i])) for i in loc_ids]
         if self.columns:
             ticks = [self.tick_of(i) for i in loc_ids]
             for j, c in self.columns.items():
-                for s, row in zip(states, c.rows(loc_ids, ticks)):
+                for s, row in zip(states, c.records(loc_ids, ticks)):
                     s[j] = row
         return [tuple(s) for s in states]
+
+    def plain(self, states: tuple, tick: int = 0) -> tuple:
+        """Saved states (``saved``'s) as plain ones (``states``'): records as their rows."""
+        return tuple(self.columns[j].from_record(s, tick) if j in self.columns else s for j, s in enumerate(states))
+
+    def layout(self) -> str:
+        """What the records of the columnar detectors hold (``saved``), for the fingerprint."""
+        return ";".join(f"{j}:{c.layout()}" for j, c in self.columns.items())
 
     def to_check(self, loc_id: int) -> list[int]:
         """The detectors whose state of the location may not be plain data, for a checkpoint
@@ -114,7 +127,7 @@ class DetectorStore:
         ``tick``: the windows its service closed so far."""
         if loc_id >= len(self.frozen):
             self.frozen.extend([None] * (loc_id + 1 - len(self.frozen)))
-        states = None if frozen is None else marshal.loads(frozen)
+        states = None if frozen is None else self.plain(marshal.loads(frozen), tick)
         for j, c in self.columns.items():
             c.put(loc_id, None if states is None else states[j], tick)
         self.frozen[loc_id] = self._fresh_held if states is None else marshal.dumps(self._held(states))
@@ -134,13 +147,14 @@ class DetectorStore:
             return []
         return [p.thawed(s, sketch) for p, s in zip(self.prototypes, marshal.loads(data))]
 
-    def check(self, frozen: bytes, sketch: bytes, tick: int = 0) -> None:
-        """Raise if ``frozen`` (a whole state) does not thaw into this configuration's
-        detectors, or does not fit their columns at the service's window ``tick`` (a
-        checkpoint's state of another shape)."""
+    def check(self, frozen: bytes, sketch: bytes, tick: int = 0) -> bytes:
+        """Raise if ``frozen`` (a whole state, records of columns allowed) does not thaw into
+        this configuration's detectors, or does not fit their columns at the service's window
+        ``tick`` (a checkpoint's state of another shape); else the state, records as rows."""
         states = marshal.loads(frozen)
         if not isinstance(states, tuple) or len(states) != len(self.prototypes):
             raise ValueError(f"{len(self.prototypes)} detector states expected")
+        states = self.plain(states, tick)
         for j, (p, state) in enumerate(zip(self.prototypes, states)):
             p.thawed(state, sketch).freeze(sketch)
             if j in self.columns:  # (and it fits the columns: a scratch row of their own)
@@ -148,6 +162,7 @@ class DetectorStore:
                 if scratch is None:
                     scratch = self._scratch[j] = p.columns()
                 scratch.put(0, state, tick)
+        return marshal.dumps(states)
 
     def update(self, loc_id: int, obs: Observation, before: bytes, after: bytes) -> list[Event]:
         """Feed one window to a location's detectors (the absent-location window only to those
@@ -224,8 +239,9 @@ class Engine:
         self.dirty_services: set[tuple] = set()
         # checkpoint fields of what was forgotten since -> event time of its newest window (ns)
         self.forgotten_fields: dict[str, int] = {}
-        self._fingerprint = checkpoint_fingerprint(cfg)
-        self._fingerprints = {self._fingerprint, checkpoint_fingerprint(cfg, whole=True)}  # (read)
+        self._fingerprint = checkpoint_fingerprint(cfg, layout=self.detectors.layout())
+        # (read: also those of fields written before records, which hold plain states only)
+        self._fingerprints = {self._fingerprint, checkpoint_fingerprint(cfg), checkpoint_fingerprint(cfg, whole=True)}
         self._started = self.windows.clock()
         # Windows each service closed: the columnar detectors count time in them.
         self.service_ticks: dict[tuple, int] = {}
@@ -263,8 +279,8 @@ class Engine:
         state = frozen if fingerprint in self._fingerprints else None
         if state is not None:
             try:  # plain data of the wrong shape would fail at the location's next window instead
-                self.detectors.check(state, self.baselines.sketches[loc_id],
-                                     self.service_ticks.get((location.environment, location.service), 0))
+                state = self.detectors.check(state, self.baselines.sketches[loc_id],
+                                             self.service_ticks.get((location.environment, location.service), 0))
             except Exception as e:  # noqa: BLE001 (any shape error: the detectors learn again)
                 log.warning("checkpoint of %s: detector state does not fit this version (%s: %s); "
                             "its detectors learn again", location.key, type(e).__name__, e)
