@@ -679,9 +679,10 @@ def test_a_record_that_does_not_fit_its_columns_is_relearned(caplog):
         (latency[0], latency[1], (*latency[2][:5], b"\0" * 24)),       # pending windows the flag does not count
         (scaling[0], scaling[1], (scaling[2][0], scaling[2][1][:-24])),  # a ring cut short
         (dormant[0], dormant[1], (dormant[2][0], "34")),               # a tick that is not a number
+        (dormant[0], dormant[1][:41] + struct.pack("<q", -2**62), dormant[2]),  # its last window long before 0
     ]
     for k, record in enumerate(wrong):
-        j = 3 if k == 3 else 4 if k == 4 else 0
+        j = 3 if k == 3 else 4 if k >= 4 else 0
         states = list(data["detectors"])
         states[j] = record
         field = msgpack.packb({**data, "detectors": tuple(states)}, use_bin_type=True)

@@ -86,6 +86,7 @@ class PresentColumns:
     present_only = True  # fed the present locations of a service window (``update_present``)
     _ARRAYS: tuple = ()
     _APART: tuple = ()  # numeric arrays a record holds among its other values (mostly empty rows)
+    _EXTRAS: tuple = ()  # a record's other values, in order (``_extras``)
     # Present locations from which a window is taken in numpy: below, numpy's fixed cost per
     # call outweighs the Python it saves (benchmarks/window_close.py --locations).
     min_numpy = 12
@@ -180,8 +181,9 @@ class PresentColumns:
         return scratch._row(0, tick)
 
     def layout(self) -> str:
-        """What a record's bytes hold, for the checkpoint's fingerprint."""
-        return repr([(name, dtype.str, shape) for name, dtype, shape, _ in numeric_layout(self)])
+        """What a record holds (its arrays' names, dtypes and shapes, then its other values'
+        names), for the checkpoint's fingerprint."""
+        return repr(([(name, dtype.str, shape) for name, dtype, shape, _ in numeric_layout(self)], self._EXTRAS))
 
     def _extras(self, ids: list[int]) -> list[tuple]:
         """A record's values besides the numeric arrays, of each row."""

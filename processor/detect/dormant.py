@@ -183,6 +183,8 @@ class DormantColumns:
         state = self.FRESH if state is None else state
         if len(state) == 7:
             state = (*state, tick, tick)
+        if state[7] < 0 or state[2] < 0:
+            raise ValueError("dormant: a state's window counts are negative")
         (self.presence[i], self.calls[i], self.windows[i], self.last_seen[i], self.last_version[i],
          self.pwls[i], self.silent[i], self.at[i], frozen_at) = state
         return int(frozen_at)
@@ -214,14 +216,17 @@ class DormantColumns:
         return scratch.row(0, at)
 
     def layout(self) -> str:
-        """What a record's bytes hold, for the checkpoint's fingerprint."""
-        return repr([(name, dtype.str, shape) for name, dtype, shape, _ in numeric_layout(self)])
+        """What a record holds, for the checkpoint's fingerprint (``PresentColumns.layout``)."""
+        return repr(([(name, dtype.str, shape) for name, dtype, shape, _ in numeric_layout(self)],
+                     ("last_version", "tick")))
 
     def presence_at(self, i: int, tick: int) -> float:
         """Row ``i``'s presence after the service's window ``tick``."""
         p, c = float(self.presence[i]), 1 - self.det.fading_factor
         for _ in range(max(0, tick - int(self.at[i])) if self.windows[i] else 0):
             p = c * p
+            if not p:
+                break
         return p
 
     def update(self, ids: np.ndarray, counts: np.ndarray, versions: list[Version], end_ns: int,
@@ -241,6 +246,8 @@ class DormantColumns:
         gap = np.where(first, 0, tick - 1 - self.at[rows])
         for step in range(int(gap.max()) if len(gap) else 0):
             presence = np.where(gap > step, (1 - ff) * presence, presence)
+            if step % 64 == 63 and not presence[gap > step + 1].any():
+                break  # (what is still to decay is 0.0 already: a long silence ends here)
         c = counts[k_here].astype(np.float64)
         presence = np.where(first, 1.0, ff * 1.0 + (1 - ff) * presence)
         self.presence[rows] = presence

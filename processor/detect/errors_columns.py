@@ -44,6 +44,8 @@ class ErrorColumns(VersionedColumns):
         return (float(self.errors[i]), float(self.spans[i]), int(self.windows[i]), self._row_watches(i),
                 self.open.get(i))
 
+    _EXTRAS = ("open", "others", "main_version")
+
     def _extras(self, ids: list[int]) -> list[tuple]:
         opened, others, main = self.open, self.others, self.main_version
         return [(opened.get(i), others.get(i), main[i]) for i in ids]

@@ -37,6 +37,8 @@ class ExceptionColumns(PresentColumns):
     def _row(self, i: int, tick: int = 0) -> tuple:
         return self.known.get(i), int(self.windows[i]), int(self.warm_ns[i])
 
+    _EXTRAS = ("known",)
+
     def _extras(self, ids: list[int]) -> list[tuple]:
         known = self.known
         return [(known.get(i),) for i in ids]

@@ -126,6 +126,7 @@ class LatencyColumns(VersionedColumns):
         return (self.own.get(i), int(self.bw[i]), load, self._row_watches(i), self.open.get(i))
 
     _APART = ("pend",)  # (the noise's pending windows: none, mostly)
+    _EXTRAS = ("own", "open", "others", "main_version", "wseg", "pend")
 
     def _extras(self, ids: list[int]) -> list[tuple]:
         own, opened, others, main = self.own, self.open, self.others, self.main_version

@@ -76,6 +76,7 @@ class ScalingColumns(PresentColumns):
                 int(self.pos[i]), int(self.streak[i]), self.open.get(i))
 
     _APART = ("recent",)  # (the ring: none before the warm-up's end)
+    _EXTRAS = ("open", "recent")
 
     def _extras(self, ids: list[int]) -> list[tuple]:
         opened = self.open

@@ -132,11 +132,16 @@ def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | int]:
     store, baseline, fingerprint = engine.detectors, engine.baselines.baseline, engine._fingerprint
     for a in range(0, len(dirty), _CHUNK):
         ids = dirty[a:a + _CHUNK]
-        for loc_id, states in zip(ids, store.saved(ids)):
+        try:
+            saved = store.saved(ids)
+        except Exception:  # noqa: BLE001 (then each location on its own, its failure its own)
+            saved = [None] * len(ids)
+        for loc_id, states in zip(ids, saved):
             loc = tables.locations[loc_id]
             try:
                 out[location_field(loc.key)] = encode_location(LocationState(
-                    loc, loc_id, baseline(loc_id), states, fingerprint), store.to_check(loc_id))
+                    loc, loc_id, baseline(loc_id), store.states(loc_id) if states is None else states,
+                    fingerprint), store.to_check(loc_id))
             except (ValueError, TypeError, OverflowError) as e:
                 failed.append((loc.key, e))
                 left_out.append(loc_id)  # (checked again at its next checkpoint)
