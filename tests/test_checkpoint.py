@@ -21,7 +21,7 @@ from benchmarks.scenarios import generate
 from processor.config import Config
 from processor.pipeline import checkpoint
 from processor.pipeline.baseline import Baseline
-from processor.detect.columns import RECORD
+from processor.detect.columns import is_record
 from processor.pipeline.engine import Engine, checkpoint_fingerprint
 from processor.pipeline.location import Location
 from processor.receiver.decode import Batch
@@ -131,7 +131,7 @@ def test_every_location_comes_back_as_it_was(learned):
         assert (state.location.file, state.location.line, state.location.scope) == (loc.file, loc.line, loc.scope)
         assert state.order == loc_id and state.fingerprint == engine._fingerprint
         saved = marshal.loads(state.detectors)  # (columnar detectors' rows as records of their columns)
-        assert any(type(s) is tuple and s[:1] == (RECORD,) for s in saved)
+        assert any(is_record(s) for s in saved)
         tick = engine.service_ticks[(loc.environment, loc.service)]
         plain = marshal.dumps(engine.detectors.plain(saved, tick))
         assert _canonical(plain) == _canonical(frozen)
@@ -650,7 +650,7 @@ def test_rows_kept_in_columns_come_back_from_their_records():
     straight.flush_all()  # (the open window too, as serve does when it stops)
     fields.update(checkpoint.dumps_dirty(straight))
     saved = [marshal.loads(checkpoint.decode(n, v).detectors) for n, v in fields.items() if n.startswith("loc:")]
-    assert all(all(type(s) is tuple and s[:1] == (RECORD,) for s in states) for states in saved)
+    assert all(all(is_record(s) for s in states) for states in saved)
     restored = _engine()
     checkpoint.restore(restored, fields)
     a = _events(r for b in batches[35:] for r in straight.ingest(b))

@@ -16,17 +16,34 @@ from processor.events import Event
 RECORD = "columns"
 
 
-def numeric_layout(cols) -> list[tuple[str, np.dtype, tuple, int]]:
-    """The numeric arrays of ``cols`` (``_ARRAYS``, objects left out): (name, dtype, shape of
-    a row, values in a row), in the order a record holds them (kept on ``cols``: a row's
-    shape is set by the detector's settings)."""
-    layout = cols.__dict__.get("_layout")
-    if layout is None:
-        layout = cols._layout = [(name, getattr(cols, name).dtype, getattr(cols, name).shape[1:],
-                                  int(np.prod(getattr(cols, name).shape[1:]))) for name in cols._NUMERIC]
-        cols._record = np.dtype([(name, dtype, shape) for name, dtype, shape, _ in layout])  # (packed)
-        cols._record_size = cols._record.itemsize
-    return layout
+def is_record(state) -> bool:
+    """Whether a saved state is a record of columns (else a detector's plain state)."""
+    return type(state) is tuple and state[:1] == (RECORD,)
+
+
+def record_dtype(cols) -> np.dtype:
+    """A row's numeric arrays of ``cols`` (``_NUMERIC``) as one packed structured dtype, in
+    the order a record holds them (kept on ``cols``: a row's shape is set by the settings)."""
+    dtype = cols.__dict__.get("_record")
+    if dtype is None:
+        dtype = cols._record = np.dtype([(name, getattr(cols, name).dtype, getattr(cols, name).shape[1:])
+                                         for name in cols._NUMERIC])
+    return dtype
+
+
+def record_layout(cols) -> str:
+    """What a record of ``cols`` holds (its arrays' names, dtypes and shapes, then its other
+    values' names, ``_EXTRAS``), for the checkpoint's fingerprint."""
+    return repr((record_dtype(cols).descr, cols._EXTRAS))
+
+
+def record_scratch(cols):
+    """A one-row instance of ``cols``'s class, kept on it, that records are read into."""
+    scratch = cols.__dict__.get("_record_scratch")
+    if scratch is None:
+        scratch = cols._record_scratch = type(cols)(cols.det)
+        scratch._room(1)
+    return scratch
 
 
 def take_records(cols, ids: list[int], extras: list[tuple]) -> list[tuple]:
@@ -45,11 +62,11 @@ def read_record(cols, record, i: int):
     if type(record) is not tuple or len(record) != 3 or record[0] != RECORD or type(record[1]) is not bytes \
             or type(record[2]) is not tuple:
         raise ValueError("not a record of columns")
-    layout = numeric_layout(cols)
-    if len(record[1]) != cols._record_size:
+    dtype = record_dtype(cols)
+    if len(record[1]) != dtype.itemsize:
         raise ValueError("a record of columns of another layout")
-    values = np.frombuffer(record[1], cols._record)[0]
-    for name, _, _, _ in layout:
+    values = np.frombuffer(record[1], dtype)[0]
+    for name in cols._NUMERIC:
         getattr(cols, name)[i] = values[name]
     return record[2]
 
@@ -170,20 +187,15 @@ class PresentColumns:
 
     def from_record(self, record, tick: int = 0) -> tuple:
         """The row (``row``'s tuple) that a record of ``records`` holds."""
-        if type(record) is not tuple or record[:1] != (RECORD,):
+        if not is_record(record):
             return record
-        scratch = self.__dict__.get("_record_scratch")
-        if scratch is None:
-            scratch = self._record_scratch = type(self)(self.det)
-            scratch._room(1)
+        scratch = record_scratch(self)
         scratch.forget(0)
         scratch._put_extras(0, read_record(scratch, record, 0))
         return scratch._row(0, tick)
 
     def layout(self) -> str:
-        """What a record holds (its arrays' names, dtypes and shapes, then its other values'
-        names), for the checkpoint's fingerprint."""
-        return repr(([(name, dtype.str, shape) for name, dtype, shape, _ in numeric_layout(self)], self._EXTRAS))
+        return record_layout(self)
 
     def _extras(self, ids: list[int]) -> list[tuple]:
         """A record's values besides the numeric arrays, of each row."""

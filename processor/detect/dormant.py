@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from processor.detect.base import Detector, Observation, Version
-from processor.detect.columns import RECORD, numeric_layout, read_record, take_records
+from processor.detect.columns import is_record, read_record, record_layout, record_scratch, take_records
 from processor.detect.settings import Settings, parse_bool, positive_float, probability, setting
 from processor.events import Event
 
@@ -157,6 +157,7 @@ class DormantColumns:
     _ARRAYS = (("presence", np.float64), ("calls", np.float64), ("windows", np.int64),
                ("last_seen", np.int64), ("pwls", np.float64), ("silent", np.bool_), ("at", np.int64))
     _NUMERIC = tuple(name for name, _ in _ARRAYS)
+    _EXTRAS = ("last_version", "tick")  # a record's other values (``records``)
 
     def __init__(self, det: Dormant):
         self.det = det
@@ -203,12 +204,9 @@ class DormantColumns:
 
     def from_record(self, record, tick: int = 0) -> tuple:
         """The row (``row``'s tuple) that a record of ``records`` holds."""
-        if type(record) is not tuple or record[:1] != (RECORD,):
+        if not is_record(record):
             return record
-        scratch = self.__dict__.get("_record_scratch")
-        if scratch is None:
-            scratch = self._record_scratch = DormantColumns(self.det)
-            scratch._room(1)
+        scratch = record_scratch(self)
         version, at = read_record(scratch, record, 0)
         if type(version) is not tuple or len(version) != 3 or type(at) is not int:
             raise ValueError("dormant: a record's version or tick does not fit")
@@ -216,9 +214,7 @@ class DormantColumns:
         return scratch.row(0, at)
 
     def layout(self) -> str:
-        """What a record holds, for the checkpoint's fingerprint (``PresentColumns.layout``)."""
-        return repr(([(name, dtype.str, shape) for name, dtype, shape, _ in numeric_layout(self)],
-                     ("last_version", "tick")))
+        return record_layout(self)
 
     def presence_at(self, i: int, tick: int) -> float:
         """Row ``i``'s presence after the service's window ``tick``."""
