@@ -62,7 +62,7 @@ HYPO = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[Hea
 def assert_same(a: decode.Batch, b: decode.Batch) -> None:
     assert a.locations == b.locations
     assert a.versions == b.versions
-    for col in ("loc", "ver", "start", "end", "error", "trace_id"):
+    for col in ("loc", "ver", "start", "end", "error", "trace_id", "span_id", "parent_id", "kind"):
         x, y = getattr(a, col), getattr(b, col)
         assert x.dtype == y.dtype and x.shape == y.shape, col
         assert np.array_equal(x, y), col
@@ -428,7 +428,8 @@ TIMES = st.one_of(st.sampled_from([0, 1, T, T + 1000, 2 ** 62 - 1, 2 ** 62, 2 **
 def spans(draw, values, other_values):
     sp = Span(trace_id=draw(ID16), span_id=draw(ID8), name=draw(TEXT),
               start_time_unix_nano=draw(TIMES), end_time_unix_nano=draw(TIMES),
-              kind=draw(st.integers(0, 5)))
+              kind=draw(st.one_of(st.integers(0, 5), st.sampled_from([6, -1, 2 ** 31 - 1]))),
+              parent_span_id=draw(st.one_of(ID8, st.sampled_from([b"\x00" * 8, b"\x01" * 7]))))
     if draw(st.booleans()):  # mostly valid ids and times, so that spans are kept
         sp.trace_id = draw(st.binary(min_size=16, max_size=16).filter(any))
         sp.span_id = draw(st.binary(min_size=8, max_size=8).filter(any))
@@ -931,6 +932,23 @@ def test_columns_are_numpy_arrays_of_the_batch_dtypes():
         np.int32, np.int32, np.int64, np.int64, np.bool_, np.uint8]
     assert b.error.tolist() == [True, False] and b.trace_id.shape == (2, 16)
     assert all(math.isfinite(x) for x in b.end)
+    assert [b.span_id.dtype, b.parent_id.dtype, b.kind.dtype] == [np.uint64, np.uint64, np.uint8]
+
+
+def test_parent_links_and_kinds_are_read_as_python_reads_them():
+    spans = [Span(trace_id=b"\x01" * 16, span_id=bytes([i + 1]) * 8, parent_span_id=parent, kind=kind,
+                  start_time_unix_nano=T, end_time_unix_nano=T + 5, name="op")
+             for i, (parent, kind) in enumerate([(b"", 2), (b"\x01" * 8, 3), (b"\x02" * 7, 1), (b"\x03" * 8, 9)])]
+    req = ExportTraceServiceRequest()
+    req.resource_spans.add().scope_spans.add().spans.extend(spans)
+    data = req.SerializeToString()
+    a, b = decode.compiled_batch(data), decode.decode_request_python(data)
+    assert_same(a, b)
+    one = int(np.frombuffer(b"\x01" * 8, np.uint64)[0])
+    three = int(np.frombuffer(b"\x03" * 8, np.uint64)[0])
+    # a parent id that is not 8 bytes counts as none; a kind beyond SpanKind as unspecified
+    assert a.parent_id.tolist() == [0, one, 0, three] and a.kind.tolist() == [2, 3, 1, 0]
+    assert a.span_id.tolist()[1] == int(np.frombuffer(b"\x02" * 8, np.uint64)[0])
 
 
 # --- the location cache -----------------------------------------------------------------

@@ -18,9 +18,11 @@
  * first needs it.
  *
  * decode(data, max_end_ns=2**62-1, max_attribute_length=0) returns
- *   (n, loc, ver, start, end, error, trace_id, locations, versions, exceptions, reasons)
- * with the columns as bytearrays (int32, int32, int64, int64, uint8 0/1, 16-byte ids, in
- * native byte order), locations as (environment, service, function, file, line, scope)
+ *   (n, loc, ver, start, end, error, trace_id, span_id, parent_id, kind, locations, versions,
+ *    exceptions, reasons)
+ * with the columns as bytearrays (int32, int32, int64, int64, uint8 0/1, 16-byte ids,
+ * 8-byte span ids, 8-byte parent span ids (zeros for a root, or a parent id that is not 8
+ * bytes), uint8 span kind (0 for one outside 0-5), in native byte order), locations as (environment, service, function, file, line, scope)
  * tuples, versions as (service, service.version, vcs.ref.head.revision) tuples,
  * exceptions as (row, type) tuples and reasons as (reason number, count) pairs in the
  * order first seen (spans ending after max_end_ns, or keeping a value longer than
@@ -822,15 +824,16 @@ enum { R_TRACE_ID, R_SPAN_ID, R_TIME, R_ORDER, R_FUTURE, R_TOO_LONG, R_COUNT }; 
 #define LOC_REFUSED INT32_MAX
 #define STATUS_ERROR 2
 
-#define NCOLS 6
-static const Py_ssize_t WIDTHS[NCOLS] = {4, 4, 8, 8, 1, 16}; /* loc ver start end error trace_id */
+#define NCOLS 9
+/* loc ver start end error trace_id span_id parent_id kind */
+static const Py_ssize_t WIDTHS[NCOLS] = {4, 4, 8, 8, 1, 16, 8, 8, 1};
 
 typedef struct {
     Py_ssize_t n, cap;
     PyObject *cols[NCOLS]; /* bytearrays of cap rows, cut to n at the end */
     int32_t *loc, *ver;
     int64_t *start, *end;
-    uint8_t *err, *tid;
+    uint8_t *err, *tid, *sid, *pid, *kind;
     PyObject *locations, *versions, *exceptions;
     Py_ssize_t reasons[R_COUNT];
     int reason_order[R_COUNT], nreasons;
@@ -898,6 +901,9 @@ static int grow_columns(ctx_t *x) {
     x->end = (int64_t *)PyByteArray_AS_STRING(x->cols[3]);
     x->err = (uint8_t *)PyByteArray_AS_STRING(x->cols[4]);
     x->tid = (uint8_t *)PyByteArray_AS_STRING(x->cols[5]);
+    x->sid = (uint8_t *)PyByteArray_AS_STRING(x->cols[6]);
+    x->pid = (uint8_t *)PyByteArray_AS_STRING(x->cols[7]);
+    x->kind = (uint8_t *)PyByteArray_AS_STRING(x->cols[8]);
     x->cap = cap;
     return 0;
 }
@@ -1046,8 +1052,8 @@ static int span_exceptions(ctx_t *x, const uint8_t *s, Py_ssize_t n, int depth, 
 }
 
 static int do_span(ctx_t *x, const res_t *r, scope_t *scope, const uint8_t *s, Py_ssize_t n, int depth) {
-    const uint8_t *tid = NULL, *sid = NULL, *name = (const uint8_t *)"";
-    Py_ssize_t tidn = 0, sidn = 0, namen = 0;
+    const uint8_t *tid = NULL, *sid = NULL, *pid = NULL, *name = (const uint8_t *)"";
+    Py_ssize_t tidn = 0, sidn = 0, pidn = 0, namen = 0;
     uint64_t st_ns = 0, en_ns = 0;
     int32_t status = 0, kind = 0;
     int events = 0, st;
@@ -1060,6 +1066,7 @@ static int do_span(ctx_t *x, const res_t *r, scope_t *scope, const uint8_t *s, P
         switch (f.field) {
         case 1: if (f.wt == 2) { tid = f.s; tidn = f.n; } break;
         case 2: if (f.wt == 2) { sid = f.s; sidn = f.n; } break;
+        case 4: if (f.wt == 2) { pid = f.s; pidn = f.n; } break;
         case 5: if (f.wt == 2) { name = f.s; namen = f.n; } break;
         case 6: if (f.wt == 0) kind = (int32_t)(uint32_t)f.u; break;
         case 7: if (f.wt == 1) st_ns = f.u; break;
@@ -1135,6 +1142,10 @@ static int do_span(ctx_t *x, const res_t *r, scope_t *scope, const uint8_t *s, P
     x->end[i] = (int64_t)en_ns;
     x->err[i] = status == STATUS_ERROR && !client_error_on_server(code, kind);
     memcpy(x->tid + 16 * i, tid, 16);
+    memcpy(x->sid + 8 * i, sid, 8);
+    if (pidn == 8) memcpy(x->pid + 8 * i, pid, 8);
+    else memset(x->pid + 8 * i, 0, 8);
+    x->kind[i] = kind >= 0 && kind <= 5 ? (uint8_t)kind : 0;
     return ST_OK;
 refuse:
     if (PyList_SetSlice(x->exceptions, exc_before, PY_SSIZE_T_MAX, NULL) < 0) return ST_PYTHON;
@@ -1271,7 +1282,8 @@ static void set_malformed(int st) {
 
 PyDoc_STRVAR(decode_doc,
 "decode(data, max_end_ns=2**62-1, max_attribute_length=0) ->\n"
-"    (n, loc, ver, start, end, error, trace_id, locations, versions, exceptions, reasons)\n"
+"    (n, loc, ver, start, end, error, trace_id, span_id, parent_id, kind, locations, versions,\n"
+"     exceptions, reasons)\n"
 "    or None\n\n"
 "The columns of an OTLP ExportTraceServiceRequest; None when the request is left to the\n"
 "Python decoder (an attribute read holds a bytes, array or kvlist value); ValueError when\n"
@@ -1308,8 +1320,9 @@ static PyObject *fd_decode(PyObject *self, PyObject *args) {
         if (!t) goto out;
         PyList_SET_ITEM(reasons, i, t);
     }
-    result = Py_BuildValue("(nOOOOOOOOOO)", x.n, x.cols[0], x.cols[1], x.cols[2], x.cols[3],
-                           x.cols[4], x.cols[5], x.locations, x.versions, x.exceptions, reasons);
+    result = Py_BuildValue("(nOOOOOOOOOOOOO)", x.n, x.cols[0], x.cols[1], x.cols[2], x.cols[3],
+                           x.cols[4], x.cols[5], x.cols[6], x.cols[7], x.cols[8], x.locations,
+                           x.versions, x.exceptions, reasons);
 out:
     for (int i = 0; i < NCOLS; i++) Py_XDECREF(x.cols[i]);
     Py_XDECREF(reasons);

@@ -42,6 +42,7 @@ from processor.pipeline.location import (
 log = logging.getLogger("backflow.decode")
 
 STATUS_ERROR = 2  # opentelemetry.proto.trace.v1.Status.STATUS_CODE_ERROR
+_NO_PARENT = bytes(8)
 _EMPTY: dict = {}
 # Spans whose end lies beyond 2**62 ns (year 2116) are refused whatever the limits: the
 # int64 columns stay exact.
@@ -95,6 +96,10 @@ class Batch:
     rejected: int = 0
     reasons: Counter = field(default_factory=Counter)
     received_at: float | None = None  # processing time (monotonic) the receiver got it
+    # Parent links, for the call graph (None: a batch made without them, as in many tests)
+    span_id: np.ndarray | None = None    # uint64, the span id's 8 bytes in native order
+    parent_id: np.ndarray | None = None  # uint64, 0 for a root (or a parent id not 8 bytes)
+    kind: np.ndarray | None = None       # uint8, SpanKind (0-5)
 
     def __len__(self) -> int:
         return len(self.end)
@@ -123,6 +128,7 @@ class Batch:
             offset += len(b)
             reasons.update(b.reasons)
         arrivals = [b.received_at for b in batches if b.received_at is not None]
+        links = all(b.span_id is not None for b in batches)
         return Batch(
             locations=locations, versions=versions,
             loc=np.concatenate(loc).astype(np.int32), ver=np.concatenate(ver).astype(np.int32),
@@ -131,14 +137,18 @@ class Batch:
             error=np.concatenate([b.error for b in batches]),
             trace_id=np.concatenate([b.trace_id for b in batches]),
             exceptions=exceptions, rejected=sum(b.rejected for b in batches), reasons=reasons,
-            received_at=max(arrivals) if arrivals else None)
+            received_at=max(arrivals) if arrivals else None,
+            span_id=np.concatenate([b.span_id for b in batches]) if links else None,
+            parent_id=np.concatenate([b.parent_id for b in batches]) if links else None,
+            kind=np.concatenate([b.kind for b in batches]) if links else None)
 
     def to_wire(self) -> bytes:
         """Bytes for another process (receiver workers -> pipeline); see ``from_wire``."""
         return pickle.dumps((
             [(x.environment, x.service, x.function, x.file, x.line, x.scope) for x in self.locations],
             self.versions, self.loc, self.ver, self.start, self.end, self.error, self.trace_id,
-            self.exceptions, self.rejected, dict(self.reasons), self.received_at), protocol=5)
+            self.exceptions, self.rejected, dict(self.reasons), self.received_at,
+            self.span_id, self.parent_id, self.kind), protocol=5)
 
     @staticmethod
     def from_wire(data: bytes) -> "Batch":
@@ -148,9 +158,9 @@ class Batch:
         >>> len(Batch.from_wire(b.to_wire())) == len(b)
         True
         """
-        locs, versions, loc, ver, start, end, error, tid, exc, rejected, reasons, at = pickle.loads(data)
+        locs, versions, loc, ver, start, end, error, tid, exc, rejected, reasons, at, *links = pickle.loads(data)
         return Batch([_location(t) for t in locs], versions, loc, ver, start, end, error, tid,
-                     exc, rejected, Counter(reasons), at)
+                     exc, rejected, Counter(reasons), at, *links)
 
     def error_message(self) -> str:
         """OTLP partial-success message: how many spans were refused and why."""
@@ -231,7 +241,7 @@ def compiled_batch(data: bytes, max_end_ns: int = MAX_END_NS, max_attribute_leng
         raise MalformedRequest(f"not an OTLP ExportTraceServiceRequest: {e}") from None
     if out is None:
         return None
-    n, loc, ver, start, end, error, trace_id, locations, versions, exceptions, reasons = out
+    n, loc, ver, start, end, error, trace_id, span_id, parent_id, kind, locations, versions, exceptions, reasons = out
     return Batch(
         locations=locations,  # Location objects, cached by the compiled module
         versions=versions,
@@ -244,6 +254,9 @@ def compiled_batch(data: bytes, max_end_ns: int = MAX_END_NS, max_attribute_leng
         exceptions=exceptions,
         rejected=sum(count for _, count in reasons),
         reasons=Counter({REASONS[i]: count for i, count in reasons}),
+        span_id=np.frombuffer(span_id, dtype=np.uint64),
+        parent_id=np.frombuffer(parent_id, dtype=np.uint64),
+        kind=np.frombuffer(kind, dtype=np.uint8),
     )
 
 
@@ -265,6 +278,9 @@ def decode_message(req: ExportTraceServiceRequest, max_end_ns: int = MAX_END_NS,
     ends: list[int] = []
     errors: list[bool] = []
     trace_ids: list[bytes] = []
+    span_ids: list[bytes] = []
+    parent_ids: list[bytes] = []
+    kinds: list[int] = []
     exceptions: list[tuple[int, str]] = []
     reasons: Counter = Counter()
 
@@ -351,6 +367,10 @@ def decode_message(req: ExportTraceServiceRequest, max_end_ns: int = MAX_END_NS,
                 ends.append(en)
                 errors.append(span.status.code == STATUS_ERROR and not client_error_on_server(code, span.kind))
                 trace_ids.append(tid)
+                span_ids.append(sid)
+                parent = span.parent_span_id
+                parent_ids.append(parent if len(parent) == 8 else _NO_PARENT)
+                kinds.append(span.kind if 0 <= span.kind <= 5 else 0)
 
     n = len(ends)
     return Batch(
@@ -365,6 +385,9 @@ def decode_message(req: ExportTraceServiceRequest, max_end_ns: int = MAX_END_NS,
         exceptions=exceptions,
         rejected=sum(reasons.values()),
         reasons=reasons,
+        span_id=np.frombuffer(b"".join(span_ids), dtype=np.uint64),
+        parent_id=np.frombuffer(b"".join(parent_ids), dtype=np.uint64),
+        kind=np.array(kinds, dtype=np.uint8),
     )
 
 
