@@ -121,6 +121,14 @@ SETTINGS: tuple[Setting, ...] = (
             "(the default, five weeks, keeps monthly jobs)", "SECONDS"),
     Setting("exemplars", 3, non_negative_int,
             "trace ids kept per code location and window (the slowest spans)", "N"),
+    Setting("call_graph_wait", 5.0, non_negative_float,
+            "event-time seconds a span waits for the rest of its trace before it is joined to its "
+            "parent's location (the call graph: edges, self time, causes, entry points); at most "
+            "allowed_lateness is used, so that a trace is joined before its window closes; 0 turns "
+            "the call graph off", "SECONDS"),
+    Setting("call_graph_max_spans", 1_000_000, positive_int,
+            "spans the call graph's join holds at most; beyond it the oldest are joined as they "
+            "are (counted in backflow_graph_spans_total{outcome=\"forced\"})", "N"),
     Setting("baseline_half_life", 86400.0, positive_float,
             "event-time seconds after which a window's weight in the baseline has halved", "SECONDS"),
     Setting("events_maxlen", 100_000, positive_int,
@@ -187,6 +195,8 @@ class Config:
     version_idle_timeout: float
     location_idle_timeout: float
     exemplars: int
+    call_graph_wait: float
+    call_graph_max_spans: int
     baseline_half_life: float
     events_maxlen: int
     redis_buffer: int
@@ -217,6 +227,11 @@ class Config:
     @property
     def lateness_ns(self) -> int:
         return int(round(self.allowed_lateness * 1e9))
+
+    @property
+    def graph_wait_ns(self) -> int:
+        """The call graph's wait (``call_graph_wait``, at most the allowed lateness)."""
+        return min(int(round(self.call_graph_wait * 1e9)), self.lateness_ns)
 
     @property
     def secrets(self) -> list[str]:

@@ -76,7 +76,8 @@ def test_detectors_are_kept_frozen_one_bytes_object_per_location():
     run(engine, 15, slower_from=99)
     assert len(engine.detectors) == 1 and isinstance(engine.detectors.state(0), bytes)
     names = [type(d).__name__ for d in engine.detectors_of(0)]
-    assert names == ["LatencyShift", "ErrorRateShift", "NewException", "ScalingShift", "Dormant"]
+    assert names == ["LatencyShift", "ErrorRateShift", "NewException", "ScalingShift", "Dormant", "CallPattern",
+                     "NewDependency"]
     # thawed copies: changing them leaves the engine's state as it was
     before = engine.detectors.state(0)
     engine.detectors_of(0)[0].baseline_windows = 0

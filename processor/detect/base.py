@@ -21,6 +21,7 @@ from processor.detect.lifecycle import Regression, Version
 from processor.detect.settings import CommonSettings, Settings
 from processor.detect.stats import mean_log_ms, two_proportion_z
 from processor.events import Event
+from processor.pipeline.graph import LocationGraph
 from processor.pipeline.location import Location
 from processor.pipeline.sketch import LogSketch
 from processor.pipeline.window import LocationWindow
@@ -43,6 +44,10 @@ class Observation:
     # window's sketch in after the same decay gets the same bytes, so it may take "after"
     # instead of computing it (and the unpacked one instead of unpacking its own).
     baseline_step: tuple[bytes, float | None, bytes, LogSketch] | None = None
+    # What the call graph joined of the location in this window (processor/pipeline/graph.py,
+    # ids resolved to locations and versions); None when it called nothing and was called by
+    # nothing joined, or the call graph is off
+    graph: LocationGraph | None = None
 
     _mean_log: float | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -81,7 +86,8 @@ class Detector(base.Base):
     ``Settings`` (a typed dataclass of those settings, see processor/detect/settings.py),
     ``event_type`` and ``description`` (one sentence for people: SARIF rules, docs), and
     ``regression`` (whether its events open a regression that ``top`` shows until resolved).
-    ``wants_absent`` detectors are also fed windows in which the location had no spans.
+    ``wants_absent`` detectors are also fed windows in which the location had no spans;
+    ``needs_graph`` ones only windows with call-graph figures (``Observation.graph``).
 
     Parameters are plain attributes named as the constructor's, as in River. The engine keeps
     one live detector per configuration (the prototype) and every location's state frozen;
@@ -94,6 +100,7 @@ class Detector(base.Base):
     description: str = ""
     regression: bool = False
     wants_absent: bool = False
+    needs_graph: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings, common: CommonSettings, window_s: float,

@@ -20,14 +20,19 @@ from __future__ import annotations
 from typing import Any
 
 from processor.detect.base import Detector, RegressionDetector
+from processor.detect.call_pattern import CallPattern
 from processor.detect.dormant import Dormant
 from processor.detect.errors import ErrorRateShift
 from processor.detect.exceptions import NewException
 from processor.detect.latency import LatencyShift
+from processor.detect.new_dependency import NewDependency
 from processor.detect.scaling import ScalingShift
 from processor.detect.settings import CommonSettings, ConfigError, Settings
 
-DETECTORS: tuple[type[Detector], ...] = (LatencyShift, ErrorRateShift, NewException, ScalingShift, Dormant)
+# (detectors added later go last: a checkpoint's states are in this order; see
+# engine.ADDED_LATER)
+DETECTORS: tuple[type[Detector], ...] = (LatencyShift, ErrorRateShift, NewException, ScalingShift, Dormant,
+                                         CallPattern, NewDependency)
 
 # Events that no registered detector raises: first_seen comes from the engine (a location's
 # first window), resolved ends what a detector opened.

@@ -17,23 +17,34 @@ import numpy as np
 
 from processor.config import Config
 from processor.detect.base import Detector, Observation
+from processor.detect.call_pattern import CallPattern
+from processor.detect.causes import explain
 from processor.detect.registry import build_detectors
 from processor.detect.first_seen import FirstSeen
 from processor.events import Event
 from processor.pipeline.baseline import Baseline, BaselineStage
 from processor.pipeline import checkpoint
+from processor.pipeline.graph import CallGraph
 from processor.pipeline.window import ClosedWindow, Forgotten, WindowStage, is_overflow
 from processor.receiver.decode import Batch
 
 log = logging.getLogger("backflow.engine")
 
-def checkpoint_fingerprint(cfg: Config, whole: bool = False, layout: str = "") -> str:
+# Detectors added after checkpoints were first written, last in the registry: a state saved
+# before them (under the settings of the others alone) is read with theirs fresh.
+ADDED_LATER = ("call_pattern", "new_dependency")
+
+
+def checkpoint_fingerprint(cfg: Config, whole: bool = False, layout: str = "", before_added: bool = False) -> str:
     """What a detector's frozen state depends on: the settings, marshal's format (the
     frozen bytes are marshal's) and the ``layout`` of the columns' records
     (``DetectorStore.layout``), as 32 hex of their digest (``whole``: as the text itself,
     which checkpoints kept before records: almost a kilobyte per location). State saved
-    under others is not reused."""
-    text = repr((cfg.window, cfg.detectors, marshal.version))
+    under others is not reused. ``before_added``: the settings as a version without the
+    detectors of ``ADDED_LATER`` wrote them."""
+    d = cfg.detectors
+    sections = {k: v for k, v in d.sections.items() if not (before_added and k in ADDED_LATER)}
+    text = f"({cfg.window!r}, DetectorSettings({d.common!r}, {sections!r}), {marshal.version!r})"
     if whole:
         return text
     return hashlib.blake2b((text + layout if layout else text).encode(), digest_size=16).hexdigest()
@@ -63,6 +74,8 @@ class DetectorStore:
         self.tick_of = lambda loc_id: 0  # the windows its service closed (Engine sets it)
         self.per_location = [j for j in range(len(prototypes)) if j not in self.columns]  # kept frozen
         self._scratch: dict[int, object] = {}  # columns that ``check`` puts a state into
+        self.before: dict[int, bytes] = {}  # this window's per-location states before it (``update``)
+        self.fed: set[int] = set()  # locations whose per-location detectors ran since ``checked``
         self.absent_per_location = any(prototypes[j].wants_absent for j in self.per_location)
 
     def _held(self, states: tuple) -> tuple:
@@ -112,12 +125,15 @@ class DetectorStore:
 
     def to_check(self, loc_id: int) -> list[int]:
         """The detectors whose state of the location may not be plain data, for a checkpoint
-        to check: those kept frozen per location, and columns whose row was set from a
-        detector's freeze since ``checked``."""
-        return self.per_location + [j for j, c in self.columns.items() if loc_id in c.unchecked]
+        to check: those kept frozen per location that were fed since ``checked``, and columns
+        whose row was set from a detector's freeze since then."""
+        return (self.per_location if loc_id in self.fed else []) + [
+            j for j, c in self.columns.items() if loc_id in c.unchecked]
 
     def checked(self, loc_ids) -> None:
         """The locations' states were checked (or left out) by a checkpoint."""
+        if self.fed:
+            self.fed.difference_update(loc_ids)
         for c in self.columns.values():
             if c.unchecked:
                 c.unchecked.difference_update(loc_ids)
@@ -165,21 +181,36 @@ class DetectorStore:
         return marshal.dumps(states)
 
     def update(self, loc_id: int, obs: Observation, before: bytes, after: bytes) -> list[Event]:
-        """Feed one window to a location's detectors (the absent-location window only to those
-        that want it), the columnar ones aside; ``before`` and ``after`` are its baseline
-        sketch before and after the window was absorbed."""
-        if not self.per_location:
+        """Feed one window to a location's detectors kept frozen per location (the absent-
+        location window only to those that want it, a window without call-graph figures not
+        to those that need them); ``before`` and ``after`` are its baseline sketch before and
+        after the window was absorbed. The states before are kept in ``before`` until
+        ``window_done``."""
+        present, graph = obs.window is not None, obs.graph is not None
+        wanted = [j for j in self.per_location
+                  if (present or self.prototypes[j].wants_absent) and (graph or not self.prototypes[j].needs_graph)]
+        if not wanted:
             return []
         events: list[Event] = []
-        states = list(marshal.loads(self.frozen[loc_id]))
-        present = obs.window is not None
-        for j, proto in enumerate(self.prototypes):
-            if j not in self.columns and (present or proto.wants_absent):
-                det = proto.thawed(states[j], before)
-                events += det.update(obs)
-                states[j] = det.freeze(after)
+        held = self.frozen[loc_id]
+        self.before[loc_id] = held
+        self.fed.add(loc_id)
+        states = list(marshal.loads(held))
+        for j in wanted:
+            det = self.prototypes[j].thawed(states[j], before)
+            events += det.update(obs)
+            states[j] = det.freeze(after)
         self.frozen[loc_id] = marshal.dumps(tuple(states))
         return events
+
+    def detector_before(self, loc_id: int, cls: type) -> Detector | None:
+        """The location's detector of class ``cls`` (kept frozen per location) as it was before
+        this window, if this window fed it; else None."""
+        held = self.before.get(loc_id)
+        for j in self.per_location:
+            if held is not None and type(self.prototypes[j]) is cls:
+                return self.prototypes[j].thawed(marshal.loads(held)[j])
+        return None
 
     def update_service(self, ids: np.ndarray, counts: np.ndarray, versions: list, end_ns: int,
                        service_version: tuple, observe, tick: int) -> tuple[list[Event], list[int]]:
@@ -242,6 +273,13 @@ class Engine:
         self._fingerprint = checkpoint_fingerprint(cfg, layout=self.detectors.layout())
         # (read: also those of fields written before records, which hold plain states only)
         self._fingerprints = {self._fingerprint, checkpoint_fingerprint(cfg), checkpoint_fingerprint(cfg, whole=True)}
+        # (and those written before the detectors added later: their fresh states appended)
+        self._before_added = {checkpoint_fingerprint(cfg, layout=self.detectors.layout(), before_added=True),
+                              checkpoint_fingerprint(cfg, before_added=True),
+                              checkpoint_fingerprint(cfg, whole=True, before_added=True)}
+        self._added = [j for j, p in enumerate(self.detectors.prototypes) if p.name in ADDED_LATER]
+        if cfg.call_graph_wait > 0:
+            self.windows.graph = CallGraph(cfg.window_ns, cfg.graph_wait_ns, cfg.call_graph_max_spans)
         self._started = self.windows.clock()
         # Windows each service closed: the columnar detectors count time in them.
         self.service_ticks: dict[tuple, int] = {}
@@ -277,6 +315,14 @@ class Engine:
             service = (location.environment, location.service)
             self.service_locations.setdefault(service, array("q")).append(loc_id)
         state = frozen if fingerprint in self._fingerprints else None
+        if state is None and fingerprint in self._before_added and self._added == list(
+                range(len(self.detectors.prototypes) - len(self._added), len(self.detectors.prototypes))):
+            try:  # the detectors added since learn from now on; the others go on
+                old = marshal.loads(frozen)
+                if self._added and type(old) is tuple and len(old) == self._added[0]:
+                    state = marshal.dumps(old + tuple(self.detectors.prototypes[j].freeze() for j in self._added))
+            except (ValueError, EOFError, TypeError):
+                state = None
         if state is not None:
             try:  # plain data of the wrong shape would fail at the location's next window instead
                 state = self.detectors.check(state, self.baselines.sketches[loc_id],
@@ -368,7 +414,11 @@ class Engine:
         tracked = [lw for lw in cw.locations if not is_overflow(lw.location)]
         events = self._first_seen(cw, service, tracked)
         here = np.fromiter((lw.loc_id for lw in tracked), np.int64, len(tracked))
-        baselines, changed = self._detect(cw, service, tracked, here, context, events)
+        graphs = self._graphs(cw) if cw.graph else {}
+        baselines, changed = self._detect(cw, service, tracked, here, context, events, graphs)
+        if graphs and self.detectors.before:
+            events = [self._explained(e, cw, graphs) for e in events]
+        self.detectors.before.clear()
         self.dirty_services.add(service)
         # What changed: the present locations, and absent ones a detector changed (their
         # state is otherwise as it was: a sparse service does not rewrite every location).
@@ -414,8 +464,38 @@ class Engine:
             known.append(lw.loc_id)
         return events
 
+    def _graphs(self, cw: ClosedWindow) -> dict:
+        """The window's call-graph figures of the locations that call or are called under an
+        entry point, ids made locations and versions (``Observation.graph``)."""
+        tables, figures = self.windows.tables, cw.graph
+        locations, versions = tables.locations, tables.versions
+
+        def calls_of(loc_id: int) -> int:
+            f = figures.get(loc_id)
+            return f.calls if f is not None else 0
+
+        return {loc_id: f.resolved(locations, versions, calls_of) for loc_id, f in figures.items()
+                if (f.children or f.entries) and not is_overflow(locations[loc_id])}
+
+    def _explained(self, event: Event, cw: ClosedWindow, graphs: dict) -> Event:
+        """A latency regression's event with its causes and its impact on entry points."""
+        if event.type != "latency_regression":
+            return event
+        loc_id = self.windows.tables._loc_ids.get(event.location.key)
+        graph = graphs.get(loc_id)
+        pattern = self.detectors.detector_before(loc_id, CallPattern) if graph is not None else None
+        if pattern is None or not pattern.windows:
+            return event
+        ids = self.windows.tables._loc_ids
+
+        def entry_mean_ns(entry) -> float | None:
+            f = cw.graph.get(ids.get(entry.key))
+            return f.ns / f.calls if f is not None and f.calls else None
+
+        return explain(event, graph, pattern, entry_mean_ns)
+
     def _detect(self, cw: ClosedWindow, service: tuple, tracked: list, here: np.ndarray,
-                context: ServiceContext, events: list[Event]) -> tuple[list[Baseline], list[int]]:
+                context: ServiceContext, events: list[Event], graphs: dict) -> tuple[list[Baseline], list[int]]:
         """Baselines of the present locations (``tracked``, their ids ``here``), their
         detectors, then the columnar detectors over every location of the service at once
         (absent ones too: silence is what the dormant detector learns from); events appended
@@ -426,7 +506,8 @@ class Engine:
 
         def observation(loc_id: int, lw, step=None) -> Observation:
             return Observation(locations[loc_id], cw.start_ns, cw.end_ns, lw, context.inflight,
-                               context.version, context.version_first_seen, context.calls_per_s, step)
+                               context.version, context.version_first_seen, context.calls_per_s, step,
+                               graphs.get(loc_id) if lw is not None else None)
 
         # The baselines first, all at once: the latency detector, while it keeps the same
         # sketch, takes the stage's result instead of computing it again (baseline_step).

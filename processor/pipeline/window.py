@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from processor.pipeline.graph import CallGraph
 from processor.pipeline.location import Location, location_key
 from processor.receiver.decode import Batch
 from processor.pipeline.sketch import MAX_BUCKET, LogSketch, bucket_index, bucket_value
@@ -378,6 +379,8 @@ class ClosedWindow:
     locations: list[LocationWindow]
     environment: str = ""
     busy_ns: float = 0.0  # summed span durations (bucket values) over the whole service
+    # The call graph's figures of this window, by location id (processor/pipeline/graph.py)
+    graph: dict = field(default_factory=dict)
 
 
 def _top_k(series: np.ndarray, dur: np.ndarray, tid: np.ndarray, k: int) -> np.ndarray:
@@ -584,6 +587,8 @@ class WindowStage:
         self.services: dict[int, _ServiceClock] = {}
         self.stats = Counter(spans=0, late=0, windows=0, overflow=0, forgotten_versions=0,
                              forgotten_locations=0, forgotten_services=0)
+        self.graph: CallGraph | None = None  # the call graph's join, when it is on (Engine sets it)
+        self._graph_flushed = -(1 << 62)  # the latest clock at the graph's last flush
 
     def ingest(self, batch: Batch) -> list[ClosedWindow]:
         """Add a batch; return the windows it closed (oldest first)."""
@@ -657,6 +662,10 @@ class WindowStage:
                 cut = np.flatnonzero(np.diff(group[top])) + 1
                 for part in np.split(top, cut):
                     accs[int(group[part[0]])].add_exemplars(series[part], dur[part], tid[part])
+            if self.graph is not None and batch.span_id is not None:
+                t64 = batch.trace_id[rows].view(np.uint64).reshape(-1, 2)
+                self.graph.add(t64[:, 0] ^ t64[:, 1], batch.span_id[rows], batch.parent_id[rows], gloc[rows],
+                               gver[rows], svc[rows], batch.start[rows], end[rows], batch.kind[rows])
             if batch.exceptions:
                 pos_of_row = np.full(n, -1, np.int64)
                 pos_of_row[rows] = np.arange(len(rows))
@@ -665,6 +674,8 @@ class WindowStage:
                     if p >= 0:
                         accs[int(group[p])].exceptions[(int(series[p]), etype)] += 1
 
+        if self.graph is not None and self.graph.waiting:
+            self._flush_graph(touched)
         closed: list[ClosedWindow] = []
         for s in touched:
             clock = self.services[s]
@@ -673,11 +684,28 @@ class WindowStage:
             clock.closed_through = max(clock.closed_through, watermark)
         return sorted(closed, key=lambda c: (c.end_ns, c.service))
 
+    def _flush_graph(self, touched: list[int], force: bool | set[int] = False) -> None:
+        """Join the call graph's complete traces: before a window of theirs closes, and
+        otherwise once a quarter of the graph's wait has passed since the last join."""
+        g = self.graph
+        ahead = max(self.services[s].max_end for s in touched) if touched else 0
+        due = force or g.waiting > g.max_spans or ahead - self._graph_flushed >= g.wait_ns // 4 or any(
+            ws + self.window_ns <= self.services[s].max_end - self.lateness_ns
+            for s in touched for ws in self.services[s].windows)
+        if due:
+            g.flush({s: c.max_end for s, c in self.services.items()},
+                    {s: c.closed_through for s, c in self.services.items()}, force)
+            self._graph_flushed = max(self._graph_flushed, ahead)
+
     def flush_idle(self, now: float | None = None) -> list[ClosedWindow]:
         """Close the windows of services that sent nothing for ``idle_timeout`` seconds
         before ``now`` (processing time; the clock when not given)."""
         now = self.clock() if now is None else now
         out = []
+        idle = [s for s, clock in self.services.items()
+                if clock.windows and now - clock.last_arrival >= self.idle_timeout]
+        if idle and self.graph is not None and self.graph.waiting:
+            self._flush_graph(idle, force=set(idle))
         for s, clock in self.services.items():
             if clock.windows and now - clock.last_arrival >= self.idle_timeout:
                 out += self._close(s, lambda ws: True)
@@ -708,6 +736,8 @@ class WindowStage:
         if out.locations or idle_services:
             for s, name in t.forget_services(busy=set(self.services) - set(idle_services)):
                 clock = self.services.pop(s, None)  # (the id is free for another service)
+                if self.graph is not None:
+                    self.graph.forget_service(s)
                 out.services.append(name)
                 out.service_ends[name] = clock.max_end if clock is not None else 0
         self.stats["forgotten_versions"] += len(out.versions)
@@ -720,6 +750,8 @@ class WindowStage:
         restart, spans of a window closed early here are not late but make a second part of
         it, which the baseline merges exactly (the same window end: no decay between them)."""
         out = []
+        if self.graph is not None and self.graph.waiting:
+            self._flush_graph(list(self.services), force=True)
         for s in self.services:
             out += self._close(s, lambda ws: True, final=False)
         return sorted(out, key=lambda c: (c.end_ns, c.service))
@@ -751,6 +783,7 @@ class WindowStage:
                 clock.closed_through = max(clock.closed_through, we)
             env, service = self.tables.services[s]
             locations, busy_ns = acc.close(self.tables)
-            out.append(ClosedWindow(service, ws, we, locations, env, busy_ns))
+            graph = self.graph.take(s, ws) if self.graph is not None else {}
+            out.append(ClosedWindow(service, ws, we, locations, env, busy_ns, graph))
             self.stats["windows"] += 1
         return out

@@ -1,0 +1,340 @@
+"""The call graph: each span joined to its parent's code location through ``parent_span_id``.
+
+Spans of one trace arrive in any order, in different requests and from different receiver
+processes; children usually come first (they end first). The join buffer holds every span
+(its ids, location, version, times and kind: about 60 bytes) until its trace is complete:
+no span of the trace ended less than ``wait_ns`` of event time ago by its service's clock.
+Then the whole trace is joined at once, numpy over every complete trace of the flush:
+
+- an edge per child span: (parent's location -> child's location), counted in the
+  parent's window, with the child's duration;
+- per span, the time its children covered (overlapping children merged, clipped to the
+  span), so a location's self time is its time less that;
+- per span, its entry point: the nearest ancestor-or-self that is a root, a SERVER or a
+  CONSUMER span; each span's time is counted under its entry point's location, which is
+  what a regression's impact on entry points is read from.
+
+A span whose parent id names no span of its trace when the trace is joined is an orphan
+(its parent was never sent here, or came too late): counted, its own figures kept, no edge.
+Figures for a window that has already closed are late: counted and dropped. With ``wait_ns``
+at most the allowed lateness, a trace that ended inside a window is joined before it closes.
+When more than ``max_spans`` wait, the oldest are joined as they are (counted as forced).
+
+All per-span work is numpy on whole flushes; Python runs per flush, per window and per
+(location, child) pair.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# SpanKind values that make a span an entry point (a root is one whatever its kind)
+SERVER, CONSUMER = 2, 5
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # spreads span ids before they are xor-ed with the trace
+_MARK_BITS = 22  # the table that tells which traces still have spans waiting (collisions only delay)
+_COLUMNS = ("trace", "span", "parent", "loc", "ver", "svc", "start", "end", "kind")
+_DTYPES = (np.uint64, np.uint64, np.uint64, np.int32, np.int32, np.int32, np.int64, np.int64, np.uint8)
+
+
+@dataclass(slots=True)
+class Child:
+    """A callee of a location in one window: its calls and their summed duration, per the
+    caller's version (the caller's version, as the call pattern is the caller's code)."""
+    calls: int = 0
+    ns: int = 0
+    by_version: dict = field(default_factory=dict)  # caller version id -> calls
+
+
+@dataclass(slots=True)
+class LocationGraph:
+    """What the call graph knows of one location in one closed window (ids: the window
+    stage's location and version ids)."""
+    calls: int = 0         # its spans joined (in complete traces)
+    ns: int = 0            # their summed durations
+    child_ns: int = 0      # of that, the time their children covered (self time: ns - child_ns)
+    versions: dict = field(default_factory=dict)   # version id -> calls
+    children: dict = field(default_factory=dict)   # child location id -> Child
+    entries: dict = field(default_factory=dict)    # entry location id -> [calls, ns] of this location under it
+
+    @property
+    def self_ns(self) -> int:
+        return self.ns - self.child_ns
+
+    def resolved(self, locations, versions, calls_of) -> "LocationGraph":
+        """The same figures with ids made names: ``locations[id]`` and ``versions[id]`` (the
+        window stage's tables); an entry's value gets the entry's own calls, ``calls_of(id)``
+        (0: not known), as its third figure."""
+        return LocationGraph(
+            self.calls, self.ns, self.child_ns, {versions[v]: c for v, c in self.versions.items()},
+            {locations[c]: Child(f.calls, f.ns, {versions[v]: n for v, n in f.by_version.items()})
+             for c, f in self.children.items()},
+            {locations[e]: [c, t, calls_of(e)] for e, (c, t) in self.entries.items()})
+
+    def entries_per_call(self) -> dict[str, tuple[float, float]]:
+        """Per entry point (its key) whose calls are known: this location's calls and time
+        (ns) per entry call (a resolved graph's)."""
+        return {e.key: (c / n, t / n) for e, (c, t, n) in self.entries.items() if n}
+
+
+class CallGraph:
+    """The join buffer and the figures of the windows still open (see the module docstring).
+
+    >>> g = CallGraph(window_ns=10, wait_ns=2)
+    >>> u = np.uint64
+    >>> g.add(trace=np.array([7, 7], u), span=np.array([1, 2], u), parent=np.array([0, 1], u),
+    ...       loc=np.array([0, 1]), ver=np.array([0, 0]), svc=np.array([0, 0]),
+    ...       start=np.array([1, 2]), end=np.array([6, 5]), kind=np.array([2, 3], np.uint8))
+    >>> g.flush({0: 7}, {0: 0}), g.waiting  # the trace's last span ended 1 ago: it waits
+    (0, 2)
+    >>> g.flush({0: 8}, {0: 0}), g.waiting
+    (2, 0)
+    >>> fig = g.take(0, 0)
+    >>> fig[0].children[1].calls, fig[0].self_ns, fig[1].entries
+    (1, 2, {0: [1, 3]})
+    """
+
+    def __init__(self, window_ns: int, wait_ns: int, max_spans: int = 1_000_000):
+        self.window_ns = window_ns
+        self.wait_ns = wait_ns
+        self.max_spans = max_spans
+        self._chunks: list[tuple[np.ndarray, ...]] = []
+        self.waiting = 0
+        self._mark = np.zeros(1 << _MARK_BITS, np.uint8)
+        self._open: dict[tuple[int, int], _Partial] = {}   # (service id, window start) -> figures
+        self.stats = Counter(joined=0, edges=0, orphans=0, late=0, forced=0)
+
+    # -- in --------------------------------------------------------------------------------
+
+    def add(self, trace, span, parent, loc, ver, svc, start, end, kind) -> None:
+        """Spans to join: ``trace`` a 64-bit digest of each trace id, the rest per span."""
+        if len(trace):
+            self._chunks.append(tuple(np.asarray(c, d) for c, d in zip(
+                (trace, span, parent, loc, ver, svc, start, end, kind), _DTYPES)))
+            self.waiting += len(trace)
+
+    def flush(self, clocks: dict[int, int], closed: dict[int, int], force: bool | set[int] = False) -> int:
+        """Join the traces that are complete by their services' ``clocks`` (latest end seen,
+        ns), all of them with ``force`` True, and the spans of the services in ``force`` (a
+        set of ids) as if complete; ``closed``: each service's end of its last closed window
+        (figures for those windows are late). Returns the spans joined."""
+        if not self._chunks:
+            return 0
+        cols = [np.concatenate(c) for c in zip(*self._chunks)] if len(self._chunks) > 1 else list(self._chunks[0])
+        self._chunks = []
+        trace, svc, end = cols[0], cols[5], cols[7]
+        n = len(trace)
+        if force is True:
+            ready = np.ones(n, bool)
+        else:
+            clock = _lookup(clocks, svc, n)
+            old = end + self.wait_ns <= clock
+            if force:
+                old |= np.isin(svc, np.fromiter(force, np.int64, len(force)))
+            if n > self.max_spans:  # the oldest beyond the bound go as they are
+                cut = np.partition(end, n - self.max_spans)[n - self.max_spans]
+                forced = (end < cut) & ~old
+                self.stats["forced"] += int(forced.sum())
+                old |= forced
+            # A trace is complete when none of its spans is still recent: mark the recent
+            # ones' traces, then keep the old spans whose trace is unmarked.
+            bucket = (trace >> np.uint64(64 - _MARK_BITS)).astype(np.int64)
+            young = bucket[~old]
+            self._mark[young] = 1
+            ready = old & (self._mark[bucket] == 0)
+            self._mark[young] = 0
+        if not ready.all():
+            keep = ~ready
+            self._chunks.append(tuple(c[keep] for c in cols))
+            cols = [c[ready] for c in cols]
+        self.waiting = n - len(cols[0])
+        if len(cols[0]):
+            self._join(*cols, closed)
+        return len(cols[0])
+
+    # -- the join --------------------------------------------------------------------------
+
+    def _join(self, trace, span, parent, loc, ver, svc, start, end, kind, closed: dict[int, int]) -> None:
+        n = len(trace)
+        self.stats["joined"] += n
+        idx = np.arange(n)
+        # Parent of each span: its (trace, parent id) among the (trace, span id) of the flush
+        h = trace ^ (span * _MIX)
+        order = np.argsort(h, kind="stable")
+        hs = h[order]
+        hp = trace ^ (parent * _MIX)
+        pos = np.minimum(np.searchsorted(hs, hp), n - 1)
+        found = (hs[pos] == hp) & (parent != 0)
+        up = np.where(found, order[pos], -1)
+        up[up == idx] = -1  # (a span naming itself)
+        self.stats["orphans"] += int(((parent != 0) & (up < 0)).sum())
+
+        # Windows: each span's (service, window start); late ones (already closed) dropped
+        ws = end - end % self.window_ns
+        done = _lookup(closed, svc, n)
+        live = ws + self.window_ns > done
+
+        child = np.flatnonzero(up >= 0)
+        p = up[child]
+        dur = end - start
+        child_ns = _covered(child, p, start, end, n)
+
+        # Entry points: nearest ancestor-or-self that is a root, SERVER or CONSUMER span
+        is_entry = (parent == 0) | (kind == SERVER) | (kind == CONSUMER)
+        entry = np.where(is_entry, idx, up)
+        for _ in range(64):  # pointer doubling: depth 2**64 is beyond any trace
+            nxt = np.where(entry >= 0, entry[np.maximum(entry, 0)], -1)
+            if np.array_equal(nxt, entry):
+                break
+            entry = nxt
+        entry[entry >= 0] = np.where(is_entry[entry[entry >= 0]], entry[entry >= 0], -1)
+
+        self.stats["late"] += int((~live).sum())
+        # Each span's window among the flush's (service, window) pairs; then per pair, its
+        # spans, the edges whose parent is in it and the spans under an entry point in it
+        slot = ws // self.window_ns
+        wkey = svc.astype(np.int64) * (int(slot.max() - slot.min()) + 1) + (slot - slot.min())
+        wkey[~live] = -1
+        keys, gid = np.unique(wkey, return_inverse=True)
+        under = np.flatnonzero((entry >= 0) & (entry != idx))
+        groups = _split(gid, idx), _split(gid[p], np.arange(len(child))), _split(gid[under], under)
+        for g, key in enumerate(keys.tolist()):
+            if key < 0:
+                continue
+            rows = groups[0].get(g)
+            first = int(rows[0])
+            part = self._open.get((int(svc[first]), int(ws[first])))
+            if part is None:
+                part = self._open[(int(svc[first]), int(ws[first]))] = _Partial()
+            part.add_spans(loc[rows], ver[rows], dur[rows], child_ns[rows])
+            mine = groups[1].get(g)
+            if mine is not None:
+                c, pp = child[mine], p[mine]
+                part.add_edges(loc[pp], ver[pp], loc[c], dur[c])
+                self.stats["edges"] += len(c)
+            mine = groups[2].get(g)
+            if mine is not None:
+                part.add_entries(loc[mine], loc[entry[mine]], dur[mine])
+
+    # -- out -------------------------------------------------------------------------------
+
+    def take(self, svc: int, window_start: int) -> dict[int, LocationGraph]:
+        """The figures of a service's window, which is closing: location id -> LocationGraph."""
+        part = self._open.pop((svc, window_start), None)
+        return part.figures() if part is not None else {}
+
+    def forget_service(self, svc: int) -> None:
+        for key in [k for k in self._open if k[0] == svc]:
+            del self._open[key]
+
+
+class _Partial:
+    """One open window's figures, as the flushes' sums (reduced when the window closes)."""
+
+    __slots__ = ("spans", "edges", "entries")
+
+    def __init__(self):
+        self.spans: list[tuple[np.ndarray, ...]] = []
+        self.edges: list[tuple[np.ndarray, ...]] = []
+        self.entries: list[tuple[np.ndarray, ...]] = []
+
+    def add_spans(self, loc, ver, dur, child_ns) -> None:
+        key, inv = np.unique((loc.astype(np.int64) << 32) | ver.astype(np.int64), return_inverse=True)
+        self.spans.append((key, np.bincount(inv, minlength=len(key)),
+                           np.bincount(inv, dur, len(key)), np.bincount(inv, child_ns, len(key))))
+
+    def add_edges(self, ploc, pver, cloc, cdur) -> None:
+        # (parent location, parent version) in the high half, child location in the low
+        key, inv = np.unique((ploc.astype(np.int64) << 32) | cloc.astype(np.int64), return_inverse=True)
+        vkey, vinv = np.unique((inv.astype(np.int64) << 32) | pver.astype(np.int64), return_inverse=True)
+        self.edges.append((key, np.bincount(inv, minlength=len(key)), np.bincount(inv, cdur, len(key)),
+                           key[vkey >> 32], vkey & 0xFFFFFFFF, np.bincount(vinv, minlength=len(vkey))))
+
+    def add_entries(self, loc, eloc, dur) -> None:
+        key, inv = np.unique((loc.astype(np.int64) << 32) | eloc.astype(np.int64), return_inverse=True)
+        self.entries.append((key, np.bincount(inv, minlength=len(key)), np.bincount(inv, dur, len(key))))
+
+    def figures(self) -> dict[int, LocationGraph]:
+        out: dict[int, LocationGraph] = {}
+        for key, calls, ns, child_ns in _reduced(self.spans, 3):
+            for k, c, t, ct in zip(key.tolist(), calls.tolist(), ns.tolist(), child_ns.tolist()):
+                g = out.get(k >> 32)
+                if g is None:
+                    g = out[k >> 32] = LocationGraph()
+                g.calls += int(c)
+                g.ns += int(t)
+                g.child_ns += int(ct)
+                g.versions[k & 0xFFFFFFFF] = int(c)
+        for key, calls, ns in _reduced([e[:3] for e in self.edges], 2):
+            for k, c, t in zip(key.tolist(), calls.tolist(), ns.tolist()):
+                g = out.setdefault(k >> 32, LocationGraph())
+                g.children[k & 0xFFFFFFFF] = Child(int(c), int(t))
+        for _, _, _, ekey, ver, calls in self.edges:
+            for k, v, c in zip(ekey.tolist(), ver.tolist(), calls.tolist()):
+                by = out[k >> 32].children[k & 0xFFFFFFFF].by_version
+                by[v] = by.get(v, 0) + int(c)
+        for key, calls, ns in _reduced(self.entries, 2):
+            for k, c, t in zip(key.tolist(), calls.tolist(), ns.tolist()):
+                g = out.setdefault(k >> 32, LocationGraph())
+                g.entries[k & 0xFFFFFFFF] = [int(c), int(t)]
+        return out
+
+
+def _reduced(parts: list[tuple[np.ndarray, ...]], values: int):
+    """Sums of ``values`` columns per key over the flushes' parts: one part (key, *sums)."""
+    if not parts:
+        return []
+    if len(parts) == 1:
+        return [parts[0]]
+    keys = np.concatenate([p[0] for p in parts])
+    key, inv = np.unique(keys, return_inverse=True)
+    return [(key, *(np.bincount(inv, np.concatenate([p[1 + j] for p in parts]).astype(np.float64), len(key))
+                    .round().astype(np.int64) for j in range(values)))]
+
+
+def _lookup(table: dict[int, int], svc: np.ndarray, n: int) -> np.ndarray:
+    """``table[svc]`` per span (services missing: the smallest int64)."""
+    top = max(int(svc.max()) if n else 0, max(table, default=0)) + 1
+    values = np.full(top, np.iinfo(np.int64).min, np.int64)
+    if table:
+        values[np.fromiter(table.keys(), np.int64, len(table))] = np.fromiter(table.values(), np.int64, len(table))
+    return values[svc]
+
+
+def _split(group: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray]:
+    """``rows`` by their ``group``: group -> its rows (in order)."""
+    if not len(group):
+        return {}
+    order = np.argsort(group, kind="stable")
+    g = group[order]
+    cut = np.flatnonzero(g[1:] != g[:-1]) + 1
+    return {int(g[a]): rows[order[a:b]] for a, b in zip(np.concatenate(([0], cut)).tolist(),
+                                                        np.concatenate((cut, [len(g)])).tolist())}
+
+
+def _covered(child: np.ndarray, p: np.ndarray, start: np.ndarray, end: np.ndarray, n: int) -> np.ndarray:
+    """Per span, the time its children cover within it, overlaps merged (ns)."""
+    out = np.zeros(n, np.int64)
+    if not len(child):
+        return out
+    ps, pe = start[p], end[p]
+    cs = np.clip(start[child], ps, pe) - ps
+    ce = np.clip(end[child], ps, pe) - ps
+    order = np.lexsort((cs, p))
+    p, cs, ce = p[order], cs[order], ce[order]
+    # Each parent's children laid end to end on one line (a parent's span after the previous
+    # one's): a running maximum of ends then merges overlaps within a parent only.
+    first = np.concatenate(([True], p[1:] != p[:-1]))
+    span = (pe - ps)[order] + 1
+    room = np.where(first, span, 0)
+    offset = np.cumsum(room) - room[np.flatnonzero(first)][np.cumsum(first) - 1]
+    if offset.size and offset[-1] > (1 << 62):
+        offset = offset.astype(np.float64)  # (spans of centuries: exactness is moot)
+    s, e = cs + offset, ce + offset
+    reach = np.maximum.accumulate(e)
+    before = np.concatenate(([s[0]], reach[:-1]))
+    covered = np.maximum(0, e - np.maximum(s, before))
+    np.add.at(out, p, covered.astype(np.int64))
+    return out
