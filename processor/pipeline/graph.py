@@ -10,9 +10,9 @@ Then the whole trace is joined at once, numpy over every complete trace of the f
   parent's window, with the child's duration;
 - per span, the time its children covered (overlapping children merged, clipped to the
   span), so a location's self time is its time less that;
-- per span, its entry point: the nearest ancestor-or-self that is a root, a SERVER or a
-  CONSUMER span; each span's time is counted under its entry point's location, which is
-  what a regression's impact on entry points is read from.
+- per span, its entry point: the nearest ancestor that is a root, a SERVER or a CONSUMER
+  span; each span's time is counted under its entry point's location, which is what a
+  regression's impact on entry points is read from.
 
 A span whose parent id names no span of its trace when the trace is joined is an orphan
 (its parent was never sent here, or came too late): counted, its own figures kept, no edge.
@@ -140,7 +140,7 @@ class CallGraph:
                 old |= forced
             # A trace is complete when none of its spans is still recent: mark the recent
             # ones' traces, then keep the old spans whose trace is unmarked.
-            bucket = (trace >> np.uint64(64 - _MARK_BITS)).astype(np.int64)
+            bucket = ((trace * _MIX) >> np.uint64(64 - _MARK_BITS)).astype(np.int64)
             young = bucket[~old]
             self._mark[young] = 1
             ready = old & (self._mark[bucket] == 0)
@@ -190,6 +190,8 @@ class CallGraph:
                 break
             entry = nxt
         entry[entry >= 0] = np.where(is_entry[entry[entry >= 0]], entry[entry >= 0], -1)
+        # each span's entry point strictly above it (an entry point's own is the next one up)
+        entry = np.where(up >= 0, entry[np.maximum(up, 0)], -1)
 
         self.stats["late"] += int((~live).sum())
         # Each span's window among the flush's (service, window) pairs; then per pair, its
@@ -198,7 +200,7 @@ class CallGraph:
         wkey = svc.astype(np.int64) * (int(slot.max() - slot.min()) + 1) + (slot - slot.min())
         wkey[~live] = -1
         keys, gid = np.unique(wkey, return_inverse=True)
-        under = np.flatnonzero((entry >= 0) & (entry != idx))
+        under = np.flatnonzero(entry >= 0)
         groups = _split(gid, idx), _split(gid[p], np.arange(len(child))), _split(gid[under], under)
         for g, key in enumerate(keys.tolist()):
             if key < 0:

@@ -1,0 +1,204 @@
+"""The call graph: spans joined to their parents' locations (processor/pipeline/graph.py),
+its detectors (call_pattern, new_dependency) and the causes and impact it gives a latency
+regression, driven through the engine with batches as the decoder makes them."""
+
+import numpy as np
+import pytest
+
+from processor.config import Config
+from processor.detect.registry import DetectorSettings
+from processor.pipeline.engine import Engine
+from processor.pipeline.graph import CallGraph
+from processor.pipeline.location import Location
+from processor.receiver.decode import Batch
+
+U = np.uint64
+SEC = 1_000_000_000
+MS = 1_000_000
+
+
+def spans(g: CallGraph, rows):
+    """Add (trace, span, parent, loc, start, end, kind[, svc]) rows to ``g``."""
+    cols = list(zip(*[(*r, 0) if len(r) == 7 else r for r in rows]))
+    trace, span, parent, loc, start, end, kind, svc = cols
+    g.add(np.array(trace, U), np.array(span, U), np.array(parent, U), np.array(loc), np.zeros(len(loc), int),
+          np.array(svc), np.array(start), np.array(end), np.array(kind, np.uint8))
+
+
+def test_children_sent_before_their_parent_in_another_request_are_joined_to_it():
+    g = CallGraph(window_ns=100, wait_ns=5)
+    spans(g, [(1, 11, 10, 1, 10, 20, 3), (1, 12, 10, 1, 30, 40, 3)])  # two queries, parent not here yet
+    assert g.flush({0: 21}, {0: 0}) == 0 and g.waiting == 2  # recent: they wait
+    spans(g, [(1, 10, 0, 0, 5, 50, 2)])                           # the parent, a SERVER span
+    assert g.flush({0: 60}, {0: 0}) == 3 and g.waiting == 0
+    fig = g.take(0, 0)
+    assert (fig[0].calls, fig[0].children[1].calls, fig[0].children[1].ns) == (1, 2, 20)
+    assert fig[0].self_ns == 45 - 20 and fig[1].entries == {0: [2, 20]}
+    assert g.stats["orphans"] == 0 and g.stats["edges"] == 2
+
+
+def test_a_parent_that_never_arrives_is_counted_and_its_child_kept_alone():
+    g = CallGraph(window_ns=100, wait_ns=5)
+    spans(g, [(1, 11, 99, 1, 10, 20, 3), (2, 21, 0, 0, 10, 30, 0)])
+    g.flush({0: 99}, {0: 0})
+    fig = g.take(0, 0)
+    assert g.stats["orphans"] == 1 and fig[1].calls == 1 and not fig[1].entries and not fig[0].children
+
+
+def test_self_time_merges_overlapping_children_and_clips_them_to_the_parent():
+    g = CallGraph(window_ns=1000, wait_ns=0)
+    spans(g, [(1, 1, 0, 0, 0, 100, 2),
+              (1, 2, 1, 1, 10, 50, 3), (1, 3, 1, 1, 30, 70, 3),  # overlap: 10-70 covered
+              (1, 4, 1, 2, 80, 90, 3), (1, 5, 1, 2, 95, 120, 3),  # the last runs past its parent's end
+              (2, 6, 0, 0, 200, 300, 2), (2, 7, 6, 1, 200, 300, 3)])  # another trace: all covered
+    g.flush({0: 10**6}, {0: 0})
+    fig = g.take(0, 0)
+    assert fig[0].ns == 200 and fig[0].child_ns == 60 + 10 + 5 + 100
+    assert fig[0].children[2].ns == 10 + 25  # (an edge counts the child's whole time)
+
+
+def test_entry_point_is_the_nearest_server_span_above():
+    g = CallGraph(window_ns=1000, wait_ns=0)
+    # root (frontend, client kind) -> server span of the service -> handler -> query
+    spans(g, [(1, 1, 0, 0, 0, 100, 1), (1, 2, 1, 1, 5, 95, 2), (1, 3, 2, 2, 10, 90, 1), (1, 4, 3, 3, 20, 30, 3)])
+    g.flush({0: 10**6}, {0: 0})
+    fig = g.take(0, 0)
+    assert fig[3].entries == {1: [1, 10]} and fig[2].entries == {1: [1, 80]}
+    assert fig[1].entries == {0: [1, 90]}  # the SERVER span itself sits under the root
+
+
+def test_a_cycle_of_parent_links_ends_and_has_no_entry_point():
+    g = CallGraph(window_ns=1000, wait_ns=0)
+    spans(g, [(1, 1, 2, 0, 0, 10, 1), (1, 2, 1, 1, 0, 10, 1), (1, 3, 3, 2, 0, 10, 1)])
+    g.flush({0: 10**6}, {0: 0})
+    fig = g.take(0, 0)
+    assert all(not f.entries for f in fig.values()) and fig[0].children[1].calls == 1
+
+
+def test_a_trace_with_a_recent_span_waits_whole():
+    g = CallGraph(window_ns=1000, wait_ns=10)
+    spans(g, [(1, 1, 0, 0, 0, 100, 2), (1, 2, 1, 1, 10, 20, 3), (2, 3, 0, 0, 0, 30, 2)])
+    assert g.flush({0: 105}, {0: 0}) == 1  # trace 2 is complete; trace 1's root ended 5 ago
+    assert g.flush({0: 110}, {0: 0}) == 2
+
+
+def test_figures_for_a_closed_window_are_late_and_the_bound_forces_the_oldest_out():
+    g = CallGraph(window_ns=100, wait_ns=5, max_spans=2)
+    spans(g, [(1, 1, 0, 0, 10, 20, 2)])
+    g.flush({0: 30}, {0: 100})  # its window closed already
+    assert g.stats["late"] == 1 and g.take(0, 0) == {}
+    spans(g, [(2, 2, 0, 0, 110, 120, 2), (3, 3, 0, 0, 111, 121, 2), (4, 4, 0, 0, 112, 122, 2)])
+    g.flush({0: 123}, {0: 100})  # all recent, one too many: the oldest goes
+    assert g.stats["forced"] == 1 and g.waiting == 2
+
+
+# --- through the engine -------------------------------------------------------------------
+
+SHOP = [Location("prod", "shop", f) for f in ("shop.api.get_order", "shop.orders.load", "shop.db.find_items",
+                                              "shop.db.find_customer", "shop.cache.get")]
+API, LOAD, ITEMS, CUSTOMER, CACHE = range(5)
+
+
+def engine(**detectors) -> Engine:
+    d = DetectorSettings({("", "warmup_windows"): 5, **{(k.split(".")[0], k.split(".")[1]): v
+                                                        for k, v in detectors.items()}})
+    return Engine(Config.defaults(window=10.0, allowed_lateness=2.0, call_graph_wait=1.0, detectors=d,
+                                  baseline_half_life=600.0), known_keys=set())
+
+
+def requests(rng, w: int, n: int, version: str, queries: int, query_ms: float, customer: bool = False,
+             trace0: int = 0) -> Batch:
+    """``n`` requests in window ``w``: GET order (SERVER) -> orders.load -> ``queries`` item
+    queries of ``query_ms`` each (one after another), [-> a customer query], then a cache read."""
+    rows = []  # (trace, span, parent, loc, start, end, kind)
+    for r in range(n):
+        t = trace0 + w * 100_000 + r + 1
+        start = 1_700_000_000 * SEC + w * 10 * SEC + int(rng.uniform(0, 6 * SEC))
+        at = start + 2 * MS
+        load_start = at
+        children = []
+        for _ in range(queries):
+            d = int(rng.lognormal(np.log(query_ms * MS), 0.2))
+            children.append((ITEMS, at, at + d))
+            at += d
+        if customer:
+            children.append((CUSTOMER, at, at + 3 * MS))
+            at += 3 * MS
+        children.append((CACHE, at, at + MS // 2))
+        at += MS // 2 + int(rng.lognormal(np.log(2 * MS), 0.2))  # own work
+        load = (t, 2, 1, LOAD, load_start, at, 1)
+        rows += [(t, 1, 0, API, start, at + MS, 2), load]
+        rows += [(t, 10 + k, 2, loc, s, e, 3) for k, (loc, s, e) in enumerate(children)]
+    rows.sort(key=lambda x: x[5])  # as they end: children first
+    trace, span, parent, loc, start, end, kind = (np.array(c) for c in zip(*rows))
+    n = len(rows)
+    tid = np.zeros((n, 16), np.uint8)
+    tid[:, :8] = trace.astype(">u8").view(np.uint8).reshape(n, 8)
+    tid[:, 15] = 1
+    return Batch(SHOP, [("shop", version, "")], loc.astype(np.int32), np.zeros(n, np.int32), start, end,
+                 np.zeros(n, bool), tid, span_id=span.astype(U), parent_id=parent.astype(U),
+                 kind=kind.astype(np.uint8))
+
+
+def run(eng, windows, n=40, **change):
+    """Windows of requests; ``change``: from window ``at`` on, version 2 with other settings."""
+    rng = np.random.default_rng(3)
+    at = change.pop("at", None)
+    out = []
+    for w in range(windows):
+        kw = dict(queries=1, query_ms=4.0)
+        version = "1"
+        if at is not None and w >= at:
+            kw.update(change)
+            version = "2"
+        for e in eng.ingest(requests(rng, w, n, version, **kw)):
+            out += e.events
+    for r in eng.flush_all():
+        out += r.events
+    return out
+
+
+def test_an_n_plus_one_in_a_new_version_is_reported_on_the_caller_with_its_callee():
+    events = run(engine(), 20, at=12, queries=25)
+    pattern = [e for e in events if e.type == "call_pattern_regression"]
+    assert len(pattern) == 1
+    e = pattern[0]
+    assert e.location.function == "shop.orders.load" and e.version[1] == "2"
+    assert e.detail["callee"] == "shop.db.find_items" and e.detail["calls_per_call"] == pytest.approx(25)
+    assert e.detail["baseline_calls_per_call"] == pytest.approx(1) and e.window_start_ns // (10 * SEC) % 1000 >= 12
+
+
+def test_a_slower_child_under_an_unchanged_pattern_is_the_cause_and_its_entry_point_the_impact():
+    events = run(engine(), 20, at=12, query_ms=20.0)
+    assert not [e for e in events if e.type in ("call_pattern_regression", "new_dependency")]
+    slow = [e for e in events if e.type == "latency_regression" and e.location.function == "shop.orders.load"]
+    assert slow, [e.summary for e in events]
+    top = slow[0].detail["causes"][0]
+    assert top["callee"] == "shop.db.find_items" and top["share"] > 0.9 and top["mean_ratio"] > 3
+    # the truth: 16 ms more per call of the caller, and per call of the entry point above it
+    added = sum(c["added_ms"] for c in slow[0].detail["causes"])
+    assert added == pytest.approx(16, rel=0.2)
+    impact = slow[0].detail["impact"][0]
+    assert impact["entry"] == "shop.api.get_order" and impact["added_ms"] == pytest.approx(16, rel=0.2)
+    assert impact["relative"] == pytest.approx(16 / (2 + 4 + 0.5 + 2 + 1), rel=0.25)
+
+
+def test_a_new_query_in_a_new_version_is_a_new_dependency():
+    events = run(engine(), 16, at=10, customer=True)
+    new = [e for e in events if e.type == "new_dependency"]
+    assert [(e.location.function, e.detail["callee"], e.version[1], e.severity) for e in new] == [
+        ("shop.orders.load", "shop.db.find_customer", "2", "warning")]
+
+
+def test_steady_traffic_raises_no_call_graph_event():
+    events = run(engine(), 30)
+    assert not [e for e in events if e.type in ("call_pattern_regression", "new_dependency")]
+    assert not [e for e in events if "causes" in e.detail]
+
+
+def test_the_call_graph_can_be_turned_off():
+    eng = Engine(Config.defaults(window=10.0, allowed_lateness=2.0, call_graph_wait=0.0), known_keys=set())
+    assert eng.windows.graph is None
+    rng = np.random.default_rng(1)
+    results = eng.ingest(requests(rng, 0, 5, "1", 1, 4.0)) + eng.flush_all()
+    assert results and all(r.window.graph == {} for r in results)
