@@ -52,6 +52,7 @@ class Pipeline:
         self._checkpoint_rest = False  # a checkpoint's part was taken, the rest is due now
         self._closed_since_trim = 0    # location-windows closed since the heap was last trimmed
         self._refused: dict[str, int] = {}  # service / version names folded, as last counted
+        self._graph_counted: dict[str, int] = {}  # the call graph's counts, as last counted
         self.activity = Activity(metrics, cfg.log_interval, cfg.allowed_lateness)
 
     def put(self, batch: Batch) -> None:
@@ -114,6 +115,8 @@ class Pipeline:
                 self.metrics.late.inc(stats["late"] - late)
                 self.metrics.processed.inc(stats["spans"] - spans)
                 self.metrics.overflow_spans.inc(stats["overflow"] - overflow)
+                if engine.windows.graph is not None:
+                    self.metrics.observe_graph(engine.windows.graph, self._graph_counted)
                 self._count_refused_names()
             if stop:
                 self._emit(engine.flush_all())
@@ -204,7 +207,7 @@ class Pipeline:
         now = time.monotonic()
         for r in results:
             self.metrics.observe_window(r.window)
-            self.sink.submit(r.events, [(b.location.key, b) for b in r.baselines], r.window)
+            self.sink.submit(r.events, [(b.location.key, b) for b in r.baselines], r.window, r.edges)
             if r.detection_started:
                 self.activity.detection_started(r.window.environment, r.window.service,
                                                 self.cfg.detectors.warmup_windows)

@@ -202,3 +202,95 @@ def test_the_call_graph_can_be_turned_off():
     rng = np.random.default_rng(1)
     results = eng.ingest(requests(rng, 0, 5, "1", 1, 4.0)) + eng.flush_all()
     assert results and all(r.window.graph == {} for r in results)
+
+
+# --- a real `backflow serve`, spans from the OpenTelemetry SDK ----------------------------
+
+def _sdk_requests(target, version, windows, per_call, first_window=0, requests_per_window=30):
+    """A handler calling a query ``per_call`` times per request, nested as the SDK nests
+    them (the current span is the parent), exported in batches: children before parents."""
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    provider = TracerProvider(resource=Resource.create({
+        "service.name": "shop", "service.version": version, "deployment.environment.name": "prod"}))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=target, insecure=True),
+                                                   max_export_batch_size=200, max_queue_size=100_000))
+    tracer = provider.get_tracer("shop")
+    t0 = 1_700_000_000 * SEC
+    for w in range(first_window, first_window + windows):
+        for r in range(requests_per_window):
+            start = t0 + w * 10 * SEC + r * 250 * MS
+            server = tracer.start_span("GET /orders", start_time=start, kind=trace.SpanKind.SERVER,
+                                       attributes={"code.function.name": "shop.api.get_orders"})
+            with trace.use_span(server, end_on_exit=False):
+                handler = tracer.start_span("load", start_time=start + MS,
+                                            attributes={"code.function.name": "shop.orders.load"})
+                with trace.use_span(handler, end_on_exit=False):
+                    at = start + 2 * MS
+                    for _ in range(per_call):
+                        q = tracer.start_span("SELECT", start_time=at, kind=trace.SpanKind.CLIENT,
+                                              attributes={"code.function.name": "shop.db.find_items"})
+                        q.end(end_time=at + 3 * MS)
+                        at += 3 * MS
+                handler.end(end_time=at + MS)
+            server.end(end_time=at + 2 * MS)
+    assert provider.force_flush(30_000)
+    provider.shutdown()
+
+
+def test_sdk_nested_spans_through_serve_give_edges_and_an_n_plus_one_event(backflow, redis_client):
+    import json
+    import signal
+
+    from processor.pipeline.location import location_key
+
+    bf = backflow("--window", "10", "--allowed-lateness", "2", "--call-graph-wait", "1",
+                  "--warmup-windows", "4")
+    _sdk_requests(bf.grpc_target, "1.0", windows=6, per_call=1)
+    _sdk_requests(bf.grpc_target, "1.1", windows=2, per_call=12, first_window=6)
+    # (every span but the last windows' is joined by now: their traces are complete)
+    m = bf.wait_for(lambda: (m := bf.metrics()).get('backflow_graph_spans_total{outcome="joined"}', 0) >= 6 * 30 * 3
+                    and m, what="joined spans")
+    assert m['backflow_graph_spans_total{outcome="orphan"}'] == 0
+    assert m['backflow_graph_spans_total{outcome="late"}'] == 0
+    assert bf.stop(signal.SIGTERM) == 0
+    load, query, api = (location_key("prod", "shop", f) for f in
+                        ("shop.orders.load", "shop.db.find_items", "shop.api.get_orders"))
+    edges = redis_client.hgetall(f"backflow:edges:{load}")
+    assert edges["function"] == "shop.orders.load" and set(edges) >= {query, "calls", "self_ms_per_call"}
+    child = json.loads(edges[query])
+    assert child["function"] == "shop.db.find_items" and child["calls_per_call"] == 12
+    assert child["versions"] == {"1.1": 12} and child["ms_per_call"] == pytest.approx(36, rel=0.02)
+    assert float(edges["self_ms_per_call"]) == pytest.approx(2, rel=0.02)
+    assert json.loads(redis_client.hget(f"backflow:callers:{query}", load))["function"] == "shop.orders.load"
+    assert json.loads(redis_client.hgetall(f"backflow:edges:{api}")[load])["calls_per_call"] == 1
+    events = [f for _, f in redis_client.xrange("backflow:events")]
+    pattern = [e for e in events if e["type"] == "call_pattern_regression"]
+    assert [(e["key"], e["service.version"], json.loads(e["detail"])["callee"]) for e in pattern] == [
+        (load, "1.1", "shop.db.find_items")]
+
+
+def test_the_edges_and_callers_hashes_conform_to_the_schema_and_a_bad_one_is_named():
+    from processor.pipeline.graph import Child, LocationGraph
+    from processor.schema import SchemaError, callers_from_hash, edges_from_hash
+    from processor.sinks.redis_streams import edge_commands
+
+    load, query = SHOP[LOAD], SHOP[ITEMS]
+    v1, v2 = ("shop", "1", ""), ("shop", "2", "")
+    g = LocationGraph(10, 50 * MS, 30 * MS, {v1: 4, v2: 6}, {query: Child(25, 30 * MS, {v1: 4, v2: 21})})
+    (_, edges_key, *pairs), (_, callers_key, caller, value) = edge_commands("bf", load, g, 20 * SEC)
+    fields = dict(zip(pairs[::2], pairs[1::2]))
+    assert (edges_key, callers_key) == (f"bf:edges:{load.key}", f"bf:callers:{query.key}")
+    msg = edges_from_hash(load.key, fields)
+    assert (msg.calls, msg.self_ms_per_call, msg.updated) == (10, 2.0, 20_000)
+    (callee,) = msg.callees
+    assert (callee.key, callee.calls_per_call, dict(callee.versions)) == (query.key, 2.5, {"1": 1.0, "2": 3.5})
+    assert callers_from_hash({caller: value})[0].time_share == pytest.approx(0.6)
+    with pytest.raises(SchemaError, match="Callee field .cpc.: in [0-9a-f]{16} is not in the schema"):
+        edges_from_hash(load.key, {**fields, query.key: fields[query.key].replace('"calls_per_call"', '"cpc"')})
+    with pytest.raises(SchemaError, match="self_ms_per_call"):
+        edges_from_hash(load.key, {k: v for k, v in fields.items() if k != "self_ms_per_call"})

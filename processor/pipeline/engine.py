@@ -11,7 +11,7 @@ import logging
 import marshal
 import time
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -415,6 +415,7 @@ class Engine:
         events = self._first_seen(cw, service, tracked)
         here = np.fromiter((lw.loc_id for lw in tracked), np.int64, len(tracked))
         graphs = self._graphs(cw) if cw.graph else {}
+        locations = self.windows.tables.locations
         baselines, changed = self._detect(cw, service, tracked, here, context, events, graphs)
         if graphs and self.detectors.before:
             events = [self._explained(e, cw, graphs) for e in events]
@@ -433,7 +434,8 @@ class Engine:
             b is not None and b.windows >= self.cfg.detectors.warmup_windows for b in baselines)
         if started:
             self.detecting.add(service)
-        return WindowResult(cw, events, baselines, started)
+        edges = [(locations[loc_id], g) for loc_id, g in graphs.items() if g.children]
+        return WindowResult(cw, events, baselines, started, edges)
 
     def _service_context(self, cw: ClosedWindow, service: tuple) -> ServiceContext:
         by_version: dict = {}
@@ -548,5 +550,8 @@ class WindowResult:
     baselines: list[Baseline]
     # The service's first location has just passed its warm-up (in this process).
     detection_started: bool = False
+    # The locations that called others in this window, with their call-graph figures
+    # (``LocationGraph``, resolved): published as {prefix}:edges:{key} and :callers:{key}
+    edges: list = field(default_factory=list)
 
 

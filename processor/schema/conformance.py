@@ -1,7 +1,8 @@
 """Checks that every record of a prefix in Redis conforms to proto/backflow/v1.
 
-Reads ``{prefix}:events`` (every entry), each ``{prefix}:baseline:{key}`` hash and each field
-of each ``{prefix}:versions:{key}`` hash, and converts each with ``redis_map``; a record that
+Reads ``{prefix}:events`` (every entry), each ``{prefix}:baseline:{key}`` hash, each field
+of each ``{prefix}:versions:{key}`` hash and each ``{prefix}:edges:{key}`` and
+``{prefix}:callers:{key}`` hash, and converts each with ``redis_map``; a record that
 does not convert is a problem naming its Redis key, entry or field, and the field at fault.
 Keys of another Redis type are not Backflow's records and are left alone. The tests run it
 after every test that started ``backflow serve`` (tests/conftest.py); by hand:
@@ -22,7 +23,8 @@ import redis
 
 from processor.schema.backflow.v1.baseline_pb2 import Baseline
 from processor.schema.backflow.v1.event_pb2 import Event
-from processor.schema.redis_map import SchemaError, from_fields, version_from_field
+from processor.schema.redis_map import (SchemaError, callers_from_hash, edges_from_hash, from_fields,
+                                        version_from_field)
 
 _GLOB = re.compile(r"([*?\[\]\\])")
 
@@ -33,17 +35,19 @@ class Tally:
     events: set = field(default_factory=set)     # (events key, entry id)
     baselines: set = field(default_factory=set)  # baseline hash keys
     versions: set = field(default_factory=set)   # (versions hash key, field name)
+    edges: set = field(default_factory=set)      # edges and callers hash keys
     problems: list[str] = field(default_factory=list)
 
     def update(self, other: Tally) -> None:
         self.events |= other.events
         self.baselines |= other.baselines
         self.versions |= other.versions
+        self.edges |= other.edges
         self.problems += [p for p in other.problems if p not in self.problems]
 
     def __str__(self) -> str:
         return (f"{len(self.events)} events, {len(self.baselines)} baselines, "
-                f"{len(self.versions)} version summaries")
+                f"{len(self.versions)} version summaries and {len(self.edges)} call-graph hashes")
 
 
 def _s(value) -> str:
@@ -88,6 +92,14 @@ def check(client: redis.Redis, prefix: str, batch: int = 1000) -> Tally:
             tally.versions.add((key, _s(name)))
             try:
                 version_from_field(name, value)
+            except SchemaError as e:
+                tally.problems.append(f"{key}: {e}")
+    for kind, read in (("edges", edges_from_hash), ("callers", None)):
+        head = f"{prefix}:{kind}:"
+        for key, fields in _hashes(client, _escape(head) + "*", batch):
+            tally.edges.add(key)
+            try:
+                read(key[len(head):], fields) if read else callers_from_hash(fields)
             except SchemaError as e:
                 tally.problems.append(f"{key}: {e}")
     return tally

@@ -39,6 +39,7 @@ from typing import TypeVar
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from processor.schema.backflow.v1.edges_pb2 import Callee, Caller, Edges
 from processor.schema.backflow.v1.version_summary_pb2 import (
     VersionSummaries,
     VersionSummary,
@@ -54,6 +55,7 @@ VERSION_NAME_FIELDS = ("service_version", "vcs_ref_head_revision")
 _INT = re.compile(r"0|-?[1-9][0-9]*")
 _DOUBLE = re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 _INT64 = (-(2 ** 63), 2 ** 63 - 1)
+_KEY = re.compile(r"[0-9a-f]{16}")  # a code location's key
 _STRING, _INT64_TYPE, _DOUBLE_TYPE = FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_DOUBLE
 
 
@@ -238,3 +240,71 @@ def versions_from_hash(key: str, fields: Mapping) -> VersionSummaries:
 
 def versions_to_hash(msg: VersionSummaries) -> dict[str, str]:
     return dict(version_to_field(v) for v in msg.versions)
+
+
+def _json_message(cls: type[M], key: str, text, label: str) -> M:
+    """A message of ``cls`` from a JSON object of its fields under their json_name (every
+    one but ``key``, which is given); numbers as JSON numbers, a map of numbers as a JSON
+    object of them."""
+    descriptor = cls.DESCRIPTOR
+    message = descriptor.name
+    members = _json(_text(text, message, label), message, label, dict)
+    fields = {f.json_name: f for f in descriptor.fields if f.name != "key"}
+    for member in members:
+        if member not in fields:
+            raise SchemaError(message, member, f"in {label} is not in the schema (unknown field)")
+    msg = cls(key=key)
+    for member, f in fields.items():
+        if member not in members:
+            raise SchemaError(message, member, f"in {label} is missing")
+        value = members[member]
+        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+            if not isinstance(value, dict):
+                raise SchemaError(message, member, f"in {label} is not a JSON object")
+            target = getattr(msg, f.name)
+            for k, v in value.items():
+                target[k] = _json_number(v, False, message, member)
+        elif f.type == _STRING:
+            if not isinstance(value, str):
+                raise SchemaError(message, member, f"in {label}: {value!r} is not a string")
+            setattr(msg, f.name, value)
+        else:
+            setattr(msg, f.name, _json_number(value, f.type == _INT64_TYPE, message, member))
+    return msg
+
+
+def edges_from_hash(key: str, fields: Mapping) -> Edges:
+    """The whole hash ``{prefix}:edges:{key}``: the caller's fields, and a field per callee
+    (its key, 16 hex digits) holding a JSON object."""
+    own = {f.json_name for f in Edges.DESCRIPTOR.fields if f.name not in ("key", "callees")}
+    plain = {}
+    callees = []
+    for name, value in fields.items():
+        label = _text(name, Edges.DESCRIPTOR.name, repr(name))
+        if label in own:
+            plain[label] = value
+        elif _KEY.fullmatch(label):
+            callees.append(_json_message(Callee, label, value, label))
+        else:
+            raise SchemaError(Edges.DESCRIPTOR.name, label, "is not in the schema (unknown field)")
+    for name in own:
+        if name not in plain:
+            raise SchemaError(Edges.DESCRIPTOR.name, name, "is missing")
+    msg = Edges(key=key, callees=callees)
+    for f in Edges.DESCRIPTOR.fields:
+        if f.json_name in plain:
+            text = _text(plain[f.json_name], Edges.DESCRIPTOR.name, f.json_name)
+            setattr(msg, f.name, text if f.type == _STRING else _int(text, Edges.DESCRIPTOR.name, f.json_name)
+                    if f.type == _INT64_TYPE else _double(text, Edges.DESCRIPTOR.name, f.json_name))
+    return msg
+
+
+def callers_from_hash(fields: Mapping) -> list[Caller]:
+    """The hash ``{prefix}:callers:{key}``: one Caller per field (named by the caller's key)."""
+    out = []
+    for name, value in fields.items():
+        label = _text(name, Caller.DESCRIPTOR.name, repr(name))
+        if not _KEY.fullmatch(label):
+            raise SchemaError(Caller.DESCRIPTOR.name, label, "is not a caller's key (16 hex digits)")
+        out.append(_json_message(Caller, label, value, label))
+    return out

@@ -99,6 +99,9 @@ class LocationGauges:
         yield from (lat, err, rate)
 
 
+GRAPH_OUTCOMES = {"joined": "joined", "orphan": "orphans", "late": "late", "forced": "forced"}
+
+
 class Metrics:
     """Every metric Backflow exports, on one registry passed in (tests build their own)."""
 
@@ -146,6 +149,17 @@ class Metrics:
             "format's, such as format 2's pickles, never unpickled)", ["reason"], registry=r)
         for reason in ("malformed", "other_format"):
             self.checkpoint_rejected.labels(reason)
+        self.graph_spans = Counter("backflow_graph_spans",
+                                   "Spans through the call graph's join: joined (their trace complete), "
+                                   "orphan (joined, but their parent never came), late (their window "
+                                   "had closed when their trace was joined: dropped from the graph), "
+                                   "forced (joined before their trace was complete: the join was full)",
+                                   ["outcome"], registry=r)
+        for outcome in GRAPH_OUTCOMES:
+            self.graph_spans.labels(outcome)
+        self.graph_waiting = Gauge("backflow_graph_waiting_spans",
+                                   "Spans in the call graph's join waiting for the rest of their trace",
+                                   registry=r)
         self.processed = Counter("backflow_processed_spans",
                                  "Spans aggregated into a window by the window stage", registry=r)
         self.events = Counter("backflow_events", "Events written to the events stream", ["type"],
@@ -189,6 +203,15 @@ class Metrics:
         self.forgotten_services.inc(len(forgotten.services))
         self.locations.forget(loc for _, loc in forgotten.locations)
         self.overflow_locations.set(len(self.locations.overflowed))
+
+    def observe_graph(self, graph, counted: dict) -> None:
+        """The call graph's counts since ``counted`` (updated), and the spans waiting."""
+        for outcome, stat in GRAPH_OUTCOMES.items():
+            now = graph.stats[stat]
+            if now > counted.get(stat, 0):
+                self.graph_spans.labels(outcome).inc(now - counted.get(stat, 0))
+                counted[stat] = now
+        self.graph_waiting.set(graph.waiting)
 
     def observe_window(self, cw: ClosedWindow) -> None:
         self.windows.inc()

@@ -201,9 +201,41 @@ def _text(value) -> str:
     raise redis.DataError(f"invalid value for a Redis argument: {type(value).__name__}")
 
 
+MAX_EDGES = 100  # callees published per caller and window, the most called first
+
+
+def edge_commands(prefix: str, loc, graph, end_ns: int) -> list[tuple]:
+    """The HSETs of one caller's window: ``{prefix}:edges:{key}`` (the caller's figures, and
+    per callee key its figures as JSON) and, per callee, the caller's field of
+    ``{prefix}:callers:{callee key}`` (docs/sinks.md)."""
+    n, updated = graph.calls, str(end_ns // 1_000_000)
+    total = graph.ns or 1
+    versions = {v: c for v, c in graph.versions.items() if c}
+    fields = ["function", loc.function, "service.name", loc.service, "calls", str(n),
+              "ms_per_call", _ms(graph.ns / n), "self_ms_per_call", _ms(graph.self_ns / n), "updated", updated]
+    cmds = []
+    children = sorted(graph.children.items(), key=lambda cf: (-cf[1].calls, cf[0].key))[:MAX_EDGES]
+    for child, f in children:
+        per_version = {v[1] or "(none)": round(c / versions[v], 4) for v, c in sorted(f.by_version.items())
+                       if versions.get(v)}
+        fields += [child.key, json.dumps({
+            "function": child.function, "service.name": child.service, "code.file.path": child.file,
+            "code.line.number": child.line, "calls": f.calls, "calls_per_call": round(f.calls / n, 4),
+            "ms_per_call": round(f.ns / n / 1e6, 6), "time_share": round(f.ns / total, 4),
+            "versions": per_version, "updated": int(updated)}, sort_keys=True)]
+        cmds.append(("HSET", f"{prefix}:callers:{child.key}", loc.key, json.dumps({
+            "function": loc.function, "service.name": loc.service, "calls_per_call": round(f.calls / n, 4),
+            "time_share": round(f.ns / total, 4), "calls": n, "updated": int(updated)}, sort_keys=True)))
+    return [("HSET", f"{prefix}:edges:{loc.key}", *fields)] + cmds
+
+
+def _ms(ns: float) -> str:
+    return repr(round(ns / 1e6, 6))
+
+
 @dataclass(slots=True)  # (not frozen: its __init__ would cost a microsecond a write)
 class _Write:
-    kind: str            # "event", "first_seen", "baseline", "versions" or "state"
+    kind: str            # "event", "first_seen", "baseline", "edges", "versions" or "state"
     key: str
     fields: list[str] | None  # a baseline's hash as [field, value, ...]; None for events (rendered from source)
     event_type: str = ""
@@ -246,6 +278,7 @@ class RedisSink:
         self.written_ttl = written_ttl  # seconds a {prefix}:written:* marker lives
         self.buffer: deque[_Write] = deque()
         self.baselines: dict[str, object] = {}  # key -> latest baseline not yet written
+        self.edges: dict[str, tuple] = {}  # caller key -> (location, LocationGraph, window end) not yet written
         self.state: dict[str, bytes | int] = {}  # checkpoint field -> latest blob (or deletion) not yet written
         self.state_key = f"{prefix}:state"
         self.versions = VersionLedger()  # per-version summaries (processor/sinks/versions.py)
@@ -328,9 +361,12 @@ class RedisSink:
         with self._cv:
             return len(self.state)
 
-    def submit(self, events: list[Event], baselines: list[tuple[str, object]], window=None) -> None:
+    def submit(self, events: list[Event], baselines: list[tuple[str, object]], window=None,
+               edges: list | None = None) -> None:
         """Queue events; note baselines as (key, object with ``fields()`` or a fields dict),
-        and the closed window's per-version figures (``{prefix}:versions:{key}``)."""
+        the closed window's per-version figures (``{prefix}:versions:{key}``) and its call
+        graph's callers with their figures (``edges``: (Location, LocationGraph) pairs, for
+        ``{prefix}:edges:{key}`` and ``{prefix}:callers:{key}``)."""
         # Events are rendered to their fields when written, not here: a window that closes
         # with a hundred thousand new locations must not hold a hundred thousand dicts.
         token = self._tokens.next
@@ -366,6 +402,8 @@ class RedisSink:
                 pending[key] = source
             if window is not None:
                 self.versions.note(window)
+                for loc, graph in edges or ():
+                    self.edges[loc.key] = (loc, graph, window.end_ns)
             self._cv.notify()
         if waited:
             self.on_waited(waited)
@@ -376,7 +414,7 @@ class RedisSink:
 
     def pending(self) -> int:
         with self._cv:
-            return (len(self.buffer) + len(self.baselines) + len(self.versions) + len(self.state)
+            return (len(self.buffer) + len(self.baselines) + len(self.edges) + len(self.versions) + len(self.state)
                     + self._inflight + (1 if self._unlink else 0))  # (markers to delete: one write)
 
     def flush(self, timeout: float) -> bool:
@@ -407,6 +445,9 @@ class RedisSink:
             keys = list(itertools.islice(self.baselines, self.batch_size))
             sources = [self.baselines.pop(key) for key in keys]
             return [_Write("baseline", key, _row(src), source=src) for key, src in zip(keys, sources)]
+        if self.edges:
+            keys = list(itertools.islice(self.edges, self.batch_size))
+            return [_Write("edges", key, None, source=self.edges.pop(key)) for key in keys]
         if self.versions:  # after the baselines of the same windows, before the checkpoint
             return [_Write("versions", "", None, source=self.versions.take(self.batch_size))]
         # Checkpoint fields last: a restart must not know of a window whose events and
@@ -416,7 +457,7 @@ class RedisSink:
         return [_Write("state", name, None, source=self.state.pop(name)) for name in names]
 
     def _idle(self) -> bool:
-        return not (self.buffer or self.baselines or self.versions or self.state or self._unlink)
+        return not (self.buffer or self.baselines or self.edges or self.versions or self.state or self._unlink)
 
     def _spool_waiting(self) -> bool:
         return self.spool is not None and self.spool.size > 0
@@ -488,6 +529,8 @@ class RedisSink:
                         _make_whole(self.baselines[w.key])  # (a newer one: written whole instead)
                 elif w.kind == "state":
                     self.state.setdefault(w.key, w.source)
+                elif w.kind == "edges":
+                    self.edges.setdefault(w.key, w.source)
             for w in batch:
                 if w.kind == "versions":
                     self.versions.put_back(w.source)
@@ -643,6 +686,9 @@ class RedisSink:
                          _rows_json([w.key, "1", *w.fields] if _whole(w.source) else
                                     [w.key, "", w.source.version[1], w.source.version[2], *w.fields]
                                     for w in baselines)))
+        for w in batch:
+            if w.kind == "edges":  # hashes: written again with the same values is harmless
+                cmds += edge_commands(self.prefix, *w.source)
         for w in batch:
             if w.kind == "versions":  # one call for the batch's merges, under its token's marker
                 token, items = w.source
