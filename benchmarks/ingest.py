@@ -95,6 +95,7 @@ class Workload:
     coverage: str       # "zipf": popular functions; "roundrobin": every function in turn
     templates: int      # templates per lane for "zipf" ("roundrobin" takes what covers all)
     wall: bool = False  # event time from the wall clock when sent, instead of from EPOCH_NS
+    trace_size: int = 0  # >0: a service's spans form traces of this many, the last-ending the parent of the rest
 
     @property
     def services(self) -> int:
@@ -194,6 +195,8 @@ class Template:
     sid_idx: np.ndarray
     st_idx: np.ndarray
     en_idx: np.ndarray
+    root: np.ndarray | None = None  # with traces: the index of each span's trace root (its parent)
+    pid_idx: np.ndarray | None = None
 
 
 def _offsets(data: bytes, prefix: bytes, values: list[bytes]) -> np.ndarray:
@@ -231,7 +234,7 @@ def build_templates(w: Workload, lane: int) -> list[Template]:
     for t in range(count):
         n = w.spans_max if w.coverage == "roundrobin" else int(rng.integers(w.spans_min, w.spans_max + 1))
         req = ExportTraceServiceRequest()
-        tids, sids, sts, ens, ks, mus, sigmas, locs = [], [], [], [], [], [], [], []
+        tids, sids, sts, ens, ks, mus, sigmas, locs, pids, groups = [], [], [], [], [], [], [], [], [], []
         for r, g in enumerate(services):
             name, env = service_identity(g)
             n_r = n // SERVICES_PER_LANE + (1 if r < n % SERVICES_PER_LANE else 0)
@@ -279,7 +282,12 @@ def build_templates(w: Workload, lane: int) -> list[Template]:
                     tid, sid = b"\xa5" + rnd[:15], b"\x5a" + rnd[15:22]
                     st, en = rnd[22:30], rnd[30:38]  # sentinels, patched per request
                     sp.trace_id, sp.span_id = tid, sid
-                    if k % 3:
+                    if w.trace_size:  # (patched per request: the root's id, or zeros for the root)
+                        pid = b"\x02" + rnd[38:45]
+                        sp.parent_span_id = pid
+                        pids.append(pid)
+                        groups.append((r, k // w.trace_size))
+                    elif k % 3:
                         sp.parent_span_id = b"\x01" + rnd[38:45]
                     sp.start_time_unix_nano = int.from_bytes(st, "little")
                     sp.end_time_unix_nano = int.from_bytes(en, "little")
@@ -299,6 +307,14 @@ def build_templates(w: Workload, lane: int) -> list[Template]:
                     locs.append(g * 1_000_000 + j)
         data = req.SerializeToString()
         ar16, ar8 = np.arange(16), np.arange(8)
+        root = pid_idx = None
+        if w.trace_size:  # each group's last-ending span is the root, the others its children
+            last: dict[tuple, int] = {}
+            for i, (g_, k_) in enumerate(zip(groups, ks)):
+                if g_ not in last or ks[last[g_]] < k_:
+                    last[g_] = i
+            root = np.array([last[g_] for g_ in groups], np.int64)
+            pid_idx = (_offsets(data, b"\x22\x08", pids)[:, None] + ar8).ravel()
         tpl = Template(
             data=data, n=n, k=np.array(ks, np.int64), kmax=max(ks),
             mu=np.array(mus), sigma=np.array(sigmas), loc=np.array(locs, np.int64),
@@ -306,6 +322,7 @@ def build_templates(w: Workload, lane: int) -> list[Template]:
             sid_idx=(_offsets(data, b"\x12\x08", sids)[:, None] + ar8).ravel(),
             st_idx=(_offsets(data, b"\x39", sts)[:, None] + ar8).ravel(),
             en_idx=(_offsets(data, b"\x41", ens)[:, None] + ar8).ravel(),
+            root=root, pid_idx=pid_idx,
         )
         out.append(tpl)
     return out
@@ -323,6 +340,11 @@ def render(tpl: Template, t0_ns: int, gap_ns: int, rng, dur: np.ndarray | None =
     ids = rng.integers(0, 256, size=(tpl.n, 24), dtype=np.uint8)
     ids[:, 0] |= 1
     ids[:, 16] |= 1
+    if tpl.root is not None:  # a trace's spans share its root's trace id; children name the root
+        pid = ids[tpl.root, 16:].copy()
+        pid[tpl.root == np.arange(tpl.n)] = 0
+        ids[:, :16] = ids[tpl.root, :16]
+        arr[tpl.pid_idx] = pid.ravel()
     arr[tpl.tid_idx] = ids[:, :16].ravel()
     arr[tpl.sid_idx] = ids[:, 16:].ravel()
     end = t0_ns + tpl.k * gap_ns
@@ -822,7 +844,7 @@ def phase_throughput(args, tmp: str, workers: int = 1, rate: float = 0.0) -> dic
     lanes = args.clients * args.inflight
     w = Workload(lanes=lanes, locations=args.locations, spans_min=512, spans_max=1000,
                  gap_ns=int(args.gap_ms * 1e6), seed=args.seed, coverage="zipf", templates=args.templates,
-                 wall=getattr(args, "wall", False))
+                 wall=getattr(args, "wall", False), trace_size=args.trace_size)
     per_lane = max(1, math.ceil(args.spans / 756 / lanes))  # 756: mean of 512..1000
     with Stack(tmp, "throughput", ["--workers", str(workers)], window=args.window) as stack:
         cpu0 = proc_cpu_seconds(stack.pid)
@@ -1096,6 +1118,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode-requests", type=int, default=40, help="requests in the decode sample")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--window", type=float, default=60.0, help="--window of the server, event-time seconds")
+    p.add_argument("--trace-size", type=int, default=0,
+                   help="spans per trace: a service's spans in a request form traces of this many, the "
+                        "last-ending one (a root) the parent of the others; 0 (default): every span its "
+                        "own trace, two in three naming a parent never sent")
     p.add_argument("--skip-memory", action="store_true", help="skip the memory phase")
     p.add_argument("--profile", metavar="FILE",
                    help="record the 1-process throughput run with py-spy (raw format) into FILE and "

@@ -242,7 +242,7 @@ def _sdk_requests(target, version, windows, per_call, first_window=0, requests_p
     provider.shutdown()
 
 
-def test_sdk_nested_spans_through_serve_give_edges_and_an_n_plus_one_event(backflow, redis_client):
+def test_sdk_nested_spans_through_serve_give_edges_and_an_n_plus_one_event(backflow, redis_client, redis_server):
     import json
     import signal
 
@@ -272,6 +272,23 @@ def test_sdk_nested_spans_through_serve_give_edges_and_an_n_plus_one_event(backf
     pattern = [e for e in events if e["type"] == "call_pattern_regression"]
     assert [(e["key"], e["service.version"], json.loads(e["detail"])["callee"]) for e in pattern] == [
         (load, "1.1", "shop.db.find_items")]
+    # `report` reads the callees of each function, and prints them under its figures
+    from processor.report.findings import callee_lines
+    from processor.report.store import read_production
+
+    callees = read_production(redis_client, "backflow").callees[load]
+    assert [c["function"] for c in callees] == ["shop.db.find_items"]
+    assert callee_lines(callees)[0].startswith("calls shop.db.find_items: 12 per call, 36 ms per call")
+    # `top --calls`: the location's callees and callers
+    from tests.commands import backflow_command
+
+    p = backflow_command("top", "--once", "--calls", "shop.orders.load", "--redis-url", redis_server.url)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    callee = next(line for line in lines if line.endswith("shop.db.find_items")).split()
+    assert callee[:2] == ["12", "36"] and float(callee[2].rstrip("%")) > 85
+    assert "of which its own code 2 ms" in p.stdout
+    assert lines[lines.index("called by:") + 2].split() == ["1", "95.0%", "shop.api.get_orders"]  # 38 of 40 ms
 
 
 def test_the_edges_and_callers_hashes_conform_to_the_schema_and_a_bad_one_is_named():

@@ -16,6 +16,9 @@ from processor.pipeline.location import Location
 from processor.pipeline.sketch import LogSketch
 from processor.schema import (
     Baseline,
+    Callee,
+    Caller,
+    Edges,
     Event,
     SchemaError,
     VersionSummaries,
@@ -62,7 +65,7 @@ def test_committed_classes_are_what_protoc_generates_from_proto(tmp_path):
 # --- the schema names what Backflow writes ------------------------------------------------------
 
 def test_every_field_is_named_by_the_rule_dots_as_underscores():
-    for cls in (Event, Baseline, VersionSummary, VersionSummaries):
+    for cls in (Event, Baseline, VersionSummary, VersionSummaries, Edges, Callee, Caller):
         for f in cls.DESCRIPTOR.fields:
             assert f.name == f.json_name.replace(".", "_"), f.full_name
 
@@ -276,3 +279,17 @@ def test_the_tables_of_docs_schema_md_are_the_messages():
             redis_name = f"`{f.json_name}`" if cls is not VersionSummary or f.index > 1 else f"name\\[{f.index}\\]"
             rows.append(f"| {redis_name} | `{f.name}` | {kind} |")
         assert "\n".join(rows) in text, f"docs/schema.md: the table of {cls.DESCRIPTOR.name}"
+    assert "\n".join(graph_rows(cls) for cls in (Edges, Callee, Caller)) in text, "docs/schema.md: call graph"
+
+
+def graph_rows(cls) -> str:
+    """The table of a call-graph message as docs/schema.md shows it."""
+    names = {FieldDescriptorType.TYPE_STRING: "string", FieldDescriptorType.TYPE_INT64: "int64",
+             FieldDescriptorType.TYPE_DOUBLE: "double", FieldDescriptorType.TYPE_MESSAGE: "map<string, double>"}
+    special = {"key": "(the hash's name)" if cls is Edges else "(the hash field's name)",
+               "callees": "(a field per callee)"}
+    rows = [f"`{cls.DESCRIPTOR.name}`:", "", "| Redis field or JSON member | proto field | type |", "|---|---|---|"]
+    for f in cls.DESCRIPTOR.fields:
+        kind = "repeated Callee" if f.name == "callees" else names[f.type]
+        rows.append(f"| {special.get(f.name, f'`{f.json_name}`')} | `{f.name}` | {kind} |")
+    return "\n".join(rows) + "\n"

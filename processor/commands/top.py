@@ -187,8 +187,43 @@ def add_versions(client: redis.Redis, prefix: str, rows: list[Row]) -> None:
                           v.last_ms) for v in blended(records, r.updated_ms)]
 
 
+def calls_view(client: redis.Redis, prefix: str, rows: list[Row], name: str, width: int) -> str:
+    """One location's place in the call graph: its figures, its callees (from
+    ``{prefix}:edges:{key}``) and its callers (``{prefix}:callers:{key}``)."""
+    found = [r for r in rows if name in (r.key, r.function)]
+    if not found:
+        return f"backflow top: no code location named {name!r} (a code.function.name or a key)"
+    r = found[0]
+    edges = client.hgetall(f"{prefix}:edges:{r.key}")
+    callers = client.hgetall(f"{prefix}:callers:{r.key}")
+    lines = [f"{r.function} ({r.where})  {_label(r)}  {r.calls:.1f} calls/s  p50 {r.p50:.3g} ms  "
+             f"p99 {r.p99:.3g} ms  errors {r.errors:.2%}"
+             + (f"  ({len(found) - 1} more locations named so; by key: --calls KEY)" if len(found) > 1 else "")]
+    callees = sorted((json.loads(v) for k, v in edges.items() if len(k) == 16 and v.startswith("{")),
+                     key=lambda c: (-c["time_share"], c["function"]))
+    if edges.get("calls"):
+        lines += ["", f"calls, in its latest window with callees ({common.time_of(int(edges['updated']))}): "
+                      f"{edges['calls']} calls, {float(edges['ms_per_call']):.3g} ms per call, of which its own code "
+                      f"{float(edges['self_ms_per_call']):.3g} ms"]
+    if callees:
+        lines += [f"  {'CALLS/CALL':>10}  {'MS/CALL':>8}  {'SHARE':>6}  CALLEE"]
+        lines += [f"  {c['calls_per_call']:>10.3g}  {c['ms_per_call']:>8.3g}  {c['time_share']:>6.1%}  "
+                  f"{c['function']}"[:width] for c in callees]
+    else:
+        lines += ["", "calls nothing the call graph saw"]
+    rows_of = sorted((json.loads(v) for v in callers.values()), key=lambda c: (-c["time_share"], c["function"]))
+    if rows_of:
+        lines += ["", "called by:", f"  {'CALLS/CALL':>10}  {'SHARE':>6}  CALLER (the share: of the caller's time)"]
+        lines += [f"  {c['calls_per_call']:>10.3g}  {c['time_share']:>6.1%}  {c['function']}"[:width] for c in rows_of]
+    else:
+        lines += ["", "called by nothing the call graph saw (an entry point, or its callers are not traced)"]
+    return "\n".join(lines)
+
+
 def snapshot(client: redis.Redis, prefix: str, args: argparse.Namespace, width: int, height: int | None) -> str:
     rows = read_rows(client, prefix, tuple(args.service))
+    if args.calls:
+        return calls_view(client, prefix, rows, args.calls, width)
     service_ms: dict[tuple[str, str], int] = {}
     for r in rows:
         service_ms[r.environment, r.service] = max(service_ms.get((r.environment, r.service), 0), r.updated_ms)
@@ -223,6 +258,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "location not called for this many windows of its service has none open (default 30)")
     p.add_argument("--events", type=int, default=10_000, metavar="N",
                    help="latest events read to find open regressions (default 10000)")
+    p.add_argument("--calls", metavar="FUNCTION",
+                   help="one location (its code.function.name or key) in the call graph: its callees with "
+                        "their calls and time per call and share of its time, and its callers")
     p.set_defaults(run=run)
     return p
 

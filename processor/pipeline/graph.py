@@ -194,31 +194,30 @@ class CallGraph:
         entry = np.where(up >= 0, entry[np.maximum(up, 0)], -1)
 
         self.stats["late"] += int((~live).sum())
-        # Each span's window among the flush's (service, window) pairs; then per pair, its
-        # spans, the edges whose parent is in it and the spans under an entry point in it
-        slot = ws // self.window_ns
-        wkey = svc.astype(np.int64) * (int(slot.max() - slot.min()) + 1) + (slot - slot.min())
-        wkey[~live] = -1
-        keys, gid = np.unique(wkey, return_inverse=True)
+        # Each span's window among the flush's (service, window) pairs (most flushes have
+        # one); then per pair, its spans, the edges whose parent is in it and the spans
+        # under an entry point in it, handed over as they are (summed when it closes)
         under = np.flatnonzero(entry >= 0)
-        groups = _split(gid, idx), _split(gid[p], np.arange(len(child))), _split(gid[under], under)
-        for g, key in enumerate(keys.tolist()):
-            if key < 0:
-                continue
-            rows = groups[0].get(g)
-            first = int(rows[0])
-            part = self._open.get((int(svc[first]), int(ws[first])))
+        pairs = np.stack([svc.astype(np.int64), ws]) if n else np.zeros((2, 0), np.int64)
+        if live.all() and (pairs == pairs[:, :1]).all():
+            groups = [(int(svc[0]), int(ws[0]), idx, np.arange(len(child)), under)]
+        else:
+            slot = ws // self.window_ns
+            wkey = svc.astype(np.int64) * (int(slot.max() - slot.min()) + 1) + (slot - slot.min())
+            wkey[~live] = -1
+            keys, gid = np.unique(wkey, return_inverse=True)
+            by = _split(gid, idx), _split(gid[p], np.arange(len(child))), _split(gid[under], under)
+            none = np.zeros(0, np.int64)
+            groups = [(int(svc[by[0][g][0]]), int(ws[by[0][g][0]]), by[0][g], by[1].get(g, none), by[2].get(g, none))
+                      for g, key in enumerate(keys.tolist()) if key >= 0]
+        for s, w, rows, mine, below in groups:
+            part = self._open.get((s, w))
             if part is None:
-                part = self._open[(int(svc[first]), int(ws[first]))] = _Partial()
-            part.add_spans(loc[rows], ver[rows], dur[rows], child_ns[rows])
-            mine = groups[1].get(g)
-            if mine is not None:
-                c, pp = child[mine], p[mine]
-                part.add_edges(loc[pp], ver[pp], loc[c], dur[c])
-                self.stats["edges"] += len(c)
-            mine = groups[2].get(g)
-            if mine is not None:
-                part.add_entries(loc[mine], loc[entry[mine]], dur[mine])
+                part = self._open[(s, w)] = _Partial()
+            c, pp = child[mine], p[mine]
+            part.add(loc[rows], ver[rows], dur[rows], child_ns[rows], loc[pp], ver[pp], loc[c], dur[c],
+                     loc[below], loc[entry[below]], dur[below])
+            self.stats["edges"] += len(c)
 
     # -- out -------------------------------------------------------------------------------
 
@@ -233,67 +232,88 @@ class CallGraph:
 
 
 class _Partial:
-    """One open window's figures, as the flushes' sums (reduced when the window closes)."""
+    """One open window's figures: the flushes' rows, summed per key when the window closes
+    (and whenever more than ``_COMPACT_AT`` rows are held)."""
 
-    __slots__ = ("spans", "edges", "entries")
+    __slots__ = ("parts", "held")
 
     def __init__(self):
-        self.spans: list[tuple[np.ndarray, ...]] = []
-        self.edges: list[tuple[np.ndarray, ...]] = []
-        self.entries: list[tuple[np.ndarray, ...]] = []
+        # spans: (location, version) -> calls, ns, child ns; edges: (caller, callee, caller's
+        # version) -> calls, ns; entries: (location, entry point) -> calls, ns
+        self.parts: tuple[list, list, list] = ([], [], [])
+        self.held = 0
 
-    def add_spans(self, loc, ver, dur, child_ns) -> None:
-        key, inv = np.unique((loc.astype(np.int64) << 32) | ver.astype(np.int64), return_inverse=True)
-        self.spans.append((key, np.bincount(inv, minlength=len(key)),
-                           np.bincount(inv, dur, len(key)), np.bincount(inv, child_ns, len(key))))
-
-    def add_edges(self, ploc, pver, cloc, cdur) -> None:
-        # (parent location, parent version) in the high half, child location in the low
-        key, inv = np.unique((ploc.astype(np.int64) << 32) | cloc.astype(np.int64), return_inverse=True)
-        vkey, vinv = np.unique((inv.astype(np.int64) << 32) | pver.astype(np.int64), return_inverse=True)
-        self.edges.append((key, np.bincount(inv, minlength=len(key)), np.bincount(inv, cdur, len(key)),
-                           key[vkey >> 32], vkey & 0xFFFFFFFF, np.bincount(vinv, minlength=len(vkey))))
-
-    def add_entries(self, loc, eloc, dur) -> None:
-        key, inv = np.unique((loc.astype(np.int64) << 32) | eloc.astype(np.int64), return_inverse=True)
-        self.entries.append((key, np.bincount(inv, minlength=len(key)), np.bincount(inv, dur, len(key))))
+    def add(self, loc, ver, dur, child_ns, ploc, pver, cloc, cdur, uloc, eloc, udur) -> None:
+        one = np.ones(len(loc), np.int64)
+        self.parts[0].append(((loc, ver), (one, dur, child_ns)))
+        if len(ploc):
+            self.parts[1].append(((ploc, cloc, pver), (np.ones(len(ploc), np.int64), cdur)))
+        if len(uloc):
+            self.parts[2].append(((uloc, eloc), (np.ones(len(uloc), np.int64), udur)))
+        self.held += len(loc) + len(ploc) + len(uloc)
+        if self.held > _COMPACT_AT:
+            self.parts = tuple([_summed(p)] if p else [] for p in self.parts)
+            self.held = sum(len(p[0][1][0]) for p in self.parts if p)
 
     def figures(self) -> dict[int, LocationGraph]:
         out: dict[int, LocationGraph] = {}
-        for key, calls, ns, child_ns in _reduced(self.spans, 3):
-            for k, c, t, ct in zip(key.tolist(), calls.tolist(), ns.tolist(), child_ns.tolist()):
-                g = out.get(k >> 32)
+        spans, edges, entries = (_summed(p) if p else None for p in self.parts)
+        if spans is not None:
+            (loc, ver), (calls, ns, child_ns) = spans
+            for lo, v, c, t, ct in zip(loc.tolist(), ver.tolist(), calls.tolist(), ns.tolist(), child_ns.tolist()):
+                g = out.get(lo)
                 if g is None:
-                    g = out[k >> 32] = LocationGraph()
-                g.calls += int(c)
-                g.ns += int(t)
-                g.child_ns += int(ct)
-                g.versions[k & 0xFFFFFFFF] = int(c)
-        for key, calls, ns in _reduced([e[:3] for e in self.edges], 2):
-            for k, c, t in zip(key.tolist(), calls.tolist(), ns.tolist()):
-                g = out.setdefault(k >> 32, LocationGraph())
-                g.children[k & 0xFFFFFFFF] = Child(int(c), int(t))
-        for _, _, _, ekey, ver, calls in self.edges:
-            for k, v, c in zip(ekey.tolist(), ver.tolist(), calls.tolist()):
-                by = out[k >> 32].children[k & 0xFFFFFFFF].by_version
-                by[v] = by.get(v, 0) + int(c)
-        for key, calls, ns in _reduced(self.entries, 2):
-            for k, c, t in zip(key.tolist(), calls.tolist(), ns.tolist()):
-                g = out.setdefault(k >> 32, LocationGraph())
-                g.entries[k & 0xFFFFFFFF] = [int(c), int(t)]
+                    g = out[lo] = LocationGraph()
+                g.calls += c
+                g.ns += t
+                g.child_ns += ct
+                g.versions[v] = c
+        if edges is not None:
+            (ploc, cloc, pver), (calls, ns) = edges
+            for p, c, v, k, t in zip(ploc.tolist(), cloc.tolist(), pver.tolist(), calls.tolist(), ns.tolist()):
+                children = out.setdefault(p, LocationGraph()).children
+                f = children.get(c)
+                if f is None:
+                    f = children[c] = Child()
+                f.calls += k
+                f.ns += t
+                f.by_version[v] = k
+        if entries is not None:
+            (uloc, eloc), (calls, ns) = entries
+            for u, e, c, t in zip(uloc.tolist(), eloc.tolist(), calls.tolist(), ns.tolist()):
+                out.setdefault(u, LocationGraph()).entries[e] = [c, t]
         return out
 
 
-def _reduced(parts: list[tuple[np.ndarray, ...]], values: int):
-    """Sums of ``values`` columns per key over the flushes' parts: one part (key, *sums)."""
-    if not parts:
-        return []
-    if len(parts) == 1:
-        return [parts[0]]
-    keys = np.concatenate([p[0] for p in parts])
-    key, inv = np.unique(keys, return_inverse=True)
-    return [(key, *(np.bincount(inv, np.concatenate([p[1 + j] for p in parts]).astype(np.float64), len(key))
-                    .round().astype(np.int64) for j in range(values)))]
+_COMPACT_AT = 1 << 18
+
+
+def _summed(parts: list) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    """Rows (key columns, value columns) of several flushes, summed per distinct key:
+    one (key columns, sums) part, keys sorted."""
+    keys = [np.concatenate([np.asarray(p[0][j], np.int64) for p in parts]) for j in range(len(parts[0][0]))]
+    values = [np.concatenate([np.asarray(p[1][j], np.int64) for p in parts]) for j in range(len(parts[0][1]))]
+    widths = [max(int(k.max()).bit_length(), 1) if len(k) else 1 for k in keys]
+    if min((int(k.min()) if len(k) else 0) for k in keys) < 0 or sum(widths) > 62:
+        order = np.lexsort(keys[::-1])  # (ids too wide to pack in one integer)
+        sk = [k[order] for k in keys]
+        first = np.concatenate(([True], np.any([k[1:] != k[:-1] for k in sk], axis=0))) if len(order) else \
+            np.zeros(0, bool)
+        starts = np.flatnonzero(first)
+        return tuple(k[starts] for k in sk), tuple(np.add.reduceat(v[order], starts) if len(starts) else v[:0]
+                                                   for v in values)
+    packed = np.zeros(len(keys[0]), np.int64)
+    for k, w in zip(keys, widths):
+        packed = (packed << w) | k
+    order = np.argsort(packed, kind="stable")
+    packed = packed[order]
+    starts = np.flatnonzero(np.concatenate(([True], packed[1:] != packed[:-1]))) if len(packed) else order
+    sums = tuple(np.add.reduceat(v[order], starts) if len(starts) else v[:0] for v in values)  # (exact)
+    cols, rest = [], packed[starts]
+    for w in reversed(widths):
+        cols.append(rest & ((1 << w) - 1))
+        rest = rest >> w
+    return tuple(cols[::-1]), sums
 
 
 def _lookup(table: dict[int, int], svc: np.ndarray, n: int) -> np.ndarray:

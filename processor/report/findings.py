@@ -20,6 +20,7 @@ class Finding:
     baseline: BaselineRecord | None
     events: list[EventRecord] = field(default_factory=list)
     versions: list[VersionRecord] = field(default_factory=list)  # its version summaries
+    callees: list[dict] = field(default_factory=list)  # what it calls (the call graph), largest share first
 
 
 @dataclass
@@ -44,7 +45,7 @@ def build_report(index: SourceIndex, prod: Production, include_tests: bool = Fal
     for key, where in sorted(prod.locations().items(), key=lambda kv: (kv[1].service, kv[1].function)):
         path, line, fn = index.locate(where.function, where.file, where.line)
         finding = Finding(where, path, line, fn, prod.baselines.get(key), events_by_key.get(key, []),
-                          prod.versions.get(key, []))
+                          prod.versions.get(key, []), prod.callees.get(key, []))
         if where.function.startswith(SPAN_MARK):
             span_names.add(where.function[len(SPAN_MARK):])
         if fn is not None:
@@ -91,6 +92,16 @@ def figures(b: BaselineRecord | None, versions: list[VersionRecord] = ()) -> lis
     return lines
 
 
+def callee_lines(callees: list[dict], most: int = 5) -> list[str]:
+    """What a function calls, per call of it, as the call graph saw it in its latest window
+    with callees: the largest shares of its time first."""
+    lines = [f"calls {c['function']}: {c['calls_per_call']:.3g} per call, {c['ms_per_call']:.3g} ms per call "
+             f"({c['time_share']:.0%} of its time)" for c in callees[:most]]
+    if len(callees) > most:
+        lines.append(f"and {len(callees) - most} more callees")
+    return lines
+
+
 def event_line(e: EventRecord) -> str:
     return f"[{e.severity or '-'}] {e.type} in {e.version or '-'} at {when(e.window_start_ms)}: {e.summary}"
 
@@ -108,6 +119,7 @@ def render_text(report: Report) -> str:
             shown = name if name == f.where.function else f"{name} (as {f.where.function})"
             out.append(f"  {f.line if f.line is not None else '?':>5}  {shown}  [{identity(f.where)}]")
             out += [f"         {x}" for x in figures(f.baseline, f.versions)]
+            out += [f"         {x}" for x in callee_lines(f.callees)]
             for e in f.events:
                 out.append(f"         {event_line(e)}")
         out.append("")

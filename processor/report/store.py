@@ -107,6 +107,8 @@ class Production:
     baselines: dict[str, BaselineRecord] = field(default_factory=dict)   # key -> latest baseline
     events: list[EventRecord] = field(default_factory=list)              # in stream order
     versions: dict[str, list[VersionRecord]] = field(default_factory=dict)  # key -> by first window
+    # key -> its callees in its latest window with any ({prefix}:edges:{key}), the largest share first
+    callees: dict[str, list[dict]] = field(default_factory=dict)
 
     def locations(self) -> dict[str, Where]:
         """Every location known from a baseline or an event, by key."""
@@ -149,6 +151,22 @@ def parse_version_field(name: str, value: str) -> VersionRecord | None:
         return None  # a field some other writer left: not ours to read
 
 
+def parse_edges(fields: dict[str, str]) -> list[dict]:
+    """The callees of an ``{prefix}:edges:{key}`` hash (proto/backflow/v1/edges.proto), the
+    largest share of the caller's time first; what does not parse is left out."""
+    out = []
+    for name, value in fields.items():
+        if len(name) == 16 and value.startswith("{"):
+            try:
+                c = json.loads(value)
+                out.append({"key": name, "function": str(c["function"]), "calls_per_call": float(c["calls_per_call"]),
+                            "ms_per_call": float(c["ms_per_call"]), "time_share": float(c["time_share"]),
+                            "updated_ms": int(c["updated"])})
+            except (ValueError, TypeError, KeyError):
+                continue
+    return sorted(out, key=lambda c: (-c["time_share"], c["function"]))
+
+
 def read_production(client: redis.Redis, prefix: str, service: str | None = None,
                     environment: str | None = None, batch: int = 500) -> Production:
     """Baselines, events and version summaries, for one service/environment if given.
@@ -165,8 +183,9 @@ def read_production(client: redis.Redis, prefix: str, service: str | None = None
         for k in part:
             pipe.hgetall(f"{prefix}:baseline:{k}")
             pipe.hgetall(f"{prefix}:versions:{k}")
+            pipe.hgetall(f"{prefix}:edges:{k}")
         replies = pipe.execute()
-        for k, h, vers in zip(part, replies[0::2], replies[1::2]):
+        for k, h, vers, edges in zip(part, replies[0::3], replies[1::3], replies[2::3]):
             if not h:
                 continue
             h.setdefault("key", k)
@@ -177,6 +196,9 @@ def read_production(client: redis.Redis, prefix: str, service: str | None = None
             recs = [r for r in (parse_version_field(n, v) for n, v in vers.items()) if r]
             if recs:
                 prod.versions[k] = sorted(recs, key=lambda r: (r.first_ms, r.last_ms, r.version))
+            callees = parse_edges(edges)
+            if callees:
+                prod.callees[k] = callees
     last = "-"
     while True:
         chunk = client.xrange(f"{prefix}:events", min=last, max="+", count=1000)
