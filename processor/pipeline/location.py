@@ -3,10 +3,13 @@
 New semantic-convention names come first, the older ones are the fallback, and span
 attributes win over resource attributes:
 
-- function: ``code.function.name``; else ``code.namespace`` + "." + ``code.function``;
-  else ``code.function``; else, for a span without code attributes (auto-instrumented), its
-  operation as the semantic conventions name it (``operation_of``); else ``span:<span name>``
-  (the scope name is kept beside it).
+- function: for a database client span (kind CLIENT), its query (``query_of``: the query
+  is the location, with its baseline, and its caller is found in the call graph); else
+  ``code.function.name``;
+  else ``code.namespace`` + "." + ``code.function``; else ``code.function``; else, for a
+  span without code attributes (auto-instrumented), its operation as the semantic
+  conventions name it (``operation_of``); else ``span:<span name>`` (the scope name is kept
+  beside it).
 - file: ``code.file.path`` else ``code.filepath``; line: ``code.line.number`` else ``code.lineno``.
 - environment: ``deployment.environment.name`` else ``deployment.environment``.
 - version: ``service.version``; revision: ``vcs.ref.head.revision``.
@@ -26,6 +29,7 @@ A location is identified by (environment, service, function); its key is a stabl
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -39,8 +43,8 @@ CODE_ATTRIBUTES = frozenset({
 OPERATION_ATTRIBUTES = frozenset({
     "http.request.method", "http.method", "http.route", "url.template", "server.address", "net.peer.name",
     "rpc.system", "rpc.service", "rpc.method",
-    "db.system.name", "db.system", "db.query.summary", "db.operation.name", "db.operation",
-    "db.collection.name",
+    "db.system.name", "db.system", "db.query.summary", "db.query.text", "db.statement",
+    "db.operation.name", "db.operation", "db.collection.name",
     "messaging.operation.name", "messaging.destination.name",
     "http.response.status_code", "http.status_code",
 })
@@ -68,8 +72,87 @@ def _function(attrs: Mapping[str, Any]) -> str:
 
 def function_of(span_attrs: Mapping[str, Any], resource_attrs: Mapping[str, Any], span_name: str,
                 kind: int = 0) -> str:
-    return (_function(span_attrs) or _function(resource_attrs) or operation_of(span_attrs, kind)
-            or SPAN_NAME_MARK + span_name)
+    return ((query_of(span_attrs) if kind == KIND_CLIENT else "") or _function(span_attrs)
+            or _function(resource_attrs) or operation_of(span_attrs, kind) or SPAN_NAME_MARK + span_name)
+
+
+def _get(attrs: Mapping[str, Any], *names: str) -> str:
+    for name in names:
+        v = attrs.get(name)
+        if v:
+            return str(v)
+    return ""
+
+
+def query_of(attrs: Mapping[str, Any]) -> str:
+    """The query of a database call (a span with ``db.system.name``, or the older
+    ``db.system``): ``db:<system> <what>``, where what is ``db.query.summary``; else
+    ``db.query.text`` (or the older ``db.statement``) normalised (``normalize_query``);
+    else ``db.operation.name`` (``db.operation``) and ``db.collection.name``. "" for a span
+    that is no database call, or names no query.
+
+    >>> query_of({"db.system.name": "postgresql", "db.query.summary": "SELECT orders"})
+    'db:postgresql SELECT orders'
+    >>> query_of({"db.system": "mysql", "db.statement": "SELECT * FROM t WHERE id IN (1, 2, 3)"})
+    'db:mysql SELECT * FROM t WHERE id IN (?)'
+    >>> query_of({"db.system.name": "redis", "db.operation.name": "GET"})
+    'db:redis GET'
+    """
+    db = _get(attrs, "db.system.name", "db.system")
+    if not db:
+        return ""
+    what = _get(attrs, "db.query.summary")
+    if not what:
+        text = _get(attrs, "db.query.text", "db.statement")
+        what = normalize_query(text) if text else " ".join(
+            x for x in (_get(attrs, "db.operation.name", "db.operation"), _get(attrs, "db.collection.name")) if x)
+    return f"db:{db} {what}" if what else ""
+
+
+_QUERY_CACHE: dict[str, str] = {}
+_QUERY_CACHE_MAX = 1 << 14
+
+
+def normalize_query(text: str) -> str:
+    """A query's text with its literals as ``?``: comments dropped, strings and numbers
+    replaced, an ``IN`` list and the rows of ``VALUES`` collapsed to one, whitespace folded;
+    so that the same statement with other values is the same location (as the semantic
+    conventions ask of ``db.query.text``'s sanitisation).
+
+    >>> normalize_query("select *  from users -- who\\n where name = 'O''Brien' and age > 42")
+    'select * from users where name = ? and age > ?'
+    >>> normalize_query("INSERT INTO t (a, b) VALUES (1, 'x'), (2, 'y'), ($1, :b)")
+    'INSERT INTO t (a, b) VALUES (?, ?)'
+    >>> normalize_query('SELECT "t1".x FROM t1 WHERE y IN (?, ?, 0x1F) /* tag */ LIMIT 10')
+    'SELECT "t1".x FROM t1 WHERE y IN (?) LIMIT ?'
+    """
+    out = _QUERY_CACHE.get(text)
+    if out is None:
+        out = _COMMENTS.sub(" ", text)
+        out = _LITERALS.sub("?", out)
+        out = _PLACEHOLDERS.sub("?", out)
+        out = _IN_LIST.sub(r"\1(?)", out)
+        out = _ROW.sub(_one_row, out)
+        out = _ROWS.sub(r"\1", out)
+        out = " ".join(out.split())
+        if len(_QUERY_CACHE) >= _QUERY_CACHE_MAX:
+            _QUERY_CACHE.clear()
+        _QUERY_CACHE[text] = out
+    return out
+
+
+def _one_row(m) -> str:
+    """A row of ``VALUES`` made only of ``?``: one ``?`` per column, spaces folded."""
+    return "(" + ", ".join("?" for _ in m.group(1).split(",")) + ")"
+
+
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
+# string literals (doubled quotes inside), hex and decimal numbers not part of a name
+_LITERALS = re.compile(r"'(?:[^']|'')*'|(?<![\w$.\"])(?:0[xX][0-9a-fA-F]+|[-+]?\d+(?:\.\d+)?(?:[eE][-+]?\d+)?)(?![\w\"])")
+_PLACEHOLDERS = re.compile(r"\$\d+|(?<![\w:]):[A-Za-z_]\w*|%s|%\(\w+\)s")
+_IN_LIST = re.compile(r"(\bIN\s*)\(\s*\?(?:\s*,\s*\?)*\s*\)", re.I)
+_ROW = re.compile(r"\(\s*(\?(?:\s*,\s*\?)*)\s*\)")
+_ROWS = re.compile(r"(\(\?(?:, \?)*\))(?:\s*,\s*\(\?(?:, \?)*\))+")
 
 
 def operation_of(attrs: Mapping[str, Any], kind: int) -> str:
@@ -82,18 +165,15 @@ def operation_of(attrs: Mapping[str, Any], kind: int) -> str:
       (``http.client:<method>`` without either);
     - RPC: ``rpc.server:`` (a server span) or ``rpc.client:``, then
       ``<rpc.system> <rpc.service>/<rpc.method>``;
-    - database: ``db:<db.system.name> <db.query.summary, else db.operation.name db.collection.name>``;
+    - database: its query (``query_of``);
     - messaging: ``messaging:<messaging.operation.name> <messaging.destination.name>``.
 
-    The older names are the fallback: ``http.method`` for ``http.request.method``,
-    ``net.peer.name`` for ``server.address``, ``db.system`` for ``db.system.name`` and
-    ``db.operation`` for ``db.operation.name``.
+    The older names are the fallback: ``http.method`` for ``http.request.method`` and
+    ``net.peer.name`` for ``server.address``. (A database client span is keyed by its
+    query before its code attributes: ``function_of``.)
 
     >>> operation_of({"http.method": "GET", "server.address": "api.acme.com"}, KIND_CLIENT)
     'http.client:GET api.acme.com'
-    >>> operation_of({"db.system.name": "postgresql", "db.operation.name": "SELECT",
-    ...               "db.collection.name": "orders"}, KIND_CLIENT)
-    'db:postgresql SELECT orders'
     >>> operation_of({"http.request.method": "GET"}, KIND_SERVER)  # no route
     'http.server:GET'
     >>> operation_of({"http.request.method": "GET"}, 1)  # an internal span: its name
@@ -116,12 +196,9 @@ def operation_of(attrs: Mapping[str, Any], kind: int) -> str:
         service = get("rpc.service")
         side = "server" if kind == KIND_SERVER else "client"
         return f"rpc.{side}:{system} {service + '/' if service else ''}{rpc_method}"
-    db = get("db.system.name", "db.system")
-    if db:
-        what = get("db.query.summary") or " ".join(x for x in (get("db.operation.name", "db.operation"),
-                                                                get("db.collection.name")) if x)
-        if what:
-            return f"db:{db} {what}"
+    query = query_of(attrs)
+    if query:
+        return query
     operation, destination = get("messaging.operation.name"), get("messaging.destination.name")
     if operation and destination:
         return f"messaging:{operation} {destination}"

@@ -384,7 +384,7 @@ enum { A_FUNCTION_NAME, A_NAMESPACE, A_FUNCTION, A_FILE_PATH, A_FILEPATH, A_LINE
        /* a span's operation without code attributes (location.operation_of), and its HTTP status */
        A_HTTP_METHOD, A_HTTP_METHOD_OLD, A_HTTP_ROUTE, A_URL_TEMPLATE, A_SERVER_ADDRESS,
        A_NET_PEER_NAME, A_RPC_SYSTEM, A_RPC_SERVICE, A_RPC_METHOD, A_DB_SYSTEM, A_DB_SYSTEM_OLD,
-       A_DB_SUMMARY, A_DB_OPERATION, A_DB_OPERATION_OLD, A_DB_COLLECTION, A_MSG_OPERATION,
+       A_DB_SUMMARY, A_DB_TEXT, A_DB_TEXT_OLD, A_DB_OPERATION, A_DB_OPERATION_OLD, A_DB_COLLECTION, A_MSG_OPERATION,
        A_MSG_DESTINATION, A_HTTP_STATUS, A_HTTP_STATUS_OLD,
        A_SPAN_COUNT, /* the span attributes read */
        A_SERVICE_NAME = A_SPAN_COUNT, A_SERVICE_VERSION, A_REVISION, A_ENV_NAME, A_ENV,
@@ -400,7 +400,7 @@ static const char *const ATTR_NAMES[A_COUNT] = {
     "code.line.number", "code.lineno",
     "http.request.method", "http.method", "http.route", "url.template", "server.address",
     "net.peer.name", "rpc.system", "rpc.service", "rpc.method", "db.system.name", "db.system",
-    "db.query.summary", "db.operation.name", "db.operation", "db.collection.name", "messaging.operation.name",
+    "db.query.summary", "db.query.text", "db.statement", "db.operation.name", "db.operation", "db.collection.name", "messaging.operation.name",
     "messaging.destination.name", "http.response.status_code", "http.status_code",
     "service.name", "service.version", "vcs.ref.head.revision",
     "deployment.environment.name", "deployment.environment",
@@ -425,11 +425,13 @@ static int attr_slot(const uint8_t *k, Py_ssize_t n) {
         if (KEYIS("service.name")) return A_SERVICE_NAME;
         if (KEYIS("url.template")) return A_URL_TEMPLATE;
         if (KEYIS("db.operation")) return A_DB_OPERATION_OLD;
+        if (KEYIS("db.statement")) return A_DB_TEXT_OLD;
         break;
     case 13:
         if (KEYIS("code.function")) return A_FUNCTION;
         if (KEYIS("code.filepath")) return A_FILEPATH;
         if (KEYIS("net.peer.name")) return A_NET_PEER_NAME;
+        if (KEYIS("db.query.text")) return A_DB_TEXT;
         break;
     case 14:
         if (KEYIS("code.namespace")) return A_NAMESPACE;
@@ -673,6 +675,8 @@ static const val_t *either(const val_t *a, const val_t *b) {
 #define KIND_CLIENT 3
 #define PUT(lit) (sb_put(sb, lit, sizeof(lit) - 1) < 0)
 
+static int query_into(const val_t *a, sbuf_t *sb);
+
 /* location.operation_of: the operation of a span without code attributes, by the semantic
  * conventions. 1 when it wrote a name, 0 when none applies, -1 on error. */
 static int operation_into(const val_t *a, int32_t kind, sbuf_t *sb) {
@@ -692,24 +696,38 @@ static int operation_into(const val_t *a, int32_t kind, sbuf_t *sb) {
         if (service && (render(service, sb) < 0 || PUT("/"))) return -1;
         return render(rpc_method, sb) < 0 ? -1 : 1;
     }
-    const val_t *db = either(&a[A_DB_SYSTEM], &a[A_DB_SYSTEM_OLD]);
-    if (db) {
-        const val_t *summary = either(&a[A_DB_SUMMARY], NULL);
-        const val_t *op = either(&a[A_DB_OPERATION], &a[A_DB_OPERATION_OLD]);
-        const val_t *coll = either(&a[A_DB_COLLECTION], NULL);
-        if (summary || op || coll) {
-            if (PUT("db:") || render(db, sb) < 0 || PUT(" ")) return -1;
-            if (summary) return render(summary, sb) < 0 ? -1 : 1;
-            if (op && render(op, sb) < 0) return -1;
-            if (op && coll && PUT(" ")) return -1;
-            if (coll && render(coll, sb) < 0) return -1;
-            return 1;
-        }
-    }
+    int q = query_into(a, sb);
+    if (q) return q;
     const val_t *mop = either(&a[A_MSG_OPERATION], NULL), *dest = either(&a[A_MSG_DESTINATION], NULL);
     if (mop && dest)
         return PUT("messaging:") || render(mop, sb) < 0 || PUT(" ") || render(dest, sb) < 0 ? -1 : 1;
     return 0;
+}
+
+/* location.query_of: the query of a database call (a client span's comes before its code
+ * attributes).
+ * 1 when it wrote one, 0 when the span is no database call or names no query, -1 on error.
+ * A query named only by its text is left to Python (its normalisation lives there): the
+ * caller checks needs_query_text first. */
+static int query_into(const val_t *a, sbuf_t *sb) {
+    const val_t *db = either(&a[A_DB_SYSTEM], &a[A_DB_SYSTEM_OLD]);
+    if (!db) return 0;
+    const val_t *summary = either(&a[A_DB_SUMMARY], NULL);
+    const val_t *op = either(&a[A_DB_OPERATION], &a[A_DB_OPERATION_OLD]);
+    const val_t *coll = either(&a[A_DB_COLLECTION], NULL);
+    if (!(summary || op || coll)) return 0;
+    if (PUT("db:") || render(db, sb) < 0 || PUT(" ")) return -1;
+    if (summary) return render(summary, sb) < 0 ? -1 : 1;
+    if (op && render(op, sb) < 0) return -1;
+    if (op && coll && PUT(" ")) return -1;
+    if (coll && render(coll, sb) < 0) return -1;
+    return 1;
+}
+
+/* A database call whose query is named by its text alone (location.normalize_query). */
+static int needs_query_text(const val_t *a) {
+    return either(&a[A_DB_SYSTEM], &a[A_DB_SYSTEM_OLD]) && !either(&a[A_DB_SUMMARY], NULL)
+           && either(&a[A_DB_TEXT], &a[A_DB_TEXT_OLD]);
 }
 
 /* location.client_error_on_server: a server span answering 4xx is no error of the server. */
@@ -1102,7 +1120,7 @@ static int do_span(ctx_t *x, const res_t *r, scope_t *scope, const uint8_t *s, P
     if (!st_ns || !en_ns) { reject(x, R_TIME); return ST_OK; }
     if (en_ns < st_ns) { reject(x, R_ORDER); return ST_OK; }
     if (en_ns > x->max_end) { reject(x, R_FUTURE); return ST_OK; }
-    if (has_unsupported(code, A_SPAN_COUNT)) return ST_FALLBACK;
+    if (has_unsupported(code, A_SPAN_COUNT) || needs_query_text(code)) return ST_FALLBACK;
     if (r->too_long) { reject(x, R_TOO_LONG); return ST_OK; }
     if (x->n >= x->cap && grow_columns(x) < 0) return ST_PYTHON;
 
@@ -1117,7 +1135,8 @@ static int do_span(ctx_t *x, const res_t *r, scope_t *scope, const uint8_t *s, P
     sbuf_t *k = &x->key;
     k->len = 0;
     if (sb_put(k, &r->index, sizeof r->index) < 0) return ST_PYTHON;
-    int got = function_into(code, k);
+    int got = kind == KIND_CLIENT ? query_into(code, k) : 0;
+    if (got == 0) got = function_into(code, k);
     if (got == 0) got = function_into(r->a, k);
     if (got == 0) got = operation_into(code, kind, k);
     if (got < 0) return ST_PYTHON;
