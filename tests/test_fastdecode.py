@@ -306,14 +306,10 @@ def test_operation_attributes_key_and_render_like_python(key, value):
     req = request(spans * 6)
     for i, sp in enumerate(req.resource_spans[0].scope_spans[0].spans):
         sp.kind = i // len(spans)  # unspecified, internal, server, client, producer, consumer
-    # (a query named by its text alone is normalised in Python: such a request is left to it)
-    check_same(req.SerializeToString(), compiled_alone=key not in QUERY_TEXT or not value)
+    check_same(req.SerializeToString(), compiled_alone=True)
 
 
-QUERY_TEXT = ("db.query.text", "db.statement")
-
-
-def test_a_query_named_by_its_text_is_left_to_python_and_keyed_alike():
+def test_a_query_named_by_its_text_is_normalised_and_keyed_alike():
     texts = ["SELECT * FROM t WHERE id = 1", "SELECT * FROM t WHERE id = 2", "select 1"]
     spans = [S(T + 1 + i, function="shop.repo.find", attrs={"db.system.name": "pg", key: text})
              for i, (key, text) in enumerate(zip(("db.query.text", "db.statement", "db.query.text"), texts))]
@@ -324,9 +320,7 @@ def test_a_query_named_by_its_text_is_left_to_python_and_keyed_alike():
             sp.kind = 3
         return req.SerializeToString()
 
-    data = client(spans)
-    assert decode.compiled_batch(data) is None
-    b = check_same(data)
+    b = check_same(client(spans), compiled_alone=True)
     assert [b.locations[i].function for i in b.loc] == ["db:pg SELECT * FROM t WHERE id = ?"] * 2 + ["db:pg select ?"]
     # not a client span: its code attributes name it, as before
     assert check_same(request(spans[:1]).SerializeToString()).locations[0].function == "shop.repo.find"
@@ -500,7 +494,7 @@ def requests(draw, values=SCALARS, other_values=st.one_of(SCALARS, UNSUPPORTED))
 @HYPO
 @given(requests())
 def test_random_requests_give_the_same_batch(req):
-    check_same(req.SerializeToString(), compiled_alone=not needs_query_text(req))
+    check_same(req.SerializeToString(), compiled_alone=True)
 
 
 @HYPO
@@ -515,21 +509,7 @@ LENGTH_LIMITS = st.sampled_from([0, 1, 2, 3, 4, 5, 8])
 @HYPO
 @given(requests(), LENGTH_LIMITS, TIMES)
 def test_random_requests_under_limits_give_the_same_batch(req, max_length, max_end):
-    check_same(req.SerializeToString(), compiled_alone=not needs_query_text(req), max_end_ns=max_end,
-               max_attribute_length=max_length)
-
-
-def needs_query_text(req) -> bool:
-    """Whether a span of ``req`` is a database call named by its query text alone (which
-    the compiled decoder leaves to Python)."""
-    for rs in req.resource_spans:
-        for ss in rs.scope_spans:
-            for sp in ss.spans:
-                a = {kv.key: decode._scalar(kv.value) for kv in sp.attributes}
-                if ((a.get("db.system.name") or a.get("db.system")) and not a.get("db.query.summary")
-                        and (a.get("db.query.text") or a.get("db.statement"))):
-                    return True
-    return False
+    check_same(req.SerializeToString(), compiled_alone=True, max_end_ns=max_end, max_attribute_length=max_length)
 
 
 @HYPO

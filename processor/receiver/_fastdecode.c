@@ -704,30 +704,31 @@ static int operation_into(const val_t *a, int32_t kind, sbuf_t *sb) {
     return 0;
 }
 
+static int normalized_into(const val_t *v, sbuf_t *sb);
+
 /* location.query_of: the query of a database call (a client span's comes before its code
- * attributes).
- * 1 when it wrote one, 0 when the span is no database call or names no query, -1 on error.
- * A query named only by its text is left to Python (its normalisation lives there): the
- * caller checks needs_query_text first. */
+ * attributes). 1 when it wrote one, 0 when the span is no database call or names no query,
+ * -1 on error. */
 static int query_into(const val_t *a, sbuf_t *sb) {
     const val_t *db = either(&a[A_DB_SYSTEM], &a[A_DB_SYSTEM_OLD]);
     if (!db) return 0;
     const val_t *summary = either(&a[A_DB_SUMMARY], NULL);
+    const val_t *text = either(&a[A_DB_TEXT], &a[A_DB_TEXT_OLD]);
     const val_t *op = either(&a[A_DB_OPERATION], &a[A_DB_OPERATION_OLD]);
     const val_t *coll = either(&a[A_DB_COLLECTION], NULL);
-    if (!(summary || op || coll)) return 0;
+    if (!(summary || text || op || coll)) return 0;
+    size_t len0 = sb->len;
     if (PUT("db:") || render(db, sb) < 0 || PUT(" ")) return -1;
     if (summary) return render(summary, sb) < 0 ? -1 : 1;
+    if (text) {
+        int got = normalized_into(text, sb);
+        if (got == 0) sb->len = len0; /* a text that normalises to nothing names no query */
+        return got;
+    }
     if (op && render(op, sb) < 0) return -1;
     if (op && coll && PUT(" ")) return -1;
     if (coll && render(coll, sb) < 0) return -1;
     return 1;
-}
-
-/* A database call whose query is named by its text alone (location.normalize_query). */
-static int needs_query_text(const val_t *a) {
-    return either(&a[A_DB_SYSTEM], &a[A_DB_SYSTEM_OLD]) && !either(&a[A_DB_SUMMARY], NULL)
-           && either(&a[A_DB_TEXT], &a[A_DB_TEXT_OLD]);
 }
 
 /* location.client_error_on_server: a server span answering 4xx is no error of the server. */
@@ -832,6 +833,59 @@ static int ht_insert(htab_t *t, size_t slot, const char *key, size_t len, uint64
     t->used++;
     return 0;
 }
+
+/* location.normalize_query, which stays in Python (set_query_normalizer), with its results
+ * kept here by the text's bytes: a query recurs in request after request. Bounded: cleared
+ * when full. Only touched with the GIL held, which the whole decode holds. */
+static PyObject *query_normalizer; /* str -> str */
+static htab_t qcache_tab;
+static PyObject *qcache_vals; /* list: index (in qcache_tab) -> normalised text, UTF-8 bytes */
+static sbuf_t qtmp;
+#define QCACHE_MAX 16384
+
+/* The normalised text of v (rendered as str() renders it) put in sb; 1 when not empty, 0
+ * when it is, -1 on error. */
+static int normalized_into(const val_t *v, sbuf_t *sb) {
+    qtmp.len = 0;
+    if (render(v, &qtmp) < 0) return -1;
+    uint64_t h = siphash13((const uint8_t *)qtmp.b, qtmp.len);
+    size_t slot;
+    int32_t i = ht_find(&qcache_tab, qtmp.b, qtmp.len, h, &slot);
+    if (i == -2) return -1;
+    if (i < 0) {
+        if (!query_normalizer) {
+            PyErr_SetString(PyExc_SystemError, "_fastdecode: set_query_normalizer was not called");
+            return -1;
+        }
+        PyObject *text = PyUnicode_DecodeUTF8(qtmp.b, (Py_ssize_t)qtmp.len, "strict");
+        if (!text) return -1;
+        PyObject *out = PyObject_CallOneArg(query_normalizer, text);
+        Py_DECREF(text);
+        if (!out) return -1;
+        PyObject *b = PyUnicode_Check(out) ? PyUnicode_AsUTF8String(out) : NULL;
+        Py_DECREF(out);
+        if (!b) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "the query normalizer must return str");
+            return -1;
+        }
+        if (!qcache_vals || PyList_GET_SIZE(qcache_vals) >= QCACHE_MAX) {
+            Py_XSETREF(qcache_vals, PyList_New(0));
+            ht_free(&qcache_tab);
+            if (!qcache_vals || ht_find(&qcache_tab, qtmp.b, qtmp.len, h, &slot) == -2) {
+                Py_DECREF(b);
+                return -1;
+            }
+        }
+        i = (int32_t)PyList_GET_SIZE(qcache_vals);
+        int rc = PyList_Append(qcache_vals, b);
+        Py_DECREF(b);
+        if (rc < 0 || ht_insert(&qcache_tab, slot, qtmp.b, qtmp.len, h, i) < 0) return -1;
+    }
+    PyObject *b = PyList_GET_ITEM(qcache_vals, i);
+    if (!PyBytes_GET_SIZE(b)) return 0;
+    return sb_put(sb, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b)) < 0 ? -1 : 1;
+}
+
 
 /* ------------------------------------------------------------------------------------ */
 /* The walk: checks every field as upb would, reads what decode.decode_message reads    */
@@ -1120,7 +1174,7 @@ static int do_span(ctx_t *x, const res_t *r, scope_t *scope, const uint8_t *s, P
     if (!st_ns || !en_ns) { reject(x, R_TIME); return ST_OK; }
     if (en_ns < st_ns) { reject(x, R_ORDER); return ST_OK; }
     if (en_ns > x->max_end) { reject(x, R_FUTURE); return ST_OK; }
-    if (has_unsupported(code, A_SPAN_COUNT) || needs_query_text(code)) return ST_FALLBACK;
+    if (has_unsupported(code, A_SPAN_COUNT)) return ST_FALLBACK;
     if (r->too_long) { reject(x, R_TOO_LONG); return ST_OK; }
     if (x->n >= x->cap && grow_columns(x) < 0) return ST_PYTHON;
 
@@ -1408,6 +1462,23 @@ static PyObject *fd_schema(PyObject *self, PyObject *unused) {
     return out;
 }
 
+PyDoc_STRVAR(set_query_normalizer_doc,
+"set_query_normalizer(fn)\n\n"
+"fn(text) -> str normalises a database query's text (location.normalize_query); its results\n"
+"are cached here by the text.");
+
+static PyObject *fd_set_query_normalizer(PyObject *self, PyObject *arg) {
+    (void)self;
+    if (!PyCallable_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "set_query_normalizer: a callable");
+        return NULL;
+    }
+    Py_XSETREF(query_normalizer, Py_NewRef(arg));
+    Py_CLEAR(qcache_vals);
+    ht_free(&qcache_tab);
+    Py_RETURN_NONE;
+}
+
 PyDoc_STRVAR(set_location_type_doc,
 "set_location_type(factory)\n\n"
 "From now on decode's locations are factory(env, service, function, file, line, scope),\n"
@@ -1433,6 +1504,7 @@ static PyObject *fd_set_location_type(PyObject *self, PyObject *arg) {
 static PyMethodDef methods[] = {
     {"decode", fd_decode, METH_VARARGS, decode_doc},
     {"set_location_type", fd_set_location_type, METH_O, set_location_type_doc},
+    {"set_query_normalizer", fd_set_query_normalizer, METH_O, set_query_normalizer_doc},
     {"count_spans", fd_count_spans, METH_O, count_doc},
     {"schema", fd_schema, METH_NOARGS, schema_doc},
     {NULL, NULL, 0, NULL},

@@ -36,7 +36,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 
 from processor.pipeline.location import (
     RESOURCE_ATTRIBUTES, SPAN_ATTRIBUTES, SPAN_NAME_MARK, Location,
-    client_error_on_server, file_of, function_of, line_of, resource_of,
+    client_error_on_server, file_of, function_of, line_of, normalize_query, resource_of,
 )
 
 log = logging.getLogger("backflow.decode")
@@ -427,6 +427,7 @@ def _load_compiled():
                     "names; decoding in Python")
         return None
     mod.set_location_type(Location)  # it interns locations as _location does
+    mod.set_query_normalizer(normalize_query)  # (one normalisation, in Python, cached there by text)
     return mod
 
 
