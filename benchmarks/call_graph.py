@@ -117,7 +117,7 @@ def build(seed: int, services: int, hours: float) -> Scenario:
         tree: list[Node] = []
         for e in range(3):
             entry = add(s, "entry", f"api.handler_{e}", -1, 1.0, float(rng.uniform(0.5, 2)))
-            rates[entry.index] = float(rng.uniform(1.0, 2.5))
+            rates[entry.index] = float(rng.uniform(3.0, 6.0))
             tree.append(entry)
             for f in range(2):
                 fn = add(s, "function", f"service.op_{e}_{f}", entry.index, 1.0, float(rng.uniform(1, 5)))
@@ -128,28 +128,37 @@ def build(seed: int, services: int, hours: float) -> Scenario:
                                     float(rng.uniform(0.5, 4))))
                 if f == 0:
                     tree.append(add(s, "function", f"helpers.util_{e}", fn.index, 1.0, float(rng.uniform(0.5, 3))))
-        # the changes of its rollout: 2-3 of them, on distinct nodes
+        # the changes of its rollout: 2-3 of them, each under an entry point of its own (so
+        # that what an entry point gains is one change's)
         kinds = list(rng.permutation(["n_plus_one", "slower_child", "slower_query", "new_dependency"]))[
             :int(rng.integers(2, 4))]
         used: set[int] = set()
-        for kind in kinds:
+        entries = [n.index for n in tree if n.kind == "entry"]
+
+        def root_of(n: Node) -> int:
+            while n.parent >= 0:
+                n = nodes[n.parent]
+            return n.index
+
+        for e_i, kind in enumerate(kinds):
+            mine = [n for n in tree if root_of(n) == entries[e_i]]
             if kind == "n_plus_one":
-                cand = [n for n in tree if n.kind == "query" and n.index not in used]
+                cand = [n for n in mine if n.kind == "query"]
                 n = cand[int(rng.integers(len(cand)))]
                 size = float(rng.choice([5.0, 10.0, 25.0]))
                 n.per_call_new = n.per_call * size
             elif kind == "slower_child":
-                cand = [n for n in tree if n.kind == "function" and n.index not in used]
+                cand = [n for n in mine if n.kind == "function"]
                 n = cand[int(rng.integers(len(cand)))]
                 size = float(rng.choice([1.6, 2.5, 4.0]))
                 n.self_factor_new = size
             elif kind == "slower_query":
-                cand = [n for n in tree if n.kind == "query" and n.index not in used]
+                cand = [n for n in mine if n.kind == "query"]
                 n = cand[int(rng.integers(len(cand)))]
                 size = float(rng.choice([1.6, 2.5, 4.0]))
                 n.self_factor_new = size
             else:
-                parents = [n for n in tree if n.kind == "function"]
+                parents = [n for n in mine if n.kind == "function"]
                 p = parents[int(rng.integers(len(parents)))]
                 n = add(s, "query", f"SELECT new_{s}_{len(nodes)} WHERE id = ?", p.index, 0.0,
                         float(rng.uniform(0.5, 3)), new_only=True)

@@ -564,7 +564,21 @@ def score(faults: list[Fault], related: dict[str, set[str]], shown_of: dict[str,
         first = hits[0] if hits else None
         at = {tuple(x) for x in shown_of[f.name]["locations_shown"]}
         strict = next((e for e in hits if (e["service"], e["function"]) in at), None)
-        rows.append({"fault": f.name, "found": first is not None,
+        # the call graph's word on the fault: a latency regression's top cause in the faulty
+        # service (a callee of it, or the own code of one of its locations), and its impact
+        graph = []
+        for e in hits:
+            if e["type"] != "latency_regression":
+                continue
+            try:
+                d = json.loads(e["detail"]) if e.get("detail") else {}
+            except ValueError:
+                d = {}
+            top = (d.get("causes") or [None])[0]
+            if top is not None:
+                where = e["service"] if top.get("self") else top.get("service")
+                graph.append({"cause_in_faulty_service": where == f.service, "impact": bool(d.get("impact"))})
+        rows.append({"fault": f.name, "found": first is not None, "graph": graph,
                      "delay_s": (first["window_end_ns"] - f.t0_ns) / S if first else None,
                      "found_at_shown": strict is not None,
                      "delay_at_shown_s": (strict["window_end_ns"] - f.t0_ns) / S if strict else None,
@@ -623,6 +637,12 @@ def summarize(faults: list[Fault], shown_of: dict[str, dict], scores: list[dict]
         "false_by_type": dict(Counter(e["type"] for e in false)),
         "location_hours": loc_hours,
         "false_per_1000_location_hours": 1000 * len(false) / loc_hours if loc_hours else None,
+        # faults with a latency regression that has causes: how many name the faulty service
+        # in their first such event, and how many carry the impact on an entry point
+        "causes": {"faults": sum(1 for r in shown_rows if r.get("graph")),
+                   "faulty_service_named": sum(1 for r in shown_rows if r.get("graph")
+                                               and r["graph"][0]["cause_in_faulty_service"]),
+                   "with_impact": sum(1 for r in shown_rows if r.get("graph") and r["graph"][0]["impact"])},
     }
 
 
@@ -728,6 +748,11 @@ def report(doc: dict, args) -> str:
          _spread([r["false_outside_faults"] for r in nv], "d"))
     line("  during a fault, unrelated service", _spread([r["false_during_other_fault"] for r in bf], "d"),
          _spread([r["false_during_other_fault"] for r in nv], "d"))
+    c = bf[0].get("causes")
+    if c is not None:
+        w(f"call graph (first run): of the faults the spans show, {c['faults']} have a latency regression with"
+          f" detail.causes; its top cause is in the faulty service (a callee there, or its own code) for"
+          f" {c['faulty_service_named']} of them; {c['with_impact']} give the impact on an entry point")
     w(f"naive rule firing windows (not merged into runs): {doc['naive_firing_windows']:,}")
     o = doc["other_events"]
     w("Backflow events not scored (first run): " + (", ".join(f"{k} {v}" for k, v in sorted(o.items())) or "none"))

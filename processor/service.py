@@ -207,6 +207,8 @@ class Pipeline:
         now = time.monotonic()
         for r in results:
             self.metrics.observe_window(r.window)
+            if r.edges:
+                self.metrics.locations.observe_edges(r.edges)
             self.sink.submit(r.events, [(b.location.key, b) for b in r.baselines], r.window, r.edges)
             if r.detection_started:
                 self.activity.detection_started(r.window.environment, r.window.service,

@@ -53,7 +53,7 @@ def causes(graph, pattern) -> list[dict]:
         b = pattern.children.get(child.key)
         cpc_b, tpc_b = (b[0], b[1]) if b is not None else (0.0, 0.0)
         now = f.ns / n
-        part = {"callee": child.function, "key": child.key, "time_per_call_ms": _ms(now),
+        part = {"callee": child.function, "key": child.key, "service": child.service, "time_per_call_ms": _ms(now),
                 "baseline_ms": _ms(tpc_b), "calls_per_call": round(f.calls / n, 3),
                 "baseline_calls_per_call": round(cpc_b, 3), "new": b is None}
         if cpc_b > 0 and tpc_b > 0 and f.calls:

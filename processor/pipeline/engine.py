@@ -472,9 +472,12 @@ class Engine:
         tables, figures = self.windows.tables, cw.graph
         locations, versions = tables.locations, tables.versions
 
-        def calls_of(loc_id: int) -> int:
+        def calls_of(loc_id: int, version: int | None = None) -> int:
+            """An entry point's calls (of ``version``: those of the same version id)."""
             f = figures.get(loc_id)
-            return f.calls if f is not None else 0
+            if f is None:
+                return 0
+            return f.calls if version is None or len(f.versions) == 1 else f.versions.get(version, f.calls)
 
         return {loc_id: f.resolved(locations, versions, calls_of) for loc_id, f in figures.items()
                 if (f.children or f.entries) and not is_overflow(locations[loc_id])}
@@ -494,7 +497,7 @@ class Engine:
             f = cw.graph.get(ids.get(entry.key))
             return f.ns / f.calls if f is not None and f.calls else None
 
-        return explain(event, graph, pattern, entry_mean_ns)
+        return explain(event, graph.of_version(event.version), pattern, entry_mean_ns)
 
     def _detect(self, cw: ClosedWindow, service: tuple, tracked: list, here: np.ndarray,
                 context: ServiceContext, events: list[Event], graphs: dict) -> tuple[list[Baseline], list[int]]:

@@ -46,6 +46,7 @@ class Child:
     calls: int = 0
     ns: int = 0
     by_version: dict = field(default_factory=dict)  # caller version id -> calls
+    ns_by_version: dict = field(default_factory=dict)  # caller version id -> ns
 
 
 @dataclass(slots=True)
@@ -58,6 +59,8 @@ class LocationGraph:
     versions: dict = field(default_factory=dict)   # version id -> calls
     children: dict = field(default_factory=dict)   # child location id -> Child
     entries: dict = field(default_factory=dict)    # entry location id -> [calls, ns] of this location under it
+    version_ns: dict = field(default_factory=dict)  # version id -> [ns, child ns] of its calls
+    entries_by_version: dict = field(default_factory=dict)  # version id -> {entry: [calls, ns]}
 
     @property
     def self_ns(self) -> int:
@@ -69,9 +72,27 @@ class LocationGraph:
         (0: not known), as its third figure."""
         return LocationGraph(
             self.calls, self.ns, self.child_ns, {versions[v]: c for v, c in self.versions.items()},
-            {locations[c]: Child(f.calls, f.ns, {versions[v]: n for v, n in f.by_version.items()})
+            {locations[c]: Child(f.calls, f.ns, {versions[v]: n for v, n in f.by_version.items()},
+                                 {versions[v]: t for v, t in f.ns_by_version.items()})
              for c, f in self.children.items()},
-            {locations[e]: [c, t, calls_of(e)] for e, (c, t) in self.entries.items()})
+            {locations[e]: [c, t, calls_of(e)] for e, (c, t) in self.entries.items()},
+            {versions[v]: x for v, x in self.version_ns.items()},
+            {versions[v]: {locations[e]: [c, t, calls_of(e, v)] for e, (c, t) in by.items()}
+             for v, by in self.entries_by_version.items()})
+
+    def of_version(self, version) -> "LocationGraph":
+        """The figures of one version's calls (a resolved graph's; those of every version
+        when it has none of that version's own)."""
+        calls = self.versions.get(version, 0)
+        if not calls or version not in self.version_ns or len(self.versions) == 1:
+            return self
+        ns, child_ns = self.version_ns[version]
+        return LocationGraph(
+            calls, ns, child_ns, {version: calls},
+            {c: Child(f.by_version.get(version, 0), f.ns_by_version.get(version, 0),
+                      {version: f.by_version.get(version, 0)}, {version: f.ns_by_version.get(version, 0)})
+             for c, f in self.children.items() if f.by_version.get(version)},
+            self.entries_by_version.get(version, {}))
 
     def entries_per_call(self) -> dict[str, tuple[float, float]]:
         """Per entry point (its key) whose calls are known: this location's calls and time
@@ -216,7 +237,7 @@ class CallGraph:
                 part = self._open[(s, w)] = _Partial()
             c, pp = child[mine], p[mine]
             part.add(loc[rows], ver[rows], dur[rows], child_ns[rows], loc[pp], ver[pp], loc[c], dur[c],
-                     loc[below], loc[entry[below]], dur[below])
+                     loc[below], loc[entry[below]], dur[below], ver[below])
             self.stats["edges"] += len(c)
 
     # -- out -------------------------------------------------------------------------------
@@ -239,17 +260,17 @@ class _Partial:
 
     def __init__(self):
         # spans: (location, version) -> calls, ns, child ns; edges: (caller, callee, caller's
-        # version) -> calls, ns; entries: (location, entry point) -> calls, ns
+        # version) -> calls, ns; entries: (location, entry point, version) -> calls, ns
         self.parts: tuple[list, list, list] = ([], [], [])
         self.held = 0
 
-    def add(self, loc, ver, dur, child_ns, ploc, pver, cloc, cdur, uloc, eloc, udur) -> None:
+    def add(self, loc, ver, dur, child_ns, ploc, pver, cloc, cdur, uloc, eloc, udur, uver) -> None:
         one = np.ones(len(loc), np.int64)
         self.parts[0].append(((loc, ver), (one, dur, child_ns)))
         if len(ploc):
             self.parts[1].append(((ploc, cloc, pver), (np.ones(len(ploc), np.int64), cdur)))
         if len(uloc):
-            self.parts[2].append(((uloc, eloc), (np.ones(len(uloc), np.int64), udur)))
+            self.parts[2].append(((uloc, eloc, uver), (np.ones(len(uloc), np.int64), udur)))
         self.held += len(loc) + len(ploc) + len(uloc)
         if self.held > _COMPACT_AT:
             self.parts = tuple([_summed(p)] if p else [] for p in self.parts)
@@ -268,6 +289,7 @@ class _Partial:
                 g.ns += t
                 g.child_ns += ct
                 g.versions[v] = c
+                g.version_ns[v] = [t, ct]
         if edges is not None:
             (ploc, cloc, pver), (calls, ns) = edges
             for p, c, v, k, t in zip(ploc.tolist(), cloc.tolist(), pver.tolist(), calls.tolist(), ns.tolist()):
@@ -278,10 +300,14 @@ class _Partial:
                 f.calls += k
                 f.ns += t
                 f.by_version[v] = k
+                f.ns_by_version[v] = t
         if entries is not None:
-            (uloc, eloc), (calls, ns) = entries
-            for u, e, c, t in zip(uloc.tolist(), eloc.tolist(), calls.tolist(), ns.tolist()):
-                out.setdefault(u, LocationGraph()).entries[e] = [c, t]
+            (uloc, eloc, uver), (calls, ns) = entries
+            for u, e, v, c, t in zip(uloc.tolist(), eloc.tolist(), uver.tolist(), calls.tolist(), ns.tolist()):
+                g = out.setdefault(u, LocationGraph())
+                both = g.entries.get(e)
+                g.entries[e] = [c, t] if both is None else [both[0] + c, both[1] + t]
+                g.entries_by_version.setdefault(v, {})[e] = [c, t]
         return out
 
 

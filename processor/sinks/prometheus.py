@@ -26,6 +26,7 @@ from processor.pipeline.sketch import LogSketch
 from processor.pipeline.window import ClosedWindow
 
 OVERFLOW = "__overflow__"
+MAX_CALLEES = 10  # callees per caller with a series of their own
 _LABELS = ["service_name", "deployment_environment_name", "code_function_name"]
 
 
@@ -36,6 +37,7 @@ class LocationGauges:
         self.max_locations = max_locations
         self._lock = threading.Lock()
         self._rows: dict[tuple[str, str, str], tuple] = {}  # labels -> (sketch, errors, count, window s)
+        self._edges: dict[tuple[str, str, str], list] = {}  # labels -> [(callee function, ms per call)]
         self.overflowed: set[str] = set()
 
     def observe(self, cw: ClosedWindow) -> None:
@@ -56,10 +58,24 @@ class LocationGauges:
                 self._rows[("", "", OVERFLOW)] = ([lw.sketch for lw in spill], sum(lw.errors for lw in spill),
                                                   sum(lw.count for lw in spill), window_s)
 
+    def observe_edges(self, edges) -> None:
+        """The call graph's callers of a closed window ((Location, LocationGraph) pairs): per
+        caller with a series of its own, the time per call of each of its ``MAX_CALLEES``
+        largest callees and of its own code (``(self)``)."""
+        with self._lock:
+            for loc, g in edges:
+                labels = (loc.service, loc.environment, loc.function)
+                if labels not in self._rows or not g.calls:
+                    continue
+                top = sorted(g.children.items(), key=lambda cf: (-cf[1].ns, cf[0].function))[:MAX_CALLEES]
+                self._edges[labels] = [("(self)", g.self_ns / g.calls / 1e6)] + [
+                    (c.function, f.ns / g.calls / 1e6) for c, f in top]
+
     def forget(self, locations) -> None:
         """Drop the series of forgotten locations (their ids and places are reused)."""
         with self._lock:
             for loc in locations:
+                self._edges.pop((loc.service, loc.environment, loc.function), None)
                 self._rows.pop((loc.service, loc.environment, loc.function), None)
                 self.overflowed.discard(loc.key)
             if not self.overflowed:  # (none left to fold: the overflow series goes too)
@@ -79,12 +95,20 @@ class LocationGauges:
         rate = GaugeMetricFamily("backflow_location_calls_per_second",
                                  "Spans per second per code location, latest closed window",
                                  labels=_LABELS)
-        return [lat, err, rate]
+        callee = GaugeMetricFamily("backflow_location_callee_milliseconds_per_call",
+                                   "A code location's time per call spent in a callee (the call graph; "
+                                   "callee_function_name=\"(self)\": its own code), its latest window with "
+                                   "callees; its largest callees only", labels=_LABELS + ["callee_function_name"])
+        return [lat, err, rate, callee]
 
     def collect(self):
-        lat, err, rate = self._families()
+        lat, err, rate, callee = self._families()
         with self._lock:
             rows = list(self._rows.items())
+            edges = list(self._edges.items())
+        for labels, parts in edges:
+            for function, ms in parts:
+                callee.add_metric(list(labels) + [function], ms)
         for labels, row in rows:
             sketch, errors, count, window_s = row
             if isinstance(sketch, list):  # the overflow series: the locations folded into it
@@ -96,7 +120,7 @@ class LocationGauges:
                 lat.add_metric(list(labels) + [str(q)], float(v))
             err.add_metric(list(labels), errors / count)
             rate.add_metric(list(labels), count / window_s)
-        yield from (lat, err, rate)
+        yield from (lat, err, rate, callee)
 
 
 GRAPH_OUTCOMES = {"joined": "joined", "orphan": "orphans", "late": "late", "forced": "forced"}
