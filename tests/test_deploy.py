@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from processor.config import SETTINGS, Config, resolve, split_address
-from tests.otlp import S, encoded
+from tests.otlp import S, encoded, request
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -452,6 +452,10 @@ def scraped(backflow):
         export = ch.unary_unary(EXPORT)
         export(encoded([S(t0 + i * sec // 10, function=f"shop.f{i % 3}", error=i % 7 == 0) for i in range(60)]
                        + [S(t0 + sec, duration=-5)]))  # end before start: refused
+        req = request([S(t0 + 3 * sec, function="shop.caller"), S(t0 + 3 * sec - 1000, function="shop.f0")])
+        caller, callee = req.resource_spans[0].scope_spans[0].spans
+        callee.trace_id, callee.parent_span_id = caller.trace_id, caller.span_id  # a call: the graph's metrics
+        export(req.SerializeToString())
         export(encoded([S(t0 + 35 * sec)]))           # closes the first windows
         with pytest.raises(grpc.RpcError):
             export(b"\xff\xff not OTLP")                 # refused whole
