@@ -406,12 +406,43 @@ def _subtree_mean(nodes: list[Node], index: int) -> float:
     return total
 
 
+def join_memory(spans: int = 100_000, batch: int = 1000) -> tuple[float, float]:
+    """Bytes the call graph's join holds per waiting span, with ``spans`` waiting (added a
+    request of ``batch`` at a time, none complete), and at its peak while they are joined."""
+    import tracemalloc
+
+    from processor.pipeline.graph import CallGraph
+
+    rng = np.random.default_rng(5)
+    g = CallGraph(window_ns=WINDOW, wait_ns=10 * SEC, max_spans=10 * spans)
+    tracemalloc.start()
+    for a in range(0, spans, batch):
+        k = min(batch, spans - a)
+        g.add(rng.integers(1, 2**63, k, dtype=np.int64).astype(np.uint64), np.arange(a + 1, a + k + 1, dtype=np.uint64),
+              np.zeros(k, np.uint64), rng.integers(0, 1000, k), np.zeros(k, np.int64), np.zeros(k, np.int64),
+              np.full(k, SEC), np.full(k, 2 * SEC), np.full(k, 2, np.uint8))
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.reset_peak()
+    g.flush({0: 100 * SEC}, {0: 0})
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return held / spans, peak / spans
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--services", type=int, default=6)
     p.add_argument("--hours", type=float, default=7.0)
+    p.add_argument("--join-memory", action="store_true",
+                   help="only the join's memory: bytes per span with 100,000 spans waiting, and at the "
+                        "peak of joining them")
     args = p.parse_args(argv)
+    if args.join_memory:
+        held, peak = join_memory()
+        print(f"call graph join, 100,000 spans waiting: {held:.0f} bytes per span held "
+              f"({held * 1e5 / 2**20:.1f} MiB), {peak:.0f} bytes per span at the peak of joining them")
+        return 0
     totals: dict = {}
     seconds, spans_note = [], []
     for seed in range(1, args.seeds + 1):
