@@ -19,7 +19,7 @@ class NewDependency(Detector):
     """A callee new to this location, from the call graph, after the location's warm-up.
 
     Callees seen during the first ``warmup_windows`` windows in which the call graph saw
-    this location call anything are learnt silently. Then a callee never seen before is
+    this location (calling or called) are learnt silently. Then a callee never seen before is
     reported once, attributed to the version that made most of its calls: a ``warning``
     when that version started after the warm-up (a deploy brought it), else ``info`` (a
     rare path the warm-up missed). At most ``max_children`` callees are remembered; beyond
@@ -49,6 +49,14 @@ class NewDependency(Detector):
     [('cache.get', '2', 'warning')]
     >>> window(7, [db, cache], "2")
     []
+
+    A function that called nothing and starts to:
+
+    >>> det = NewDependency(warmup_windows=2)
+    >>> window(0, []) + window(1, []) + window(2, [])
+    []
+    >>> [e.detail["callee"] for e in window(6, [db], "2")]
+    ['db.find']
     """
 
     name = "new_dependency"
@@ -80,9 +88,9 @@ class NewDependency(Detector):
 
     def update(self, obs: Observation) -> list[Event]:
         g = obs.graph
-        if g is None or not g.children:
+        if g is None or not g.calls:
             return []
-        self.windows += 1
+        self.windows += 1  # (windows without callees count: a leaf that starts calling is reported)
         if self.windows == self.warmup_windows:
             self.warm_ns = obs.end_ns
         events = []
