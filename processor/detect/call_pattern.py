@@ -107,7 +107,7 @@ class CallPattern(RegressionDetector):
 
     # -- state -------------------------------------------------------------------------------
     # windows, self (per call, weight), children {key: (calls per call, time per call, weight)},
-    # entries {entry key: (this location's ns per entry call, weight)}, the open regression
+    # entries {entry key: (this location's calls and ns per entry call, weight)}, the open regression
 
     def freeze(self, sketch: bytes = b"") -> tuple | None:
         if not self.windows:
@@ -213,12 +213,12 @@ class CallPattern(RegressionDetector):
         for e, (calls, ns) in g.entries_per_call().items():
             b = entries.get(e)
             if b is None:
-                entries[e] = (ns, 1.0)
+                entries[e] = (calls, ns, 1.0)
             else:
-                w = b[1] * d
-                entries[e] = ((b[0] * w + ns) / (w + 1), w + 1)
+                w = b[2] * d
+                entries[e] = ((b[0] * w + calls) / (w + 1), (b[1] * w + ns) / (w + 1), w + 1)
         for table in (children, entries):
             if len(table) > self.max_children:  # the least called go
-                for key in sorted(table, key=lambda k: (table[k][0], k))[:len(table) - self.max_children]:
+                for key in sorted(table, key=lambda k: (table[k][1], k))[:len(table) - self.max_children]:
                     if key != frozen:
                         del table[key]

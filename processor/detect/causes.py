@@ -10,8 +10,8 @@ window (processor/detect/call_pattern.py), and adds to a latency regression's ev
   sum to 1); a part is a callee (its calls per call and mean time per call before and now)
   or the location's own code (``"self": true``);
 - ``detail.impact``: per entry point of the same traces (a root, SERVER or CONSUMER span
-  above it), the location's added milliseconds per entry call, and that against the entry
-  point's mean time per call (``relative``);
+  above it), the location's added milliseconds per entry call (``impact``), and that
+  against the entry point's mean time per call (``relative``);
 - a summary that names the main cause and the most affected entry point.
 
 >>> from processor.detect.call_pattern import CallPattern
@@ -29,6 +29,7 @@ window (processor/detect/call_pattern.py), and adds to a latency regression's ev
 from __future__ import annotations
 
 import dataclasses
+import math
 
 from processor.events import Event
 
@@ -73,22 +74,33 @@ def causes(graph, pattern) -> list[dict]:
 def impact(graph, pattern, entry_mean_ns) -> list[dict]:
     """Per entry point above the location, its added milliseconds per entry call against
     ``pattern``'s baseline, and against the entry point's mean time per call
-    (``entry_mean_ns(location) -> ns or None``), the largest first."""
+    (``entry_mean_ns(location) -> ns or None``), the largest first.
+
+    The added time is the baseline's calls per entry call times the rise of the location's
+    time per call, plus the change of its calls per entry call times its time per call now;
+    a change of calls per entry call within three standard deviations of a Poisson count
+    (the window's own noise: how many times a request happened to call it) counts as none.
+    """
     out = []
     for entry, (calls, ns, entry_calls) in graph.entries.items():
         b = pattern.entries.get(entry.key)
-        if not entry_calls or b is None:
+        if not entry_calls or not calls or b is None or not b[0]:
             continue
-        added = ns / entry_calls - b[0]
+        cpe, mean = calls / entry_calls, ns / calls
+        cpe_b, mean_b = b[0], b[1] / b[0]
+        moved = cpe - cpe_b
+        if abs(moved) <= 3 * math.sqrt(cpe_b / entry_calls):
+            moved = 0.0
+        added = cpe_b * (mean - mean_b) + moved * mean
         if added <= 0:
             continue
         row = {"entry": entry.function, "key": entry.key, "service": entry.service,
-               "added_ms": _ms(added), "calls_per_entry_call": round(calls / entry_calls, 3),
-               "entry_calls": entry_calls}
-        mean = entry_mean_ns(entry)
-        if mean and mean > added:
-            row["entry_mean_ms"] = _ms(mean)
-            row["relative"] = round(added / (mean - added), 4)
+               "added_ms": _ms(added), "calls_per_entry_call": round(cpe, 3),
+               "baseline_calls_per_entry_call": round(cpe_b, 3), "entry_calls": entry_calls}
+        mean_e = entry_mean_ns(entry)
+        if mean_e and mean_e > added:
+            row["entry_mean_ms"] = _ms(mean_e)
+            row["relative"] = round(added / (mean_e - added), 4)
         out.append(row)
     return sorted(out, key=lambda r: -r["added_ms"])[:MAX_CAUSES]
 
