@@ -577,7 +577,9 @@ def score(faults: list[Fault], related: dict[str, set[str]], shown_of: dict[str,
             top = (d.get("causes") or [None])[0]
             if top is not None:
                 where = e["service"] if top.get("self") else top.get("service")
-                graph.append({"cause_in_faulty_service": where == f.service, "impact": bool(d.get("impact"))})
+                graph.append({"cause_in_faulty_service": where == f.service, "impact": bool(d.get("impact")),
+                              "at": [e["service"], e["function"]],
+                              "cause": "(self)" if top.get("self") else [top.get("service"), top.get("callee")]})
         rows.append({"fault": f.name, "found": first is not None, "graph": graph,
                      "delay_s": (first["window_end_ns"] - f.t0_ns) / S if first else None,
                      "found_at_shown": strict is not None,
