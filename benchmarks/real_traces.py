@@ -577,7 +577,12 @@ def score(faults: list[Fault], related: dict[str, set[str]], shown_of: dict[str,
             top = (d.get("causes") or [None])[0]
             if top is not None:
                 where = e["service"] if top.get("self") else top.get("service")
-                graph.append({"cause_in_faulty_service": where == f.service, "impact": bool(d.get("impact")),
+                # (or a call to it: a client span named by its RPC, whose own time the network's
+                # and the callee's queueing delays are, since the callee's span does not see them)
+                name = e["function"] if top.get("self") else top.get("callee", "")
+                calls_it = f.service.lower() in name.lower().replace("_", "")
+                graph.append({"cause_in_faulty_service": where == f.service,
+                              "cause_leads_to_it": where == f.service or calls_it, "impact": bool(d.get("impact")),
                               "at": [e["service"], e["function"]],
                               "cause": "(self)" if top.get("self") else [top.get("service"), top.get("callee")]})
         rows.append({"fault": f.name, "found": first is not None, "graph": graph,
@@ -644,6 +649,7 @@ def summarize(faults: list[Fault], shown_of: dict[str, dict], scores: list[dict]
         "causes": {"faults": sum(1 for r in shown_rows if r.get("graph")),
                    "faulty_service_named": sum(1 for r in shown_rows if r.get("graph")
                                                and r["graph"][0]["cause_in_faulty_service"]),
+                   "leads_to_it": sum(1 for r in shown_rows if r.get("graph") and r["graph"][0]["cause_leads_to_it"]),
                    "with_impact": sum(1 for r in shown_rows if r.get("graph") and r["graph"][0]["impact"])},
     }
 
@@ -754,7 +760,8 @@ def report(doc: dict, args) -> str:
     if c is not None:
         w(f"call graph (first run): of the faults the spans show, {c['faults']} have a latency regression with"
           f" detail.causes; its top cause is in the faulty service (a callee there, or its own code) for"
-          f" {c['faulty_service_named']} of them; {c['with_impact']} give the impact on an entry point")
+          f" {c['faulty_service_named']} of them, and is that or a call to the faulty service (a client span"
+          f" named by its RPC) for {c.get('leads_to_it', '-')}; {c['with_impact']} give the impact on an entry point")
     w(f"naive rule firing windows (not merged into runs): {doc['naive_firing_windows']:,}")
     o = doc["other_events"]
     w("Backflow events not scored (first run): " + (", ".join(f"{k} {v}" for k, v in sorted(o.items())) or "none"))
