@@ -82,6 +82,22 @@ def test_a_trace_with_a_recent_span_waits_whole():
     assert g.flush({0: 110}, {0: 0}) == 2
 
 
+def test_a_trace_is_complete_by_the_latest_clock_of_its_services():
+    g = CallGraph(window_ns=1000, wait_ns=10)
+    # the caller's service (0) is at 500; the callee's (1) sent nothing since its span ended
+    spans(g, [(1, 1, 0, 0, 0, 100, 2, 0), (1, 2, 1, 1, 10, 20, 2, 1)])
+    assert g.flush({0: 500, 1: 20}, {0: 0, 1: 0}) == 2
+    assert g.take(0, 0)[0].children[1].calls == 1
+
+
+def test_the_bound_joins_the_oldest_even_when_their_trace_goes_on():
+    g = CallGraph(window_ns=1000, wait_ns=10, max_spans=2)
+    spans(g, [(1, 1, 0, 0, 0, 100, 2), (1, 2, 1, 1, 10, 20, 3), (1, 3, 1, 1, 30, 40, 3), (1, 4, 1, 1, 50, 995, 3)])
+    joined = g.flush({0: 1000}, {0: 0})  # the trace has a recent span: only the bound joins some
+    assert joined == 2 and g.waiting == 2 and g.stats["forced"] == 2
+    assert g.flush({0: 1000}, {0: 0}) == 0 and g.stats["forced"] == 2  # (counted once)
+
+
 def test_figures_for_a_closed_window_are_late_and_the_bound_forces_the_oldest_out():
     g = CallGraph(window_ns=100, wait_ns=5, max_spans=2)
     spans(g, [(1, 1, 0, 0, 10, 20, 2)])
@@ -242,14 +258,18 @@ def _sdk_requests(target, version, windows, per_call, first_window=0, requests_p
     provider.shutdown()
 
 
-def test_sdk_nested_spans_through_serve_give_edges_and_an_n_plus_one_event(backflow, redis_client, redis_server):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sdk_nested_spans_through_serve_give_edges_and_an_n_plus_one_event(backflow, redis_client, redis_server,
+                                                                          workers):
+    """With --workers 2 a trace's requests go to either receiver process: the join, on the
+    pipeline, sees them all."""
     import json
     import signal
 
     from processor.pipeline.location import location_key
 
     bf = backflow("--window", "10", "--allowed-lateness", "2", "--call-graph-wait", "1",
-                  "--warmup-windows", "4")
+                  "--warmup-windows", "4", "--workers", workers)
     _sdk_requests(bf.grpc_target, "1.0", windows=6, per_call=1)
     _sdk_requests(bf.grpc_target, "1.1", windows=2, per_call=12, first_window=6)
     # (every span but the last windows' is joined by now: their traces are complete)
@@ -299,7 +319,8 @@ def test_the_edges_and_callers_hashes_conform_to_the_schema_and_a_bad_one_is_nam
     load, query = SHOP[LOAD], SHOP[ITEMS]
     v1, v2 = ("shop", "1", ""), ("shop", "2", "")
     g = LocationGraph(10, 50 * MS, 30 * MS, {v1: 4, v2: 6}, {query: Child(25, 30 * MS, {v1: 4, v2: 21})})
-    (_, edges_key, *pairs), (_, callers_key, caller, value) = edge_commands("bf", load, g, 20 * SEC)
+    (delete, gone), (_, edges_key, *pairs), (_, callers_key, caller, value) = edge_commands("bf", load, g, 20 * SEC)
+    assert (delete, gone) == ("DEL", edges_key)  # (the caller's latest window only)
     fields = dict(zip(pairs[::2], pairs[1::2]))
     assert (edges_key, callers_key) == (f"bf:edges:{load.key}", f"bf:callers:{query.key}")
     msg = edges_from_hash(load.key, fields)

@@ -22,8 +22,9 @@ class NewDependency(Detector):
     this location (calling or called) are learnt silently. Then a callee never seen before is
     reported once, attributed to the version that made most of its calls: a ``warning``
     when that version started after the warm-up (a deploy brought it), else ``info`` (a
-    rare path the warm-up missed). At most ``max_children`` callees are remembered; beyond
-    them the earliest learnt are forgotten.
+    rare path the warm-up missed). At most ``max_children`` callees are remembered; a
+    location that has called that many is not watched for more (forgetting some would
+    report them again, window after window).
 
     Parameters
     ----------
@@ -57,6 +58,12 @@ class NewDependency(Detector):
     []
     >>> [e.detail["callee"] for e in window(6, [db], "2")]
     ['db.find']
+
+    Beyond ``max_children`` callees, nothing more is learnt or reported:
+
+    >>> det = NewDependency(warmup_windows=1, max_children=1)
+    >>> window(0, [db]) + window(1, [db, cache]) + window(2, [db, cache])
+    []
     """
 
     name = "new_dependency"
@@ -94,12 +101,13 @@ class NewDependency(Detector):
         if self.windows == self.warmup_windows:
             self.warm_ns = obs.end_ns
         events = []
+        known = self.known
         for child, f in sorted(g.children.items(), key=lambda cf: cf[0].key):
-            if child.key in self.known:
+            if child.key in known:
                 continue
-            self.known[child.key] = self.windows
-            if len(self.known) > self.max_children:
-                del self.known[next(iter(self.known))]
+            if len(known) >= self.max_children:
+                break  # (full: a location with that many callees is not watched for more)
+            known[child.key] = self.windows
             if self.windows <= self.warmup_windows:
                 continue
             version = max(f.by_version, key=lambda v: (f.by_version[v], obs.version_first_seen.get(v, 0), v))

@@ -315,11 +315,12 @@ class Engine:
             service = (location.environment, location.service)
             self.service_locations.setdefault(service, array("q")).append(loc_id)
         state = frozen if fingerprint in self._fingerprints else None
+        n_before = len(self.detectors.prototypes) - len(self._added)
         if state is None and fingerprint in self._before_added and self._added == list(
-                range(len(self.detectors.prototypes) - len(self._added), len(self.detectors.prototypes))):
+                range(n_before, len(self.detectors.prototypes))):
             try:  # the detectors added since learn from now on; the others go on
                 old = marshal.loads(frozen)
-                if self._added and type(old) is tuple and len(old) == self._added[0]:
+                if type(old) is tuple and len(old) == n_before:
                     state = marshal.dumps(old + tuple(self.detectors.prototypes[j].freeze() for j in self._added))
             except (ValueError, EOFError, TypeError):
                 state = None
@@ -479,8 +480,19 @@ class Engine:
                 return 0
             return f.calls if version is None or len(f.versions) == 1 else f.versions.get(version, f.calls)
 
-        return {loc_id: f.resolved(locations, versions, calls_of) for loc_id, f in figures.items()
-                if (f.children or f.entries) and not is_overflow(locations[loc_id])}
+        out = {}
+        for loc_id, f in figures.items():
+            if (f.children or f.entries) and not is_overflow(locations[loc_id]):
+                g = f.resolved(locations, versions, calls_of)
+                # (the overflow location is many functions: no callee, no entry point)
+                if any(is_overflow(c) for c in g.children):
+                    g.children = {c: x for c, x in g.children.items() if not is_overflow(c)}
+                if any(is_overflow(e) for e in g.entries):
+                    g.entries = {e: x for e, x in g.entries.items() if not is_overflow(e)}
+                    g.entries_by_version = {v: {e: x for e, x in by.items() if not is_overflow(e)}
+                                            for v, by in g.entries_by_version.items()}
+                out[loc_id] = g
+        return out
 
     def _explained(self, event: Event, cw: ClosedWindow, graphs: dict) -> Event:
         """A latency regression's event with its causes and its impact on entry points."""

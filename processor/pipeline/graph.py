@@ -124,6 +124,7 @@ class CallGraph:
         self._chunks: list[tuple[np.ndarray, ...]] = []
         self.waiting = 0
         self._mark = np.zeros(1 << _MARK_BITS, np.uint8)
+        self._clock = np.full(1 << _MARK_BITS, np.iinfo(np.int64).min, np.int64)
         self._open: dict[tuple[int, int], _Partial] = {}   # (service id, window start) -> figures
         self.stats = Counter(joined=0, edges=0, orphans=0, late=0, forced=0)
 
@@ -150,22 +151,26 @@ class CallGraph:
         if force is True:
             ready = np.ones(n, bool)
         else:
+            # A trace is complete when none of its spans ended within the wait of the latest
+            # clock among its services (a quiet callee service does not hold its callers'
+            # traces back): the table of traces (by a digest: collisions only delay) takes
+            # each trace's latest clock, then marks the traces with a recent span.
+            bucket = ((trace * _MIX) >> np.uint64(64 - _MARK_BITS)).astype(np.int64)
             clock = _lookup(clocks, svc, n)
-            old = end + self.wait_ns <= clock
+            np.maximum.at(self._clock, bucket, clock)
+            old = end + self.wait_ns <= self._clock[bucket]
+            self._clock[bucket] = np.iinfo(np.int64).min
             if force:
                 old |= np.isin(svc, np.fromiter(force, np.int64, len(force)))
-            if n > self.max_spans:  # the oldest beyond the bound go as they are
-                cut = np.partition(end, n - self.max_spans)[n - self.max_spans]
-                forced = (end < cut) & ~old
-                self.stats["forced"] += int(forced.sum())
-                old |= forced
-            # A trace is complete when none of its spans is still recent: mark the recent
-            # ones' traces, then keep the old spans whose trace is unmarked.
-            bucket = ((trace * _MIX) >> np.uint64(64 - _MARK_BITS)).astype(np.int64)
             young = bucket[~old]
             self._mark[young] = 1
             ready = old & (self._mark[bucket] == 0)
             self._mark[young] = 0
+            if n - int(ready.sum()) > self.max_spans:  # the oldest beyond the bound go as they are
+                waiting = np.flatnonzero(~ready)
+                cut = waiting[np.argsort(end[waiting], kind="stable")[:len(waiting) - self.max_spans]]
+                ready[cut] = True
+                self.stats["forced"] += len(cut)
         if not ready.all():
             keep = ~ready
             self._chunks.append(tuple(c[keep] for c in cols))
@@ -377,9 +382,9 @@ def _covered(child: np.ndarray, p: np.ndarray, start: np.ndarray, end: np.ndarra
     first = np.concatenate(([True], p[1:] != p[:-1]))
     span = (pe - ps)[order] + 1
     room = np.where(first, span, 0)
+    if float(room.astype(np.float64).sum()) > 2.0**62:  # (spans of centuries: exactness is moot)
+        room = room.astype(np.float64)
     offset = np.cumsum(room) - room[np.flatnonzero(first)][np.cumsum(first) - 1]
-    if offset.size and offset[-1] > (1 << 62):
-        offset = offset.astype(np.float64)  # (spans of centuries: exactness is moot)
     s, e = cs + offset, ce + offset
     reach = np.maximum.accumulate(e)
     before = np.concatenate(([s[0]], reach[:-1]))

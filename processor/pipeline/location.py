@@ -111,13 +111,17 @@ def query_of(attrs: Mapping[str, Any]) -> str:
 
 _QUERY_CACHE: dict[str, str] = {}
 _QUERY_CACHE_MAX = 1 << 14
+_QUERY_CACHED_TEXT = 4096  # longer texts are normalised each time (the cache stays small in bytes)
+MAX_QUERY = 256  # characters of a normalised query kept: a longer one is cut (it names a location)
 
 
 def normalize_query(text: str) -> str:
     """A query's text with its literals as ``?``: comments dropped, strings and numbers
     replaced, an ``IN`` list and the rows of ``VALUES`` collapsed to one, whitespace folded;
     so that the same statement with other values is the same location (as the semantic
-    conventions ask of ``db.query.text``'s sanitisation).
+    conventions ask of ``db.query.text``'s sanitisation). At most ``MAX_QUERY`` characters
+    are kept: a location's name must stay under ``max_attribute_length``, or its spans would
+    be refused.
 
     >>> normalize_query("select *  from users -- who\\n where name = 'O''Brien' and age > 42")
     'select * from users where name = ? and age > ?'
@@ -134,10 +138,11 @@ def normalize_query(text: str) -> str:
         out = _IN_LIST.sub(r"\1(?)", out)
         out = _ROW.sub(_one_row, out)
         out = _ROWS.sub(r"\1", out)
-        out = " ".join(out.split())
-        if len(_QUERY_CACHE) >= _QUERY_CACHE_MAX:
-            _QUERY_CACHE.clear()
-        _QUERY_CACHE[text] = out
+        out = " ".join(out.split())[:MAX_QUERY].rstrip()
+        if len(text) <= _QUERY_CACHED_TEXT:
+            if len(_QUERY_CACHE) >= _QUERY_CACHE_MAX:
+                _QUERY_CACHE.clear()
+            _QUERY_CACHE[text] = out
     return out
 
 

@@ -842,6 +842,7 @@ static htab_t qcache_tab;
 static PyObject *qcache_vals; /* list: index (in qcache_tab) -> normalised text, UTF-8 bytes */
 static sbuf_t qtmp;
 #define QCACHE_MAX 16384
+#define QCACHE_TEXT_MAX 4096
 
 /* The normalised text of v (rendered as str() renders it) put in sb; 1 when not empty, 0
  * when it is, -1 on error. */
@@ -852,38 +853,49 @@ static int normalized_into(const val_t *v, sbuf_t *sb) {
     size_t slot;
     int32_t i = ht_find(&qcache_tab, qtmp.b, qtmp.len, h, &slot);
     if (i == -2) return -1;
-    if (i < 0) {
+    PyObject *b = NULL; /* a new reference to the normalised text's bytes */
+    if (i >= 0) {
+        b = Py_NewRef(PyList_GET_ITEM(qcache_vals, i));
+    } else {
         if (!query_normalizer) {
             PyErr_SetString(PyExc_SystemError, "_fastdecode: set_query_normalizer was not called");
             return -1;
         }
         PyObject *text = PyUnicode_DecodeUTF8(qtmp.b, (Py_ssize_t)qtmp.len, "strict");
         if (!text) return -1;
+        /* The call runs Python: another thread may decode meanwhile and change qtmp and the
+         * cache. The text object keeps this key; its slot is looked for again after. */
         PyObject *out = PyObject_CallOneArg(query_normalizer, text);
-        Py_DECREF(text);
-        if (!out) return -1;
-        PyObject *b = PyUnicode_Check(out) ? PyUnicode_AsUTF8String(out) : NULL;
-        Py_DECREF(out);
-        if (!b) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "the query normalizer must return str");
-            return -1;
+        if (out) {
+            b = PyUnicode_Check(out) ? PyUnicode_AsUTF8String(out) : NULL;
+            if (!b && !PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "the query normalizer must return str");
+            Py_DECREF(out);
         }
-        if (!qcache_vals || PyList_GET_SIZE(qcache_vals) >= QCACHE_MAX) {
-            Py_XSETREF(qcache_vals, PyList_New(0));
-            ht_free(&qcache_tab);
-            if (!qcache_vals || ht_find(&qcache_tab, qtmp.b, qtmp.len, h, &slot) == -2) {
-                Py_DECREF(b);
-                return -1;
+        Py_ssize_t klen = 0;
+        const char *key = b ? PyUnicode_AsUTF8AndSize(text, &klen) : NULL;
+        if (b && !key) Py_CLEAR(b);
+        /* (a text above QCACHE_TEXT_MAX bytes is normalised each time: the cache stays small
+         * in bytes as well as in entries) */
+        if (b && klen <= QCACHE_TEXT_MAX) {
+            if (!qcache_vals || PyList_GET_SIZE(qcache_vals) >= QCACHE_MAX) {
+                Py_XSETREF(qcache_vals, PyList_New(0));
+                ht_free(&qcache_tab);
             }
+            int32_t again = qcache_vals ? ht_find(&qcache_tab, key, (size_t)klen, h, &slot) : -2;
+            if (again == -1) {
+                int32_t n = (int32_t)PyList_GET_SIZE(qcache_vals);
+                if (PyList_Append(qcache_vals, b) < 0 || ht_insert(&qcache_tab, slot, key, (size_t)klen, h, n) < 0)
+                    again = -2;
+            }
+            if (again == -2) Py_CLEAR(b);
         }
-        i = (int32_t)PyList_GET_SIZE(qcache_vals);
-        int rc = PyList_Append(qcache_vals, b);
-        Py_DECREF(b);
-        if (rc < 0 || ht_insert(&qcache_tab, slot, qtmp.b, qtmp.len, h, i) < 0) return -1;
+        Py_DECREF(text);
+        if (!b) return -1;
     }
-    PyObject *b = PyList_GET_ITEM(qcache_vals, i);
-    if (!PyBytes_GET_SIZE(b)) return 0;
-    return sb_put(sb, PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b)) < 0 ? -1 : 1;
+    Py_ssize_t n = PyBytes_GET_SIZE(b);
+    int rc = n ? (sb_put(sb, PyBytes_AS_STRING(b), (size_t)n) < 0 ? -1 : 1) : 0;
+    Py_DECREF(b);
+    return rc;
 }
 
 

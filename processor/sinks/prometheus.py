@@ -37,7 +37,7 @@ class LocationGauges:
         self.max_locations = max_locations
         self._lock = threading.Lock()
         self._rows: dict[tuple[str, str, str], tuple] = {}  # labels -> (sketch, errors, count, window s)
-        self._edges: dict[tuple[str, str, str], list] = {}  # labels -> [(callee function, ms per call)]
+        self._edges: dict[tuple[str, str, str], list] = {}  # labels -> [(callee function, its service, ms per call)]
         self.overflowed: set[str] = set()
 
     def observe(self, cw: ClosedWindow) -> None:
@@ -68,8 +68,8 @@ class LocationGauges:
                 if labels not in self._rows or not g.calls:
                     continue
                 top = sorted(g.children.items(), key=lambda cf: (-cf[1].ns, cf[0].function))[:MAX_CALLEES]
-                self._edges[labels] = [("(self)", g.self_ns / g.calls / 1e6)] + [
-                    (c.function, f.ns / g.calls / 1e6) for c, f in top]
+                self._edges[labels] = [("(self)", loc.service, g.self_ns / g.calls / 1e6)] + [
+                    (c.function, c.service, f.ns / g.calls / 1e6) for c, f in top]
 
     def forget(self, locations) -> None:
         """Drop the series of forgotten locations (their ids and places are reused)."""
@@ -98,7 +98,8 @@ class LocationGauges:
         callee = GaugeMetricFamily("backflow_location_callee_milliseconds_per_call",
                                    "A code location's time per call spent in a callee (the call graph; "
                                    "callee_function_name=\"(self)\": its own code), its latest window with "
-                                   "callees; its largest callees only", labels=_LABELS + ["callee_function_name"])
+                                   "callees; its largest callees only", labels=_LABELS + ["callee_function_name",
+                                                                                   "callee_service_name"])
         return [lat, err, rate, callee]
 
     def collect(self):
@@ -107,8 +108,8 @@ class LocationGauges:
             rows = list(self._rows.items())
             edges = list(self._edges.items())
         for labels, parts in edges:
-            for function, ms in parts:
-                callee.add_metric(list(labels) + [function], ms)
+            for function, service, ms in parts:
+                callee.add_metric(list(labels) + [function, service], ms)
         for labels, row in rows:
             sketch, errors, count, window_s = row
             if isinstance(sketch, list):  # the overflow series: the locations folded into it

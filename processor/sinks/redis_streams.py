@@ -226,7 +226,8 @@ def edge_commands(prefix: str, loc, graph, end_ns: int) -> list[tuple]:
         cmds.append(("HSET", f"{prefix}:callers:{child.key}", loc.key, json.dumps({
             "function": loc.function, "service.name": loc.service, "calls_per_call": round(f.calls / n, 4),
             "time_share": round(f.ns / total, 4), "calls": n, "updated": int(updated)}, sort_keys=True)))
-    return [("HSET", f"{prefix}:edges:{loc.key}", *fields)] + cmds
+    # (the caller's hash holds its latest window only: callees it no longer calls go)
+    return [("DEL", f"{prefix}:edges:{loc.key}"), ("HSET", f"{prefix}:edges:{loc.key}", *fields)] + cmds
 
 
 def _ms(ns: float) -> str:
