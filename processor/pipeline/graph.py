@@ -157,9 +157,11 @@ class CallGraph:
             # each trace's latest clock, then marks the traces with a recent span.
             bucket = ((trace * _MIX) >> np.uint64(64 - _MARK_BITS)).astype(np.int64)
             clock = _lookup(clocks, svc, n)
-            np.maximum.at(self._clock, bucket, clock)
-            old = end + self.wait_ns <= self._clock[bucket]
-            self._clock[bucket] = np.iinfo(np.int64).min
+            old = end + self.wait_ns <= clock
+            if not old.all():  # (a span recent by its own service's clock: the trace's latest)
+                np.maximum.at(self._clock, bucket, clock)
+                old = end + self.wait_ns <= self._clock[bucket]
+                self._clock[bucket] = np.iinfo(np.int64).min
             if force:
                 old |= np.isin(svc, np.fromiter(force, np.int64, len(force)))
             young = bucket[~old]
@@ -360,7 +362,8 @@ def _split(group: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray]:
     """``rows`` by their ``group``: group -> its rows (in order)."""
     if not len(group):
         return {}
-    order = np.argsort(group, kind="stable")
+    # (few groups: as 16-bit integers numpy sorts them by radix, in linear time)
+    order = np.argsort(group.astype(np.int16) if group.max() < (1 << 15) else group, kind="stable")
     g = group[order]
     cut = np.flatnonzero(g[1:] != g[:-1]) + 1
     return {int(g[a]): rows[order[a:b]] for a, b in zip(np.concatenate(([0], cut)).tolist(),
@@ -375,7 +378,8 @@ def _covered(child: np.ndarray, p: np.ndarray, start: np.ndarray, end: np.ndarra
     ps, pe = start[p], end[p]
     cs = np.clip(start[child], ps, pe) - ps
     ce = np.clip(end[child], ps, pe) - ps
-    order = np.lexsort((cs, p))
+    # by parent, then start: one sort of the parent's index plus the start's fraction of it
+    order = np.argsort(p + cs / ((pe - ps) + 1.0))
     p, cs, ce = p[order], cs[order], ce[order]
     # Each parent's children laid end to end on one line (a parent's span after the previous
     # one's): a running maximum of ends then merges overlaps within a parent only.
