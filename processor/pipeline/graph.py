@@ -35,7 +35,7 @@ import numpy as np
 SERVER, CONSUMER = 2, 5
 _MIX = np.uint64(0x9E3779B97F4A7C15)  # spreads span ids before they are xor-ed with the trace
 _MARK_BITS = 22  # the table that tells which traces still have spans waiting (collisions only delay)
-_COLUMNS = ("trace", "span", "parent", "loc", "ver", "svc", "start", "end", "kind")
+# the dtypes of the columns add() takes: trace, span, parent, loc, ver, svc, start, end, kind
 _DTYPES = (np.uint64, np.uint64, np.uint64, np.int32, np.int32, np.int32, np.int64, np.int64, np.uint8)
 
 
@@ -226,8 +226,7 @@ class CallGraph:
         # one); then per pair, its spans, the edges whose parent is in it and the spans
         # under an entry point in it, handed over as they are (summed when it closes)
         under = np.flatnonzero(entry >= 0)
-        pairs = np.stack([svc.astype(np.int64), ws]) if n else np.zeros((2, 0), np.int64)
-        if live.all() and (pairs == pairs[:, :1]).all():
+        if live.all() and (svc == svc[0]).all() and (ws == ws[0]).all():
             groups = [(int(svc[0]), int(ws[0]), idx, np.arange(len(child)), under)]
         else:
             slot = ws // self.window_ns
