@@ -587,10 +587,10 @@ def proc_tree(pid: int) -> list[int]:
     return tree
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """CPU seconds (user + system) of pid and its live descendants."""
+def proc_cpu_seconds(pid: int, alone: bool = False) -> float:
+    """CPU seconds (user + system) of pid and its live descendants (of pid only if alone)."""
     total = 0
-    for p in proc_tree(pid):
+    for p in [pid] if alone else proc_tree(pid):
         try:
             fields = _stat(p)
         except OSError:
@@ -847,13 +847,14 @@ def phase_throughput(args, tmp: str, workers: int = 1, rate: float = 0.0) -> dic
                  wall=getattr(args, "wall", False), trace_size=args.trace_size)
     per_lane = max(1, math.ceil(args.spans / 756 / lanes))  # 756: mean of 512..1000
     with Stack(tmp, "throughput", ["--workers", str(workers)], window=args.window) as stack:
-        cpu0 = proc_cpu_seconds(stack.pid)
+        cpu0, main0 = proc_cpu_seconds(stack.pid), proc_cpu_seconds(stack.pid, alone=True)
         print(f"  server up (pid {stack.pid}); {args.clients} client processes x {args.inflight} lanes, "
               f"{per_lane} requests built per lane, sending for at most {args.duration:g} s ...", flush=True)
         spy = None
-        if args.profile and workers == 1 and not rate:
+        if args.profile and not rate:  # with --workers: the main process, the pipeline's
             beside = os.path.join(os.path.dirname(sys.executable), "py-spy")  # in the venv
-            spy = subprocess.Popen([beside if os.path.exists(beside) else "py-spy", "record", "-p", str(stack.pid), "-o", args.profile, "-f", "raw",
+            spy = subprocess.Popen([beside if os.path.exists(beside) else "py-spy", "record", "-p", str(stack.pid),
+                                    "-o", profile_path(args.profile, workers), "-f", "raw",
                                     "-r", "100", "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         target = stack.target if args.transport == "grpc" else stack.http_url
@@ -867,7 +868,7 @@ def phase_throughput(args, tmp: str, workers: int = 1, rate: float = 0.0) -> dic
         if spy:  # py-spy writes its profile on SIGINT
             spy.send_signal(signal.SIGINT)
             spy.wait(30)
-        cpu1 = proc_cpu_seconds(stack.pid)
+        cpu1, main1 = proc_cpu_seconds(stack.pid), proc_cpu_seconds(stack.pid, alone=True)
         hwm = sum(proc_status_kb(p, "VmHWM") for p in proc_tree(stack.pid)) * 1024
         e2e_s = t_done - r["first"]
         acc_s = r["last"] - r["first"]
@@ -887,7 +888,7 @@ def phase_throughput(args, tmp: str, workers: int = 1, rate: float = 0.0) -> dic
             "windows": m.get("backflow_windows_closed_total", 0), "keys": m.get("backflow_active_keys", 0),
             "events": m.get("backflow_events_total", 0),
             "overloaded": m.get("backflow_receiver_refused_spans_total", 0),
-            "cpu_s": cpu1 - cpu0, "hwm": hwm,
+            "cpu_s": cpu1 - cpu0, "main_cpu_s": main1 - main0, "hwm": hwm,
             "scrapes": done["scrapes"], "resolution": done["resolution"],
         }
 
@@ -1054,6 +1055,11 @@ def phase_decode(args) -> dict:
     return out
 
 
+def profile_path(path: str, workers: int) -> str:
+    """The 1-process run's profile is FILE, a --workers run's FILE.workersN."""
+    return path if workers == 1 else f"{path}.workers{workers}"
+
+
 def profile_top(path: str, n: int) -> list[tuple[str, float]]:
     """The ``n`` frames with the most self time in a py-spy raw profile (idle threads
     waiting on a lock or a socket are not sampled with --nonblocking's default idle filter)."""
@@ -1124,8 +1130,8 @@ def main(argv: list[str] | None = None) -> int:
                         "own trace, two in three naming a parent never sent")
     p.add_argument("--skip-memory", action="store_true", help="skip the memory phase")
     p.add_argument("--profile", metavar="FILE",
-                   help="record the 1-process throughput run with py-spy (raw format) into FILE and "
-                        "print its top entries (needs py-spy on PATH)")
+                   help="record the throughput runs' main process with py-spy (raw format) into FILE "
+                        "(the --workers run into FILE.workersN) and print their top entries (needs py-spy)")
     p.add_argument("--workers", type=int, default=None,
                    help="receiver processes of the second throughput run (default: one per CPU)")
     p.add_argument("--latency-load", type=float, default=0.8,
@@ -1212,8 +1218,10 @@ def main(argv: list[str] | None = None) -> int:
         rows += [
             (f"end-to-end, {label}", f"{r['e2e_rate']:>12,.0f} spans/s   ({r['e2e_s']:.2f} s until all "
                                      f"aggregated; accepted at {r['accepted_rate']:,.0f} spans/s)"),
-            ("  server CPU (all its processes)", f"{r['cpu_s']:>12.1f} s   ({r['cpu_s'] / r['e2e_s']:.2f} cores; "
+            ("  server CPU (all its processes)", f"{r['cpu_s']:>12.2f} s   ({r['cpu_s'] / r['e2e_s']:.2f} cores; "
                                                 f"{r['spans'] / r['cpu_s']:,.0f} spans per CPU-second)"),
+        ] + ([("  of which the main process", f"{r['main_cpu_s']:>12.2f} s   (the pipeline; the "
+                                                 f"receivers decode)")] if r["workers"] > 1 else []) + [
             ("  throttled retries", f"{r['retries']:>12,}   ({r['overloaded']:,.0f} spans refused as "
                                       f"overloaded, retried after {retry})"),
             ("  late / rejected, windows, events", f"{r['late']:>12,.0f} / {r['rejected']:,}, "
@@ -1260,9 +1268,12 @@ def main(argv: list[str] | None = None) -> int:
             ("  RSS idle -> after", f"{_fmt_bytes(ex['rss0']):>16} -> {_fmt_bytes(ex['rss1'])} "
                                     f"(peak {_fmt_bytes(ex['hwm'])})"),
         ]
-    if args.profile and os.path.exists(args.profile):
-        rows += [("profile (1 process): self time", f"{share:>11.1%}   {frame}")
-                 for frame, share in profile_top(args.profile, 12)]
+    for r in runs if args.profile else []:
+        path = profile_path(args.profile, r["workers"])
+        label = "1 process" if r["workers"] == 1 else f"main process of {r['workers']} receivers"
+        if os.path.exists(path):
+            rows += [(f"profile ({label}): self time", f"{share:>11.1%}   {frame}")
+                     for frame, share in profile_top(path, 12)]
     width = max(len(k) for k, _ in rows)
     print()
     print("Backflow ingest benchmark" + (" (quick)" if args.quick else ""))
