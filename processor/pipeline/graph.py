@@ -190,7 +190,7 @@ class CallGraph:
         idx = np.arange(n)
         # Parent of each span: its (trace, parent id) among the (trace, span id) of the flush
         h = trace ^ (span * _MIX)
-        order = np.argsort(h, kind="stable")
+        order = np.argsort(h)
         hs = h[order]
         hp = trace ^ (parent * _MIX)
         pos = np.minimum(np.searchsorted(hs, hp), n - 1)
@@ -232,7 +232,7 @@ class CallGraph:
             slot = ws // self.window_ns
             wkey = svc.astype(np.int64) * (int(slot.max() - slot.min()) + 1) + (slot - slot.min())
             wkey[~live] = -1
-            keys, gid = np.unique(wkey, return_inverse=True)
+            keys, gid = _dense(wkey)
             by = _split(gid, idx), _split(gid[p], np.arange(len(child))), _split(gid[under], under)
             none = np.zeros(0, np.int64)
             groups = [(int(svc[by[0][g][0]]), int(ws[by[0][g][0]]), by[0][g], by[1].get(g, none), by[2].get(g, none))
@@ -355,6 +355,18 @@ def _lookup(table: dict[int, int], svc: np.ndarray, n: int) -> np.ndarray:
     if table:
         values[np.fromiter(table.keys(), np.int64, len(table))] = np.fromiter(table.values(), np.int64, len(table))
     return values[svc]
+
+
+def _dense(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(key, return_inverse=True)`` for keys >= -1, by counting when they are
+    small (a flush's few windows), which is linear where a sort is not."""
+    top = int(key.max()) + 2
+    if top > 4 * len(key) + 1024:
+        return np.unique(key, return_inverse=True)
+    present = np.flatnonzero(np.bincount(key + 1, minlength=top))
+    rank = np.zeros(top, np.int64)
+    rank[present] = np.arange(len(present))
+    return present - 1, rank[key + 1]
 
 
 def _split(group: np.ndarray, rows: np.ndarray) -> dict[int, np.ndarray]:
