@@ -19,7 +19,8 @@ from typing import Any, Callable
 
 import yaml
 
-from processor.detect.registry import DetectorSettings, parse_detector_settings
+from processor.detect.registry import DetectorSettings, parse_detector_settings, parse_rollout_settings
+from processor.detect.rollout import RolloutSettings
 from processor.detect.settings import CommonSettings
 from processor.parsing import (  # noqa: F401 (re-exported: the settings' parsers)
     ConfigError, parse_address, split_address, parse_address_or_off, parse_redis_url, redact_url,
@@ -210,10 +211,13 @@ class Config:
     log_level: str
     config: str | None = None
     detectors: DetectorSettings = None  # the detectors: section (processor/detect/registry.py)
+    rollouts: RolloutSettings = None    # the rollouts: section (processor/detect/rollout.py)
 
     def __post_init__(self):
         if self.detectors is None:
             object.__setattr__(self, "detectors", DetectorSettings())
+        if self.rollouts is None:
+            object.__setattr__(self, "rollouts", RolloutSettings())
 
     @property
     def receiver_processes(self) -> int:
@@ -249,7 +253,7 @@ class Config:
         return cls(**values)
 
 
-assert {f.name for f in dataclasses.fields(Config)} == set(_BY_NAME) | {"config", "detectors"}
+assert {f.name for f in dataclasses.fields(Config)} == set(_BY_NAME) | {"config", "detectors", "rollouts"}
 
 
 # The detector settings changed most often are flags and environment variables too; they
@@ -294,7 +298,7 @@ def _read_yaml(path: str) -> dict:
         raise ConfigError(f"config: {path!r} must hold a mapping of settings")
     for key in data:
         name = str(key).replace("-", "_")
-        if name not in _BY_NAME and name != "detectors":
+        if name not in _BY_NAME and name not in ("detectors", "rollouts"):
             raise ConfigError(f"config: unknown key {key!r} in {path!r}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
@@ -323,7 +327,9 @@ def resolve(flags: dict[str, Any], environ: dict[str, str]) -> Config:
     _check_tls(values, sources)
     _read_token_file(values, sources)
     detectors = parse_detector_settings(from_yaml.get("detectors"), where=str(config_path))
-    return Config(config=config_path, detectors=_detector_overrides(detectors, flags, environ), **values)
+    rollouts = parse_rollout_settings(from_yaml.get("rollouts"), where=str(config_path))
+    return Config(config=config_path, detectors=_detector_overrides(detectors, flags, environ), rollouts=rollouts,
+                  **values)
 
 
 def _detector_overrides(detectors: DetectorSettings, flags: dict[str, Any], environ: dict[str, str]):

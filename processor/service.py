@@ -209,7 +209,9 @@ class Pipeline:
             self.metrics.observe_window(r.window)
             if r.edges:
                 self.metrics.locations.observe_edges(r.edges)
-            self.sink.submit(r.events, [(b.location.key, b) for b in r.baselines], r.window, r.edges)
+            if r.verdicts:
+                self.metrics.observe_verdicts(r.verdicts)
+            self.sink.submit(r.events, [(b.location.key, b) for b in r.baselines], r.window, r.edges, r.verdicts)
             if r.detection_started:
                 self.activity.detection_started(r.window.environment, r.window.service,
                                                 self.cfg.detectors.warmup_windows)

@@ -26,6 +26,7 @@ from processor.detect.errors import ErrorRateShift
 from processor.detect.exceptions import NewException
 from processor.detect.latency import LatencyShift
 from processor.detect.new_dependency import NewDependency
+from processor.detect.rollout import EVENT_TYPE as ROLLOUT, RolloutSettings
 from processor.detect.scaling import ScalingShift
 from processor.detect.settings import CommonSettings, ConfigError, Settings
 
@@ -35,9 +36,10 @@ DETECTORS: tuple[type[Detector], ...] = (LatencyShift, ErrorRateShift, NewExcept
                                          CallPattern, NewDependency)
 
 # Events that no registered detector raises: first_seen comes from the engine (a location's
-# first window), resolved ends what a detector opened.
+# first window), resolved ends what a detector opened, rollout tells a version's rollout
+# (processor/detect/rollout.py, one per service, not per location).
 FIRST_SEEN, RESOLVED = "first_seen", "resolved"
-EVENT_TYPES: tuple[str, ...] = (FIRST_SEEN,) + tuple(d.event_type for d in DETECTORS)
+EVENT_TYPES: tuple[str, ...] = (FIRST_SEEN,) + tuple(d.event_type for d in DETECTORS) + (ROLLOUT,)
 REGRESSION_TYPES: tuple[str, ...] = tuple(d.event_type for d in DETECTORS if d.regression)
 # Regressions that stay open until a resolved event ends them (recovered, or accepted as the
 # new baseline); the others (new_exception) are one-shot.
@@ -46,6 +48,9 @@ DESCRIPTIONS: dict[str, str] = {
     FIRST_SEEN: "A code location was called in production for the first time.",
     **{d.event_type: d.description for d in DETECTORS},
     RESOLVED: "A regression reported earlier ended.",
+    ROLLOUT: "A new version of a service reached a milestone of its rollout (first calls, a share of the "
+             "service's calls, the previous version gone, rolled back), with its verdict: pass, fail or "
+             "inconclusive.",
 }
 
 _BY_NAME = {d.name: d for d in DETECTORS}
@@ -105,6 +110,16 @@ def parse_detector_settings(raw: Any, where: str = "config") -> DetectorSettings
     return DetectorSettings(common=CommonSettings.parse(common_raw, "detectors", where), **sections)
 
 
+def parse_rollout_settings(raw: Any, where: str = "config") -> RolloutSettings:
+    """Validate the ``rollouts:`` mapping; ``fail_on`` must name regression types."""
+    settings = RolloutSettings.parse(raw, "rollouts", where)
+    unknown = sorted(set(settings.fail_on) - set(REGRESSION_TYPES))
+    if unknown:
+        raise ConfigError(f"invalid setting rollouts.fail_on ({where}): {', '.join(unknown)} "
+                          f"not among {', '.join(REGRESSION_TYPES)}")
+    return settings
+
+
 def build_detectors(cfg) -> list[Detector]:
     """The enabled detectors of a configuration, in registry order: the prototypes every
     code location's detectors are thawed from."""
@@ -120,12 +135,15 @@ def reference_markdown() -> str:
     for d in DETECTORS:
         rows.append(f"| `{d.event_type}` | `{d.__name__}` (`{d.__module__.rsplit('.', 1)[-1]}.py`) | {d.description} |")
     rows.append(f"| `{RESOLVED}` | the detector that opened it | {DESCRIPTIONS[RESOLVED]} |")
+    rows.append(f"| `{ROLLOUT}` | `Rollouts` (`rollout.py`) | {DESCRIPTIONS[ROLLOUT]} |")
     rows += ["", "| YAML key | default | meaning |", "|---|---|---|"]
     for path, default, help_ in CommonSettings.rows("detectors"):
         rows.append(f"| `{path}` | `{default}` | {help_} |")
     for d in DETECTORS:
         for path, default, help_ in d.Settings.rows(f"detectors.{d.name}"):
             rows.append(f"| `{path}` | `{default}` | {help_} |")
+    for path, default, help_ in RolloutSettings.rows("rollouts"):
+        rows.append(f"| `{path}` | `{list(default) if isinstance(default, tuple) else default}` | {help_} |")
     return "\n".join(rows) + "\n"
 
 

@@ -48,7 +48,8 @@ FORMAT = 3  # bumped when what a field holds changes; fields of other formats ar
 
 _LOCATION_FIELDS = tuple(f.name for f in dataclasses.fields(Location) if f.init)
 _LOCATION_KEYS = frozenset({"format", "location", "order", "baseline", "detectors", "fingerprint"})
-_SERVICE_KEYS = frozenset({"format", "service", "max_end", "closed_through", "version_first_seen", "ticks"})
+_SERVICE_KEYS = frozenset({"format", "service", "max_end", "closed_through", "version_first_seen", "ticks",
+                           "rollouts"})
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes})  # and tuples and dicts of them
 _LOGGED = 10  # refused fields logged one by one at start; the rest only counted
 
@@ -69,6 +70,7 @@ class ServiceState:
     closed_through: int
     version_first_seen: dict        # (service, version, revision) -> end of its first window
     ticks: int = 0                  # windows it closed (Engine.service_ticks)
+    rollouts: dict | None = None    # its rollouts (Rollouts.freeze), plain data
 
 
 @dataclass(frozen=True)
@@ -150,7 +152,8 @@ def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | int]:
         clock = engine.windows.services[tables.service_id(service)]
         out[service_field(service)] = encode_service(ServiceState(
             service, clock.max_end, clock.closed_through, engine.version_first_seen.get(service, {}),
-            engine.service_ticks.get(service, 0)))
+            engine.service_ticks.get(service, 0),
+            engine.rollouts.freeze(service) if engine.rollouts is not None else None))
     engine.dirty_services.clear()
     if failed:
         log.error("%d code locations were not checkpointed (their state is not plain data; "
@@ -188,6 +191,7 @@ def encode_service(state: ServiceState) -> bytes:
         "closed_through": state.closed_through,
         "version_first_seen": [[*version, end] for version, end in state.version_first_seen.items()],
         "ticks": state.ticks,
+        "rollouts": state.rollouts,
     }, use_bin_type=True)
 
 
@@ -222,7 +226,7 @@ def restore(engine, fields: dict) -> Restored:
                     "never unpickled); their code locations are learned again: a one-time "
                     "relearn after an upgrade", other)
     for s in sorted(services, key=lambda s: s.service):
-        engine.restore_service(s.service, s.max_end, s.closed_through, s.version_first_seen, s.ticks)
+        engine.restore_service(s.service, s.max_end, s.closed_through, s.version_first_seen, s.ticks, s.rollouts)
     restored = 0
     for state in sorted(locations, key=lambda s: s.order):
         restored += engine.restore_location(state.location, state.baseline, state.detectors,
@@ -297,7 +301,8 @@ def _location_state(d: dict) -> LocationState:
 
 
 def _service_state(d: dict) -> ServiceState:
-    if d.keys() != _SERVICE_KEYS and d.keys() != _SERVICE_KEYS - {"ticks"}:  # (written before ticks)
+    # (fields written before ticks, and before rollouts, lack them)
+    if d.keys() not in (_SERVICE_KEYS, _SERVICE_KEYS - {"rollouts"}, _SERVICE_KEYS - {"ticks", "rollouts"}):
         raise Malformed("a service field has the keys " + ", ".join(sorted(_SERVICE_KEYS)))
     ticks = d.get("ticks", 0)
     if type(ticks) is not int or ticks < 0:
@@ -312,7 +317,10 @@ def _service_state(d: dict) -> ServiceState:
             type(r) is tuple and len(r) == 4 and all(type(v) is str for v in r[:3]) and type(r[3]) is int
             for r in rows):
         raise Malformed("version_first_seen is not rows [service, version, revision, end_ns]")
-    return ServiceState(service, d["max_end"], d["closed_through"], {r[:3]: r[3] for r in rows}, ticks)
+    rollouts = d.get("rollouts")
+    if rollouts is not None and type(rollouts) is not dict:
+        raise Malformed("rollouts is not a mapping")
+    return ServiceState(service, d["max_end"], d["closed_through"], {r[:3]: r[3] for r in rows}, ticks, rollouts)
 
 
 def _check_detectors(value) -> None:

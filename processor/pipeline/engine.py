@@ -19,7 +19,8 @@ from processor.config import Config
 from processor.detect.base import Detector, Observation
 from processor.detect.call_pattern import CallPattern
 from processor.detect.causes import explain
-from processor.detect.registry import build_detectors
+from processor.detect.registry import REGRESSION_TYPES, build_detectors
+from processor.detect.rollout import Rollouts
 from processor.detect.first_seen import FirstSeen
 from processor.events import Event
 from processor.pipeline.baseline import Baseline, BaselineStage
@@ -280,6 +281,8 @@ class Engine:
         self._added = [j for j, p in enumerate(self.detectors.prototypes) if p.name in ADDED_LATER]
         if cfg.call_graph_wait > 0:
             self.windows.graph = CallGraph(cfg.window_ns, cfg.graph_wait_ns, cfg.call_graph_max_spans)
+        # each new version's rollout and verdict (processor/detect/rollout.py)
+        self.rollouts = Rollouts(cfg.rollouts, REGRESSION_TYPES) if cfg.rollouts.enabled else None
         self._started = self.windows.clock()
         # Windows each service closed: the columnar detectors count time in them.
         self.service_ticks: dict[tuple, int] = {}
@@ -293,11 +296,17 @@ class Engine:
         return [self.detectors.state(i) for i in range(len(self.detectors.frozen))]
 
     def restore_service(self, service: tuple[str, str], max_end: int, closed_through: int,
-                        version_first_seen: dict, ticks: int = 0) -> None:
-        """A service's clock, versions and window count from a checkpoint: its closed windows
-        stay closed."""
+                        version_first_seen: dict, ticks: int = 0, rollouts: dict | None = None) -> None:
+        """A service's clock, versions, window count and rollouts from a checkpoint: its
+        closed windows stay closed."""
         self.windows.restore_clock(service, max_end, closed_through)
         self.service_ticks[service] = ticks
+        if self.rollouts is not None and rollouts is not None:
+            try:
+                self.rollouts.thaw(service, rollouts)
+            except (ValueError, TypeError, KeyError) as e:
+                log.warning("checkpoint of service %s: its rollouts do not fit this version (%s); "
+                            "they are followed from its next version on", service[1], e)
         self.version_first_seen[service] = dict(version_first_seen)
         self.service_locations.setdefault(service, array("q"))
 
@@ -375,6 +384,8 @@ class Engine:
             self.service_locations.pop(service, None)
             self.detecting.discard(service)
             self.dirty_services.discard(service)
+            if self.rollouts is not None:
+                self.rollouts.forget(service)
             self.forgotten_fields[checkpoint.service_field(service)] = f.service_ends.get(service, 0)
         if f.versions or f.locations:
             self._forget_versions(gone_versions, self.windows.clock() if now is None else now)
@@ -436,7 +447,12 @@ class Engine:
         if started:
             self.detecting.add(service)
         edges = [(locations[loc_id], g) for loc_id, g in graphs.items() if g.children]
-        return WindowResult(cw, events, baselines, started, edges)
+        verdicts = []
+        if self.rollouts is not None:
+            entries = {e.key for g in graphs.values() for e in g.entries}
+            events += self.rollouts.window(cw, self.version_first_seen.get(service, {}), events, entries)
+            verdicts = self.rollouts.take_published()
+        return WindowResult(cw, events, baselines, started, edges, verdicts)
 
     def _service_context(self, cw: ClosedWindow, service: tuple) -> ServiceContext:
         by_version: dict = {}
@@ -568,5 +584,8 @@ class WindowResult:
     # The locations that called others in this window, with their call-graph figures
     # (``LocationGraph``, resolved): published as {prefix}:edges:{key} and :callers:{key}
     edges: list = field(default_factory=list)
+    # The service's rollouts whose verdict state changed (``Rollouts.state_of``): published
+    # in {prefix}:verdicts:{environment}:{service} and backflow_version_verdict
+    verdicts: list = field(default_factory=list)
 
 

@@ -22,6 +22,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from processor.pipeline.baseline import QUANTILES
 from processor.config import split_address
 from processor.detect.registry import EVENT_TYPES, RESOLVED
+from processor.detect.rollout import ENDED_KEPT, VERDICT_VALUES
 from processor.pipeline.sketch import LogSketch
 from processor.pipeline.window import ClosedWindow
 
@@ -218,6 +219,16 @@ class Metrics:
                                         registry=r)
         self.locations = LocationGauges(max_locations)
         r.register(self.locations)
+        # A rollout's verdict and share, for progressive delivery tools (deploy/argo-rollouts,
+        # deploy/flagger); the series of a service's latest few rollouts are kept.
+        self.version_verdict = Gauge("backflow_version_verdict",
+                                     "Verdict of a version's rollout against the version it replaces: "
+                                     "0 pass, 1 inconclusive, 2 fail (docs/rollouts.md)",
+                                     ["environment", "service", "version"], registry=r)
+        self.version_share = Gauge("backflow_version_share",
+                                   "The version's share of its service's calls in its latest closed window",
+                                   ["environment", "service", "version"], registry=r)
+        self._verdict_series: dict[tuple[str, str], list[str]] = {}
         for t in EVENT_TYPES + (RESOLVED,):
             self.events.labels(type=t)
 
@@ -237,6 +248,21 @@ class Metrics:
                 self.graph_spans.labels(outcome).inc(now - counted.get(stat, 0))
                 counted[stat] = now
         self.graph_waiting.set(graph.waiting)
+
+    def observe_verdicts(self, states: list[dict]) -> None:
+        """Rollouts' verdict states (``Rollouts.state_of``) into the version gauges."""
+        for v in states:
+            labels = (v["environment"], v["service"], v["version"])
+            self.version_verdict.labels(*labels).set(VERDICT_VALUES[v["verdict"]])
+            self.version_share.labels(*labels).set(v["share"])
+            kept = self._verdict_series.setdefault(labels[:2], [])
+            if labels[2] in kept:
+                kept.remove(labels[2])
+            kept.append(labels[2])
+            while len(kept) > ENDED_KEPT + 1:
+                gone = (*labels[:2], kept.pop(0))
+                self.version_verdict.remove(*gone)
+                self.version_share.remove(*gone)
 
     def observe_window(self, cw: ClosedWindow) -> None:
         self.windows.inc()

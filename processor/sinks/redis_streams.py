@@ -204,6 +204,16 @@ def _text(value) -> str:
 MAX_EDGES = 100  # callees published per caller and window, the most called first
 
 
+def verdict_key(prefix: str, environment: str, service: str) -> str:
+    """The hash of a service's rollouts' verdicts (docs/sinks.md)."""
+    return f"{prefix}:verdicts:{environment}:{service}"
+
+
+def verdict_field(version: str, revision: str) -> str:
+    """A rollout's field in it: its version as a JSON array, as in {prefix}:versions:{key}."""
+    return json.dumps([version, revision], ensure_ascii=False)
+
+
 def edge_commands(prefix: str, loc, graph, end_ns: int) -> list[tuple]:
     """The HSETs of one caller's window: ``{prefix}:edges:{key}`` (the caller's figures, and
     per callee key its figures as JSON) and, per callee, the caller's field of
@@ -236,7 +246,7 @@ def _ms(ns: float) -> str:
 
 @dataclass(slots=True)  # (not frozen: its __init__ would cost a microsecond a write)
 class _Write:
-    kind: str            # "event", "first_seen", "baseline", "edges", "versions" or "state"
+    kind: str            # "event", "first_seen", "baseline", "edges", "verdicts", "versions" or "state"
     key: str
     fields: list[str] | None  # a baseline's hash as [field, value, ...]; None for events (rendered from source)
     event_type: str = ""
@@ -280,6 +290,7 @@ class RedisSink:
         self.buffer: deque[_Write] = deque()
         self.baselines: dict[str, object] = {}  # key -> latest baseline not yet written
         self.edges: dict[str, tuple] = {}  # caller key -> (location, LocationGraph, window end) not yet written
+        self.verdicts: dict[tuple[str, str], str] = {}  # (hash, field) -> a rollout's state (JSON) not yet written
         self.state: dict[str, bytes | int] = {}  # checkpoint field -> latest blob (or deletion) not yet written
         self.state_key = f"{prefix}:state"
         self.versions = VersionLedger()  # per-version summaries (processor/sinks/versions.py)
@@ -363,11 +374,13 @@ class RedisSink:
             return len(self.state)
 
     def submit(self, events: list[Event], baselines: list[tuple[str, object]], window=None,
-               edges: list | None = None) -> None:
+               edges: list | None = None, verdicts: list | None = None) -> None:
         """Queue events; note baselines as (key, object with ``fields()`` or a fields dict),
-        the closed window's per-version figures (``{prefix}:versions:{key}``) and its call
+        the closed window's per-version figures (``{prefix}:versions:{key}``), its call
         graph's callers with their figures (``edges``: (Location, LocationGraph) pairs, for
-        ``{prefix}:edges:{key}`` and ``{prefix}:callers:{key}``)."""
+        ``{prefix}:edges:{key}`` and ``{prefix}:callers:{key}``) and its rollouts' verdicts
+        (``verdicts``: ``Rollouts.state_of`` dicts, for ``{prefix}:verdicts:{environment}:
+        {service}``)."""
         # Events are rendered to their fields when written, not here: a window that closes
         # with a hundred thousand new locations must not hold a hundred thousand dicts.
         token = self._tokens.next
@@ -405,6 +418,9 @@ class RedisSink:
                 self.versions.note(window)
                 for loc, graph in edges or ():
                     self.edges[loc.key] = (loc, graph, window.end_ns)
+            for v in verdicts or ():
+                self.verdicts[(verdict_key(self.prefix, v["environment"], v["service"]),
+                               verdict_field(v["version"], v["revision"]))] = json.dumps(v, sort_keys=True)
             self._cv.notify()
         if waited:
             self.on_waited(waited)
@@ -449,6 +465,9 @@ class RedisSink:
         if self.edges:
             keys = list(itertools.islice(self.edges, self.batch_size))
             return [_Write("edges", key, None, source=self.edges.pop(key)) for key in keys]
+        if self.verdicts:  # (after the rollout events they follow, before the checkpoint)
+            keys = list(itertools.islice(self.verdicts, self.batch_size))
+            return [_Write("verdicts", key[0], None, source=(key, self.verdicts.pop(key))) for key in keys]
         if self.versions:  # after the baselines of the same windows, before the checkpoint
             return [_Write("versions", "", None, source=self.versions.take(self.batch_size))]
         # Checkpoint fields last: a restart must not know of a window whose events and
@@ -458,7 +477,8 @@ class RedisSink:
         return [_Write("state", name, None, source=self.state.pop(name)) for name in names]
 
     def _idle(self) -> bool:
-        return not (self.buffer or self.baselines or self.edges or self.versions or self.state or self._unlink)
+        return not (self.buffer or self.baselines or self.edges or self.verdicts or self.versions or self.state
+                    or self._unlink)
 
     def _spool_waiting(self) -> bool:
         return self.spool is not None and self.spool.size > 0
@@ -532,6 +552,8 @@ class RedisSink:
                     self.state.setdefault(w.key, w.source)
                 elif w.kind == "edges":
                     self.edges.setdefault(w.key, w.source)
+                elif w.kind == "verdicts":  # (a newer state submitted meanwhile wins)
+                    self.verdicts.setdefault(*w.source)
             for w in batch:
                 if w.kind == "versions":
                     self.versions.put_back(w.source)
@@ -690,6 +712,9 @@ class RedisSink:
         for w in batch:
             if w.kind == "edges":  # hashes: written again with the same values is harmless
                 cmds += edge_commands(self.prefix, *w.source)
+            elif w.kind == "verdicts":
+                (key, name), value = w.source
+                cmds.append(("HSET", key, name, value))
         for w in batch:
             if w.kind == "versions":  # one call for the batch's merges, under its token's marker
                 token, items = w.source
