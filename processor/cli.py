@@ -11,7 +11,7 @@ from processor import __version__
 from processor.config import ConfigError, url_secrets
 from processor.logs import configure_logging
 
-COMMANDS = ("serve", "demo", "tail", "top", "notify", "report")
+COMMANDS = ("serve", "demo", "tail", "top", "notify", "report", "verdict")
 
 
 def _parser() -> argparse.ArgumentParser:

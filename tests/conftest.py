@@ -132,7 +132,8 @@ collect_ignore = ["fixtures"]
 # test stops is read just before it stops. A record that does not is a teardown error
 # naming it and the field (once: a record left in the session's server is not reported
 # again). tests/test_schema_conformance.py shows that a bad record fails a test.
-SCHEMA_CHECKED = {"tests": 0, "events": 0, "baselines": 0, "versions": 0, "edges": 0, "unread": 0, "bad": 0}
+SCHEMA_CHECKED = {"tests": 0, "events": 0, "baselines": 0, "versions": 0, "edges": 0, "verdicts": 0, "unread": 0,
+                  "bad": 0}
 _SCHEMA_REPORTED: set[str] = set()
 
 
@@ -188,6 +189,7 @@ def _published_records_conform(monkeypatch):
     SCHEMA_CHECKED["baselines"] += len(tally.baselines)
     SCHEMA_CHECKED["versions"] += len(tally.versions)
     SCHEMA_CHECKED["edges"] += len(tally.edges)
+    SCHEMA_CHECKED["verdicts"] += len(tally.verdicts)
     SCHEMA_CHECKED["unread"] += len(targets() - read)
     new = [p for p in tally.problems if p not in _SCHEMA_REPORTED]
     _SCHEMA_REPORTED.update(new)
@@ -202,7 +204,8 @@ def pytest_terminal_summary(terminalreporter):
     if c["tests"]:
         terminalreporter.write_line(
             f"proto/backflow/v1 conformance: {c['events']} events, {c['baselines']} baselines, "
-            f"{c['versions']} version summaries and {c['edges']} call-graph hashes checked after {c['tests']} tests that started backflow serve, "
+            f"{c['versions']} version summaries, {c['edges']} call-graph hashes and {c['verdicts']} rollout verdicts "
+            f"checked after {c['tests']} tests that started backflow serve, "
             f"{c['bad']} not conforming"
             + (f"; {c['unread']} Redis targets unreadable (gone, or wrong credentials)" if c["unread"] else ""))
 

@@ -49,8 +49,9 @@ def probe(name: str) -> subprocess.CompletedProcess:
 def test_records_serve_wrote_are_read_and_counted():
     p = probe("test_probe_serve_writes_conforming_records")
     assert p.returncode == 0, p.stdout + p.stderr
-    assert ("proto/backflow/v1 conformance: 2 events, 2 baselines, 2 version summaries and 0 call-graph "
-            "hashes checked after 1 tests that started backflow serve, 0 not conforming") in p.stdout
+    assert ("proto/backflow/v1 conformance: 2 events, 2 baselines, 2 version summaries, 0 call-graph "
+            "hashes and 0 rollout verdicts checked after 1 tests that started backflow serve, 0 not conforming"
+            ) in p.stdout
 
 
 @pytest.mark.e2e
@@ -60,6 +61,7 @@ def test_a_record_that_does_not_conform_fails_the_test_naming_the_field():
     assert "1 passed, 1 error" in p.stdout
     assert "ERROR at teardown of test_probe_a_bad_event_beside_what_serve_wrote" in p.stdout
     assert "1 records in Redis do not conform to proto/backflow/v1" in p.stdout
-    assert "2 events, 1 baselines, 1 version summaries and 0 call-graph hashes checked after 1 tests" in p.stdout
+    assert ("2 events, 1 baselines, 1 version summaries, 0 call-graph hashes and 0 rollout verdicts checked "
+            "after 1 tests") in p.stdout
     assert "1 not conforming" in p.stdout
     assert "probe:events entry" in p.stdout and "Event field 'window.end': 'soon' is not an integer" in p.stdout

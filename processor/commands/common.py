@@ -145,6 +145,9 @@ def what_happened(fields: dict[str, str]) -> str:
     """``service@version function file:line: summary``; without a file, a summary that
     starts with the function's name is not preceded by it again."""
     summary, function = fields.get("summary", ""), fields.get("code.function.name", "")
+    if not function and not fields.get("code.file.path"):  # (a service's event: a rollout)
+        service = fields.get("service.name", "")
+        return summary if service and summary.startswith(service + " ") else f"{service_at_version(fields)}: {summary}"
     named = not fields.get("code.file.path") and function and summary.startswith(function)
     return f"{service_at_version(fields)} " + ("" if named else f"{where(fields)}: ") + summary
 
@@ -165,6 +168,13 @@ def format_event(fields: dict[str, str], color: bool = False) -> str:
     ...               "service.name": "shop", "code.function.name": "span:GET",
     ...               "summary": "span:GET first seen in 1.0"})[21:]
     'info     first_seen         shop span:GET first seen in 1.0'
+
+    A service's event (a rollout) names no function:
+
+    >>> format_event({"window.end": "1700000060000", "severity": "info", "type": "rollout",
+    ...               "service.name": "shop", "service.version": "1.1",
+    ...               "summary": "shop 1.1 reached 10% of the service's calls; pass"})[21:]
+    "info     rollout            shop 1.1 reached 10% of the service's calls; pass"
     """
     severity = fields.get("severity", "")
     shown = f"{severity:<8}"

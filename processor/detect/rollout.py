@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -395,8 +396,8 @@ class Rollouts:
         """(verdict, reasons, what is missing) of a rollout as its figures stand."""
         s = self.settings
         name = r.version[1] or "(no version)"
-        reasons = [f"{g['type']} open: {g['summary']}" for g in sorted(
-            r.regressions.values(), key=lambda g: (g["type"], g["function"])) if g["type"] in s.fail_on]
+        reasons = [f"{g['type']} open: {g['summary']}" for g in _causes_first(r.regressions.values())
+                   if g["type"] in s.fail_on]
         n1, e1, n0, e0 = r.same
         if n1 and n0:
             p1, p0, p = e1 / n1, e0 / n0, (e1 + e0) / (n1 + n0)
@@ -453,7 +454,7 @@ class Rollouts:
         r.milestone, r.told = milestone, r.verdict
         name, prev = r.version[1] or "(no version)", r.previous[1] or "(no version)"
         what = {
-            "first_calls": f"{name} took its first calls ({r.share:.1%} of the service's), after {prev}",
+            "first_calls": f"{name} took its first calls ({r.share:.1%} of the service's), replacing {prev}",
             "previous_gone": f"{prev} is gone: {name} serves the service",
             "rolled_back": f"{name} rolled back to {prev}",
             "superseded": f"{name} is gone, and {prev} too",
@@ -476,7 +477,7 @@ class Rollouts:
             "same_windows": {"calls": {"new": n1, "previous": n0},
                              "error_share": {"new": round(e1 / n1, 5) if n1 else None,
                                              "previous": round(e0 / n0, 5) if n0 else None}},
-            "regressions": sorted(r.regressions.values(), key=lambda g: (g["type"], g["function"])),
+            "regressions": _causes_first(r.regressions.values()),
             "new_exceptions": [{"function": f, "type": t} for f, t in r.new_exceptions],
             "new_functions": list(r.new_functions),
             "vanished_functions": self._vanished(r),
@@ -506,6 +507,15 @@ class Rollouts:
                 "verdict": r.verdict, "reasons": r.reasons, "missing": r.missing, "milestone": r.milestone,
                 "share": round(r.share, 4), "state": r.state, "calls": r.calls[0],
                 "started": r.started_ns // 1_000_000, "updated": r.updated_ns // 1_000_000}
+
+
+def _causes_first(regressions) -> list[dict]:
+    """Regressions, those whose function another one names (as its cause: "is in
+    shop.db.find") first, then by type and function."""
+    regs = list(regressions)
+    named = {g["key"]: sum(1 for o in regs if o is not g and re.search(
+        rf"\bin {re.escape(g['function'])}(?![\w.])", o["summary"])) for g in regs}
+    return sorted(regs, key=lambda g: (-named[g["key"]], g["type"], g["function"]))
 
 
 def _pct(share: float) -> str:

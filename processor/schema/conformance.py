@@ -24,7 +24,7 @@ import redis
 from processor.schema.backflow.v1.baseline_pb2 import Baseline
 from processor.schema.backflow.v1.event_pb2 import Event
 from processor.schema.redis_map import (SchemaError, callers_from_hash, edges_from_hash, from_fields,
-                                        version_from_field)
+                                        verdict_from_field, version_from_field)
 
 _GLOB = re.compile(r"([*?\[\]\\])")
 
@@ -36,6 +36,7 @@ class Tally:
     baselines: set = field(default_factory=set)  # baseline hash keys
     versions: set = field(default_factory=set)   # (versions hash key, field name)
     edges: set = field(default_factory=set)      # edges and callers hash keys
+    verdicts: set = field(default_factory=set)   # (verdicts hash key, field name)
     problems: list[str] = field(default_factory=list)
 
     def update(self, other: Tally) -> None:
@@ -43,11 +44,13 @@ class Tally:
         self.baselines |= other.baselines
         self.versions |= other.versions
         self.edges |= other.edges
+        self.verdicts |= other.verdicts
         self.problems += [p for p in other.problems if p not in self.problems]
 
     def __str__(self) -> str:
         return (f"{len(self.events)} events, {len(self.baselines)} baselines, "
-                f"{len(self.versions)} version summaries and {len(self.edges)} call-graph hashes")
+                f"{len(self.versions)} version summaries, {len(self.edges)} call-graph hashes and "
+                f"{len(self.verdicts)} rollout verdicts")
 
 
 def _s(value) -> str:
@@ -92,6 +95,13 @@ def check(client: redis.Redis, prefix: str, batch: int = 1000) -> Tally:
             tally.versions.add((key, _s(name)))
             try:
                 version_from_field(name, value)
+            except SchemaError as e:
+                tally.problems.append(f"{key}: {e}")
+    for key, fields in _hashes(client, _escape(f"{prefix}:verdicts:") + "*", batch):
+        for name, value in fields.items():
+            tally.verdicts.add((key, _s(name)))
+            try:
+                verdict_from_field(name, value)
             except SchemaError as e:
                 tally.problems.append(f"{key}: {e}")
     for kind, read in (("edges", edges_from_hash), ("callers", None)):

@@ -40,6 +40,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from processor.schema.backflow.v1.edges_pb2 import Callee, Caller, Edges
+from processor.schema.backflow.v1.verdict_pb2 import Verdict
 from processor.schema.backflow.v1.version_summary_pb2 import (
     VersionSummaries,
     VersionSummary,
@@ -249,16 +250,20 @@ def _json_message(cls: type[M], key: str, text, label: str) -> M:
     descriptor = cls.DESCRIPTOR
     message = descriptor.name
     members = _json(_text(text, message, label), message, label, dict)
-    fields = {f.json_name: f for f in descriptor.fields if f.name != "key"}
+    fields = {f.json_name: f for f in descriptor.fields if f.name != "key" or key is None}
     for member in members:
         if member not in fields:
             raise SchemaError(message, member, f"in {label} is not in the schema (unknown field)")
-    msg = cls(key=key)
+    msg = cls(key=key) if key is not None else cls()
     for member, f in fields.items():
         if member not in members:
             raise SchemaError(message, member, f"in {label} is missing")
         value = members[member]
-        if f.message_type is not None and f.message_type.GetOptions().map_entry:
+        if f.is_repeated and f.type == _STRING:
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise SchemaError(message, member, f"in {label} is not a JSON array of strings")
+            getattr(msg, f.name).extend(value)
+        elif f.message_type is not None and f.message_type.GetOptions().map_entry:
             if not isinstance(value, dict):
                 raise SchemaError(message, member, f"in {label} is not a JSON object")
             target = getattr(msg, f.name)
@@ -296,6 +301,21 @@ def edges_from_hash(key: str, fields: Mapping) -> Edges:
             text = _text(plain[f.json_name], Edges.DESCRIPTOR.name, f.json_name)
             setattr(msg, f.name, text if f.type == _STRING else _int(text, Edges.DESCRIPTOR.name, f.json_name)
                     if f.type == _INT64_TYPE else _double(text, Edges.DESCRIPTOR.name, f.json_name))
+    return msg
+
+
+def verdict_from_field(name, value) -> Verdict:
+    """One field of ``{prefix}:verdicts:{environment}:{service}``: its name (the version
+    as a JSON array [service.version, vcs.ref.head.revision]) and its value (str or bytes)."""
+    message = Verdict.DESCRIPTOR.name
+    label = _text(name, message, "(hash field name)")
+    pair = _json(label, message, f"(hash field name) {label}", list)
+    if len(pair) != 2 or not all(isinstance(v, str) for v in pair):
+        raise SchemaError(message, f"(hash field name) {label}",
+                          "is not a JSON array of two strings [service.version, vcs.ref.head.revision]")
+    msg = _json_message(Verdict, None, value, label)
+    if [msg.version, msg.revision] != pair:
+        raise SchemaError(message, "version", f"in {label} is not the version in the field's name")
     return msg
 
 
