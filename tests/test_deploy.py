@@ -501,3 +501,74 @@ def test_the_dashboard_uses_its_datasource_variable_and_unique_panel_ids():
             assert t["datasource"]["uid"] == "${datasource}" and t["expr"]
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["query"] == "prometheus"
+
+
+# --- progressive delivery: Argo Rollouts and Flagger gate on the rollout verdict -----------
+
+ARGO = DEPLOY / "argo-rollouts" / "backflow-analysis.yaml"
+FLAGGER = DEPLOY / "flagger" / "backflow-metric-template.yaml"
+_ARGS = {"service": "shop", "version": "1.1", "environment": "production"}
+
+
+def delivery_queries() -> dict[str, tuple[str, dict]]:
+    """Each shipped query with its template's arguments filled in, and the metric's
+    conditions (Argo Rollouts) or {} (Flagger): name -> (PromQL, metric)."""
+    out = {}
+    for doc in load_yaml(ARGO):
+        for m in doc["spec"]["metrics"]:
+            q = m["provider"]["prometheus"]["query"]
+            out[f"argo {doc['metadata']['name']}"] = (re.sub(r"\{\{args\.([\w-]+)\}\}",
+                                                             lambda g: _ARGS[g.group(1)], q), m)
+    (template,) = load_yaml(FLAGGER)
+    q = re.sub(r"\{\{ variables\.(\w+) \}\}", lambda g: _ARGS[g.group(1)], template["spec"]["query"])
+    out[f"flagger {template['metadata']['name']}"] = (q, {})
+    return out
+
+
+def argo_condition(expr: str, value: float) -> bool:
+    """An Argo Rollouts condition of the form the templates use, on a one-sample result."""
+    assert re.fullmatch(r"result\[0\] (==|<|>|<=|>=) \d+", expr), expr
+    return bool(eval(expr.replace("result[0]", repr(value))))  # (the form checked just above)
+
+
+@pytest.mark.e2e
+def test_delivery_templates_read_the_verdict_gauge_and_no_series_is_inconclusive(tmp_path):
+    """promtool evaluates each shipped query over recorded series (a fail, then a pass, of
+    the version asked for; other versions and services beside it; nothing yet at first),
+    and each Argo metric's conditions give the outcome docs/rollouts.md promises."""
+    from processor.detect.rollout import VERDICT_VALUES
+    from processor.sinks.prometheus import Metrics
+
+    assert Metrics().version_verdict._labelnames == ("environment", "service", "version")
+    queries = delivery_queries()
+    assert len(queries) == 3
+    series = [  # 1m steps: absent for 5 minutes, inconclusive, fail, then pass
+        ('backflow_version_verdict{job="backflow",environment="production",service="shop",version="1.1"}',
+         "_x4 1x4 2x4 0x4"),
+        ('backflow_version_verdict{job="backflow",environment="production",service="shop",version="1.0"}', "2x20"),
+        ('backflow_version_verdict{job="backflow",environment="staging",service="shop",version="1.1"}', "2x20"),
+        ('backflow_version_verdict{job="backflow",environment="production",service="cart",version="1.1"}', "2x20"),
+    ]
+    expected = {2: 1, 7: 1, 11: 2, 15: 0}  # minute -> the value every query must give
+    tests = [{"interval": "1m",
+              "input_series": [{"series": s, "values": v} for s, v in series],
+              "promql_expr_test": [{"expr": q, "eval_time": f"{t}m", "exp_samples": [{"labels": "{}", "value": v}]}
+                                   for q, _ in queries.values() for t, v in expected.items()]}]
+    (tmp_path / "rules.yaml").write_text("groups: []\n")
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump({"rule_files": ["rules.yaml"], "evaluation_interval": "1m",
+                                                        "tests": tests}))
+    result = subprocess.run([tool("promtool"), "test", "rules", "test.yaml"], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Argo: the background metric fails on a fail only; the step metric succeeds on a pass only
+    background, step = queries["argo backflow-verdict"][1], queries["argo backflow-verdict-pass"][1]
+    outcome = {}
+    for name, m in (("background", background), ("step", step)):
+        for verdict, value in VERDICT_VALUES.items():
+            ok, bad = argo_condition(m["successCondition"], value), argo_condition(m["failureCondition"], value)
+            assert not (ok and bad)
+            outcome[(name, verdict)] = "success" if ok else "failure" if bad else "inconclusive"
+    assert outcome == {("background", "pass"): "success", ("background", "inconclusive"): "success",
+                       ("background", "fail"): "failure", ("step", "pass"): "success",
+                       ("step", "inconclusive"): "inconclusive", ("step", "fail"): "failure"}
+    assert step["inconclusiveLimit"] == step["count"] - 1 and step["failureLimit"] == background["failureLimit"] == 0

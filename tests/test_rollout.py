@@ -228,6 +228,11 @@ def test_sdk_rollouts_through_serve_fail_pass_stay_inconclusive_and_roll_back(ba
              + [{"1.1": 300}] * 6)
     _traffic(bf.grpc_target, "few", base + [{"1.0": 299, "1.1": 1}] * 4)
     _traffic(bf.grpc_target, "back", base + [{"1.0": 270, "1.1": 30}] * 2 + [{"1.0": 300}] * 6)
+    # the gauges a progressive delivery tool reads (deploy/argo-rollouts, deploy/flagger)
+    gauge = 'backflow_version_{}{{environment="prod",service="{}",version="1.1"}}'.format
+    m = bf.wait_for(lambda: (m := bf.metrics()).get(gauge("verdict", "back")) is not None and m, what="gauges")
+    assert [m[gauge("verdict", s)] for s in ("clean", "bad", "few")] == [0, 2, 1]
+    assert m[gauge("share", "clean")] == 1.0 and 0 < m[gauge("share", "few")] < 0.01
     assert bf.stop(signal.SIGTERM) == 0
 
     bad = _rollout_events(redis_client, "bad")

@@ -293,3 +293,28 @@ def graph_rows(cls) -> str:
         kind = "repeated Callee" if f.name == "callees" else names[f.type]
         rows.append(f"| {special.get(f.name, f'`{f.json_name}`')} | `{f.name}` | {kind} |")
     return "\n".join(rows) + "\n"
+
+
+def test_the_verdict_table_of_docs_schema_md_is_the_message_and_a_bad_verdict_names_its_field():
+    import json
+    from pathlib import Path
+
+    from processor.schema import SchemaError, Verdict, verdict_from_field
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "schema.md").read_text()
+    names = {FieldDescriptorType.TYPE_STRING: "string", FieldDescriptorType.TYPE_INT64: "int64",
+             FieldDescriptorType.TYPE_DOUBLE: "double"}
+    rows = [f"| `{f.json_name}` | `{f.name}` | {'repeated ' if f.is_repeated else ''}{names[f.type]} |"
+            for f in Verdict.DESCRIPTOR.fields]
+    assert "\n".join(rows) in text, "docs/schema.md: the table of Verdict"
+    good = {"environment": "prod", "service": "shop", "version": "1.1", "revision": "", "previous": "1.0",
+            "previous_revision": "", "verdict": "fail", "reasons": ["p50 of f 2x"], "missing": [],
+            "milestone": "share_10", "share": 0.1, "state": "active", "calls": 300, "started": 1, "updated": 2}
+    msg = verdict_from_field('["1.1", ""]', json.dumps(good))
+    assert list(msg.reasons) == ["p50 of f 2x"] and msg.calls == 300
+    for change, field in (({"reasons": "p50 of f 2x"}, "reasons"), ({"calls": "300"}, "calls"),
+                          ({"extra": 1}, "extra"), ({"version": "1.2"}, "version")):
+        with pytest.raises(SchemaError, match=field):
+            verdict_from_field('["1.1", ""]', json.dumps({**good, **change}))
+    with pytest.raises(SchemaError, match="not a JSON array of two strings"):
+        verdict_from_field('["1.1"]', json.dumps(good))
