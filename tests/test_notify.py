@@ -23,10 +23,13 @@ EVENTS = [
 
 class Webhook:
     """A chat webhook that records every post and answers from a script of statuses
-    (200 once the script is used up)."""
+    (200 once the script is used up). ``slack_api``: it answers as Slack's chat.postMessage
+    does, with the message's ``ts`` (the posts' count)."""
 
-    def __init__(self, script=()):
+    def __init__(self, script=(), slack_api: bool = False):
         self.posts: list[tuple[float, dict]] = []
+        self.paths: list[str] = []
+        self.auth: list[str] = []
         self.script = list(script)  # (status, headers)
         hook = self
 
@@ -34,13 +37,16 @@ class Webhook:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 hook.posts.append((time.monotonic(), json.loads(body)))
+                hook.paths.append(self.path)
+                hook.auth.append(self.headers.get("Authorization", ""))
                 status, headers = hook.script.pop(0) if hook.script else (200, {})
+                answer = json.dumps({"ok": True, "ts": f"{len(hook.posts)}.000100"}).encode() if slack_api else b"ok"
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
-                self.send_header("Content-Length", "2")
+                self.send_header("Content-Length", str(len(answer)))
                 self.end_headers()
-                self.wfile.write(b"ok")
+                self.wfile.write(answer)
 
             def log_message(self, *args):
                 pass
@@ -61,8 +67,8 @@ class Webhook:
 def webhook():
     hooks = []
 
-    def make(script=()):
-        hooks.append(Webhook(script))
+    def make(script=(), slack_api=False):
+        hooks.append(Webhook(script, slack_api))
         return hooks[-1]
 
     yield make
@@ -166,10 +172,13 @@ def test_owner_filter(redis_server, redis_client, webhook):
 @pytest.mark.parametrize("args, env, named", [
     (["--webhook", "ftp://chat.example/hook"], {}, "webhook (--webhook)"),
     ([], {}, "give --webhook URL or BACKFLOW_NOTIFY_WEBHOOK"),
-    ([], {"BACKFLOW_NOTIFY_WEBHOOK": "hooks.slack.com/x"}, "webhook (BACKFLOW_NOTIFY_WEBHOOK)"),
+    ([], {"BACKFLOW_NOTIFY_WEBHOOK": "hooks.slack.com/x"}, "invalid setting webhook (BACKFLOW_NOTIFY_WEBHOOK)"),
     (["--webhook", "http://h/x", "--rate-per-minute", "0"], {}, "rate_per_minute (--rate-per-minute)"),
     (["--webhook", "http://h/x", "--burst", "0"], {}, "burst (--burst)"),
     (["--webhook", "http://h/x", "--redis-url", "redis://h:port"], {}, "redis_url (--redis-url)"),
+    (["--slack-channel", "C0"], {}, "slack_channel (--slack-channel): give the bot token"),
+    (["--slack-channel", "C0", "--slack-api", "slack.com/api"], {"BACKFLOW_NOTIFY_SLACK_TOKEN": "x"},
+     "invalid setting slack_api (--slack-api)"),
 ])
 def test_bad_settings_exit_2_with_one_line_naming_them(args, env, named):
     p = backflow_command("notify", "--no-follow", *args, env=env)
@@ -213,3 +222,95 @@ def test_events_left_pending_by_a_consumer_that_never_returns_are_claimed(redis_
     assert p.returncode == 0, p.stderr
     assert len(hook.posts) == 3 and "claimed 3 events" in p.stderr
     assert pending(redis_client) == 0
+
+
+def _rollout(version, milestone, verdict="pass", window_end_ms=1_700_000_060_000, **kw):
+    detail = {"milestone": milestone, "verdict": verdict, "reasons": ["no regression open"], "missing": [],
+              "locations": [], "entry_points": []}
+    return event_fields("rollout", "", window_end_ms=window_end_ms, severity="info", key="k-shop",
+                        summary=f"shop {version} {milestone}; {verdict}", detail=detail,
+                        **{"service.version": version}, **kw)
+
+
+ROLLOUT = [
+    _rollout("2.1.0", "first_calls"),
+    event_fields("latency_regression", "shop.cart.apply_discount", "shop/cart.py", "6",
+                 **{"service.version": "2.1.0"}),
+    event_fields("first_seen", "shop.cart.new", "shop/cart.py", "9", **{"service.version": "2.0.0"}),
+    _rollout("2.1.0", "share_10", "fail", window_end_ms=1_700_000_070_000),
+    _rollout("2.1.0", "rolled_back", "fail", window_end_ms=1_700_000_080_000),
+    event_fields("dormant", "shop.cart.old", "shop/cart.py", "3", window_end_ms=1_700_000_090_000,
+                 **{"service.version": "2.1.0"}),
+]
+
+
+def test_slack_api_threads_a_rollout_its_milestones_and_its_versions_events(redis_server, redis_client, webhook):
+    api = webhook(slack_api=True)
+    add_events(redis_client, ROLLOUT)
+    args = ["notify", "--redis-url", redis_server.url, "--slack-channel", "C0DEPLOY", "--slack-api",
+            api.url.rsplit("/services", 1)[0] + "/api", "--no-follow", "--start", "all"]
+    p = backflow_command(*args, env={"BACKFLOW_NOTIFY_SLACK_TOKEN": "xoxb-secret"})
+    assert p.returncode == 0, p.stderr
+    assert set(api.paths) == {"/api/chat.postMessage"} and set(api.auth) == {"Bearer xoxb-secret"}
+    posts = [b for _, b in api.posts]
+    assert all(b["channel"] == "C0DEPLOY" for b in posts)
+    # the rollout's first message is the thread; its version's events and milestones reply in
+    # it; another version's event does not; once rolled back, the version's events are flat
+    assert [b.get("thread_ts") for b in posts] == [None, "1.000100", None, "1.000100", "1.000100", None]
+    assert "no regression open" in json.dumps(posts[0]["blocks"])
+    assert "xoxb-secret" not in p.stdout + p.stderr
+    # a restart goes on in the same thread (kept in Redis)
+    add_events(redis_client, [_rollout("2.1.0", "share_50", window_end_ms=1_700_000_100_000)])
+    # (the rollout ended: its own later events still go to its thread)
+    assert backflow_command(*args, env={"BACKFLOW_NOTIFY_SLACK_TOKEN": "xoxb-secret"}).returncode == 0
+    assert api.posts[-1][1]["thread_ts"] == "1.000100"
+
+
+def test_slack_api_refusing_a_message_is_not_delivered_and_stays_pending(redis_server, redis_client):
+    import http.server as hs
+
+    class Refuse(hs.BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = b'{"ok": false, "error": "channel_not_found"}'
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = hs.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        add_events(redis_client, ROLLOUT[:1])
+        p = backflow_command("notify", "--redis-url", redis_server.url, "--slack-channel", "C0", "--slack-api",
+                             f"http://127.0.0.1:{server.server_port}/api", "--no-follow", "--start", "all",
+                             env={"BACKFLOW_NOTIFY_SLACK_TOKEN": "xoxb-x"})
+        assert p.returncode == 1 and "channel_not_found" in p.stderr
+        assert pending(redis_client) == 1
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_google_chat_threads_by_a_key_named_for_the_rollout(redis_server, redis_client, webhook):
+    hook = webhook()
+    add_events(redis_client, ROLLOUT)
+    p = notify(redis_server.url, hook.url, "--format", "google-chat")
+    assert p.returncode == 0, p.stderr
+    keys = [b.get("thread", {}).get("threadKey") for _, b in hook.posts]
+    assert keys[0] and keys[0].startswith("backflow-rollout-")
+    assert keys == [keys[0], keys[0], None, keys[0], keys[0], None]
+    assert all("messageReplyOption=REPLY_MESSAGE_FALLBACK_TO_NEW_THREAD" in path
+               for path, k in zip(hook.paths, keys) if k)
+    assert hook.posts[0][1]["text"].startswith("*rollout* in *shop@2.1.0*: shop 2.1.0 first_calls; pass")
+
+
+def test_a_plain_webhook_and_no_threads_post_every_event_flat(redis_server, redis_client, webhook):
+    hook = webhook()
+    add_events(redis_client, ROLLOUT)
+    assert notify(redis_server.url, hook.url).returncode == 0
+    assert len(hook.posts) == len(ROLLOUT) and all("thread" not in b for _, b in hook.posts)
+    assert not redis_client.exists("backflow:notify:threads:backflow-notify")

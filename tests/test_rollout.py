@@ -268,3 +268,25 @@ def test_sdk_rollouts_through_serve_fail_pass_stay_inconclusive_and_roll_back(ba
     p = backflow_command("verdict", "--service", "clean", "--version", "1.1", "--wait", "soon",
                          "--redis-url", redis_server.url)
     assert p.returncode == 2 and "--wait" in p.stderr
+
+    # `notify` with Slack's Web API: the rollout is a thread, its version's events reply in it
+    from tests.test_notify import Webhook
+
+    api = Webhook(slack_api=True)
+    try:
+        p = backflow_command("notify", "--redis-url", redis_server.url, "--slack-channel", "C0", "--slack-api",
+                             api.url.rsplit("/services", 1)[0], "--no-follow", "--start", "all", "--service", "bad",
+                             "--rate-per-minute", "6000", "--burst", "100",
+                             env={"BACKFLOW_NOTIFY_SLACK_TOKEN": "xoxb-test"})
+    finally:
+        api.close()
+    assert p.returncode == 0, p.stderr
+    posts = [b for _, b in api.posts]
+    kinds = [b["text"].split()[1] for b in posts]
+    root = kinds.index("rollout")
+    assert all(b.get("thread_ts") is None for b in posts[:root + 1])  # 1.0's first_seen events, then the root
+    ts = f"{root + 1}.000100"
+    replies = [(k, b.get("thread_ts")) for k, b in zip(kinds[root + 1:], posts[root + 1:])]
+    assert ("latency_regression", ts) in replies and replies.count(("rollout", ts)) == 3
+    assert all(b.get("thread_ts") == ts for b in posts[root + 1:] if "bad@1.1" in b["text"])
+    assert any("bad@1.1" in b["text"] and b["text"].split()[1] != "rollout" for b in posts[root + 1:])

@@ -450,7 +450,9 @@ class Engine:
         verdicts = []
         if self.rollouts is not None:
             entries = {e.key for g in graphs.values() for e in g.entries}
-            events += self.rollouts.window(cw, self.version_first_seen.get(service, {}), events, entries)
+            # (first: a rollout's first message comes before the window's events of its
+            # version, so that notify can put them in its thread)
+            events = self.rollouts.window(cw, self.version_first_seen.get(service, {}), events, entries) + events
             verdicts = self.rollouts.take_published()
         return WindowResult(cw, events, baselines, started, edges, verdicts)
 
