@@ -130,6 +130,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("call_graph_max_spans", 1_000_000, positive_int,
             "spans the call graph's join holds at most; beyond it the oldest are joined as they "
             "are (counted in backflow_graph_spans_total{outcome=\"forced\"})", "N"),
+    Setting("trend_period", 7 * 86400.0, non_negative_float,
+            "seconds of each location's trend kept in Redis ({prefix}:trend:{key}: p50, p99, error share and "
+            "calls per version and bucket; 0 keeps none)", "SECONDS"),
+    Setting("trend_points", 168, positive_int,
+            "buckets of the trend period (168: an hour each over 7 days); a bucket holds at least a window",
+            "N"),
     Setting("baseline_half_life", 86400.0, positive_float,
             "event-time seconds after which a window's weight in the baseline has halved", "SECONDS"),
     Setting("events_maxlen", 100_000, positive_int,
@@ -198,6 +204,8 @@ class Config:
     exemplars: int
     call_graph_wait: float
     call_graph_max_spans: int
+    trend_period: float
+    trend_points: int
     baseline_half_life: float
     events_maxlen: int
     redis_buffer: int
@@ -325,6 +333,11 @@ def resolve(flags: dict[str, Any], environ: dict[str, str]) -> Config:
             raise ConfigError(f"invalid setting {s.name} ({where}): {e}") from None
         sources[s.name] = where
     _check_tls(values, sources)
+    if values["trend_period"] and values["trend_period"] / values["trend_points"] < values["window"]:
+        where = sources.get("trend_points") or sources.get("trend_period") or "the defaults"
+        raise ConfigError(f"invalid setting trend_points ({where}): a trend bucket (trend_period / trend_points = "
+                          f"{values['trend_period'] / values['trend_points']:g} s) must hold a window "
+                          f"({values['window']:g} s)")
     _read_token_file(values, sources)
     detectors = parse_detector_settings(from_yaml.get("detectors"), where=str(config_path))
     rollouts = parse_rollout_settings(from_yaml.get("rollouts"), where=str(config_path))

@@ -244,7 +244,8 @@ class Backflow:
                               on_dropped=self.metrics.redis_dropped.inc,
                               on_waited=self.metrics.redis_waited.inc,
                               spool=Spool(cfg.spool_dir, cfg.spool_max_bytes) if cfg.spool_dir else None,
-                              owners=Owners.from_file(cfg.codeowners).of if cfg.codeowners else None)
+                              owners=Owners.from_file(cfg.codeowners).of if cfg.codeowners else None,
+                              trend_period=cfg.trend_period, trend_points=cfg.trend_points)
         self.pipeline: Pipeline | None = None
         self.receivers_here: list = []  # OTLP/gRPC and OTLP/HTTP, when they run in this process
         self.receivers: ReceiverPool | None = None

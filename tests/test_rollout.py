@@ -18,6 +18,7 @@ from processor.events import Event
 from processor.pipeline.location import Location
 from processor.pipeline.sketch import LogSketch
 from processor.pipeline.window import ClosedWindow, LocationWindow, VersionFigures
+from processor.report import trend
 
 SEC, MS = 1_000_000_000, 1_000_000
 WINDOW_S = 10
@@ -212,7 +213,7 @@ def test_sdk_rollouts_through_serve_fail_pass_stay_inconclusive_and_roll_back(ba
     config = tmp_path / "backflow.yaml"
     config.write_text("rollouts:\n  min_calls: 20\n  min_windows: 1\n")
     bf = backflow("--window", str(WINDOW_S), "--allowed-lateness", "1", "--warmup-windows", "4",
-                  "--config", str(config))
+                  "--config", str(config), "--trend-period", "600", "--trend-points", "60")  # (10 s buckets)
     base = [{"1.0": 300}] * 8
     # `verdict --wait` started before the canary: it returns once the fail is written
     waiter = subprocess.Popen([sys.executable, "-m", "processor", "verdict", "--service", "bad", "--version", "1.1",
@@ -288,5 +289,16 @@ def test_sdk_rollouts_through_serve_fail_pass_stay_inconclusive_and_roll_back(ba
     ts = f"{root + 1}.000100"
     replies = [(k, b.get("thread_ts")) for k, b in zip(kinds[root + 1:], posts[root + 1:])]
     assert ("latency_regression", ts) in replies and replies.count(("rollout", ts)) == 3
+    # a rollout's message shows its locations' trends; `top --detail` a location's, per version
+    shown = json.dumps(posts[root]["blocks"], ensure_ascii=False)
+    assert "`bad.db.find`" in shown and "trend p50 " in shown
+    p = backflow_command("top", "--once", "--detail", "bad.db.find", "--redis-url", redis_server.url)
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    versions = {line.split()[0]: line.split()[2] for line in lines if line.strip().startswith(("1.0 ", "1.1 "))}
+    assert set(versions) == {"1.0", "1.1"} and all(set(s) <= set(trend.BARS) for s in versions.values())
+    everything = next(line for line in lines if line.strip().startswith("all versions")).split()
+    spark = everything[3]  # the query 3x slower in 1.1: the last buckets are the highest bars
+    assert spark[-1] == trend.BARS[-1] and spark[0] == trend.BARS[0]
     assert all(b.get("thread_ts") == ts for b in posts[root + 1:] if "bad@1.1" in b["text"])
     assert any("bad@1.1" in b["text"] and b["text"].split()[1] != "rollout" for b in posts[root + 1:])

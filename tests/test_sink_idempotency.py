@@ -183,7 +183,7 @@ def test_a_batch_cut_off_after_redis_took_it_is_written_once(redis_server, mode)
     client = redis.Redis(port=proxy.port, socket_timeout=2, socket_connect_timeout=2)
     written: list[str] = []
     sink = RedisSink(client, "t", 100_000, buffer_limit=10_000, on_event_written=written.append,
-                     batch_size=40)
+                     batch_size=40, trend_period=86400, trend_points=24)
     locs, events, baselines, window = _workload(80)
     sink.submit(events, baselines, window)
     sink.start()
@@ -194,6 +194,10 @@ def test_a_batch_cut_off_after_redis_took_it_is_written_once(redis_server, mode)
         proxy.close()
     assert sorted(proxy.cuts) == sorted(patterns)  # every cut happened
     _check_written_once(direct, locs, events, written)
+    from processor.report import trend  # the trend's points merge with the summaries: once
+
+    assert [[p.calls for p in trend.read(direct, "t", loc.key)[(V[1], V[2])]] for loc in locs] == [
+        [2 + j] for j in range(len(locs))]
 
 
 @pytest.mark.parametrize("in_flight", ["events", "merges"])

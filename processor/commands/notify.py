@@ -46,6 +46,7 @@ import redis
 from processor.commands import common
 from processor.config import ConfigError
 from processor.commands.consume import GroupReader
+from processor.report import trend
 
 log = logging.getLogger("backflow.notify")
 
@@ -116,10 +117,12 @@ class Webhook:
         self.url, self.timeout, self.retries, self.stop = url, timeout, retries, stop
         self.headers = {"Content-Type": "application/json"}
 
-    def send(self, fields: dict[str, str], thread: str | None = None, root: str | None = None) -> str | None:
+    def send(self, fields: dict[str, str], thread: str | None = None, root: str | None = None,
+             trends: dict | None = None) -> str | None:
         """Post an event's message, as a reply in ``thread`` if given, or as the first
-        message of a new thread named ``root``; the thread of what was posted, if any."""
-        self.post(message(fields))
+        message of a new thread named ``root``, with the trends of a rollout's locations
+        (key -> ``trend.read``); the thread of what was posted, if any."""
+        self.post(message(fields, trends))
         return None
 
     def post(self, payload: dict, url: str | None = None) -> bytes:
@@ -167,8 +170,9 @@ class SlackApi(Webhook):
         self.channel = channel
         self.headers = {"Content-Type": "application/json; charset=utf-8", "Authorization": f"Bearer {token}"}
 
-    def send(self, fields: dict[str, str], thread: str | None = None, root: str | None = None) -> str | None:
-        payload = {**message(fields), "channel": self.channel, "unfurl_links": False}
+    def send(self, fields: dict[str, str], thread: str | None = None, root: str | None = None,
+             trends: dict | None = None) -> str | None:
+        payload = {**message(fields, trends), "channel": self.channel, "unfurl_links": False}
         if thread:
             payload["thread_ts"] = thread
         try:
@@ -185,9 +189,10 @@ class GoogleChat(Webhook):
 
     threads = True
 
-    def send(self, fields: dict[str, str], thread: str | None = None, root: str | None = None) -> str | None:
+    def send(self, fields: dict[str, str], thread: str | None = None, root: str | None = None,
+             trends: dict | None = None) -> str | None:
         key = thread or root
-        payload: dict = {"text": chat_text(fields)}
+        payload: dict = {"text": chat_text(fields, trends)}
         url = self.url
         if key:
             payload["thread"] = {"threadKey": key}
@@ -196,7 +201,7 @@ class GoogleChat(Webhook):
         return key
 
 
-def chat_text(fields: dict[str, str]) -> str:
+def chat_text(fields: dict[str, str], trends: dict | None = None) -> str:
     """An event as Google Chat's text (``*bold*``, no blocks): the line, then a rollout's
     reasons and figures, or the event's place.
 
@@ -206,7 +211,7 @@ def chat_text(fields: dict[str, str]) -> str:
     """
     head = (f"*{fields.get('type', '')}* in *{common.service_at_version(fields)}*: "
             f"{fields.get('summary', '')}")
-    lines = rollout_lines(fields) if fields.get("type") == "rollout" else [
+    lines = rollout_lines(fields, trends=trends) if fields.get("type") == "rollout" else [
         f"where `{common.where(fields) or '-'}` · event `{fields.get('id', '')}`"]
     return "\n".join([head] + lines)
 
@@ -225,9 +230,10 @@ def _escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def rollout_lines(fields: dict[str, str], most: int = 5) -> list[str]:
+def rollout_lines(fields: dict[str, str], most: int = 5, trends: dict | None = None) -> list[str]:
     """A rollout event's reasons (or what it misses) and its busiest locations, before and
-    after, as lines of text.
+    after, as lines of text; with ``trends`` (key -> ``trend.read``), each location's trend
+    of p50 over its latest buckets too.
 
     >>> d = {"verdict": "fail", "reasons": ["p50 of shop.f 2x"], "missing": [],
     ...      "locations": [{"function": "shop.f", "calls": {"new": 10, "previous": 90},
@@ -253,10 +259,13 @@ def rollout_lines(fields: dict[str, str], most: int = 5) -> list[str]:
         calls = row.get("calls") or {}
         lines.append(f"`{row.get('function', '')}` " + ", ".join(parts)
                      + f" ({calls.get('previous', 0):,} → {calls.get('new', 0):,} calls)")
+        shown = trend.summary((trends or {}).get(row.get("key"), {}), TREND_WIDTH)
+        if shown:
+            lines.append(f"    trend {shown}")
     return lines
 
 
-def message(fields: dict[str, str]) -> dict:
+def message(fields: dict[str, str], trends: dict | None = None) -> dict:
     """The Slack-compatible message of one event.
 
     >>> m = message({"id": "e1", "type": "dormant", "severity": "info", "service.name": "shop",
@@ -282,10 +291,23 @@ def message(fields: dict[str, str]) -> dict:
         {"type": "context", "elements": [{"type": "mrkdwn", "text": c} for c in context]},
     ]
     if type_ == "rollout":  # its reasons and figures, before the context
-        shown = _escape("\n".join(rollout_lines(fields)))
+        shown = _escape("\n".join(rollout_lines(fields, trends=trends)))
         if shown:
             blocks.insert(1, {"type": "section", "text": {"type": "mrkdwn", "text": shown[:_SECTION_MAX]}})
     return {"text": _escape(text), "blocks": blocks}
+
+
+TREND_WIDTH = 24  # buckets of a location's trend in a rollout's message (a day of hours by default)
+
+
+def rollout_trends(client: redis.Redis, prefix: str, fields: dict[str, str]) -> dict:
+    """The trends of the locations a rollout event shows (key -> ``trend.read``)."""
+    try:
+        d = json.loads(fields.get("detail") or "{}")
+    except ValueError:
+        return {}
+    keys = [row["key"] for row in (d.get("entry_points") or []) + (d.get("locations") or []) if row.get("key")]
+    return trend.read_many(client, prefix, keys) if keys else {}
 
 
 class Threads:
@@ -420,7 +442,8 @@ def run(args: argparse.Namespace) -> int:
             if threads is not None and thread is None and fields.get("type") == "rollout":
                 root = "backflow-rollout-" + hashlib.blake2b(Threads.rollout_of(fields).encode(),
                                                              digest_size=8).hexdigest()
-            posted = target.send(fields, thread, root)
+            trends = rollout_trends(reader.client, prefix, fields) if fields.get("type") == "rollout" else None
+            posted = target.send(fields, thread, root, trends)
             if threads is not None:
                 threads.note(fields, posted)
         except NotDelivered as e:

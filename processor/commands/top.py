@@ -29,11 +29,13 @@ from processor.commands import common
 from processor.config import ConfigError
 from processor.detect.registry import REGRESSION_TYPES as REGRESSIONS
 from processor.detect.registry import RESOLVED_TYPES
+from processor.report import trend
 from processor.report.store import blended, parse_version_field
 
 _FIELDS = ("service.name", "deployment.environment.name", "code.function.name", "code.file.path",
            "code.line.number", "service.version", "rate_per_s", "p50_ms", "p99_ms", "error_rate", "updated")
 _CLEAR = "\x1b[H\x1b[2J"  # cursor home, clear the screen
+TREND_WIDTH = 48  # buckets in top's trend sparklines (two days of hours by default)
 
 
 @dataclass
@@ -199,6 +201,19 @@ def calls_view(client: redis.Redis, prefix: str, rows: list[Row], name: str, wid
     lines = [f"{r.function} ({r.where})  {_label(r)}  {r.calls:.1f} calls/s  p50 {r.p50:.3g} ms  "
              f"p99 {r.p99:.3g} ms  errors {r.errors:.2%}"
              + (f"  ({len(found) - 1} more locations named so; by key: --calls KEY)" if len(found) > 1 else "")]
+    by_version = trend.read(client, prefix, r.key)
+    if by_version:  # its trend: the latest buckets, all versions, then each version's
+        lines += ["", f"trend, latest {TREND_WIDTH} buckets (serve's trend_period / trend_points):",
+                  f"  {'all versions':<16} {trend.summary(by_version, TREND_WIDTH)}"]
+        newest = max(p.bucket for ps in by_version.values() for p in ps)
+        known = [v for v in trend.series(by_version, "p50_ms", newest, TREND_WIDTH) if v is not None]
+        for (version, revision), pts in sorted(by_version.items(), key=lambda vp: -vp[1][-1].bucket):
+            calls = sum(p.calls for p in pts if p.bucket > newest - TREND_WIDTH)
+            if calls:  # (on the scale of all versions' line, so that they compare)
+                name = (version or "(none)") + (f" ({revision[:7]})" if revision else "")
+                shown = trend.sparkline(trend.series({version: pts}, "p50_ms", newest, TREND_WIDTH),
+                                        (min(known), max(known)))
+                lines.append(f"  {name:<16} p50 {shown}  {calls:,} calls")
     callees = sorted((json.loads(v) for k, v in edges.items() if len(k) == 16 and v.startswith("{")),
                      key=lambda c: (-c["time_share"], c["function"]))
     if edges.get("calls"):
@@ -258,9 +273,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "location not called for this many windows of its service has none open (default 30)")
     p.add_argument("--events", type=int, default=10_000, metavar="N",
                    help="latest events read to find open regressions (default 10000)")
-    p.add_argument("--calls", metavar="FUNCTION",
-                   help="one location (its code.function.name or key) in the call graph: its callees with "
-                        "their calls and time per call and share of its time, and its callers")
+    p.add_argument("--calls", "--detail", metavar="FUNCTION", dest="calls",
+                   help="one location (its code.function.name or key) in detail: its trend (sparklines of p50, "
+                        "p99 and error share per version), its callees with their calls and time per call "
+                        "and share of its time, and its callers")
     p.set_defaults(run=run)
     return p
 

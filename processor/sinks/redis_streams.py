@@ -260,7 +260,8 @@ class RedisSink:
                  on_dropped: Callable[[int], None] = lambda n: None,
                  on_waited: Callable[[float], None] = lambda s: None,
                  batch_size: int = 500, owners: Callable[[str], str] | None = None,
-                 written_ttl: int = WRITTEN_TTL, spool: Spool | None = None):
+                 written_ttl: int = WRITTEN_TTL, spool: Spool | None = None,
+                 trend_period: float = 0.0, trend_points: int = 1):
         self.r = client
         # With a spool, a write (or a replay of the spool) Redis has not answered within
         # WRITE_TIMEOUT_S fails, and the batch goes to the spool (and what waits behind it): a
@@ -293,7 +294,8 @@ class RedisSink:
         self.verdicts: dict[tuple[str, str], str] = {}  # (hash, field) -> a rollout's state (JSON) not yet written
         self.state: dict[str, bytes | int] = {}  # checkpoint field -> latest blob (or deletion) not yet written
         self.state_key = f"{prefix}:state"
-        self.versions = VersionLedger()  # per-version summaries (processor/sinks/versions.py)
+        # per-version summaries and trends (processor/sinks/versions.py)
+        self.versions = VersionLedger(trend_period, trend_points)
         self._state_taken = 0  # checkpoint fields written since memory was last trimmed
         self.buffer_limit = buffer_limit
         self.batch_size = batch_size
@@ -719,8 +721,12 @@ class RedisSink:
             if w.kind == "versions":  # one call for the batch's merges, under its token's marker
                 token, items = w.source
                 marker = merge_marker(self.prefix, token)
-                keys = [f"{self.prefix}:versions:{key}" for (key, _, _), _ in items]
-                rows = _pairs([p.args(field_name(version, revision), ttl) for (_, version, revision), p in items])
+                keys = [f"{self.prefix}:versions:{key}" for (key, _, _, _), _ in items]
+                trend = self.versions.bucket_ms > 0
+                if trend:
+                    keys += [f"{self.prefix}:trend:{key}" for (key, _, _, _), _ in items]
+                rows = _pairs([p.args(field_name(version, revision), ttl, self.versions.trend(bucket))
+                               for (_, version, revision, bucket), p in items])
                 merges.append((len(cmds), marker))
                 # (spooled: the script itself, which a version rolled back to can run too)
                 script = ("EVAL", MERGES_LUA) if spooled else ("EVALSHA", self._merges_sha)

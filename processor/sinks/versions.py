@@ -15,6 +15,15 @@ keeps, per location, one small record per version (``service.version`` and
 - At most ``VERSIONS_KEPT`` versions per location: beyond it the version last seen longest
   ago is dropped.
 
+The same merge keeps each location's trend (unless ``trend_period`` is 0): hash
+``{prefix}:trend:{key}``, the same field per version, its value the version's points, 18
+bytes each, oldest first (``TREND_POINT``: bucket number, calls, error share in 65535ths,
+p50 and p99 in ms as float32, little-endian), one per bucket of ``trend_period /
+trend_points`` seconds (an hour by default) in which the version served the location, the
+figures merged as the summary's are; points older than ``trend_points`` buckets before the
+newest go, at most ``TREND_VERSIONS`` versions are kept (the one seen longest ago goes),
+and the key expires ``trend_period`` after its last write. processor/report/trend.py reads it.
+
 Records are merged in Redis by a Lua script (one EVALSHA for a batch of them), written
 after the events and baselines of the same windows. While Redis is away the figures of
 windows not yet written are summed per (location, version), so what waits is bounded by
@@ -33,7 +42,7 @@ but whose reply was lost is not counted twice.
 >>> lw = LocationWindow(0, loc, 4, 1, sk, [VersionFigures(("shop", "1.0", "abc"), 4, 1, sk)])
 >>> ledger = VersionLedger()
 >>> ledger.note(ClosedWindow("shop", 0, 60_000_000_000, [lw], "prod"))
->>> p = ledger.pending[(loc.key, "1.0", "abc")]
+>>> p = ledger.pending[(loc.key, "1.0", "abc", 0)]
 >>> (p.calls, p.errors, p.windows, p.seconds, round(p.p50_sum / p.calls), p.first, p.last)
 (4, 1, 1, 60.0, 10, 0, 60000)
 """
@@ -43,6 +52,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import struct
 from dataclasses import dataclass
 
 from processor.pipeline.sketch import window_quantiles
@@ -50,6 +60,8 @@ from processor.pipeline.window import ClosedWindow, is_overflow
 from processor.sinks.idempotency import Tokens
 
 VERSIONS_KEPT = 50
+TREND_VERSIONS = 4
+TREND_POINT = struct.Struct("<IIHff")  # bucket, calls, error share * 65535, p50 ms, p99 ms
 
 # Merges one row into a summaries hash: ``merge(key, A, mark)``, A the row (a JSON array,
 # one argument, as the sink sends its scripts' fields: the field, calls, errors, windows,
@@ -58,7 +70,60 @@ VERSIONS_KEPT = 50
 # that is not JSON), so a refused merge leaves none; it is false when the marker was there
 # (an earlier attempt, whose reply was lost, merged it): 0, nothing changes.
 _MERGE = """
-local function merge(key, A, mark)
+-- A[12]: the trend's bucket, A[13]: buckets kept, A[14]: the key's TTL, A[15]: versions kept
+local function trend(key, A)
+  local calls = tonumber(A[2])
+  if calls <= 0 then return end
+  local bucket, keep = tonumber(A[12]), tonumber(A[13])
+  local errors, s50, s99 = tonumber(A[3]), tonumber(A[6]), tonumber(A[7])
+  local function point(b, c, e, q50, q99)
+    return struct.pack('<IIHff', b, math.min(c, 4294967295), math.floor(math.min(e / c, 1) * 65535 + 0.5),
+                       q50 / c, q99 / c)
+  end
+  local blob = redis.call('HGET', key, A[1]) or ''
+  local n = math.floor(#blob / 18)
+  local last = n > 0 and struct.unpack('<I', blob, (n - 1) * 18 + 1) or -1
+  if last == bucket then  -- the newest point: merged
+    local b, c, e, q50, q99 = struct.unpack('<IIHff', blob, (n - 1) * 18 + 1)
+    blob = string.sub(blob, 1, (n - 1) * 18) ..
+      point(b, c + calls, e / 65535 * c + errors, q50 * c + s50, q99 * c + s99)
+  elseif bucket > last then  -- a new point; the oldest beyond what is kept go
+    blob = blob .. point(bucket, calls, errors, s50, s99)
+    local from = 1
+    while from < #blob and struct.unpack('<I', blob, from) <= bucket - keep do from = from + 18 end
+    blob = string.sub(blob, from)
+  else  -- an older bucket (figures held back by an outage): merged or put in its place
+    local pts, done = {}, false
+    for pos = 1, #blob - 17, 18 do
+      local b, c, e, q50, q99 = struct.unpack('<IIHff', blob, pos)
+      if b == bucket then
+        c, e, q50, q99, done = c + calls, e / 65535 * c + errors, q50 * c + s50, q99 * c + s99, true
+        pts[#pts + 1] = {b, point(b, c, e, q50, q99)}
+      else
+        pts[#pts + 1] = {b, string.sub(blob, pos, pos + 17)}
+      end
+    end
+    if not done and bucket > last - keep then pts[#pts + 1] = {bucket, point(bucket, calls, errors, s50, s99)} end
+    table.sort(pts, function(x, y) return x[1] < y[1] end)
+    local out = {}
+    for i, p in ipairs(pts) do out[i] = p[2] end
+    blob = table.concat(out)
+  end
+  redis.call('HSET', key, A[1], blob)
+  redis.call('EXPIRE', key, A[14])
+  if redis.call('HLEN', key) > tonumber(A[15]) then  -- the version seen longest ago goes
+    local all = redis.call('HGETALL', key)
+    local oldest, at = nil, nil
+    for i = 1, #all, 2 do
+      local v = all[i + 1]
+      local b = #v >= 18 and struct.unpack('<I', v, #v - 17) or -1
+      if all[i] ~= A[1] and (at == nil or b < at) then oldest, at = all[i], b end
+    end
+    redis.call('HDEL', key, oldest)
+  end
+end
+
+local function merge(key, A, mark, tkey)
   local cur = redis.call('HGET', key, A[1])
   local first, last = tonumber(A[8]), tonumber(A[9])
   local v
@@ -79,6 +144,7 @@ local function merge(key, A, mark)
   v.first = math.min(v.first, first)
   v.last = math.max(v.last, last)
   redis.call('HSET', key, A[1], cjson.encode(v))
+  if tkey and A[12] then trend(tkey, A) end
   if redis.call('HLEN', key) > tonumber(A[10]) then
     local all = redis.call('HGETALL', key)
     local oldest, at = nil, nil
@@ -98,7 +164,8 @@ local A = cjson.decode(ARGV[1])
 return merge(KEYS[1], A, function() return redis.call('SET', KEYS[2], '1', 'NX', 'EX', A[11]) end)
 """
 # A batch of merges in one call, under one marker. KEYS: the marker, then each row's
-# summaries hash. ARGV[1]: the rows, as one JSON array; ARGV[2]: the marker's TTL. The
+# summaries hash, then (when the rows have a trend bucket) each row's trend hash. ARGV[1]:
+# the rows, as one JSON array; ARGV[2]: the marker's TTL. The
 # rows are decoded before the marker is set, and each is merged under pcall: past the
 # marker nothing can stop the script (Redis does not roll a script back, and runs it to
 # its end), so a marker there means every row was merged. A row Redis refuses (a key of
@@ -108,8 +175,9 @@ MERGES_LUA = _MERGE + """
 local rows = cjson.decode(ARGV[1])
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[2]) then return {} end
 local refused = {}
+local n = #rows
 for i, A in ipairs(rows) do
-  local ok, err = pcall(merge, KEYS[i + 1], A)
+  local ok, err = pcall(merge, KEYS[i + 1], A, nil, KEYS[n + i + 1])
   if not ok then
     if type(err) == 'table' then err = err.err end
     refused[#refused + 1] = i .. ' ' .. tostring(err)
@@ -121,7 +189,7 @@ return refused
 
 @dataclass
 class Pending:
-    """Figures of one (location, version) not yet written."""
+    """Figures of one (location, version, trend bucket) not yet written."""
     calls: int = 0
     errors: int = 0
     windows: int = 0
@@ -131,12 +199,14 @@ class Pending:
     first: int = 0
     last: int = 0
 
-    def args(self, field: str, ttl: int) -> list:
-        return [field, self.calls, self.errors, self.windows, self.seconds,
-                self.p50_sum, self.p99_sum, self.first, self.last, VERSIONS_KEPT, ttl]
+    def args(self, field: str, ttl: int, trend: tuple | None = None) -> list:
+        """The merge's row; ``trend``: (bucket, buckets kept, TTL) for the trend's point."""
+        row = [field, self.calls, self.errors, self.windows, self.seconds,
+               self.p50_sum, self.p99_sum, self.first, self.last, VERSIONS_KEPT, ttl]
+        return row + [*trend, TREND_VERSIONS] if trend is not None else row
 
 
-Item = tuple[tuple[str, str, str], Pending]  # ((location key, version, revision), figures)
+Item = tuple[tuple[str, str, str, int], Pending]  # ((location key, version, revision, bucket), figures)
 Group = tuple[str, list[Item]]  # merges sent together, under one token (their marker's)
 
 
@@ -145,10 +215,17 @@ class VersionLedger:
     not yet sent, summed per (location, version), and merges sent whose outcome is unknown,
     kept apart as they were sent."""
 
-    def __init__(self):
-        self.pending: dict[tuple[str, str, str], Pending] = {}
+    def __init__(self, trend_period_s: float = 0.0, trend_points: int = 1):
+        self.pending: dict[tuple[str, str, str, int], Pending] = {}
         self.retry: list[Group] = []
         self._tokens = Tokens()
+        # the trend's buckets (0: no trend): windows are summed per bucket, not across them
+        self.bucket_ms = int(trend_period_s * 1000 // trend_points) if trend_period_s > 0 else 0
+        self.trend_points, self.trend_ttl = trend_points, int(trend_period_s)
+
+    def trend(self, bucket: int) -> tuple | None:
+        """A row's trend arguments: (bucket, buckets kept, the key's TTL), or None."""
+        return (bucket, self.trend_points, self.trend_ttl) if self.bucket_ms else None
 
     def note(self, window: ClosedWindow) -> None:
         seconds = (window.end_ns - window.start_ns) / 1e9
@@ -157,8 +234,9 @@ class VersionLedger:
         if not rows:
             return
         quantiles = (window_quantiles([vf.sketch for _, vf in rows], (0.5, 0.99)) / 1e6).tolist()
+        bucket = start_ms // self.bucket_ms if self.bucket_ms else 0
         for (lw, vf), (p50, p99) in zip(rows, quantiles):
-            k = (lw.location.key, vf.version[1], vf.version[2])
+            k = (lw.location.key, vf.version[1], vf.version[2], bucket)
             p = self.pending.get(k)
             if p is None:
                 p = self.pending[k] = Pending(first=start_ms, last=end_ms)
