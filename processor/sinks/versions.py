@@ -82,12 +82,14 @@ local function trend(key, A)
   end
   local blob = redis.call('HGET', key, A[1]) or ''
   local n = math.floor(#blob / 18)
-  local last = n > 0 and struct.unpack('<I', blob, (n - 1) * 18 + 1) or -1
-  if last == bucket then  -- the newest point: merged
-    local b, c, e, q50, q99 = struct.unpack('<IIHff', blob, (n - 1) * 18 + 1)
-    blob = string.sub(blob, 1, (n - 1) * 18) ..
-      point(b, c + calls, e / 65535 * c + errors, q50 * c + s50, q99 * c + s99)
-  elseif bucket > last then  -- a new point; the oldest beyond what is kept go
+  local b, c, e, q50, q99 = -1, 0, 0, 0, 0
+  if n > 0 then b, c, e, q50, q99 = struct.unpack('<IIHff', blob, (n - 1) * 18 + 1) end
+  if b == bucket then  -- the newest point, merged: most writes (a bucket holds many windows)
+    redis.call('HSET', key, A[1], string.sub(blob, 1, (n - 1) * 18) ..
+      point(b, c + calls, e / 65535 * c + errors, q50 * c + s50, q99 * c + s99))
+    return
+  end
+  if bucket > b then  -- a new point; the oldest beyond what is kept go
     blob = blob .. point(bucket, calls, errors, s50, s99)
     local from = 1
     while from < #blob and struct.unpack('<I', blob, from) <= bucket - keep do from = from + 18 end
@@ -95,20 +97,21 @@ local function trend(key, A)
   else  -- an older bucket (figures held back by an outage): merged or put in its place
     local pts, done = {}, false
     for pos = 1, #blob - 17, 18 do
-      local b, c, e, q50, q99 = struct.unpack('<IIHff', blob, pos)
-      if b == bucket then
-        c, e, q50, q99, done = c + calls, e / 65535 * c + errors, q50 * c + s50, q99 * c + s99, true
-        pts[#pts + 1] = {b, point(b, c, e, q50, q99)}
+      local pb, pc, pe, p50, p99 = struct.unpack('<IIHff', blob, pos)
+      if pb == bucket then
+        pts[#pts + 1] = {pb, point(pb, pc + calls, pe / 65535 * pc + errors, p50 * pc + s50, p99 * pc + s99)}
+        done = true
       else
-        pts[#pts + 1] = {b, string.sub(blob, pos, pos + 17)}
+        pts[#pts + 1] = {pb, string.sub(blob, pos, pos + 17)}
       end
     end
-    if not done and bucket > last - keep then pts[#pts + 1] = {bucket, point(bucket, calls, errors, s50, s99)} end
+    if not done and bucket > b - keep then pts[#pts + 1] = {bucket, point(bucket, calls, errors, s50, s99)} end
     table.sort(pts, function(x, y) return x[1] < y[1] end)
     local out = {}
     for i, p in ipairs(pts) do out[i] = p[2] end
     blob = table.concat(out)
   end
+  -- (a new bucket: the TTL renewed and the versions counted, once a bucket, not every window)
   redis.call('HSET', key, A[1], blob)
   redis.call('EXPIRE', key, A[14])
   if redis.call('HLEN', key) > tonumber(A[15]) then  -- the version seen longest ago goes
@@ -116,8 +119,8 @@ local function trend(key, A)
     local oldest, at = nil, nil
     for i = 1, #all, 2 do
       local v = all[i + 1]
-      local b = #v >= 18 and struct.unpack('<I', v, #v - 17) or -1
-      if all[i] ~= A[1] and (at == nil or b < at) then oldest, at = all[i], b end
+      local vb = #v >= 18 and struct.unpack('<I', v, #v - 17) or -1
+      if all[i] ~= A[1] and (at == nil or vb < at) then oldest, at = all[i], vb end
     end
     redis.call('HDEL', key, oldest)
   end
