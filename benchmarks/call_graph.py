@@ -93,6 +93,13 @@ class Scenario:
     hours: float
     seed: int
     rates: dict[int, float] = field(default_factory=dict)   # entry node -> requests per second
+    # the new version's share of a service's requests from each time after its rollout
+    # (ns since the rollout, share), in order; by default all of them at once
+    canary: tuple = ((0, 1.0),)
+
+    def share(self, service: int, t_ns: int) -> float:
+        since = t_ns - self.rollout[service]
+        return max((s for at, s in self.canary if since >= at), default=0.0)
 
 
 def build(seed: int, services: int, hours: float) -> Scenario:
@@ -193,15 +200,21 @@ def chunks(sc: Scenario):
         next_trace = c << 32
         for entry in entries:
             s = entry.service
-            new = t0 >= sc.rollout[s]
+            share = sc.share(s, t0)
             n_req = int(rng.poisson(sc.rates[entry.index] * _load(sc, s, t0, rng) * CHUNK / SEC))
             if not n_req:
                 continue
             start = EPOCH_NS + t0 + np.sort(rng.integers(0, CHUNK - SEC, n_req))
             traces = np.arange(n_req) + next_trace
             next_trace += n_req
-            spans = _tree(entry, children, start, traces, new, rng)
-            for loc_i, (st, en, tr, sp, pa) in spans:
+            # (a canary: each request of the new version with the share's chance)
+            is_new = rng.random(n_req) < share if 0 < share < 1 else np.full(n_req, share >= 1)
+            spans = []
+            for new in (False, True):
+                if (is_new == new).any():
+                    spans += [(loc_i, cols_, new) for loc_i, cols_ in
+                              _tree(entry, children, start[is_new == new], traces[is_new == new], new, rng)]
+            for loc_i, (st, en, tr, sp, pa), new in spans:
                 k = len(st)
                 cols["loc"].append(np.full(k, loc_i, np.int32))
                 cols["ver"].append(np.full(k, 2 * s + (1 if new else 0), np.int32))

@@ -258,6 +258,13 @@ def test_sdk_rollouts_through_serve_fail_pass_stay_inconclusive_and_roll_back(ba
     assert [m for m, _, _ in back] == ["first_calls", "rolled_back"]
     assert _verdict(redis_client, "back", "1.1")["state"] == "rolled_back"
 
+    # `report` reads the rollout events, and makes no code location of them
+    from processor.report.store import read_production
+
+    prod = read_production(redis_client, "backflow")
+    assert any(e.type == "rollout" for e in prod.events)
+    assert all(w.function for w in prod.locations().values())
+
     # `backflow verdict`: exit 0 pass, 1 fail, 3 inconclusive (or never seen), --json
     for service, code in (("clean", 0), ("bad", 1), ("few", 3)):
         p = backflow_command("verdict", "--service", service, "--version", "1.1", "--redis-url", redis_server.url)

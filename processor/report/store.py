@@ -114,7 +114,8 @@ class Production:
         """Every location known from a baseline or an event, by key."""
         out = {k: b.where for k, b in self.baselines.items()}
         for e in self.events:
-            out.setdefault(e.where.key, e.where)
+            if e.where.function:  # (a service's event, a rollout, is no code location)
+                out.setdefault(e.where.key, e.where)
         return out
 
     def events_of(self, key: str) -> list[EventRecord]:
