@@ -61,7 +61,13 @@ def read_many(client: redis.Redis, prefix: str, keys: list[str]) -> dict[str, di
         pipe.hgetall(f"{prefix}:trend:{key}")
     out = {}
     for key, fields in zip(keys, pipe.execute()):
-        out[key] = {tuple(json.loads(n)): points(v) for n, v in fields.items()}
+        by_version: dict[tuple[str, str], list[Point]] = {}
+        # (a version's older points, then its newest, in the field named like it with "+")
+        for name, value in sorted(fields.items(), key=lambda nv: nv[0].endswith(b"+")):
+            newest = name.endswith(b"+")
+            version = tuple(json.loads(name[:-1] if newest else name))
+            by_version.setdefault(version, []).extend(points(value))
+        out[key] = by_version
     return out
 
 

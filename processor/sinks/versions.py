@@ -16,11 +16,12 @@ keeps, per location, one small record per version (``service.version`` and
   ago is dropped.
 
 The same merge keeps each location's trend (unless ``trend_period`` is 0): hash
-``{prefix}:trend:{key}``, the same field per version, its value the version's points, 18
-bytes each, oldest first (``TREND_POINT``: bucket number, calls, error share in 65535ths,
-p50 and p99 in ms as float32, little-endian), one per bucket of ``trend_period /
-trend_points`` seconds (an hour by default) in which the version served the location, the
-figures merged as the summary's are; points older than ``trend_points`` buckets before the
+``{prefix}:trend:{key}``, the same field per version holding its older points and that
+field's name with ``+`` after it holding its newest (the bucket still filling, which most
+windows merge into), 18 bytes a point, oldest first (``TREND_POINT``: bucket number, calls,
+error share in 65535ths, p50 and p99 in ms as float32, little-endian), one per bucket of
+``trend_period / trend_points`` seconds (an hour by default) in which the version served
+the location, the figures merged as the summary's are; points older than ``trend_points`` buckets before the
 newest go, at most ``TREND_VERSIONS`` versions are kept (the one seen longest ago goes),
 and the key expires ``trend_period`` after its last write. processor/report/trend.py reads it.
 
@@ -80,21 +81,23 @@ local function trend(key, A)
     return struct.pack('<IIHff', b, math.min(c, 4294967295), math.floor(math.min(e / c, 1) * 65535 + 0.5),
                        q50 / c, q99 / c)
   end
-  local blob = redis.call('HGET', key, A[1]) or ''
-  local n = math.floor(#blob / 18)
+  -- the version's newest point (its bucket still filling) in field A[1] .. '+', the older
+  -- ones in field A[1]: most writes merge a window into the newest, 18 bytes, not all
+  local head = A[1] .. '+'
+  local cur = redis.call('HGET', key, head)
   local b, c, e, q50, q99 = -1, 0, 0, 0, 0
-  if n > 0 then b, c, e, q50, q99 = struct.unpack('<IIHff', blob, (n - 1) * 18 + 1) end
-  if b == bucket then  -- the newest point, merged: most writes (a bucket holds many windows)
-    redis.call('HSET', key, A[1], string.sub(blob, 1, (n - 1) * 18) ..
-      point(b, c + calls, e / 65535 * c + errors, q50 * c + s50, q99 * c + s99))
+  if cur and #cur == 18 then b, c, e, q50, q99 = struct.unpack('<IIHff', cur, 1) end
+  if b == bucket then
+    redis.call('HSET', key, head, point(b, c + calls, e / 65535 * c + errors, q50 * c + s50, q99 * c + s99))
     return
   end
-  if bucket > b then  -- a new point; the oldest beyond what is kept go
-    blob = blob .. point(bucket, calls, errors, s50, s99)
+  local blob = redis.call('HGET', key, A[1]) or ''
+  if bucket > b then  -- a new bucket: the newest so far joins the older ones, the oldest go
+    if b >= 0 then blob = blob .. cur end
     local from = 1
     while from < #blob and struct.unpack('<I', blob, from) <= bucket - keep do from = from + 18 end
-    blob = string.sub(blob, from)
-  else  -- an older bucket (figures held back by an outage): merged or put in its place
+    redis.call('HSET', key, A[1], string.sub(blob, from), head, point(bucket, calls, errors, s50, s99))
+  elseif bucket > b - keep then  -- an older bucket (held back by an outage): merged in its place
     local pts, done = {}, false
     for pos = 1, #blob - 17, 18 do
       local pb, pc, pe, p50, p99 = struct.unpack('<IIHff', blob, pos)
@@ -105,24 +108,28 @@ local function trend(key, A)
         pts[#pts + 1] = {pb, string.sub(blob, pos, pos + 17)}
       end
     end
-    if not done and bucket > b - keep then pts[#pts + 1] = {bucket, point(bucket, calls, errors, s50, s99)} end
+    if not done then pts[#pts + 1] = {bucket, point(bucket, calls, errors, s50, s99)} end
     table.sort(pts, function(x, y) return x[1] < y[1] end)
     local out = {}
     for i, p in ipairs(pts) do out[i] = p[2] end
-    blob = table.concat(out)
+    redis.call('HSET', key, A[1], table.concat(out))
+    return
+  else
+    return
   end
   -- (a new bucket: the TTL renewed and the versions counted, once a bucket, not every window)
-  redis.call('HSET', key, A[1], blob)
   redis.call('EXPIRE', key, A[14])
-  if redis.call('HLEN', key) > tonumber(A[15]) then  -- the version seen longest ago goes
+  if redis.call('HLEN', key) > 2 * tonumber(A[15]) then  -- the version seen longest ago goes
     local all = redis.call('HGETALL', key)
     local oldest, at = nil, nil
     for i = 1, #all, 2 do
-      local v = all[i + 1]
-      local vb = #v >= 18 and struct.unpack('<I', v, #v - 17) or -1
-      if all[i] ~= A[1] and (at == nil or vb < at) then oldest, at = all[i], vb end
+      local name, v = all[i], all[i + 1]
+      if string.sub(name, -1) == '+' and name ~= head and #v == 18 then
+        local vb = struct.unpack('<I', v, 1)
+        if at == nil or vb < at then oldest, at = name, vb end
+      end
     end
-    redis.call('HDEL', key, oldest)
+    if oldest then redis.call('HDEL', key, oldest, string.sub(oldest, 1, -2)) end
   end
 end
 
