@@ -21,7 +21,8 @@ Per rollout, scored against what it is:
 
 beside the rule one writes by hand in a canary tool's analysis (Flagger's request duration
 check, Argo Rollouts' Prometheus query): every window in which both versions ran, each
-entry point's p99 in the new version against the old one's, failing at 1.2x or more.
+entry point's p99 in the new version against the old one's, failing at 1.2x or more in one
+window, or in three windows in a row (as a failure limit of 3 would).
 """
 
 from __future__ import annotations
@@ -55,56 +56,63 @@ def scenario(seed: int, services: int, hours: float) -> tuple[Scenario, set[int]
     return sc, clean
 
 
-def run(sc: Scenario) -> tuple[list, dict, float]:
-    """Rollout events per service, the naive rule's first fail per service (window end,
-    ns), and the engine's CPU seconds."""
+def run(sc: Scenario) -> tuple[list, dict, dict, float]:
+    """Rollout events per service, the naive rules' first fail per service (window end,
+    ns): in one window, and in 3 windows in a row; and the engine's CPU seconds."""
     eng = Engine(Config.defaults(allowed_lateness=10.0), known_keys=set())
     entries = {n.location.key for n in sc.nodes if n.parent == -1}
-    events, naive = [], {}
+    events, naive, naive3, streak = [], {}, {}, {}
     t = time.process_time()
 
     def take(results):
         for r in results:
             events.extend(e for e in r.events if e.type == "rollout")
             s = int(r.window.service[3:])
-            if s in naive:
-                continue
             rows = [(lw, {v.version[1]: v for v in lw.versions}) for lw in r.window.locations
                     if lw.location.key in entries]
             pairs = [(by["1.0.0"], by["1.1.0"]) for _, by in rows if "1.0.0" in by and "1.1.0" in by]
-            if pairs:
-                q = window_quantiles([v.sketch for pair in pairs for v in pair], (0.99,))[:, 0]
-                if any(q[2 * i + 1] >= NAIVE_RATIO * q[2 * i] for i in range(len(pairs))):
-                    naive[s] = r.window.end_ns
+            if not pairs:
+                continue
+            q = window_quantiles([v.sketch for pair in pairs for v in pair], (0.99,))[:, 0]
+            worse = any(q[2 * i + 1] >= NAIVE_RATIO * q[2 * i] for i in range(len(pairs)))
+            streak[s] = streak.get(s, 0) + 1 if worse else 0
+            if worse:
+                naive.setdefault(s, r.window.end_ns)
+            if streak[s] >= 3:
+                naive3.setdefault(s, r.window.end_ns)
 
     for batch in chunks(sc):
         take(eng.ingest(batch))
     take(eng.flush_all())
-    return events, naive, time.process_time() - t
+    return events, naive, naive3, time.process_time() - t
 
 
-def score(sc: Scenario, clean: set[int], events: list, naive: dict) -> dict:
+def score(sc: Scenario, clean: set[int], events: list, naive: dict, naive3: dict) -> dict:
     out = {"changed_fail_in_canary": [], "changed_fail": [], "minutes_to_fail": [], "clean_false_fail": [],
-           "clean_last_pass": [], "naive_changed_fail_in_canary": [], "naive_clean_false_fail": [],
-           "naive_minutes_to_fail": []}
+           "clean_last_pass": []}
+    for rule in ("naive", "naive3"):
+        out |= {f"{rule}_changed_fail_in_canary": [], f"{rule}_clean_false_fail": [], f"{rule}_minutes_to_fail": []}
     full = sc.canary[-1][0]
     for s, at in sc.rollout.items():
         mine = [e for e in events if e.location.service == f"svc{s}" and e.version[1] == "1.1.0"]
         fails = [e.window_end_ns - EPOCH_NS for e in mine if e.detail["verdict"] == "fail"]
         first = min(fails, default=None)
-        n = naive[s] - EPOCH_NS if s in naive else None
         if s in clean:
             out["clean_false_fail"].append(bool(fails))
             out["clean_last_pass"].append(bool(mine) and mine[-1].detail["verdict"] == "pass")
-            out["naive_clean_false_fail"].append(n is not None)
         else:
             out["changed_fail"].append(first is not None)
             out["changed_fail_in_canary"].append(first is not None and first - at <= full + MINUTE)
             if first is not None:
                 out["minutes_to_fail"].append((first - at) / MINUTE)
-            out["naive_changed_fail_in_canary"].append(n is not None and n - at <= full + MINUTE)
-            if n is not None:
-                out["naive_minutes_to_fail"].append((n - at) / MINUTE)
+        for rule, firsts in (("naive", naive), ("naive3", naive3)):
+            n = firsts[s] - EPOCH_NS if s in firsts else None
+            if s in clean:
+                out[f"{rule}_clean_false_fail"].append(n is not None)
+            else:
+                out[f"{rule}_changed_fail_in_canary"].append(n is not None and n - at <= full + MINUTE)
+                if n is not None:
+                    out[f"{rule}_minutes_to_fail"].append((n - at) / MINUTE)
     return out
 
 
@@ -118,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = []
     for seed in range(1, args.seeds + 1):
         sc, clean = scenario(seed, args.services, args.hours)
-        events, naive, took = run(sc)
+        events, naive, naive3, took = run(sc)
         seconds.append(took)
-        for k, v in score(sc, clean, events, naive).items():
+        for k, v in score(sc, clean, events, naive, naive3).items():
             totals.setdefault(k, []).extend(v)
 
     def frac(k):
@@ -138,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     print(f"| Backflow's verdict | {frac('changed_fail_in_canary')} | {frac('changed_fail')} | "
           f"{minutes('minutes_to_fail')} | {frac('clean_false_fail')} | {frac('clean_last_pass')} |")
-    print(f"| naive: an entry point's p99 >= {NAIVE_RATIO}x the old version's in a window | "
-          f"{frac('naive_changed_fail_in_canary')} | - | {minutes('naive_minutes_to_fail')} | "
-          f"{frac('naive_clean_false_fail')} | - |")
+    for rule, what in (("naive", "in a window"), ("naive3", "in 3 windows in a row")):
+        print(f"| naive: an entry point's p99 >= {NAIVE_RATIO}x the old version's {what} | "
+              f"{frac(rule + '_changed_fail_in_canary')} | - | {minutes(rule + '_minutes_to_fail')} | "
+              f"{frac(rule + '_clean_false_fail')} | - |")
     return 0
 
 

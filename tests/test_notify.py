@@ -259,11 +259,16 @@ def test_slack_api_threads_a_rollout_its_milestones_and_its_versions_events(redi
     assert [b.get("thread_ts") for b in posts] == [None, "1.000100", None, "1.000100", "1.000100", None]
     assert "no regression open" in json.dumps(posts[0]["blocks"])
     assert "xoxb-secret" not in p.stdout + p.stderr
-    # a restart goes on in the same thread (kept in Redis)
-    add_events(redis_client, [_rollout("2.1.0", "share_50", window_end_ms=1_700_000_100_000)])
-    # (the rollout ended: its own later events still go to its thread)
-    assert backflow_command(*args, env={"BACKFLOW_NOTIFY_SLACK_TOKEN": "xoxb-secret"}).returncode == 0
-    assert api.posts[-1][1]["thread_ts"] == "1.000100"
+    # a rollout that ended is forgotten: the version's next rollout starts a thread of its own
+    assert not redis_client.hgetall("backflow:notify:threads:backflow-notify")
+    env = {"BACKFLOW_NOTIFY_SLACK_TOKEN": "xoxb-secret"}
+    add_events(redis_client, [_rollout("2.1.0", "first_calls", window_end_ms=1_700_000_100_000)])
+    assert backflow_command(*args, env=env).returncode == 0
+    # and a restart goes on in that thread (kept in Redis)
+    add_events(redis_client, [_rollout("2.1.0", "share_50", window_end_ms=1_700_000_110_000)])
+    assert backflow_command(*args, env=env).returncode == 0
+    root = str(len(posts) + 1) + ".000100"
+    assert [b.get("thread_ts") for _, b in api.posts[len(posts):]] == [None, root]
 
 
 def test_slack_api_refusing_a_message_is_not_delivered_and_stays_pending(redis_server, redis_client):

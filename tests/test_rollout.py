@@ -136,6 +136,70 @@ def test_the_state_survives_a_checkpoint_round_trip():
         again.thaw(("prod", "other"), {"current": None, "rollouts": [{"version": "x"}]})
 
 
+def _feed(plan, settings=None, events=None):
+    """Windows of calls per version ("1.0": n, ...): the rollout events per window, the tracker."""
+    r = Rollouts(settings or RolloutSettings(), ("latency_regression",))
+    first, out = {}, []
+    for i, calls in enumerate(plan):
+        vs = {("shop", v, ""): n for v, n in calls.items()}
+        for v, n in vs.items():
+            if n:
+                first.setdefault(v, (i + 1) * 60 * SEC)
+        got = r.window(_window_of(i, vs), first, (events or {}).get(i, []), set())
+        out.append([(e.version[1], e.detail["milestone"], e.detail["previous"]["version"]) for e in got])
+    return out, r
+
+
+def _window_of(i: int, calls: dict) -> ClosedWindow:
+    vs = [VersionFigures(v, n, 0, LogSketch.from_values(np.full(n, 5e6))) for v, n in calls.items() if n]
+    lw = LocationWindow(0, LOCS[0], sum(v.count for v in vs), 0, vs[0].sketch, vs)
+    return ClosedWindow("shop", i * 60 * SEC, (i + 1) * 60 * SEC, [lw], "prod")
+
+
+def test_a_third_version_during_a_rollout_is_compared_with_the_one_serving_most_and_each_ends_right():
+    plan = ([{"1.0": 1000}, {"1.0": 900, "1.1": 100}, {"1.0": 400, "1.1": 500, "1.2": 100}]
+            + [{"1.1": 800, "1.2": 200}] * 5)
+    out, r = _feed(plan)
+    assert ("1.2", "first_calls", "1.1") in out[2]  # (1.1 serves more than 1.0 in that window)
+    assert ("1.1", "previous_gone", "1.0") in out[7]
+    state = r.services[("prod", "shop")]
+    assert state.current == ("shop", "1.1", "") and [x.version[1] for x in state.active()] == ["1.2"]
+    # a canary gone while the version it was compared with serves most: rolled back to it;
+    # gone while a third one took over: superseded
+    out, r = _feed([{"1.0": 1000}, {"1.0": 900, "1.1": 100}] + [{"1.0": 900, "1.2": 100}] * 5)
+    assert ("1.1", "rolled_back", "1.0") in out[-1]
+    out, r = _feed([{"1.0": 1000}, {"1.0": 900, "1.1": 100}, {"1.0": 300, "1.1": 100, "1.2": 600}]
+                   + [{"1.0": 300, "1.2": 700}] * 5)
+    assert ("1.1", "superseded", "1.0") in out[-1]
+
+
+def test_stray_calls_of_a_rolled_back_version_start_nothing_and_a_redeploy_does():
+    base = [{"1.0": 1000}, {"1.0": 900, "1.1": 100}] + [{"1.0": 1000}] * 5
+    out, r = _feed(base + [{"1.0": 1000, "1.1": 3}] * 3)  # 0.3%: a stray call, not a re-deploy
+    assert [m for w in out[7:] for m in w] == []
+    out, r = _feed(base + [{"1.0": 900, "1.1": 100}])
+    assert out[-1] == [("1.1", "first_calls", "1.0")]
+    assert [x.state for x in r.services[("prod", "shop")].rollouts] == ["rolled_back", "active"]
+
+
+def test_one_shot_events_are_listed_not_held_open_and_dropped_rollouts_leave_the_hash():
+    loc = LOCS[0]
+    shots = [Event("new_exception", loc, NEW, 0, 0, "warning", "KeyError", {}, "KeyError"),
+             Event("new_dependency", loc, NEW, 0, 0, "warning", "calls db", {"callee": "db.find"})]
+    r = Rollouts(RolloutSettings(), ("latency_regression",))
+    first = {OLD: 60 * SEC, NEW: 120 * SEC}
+    r.window(_window(0, {OLD: 1000, NEW: 0}), first, [], set())
+    r.window(_window(1, {OLD: 900, NEW: 100}), first, shots, set())
+    (state,) = r.services[("prod", "shop")].rollouts
+    assert state.regressions == {} and state.new_exceptions == [["shop.f0", "KeyError"]]
+    assert state.new_dependencies == [["shop.f0", "db.find"]]
+    # beyond the ended rollouts kept, the oldest ones' fields are deleted from the hash
+    out, r = _feed([{"1.0": 1000}] + [w for k in range(5) for w in
+                                      [{"1.0": 900, f"2.{k}": 100}] + [{"1.0": 1000}] * 5])
+    deleted = [v["version"] for v in r.take_published() if v.get("deleted")]
+    assert deleted == ["2.0", "2.1"]
+
+
 def test_fail_on_names_regression_types_only():
     from processor.config import ConfigError
     from processor.detect.registry import parse_rollout_settings
@@ -231,9 +295,12 @@ def test_sdk_rollouts_through_serve_fail_pass_stay_inconclusive_and_roll_back(ba
     _traffic(bf.grpc_target, "back", base + [{"1.0": 270, "1.1": 30}] * 2 + [{"1.0": 300}] * 6)
     # the gauges a progressive delivery tool reads (deploy/argo-rollouts, deploy/flagger)
     gauge = 'backflow_version_{}{{environment="prod",service="{}",version="1.1"}}'.format
-    m = bf.wait_for(lambda: (m := bf.metrics()).get(gauge("verdict", "back")) is not None and m, what="gauges")
+    bf.wait_for(lambda: (redis_client.hget("backflow:verdicts:prod:back", '["1.1", ""]') or "").find(
+        '"rolled_back"') > 0, what="the rollback")
+    m = bf.metrics()
     assert [m[gauge("verdict", s)] for s in ("clean", "bad", "few")] == [0, 2, 1]
     assert m[gauge("share", "clean")] == 1.0 and 0 < m[gauge("share", "few")] < 0.01
+    assert gauge("verdict", "back") not in m  # (rolled back: it must not gate a retry)
     assert bf.stop(signal.SIGTERM) == 0
 
     bad = _rollout_events(redis_client, "bad")

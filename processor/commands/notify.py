@@ -307,7 +307,11 @@ def rollout_trends(client: redis.Redis, prefix: str, fields: dict[str, str]) -> 
     except ValueError:
         return {}
     keys = [row["key"] for row in (d.get("entry_points") or []) + (d.get("locations") or []) if row.get("key")]
-    return trend.read_many(client, prefix, keys) if keys else {}
+    try:
+        return trend.read_many(client, prefix, keys) if keys else {}
+    except (ValueError, TypeError) as e:  # (a trend that does not parse: the message goes without it)
+        log.warning("trends of a rollout not shown: %s", e)
+        return {}
 
 
 class Threads:
@@ -331,10 +335,11 @@ class Threads:
         """The thread an event goes to: its rollout's, while that is active (a rollout's
         own events: while it is known at all)."""
         raw = self.client.hget(self.key, self.rollout_of(fields))
-        if raw is None:
+        try:
+            state = json.loads(raw) if raw is not None else None
+            return state["thread"] if state["active"] or fields.get("type") == "rollout" else None
+        except (ValueError, TypeError, KeyError):  # (none, or not notify's: a new thread)
             return None
-        state = json.loads(raw)
-        return state["thread"] if state["active"] or fields.get("type") == "rollout" else None
 
     def note(self, fields: dict[str, str], thread: str | None) -> None:
         """After a rollout event was posted: its thread, and whether the rollout goes on."""
@@ -344,8 +349,10 @@ class Threads:
             milestone = json.loads(fields.get("detail") or "{}").get("milestone", "")
         except ValueError:
             milestone = ""
-        self.client.hset(self.key, self.rollout_of(fields),
-                         json.dumps({"thread": thread, "active": milestone not in self.ENDED}))
+        if milestone in self.ENDED:  # (over: a later rollout of the same version gets a thread of its own)
+            self.client.hdel(self.key, self.rollout_of(fields))
+        else:
+            self.client.hset(self.key, self.rollout_of(fields), json.dumps({"thread": thread, "active": True}))
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -134,7 +134,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"backflow verdict: {e}", file=sys.stderr)
             if time.monotonic() >= deadline or stop.is_set():
                 return EXIT[INCONCLUSIVE]
-        if state is not None and state.get("verdict") in (PASS, FAIL):
+        # (waiting, a rolled-back rollout is not the answer: a retry of it is awaited)
+        if state is not None and state.get("verdict") in (PASS, FAIL) and not (
+                wait and state.get("state") == "rolled_back"):
             break
         if time.monotonic() >= deadline or stop.wait(min(args.interval, max(0.0, deadline - time.monotonic()))):
             break

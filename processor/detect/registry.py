@@ -111,12 +111,13 @@ def parse_detector_settings(raw: Any, where: str = "config") -> DetectorSettings
 
 
 def parse_rollout_settings(raw: Any, where: str = "config") -> RolloutSettings:
-    """Validate the ``rollouts:`` mapping; ``fail_on`` must name regression types."""
+    """Validate the ``rollouts:`` mapping; ``fail_on`` must name regressions that stay open
+    until resolved (a one-shot event, such as a new exception, would fail for good)."""
     settings = RolloutSettings.parse(raw, "rollouts", where)
-    unknown = sorted(set(settings.fail_on) - set(REGRESSION_TYPES))
+    unknown = sorted(set(settings.fail_on) - set(RESOLVED_TYPES))
     if unknown:
         raise ConfigError(f"invalid setting rollouts.fail_on ({where}): {', '.join(unknown)} "
-                          f"not among {', '.join(REGRESSION_TYPES)}")
+                          f"not among {', '.join(RESOLVED_TYPES)}")
     return settings
 
 

@@ -174,6 +174,7 @@ class Rollout:
     regressions: dict = field(default_factory=dict)  # "type key" -> {type, key, function, severity, summary}
     new_exceptions: list = field(default_factory=list)  # [function, exception type]
     new_functions: list = field(default_factory=list)
+    new_dependencies: list = field(default_factory=list)  # [caller, callee]
     verdict: str = INCONCLUSIVE
     told: str = ""            # the verdict of its latest event
     reasons: list = field(default_factory=list)
@@ -182,6 +183,10 @@ class Rollout:
 
     def plain(self) -> dict:
         return dataclasses.asdict(self)
+
+    def end(self) -> None:
+        """Once it ended: what it keeps for its verdict, not its whole location table."""
+        self.locations = {k: v for k, v in self.locations.items() if k in self.watched}
 
     @classmethod
     def from_plain(cls, d: dict) -> "Rollout":
@@ -197,6 +202,7 @@ class Rollout:
         r.watched = {k: list(v) for k, v in dict(r.watched).items()}
         r.regressions = {k: dict(v) for k, v in dict(r.regressions).items()}
         r.new_exceptions = [list(x) for x in r.new_exceptions]
+        r.new_dependencies = [list(x) for x in r.new_dependencies]
         r.new_functions, r.reasons, r.missing = list(r.new_functions), list(r.reasons), list(r.missing)
         return r
 
@@ -214,10 +220,12 @@ class ServiceRollouts:
 class Rollouts:
     """Every service's rollouts (see the module docstring); fed each closed window of a
     service with its events. ``regression_types``: the event types that open a regression
-    (the registry's), listed in a rollout whatever ``fail_on`` says."""
+    until a ``resolved`` event ends it (the registry's), listed in a rollout whatever
+    ``fail_on`` says."""
 
     def __init__(self, settings: RolloutSettings | None = None, regression_types: tuple = ()):
         self.settings = settings or RolloutSettings()
+        # (those that stay open until a resolved event: the one-shot ones are listed apart)
         self.regression_types = frozenset(regression_types) | frozenset(self.settings.fail_on)
         self.services: dict[tuple[str, str], ServiceRollouts] = {}
         self.published: list[dict] = []  # states changed since last taken (take_published)
@@ -275,25 +283,32 @@ class Rollouts:
             self._observe(r, cw, by_version, total, events, entry_keys)
             told = r.told
             r.verdict, r.reasons, r.missing = self.verdict(r)
-            milestone = self._milestone(r)
+            milestone = self._milestone(r, main)
             if milestone is None and r.verdict == FAIL and told != FAIL:
                 milestone = "failed"  # (not held back until the next milestone)
             if milestone is not None:
                 if milestone == "previous_gone":
-                    r.state, state.current = COMPLETE, r.version
+                    r.state, state.current = COMPLETE, main  # (main: another rollout may serve more)
                 elif milestone in ("rolled_back", "superseded"):
                     r.state = ROLLED_BACK if milestone == "rolled_back" else COMPLETE
                 out.append(self._event(cw, r, milestone, by_version))
+                if r.state != ACTIVE:
+                    r.end()
             self.published.append(self.state_of(r, cw))
         following = {r.version for r in state.active()}
+        least = min(self.settings.milestones)
         for version in sorted(by_version):
             if version == state.current or version in following or not by_version[version]:
                 continue
-            again = any(r.version == version and r.state == ROLLED_BACK for r in state.rollouts)
-            if first_seen.get(version) != cw.end_ns and not again:
+            # a version first seen now; or one seen before (a re-deploy after a rollback, a
+            # return to an older version) once it serves the first milestone's share
+            if first_seen.get(version) != cw.end_ns and by_version[version] < least * total:
                 continue
-            previous = state.current if state.current is not None else main
-            if previous == version:
+            # (compared with the version serving most of the others' calls: the current one,
+            # unless another rollout took over from it)
+            others = {v: n for v, n in by_version.items() if v != version}
+            previous = max(others, key=lambda v: (others[v], v)) if others else state.current
+            if previous is None or previous == version:
                 continue
             r = Rollout(version, previous, cw.end_ns)
             state.rollouts.append(r)
@@ -305,6 +320,9 @@ class Rollouts:
         ended = [r for r in state.rollouts if r.state != ACTIVE]
         if len(ended) > ENDED_KEPT:
             old = {id(r) for r in ended[:len(ended) - ENDED_KEPT]}
+            for r in ended[:len(ended) - ENDED_KEPT]:  # (their fields of the verdicts hash go too)
+                if not any(o.version == r.version and id(o) not in old for o in state.rollouts):
+                    self.published.append({**self.state_of(r, cw), "deleted": True})
             state.rollouts = [r for r in state.rollouts if id(r) not in old]
         if state.current not in by_version and not state.active():
             state.current = main  # (the current version went without a rollout seen here)
@@ -372,18 +390,22 @@ class Rollouts:
             elif e.type == "new_exception":
                 if len(r.new_exceptions) < MAX_LISTED:
                     r.new_exceptions.append([e.location.function, e.subject])
+            elif e.type == "new_dependency":
+                if len(r.new_dependencies) < MAX_LISTED:
+                    r.new_dependencies.append([e.location.function, e.detail.get("callee", "")])
             elif e.type in self.regression_types:
                 r.regressions[f"{e.type} {e.location.key}"] = {
                     "type": e.type, "key": e.location.key, "function": e.location.function,
                     "severity": e.severity, "summary": e.summary}
 
-    def _milestone(self, r: Rollout) -> str | None:
-        """The milestone this window reached, if any (the highest share only)."""
+    def _milestone(self, r: Rollout, main: tuple) -> str | None:
+        """The milestone this window reached, if any (the highest share only); ``main``:
+        the version that served most of the window's calls."""
         s = self.settings
         if r.absent_prev >= s.gone_windows and not r.absent_new:
             return "previous_gone"
-        if r.absent_new >= s.gone_windows:
-            return "superseded" if r.absent_prev else "rolled_back"
+        if r.absent_new >= s.gone_windows:  # (back to the previous version, or another took over)
+            return "rolled_back" if main == r.previous else "superseded"
         hit = [m for m in s.milestones if r.share >= m - 1e-12 and m not in r.reached]
         if not hit:
             return None
@@ -409,8 +431,8 @@ class Rollouts:
             for q, ratio, least in (("p50_ms", s.p50_ratio, s.min_location_calls),
                                     ("p99_ms", s.p99_ratio, 10 * s.min_location_calls)):
                 a, b = row.get(q, {}).get("new"), row.get(q, {}).get("previous")
-                if (a is not None and b and min(row["calls"]["new"], row["calls"]["previous"]) >= least
-                        and a >= ratio * b):
+                # (the calls its quantiles rest on: those since it was watched)
+                if (a is not None and b and min(row["sketched"]) >= least and a >= ratio * b):
                     reasons.append(f"{q[:3]} of {row['function']} {a / b:.2g}x in {name} "
                                    f"({b:.3g} ms to {a:.3g} ms over the same windows)")
         if reasons:
@@ -435,6 +457,7 @@ class Rollouts:
             if row is None or not (row[1] or row[3]):
                 continue
             rows.append({"function": row[0], "key": key, "entry_point": key in r.entries,
+                         "sketched": [LogSketch.unpack(p).count if p else 0 for p in pair],
                          "calls": {"new": row[1], "previous": row[3]},
                          "error_share": {"new": round(row[2] / row[1], 5) if row[1] else None,
                                          "previous": round(row[4] / row[3], 5) if row[3] else None}})
@@ -480,9 +503,10 @@ class Rollouts:
             "regressions": _causes_first(r.regressions.values()),
             "new_exceptions": [{"function": f, "type": t} for f, t in r.new_exceptions],
             "new_functions": list(r.new_functions),
+            "new_dependencies": [{"caller": a, "callee": b} for a, b in r.new_dependencies],
             "vanished_functions": self._vanished(r),
-            "locations": [x for x in rows if not x["entry_point"]][:self.settings.shown],
-            "entry_points": [x for x in rows if x["entry_point"]][:self.settings.shown],
+            "locations": [_shown(x) for x in rows if not x["entry_point"]][:self.settings.shown],
+            "entry_points": [_shown(x) for x in rows if x["entry_point"]][:self.settings.shown],
             "started": r.started_ns // 1_000_000,
         }
         return Event(EVENT_TYPE, Location(cw.environment, cw.service, ""), r.version, cw.start_ns, cw.end_ns,
@@ -507,6 +531,10 @@ class Rollouts:
                 "verdict": r.verdict, "reasons": r.reasons, "missing": r.missing, "milestone": r.milestone,
                 "share": round(r.share, 4), "state": r.state, "calls": r.calls[0],
                 "started": r.started_ns // 1_000_000, "updated": r.updated_ns // 1_000_000}
+
+
+def _shown(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in ("entry_point", "sketched")}
 
 
 def _causes_first(regressions) -> list[dict]:

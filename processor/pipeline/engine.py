@@ -19,7 +19,7 @@ from processor.config import Config
 from processor.detect.base import Detector, Observation
 from processor.detect.call_pattern import CallPattern
 from processor.detect.causes import explain
-from processor.detect.registry import REGRESSION_TYPES, build_detectors
+from processor.detect.registry import RESOLVED_TYPES, build_detectors
 from processor.detect.rollout import Rollouts
 from processor.detect.first_seen import FirstSeen
 from processor.events import Event
@@ -282,7 +282,7 @@ class Engine:
         if cfg.call_graph_wait > 0:
             self.windows.graph = CallGraph(cfg.window_ns, cfg.graph_wait_ns, cfg.call_graph_max_spans)
         # each new version's rollout and verdict (processor/detect/rollout.py)
-        self.rollouts = Rollouts(cfg.rollouts, REGRESSION_TYPES) if cfg.rollouts.enabled else None
+        self.rollouts = Rollouts(cfg.rollouts, RESOLVED_TYPES) if cfg.rollouts.enabled else None
         self._started = self.windows.clock()
         # Windows each service closed: the columnar detectors count time in them.
         self.service_ticks: dict[tuple, int] = {}

@@ -253,11 +253,19 @@ class Metrics:
         """Rollouts' verdict states (``Rollouts.state_of``) into the version gauges."""
         for v in states:
             labels = (v["environment"], v["service"], v["version"])
-            self.version_verdict.labels(*labels).set(VERDICT_VALUES[v["verdict"]])
-            self.version_share.labels(*labels).set(v["share"])
             kept = self._verdict_series.setdefault(labels[:2], [])
             if labels[2] in kept:
                 kept.remove(labels[2])
+            if v.get("deleted") or v["state"] == "rolled_back":
+                # (a rollout rolled back is over: its verdict must not gate a retry of it)
+                for gauge in (self.version_verdict, self.version_share):
+                    try:
+                        gauge.remove(*labels)
+                    except KeyError:
+                        pass
+                continue
+            self.version_verdict.labels(*labels).set(VERDICT_VALUES[v["verdict"]])
+            self.version_share.labels(*labels).set(v["share"])
             kept.append(labels[2])
             while len(kept) > ENDED_KEPT + 1:
                 gone = (*labels[:2], kept.pop(0))

@@ -420,9 +420,10 @@ class RedisSink:
                 self.versions.note(window)
                 for loc, graph in edges or ():
                     self.edges[loc.key] = (loc, graph, window.end_ns)
-            for v in verdicts or ():
+            for v in verdicts or ():  # (None: the field goes, the rollout is no longer kept)
                 self.verdicts[(verdict_key(self.prefix, v["environment"], v["service"]),
-                               verdict_field(v["version"], v["revision"]))] = json.dumps(v, sort_keys=True)
+                               verdict_field(v["version"], v["revision"]))] = (
+                    None if v.get("deleted") else json.dumps(v, sort_keys=True))
             self._cv.notify()
         if waited:
             self.on_waited(waited)
@@ -433,7 +434,8 @@ class RedisSink:
 
     def pending(self) -> int:
         with self._cv:
-            return (len(self.buffer) + len(self.baselines) + len(self.edges) + len(self.versions) + len(self.state)
+            return (len(self.buffer) + len(self.baselines) + len(self.edges) + len(self.verdicts) + len(self.versions)
+                    + len(self.state)
                     + self._inflight + (1 if self._unlink else 0))  # (markers to delete: one write)
 
     def flush(self, timeout: float) -> bool:
@@ -716,7 +718,7 @@ class RedisSink:
                 cmds += edge_commands(self.prefix, *w.source)
             elif w.kind == "verdicts":
                 (key, name), value = w.source
-                cmds.append(("HSET", key, name, value))
+                cmds.append(("HSET", key, name, value) if value is not None else ("HDEL", key, name))
         for w in batch:
             if w.kind == "versions":  # one call for the batch's merges, under its token's marker
                 token, items = w.source
