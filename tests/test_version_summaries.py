@@ -138,6 +138,6 @@ def test_a_merge_sent_and_put_back_is_retried_as_sent_not_summed_with_newer_wind
     assert len(ledger) == 2
     token, items = ledger.take(10)
     assert token == sent_token and [(key, p.calls, p.windows) for key, p in items] == sent == [
-        ((LOC.key, "1.0", "rev-1.0"), 3, 1)]
+        ((LOC.key, "1.0", "rev-1.0", 0), 3, 1)]  # (the last member: the trend bucket, 0 without a trend)
     newer_token, newer = ledger.take(10)
     assert [(p.calls, p.windows) for _, p in newer] == [(5, 1)] and newer_token != token and not len(ledger)
