@@ -98,3 +98,12 @@ def test_a_trend_of_7_days_of_hourly_points_is_bounded_in_memory(client):
     (points,) = trend.read(client, "t", LOC.key).values()
     assert len(points) == 168 and points[0].bucket == 200 - 168
     assert client.memory_usage(f"t:trend:{LOC.key}") < 4096
+
+
+def test_a_change_of_bucket_length_starts_the_trend_over(client):
+    _write(client, [_window(h * HOUR, {"1.0": (5, 0, 4.0)}) for h in range(3)])  # hourly buckets
+    assert client.hget(f"t:trend:{LOC.key}", "bucket_s") == b"3600"
+    _write(client, [_window(3 * HOUR, {"1.0": (7, 0, 4.0)})], trend_points=2)  # 2-hour buckets
+    (points,) = trend.read(client, "t", LOC.key).values()
+    assert [(p.bucket, p.calls) for p in points] == [(1, 7)]
+    assert client.hget(f"t:trend:{LOC.key}", "bucket_s") == b"7200"

@@ -64,6 +64,8 @@ def read_many(client: redis.Redis, prefix: str, keys: list[str]) -> dict[str, di
         by_version: dict[tuple[str, str], list[Point]] = {}
         # (a version's older points, then its newest, in the field named like it with "+")
         for name, value in sorted(fields.items(), key=lambda nv: nv[0].endswith(b"+")):
+            if name == b"bucket_s":  # (the bucket length they were written with)
+                continue
             newest = name.endswith(b"+")
             version = tuple(json.loads(name[:-1] if newest else name))
             by_version.setdefault(version, []).extend(points(value))

@@ -23,7 +23,9 @@ error share in 65535ths, p50 and p99 in ms as float32, little-endian), one per b
 ``trend_period / trend_points`` seconds (an hour by default) in which the version served
 the location, the figures merged as the summary's are; points older than ``trend_points`` buckets before the
 newest go, at most ``TREND_VERSIONS`` versions are kept (the one seen longest ago goes),
-and the key expires ``trend_period`` after its last write. processor/report/trend.py reads it.
+and the key expires ``trend_period`` after its last write. Field ``bucket_s`` holds the bucket
+length the points were written with: after a change of ``trend_period`` or ``trend_points``
+a location's trend starts over. processor/report/trend.py reads it.
 
 Records are merged in Redis by a Lua script (one EVALSHA for a batch of them), written
 after the events and baselines of the same windows. While Redis is away the figures of
@@ -71,7 +73,8 @@ TREND_POINT = struct.Struct("<IIHff")  # bucket, calls, error share * 65535, p50
 # that is not JSON), so a refused merge leaves none; it is false when the marker was there
 # (an earlier attempt, whose reply was lost, merged it): 0, nothing changes.
 _MERGE = """
--- A[12]: the trend's bucket, A[13]: buckets kept, A[14]: the key's TTL, A[15]: versions kept
+-- A[12]: the trend's bucket, A[13]: buckets kept, A[14]: the key's TTL, A[15]: versions kept,
+-- A[16]: the bucket's length in seconds
 local function trend(key, A)
   local calls = tonumber(A[2])
   if calls <= 0 then return end
@@ -90,6 +93,16 @@ local function trend(key, A)
   if b == bucket then
     redis.call('HSET', key, head, point(b, c + calls, e / 65535 * c + errors, q50 * c + s50, q99 * c + s99))
     return
+  end
+  -- (once a bucket, not every window: points of another bucket length, written before a
+  -- change of trend_period or trend_points, are not this one's: the location starts over)
+  local length = redis.call('HGET', key, 'bucket_s')
+  if length ~= A[16] then
+    if length then
+      redis.call('DEL', key)
+      b, cur = -1, nil
+    end
+    redis.call('HSET', key, 'bucket_s', A[16])
   end
   local blob = redis.call('HGET', key, A[1]) or ''
   if bucket > b then  -- a new bucket: the newest so far joins the older ones, the oldest go
@@ -119,7 +132,7 @@ local function trend(key, A)
   end
   -- (a new bucket: the TTL renewed and the versions counted, once a bucket, not every window)
   redis.call('EXPIRE', key, A[14])
-  if redis.call('HLEN', key) > 2 * tonumber(A[15]) then  -- the version seen longest ago goes
+  if redis.call('HLEN', key) > 2 * tonumber(A[15]) + 1 then  -- the version seen longest ago goes
     local all = redis.call('HGETALL', key)
     local oldest, at = nil, nil
     for i = 1, #all, 2 do
@@ -210,10 +223,11 @@ class Pending:
     last: int = 0
 
     def args(self, field: str, ttl: int, trend: tuple | None = None) -> list:
-        """The merge's row; ``trend``: (bucket, buckets kept, TTL) for the trend's point."""
+        """The merge's row; ``trend``: (bucket, buckets kept, TTL, bucket length) for the
+        trend's point."""
         row = [field, self.calls, self.errors, self.windows, self.seconds,
                self.p50_sum, self.p99_sum, self.first, self.last, VERSIONS_KEPT, ttl]
-        return row + [*trend, TREND_VERSIONS] if trend is not None else row
+        return row + [*trend[:3], TREND_VERSIONS, str(trend[3])] if trend is not None else row
 
 
 Item = tuple[tuple[str, str, str, int], Pending]  # ((location key, version, revision, bucket), figures)
@@ -234,8 +248,9 @@ class VersionLedger:
         self.trend_points, self.trend_ttl = trend_points, int(trend_period_s)
 
     def trend(self, bucket: int) -> tuple | None:
-        """A row's trend arguments: (bucket, buckets kept, the key's TTL), or None."""
-        return (bucket, self.trend_points, self.trend_ttl) if self.bucket_ms else None
+        """A row's trend arguments: (bucket, buckets kept, the key's TTL, the bucket's length
+        in seconds), or None."""
+        return (bucket, self.trend_points, self.trend_ttl, self.bucket_ms // 1000) if self.bucket_ms else None
 
     def note(self, window: ClosedWindow) -> None:
         seconds = (window.end_ns - window.start_ns) / 1e9
