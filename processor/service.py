@@ -109,7 +109,13 @@ class Pipeline:
                     n += len(more)
             if batches:
                 late, spans, overflow = stats["late"], stats["spans"], stats["overflow"]
-                self._emit(engine.ingest(Batch.concat(batches)))
+                # (metrics in, processor/receiver/metrics.py: each its own step, in order)
+                spans_in = [b for b in batches if isinstance(b, Batch)]
+                for b in batches:
+                    if not isinstance(b, Batch):
+                        self._emit(engine.ingest_metrics(b))
+                if spans_in:
+                    self._emit(engine.ingest(Batch.concat(spans_in)))
                 # Locations first: a scrape that sees these spans processed sees their locations.
                 self.metrics.active_keys.set(engine.windows.tables.held_locations)
                 self.metrics.late.inc(stats["late"] - late)

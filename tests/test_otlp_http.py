@@ -413,7 +413,7 @@ def test_what_is_not_an_otlp_request_gets_its_status_code(backflow, redis_client
     assert bf.metrics()[refused_requests("too_large")] == 3
 
     # 404, 405, 411, 415: not counted (not OTLP requests at all)
-    assert refused(404, good, path="/v1/metrics").code == code_pb2.NOT_FOUND
+    assert refused(404, good, path="/v1/logs").code == code_pb2.NOT_FOUND
     assert refused(404, good, JSON, path="/").code == code_pb2.NOT_FOUND
     status, headers, _ = post(bf, None, None, method="GET")
     assert (status, headers["allow"]) == (405, "POST")

@@ -28,6 +28,7 @@ from processor.pipeline import checkpoint
 from processor.pipeline.graph import CallGraph
 from processor.pipeline.window import ClosedWindow, Forgotten, WindowStage, is_overflow
 from processor.receiver.decode import Batch
+from processor.receiver.metrics import Deltas, MetricsBatch, to_counts
 
 log = logging.getLogger("backflow.engine")
 
@@ -281,6 +282,7 @@ class Engine:
         self._added = [j for j, p in enumerate(self.detectors.prototypes) if p.name in ADDED_LATER]
         if cfg.call_graph_wait > 0:
             self.windows.graph = CallGraph(cfg.window_ns, cfg.graph_wait_ns, cfg.call_graph_max_spans)
+        self.deltas = Deltas()  # cumulative OTLP metrics' previous points, per series
         # each new version's rollout and verdict (processor/detect/rollout.py)
         self.rollouts = Rollouts(cfg.rollouts, RESOLVED_TYPES) if cfg.rollouts.enabled else None
         self._started = self.windows.clock()
@@ -351,6 +353,11 @@ class Engine:
 
     def ingest(self, batch: Batch) -> list[WindowResult]:
         return self._evaluate(self.windows.ingest(batch))
+
+    def ingest_metrics(self, batch: MetricsBatch) -> list[WindowResult]:
+        """OTLP metrics (processor/receiver/metrics.py): cumulative points made deltas here,
+        one place whichever receiver decoded them, then into the windows as spans are."""
+        return self._evaluate(self.windows.ingest_counts(to_counts(batch, self.deltas)))
 
     def flush_idle(self, now: float | None = None) -> list[WindowResult]:
         return self._evaluate(self.windows.flush_idle(now))

@@ -424,10 +424,11 @@ class _Accumulator:
         self.ex_held = 0
         self.exceptions: Counter = Counter()
 
-    def add(self, series, bucket, error) -> None:
+    def add(self, series, bucket, error, counts=None) -> None:
+        """Spans (``counts``: or rows of that many spans each)."""
         codes = (series * _NB + bucket) * 2 + error
         self.codes.append(codes)
-        self.counts.append(np.ones(len(codes), np.int64))
+        self.counts.append(np.ones(len(codes), np.int64) if counts is None else counts)
         self.held += len(codes)
         if self.held > _COMPACT_AT:
             self._compact()
@@ -603,35 +604,10 @@ class WindowStage:
         ids = [get(loc.key) for loc in batch.locations]
         if None in ids:
             ids = [t.location_id(loc) for loc in batch.locations]
-        lids = np.array(ids, np.int64)
-        t.loc_seen.view[lids] = now
-        gloc = lids[batch.loc]
-        if t.real_locations >= t.max_locations:
-            self.stats["overflow"] += int(t.overflow.view[gloc].sum())
-        vids = np.array([t.version_id(v) for v in batch.versions], np.int64)
-        t.ver_seen.view[vids] = now
-        gver = vids[batch.ver]
-        svc = t.loc_service.view[gloc]
+        gloc, gver, svc = self._ids(ids, batch.loc, batch.versions, batch.ver, now)
         end = batch.end
         win_start = end - end % self.window_ns
-        win_end = win_start + self.window_ns
-        keep = np.ones(n, bool)
-        touched = []
-        for s in np.unique(svc).tolist():
-            clock = self.services.get(s)
-            if clock is None:
-                clock = self.services[s] = _ServiceClock()
-            rows = np.flatnonzero(svc == s)
-            e = end[rows]
-            prior_max = np.maximum.accumulate(np.concatenate(([clock.max_end], e[:-1])))
-            closed = np.maximum(prior_max - self.lateness_ns, clock.closed_through)
-            keep[rows] = win_end[rows] > closed
-            clock.max_end = max(clock.max_end, int(e.max()))
-            clock.last_arrival = now
-            touched.append(s)
-        late = n - int(keep.sum())
-        self.stats["late"] += late
-        self.stats["spans"] += n - late
+        keep, touched = self._admit(svc, end, win_start, now)
 
         rows = np.flatnonzero(keep)
         if len(rows):
@@ -676,6 +652,48 @@ class WindowStage:
 
         if self.graph is not None and self.graph.waiting:
             self._flush_graph(touched)
+        return self._close_behind(touched)
+
+    def _ids(self, ids: list, loc, versions: list, ver, now: float) -> tuple[np.ndarray, ...]:
+        """Per row, its location id, version id and service id (``ids``: the locations'
+        ids, ``loc``/``ver``: each row's index into them and into ``versions``)."""
+        t = self.tables
+        lids = np.array(ids, np.int64)
+        t.loc_seen.view[lids] = now
+        gloc = lids[loc]
+        if t.real_locations >= t.max_locations:
+            self.stats["overflow"] += int(t.overflow.view[gloc].sum())
+        vids = np.array([t.version_id(v) for v in versions], np.int64)
+        t.ver_seen.view[vids] = now
+        return gloc, vids[ver], t.loc_service.view[gloc]
+
+    def _admit(self, svc: np.ndarray, end: np.ndarray, win_start: np.ndarray, now: float,
+               weight: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
+        """Which rows' windows are still open by their service's clock (which they move on),
+        and the services touched; late rows counted (``weight``: spans a row stands for)."""
+        keep = np.ones(len(end), bool)
+        win_end = win_start + self.window_ns
+        touched = []
+        for s in np.unique(svc).tolist():
+            clock = self.services.get(s)
+            if clock is None:
+                clock = self.services[s] = _ServiceClock()
+            rows = np.flatnonzero(svc == s)
+            e = end[rows]
+            prior_max = np.maximum.accumulate(np.concatenate(([clock.max_end], e[:-1])))
+            closed = np.maximum(prior_max - self.lateness_ns, clock.closed_through)
+            keep[rows] = win_end[rows] > closed
+            clock.max_end = max(clock.max_end, int(e.max()))
+            clock.last_arrival = now
+            touched.append(s)
+        total = int(weight.sum()) if weight is not None else len(end)
+        kept = int(weight[keep].sum()) if weight is not None else int(keep.sum())
+        self.stats["late"] += total - kept
+        self.stats["spans"] += kept
+        return keep, touched
+
+    def _close_behind(self, touched: list[int]) -> list[ClosedWindow]:
+        """The windows of the ``touched`` services that their watermark has passed."""
         closed: list[ClosedWindow] = []
         for s in touched:
             clock = self.services[s]
@@ -683,6 +701,48 @@ class WindowStage:
             closed += self._close(s, lambda ws: ws + self.window_ns <= watermark)
             clock.closed_through = max(clock.closed_through, watermark)
         return sorted(closed, key=lambda c: (c.end_ns, c.service))
+
+    def ingest_counts(self, c) -> list[ClosedWindow]:
+        """Pre-aggregated figures (``processor.receiver.metrics.Counts``: rows of location,
+        version, end time, error, log bucket and count, and exception counts) into their
+        windows, as spans would be; the windows that closed."""
+        n = len(c.count)
+        if n == 0 and not c.exceptions:
+            return []
+        t = self.tables
+        now = t.now = c.received_at if c.received_at is not None else self.clock()
+        ids = [t.location_id(loc) for loc in c.locations]
+        gloc, gver, svc = self._ids(ids, c.loc, c.versions, c.ver, now)
+        end = c.end
+        win_start = end - end % self.window_ns
+        keep, touched = self._admit(svc, end, win_start, now, c.count)
+        rows = np.flatnonzero(keep)
+        if len(rows):
+            series = t.series_ids(gloc[rows], gver[rows])
+            rsvc, rws = svc[rows], win_start[rows]
+            for key in sorted(set(zip(rsvc.tolist(), rws.tolist()))):
+                sel = np.flatnonzero((rsvc == key[0]) & (rws == key[1]))
+                acc = self.services[key[0]].windows.get(key[1])
+                if acc is None:
+                    acc = self.services[key[0]].windows[key[1]] = _Accumulator(self.exemplars)
+                acc.add(series[sel], c.bucket[rows[sel]].astype(np.int64), c.error[rows[sel]].astype(np.int64),
+                        c.count[rows[sel]].astype(np.int64))
+        if c.exceptions:  # (location index, version index, end, type, count): into open windows
+            ex = np.array([(i, v, e) for i, v, e, _, _ in c.exceptions], np.int64).reshape(-1, 3)
+            lids = np.array(ids, np.int64)[ex[:, 0]]
+            vids = np.array([t.version_id(c.versions[v]) for v in ex[:, 1].tolist()], np.int64)
+            ex_series = t.series_ids(lids, vids).tolist()
+            for (_, _, _, etype, k), s_id, lid, e in zip(c.exceptions, ex_series, lids.tolist(), ex[:, 2].tolist()):
+                s = int(t.loc_service.view[lid])
+                clock = self.services.get(s)
+                ws = e - e % self.window_ns
+                if clock is None or ws + self.window_ns <= clock.closed_through:
+                    continue  # (its window closed: dropped with it, as its spans' figures were)
+                acc = clock.windows.get(ws)
+                if acc is None:
+                    acc = clock.windows[ws] = _Accumulator(self.exemplars)
+                acc.exceptions[(s_id, etype)] += k
+        return self._close_behind(touched)
 
     def _flush_graph(self, touched: list[int], force: bool | set[int] = False) -> None:
         """Join the call graph's complete traces: before a window of theirs closes, and

@@ -28,6 +28,7 @@ from processor.receiver.intake import Intake, Overloaded, token_matches
 log = logging.getLogger("backflow.grpc")
 
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
+METRICS_SERVICE = "opentelemetry.proto.collector.metrics.v1.MetricsService"  # processor/receiver/metrics.py
 
 
 def _unavailable(context: grpc.ServicerContext, delay_s: float) -> None:
@@ -80,7 +81,10 @@ class GrpcReceiver:
         handler = grpc.method_handlers_generic_handler(SERVICE, {
             "Export": grpc.unary_unary_rpc_method_handler(self._export),  # raw bytes in and out
         })
-        self.server.add_generic_rpc_handlers((handler,))
+        metrics = grpc.method_handlers_generic_handler(METRICS_SERVICE, {
+            "Export": grpc.unary_unary_rpc_method_handler(self._export_metrics),
+        })
+        self.server.add_generic_rpc_handlers((handler, metrics))
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
 
@@ -106,7 +110,7 @@ class GrpcReceiver:
         self.health.enter_graceful_shutdown()
         self.server.stop(grace).wait()
 
-    def _export(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+    def _export(self, request: bytes, context: grpc.ServicerContext, metrics: bool = False) -> bytes:
         if self._token is not None and not token_matches(
                 # gRPC metadata keys arrive lower-cased
                 (v for k, v in context.invocation_metadata() if k == "authorization"), self._token):
@@ -115,8 +119,11 @@ class GrpcReceiver:
             self.intake.refuse_request("unauthenticated")
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
         try:
-            return self.intake.export(request).SerializeToString()
+            return (self.intake.export_metrics(request) if metrics else self.intake.export(request)).SerializeToString()
         except MalformedRequest as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except Overloaded as e:
             _unavailable(context, e.delay_s)
+
+    def _export_metrics(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        return self._export(request, context, metrics=True)

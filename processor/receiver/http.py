@@ -1,4 +1,4 @@
-"""OTLP/HTTP receiver: ``POST /v1/traces``, binary protobuf or JSON.
+"""OTLP/HTTP receiver: ``POST /v1/traces`` (and ``POST /v1/metrics``), binary protobuf or JSON.
 
 The body, once inflated, goes to the same ``Intake`` as OTLP/gRPC requests: a protobuf body
 as it is, a JSON body after conversion to protobuf bytes (processor/receiver/otlpjson.py). So both
@@ -45,6 +45,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 from google.protobuf import json_format
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
@@ -65,6 +66,7 @@ from processor.receiver.intake import (
 log = logging.getLogger("backflow.http")
 
 PATH = "/v1/traces"
+METRICS_PATH = "/v1/metrics"  # OTLP metrics (processor/receiver/metrics.py)
 PROTOBUF, JSON = "application/x-protobuf", "application/json"
 IDLE_TIMEOUT_S = 30.0  # a connection without a request (or its headers) this long is closed
 REQUEST_TIMEOUT_S = 30.0  # a request whose body has not arrived this long after its headers: 408
@@ -217,7 +219,7 @@ class _Request:
                 # On the pool, never on the loop: handing a batch over may block (a full pipe
                 # to the main process with --workers), and the loop must keep answering.
                 response = await asyncio.get_running_loop().run_in_executor(
-                    receiver.executor, receiver.export, body, encoding, as_json)
+                    receiver.executor, receiver.export, body, encoding, as_json, self.scope["path"] == METRICS_PATH)
             await self._answer(200, response, as_json)
         except _Refusal as r:
             await self._refuse(r, as_json)
@@ -228,10 +230,10 @@ class _Request:
             await self._answer(500, _status_body(code_pb2.INTERNAL, "internal error", ()), as_json, close=True)
 
     def _check_target(self) -> None:
-        if self.scope["path"] != PATH:
-            raise _Refusal(404, f"not found: OTLP/HTTP traces go to POST {PATH}")
+        if self.scope["path"] not in (PATH, METRICS_PATH):
+            raise _Refusal(404, f"not found: OTLP/HTTP traces go to POST {PATH}, metrics to POST {METRICS_PATH}")
         if self.scope["method"] != "POST":
-            raise _Refusal(405, f"{self.scope['method']} not allowed: OTLP/HTTP traces go to POST {PATH}",
+            raise _Refusal(405, f"{self.scope['method']} not allowed: OTLP/HTTP goes to POST {self.scope['path']}",
                            headers={"Allow": "POST"})
 
     async def _read_body(self, limit: int) -> bytes:
@@ -496,12 +498,21 @@ class HttpReceiver:
                 self._in_flight -= 1
                 self._lock.notify_all()
 
-    def export(self, body: bytes, encoding: str, as_json: bool):
-        """Inflate, convert (JSON) and take one request's body (on the decoding pool)."""
+    def export(self, body: bytes, encoding: str, as_json: bool, metrics: bool = False):
+        """Inflate, convert (JSON) and take one request's body (on the decoding pool);
+        ``metrics``: an ExportMetricsServiceRequest's (``POST /v1/metrics``)."""
         intake = self.intake
         try:
             try:
                 data = inflate(body, encoding, self.max_request_bytes)
+                if metrics:
+                    if as_json:  # (no ids to convert in what Backflow reads: protobuf's JSON mapping)
+                        try:
+                            data = json_format.Parse(data.decode("utf-8"), ExportMetricsServiceRequest(),
+                                                     ignore_unknown_fields=True).SerializeToString()
+                        except (ValueError, json_format.ParseError) as e:
+                            raise MalformedRequest(f"not OTLP/JSON metrics: {e}") from None
+                    return intake.export_metrics(data)
                 if as_json:
                     # Converting JSON costs far more than decoding protobuf: not while full.
                     obj = otlpjson.parse(data)

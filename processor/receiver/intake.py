@@ -13,11 +13,13 @@ import hmac
 import time
 from typing import Callable, Iterable
 
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
 from processor.receiver.decode import (
     REASON_LABELS, Batch, MalformedRequest, count_spans, decode_request, end_limit,
 )
+from processor.receiver.metrics import decode_metrics
 
 OVERLOAD_RETRY_S = 1.0  # retry delay sent to senders while the pipeline is full
 
@@ -106,6 +108,30 @@ class Intake:
         if batch.rejected:
             response.partial_success.rejected_spans = batch.rejected
             response.partial_success.error_message = batch.error_message()
+        return response
+
+    def export_metrics(self, request: bytes) -> ExportMetricsServiceResponse:
+        """Take a serialized ExportMetricsServiceRequest (processor/receiver/metrics.py);
+        the response tells the data points refused. Raises ``Overloaded`` or
+        ``MalformedRequest`` (counted) as ``export`` does."""
+        if not self.has_room():
+            raise Overloaded(delay_s=OVERLOAD_RETRY_S)
+        received_at = time.monotonic()
+        try:
+            batch = decode_metrics(request)
+        except MalformedRequest:
+            self.refuse_request("malformed")
+            raise
+        batch.received_at = received_at
+        if len(batch):
+            self.on_batch(batch)
+            self.metrics.accepted_points.labels(transport=self.transport).inc(len(batch))
+        for why, n in batch.reasons.items():
+            self.metrics.refused_points.labels(transport=self.transport, reason=why).inc(n)
+        response = ExportMetricsServiceResponse()
+        if batch.rejected:
+            response.partial_success.rejected_data_points = batch.rejected
+            response.partial_success.error_message = "; ".join(f"{n} {why}" for why, n in batch.reasons.items())
         return response
 
     def _refused(self, reason: str, spans: int) -> None:

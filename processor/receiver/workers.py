@@ -38,7 +38,7 @@ from processor.receiver.intake import OVERLOAD_RETRY_S, Overloaded
 
 log = logging.getLogger("backflow.workers")
 
-_BATCH, _COUNTS = b"B", b"M"
+_BATCH, _COUNTS, _POINTS = b"B", b"M", b"P"
 _FLUSH_COUNTS_S = 0.25
 _GRACE_S = 5.0  # a stopping receiver lets requests in flight finish for this long
 
@@ -63,7 +63,7 @@ class _Relay:
 
     def __init__(self):
         self.counts: Counter = Counter()
-        for name in ("accepted", "refused", "refused_requests"):
+        for name in ("accepted", "refused", "refused_requests", "accepted_points", "refused_points"):
             setattr(self, name, _Relay._Family(self, name))
 
     def take(self) -> dict:
@@ -85,10 +85,13 @@ def _worker_main(cfg: Config, index: int, conn, overloaded, listening) -> None:
         with send_lock:
             conn.send_bytes(kind + payload)
 
-    def on_batch(batch: Batch) -> None:
+    def on_batch(batch) -> None:
         if overloaded.value:
             raise Overloaded(delay_s=OVERLOAD_RETRY_S)
-        send(_BATCH, batch.to_wire())
+        if isinstance(batch, Batch):
+            send(_BATCH, batch.to_wire())
+        else:  # OTLP metrics' points (processor/receiver/metrics.py): this process's own pickle
+            send(_POINTS, pickle.dumps(batch, protocol=5))
 
     receivers = build_receivers(cfg, on_batch, relay, has_room=lambda: not overloaded.value, reuse_port=True)
     for receiver in receivers:
@@ -190,6 +193,9 @@ class ReceiverPool:
             kind, payload = data[:1], data[1:]
             if kind == _BATCH:
                 self.on_batch(Batch.from_wire(payload))  # blocks while the pipeline is full
+                self.update_backpressure()
+            elif kind == _POINTS:  # (from a receiver process this one started)
+                self.on_batch(pickle.loads(payload))
                 self.update_backpressure()
             elif kind == _COUNTS:
                 for (name, labels), n in pickle.loads(payload).items():

@@ -142,6 +142,12 @@ class Metrics:
         self.refused_requests = Counter("backflow_receiver_refused_requests",
                                         "Whole requests refused (not OTLP, too large, no valid bearer token)",
                                         ["transport", "reason"], registry=r)
+        self.accepted_points = Counter("backflow_receiver_accepted_points",
+                                       "OTLP metrics data points taken (the spanmetrics duration histogram and "
+                                       "exception events, processor/receiver/metrics.py)", ["transport"], registry=r)
+        self.refused_points = Counter("backflow_receiver_refused_points",
+                                      "OTLP metrics data points refused, by reason", ["transport", "reason"],
+                                      registry=r)
         self.late = Counter("backflow_late_spans", "Spans dropped because their window had closed",
                             registry=r)
         self.overflow_spans = Counter("backflow_overflow_spans",
