@@ -572,3 +572,32 @@ def test_delivery_templates_read_the_verdict_gauge_and_no_series_is_inconclusive
                        ("background", "fail"): "failure", ("step", "pass"): "success",
                        ("step", "inconclusive"): "inconclusive", ("step", "fail"): "failure"}
     assert step["inconclusiveLimit"] == step["count"] - 1 and step["failureLimit"] == background["failureLimit"] == 0
+
+
+# --- the collector fleet aggregates: spanmetrics into Backflow's OTLP metrics receiver -------
+
+SPANMETRICS = DEPLOY / "collector" / "spanmetrics.yaml"
+
+
+def test_the_spanmetrics_collector_sends_what_the_metrics_receiver_reads():
+    """deploy/collector/spanmetrics.yaml: exactly the dimensions that name a location and its
+    version, exponential histograms, delta temporality, exception events, flushed within a
+    window, to Backflow's gRPC port; its metric names are the ones processor/receiver/metrics.py reads."""
+    from processor.receiver.metrics import ERROR_STATUS, UNITS_NS, _metric_kind
+
+    (cfg,) = load_yaml(SPANMETRICS)
+    sm = cfg["connectors"]["spanmetrics"]
+    assert [d["name"] for d in sm["dimensions"]] == ["code.function.name", "code.file.path", "code.line.number",
+                                                     "service.version", "vcs.ref.head.revision"]
+    assert "exponential" in sm["histogram"] and "explicit" not in sm["histogram"] and sm["histogram"]["unit"] in UNITS_NS
+    assert sm["aggregation_temporality"] == "AGGREGATION_TEMPORALITY_DELTA"
+    assert sm["events"]["enabled"] and [d["name"] for d in sm["events"]["dimensions"]] == ["exception.type"]
+    assert int(sm["metrics_flush_interval"].rstrip("s")) < Config.defaults().window
+    assert _metric_kind(f"{sm['namespace']}.duration") == "duration" and _metric_kind(f"{sm['namespace']}.events")
+    assert "STATUS_CODE_ERROR" in ERROR_STATUS  # (spanmetrics' status.code values)
+    pipes = cfg["service"]["pipelines"]
+    assert pipes["traces"]["exporters"] == ["spanmetrics"] and pipes["metrics"]["receivers"] == ["spanmetrics"]
+    (exporter,) = pipes["metrics"]["exporters"]
+    assert exporter.startswith("otlp") and cfg["exporters"][exporter]["endpoint"].endswith(f":{PORTS['otlp-grpc']}")
+    named = {c for p in pipes.values() for k in ("receivers", "processors", "exporters") for c in p.get(k, [])}
+    assert named <= set(cfg["receivers"]) | set(cfg["processors"]) | set(cfg["exporters"]) | set(cfg["connectors"])
