@@ -249,3 +249,23 @@ def test_otlp_json_metrics_over_http_are_taken_and_a_bad_body_is_named(backflow,
     assert bf.metrics()['backflow_receiver_accepted_points_total{transport="http"}'] == 1
     status, body = post(b'{"resourceMetrics": "no"}')
     assert status == 400 and b"not OTLP/JSON metrics" in body
+
+
+def test_hostile_histograms_are_refused_by_point_and_the_rest_taken():
+    good = exp_point([10.0] * 3, T0)
+    wild_scale = exp_point([10.0], T0)
+    wild_scale.scale = 40
+    huge = exp_point([10.0], T0)
+    huge.positive.bucket_counts[0] = 2 ** 64 - 1
+    far = exp_point([10.0], T0)
+    far.positive.offset = 2 ** 31 - 10  # values far beyond a century: clipped, not overflowing
+    batch = decode_metrics(request([good, wild_scale, huge, far]))
+    assert batch.reasons == {"exponential scale out of range": 1, "histogram count out of range": 1}
+    c = to_counts(batch, Deltas())
+    assert c.count.sum() == 4 and np.isfinite(c.bucket).all()
+    req = ExportMetricsServiceRequest()
+    rm = req.resource_metrics.add()
+    h = rm.scope_metrics.add().metrics.add(name="duration", unit="ms").histogram
+    h.data_points.add(time_unix_nano=T0, explicit_bounds=[5, 1], bucket_counts=[1, 1, 1])
+    h.data_points.add(time_unix_nano=T0, explicit_bounds=[1, 5], bucket_counts=[1, 1])
+    assert decode_metrics(req.SerializeToString()).rejected == 2

@@ -65,7 +65,8 @@ class ExpBuckets:
     def values(self) -> np.ndarray:
         """Each bucket's middle (geometric), the zero bucket's first."""
         i = np.arange(self.offset, self.offset + len(self.counts), dtype=np.float64)
-        return np.concatenate(([0.0], np.exp2((i + 0.5) * 2.0 ** -self.scale)))
+        # (exponents past a float's range are capped: such values are clipped where used)
+        return np.concatenate(([0.0], np.exp2(np.minimum((i + 0.5) * 2.0 ** -self.scale, 1000.0))))
 
     def weights(self) -> np.ndarray:
         return np.concatenate(([self.zero], self.counts)).astype(np.int64)
@@ -215,12 +216,10 @@ def from_request(req: ExportMetricsServiceRequest) -> MetricsBatch:
                         p = _point(rattrs, rkey, m.name, dp, h.aggregation_temporality == CUMULATIVE, out)
                         if p is None:
                             continue
-                        if which == "histogram":
-                            p.buckets = ExplicitBuckets(np.asarray(dp.explicit_bounds, np.float64),
-                                                        np.asarray(dp.bucket_counts, np.int64))
-                        else:
-                            p.buckets = ExpBuckets(dp.scale, dp.positive.offset,
-                                                   np.asarray(dp.positive.bucket_counts, np.int64), dp.zero_count)
+                        why = _buckets(p, dp, which == "histogram")
+                        if why:
+                            out.reasons[why] += 1
+                            continue
                         p.unit_ns = unit
                         out.points.append(p)
                 elif kind == "events" and which == "sum":
@@ -234,6 +233,26 @@ def from_request(req: ExportMetricsServiceRequest) -> MetricsBatch:
                             p.count = int(dp.as_int if dp.WhichOneof("value") == "as_int" else dp.as_double)
                             out.points.append(p)
     return out
+
+
+MAX_COUNT = 1 << 53  # counts beyond it are not counts of spans (and would overflow sums)
+
+
+def _buckets(p: Point, dp, explicit: bool) -> str:
+    """The data point's buckets into ``p``; what is wrong with them, if anything."""
+    counts = dp.bucket_counts if explicit else dp.positive.bucket_counts
+    if any(c > MAX_COUNT for c in counts) or dp.count > MAX_COUNT or (not explicit and dp.zero_count > MAX_COUNT):
+        return "histogram count out of range"
+    if explicit:
+        bounds = np.asarray(dp.explicit_bounds, np.float64)
+        if not np.isfinite(bounds).all() or (np.diff(bounds) <= 0).any() or len(counts) not in (0, len(bounds) + 1):
+            return "explicit bounds not finite and increasing, or not one bucket more than bounds"
+        p.buckets = ExplicitBuckets(bounds, np.asarray(counts, np.int64))
+    else:
+        if not -10 <= dp.scale <= 20:  # (the OTLP data model's range)
+            return "exponential scale out of range"
+        p.buckets = ExpBuckets(dp.scale, dp.positive.offset, np.asarray(counts, np.int64), int(dp.zero_count))
+    return ""
 
 
 def _point(rattrs: dict, rkey: tuple, name: str, dp, cumulative: bool, out: MetricsBatch) -> Point | None:
@@ -316,7 +335,8 @@ def to_counts(batch: MetricsBatch, deltas: Deltas) -> Counts:
         keep = w > 0
         if not keep.any():
             continue
-        idx = bucket_index(p.buckets.values()[keep] * p.unit_ns).astype(np.int64)
+        # (values beyond a century are clipped: the sketch's buckets end there)
+        idx = bucket_index(np.clip(p.buckets.values()[keep] * p.unit_ns, 0, 3e18)).astype(np.int64)
         uniq, inv = np.unique(idx, return_inverse=True)
         counts = np.bincount(inv, weights=w[keep]).astype(np.int64)
         k = len(uniq)
