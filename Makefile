@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 
-.PHONY: run demo tail top test test-fast test-sanitize sanitize-build fuzz fuzz-build test-tools compiler bench-ingest bench-detection bench-call-graph bench-trend bench-rollouts bench-decode bench-memory bench-sink bench-churn bench-soak install redis-server promtool node-deps clean
+.PHONY: run demo tail top test test-fast test-sanitize sanitize-build fuzz fuzz-build test-tools compiler bench-ingest bench-detection bench-call-graph bench-trend bench-rollouts bench-metrics-in bench-decode bench-memory bench-sink bench-churn bench-soak install redis-server promtool node-deps clean
 
 $(VENV)/.installed: pyproject.toml setup.py processor/receiver/_fastdecode.c | compiler
 	$(PYTHON) -m venv $(VENV)
@@ -171,6 +171,9 @@ bench-trend: install redis-server
 
 bench-rollouts: install
 	$(PY) -m benchmarks.rollouts $(ARGS)
+
+bench-metrics-in: install redis-server
+	$(PY) -m benchmarks.metrics_in $(ARGS)
 
 bench-real-traces: install redis-server
 	$(PY) -m benchmarks.real_traces $(ARGS)

@@ -45,7 +45,7 @@ import numpy as np
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
 from processor.pipeline.location import Location, file_of, function_of, line_of, resource_of
-from processor.pipeline.sketch import bucket_index
+from processor.pipeline.sketch import MAX_BUCKET, bucket_index
 from processor.receiver.decode import MalformedRequest
 
 CUMULATIVE = 2  # opentelemetry.proto.metrics.v1.AggregationTemporality
@@ -240,18 +240,19 @@ MAX_COUNT = 1 << 53  # counts beyond it are not counts of spans (and would overf
 
 def _buckets(p: Point, dp, explicit: bool) -> str:
     """The data point's buckets into ``p``; what is wrong with them, if anything."""
-    counts = dp.bucket_counts if explicit else dp.positive.bucket_counts
-    if any(c > MAX_COUNT for c in counts) or dp.count > MAX_COUNT or (not explicit and dp.zero_count > MAX_COUNT):
+    raw = np.asarray(dp.bucket_counts if explicit else dp.positive.bucket_counts, np.uint64)
+    if (raw > MAX_COUNT).any() or dp.count > MAX_COUNT or (not explicit and dp.zero_count > MAX_COUNT):
         return "histogram count out of range"
+    counts = raw.astype(np.int64)
     if explicit:
         bounds = np.asarray(dp.explicit_bounds, np.float64)
         if not np.isfinite(bounds).all() or (np.diff(bounds) <= 0).any() or len(counts) not in (0, len(bounds) + 1):
             return "explicit bounds not finite and increasing, or not one bucket more than bounds"
-        p.buckets = ExplicitBuckets(bounds, np.asarray(counts, np.int64))
+        p.buckets = ExplicitBuckets(bounds, counts)
     else:
         if not -10 <= dp.scale <= 20:  # (the OTLP data model's range)
             return "exponential scale out of range"
-        p.buckets = ExpBuckets(dp.scale, dp.positive.offset, np.asarray(counts, np.int64), int(dp.zero_count))
+        p.buckets = ExpBuckets(dp.scale, dp.positive.offset, counts, int(dp.zero_count))
     return ""
 
 
@@ -308,12 +309,14 @@ class Deltas:
 
 
 def to_counts(batch: MetricsBatch, deltas: Deltas) -> Counts:
-    """The batch's points, made deltas, as rows of the window stage."""
+    """The batch's points, made deltas, as rows of the window stage (one numpy pass over
+    every bucket of the batch)."""
     locations: list[Location] = []
     loc_index: dict[Location, int] = {}
     versions: list[tuple] = []
     ver_index: dict[tuple, int] = {}
-    cols: dict[str, list] = {k: [] for k in ("loc", "ver", "end", "error", "bucket", "count")}
+    meta: list[tuple[int, int, int, bool]] = []  # per histogram point: location, version, end, error
+    values, weights = [], []
     exceptions = []
     for raw in batch.points:
         p = deltas.delta(raw)
@@ -331,22 +334,23 @@ def to_counts(batch: MetricsBatch, deltas: Deltas) -> Counts:
             if p.count > 0:
                 exceptions.append((li, vi, p.end_ns, p.exception, p.count))
             continue
-        w = p.buckets.weights()
-        keep = w > 0
-        if not keep.any():
-            continue
-        # (values beyond a century are clipped: the sketch's buckets end there)
-        idx = bucket_index(np.clip(p.buckets.values()[keep] * p.unit_ns, 0, 3e18)).astype(np.int64)
-        uniq, inv = np.unique(idx, return_inverse=True)
-        counts = np.bincount(inv, weights=w[keep]).astype(np.int64)
-        k = len(uniq)
-        cols["loc"].append(np.full(k, li, np.int32))
-        cols["ver"].append(np.full(k, vi, np.int32))
-        cols["end"].append(np.full(k, p.end_ns, np.int64))
-        cols["error"].append(np.full(k, p.error, bool))
-        cols["bucket"].append(uniq.astype(np.int32))
-        cols["count"].append(counts)
-    arr = {k: (np.concatenate(v) if v else np.zeros(0, dt)) for (k, v), dt in zip(
-        cols.items(), (np.int32, np.int32, np.int64, bool, np.int32, np.int64))}
-    return Counts(locations, versions, arr["loc"], arr["ver"], arr["end"], arr["error"], arr["bucket"], arr["count"],
-                  exceptions, batch.received_at)
+        meta.append((li, vi, p.end_ns, p.error))
+        values.append(p.buckets.values() * p.unit_ns)
+        weights.append(p.buckets.weights())
+    if not meta:
+        z = np.zeros(0, np.int64)
+        return Counts(locations, versions, z.astype(np.int32), z.astype(np.int32), z, z.astype(bool),
+                      z.astype(np.int32), z, exceptions, batch.received_at)
+    w = np.concatenate(weights)
+    point = np.repeat(np.arange(len(meta)), [len(x) for x in weights])
+    keep = w > 0
+    # (values beyond a century are clipped: the sketch's buckets end there)
+    idx = bucket_index(np.clip(np.concatenate(values)[keep], 0, 3e18)).astype(np.int64)
+    uniq, inv = np.unique(point[keep] * _NB + idx, return_inverse=True)
+    counts = np.bincount(inv, weights=w[keep]).astype(np.int64)
+    m = np.array([(li, vi, end, err) for li, vi, end, err in meta], np.int64)[uniq // _NB]
+    return Counts(locations, versions, m[:, 0].astype(np.int32), m[:, 1].astype(np.int32), m[:, 2],
+                  m[:, 3].astype(bool), (uniq % _NB).astype(np.int32), counts, exceptions, batch.received_at)
+
+
+_NB = MAX_BUCKET + 1
