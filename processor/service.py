@@ -9,6 +9,7 @@ same output; the Redis sink writes on a thread of its own. ``backflow serve``
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -109,13 +110,14 @@ class Pipeline:
                     n += len(more)
             if batches:
                 late, spans, overflow = stats["late"], stats["spans"], stats["overflow"]
-                # (metrics in, processor/receiver/metrics.py: each its own step, in order)
-                spans_in = [b for b in batches if isinstance(b, Batch)]
-                for b in batches:
-                    if not isinstance(b, Batch):
-                        self._emit(engine.ingest_metrics(b))
-                if spans_in:
-                    self._emit(engine.ingest(Batch.concat(spans_in)))
+                # (in arrival order: runs of span batches as one, metrics batches each on
+                # their own, processor/receiver/metrics.py)
+                for kind, run in itertools.groupby(batches, key=lambda b: isinstance(b, Batch)):
+                    if kind:
+                        self._emit(engine.ingest(Batch.concat(list(run))))
+                    else:
+                        for b in run:
+                            self._ingest_metrics(b)
                 # Locations first: a scrape that sees these spans processed sees their locations.
                 self.metrics.active_keys.set(engine.windows.tables.held_locations)
                 self.metrics.late.inc(stats["late"] - late)
@@ -148,6 +150,16 @@ class Pipeline:
                 self.metrics.redis_spool_bytes.set(self.sink.spool.size)
             self.metrics.redis_up.set(1 if self.sink.reachable else 0)
             self.on_tick()
+
+    def _ingest_metrics(self, batch) -> None:
+        """One metrics batch; one that fails is logged and dropped, not the pipeline with it."""
+        try:
+            results = self.engine.ingest_metrics(batch)
+        except Exception:  # noqa: BLE001 (the receivers check what they can; this is the rest)
+            log.exception("a batch of %d OTLP metrics data points could not be taken; dropped", len(batch))
+            self.metrics.refused_points.labels(transport="pipeline", reason="internal_error").inc(len(batch))
+            return
+        self._emit(results)
 
     def _forget(self, now: float) -> None:
         """Forget what has been idle too long (``Engine.forget_idle``), its series on

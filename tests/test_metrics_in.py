@@ -269,3 +269,42 @@ def test_hostile_histograms_are_refused_by_point_and_the_rest_taken():
     h.data_points.add(time_unix_nano=T0, explicit_bounds=[5, 1], bucket_counts=[1, 1, 1])
     h.data_points.add(time_unix_nano=T0, explicit_bounds=[1, 5], bucket_counts=[1, 1])
     assert decode_metrics(req.SerializeToString()).rejected == 2
+
+
+def test_what_could_stop_the_pipeline_is_refused_or_read_as_a_reset():
+    """A time past the clock skew (or past 2^62 ns) is refused as a span's end is; a window of
+    exception counts only closes; a cumulative series whose buckets jump far apart, or whose
+    kind of histogram changes, is a reset, not a huge allocation or a crash."""
+    from processor.receiver.decode import end_limit
+
+    future = exp_point([10.0], T0)
+    future.time_unix_nano = 2 ** 64 - 1
+    batch = decode_metrics(request([future, exp_point([10.0], T0)]), end_limit(3600 * SEC))
+    assert batch.reasons == {"clock_skew": 1} and len(batch) == 1
+    # exception counts alone in a window, then the window closes
+    req = ExportMetricsServiceRequest()
+    rm = req.resource_metrics.add()
+    rm.resource.attributes.extend(kv(service_name="shop"))
+    ev = rm.scope_metrics.add().metrics.add(name="traces.span.metrics.events")
+    ev.sum.aggregation_temporality = 1
+    ev.sum.data_points.add(time_unix_nano=T0 + 5 * SEC, as_int=2).attributes.extend(
+        kv(code_function_name=FN, exception_type="KeyError"))
+    ev.sum.data_points.add(time_unix_nano=T0 + 6 * SEC, as_double=float("nan")).attributes.extend(
+        kv(code_function_name=FN, exception_type="KeyError"))
+    eng = Engine(Config.defaults(window=10.0), known_keys=set())
+    eng.ingest_metrics(decode_metrics(request([exp_point([10.0], T0 + 2 * SEC)])))
+    events = decode_metrics(req.SerializeToString())
+    assert events.reasons == {"events count not a finite count": 1}
+    eng.ingest_metrics(events)
+    eng.ingest_metrics(decode_metrics(request([exp_point([10.0], T0 + 45 * SEC)])))
+    assert [r.window.end_ns for r in eng.flush_all()] == [T0 + 50 * SEC]
+    # far-apart offsets, and another kind of histogram under the same name: resets
+    d = Deltas()
+    a = exp_point([10.0] * 2, T0 + 10 * SEC, T0)
+    b = exp_point([10.0] * 3, T0 + 20 * SEC, T0)
+    b.positive.offset = 2 ** 31 - 100
+    for p in (a, b):
+        to_counts(decode_metrics(request([p], cumulative=True)), d)
+    assert d.resets == 1
+    wide = ExpBuckets(4, -2 ** 31, np.array([1])).minus(ExpBuckets(4, 2 ** 31 - 10, np.array([1])))
+    assert wide is None

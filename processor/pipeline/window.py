@@ -443,6 +443,8 @@ class _Accumulator:
             self._compact_exemplars()
 
     def _compact(self) -> tuple[np.ndarray, np.ndarray]:
+        if not self.codes:  # (a window of exception counts only, from OTLP metrics)
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
         codes = np.concatenate(self.codes)
         uniq, inv = np.unique(codes, return_inverse=True)
         counts = np.bincount(inv, weights=np.concatenate(self.counts), minlength=len(uniq))
@@ -654,15 +656,17 @@ class WindowStage:
             self._flush_graph(touched)
         return self._close_behind(touched)
 
-    def _ids(self, ids: list, loc, versions: list, ver, now: float) -> tuple[np.ndarray, ...]:
+    def _ids(self, ids: list, loc, versions: list, ver, now: float, weight=None) -> tuple[np.ndarray, ...]:
         """Per row, its location id, version id and service id (``ids``: the locations'
-        ids, ``loc``/``ver``: each row's index into them and into ``versions``)."""
+        ids, ``loc``/``ver``: each row's index into them and into ``versions``; ``weight``:
+        the spans a row stands for)."""
         t = self.tables
         lids = np.array(ids, np.int64)
         t.loc_seen.view[lids] = now
         gloc = lids[loc]
         if t.real_locations >= t.max_locations:
-            self.stats["overflow"] += int(t.overflow.view[gloc].sum())
+            over = t.overflow.view[gloc]
+            self.stats["overflow"] += int(over.sum() if weight is None else weight[over.astype(bool)].sum())
         vids = np.array([t.version_id(v) for v in versions], np.int64)
         t.ver_seen.view[vids] = now
         return gloc, vids[ver], t.loc_service.view[gloc]
@@ -712,7 +716,7 @@ class WindowStage:
         t = self.tables
         now = t.now = c.received_at if c.received_at is not None else self.clock()
         ids = [t.location_id(loc) for loc in c.locations]
-        gloc, gver, svc = self._ids(ids, c.loc, c.versions, c.ver, now)
+        gloc, gver, svc = self._ids(ids, c.loc, c.versions, c.ver, now, c.count)
         end = c.end
         win_start = end - end % self.window_ns
         keep, touched = self._admit(svc, end, win_start, now, c.count)
@@ -736,12 +740,14 @@ class WindowStage:
                 s = int(t.loc_service.view[lid])
                 clock = self.services.get(s)
                 ws = e - e % self.window_ns
-                if clock is None or ws + self.window_ns <= clock.closed_through:
-                    continue  # (its window closed: dropped with it, as its spans' figures were)
+                if clock is None or ws + self.window_ns <= max(clock.closed_through, clock.max_end - self.lateness_ns):
+                    continue  # (its window closed, or closes now: dropped, as its spans' figures would be)
                 acc = clock.windows.get(ws)
                 if acc is None:
                     acc = clock.windows[ws] = _Accumulator(self.exemplars)
                 acc.exceptions[(s_id, etype)] += k
+        if self.graph is not None and self.graph.waiting:  # (spans' traces in the windows that close)
+            self._flush_graph(touched)
         return self._close_behind(touched)
 
     def _flush_graph(self, touched: list[int], force: bool | set[int] = False) -> None:

@@ -505,15 +505,14 @@ class HttpReceiver:
         try:
             try:
                 data = inflate(body, encoding, self.max_request_bytes)
-                if metrics:
-                    if as_json:  # (no ids to convert in what Backflow reads: protobuf's JSON mapping)
-                        try:
-                            data = json_format.Parse(data.decode("utf-8"), ExportMetricsServiceRequest(),
-                                                     ignore_unknown_fields=True).SerializeToString()
-                        except (ValueError, json_format.ParseError) as e:
-                            raise MalformedRequest(f"not OTLP/JSON metrics: {e}") from None
-                    return intake.export_metrics(data)
-                if as_json:
+                if metrics and as_json:  # (no ids to convert in what Backflow reads: protobuf's JSON mapping)
+                    intake.check_room(lambda: 0)
+                    try:
+                        data = json_format.Parse(data.decode("utf-8"), ExportMetricsServiceRequest(),
+                                                 ignore_unknown_fields=True).SerializeToString()
+                    except (ValueError, RecursionError, json_format.ParseError) as e:
+                        raise MalformedRequest(f"not OTLP/JSON metrics: {e}") from None
+                elif as_json:
                     # Converting JSON costs far more than decoding protobuf: not while full.
                     obj = otlpjson.parse(data)
                     intake.check_room(lambda: otlpjson.count_spans(obj))
@@ -521,7 +520,7 @@ class HttpReceiver:
             except MalformedRequest:
                 intake.refuse_request("malformed")  # (export counts those it finds itself)
                 raise
-            return intake.export(data)
+            return intake.export_metrics(data) if metrics else intake.export(data)
         except MalformedRequest as e:
             raise _bad_request(str(e)) from None
         except Overloaded as e:

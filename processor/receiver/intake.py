@@ -118,7 +118,7 @@ class Intake:
             raise Overloaded(delay_s=OVERLOAD_RETRY_S)
         received_at = time.monotonic()
         try:
-            batch = decode_metrics(request)
+            batch = decode_metrics(request, end_limit(self.max_clock_skew_ns), self.max_attribute_length)
         except MalformedRequest:
             self.refuse_request("malformed")
             raise

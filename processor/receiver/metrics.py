@@ -41,12 +41,14 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
+import math
+
 import numpy as np
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 
 from processor.pipeline.location import Location, file_of, function_of, line_of, resource_of
 from processor.pipeline.sketch import MAX_BUCKET, bucket_index
-from processor.receiver.decode import MalformedRequest
+from processor.receiver.decode import MAX_END_NS, MalformedRequest
 
 CUMULATIVE = 2  # opentelemetry.proto.metrics.v1.AggregationTemporality
 UNITS_NS = {"ms": 1e6, "s": 1e9, "us": 1e3, "ns": 1.0}
@@ -81,13 +83,19 @@ class ExpBuckets:
         merged = np.bincount(idx - lo, weights=self.counts, minlength=int(idx[-1] - lo + 1) if len(idx) else 0)
         return ExpBuckets(scale, lo, merged.astype(np.int64), self.zero)
 
-    def minus(self, prev: "ExpBuckets") -> "ExpBuckets | None":
+    def minus(self, prev) -> "ExpBuckets | None":
         """These counts less ``prev``'s (at the coarser scale of the two); None if any went
         down (a reset)."""
+        if not isinstance(prev, ExpBuckets):
+            return None
         scale = min(self.scale, prev.scale)
         a, b = self.at_scale(scale), prev.at_scale(scale)
-        lo = min(a.offset, b.offset) if len(b.counts) else a.offset
+        if not len(b.counts):
+            b = ExpBuckets(scale, a.offset, np.zeros(0, np.int64), b.zero)
+        lo = min(a.offset, b.offset)
         hi = max(a.offset + len(a.counts), b.offset + len(b.counts))
+        if hi - lo > len(a.counts) + len(b.counts) + 1024:  # (buckets far apart: not one series' growth)
+            return None
         out = np.zeros(hi - lo, np.int64)
         out[a.offset - lo:a.offset - lo + len(a.counts)] += a.counts
         out[b.offset - lo:b.offset - lo + len(b.counts)] -= b.counts
@@ -115,8 +123,9 @@ class ExplicitBuckets:
     def weights(self) -> np.ndarray:
         return self.counts.astype(np.int64)
 
-    def minus(self, prev: "ExplicitBuckets") -> "ExplicitBuckets | None":
-        if not np.array_equal(self.bounds, prev.bounds) or len(self.counts) != len(prev.counts):
+    def minus(self, prev) -> "ExplicitBuckets | None":
+        if (not isinstance(prev, ExplicitBuckets) or not np.array_equal(self.bounds, prev.bounds)
+                or len(self.counts) != len(prev.counts)):
             return None
         out = self.counts - prev.counts
         return None if (out < 0).any() else ExplicitBuckets(self.bounds, out)
@@ -145,6 +154,8 @@ class MetricsBatch:
     points: list[Point] = field(default_factory=list)
     reasons: Counter = field(default_factory=Counter)
     received_at: float | None = None
+    max_end_ns: int = 0      # (the limits it was decoded with)
+    max_length: int = 0
 
     def __len__(self) -> int:
         return len(self.points)
@@ -184,19 +195,22 @@ def _metric_kind(name: str) -> str:
     return base if base in ("duration", "events") else ""
 
 
-def decode_metrics(data: bytes) -> MetricsBatch:
+def decode_metrics(data: bytes, max_end_ns: int = MAX_END_NS, max_attribute_length: int = 0) -> MetricsBatch:
     """The points of a serialized ExportMetricsServiceRequest that Backflow reads;
-    MalformedRequest when it does not parse."""
+    MalformedRequest when it does not parse. Points whose time is past ``max_end_ns`` (the
+    clock skew allowed, as for spans) or that keep a value longer than
+    ``max_attribute_length`` characters (0: no limit) are refused."""
     req = ExportMetricsServiceRequest()
     try:
         req.ParseFromString(data)
     except Exception as e:  # noqa: BLE001 (protobuf's DecodeError and friends)
         raise MalformedRequest(f"not an OTLP ExportMetricsServiceRequest: {e}") from None
-    return from_request(req)
+    return from_request(req, min(max_end_ns, MAX_END_NS), max_attribute_length)
 
 
-def from_request(req: ExportMetricsServiceRequest) -> MetricsBatch:
-    out = MetricsBatch()
+def from_request(req: ExportMetricsServiceRequest, max_end_ns: int = MAX_END_NS,
+                 max_attribute_length: int = 0) -> MetricsBatch:
+    out = MetricsBatch(max_end_ns=max_end_ns, max_length=max_attribute_length)
     for rm in req.resource_metrics:
         rattrs = _attrs(rm.resource.attributes)
         rkey = tuple(sorted(rattrs.items()))
@@ -213,7 +227,8 @@ def from_request(req: ExportMetricsServiceRequest) -> MetricsBatch:
                         out.reasons["duration unit not ms, s, us or ns"] += len(h.data_points)
                         continue
                     for dp in h.data_points:
-                        p = _point(rattrs, rkey, m.name, dp, h.aggregation_temporality == CUMULATIVE, out)
+                        p = _point(rattrs, (rkey, which, m.unit), m.name, dp, h.aggregation_temporality == CUMULATIVE,
+                                   out)
                         if p is None:
                             continue
                         why = _buckets(p, dp, which == "histogram")
@@ -227,11 +242,20 @@ def from_request(req: ExportMetricsServiceRequest) -> MetricsBatch:
                         a = _attrs(dp.attributes)
                         if not a.get("exception.type"):
                             continue
-                        p = _point(rattrs, rkey, m.name, dp, m.sum.aggregation_temporality == CUMULATIVE, out)
-                        if p is not None:
-                            p.exception = str(a["exception.type"])
-                            p.count = int(dp.as_int if dp.WhichOneof("value") == "as_int" else dp.as_double)
-                            out.points.append(p)
+                        p = _point(rattrs, (rkey, "sum"), m.name, dp, m.sum.aggregation_temporality == CUMULATIVE,
+                                   out)
+                        if p is None:
+                            continue
+                        value = dp.as_int if dp.WhichOneof("value") == "as_int" else dp.as_double
+                        if not (math.isfinite(value) and 0 <= value <= MAX_COUNT):
+                            out.reasons["events count not a finite count"] += 1
+                            continue
+                        p.exception = str(a["exception.type"])
+                        if out.max_length and len(p.exception) > out.max_length:
+                            out.reasons["attribute_too_long"] += 1
+                            continue
+                        p.count = int(value)
+                        out.points.append(p)
     return out
 
 
@@ -261,16 +285,23 @@ def _point(rattrs: dict, rkey: tuple, name: str, dp, cumulative: bool, out: Metr
     if not dp.time_unix_nano:
         out.reasons["data point without time_unix_nano"] += 1
         return None
+    if dp.time_unix_nano > out.max_end_ns:  # (as a span's end: one sender's clock must not move a service's on)
+        out.reasons["clock_skew"] += 1
+        return None
     res = resource_of({**rattrs, **{k: v for k, v in a.items() if k in ("service.version", "vcs.ref.head.revision")}})
     fn = function_of(a, res.attrs, str(a.get("span.name", "")))
     loc = Location(res.environment, res.service, fn, file_of(a, res.attrs), line_of(a, res.attrs))
+    limit = out.max_length
+    if limit and any(len(v) > limit for v in (*loc.identity, loc.file, loc.line, res.version, res.revision)):
+        out.reasons["attribute_too_long"] += 1
+        return None
     return Point((rkey, name, tuple(sorted(a.items()))), loc, (res.service, res.version, res.revision),
                  str(a.get("status.code", "")) in ERROR_STATUS, dp.start_time_unix_nano, dp.time_unix_nano, cumulative)
 
 
 class Deltas:
-    """Cumulative points made deltas, per series (the previous point of each is kept; a
-    series not seen for ``idle_ns`` of its own time is forgotten when the table is full)."""
+    """Cumulative points made deltas, per series (the previous point of each is kept; past
+    ``max_series`` series, the one seen longest ago is forgotten)."""
 
     def __init__(self, max_series: int = 1_000_000):
         self.last: dict[tuple, tuple[int, object]] = {}  # series -> (start, buckets or count)
@@ -282,10 +313,10 @@ class Deltas:
         before, over a time not known to be a window's)."""
         if not p.cumulative:
             return p
-        prev = self.last.get(p.series)
+        prev = self.last.pop(p.series, None)  # (re-inserted: the table's order is by last seen)
         now = p.buckets if p.buckets is not None else p.count
-        if len(self.last) >= self.max_series and prev is None:
-            self.last.pop(next(iter(self.last)))
+        if len(self.last) >= self.max_series:
+            self.last.pop(next(iter(self.last)))  # the series seen longest ago
         self.last[p.series] = (p.start_ns, now)
         if prev is None:
             # a series' first point: what it holds came before, over a time not known to be
