@@ -19,7 +19,10 @@ def test_demo_shows_every_event_of_the_rollout_and_cleans_up():
     assert {("first_seen", "shop.payments.fraud_score"), ("latency_regression", "shop.cart.apply_discount"),
             ("latency_regression", "shop.search.search"), ("dormant", "shop.payments.legacy_fraud_check"),
             ("new_exception", "shop.payments.charge"), ("error_regression", "shop.payments.charge")} <= found
-    assert "demo: after" in p.stdout and "11 of 11 expected events" in p.stdout
+    assert "demo: after" in p.stdout and "12 of 12 expected events" in p.stdout
+    # 2.0.0's rollout: its events, and its verdict as `backflow verdict` prints it
+    assert any(re.search(r" rollout +shop 2\.0\.0 took its first calls", line) for line in events)
+    assert re.search(r"demo:   shop 2\.0\.0 in \S+: (FAIL|PASS|INCONCLUSIVE)", p.stdout)
     charge = next(line for line in events if "error_regression" in line)
     assert "shop@2.0.0" in charge and charge.endswith("[owners @demo/payments]")  # from the shop's CODEOWNERS
     port = int(re.search(r"started redis-server on 127\.0\.0\.1:(\d+)", p.stdout).group(1))

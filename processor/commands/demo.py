@@ -41,6 +41,7 @@ EXPECTED = tuple(("first_seen", f) for f in FIRST_SEEN) + (
     ("dormant", "shop.payments.legacy_fraud_check"),      # no longer called by 2.0.0
     ("new_exception", "shop.payments.charge"),            # GatewayTimeout
     ("error_regression", "shop.payments.charge"),         # 1% -> 20% errors
+    ("rollout", ""),                                      # 2.0.0's rollout, with its verdict
 )
 
 
@@ -207,10 +208,25 @@ class Demo:
         missing = [e for e in EXPECTED if e not in self.seen]
         self.say(f"after {took_s:.0f} s, {len(EXPECTED) - len(missing)} of {len(EXPECTED)} expected events:")
         for e in EXPECTED:
-            self.say(f"  {'ok     ' if e in self.seen else 'MISSING'} {e[0]:<18} {e[1]}")
+            self.say(f"  {'ok     ' if e in self.seen else 'MISSING'} {e[0] + ' ' + e[1] if e[1] else e[0]}")
         if missing:
             self.say("some expected events did not arrive (a busy machine? try again, or without --short)")
+        self._verdict()
         return 1 if missing else 0
+
+    def _verdict(self) -> None:
+        """The rollout's verdict as ``backflow verdict`` prints it (docs/rollouts.md)."""
+        from processor.commands.verdict import find, render
+
+        url = self.redis_url or (self.redis.url if self.redis else None)
+        try:
+            state = find(common.connect(url), self.prefix, "shop", V2, None, None) if url else None
+        except (redis.RedisError, common.ConfigError):
+            state = None
+        if state is not None:
+            self.say(f"the verdict on {V2}, as `backflow verdict --service shop --version {V2}` prints it:")
+            for line in render(state).splitlines():
+                self.say("  " + line)
 
     def _stop_all(self) -> None:
         if self.shop is not None:
