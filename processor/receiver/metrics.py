@@ -288,15 +288,28 @@ def _point(rattrs: dict, rkey: tuple, name: str, dp, cumulative: bool, out: Metr
     if dp.time_unix_nano > out.max_end_ns:  # (as a span's end: one sender's clock must not move a service's on)
         out.reasons["clock_skew"] += 1
         return None
-    res = resource_of({**rattrs, **{k: v for k, v in a.items() if k in ("service.version", "vcs.ref.head.revision")}})
-    fn = function_of(a, res.attrs, str(a.get("span.name", "")))
-    loc = Location(res.environment, res.service, fn, file_of(a, res.attrs), line_of(a, res.attrs))
-    limit = out.max_length
-    if limit and any(len(v) > limit for v in (*loc.identity, loc.file, loc.line, res.version, res.revision)):
+    dims = tuple(sorted(a.items()))
+    ident = _IDENTITIES.get((rkey, dims, out.max_length))
+    if ident is None:  # (a series recurs at every flush: its location and version are made once)
+        res = resource_of({**rattrs, **{k: v for k, v in a.items() if k in ("service.version", "vcs.ref.head.revision")}})
+        fn = function_of(a, res.attrs, str(a.get("span.name", "")))
+        loc = Location(res.environment, res.service, fn, file_of(a, res.attrs), line_of(a, res.attrs))
+        too_long = any(len(v) > out.max_length for v in (*loc.identity, loc.file, loc.line, res.version,
+                                                         res.revision)) if out.max_length else False
+        if len(_IDENTITIES) >= _IDENTITIES_MAX:
+            _IDENTITIES.clear()
+        ident = _IDENTITIES[(rkey, dims, out.max_length)] = (loc, (res.service, res.version, res.revision), too_long,
+                                             str(a.get("status.code", "")) in ERROR_STATUS)
+    loc, version, too_long, error = ident
+    if too_long:
         out.reasons["attribute_too_long"] += 1
         return None
-    return Point((rkey, name, tuple(sorted(a.items()))), loc, (res.service, res.version, res.revision),
-                 str(a.get("status.code", "")) in ERROR_STATUS, dp.start_time_unix_nano, dp.time_unix_nano, cumulative)
+    return Point((rkey, name, dims), loc, version, error, dp.start_time_unix_nano, dp.time_unix_nano, cumulative)
+
+
+# (resource, dimensions, length limit) -> (location, version, a value too long, error): see _point
+_IDENTITIES: dict[tuple, tuple] = {}
+_IDENTITIES_MAX = 1 << 16
 
 
 class Deltas:
