@@ -186,11 +186,13 @@ class Pipeline:
 
     def republish(self) -> None:
         """Redis came back without its data: hand every baseline (and with it the key set)
-        to the sink again, and mark every location for the next checkpoint."""
+        and every rollout's verdict to the sink again, and mark every location for the next
+        checkpoint."""
         engine = self.engine
         stage = engine.baselines
         baselines = [(b.location.key, b) for b in map(stage.baseline, range(len(stage.sketches))) if b is not None]
-        self.sink.submit([], baselines)
+        verdicts = engine.rollouts.states() if engine.rollouts is not None else []
+        self.sink.submit([], baselines, verdicts=verdicts)
         engine.dirty_services.update(engine.service_locations)
         for ids in engine.service_locations.values():
             engine.dirty_locations.update(ids)

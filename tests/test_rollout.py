@@ -376,3 +376,26 @@ def test_sdk_rollouts_through_serve_fail_pass_stay_inconclusive_and_roll_back(ba
     assert spark[-1] == trend.BARS[-1] and spark[0] == trend.BARS[0]
     assert all(b.get("thread_ts") == ts for b in posts[root + 1:] if "bad@1.1" in b["text"])
     assert any("bad@1.1" in b["text"] and b["text"].split()[1] != "rollout" for b in posts[root + 1:])
+
+
+def test_every_rollout_held_can_be_published_again(redis_server):
+    """What the pipeline hands the sink when Redis comes back without its data."""
+    import redis as redis_lib
+
+    from processor.sinks.redis_streams import RedisSink
+
+    _, r = _feed([{"1.0": 1000}, {"1.0": 900, "1.1": 100}] + [{"1.0": 1000}] * 5 + [{"1.0": 900, "1.2": 100}])
+    states = r.states()
+    assert [(s["environment"], s["service"], s["version"], s["state"]) for s in states] == [
+        ("prod", "shop", "1.1", "rolled_back"), ("prod", "shop", "1.2", "active")]
+    client = redis_lib.Redis.from_url(redis_server.url, decode_responses=True)
+    client.flushall()
+    sink = RedisSink(client, "t", 1000, 100)
+    sink.start()
+    try:
+        sink.submit([], [], verdicts=states)
+        assert sink.flush(10)
+    finally:
+        sink.stop(2)
+    written = client.hgetall("t:verdicts:prod:shop")
+    assert {json.loads(v)["version"] for v in written.values()} == {"1.1", "1.2"}

@@ -523,10 +523,17 @@ class Rollouts:
         out = [row[0] for row in r.locations.values() if not row[1] and row[3] * n1 / n0 >= 5]
         return sorted(out)[:MAX_LISTED]
 
-    def state_of(self, r: Rollout, cw: ClosedWindow) -> dict:
+    def states(self) -> list[dict]:
+        """Every rollout held, as ``state_of`` gives it (what Redis must hold again after it
+        lost its data)."""
+        return [self.state_of(r, service) for service, s in self.services.items() for r in s.rollouts]
+
+    def state_of(self, r: Rollout, where: ClosedWindow | tuple[str, str]) -> dict:
         """What ``{prefix}:verdicts:{environment}:{service}`` holds for the rollout (field
-        ``[version, revision]``) and ``backflow_version_verdict`` shows."""
-        return {"environment": cw.environment, "service": cw.service, "version": r.version[1],
+        ``[version, revision]``) and ``backflow_version_verdict`` shows; ``where``: a window
+        of its service, or (environment, service)."""
+        environment, service = where if isinstance(where, tuple) else (where.environment, where.service)
+        return {"environment": environment, "service": service, "version": r.version[1],
                 "revision": r.version[2], "previous": r.previous[1], "previous_revision": r.previous[2],
                 "verdict": r.verdict, "reasons": r.reasons, "missing": r.missing, "milestone": r.milestone,
                 "share": round(r.share, 4), "state": r.state, "calls": r.calls[0],
