@@ -20,6 +20,7 @@ import redis
 from processor.commands import common
 from processor.config import ConfigError
 from processor.detect.rollout import FAIL, INCONCLUSIVE, PASS
+from processor.schema.conformance import escape_glob
 from processor.sinks.redis_streams import verdict_key
 
 EXIT = {PASS: 0, FAIL: 1, INCONCLUSIVE: 3}
@@ -68,8 +69,7 @@ def find(client: redis.Redis, prefix: str, service: str, version: str, environme
     if environment is not None:
         keys = [verdict_key(prefix, environment, service)]
     else:
-        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", f"{prefix}:verdicts:") + "*" + \
-            re.sub(r"([*?\[\]\\])", r"\\\1", f":{service}")
+        pattern = escape_glob(f"{prefix}:verdicts:") + "*" + escape_glob(f":{service}")
         keys = sorted(client.scan_iter(match=pattern, count=1000))
     found = []
     for key in keys:

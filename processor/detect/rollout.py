@@ -261,15 +261,15 @@ class Rollouts:
 
     # -- the window --------------------------------------------------------------------------
 
-    def window(self, cw: ClosedWindow, first_seen: dict, events: list[Event], entry_keys: set) -> list[Event]:
+    def window(self, cw: ClosedWindow, first_seen: dict, events: list[Event], entry_keys: set,
+               by_version: dict | None = None) -> list[Event]:
         """A service's closed window (``first_seen``: version -> end of its first window, the
         engine's; ``events``: the window's events; ``entry_keys``: the keys of its entry
-        points per the call graph): the rollout events it gives."""
+        points per the call graph; ``by_version``: ``cw.calls_by_version()``, if the caller
+        has it): the rollout events it gives."""
         service = (cw.environment, cw.service)
-        by_version: dict[tuple, int] = {}
-        for lw in cw.locations:
-            for v in lw.versions:
-                by_version[v.version] = by_version.get(v.version, 0) + v.count
+        if by_version is None:
+            by_version = cw.calls_by_version()
         total = sum(by_version.values())
         if not total:
             return []
@@ -291,7 +291,7 @@ class Rollouts:
                     r.state, state.current = COMPLETE, main  # (main: another rollout may serve more)
                 elif milestone in ("rolled_back", "superseded"):
                     r.state = ROLLED_BACK if milestone == "rolled_back" else COMPLETE
-                out.append(self._event(cw, r, milestone, by_version))
+                out.append(self._event(cw, r, milestone))
                 if r.state != ACTIVE:
                     r.end()
             self.published.append(self.state_of(r, cw))
@@ -315,7 +315,7 @@ class Rollouts:
             self._observe(r, cw, by_version, total, events, entry_keys)
             r.verdict, r.reasons, r.missing = self.verdict(r)
             r.reached = [m for m in self.settings.milestones if r.share >= m - 1e-12]
-            out.append(self._event(cw, r, "first_calls", by_version))
+            out.append(self._event(cw, r, "first_calls"))
             self.published.append(self.state_of(r, cw))
         ended = [r for r in state.rollouts if r.state != ACTIVE]
         if len(ended) > ENDED_KEPT:
@@ -473,7 +473,7 @@ class Rollouts:
 
     # -- out -----------------------------------------------------------------------------------
 
-    def _event(self, cw: ClosedWindow, r: Rollout, milestone: str, by_version: dict) -> Event:
+    def _event(self, cw: ClosedWindow, r: Rollout, milestone: str) -> Event:
         r.milestone, r.told = milestone, r.verdict
         name, prev = r.version[1] or "(no version)", r.previous[1] or "(no version)"
         what = {

@@ -244,6 +244,7 @@ class ServiceContext:
     calls_per_s: float       # spans per second, every location of the service
     version: tuple           # the version serving most of its spans
     version_first_seen: dict  # version -> end of the first window it was seen in (ns)
+    calls_by_version: dict = field(default_factory=dict)  # version -> its calls in the window
 
 
 class Engine:
@@ -459,23 +460,20 @@ class Engine:
             entries = {e.key for g in graphs.values() for e in g.entries}
             # (first: a rollout's first message comes before the window's events of its
             # version, so that notify can put them in its thread)
-            events = self.rollouts.window(cw, self.version_first_seen.get(service, {}), events, entries) + events
+            events = self.rollouts.window(cw, self.version_first_seen.get(service, {}), events, entries,
+                                          context.calls_by_version) + events
             verdicts = self.rollouts.take_published()
         return WindowResult(cw, events, baselines, started, edges, verdicts)
 
     def _service_context(self, cw: ClosedWindow, service: tuple) -> ServiceContext:
-        by_version: dict = {}
-        calls = 0
-        for lw in cw.locations:
-            calls += lw.count
-            for v in lw.versions:
-                by_version[v.version] = by_version.get(v.version, 0) + v.count
+        by_version = cw.calls_by_version()
+        calls = sum(lw.count for lw in cw.locations)
         first_seen = self.version_first_seen.setdefault(service, {})
         for v in sorted(by_version):
             first_seen.setdefault(v, cw.end_ns)
         main = max(by_version, key=lambda v: (by_version[v], v)) if by_version else ("", "", "")
         window_ns = cw.end_ns - cw.start_ns
-        return ServiceContext(cw.busy_ns / window_ns, calls / (window_ns / 1e9), main, first_seen)
+        return ServiceContext(cw.busy_ns / window_ns, calls / (window_ns / 1e9), main, first_seen, by_version)
 
     def _first_seen(self, cw: ClosedWindow, service: tuple, tracked: list) -> list[Event]:
         """first_seen of the locations new to this process; they get detectors."""

@@ -382,6 +382,14 @@ class ClosedWindow:
     # The call graph's figures of this window, by location id (processor/pipeline/graph.py)
     graph: dict = field(default_factory=dict)
 
+    def calls_by_version(self) -> dict[tuple, int]:
+        """The service's calls in the window per version, every location's together."""
+        out: dict[tuple, int] = {}
+        for lw in self.locations:
+            for v in lw.versions:
+                out[v.version] = out.get(v.version, 0) + v.count
+        return out
+
 
 def _top_k(series: np.ndarray, dur: np.ndarray, tid: np.ndarray, k: int) -> np.ndarray:
     """Rows of the k slowest spans per series (ties broken by trace id), deterministic."""
@@ -618,21 +626,7 @@ class WindowStage:
             err = batch.error[rows].astype(np.int64)
             dur = batch.end[rows] - batch.start[rows]
             tid = batch.trace_id[rows].view(">u8").reshape(-1, 2).astype(np.uint64)
-            rsvc, rws = svc[rows], win_start[rows]
-            order = np.lexsort((rws, rsvc))
-            change = (np.diff(rsvc[order]) != 0) | (np.diff(rws[order]) != 0)
-            bounds = np.flatnonzero(change) + 1
-            group = np.empty(len(rows), np.int64)  # accumulator number of each kept span
-            accs = []
-            for lo, hi in zip(np.concatenate(([0], bounds)), np.concatenate((bounds, [len(rows)]))):
-                sel = order[lo:hi]
-                s, ws = int(rsvc[sel[0]]), int(rws[sel[0]])
-                acc = self.services[s].windows.get(ws)
-                if acc is None:
-                    acc = self.services[s].windows[ws] = _Accumulator(self.exemplars)
-                group[sel] = len(accs)
-                accs.append(acc)
-                acc.add(series[sel], bucket[sel], err[sel])
+            group, accs = self._accumulate(svc[rows], win_start[rows], series, bucket, err)
             if self.exemplars:
                 # One selection for the whole batch: the k slowest spans per (window, series).
                 top = _top_k_candidates((group << 32) | series, dur, self.exemplars)
@@ -696,6 +690,29 @@ class WindowStage:
         self.stats["spans"] += kept
         return keep, touched
 
+    def _accumulator(self, s: int, ws: int) -> "_Accumulator":
+        """Service ``s``'s window starting at ``ws``, opened if it is not yet."""
+        acc = self.services[s].windows.get(ws)
+        if acc is None:
+            acc = self.services[s].windows[ws] = _Accumulator(self.exemplars)
+        return acc
+
+    def _accumulate(self, rsvc, rws, series, bucket, err, counts=None) -> tuple[np.ndarray, list]:
+        """Rows into the accumulators of their (service, window start): per row the number
+        of its accumulator, and the accumulators (``counts``: spans a row stands for)."""
+        order = np.lexsort((rws, rsvc))
+        change = (np.diff(rsvc[order]) != 0) | (np.diff(rws[order]) != 0)
+        bounds = np.flatnonzero(change) + 1
+        group = np.empty(len(rsvc), np.int64)
+        accs = []
+        for lo, hi in zip(np.concatenate(([0], bounds)), np.concatenate((bounds, [len(rsvc)]))):
+            sel = order[lo:hi]
+            acc = self._accumulator(int(rsvc[sel[0]]), int(rws[sel[0]]))
+            group[sel] = len(accs)
+            accs.append(acc)
+            acc.add(series[sel], bucket[sel], err[sel], None if counts is None else counts[sel])
+        return group, accs
+
     def _close_behind(self, touched: list[int]) -> list[ClosedWindow]:
         """The windows of the ``touched`` services that their watermark has passed."""
         closed: list[ClosedWindow] = []
@@ -722,15 +739,9 @@ class WindowStage:
         keep, touched = self._admit(svc, end, win_start, now, c.count)
         rows = np.flatnonzero(keep)
         if len(rows):
-            series = t.series_ids(gloc[rows], gver[rows])
-            rsvc, rws = svc[rows], win_start[rows]
-            for key in sorted(set(zip(rsvc.tolist(), rws.tolist()))):
-                sel = np.flatnonzero((rsvc == key[0]) & (rws == key[1]))
-                acc = self.services[key[0]].windows.get(key[1])
-                if acc is None:
-                    acc = self.services[key[0]].windows[key[1]] = _Accumulator(self.exemplars)
-                acc.add(series[sel], c.bucket[rows[sel]].astype(np.int64), c.error[rows[sel]].astype(np.int64),
-                        c.count[rows[sel]].astype(np.int64))
+            self._accumulate(svc[rows], win_start[rows], t.series_ids(gloc[rows], gver[rows]),
+                             c.bucket[rows].astype(np.int64), c.error[rows].astype(np.int64),
+                             c.count[rows].astype(np.int64))
         if c.exceptions:  # (location index, version index, end, type, count): into open windows
             ex = np.array([(i, v, e) for i, v, e, _, _ in c.exceptions], np.int64).reshape(-1, 3)
             lids = np.array(ids, np.int64)[ex[:, 0]]
@@ -742,10 +753,7 @@ class WindowStage:
                 ws = e - e % self.window_ns
                 if clock is None or ws + self.window_ns <= max(clock.closed_through, clock.max_end - self.lateness_ns):
                     continue  # (its window closed, or closes now: dropped, as its spans' figures would be)
-                acc = clock.windows.get(ws)
-                if acc is None:
-                    acc = clock.windows[ws] = _Accumulator(self.exemplars)
-                acc.exceptions[(s_id, etype)] += k
+                self._accumulator(s, ws).exceptions[(s_id, etype)] += k
         if self.graph is not None and self.graph.waiting:  # (spans' traces in the windows that close)
             self._flush_graph(touched)
         return self._close_behind(touched)

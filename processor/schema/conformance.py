@@ -57,7 +57,8 @@ def _s(value) -> str:
     return value.decode("utf-8", "backslashreplace") if isinstance(value, bytes) else str(value)
 
 
-def _escape(prefix: str) -> str:
+def escape_glob(prefix: str) -> str:
+    """``prefix`` with the glob characters of a SCAN MATCH pattern escaped."""
     return _GLOB.sub(r"\\\1", prefix)
 
 
@@ -81,7 +82,7 @@ def check(client: redis.Redis, prefix: str, batch: int = 1000) -> Tally:
                 break
             start = "(" + _s(entries[-1][0])
     head = f"{prefix}:baseline:"
-    for key, fields in _hashes(client, _escape(head) + "*", batch):
+    for key, fields in _hashes(client, escape_glob(head) + "*", batch):
         tally.baselines.add(key)
         try:
             b = from_fields(Baseline, fields)
@@ -90,23 +91,19 @@ def check(client: redis.Redis, prefix: str, batch: int = 1000) -> Tally:
             continue
         if b.key != key[len(head):]:
             tally.problems.append(f"{key}: Baseline field 'key': {b.key!r} is not the key in the hash's name")
-    for key, fields in _hashes(client, _escape(f"{prefix}:versions:") + "*", batch):
-        for name, value in fields.items():
-            tally.versions.add((key, _s(name)))
-            try:
-                version_from_field(name, value)
-            except SchemaError as e:
-                tally.problems.append(f"{key}: {e}")
-    for key, fields in _hashes(client, _escape(f"{prefix}:verdicts:") + "*", batch):
-        for name, value in fields.items():
-            tally.verdicts.add((key, _s(name)))
-            try:
-                verdict_from_field(name, value)
-            except SchemaError as e:
-                tally.problems.append(f"{key}: {e}")
+    # hashes of one JSON record per field: version summaries, rollouts' verdicts
+    for kind, read, seen in (("versions", version_from_field, tally.versions),
+                             ("verdicts", verdict_from_field, tally.verdicts)):
+        for key, fields in _hashes(client, escape_glob(f"{prefix}:{kind}:") + "*", batch):
+            for name, value in fields.items():
+                seen.add((key, _s(name)))
+                try:
+                    read(name, value)
+                except SchemaError as e:
+                    tally.problems.append(f"{key}: {e}")
     for kind, read in (("edges", edges_from_hash), ("callers", None)):
         head = f"{prefix}:{kind}:"
-        for key, fields in _hashes(client, _escape(head) + "*", batch):
+        for key, fields in _hashes(client, escape_glob(head) + "*", batch):
             tally.edges.add(key)
             try:
                 read(key[len(head):], fields) if read else callers_from_hash(fields)

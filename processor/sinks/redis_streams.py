@@ -209,10 +209,6 @@ def verdict_key(prefix: str, environment: str, service: str) -> str:
     return f"{prefix}:verdicts:{environment}:{service}"
 
 
-def verdict_field(version: str, revision: str) -> str:
-    """A rollout's field in it: its version as a JSON array, as in {prefix}:versions:{key}."""
-    return json.dumps([version, revision], ensure_ascii=False)
-
 
 def edge_commands(prefix: str, loc, graph, end_ns: int) -> list[tuple]:
     """The HSETs of one caller's window: ``{prefix}:edges:{key}`` (the caller's figures, and
@@ -422,7 +418,7 @@ class RedisSink:
                     self.edges[loc.key] = (loc, graph, window.end_ns)
             for v in verdicts or ():  # (None: the field goes, the rollout is no longer kept)
                 self.verdicts[(verdict_key(self.prefix, v["environment"], v["service"]),
-                               verdict_field(v["version"], v["revision"]))] = (
+                               field_name(v["version"], v["revision"]))] = (  # (as in versions)
                     None if v.get("deleted") else json.dumps(v, sort_keys=True))
             self._cv.notify()
         if waited:
