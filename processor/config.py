@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import socket
 import ssl
 from typing import Any, Callable
 
@@ -25,7 +26,8 @@ from processor.detect.settings import CommonSettings
 from processor.parsing import (  # noqa: F401 (re-exported: the settings' parsers)
     ConfigError, parse_address, split_address, parse_address_or_off, parse_redis_url, redact_url,
     url_secrets, parse_readable_file, parse_writable_dir, parse_codeowners, parse_token, parse_prefix, positive_float,
-    non_negative_float, positive_int, non_negative_int, parse_log_level, flag_of, env_of,
+    non_negative_float, positive_int, non_negative_int, parse_log_level, flag_of, env_of, parse_role,
+    parse_replica_id,
 )
 
 
@@ -165,6 +167,21 @@ SETTINGS: tuple[Setting, ...] = (
             "CODEOWNERS file; every event's owners field gets the owners of its code.file.path "
             "(relative paths as given, absolute ones made relative as docs/commands.md's Ownership says)",
             "FILE"),
+    Setting("role", "both", parse_role,
+            "both: detect on the spans taken (one process per service); aggregate: close windows into "
+            "partials sent to the detect replica at 'forward', no Redis (spans routed by trace id, or not "
+            "at all); detect: both, taking the aggregate replicas' partials too (docs/tiers.md)", "ROLE"),
+    Setting("forward", None, parse_address,
+            "the detect replica's OTLP/gRPC address that an aggregate replica sends its partials to", "ADDR"),
+    Setting("replica_id", None, parse_replica_id,
+            "an aggregate replica's name in its reports (default: host name and process id)", "NAME"),
+    Setting("replica_timeout", 30.0, positive_float,
+            "seconds without a report after which the detect replica drops an aggregate replica and "
+            "no longer waits for it to close windows (counted)", "SECONDS"),
+    Setting("replica_wait", 10.0, non_negative_float,
+            "processing-time seconds the detect replica waits for the other aggregate replicas once one "
+            "has reported past a window, before it closes the window anyway (their figures of it come late)",
+            "SECONDS"),
     Setting("log_interval", 60.0, positive_float,
             "seconds between the log's summary lines (spans, windows, locations, events); refused "
             "and late spans are logged at most once per interval too", "SECONDS"),
@@ -215,6 +232,11 @@ class Config:
     shutdown_timeout: float
     metrics_max_locations: int
     codeowners: str | None
+    role: str
+    forward: str | None
+    replica_id: str | None
+    replica_timeout: float
+    replica_wait: float
     log_interval: float
     log_level: str
     config: str | None = None
@@ -231,6 +253,11 @@ class Config:
     def receiver_processes(self) -> int:
         """Receiver processes to run: ``workers``, with 0 meaning one per CPU."""
         return self.workers or len(os.sched_getaffinity(0))
+
+    @property
+    def replica_name(self) -> str:
+        """An aggregate replica's name in its reports: ``replica_id``, else host name and pid."""
+        return self.replica_id or f"{socket.gethostname()}:{os.getpid()}"
 
     @property
     def window_ns(self) -> int:
@@ -339,6 +366,11 @@ def resolve(flags: dict[str, Any], environ: dict[str, str]) -> Config:
                           f"{values['trend_period'] / values['trend_points']:g} s) must hold a window "
                           f"({values['window']:g} s)")
     _read_token_file(values, sources)
+    if values["role"] == "aggregate" and not values["forward"]:
+        raise _invalid("forward", sources, "role aggregate sends its partials to a detect replica: give its "
+                                           "OTLP/gRPC address as forward")
+    if values["forward"] and values["role"] != "aggregate":
+        raise _invalid("forward", sources, f"only an aggregate replica forwards; role is {values['role']}")
     detectors = parse_detector_settings(from_yaml.get("detectors"), where=str(config_path))
     rollouts = parse_rollout_settings(from_yaml.get("rollouts"), where=str(config_path))
     return Config(config=config_path, detectors=_detector_overrides(detectors, flags, environ), rollouts=rollouts,

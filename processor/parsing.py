@@ -259,6 +259,23 @@ def parse_log_level(value: Any) -> str:
     return text
 
 
+ROLES = ("both", "aggregate", "detect")
+
+
+def parse_role(value: Any) -> str:
+    text = str(value).strip().lower()
+    if text not in ROLES:
+        raise ValueError(f"one of {', '.join(ROLES)}; got {value!r}")
+    return text
+
+
+def parse_replica_id(value: Any) -> str:
+    text = str(value).strip()
+    if not text or len(text) > 256 or not text.isprintable():
+        raise ValueError(f"1 to 256 printable characters, got {value!r}")
+    return text
+
+
 def parse_bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value

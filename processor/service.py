@@ -28,6 +28,10 @@ from processor.receiver import build_receivers
 from processor.receiver.decode import Batch
 from processor.receiver.intake import OVERLOAD_RETRY_S, Overloaded
 from processor.receiver.workers import ReceiverPool
+from processor.pipeline.tiers import partials
+from processor.pipeline.window import WindowStage
+from processor.receiver.metrics import Deltas, to_counts
+from processor.sinks.forward import Forwarder
 from processor.sinks.prometheus import Metrics, serve_http
 from processor.sinks.redis_streams import RedisSink
 from processor.sinks.spool import Spool
@@ -36,6 +40,29 @@ log = logging.getLogger("backflow")
 
 _STOP = object()
 _COALESCE_SPANS = 16_384  # most spans the pipeline takes off its queue in one step
+
+
+def _take(q: queue.Queue) -> tuple[list, bool]:
+    """The next batches, and whether the stop came: waits up to half a second for one, then
+    takes what else is queued, up to _COALESCE_SPANS, as one step: under load the per-batch
+    cost of the window stage is then paid once for many requests."""
+    try:
+        item = q.get(timeout=0.5)
+    except queue.Empty:
+        return [], False
+    if item is _STOP:
+        return [], True
+    batches, n = [item], len(item)
+    while n < _COALESCE_SPANS:
+        try:
+            more = q.get_nowait()
+        except queue.Empty:
+            break
+        if more is _STOP:
+            return batches, True
+        batches.append(more)
+        n += len(more)
+    return batches, False
 
 
 class Pipeline:
@@ -89,25 +116,7 @@ class Pipeline:
         engine, stats = self.engine, self.engine.windows.stats
         last_idle_check = last_arrival = time.monotonic()
         while True:
-            try:
-                item = self.queue.get(timeout=0.5)
-            except queue.Empty:
-                item = None
-            stop = item is _STOP
-            batches = [] if item is None or stop else [item]
-            # Take what else is queued, up to _COALESCE_SPANS, as one batch: under load the
-            # per-batch cost of the window stage is then paid once for many requests.
-            n = sum(len(b) for b in batches)
-            while batches and not stop and n < _COALESCE_SPANS:
-                try:
-                    more = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is _STOP:
-                    stop = True
-                else:
-                    batches.append(more)
-                    n += len(more)
+            batches, stop = _take(self.queue)
             if batches:
                 late, spans, overflow = stats["late"], stats["spans"], stats["overflow"]
                 # (in arrival order: runs of span batches as one, metrics batches each on
@@ -126,6 +135,7 @@ class Pipeline:
                 if engine.windows.graph is not None:
                     self.metrics.observe_graph(engine.windows.graph, self._graph_counted)
                 self._count_refused_names()
+                self._count_tiers()
             if stop:
                 self._emit(engine.flush_all())
                 self.checkpoint(force=True)
@@ -138,6 +148,7 @@ class Pipeline:
                 # With a backlog, "now" is when the newest batch taken arrived: the batches
                 # still queued arrived later, so a service that sent some is not idle.
                 self._emit(engine.flush_idle(now if self.queue.empty() else last_arrival))
+                self._count_tiers()
                 self._forget(now if self.queue.empty() else last_arrival)
                 self.activity.tick(now)
             if self.sink.take_wiped():
@@ -160,6 +171,21 @@ class Pipeline:
             self.metrics.refused_points.labels(transport="pipeline", reason="internal_error").inc(len(batch))
             return
         self._emit(results)
+
+    def _count_tiers(self) -> None:
+        """The aggregate replicas known and dropped, and their figures refused."""
+        replicas, stats = self.engine.replicas, self.engine.windows.stats
+        self.metrics.tier_replicas.set(replicas.known)
+        for name, now, inc in (("dropped", replicas.dropped, self.metrics.tier_dropped.inc),
+                               ("refused", stats["tier_refused"], self.metrics.refused_points.labels(
+                                   transport="pipeline", reason="window_length").inc)):
+            before = self._refused.get(name, 0)
+            if now > before:
+                inc(now - before)
+                self._refused[name] = now
+                if name == "refused" and before == 0:
+                    log.warning("an aggregate replica's window length is not this process's window (%g s): "
+                                "its figures are refused; give both tiers the same --window", self.cfg.window)
 
     def _forget(self, now: float) -> None:
         """Forget what has been idle too long (``Engine.forget_idle``), its series on
@@ -245,6 +271,84 @@ class Pipeline:
             release_free_memory()
 
 
+class AggregatePipeline:
+    """An aggregate replica's pipeline (``--role aggregate``, processor/pipeline/tiers.py): the
+    window stage on a thread of its own, its closed windows sent on as partials with the
+    replica's watermarks, by a ``Forwarder``; no detectors, no Redis."""
+
+    FULL_REPORT_S = 5.0  # every service's watermark again (a detect replica restarted learns them)
+
+    def __init__(self, cfg: Config, forwarder: Forwarder, metrics: Metrics):
+        self.cfg = cfg
+        self.forwarder = forwarder
+        self.metrics = metrics
+        self.windows = WindowStage(cfg.window_ns, cfg.lateness_ns, cfg.idle_timeout, cfg.exemplars,
+                                   max_locations=cfg.max_locations, max_services=cfg.max_services,
+                                   max_versions=cfg.max_versions, max_versions_per_service=cfg.max_versions_per_service,
+                                   version_idle_timeout=cfg.version_idle_timeout,
+                                   location_idle_timeout=cfg.location_idle_timeout)
+        self.windows.partial = True
+        self.deltas = Deltas()
+        self.replica = cfg.replica_name
+        self.queue: queue.Queue = queue.Queue(maxsize=cfg.queue_batches)
+        self._thread = threading.Thread(target=self._run, name="aggregate", daemon=True)
+        self._reported: dict[tuple, tuple[int, int]] = {}  # service -> (watermark, open) as last sent
+        self._full_at = 0.0
+        self.on_tick = lambda: None
+
+    put, offer, start, stop = Pipeline.put, Pipeline.offer, Pipeline.start, Pipeline.stop
+
+    def has_room(self) -> bool:
+        return not self.queue.full() and self.forwarder.has_room()
+
+    def _run(self) -> None:
+        stats = self.windows.stats
+        last_idle_check = time.monotonic()
+        while True:
+            batches, stop = _take(self.queue)
+            closed = []
+            late, spans = stats["late"], stats["spans"]
+            for kind, run in itertools.groupby(batches, key=lambda b: isinstance(b, Batch)):
+                if kind:
+                    closed += self.windows.ingest(Batch.concat(list(run)))
+                else:
+                    for b in run:
+                        closed += self.windows.ingest_counts(to_counts(b, self.deltas, self.windows.window_ns))
+            self.metrics.late.inc(stats["late"] - late)
+            self.metrics.processed.inc(stats["spans"] - spans)
+            now = time.monotonic()
+            if stop:
+                self._send(self.windows.flush_all(), full=True)
+                return
+            if now - last_idle_check >= 1.0:
+                last_idle_check = now
+                closed += self.windows.flush_idle(now)
+                self.windows.forget_idle(now)
+            full = now - self._full_at >= self.FULL_REPORT_S
+            if full:
+                self._full_at = now
+            self._send(closed, full)
+            self.metrics.active_keys.set(self.windows.tables.held_locations)
+            self.metrics.queue.set(self.queue.qsize())
+            self.metrics.open_windows.set(self.windows.open_windows())
+            self.metrics.forward_pending.set(self.forwarder.pending())
+            self.metrics.forward_up.set(1 if self.forwarder.reachable else 0)
+            self.on_tick()
+
+    def _send(self, closed: list, full: bool) -> None:
+        """The closed windows as partials, then the watermarks that changed (all: ``full``)."""
+        t = self.windows.tables
+        marks = {}
+        for s, clock in self.windows.services.items():
+            name = t.services[s]
+            mark = (clock.closed_through, len(clock.windows))
+            if name is not None and (full or self._reported.get(name) != mark):
+                marks[name] = self._reported[name] = mark
+        if closed or marks or full:  # (a full report announces the replica, even one holding nothing)
+            self.metrics.windows.inc(len(closed))
+            self.forwarder.submit(partials(closed, marks, self.replica, self.windows.window_ns))
+
+
 _CHECKPOINT_PART = 5_000  # locations encoded per checkpoint step
 
 # Closing windows of this many locations frees enough to be worth returning to the system.
@@ -257,6 +361,17 @@ class Backflow:
     def __init__(self, cfg: Config, metrics: Metrics | None = None):
         self.cfg = cfg
         self.metrics = metrics or Metrics(max_locations=cfg.metrics_max_locations)
+        self.pipeline: Pipeline | AggregatePipeline | None = None
+        self.receivers_here: list = []  # OTLP/gRPC and OTLP/HTTP, when they run in this process
+        self.receivers: ReceiverPool | None = None
+        self.http = None
+        self._listening = False
+        self.forwarder: Forwarder | None = None
+        self.sink: RedisSink | None = None
+        if cfg.role == "aggregate":  # (no Redis: the detect replica keeps the state)
+            self.forwarder = Forwarder(cfg.forward, on_sent=self.metrics.forward_points.labels("sent").inc,
+                                       on_refused=self.metrics.forward_points.labels("refused").inc)
+            return
         client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=5,
                                       health_check_interval=30)
         self.sink = RedisSink(client, cfg.prefix, cfg.events_maxlen, cfg.redis_buffer,
@@ -266,11 +381,6 @@ class Backflow:
                               spool=Spool(cfg.spool_dir, cfg.spool_max_bytes) if cfg.spool_dir else None,
                               owners=Owners.from_file(cfg.codeowners).of if cfg.codeowners else None,
                               trend_period=cfg.trend_period, trend_points=cfg.trend_points)
-        self.pipeline: Pipeline | None = None
-        self.receivers_here: list = []  # OTLP/gRPC and OTLP/HTTP, when they run in this process
-        self.receivers: ReceiverPool | None = None
-        self.http = None
-        self._listening = False
 
     def health(self) -> tuple[bool, str]:
         """/healthz: serving or not, and why. A Redis outage after start is "degraded", not
@@ -280,6 +390,11 @@ class Backflow:
             return False, "not ready: the receiver is not listening"
         if self.receivers and not self.receivers.alive():
             return False, "not ready: a receiver process is down"
+        if self.forwarder is not None:
+            if self.forwarder.reachable:
+                return True, "ok"
+            return True, (f"degraded: the detect replica at {self.cfg.forward} is not taking partials "
+                          f"({self.forwarder.last_error}); {self.forwarder.pending()} requests wait")
         if self.sink.reachable:
             return True, "ok"
         if not self.sink.ever_reached:
@@ -295,6 +410,13 @@ class Backflow:
         set while waiting."""
         with listening("metrics", self.cfg.metrics):
             self.http = serve_http(self.cfg.metrics, self.metrics.registry, self.health)
+        if self.forwarder is not None:
+            self.pipeline = AggregatePipeline(self.cfg, self.forwarder, self.metrics)
+            self.pipeline.start()
+            self.forwarder.start()
+            log.info("aggregate replica %s: partials of %g s windows go to the detect replica at %s",
+                     self.pipeline.replica, self.cfg.window, self.cfg.forward)
+            return self._listen()
         stop = stop or threading.Event()
         wait = 0.5
         if not self.sink.ping():
@@ -322,6 +444,10 @@ class Backflow:
                      self.cfg.prefix, time.monotonic() - t0)
         self.pipeline.start()
         self.sink.start()
+        return self._listen()
+
+    def _listen(self) -> bool:
+        """Start the receivers, in this process or in receiver processes."""
         if self.cfg.receiver_processes > 1:
             self.receivers = ReceiverPool(self.cfg, self.cfg.receiver_processes, self.pipeline.put,
                                           self.pipeline.has_room, self.metrics)
@@ -347,6 +473,11 @@ class Backflow:
         if self.pipeline:
             self.pipeline.stop(timeout=max(1.0, deadline - (time.monotonic() - t0)))
         left = max(0.5, deadline - (time.monotonic() - t0))
+        if self.forwarder is not None:
+            delivered = self.forwarder.stop(timeout=left)
+            if self.http:
+                self.http.shutdown()
+            return delivered
         delivered = self.sink.stop(timeout=left)
         if not delivered:
             log.error("exiting with %d Redis writes not delivered", self.sink.pending())

@@ -26,6 +26,7 @@ from processor.events import Event
 from processor.pipeline.baseline import Baseline, BaselineStage
 from processor.pipeline import checkpoint
 from processor.pipeline.graph import CallGraph
+from processor.pipeline.tiers import Replicas
 from processor.pipeline.window import ClosedWindow, Forgotten, WindowStage, is_overflow
 from processor.receiver.decode import Batch
 from processor.receiver.metrics import Deltas, MetricsBatch, to_counts
@@ -284,6 +285,8 @@ class Engine:
         if cfg.call_graph_wait > 0:
             self.windows.graph = CallGraph(cfg.window_ns, cfg.graph_wait_ns, cfg.call_graph_max_spans)
         self.deltas = Deltas()  # cumulative OTLP metrics' previous points, per series
+        # the aggregate replicas whose partials this process merges (processor/pipeline/tiers.py)
+        self.replicas = Replicas(cfg.replica_timeout, cfg.replica_wait)
         # each new version's rollout and verdict (processor/detect/rollout.py)
         self.rollouts = Rollouts(cfg.rollouts, RESOLVED_TYPES) if cfg.rollouts.enabled else None
         self._started = self.windows.clock()
@@ -358,10 +361,34 @@ class Engine:
     def ingest_metrics(self, batch: MetricsBatch) -> list[WindowResult]:
         """OTLP metrics (processor/receiver/metrics.py): cumulative points made deltas here,
         one place whichever receiver decoded them, then into the windows as spans are."""
-        return self._evaluate(self.windows.ingest_counts(to_counts(batch, self.deltas)))
+        window_ns = self.windows.window_ns
+        counts = to_counts(batch, self.deltas, window_ns)
+        marks = [m for m in batch.watermarks if m.window_ns == window_ns]
+        stats = self.windows.stats
+        stats["tier_refused"] += counts.refused + len(batch.watermarks) - len(marks)
+        for m in marks:  # (closed by the replicas from their first figures on)
+            self.windows.advance(m.service, None)
+        closed = self.windows.ingest_counts(counts)
+        if batch.replicas:
+            now = batch.received_at if batch.received_at is not None else self.windows.clock()
+            self.replicas.announce([r for r, w in batch.replicas.items() if w == window_ns], now)
+            closed = self._advance(self.replicas.report(marks, now), closed, now)
+        return self._evaluate(closed)
+
+    def _advance(self, services: set, closed: list[ClosedWindow], now: float) -> list[ClosedWindow]:
+        """``closed``, and the windows of ``services`` that their replicas' watermark passed."""
+        more = []
+        for service in sorted(services):
+            watermark = self.replicas.watermark(service, now)
+            if watermark is not None:
+                more += self.windows.advance(service, watermark)
+        return sorted(closed + more, key=lambda c: (c.end_ns, c.service)) if more else closed
 
     def flush_idle(self, now: float | None = None) -> list[WindowResult]:
-        return self._evaluate(self.windows.flush_idle(now))
+        now = self.windows.clock() if now is None else now
+        closed = self._advance(self.replicas.expire(now) | self.replicas.due(now), [], now) \
+            if self.replicas.seen else []
+        return self._evaluate(closed + self.windows.flush_idle(now))
 
     def forget_idle(self, now: float | None = None) -> Forgotten:
         """Forget what sent nothing for its idle timeout (``WindowStage.forget_idle``): a
@@ -394,6 +421,7 @@ class Engine:
             self.dirty_services.discard(service)
             if self.rollouts is not None:
                 self.rollouts.forget(service)
+            self.replicas.forget(service)
             self.forgotten_fields[checkpoint.service_field(service)] = f.service_ends.get(service, 0)
         if f.versions or f.locations:
             self._forget_versions(gone_versions, self.windows.clock() if now is None else now)

@@ -344,6 +344,9 @@ class VersionFigures:
     errors: int
     sketch: LogSketch
     exceptions: Counter = field(default_factory=lambda: NO_EXCEPTIONS)
+    # the failed spans' counts in each of the sketch's buckets (kept for partials only:
+    # an aggregate replica sends the failed and the other spans as histograms of their own)
+    error_counts: np.ndarray | None = None
 
 
 @dataclass(slots=True)
@@ -357,6 +360,7 @@ class LocationWindow:
     versions: list[VersionFigures]
     exceptions: Counter = field(default_factory=lambda: NO_EXCEPTIONS)
     trace_ids: bytes = b""  # the exemplars' trace ids, 16 bytes each, slowest span first
+    exemplar_ns: np.ndarray | None = None  # their durations (kept for partials only)
 
     @property
     def exemplars(self) -> list[str]:
@@ -469,8 +473,10 @@ class _Accumulator:
         self.ex_series, self.ex_dur, self.ex_tid, self.ex_held = [s], [d], [t], len(s)
         return s, d, t
 
-    def close(self, tables: Tables) -> tuple[list[LocationWindow], float]:
-        """The window's figures per location, and the service's summed span durations (ns)."""
+    def close(self, tables: Tables, partial: bool = False) -> tuple[list[LocationWindow], float]:
+        """The window's figures per location, and the service's summed span durations (ns);
+        ``partial``: with each version's failed spans per bucket and the exemplars' durations
+        (what an aggregate replica sends on, processor/pipeline/tiers.py)."""
         codes, counts = self._compact()
         err = (codes & 1).astype(bool)
         rest = codes >> 1
@@ -504,13 +510,15 @@ class _Accumulator:
                                              series_counts, series_errors):
             per_version.setdefault(loc, []).append(VersionFigures(
                 version=tables.versions[ver], count=n, errors=e, sketch=LogSketch(u_bucket[lo:hi], merged_counts[lo:hi]),
-                exceptions=version_exceptions.get(s, NO_EXCEPTIONS)))
+                exceptions=version_exceptions.get(s, NO_EXCEPTIONS),
+                error_counts=merged_errors[lo:hi] if partial else None))
 
         # Exemplars: each location's k slowest spans over its series, ties to the smaller
         # trace id; their ids as one run of 16-byte ids, location after location.
         ex_locs: list[int] = []
         ex_bounds: list[int] = [0]
         ex_ids = b""
+        ex_ns = np.zeros(0, np.int64)
         if self.k:
             es, ed, et = self._compact_exemplars()
             if len(es):
@@ -519,6 +527,7 @@ class _Accumulator:
                 keep = order[_rank_in_series(eloc[order]) < self.k]
                 eloc = eloc[keep]
                 ex_ids = et[keep].astype(">u8").tobytes()
+                ex_ns = ed[keep]
                 first = np.flatnonzero(np.concatenate(([True], eloc[1:] != eloc[:-1])))
                 ex_locs = eloc[first].tolist()
                 ex_bounds = (first * 16).tolist() + [len(ex_ids)]
@@ -535,12 +544,14 @@ class _Accumulator:
                 sketch = sketch.merge(v.sketch)
             while j < len(ex_locs) and ex_locs[j] < loc:
                 j += 1
-            ids = ex_ids[ex_bounds[j]:ex_bounds[j + 1]] if j < len(ex_locs) and ex_locs[j] == loc else b""
+            mine = j < len(ex_locs) and ex_locs[j] == loc
+            ids = ex_ids[ex_bounds[j]:ex_bounds[j + 1]] if mine else b""
             out.append(LocationWindow(
                 loc_id=loc, location=tables.locations[loc],
                 count=sum(v.count for v in versions), errors=sum(v.errors for v in versions),
                 sketch=sketch, versions=versions, exceptions=exceptions.get(loc, NO_EXCEPTIONS),
-                trace_ids=ids))
+                trace_ids=ids, exemplar_ns=(ex_ns[ex_bounds[j] // 16:ex_bounds[j + 1] // 16] if mine else ex_ns[:0])
+                if partial else None))
         return out, busy_ns
 
 
@@ -559,6 +570,9 @@ class _ServiceClock:
     closed_through: int = -(1 << 62)  # every window ending at or before this is closed
     last_arrival: float = 0.0         # processing time (monotonic) of the latest span
     windows: dict[int, _Accumulator] = field(default_factory=dict)
+    # closed by the aggregate replicas' watermarks (``WindowStage.advance``), not by its own
+    # data: partials of a slow replica arrive after a faster one's of later windows
+    external: bool = False
 
 
 class WindowStage:
@@ -599,6 +613,7 @@ class WindowStage:
         self.stats = Counter(spans=0, late=0, windows=0, overflow=0, forgotten_versions=0,
                              forgotten_locations=0, forgotten_services=0)
         self.graph: CallGraph | None = None  # the call graph's join, when it is on (Engine sets it)
+        self.partial = False  # closed windows keep what an aggregate replica sends on (``_Accumulator.close``)
         self._graph_flushed = -(1 << 62)  # the latest clock at the graph's last flush
 
     def ingest(self, batch: Batch) -> list[ClosedWindow]:
@@ -678,9 +693,12 @@ class WindowStage:
                 clock = self.services[s] = _ServiceClock()
             rows = np.flatnonzero(svc == s)
             e = end[rows]
-            prior_max = np.maximum.accumulate(np.concatenate(([clock.max_end], e[:-1])))
-            closed = np.maximum(prior_max - self.lateness_ns, clock.closed_through)
-            keep[rows] = win_end[rows] > closed
+            if clock.external:
+                keep[rows] = win_end[rows] > clock.closed_through
+            else:
+                prior_max = np.maximum.accumulate(np.concatenate(([clock.max_end], e[:-1])))
+                closed = np.maximum(prior_max - self.lateness_ns, clock.closed_through)
+                keep[rows] = win_end[rows] > closed
             clock.max_end = max(clock.max_end, int(e.max()))
             clock.last_arrival = now
             touched.append(s)
@@ -718,6 +736,8 @@ class WindowStage:
         closed: list[ClosedWindow] = []
         for s in touched:
             clock = self.services[s]
+            if clock.external:
+                continue
             watermark = clock.max_end - self.lateness_ns
             closed += self._close(s, lambda ws: ws + self.window_ns <= watermark)
             clock.closed_through = max(clock.closed_through, watermark)
@@ -751,12 +771,43 @@ class WindowStage:
                 s = int(t.loc_service.view[lid])
                 clock = self.services.get(s)
                 ws = e - e % self.window_ns
-                if clock is None or ws + self.window_ns <= max(clock.closed_through, clock.max_end - self.lateness_ns):
+                if clock is None or ws + self.window_ns <= (clock.closed_through if clock.external else max(
+                        clock.closed_through, clock.max_end - self.lateness_ns)):
                     continue  # (its window closed, or closes now: dropped, as its spans' figures would be)
                 self._accumulator(s, ws).exceptions[(s_id, etype)] += k
+        if c.exemplars is not None and len(c.exemplars[0]) and self.exemplars:
+            self._counted_exemplars(c, ids)
         if self.graph is not None and self.graph.waiting:  # (spans' traces in the windows that close)
             self._flush_graph(touched)
         return self._close_behind(touched)
+
+    def _counted_exemplars(self, c, ids: list) -> None:
+        """The exemplars of pre-aggregated figures (location index, version index, end,
+        duration, trace id) into their open windows, as candidates like spans' slowest."""
+        t = self.tables
+        li, vi, e, dur, tid = c.exemplars
+        lids = np.array(ids, np.int64)[li]
+        vids = np.array([t.version_id(v) for v in c.versions], np.int64)[vi]
+        svc = t.loc_service.view[lids].astype(np.int64)
+        ws = e - e % self.window_ns
+        keep = np.ones(len(e), bool)
+        for s in np.unique(svc).tolist():
+            clock = self.services.get(s)
+            rows = svc == s
+            closed = (clock.closed_through if clock.external else max(
+                clock.closed_through, clock.max_end - self.lateness_ns)) if clock is not None else None
+            keep &= ~rows | ((ws + self.window_ns > closed) if closed is not None else False)
+        rows = np.flatnonzero(keep)
+        if not len(rows):
+            return
+        series = t.series_ids(lids[rows], vids[rows])
+        tid64 = np.ascontiguousarray(tid[rows]).view(">u8").reshape(-1, 2).astype(np.uint64)
+        rsvc, rws = svc[rows], ws[rows]
+        order = np.lexsort((rws, rsvc))
+        cut = np.flatnonzero((np.diff(rsvc[order]) != 0) | (np.diff(rws[order]) != 0)) + 1
+        for part in np.split(order, cut):
+            acc = self._accumulator(int(rsvc[part[0]]), int(rws[part[0]]))
+            acc.add_exemplars(series[part], dur[rows][part], tid64[part])
 
     def _flush_graph(self, touched: list[int], force: bool | set[int] = False) -> None:
         """Join the call graph's complete traces: before a window of theirs closes, and
@@ -844,6 +895,23 @@ class WindowStage:
         self.tables.now = self.clock()
         return self.tables.location_id(loc)
 
+    def advance(self, service: tuple[str, str], watermark: int | None) -> list[ClosedWindow]:
+        """Close the windows of ``service`` (environment, name) ending by ``watermark``, which
+        the aggregate replicas' reports set (processor/pipeline/tiers.py): from now on its
+        windows close by these, not by the ends of its figures (None: only that)."""
+        s = self.tables._svc_ids.get(service)
+        if s is None:
+            s = self.tables.service_id(service)
+        clock = self.services.get(s)
+        if clock is None:
+            clock = self.services[s] = _ServiceClock(last_arrival=self.clock())
+        clock.external = True
+        if watermark is None:
+            return []
+        out = self._close(s, lambda ws: ws + self.window_ns <= watermark)
+        clock.closed_through = max(clock.closed_through, watermark)
+        return out
+
     def open_windows(self) -> int:
         return sum(len(c.windows) for c in self.services.values())
 
@@ -856,7 +924,7 @@ class WindowStage:
             if final:
                 clock.closed_through = max(clock.closed_through, we)
             env, service = self.tables.services[s]
-            locations, busy_ns = acc.close(self.tables)
+            locations, busy_ns = acc.close(self.tables, self.partial)
             graph = self.graph.take(s, ws) if self.graph is not None else {}
             out.append(ClosedWindow(service, ws, we, locations, env, busy_ns, graph))
             self.stats["windows"] += 1

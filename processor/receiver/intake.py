@@ -123,7 +123,7 @@ class Intake:
             self.refuse_request("malformed")
             raise
         batch.received_at = received_at
-        if len(batch):
+        if len(batch) or batch.replicas:  # (an aggregate replica's announcement holds no point)
             self.on_batch(batch)
             self.metrics.accepted_points.labels(transport=self.transport).inc(len(batch))
         for why, n in batch.reasons.items():

@@ -145,6 +145,19 @@ class Point:
     unit_ns: float = 1e6
     exception: str = ""      # an events point's exception.type
     count: int = 0           # an events point's
+    exemplars: list = field(default_factory=list)  # a histogram's: (end, duration in its unit, trace id)
+    window_ns: int = 0       # an aggregate replica's window length (0: not from a replica)
+
+
+@dataclass
+class Watermark:
+    """An aggregate replica's report on one service (processor/pipeline/tiers.py): it has
+    sent every window of the service ending by ``watermark``, and holds ``open`` more."""
+    replica: str
+    service: tuple[str, str]  # (environment, service.name)
+    watermark: int
+    open: int
+    window_ns: int
 
 
 @dataclass
@@ -153,12 +166,14 @@ class MetricsBatch:
     it refused (with why)."""
     points: list[Point] = field(default_factory=list)
     reasons: Counter = field(default_factory=Counter)
+    watermarks: list[Watermark] = field(default_factory=list)
+    replicas: dict = field(default_factory=dict)  # aggregate replicas heard from -> their window length (ns)
     received_at: float | None = None
     max_end_ns: int = 0      # (the limits it was decoded with)
     max_length: int = 0
 
     def __len__(self) -> int:
-        return len(self.points)
+        return len(self.points) + len(self.watermarks)
 
     @property
     def rejected(self) -> int:
@@ -179,6 +194,9 @@ class Counts:
     count: np.ndarray
     exceptions: list[tuple] = field(default_factory=list)  # (location index, version index, end, type, count)
     received_at: float | None = None
+    # exemplars as arrays: location index, version index, end, duration (ns), trace id (n x 16 bytes)
+    exemplars: tuple | None = None
+    refused: int = 0  # points of an aggregate replica whose window length is not this process's
 
 
 def _attrs(kvs) -> dict:
@@ -214,12 +232,17 @@ def from_request(req: ExportMetricsServiceRequest, max_end_ns: int = MAX_END_NS,
     for rm in req.resource_metrics:
         rattrs = _attrs(rm.resource.attributes)
         rkey = tuple(sorted(rattrs.items()))
+        if REPLICA in rattrs and type(rattrs.get(WINDOW)) is int:
+            out.replicas[str(rattrs[REPLICA])] = rattrs[WINDOW]
         for sm in rm.scope_metrics:
             for m in sm.metrics:
+                which = m.WhichOneof("data")
+                if m.name == WATERMARK and which == "gauge":
+                    _watermarks(rattrs, m.gauge.data_points, out)
+                    continue
                 kind = _metric_kind(m.name)
                 if not kind:
                     continue
-                which = m.WhichOneof("data")
                 if kind == "duration" and which in ("histogram", "exponential_histogram"):
                     h = getattr(m, which)
                     unit = UNITS_NS.get(m.unit or "ms")
@@ -236,6 +259,10 @@ def from_request(req: ExportMetricsServiceRequest, max_end_ns: int = MAX_END_NS,
                             out.reasons[why] += 1
                             continue
                         p.unit_ns = unit
+                        if dp.exemplars:
+                            p.exemplars = [(x.time_unix_nano, x.as_int if x.WhichOneof("value") == "as_int"
+                                            else x.as_double, x.trace_id) for x in dp.exemplars
+                                           if len(x.trace_id) == 16]
                         out.points.append(p)
                 elif kind == "events" and which == "sum":
                     for dp in m.sum.data_points:
@@ -260,6 +287,23 @@ def from_request(req: ExportMetricsServiceRequest, max_end_ns: int = MAX_END_NS,
 
 
 MAX_COUNT = 1 << 53  # counts beyond it are not counts of spans (and would overflow sums)
+WATERMARK = "backflow.watermark"  # an aggregate replica's gauge (processor/pipeline/tiers.py)
+REPLICA, WINDOW = "backflow.replica.id", "backflow.window_ns"  # its resource's attributes
+
+
+def _watermarks(rattrs: dict, points, out: MetricsBatch) -> None:
+    """An aggregate replica's watermark gauges: one per service it holds."""
+    replica, window_ns = str(rattrs.get(REPLICA, "")), rattrs.get(WINDOW)
+    if not replica or type(window_ns) is not int or window_ns <= 0:
+        out.reasons["watermark without backflow.replica.id and backflow.window_ns"] += len(points)
+        return
+    res = resource_of(rattrs)
+    for dp in points:
+        open_ = _attrs(dp.attributes).get("backflow.open_windows", 0)
+        if dp.WhichOneof("value") != "as_int" or type(open_) is not int:
+            out.reasons["watermark not an integer"] += 1
+            continue
+        out.watermarks.append(Watermark(replica, (res.environment, res.service), dp.as_int, open_, window_ns))
 
 
 def _buckets(p: Point, dp, explicit: bool) -> str:
@@ -293,7 +337,8 @@ def _point(rattrs: dict, rkey: tuple, name: str, dp, cumulative: bool, out: Metr
     if ident is None:  # (a series recurs at every flush: its location and version are made once)
         res = resource_of({**rattrs, **{k: v for k, v in a.items() if k in ("service.version", "vcs.ref.head.revision")}})
         fn = function_of(a, res.attrs, str(a.get("span.name", "")))
-        loc = Location(res.environment, res.service, fn, file_of(a, res.attrs), line_of(a, res.attrs))
+        loc = Location(res.environment, res.service, fn, file_of(a, res.attrs), line_of(a, res.attrs),
+                       str(a.get("otel.scope.name", "")))
         too_long = any(len(v) > out.max_length for v in (*loc.identity, loc.file, loc.line, res.version,
                                                          res.revision)) if out.max_length else False
         if len(_IDENTITIES) >= _IDENTITIES_MAX:
@@ -304,7 +349,9 @@ def _point(rattrs: dict, rkey: tuple, name: str, dp, cumulative: bool, out: Metr
     if too_long:
         out.reasons["attribute_too_long"] += 1
         return None
-    return Point((rkey, name, dims), loc, version, error, dp.start_time_unix_nano, dp.time_unix_nano, cumulative)
+    window_ns = rattrs.get(WINDOW)
+    return Point((rkey, name, dims), loc, version, error, dp.start_time_unix_nano, dp.time_unix_nano, cumulative,
+                 window_ns=window_ns if type(window_ns) is int else 0)
 
 
 # (resource, dimensions, length limit) -> (location, version, a value too long, error): see _point
@@ -344,7 +391,8 @@ class Deltas:
             if d is None:
                 self.resets += 1
                 return p
-            return Point(p.series, p.location, p.version, p.error, p.start_ns, p.end_ns, False, d, p.unit_ns)
+            return Point(p.series, p.location, p.version, p.error, p.start_ns, p.end_ns, False, d, p.unit_ns,
+                         exemplars=p.exemplars)
         if p.count < before:
             self.resets += 1
             return p
@@ -352,9 +400,12 @@ class Deltas:
                      exception=p.exception, count=p.count - before)
 
 
-def to_counts(batch: MetricsBatch, deltas: Deltas) -> Counts:
+def to_counts(batch: MetricsBatch, deltas: Deltas, window_ns: int = 0) -> Counts:
     """The batch's points, made deltas, as rows of the window stage (one numpy pass over
-    every bucket of the batch)."""
+    every bucket of the batch). An aggregate replica's points whose window is not
+    ``window_ns`` long are left out, counted in ``Counts.refused``."""
+    refused = 0
+    ex_rows: list[tuple] = []
     locations: list[Location] = []
     loc_index: dict[Location, int] = {}
     versions: list[tuple] = []
@@ -363,6 +414,9 @@ def to_counts(batch: MetricsBatch, deltas: Deltas) -> Counts:
     values, weights = [], []
     exceptions = []
     for raw in batch.points:
+        if raw.window_ns and window_ns and raw.window_ns != window_ns:
+            refused += 1
+            continue
         p = deltas.delta(raw)
         if p is None:
             continue
@@ -381,10 +435,18 @@ def to_counts(batch: MetricsBatch, deltas: Deltas) -> Counts:
         meta.append((li, vi, p.end_ns, p.error))
         values.append(p.buckets.values() * p.unit_ns)
         weights.append(p.buckets.weights())
+        for _, value, tid in p.exemplars:
+            if math.isfinite(value) and value >= 0:
+                ex_rows.append((li, vi, p.end_ns, int(min(value * p.unit_ns, 3e18)), tid))
+    exemplars = None
+    if ex_rows:
+        li, vi, e, d, tids = zip(*ex_rows)
+        exemplars = (np.array(li, np.int64), np.array(vi, np.int64), np.array(e, np.int64), np.array(d, np.int64),
+                     np.frombuffer(b"".join(tids), np.uint8).reshape(-1, 16))
     if not meta:
         z = np.zeros(0, np.int64)
         return Counts(locations, versions, z.astype(np.int32), z.astype(np.int32), z, z.astype(bool),
-                      z.astype(np.int32), z, exceptions, batch.received_at)
+                      z.astype(np.int32), z, exceptions, batch.received_at, exemplars, refused)
     w = np.concatenate(weights)
     point = np.repeat(np.arange(len(meta)), [len(x) for x in weights])
     keep = w > 0
@@ -394,7 +456,8 @@ def to_counts(batch: MetricsBatch, deltas: Deltas) -> Counts:
     counts = np.bincount(inv, weights=w[keep]).astype(np.int64)
     m = np.array([(li, vi, end, err) for li, vi, end, err in meta], np.int64)[uniq // _NB]
     return Counts(locations, versions, m[:, 0].astype(np.int32), m[:, 1].astype(np.int32), m[:, 2],
-                  m[:, 3].astype(bool), (uniq % _NB).astype(np.int32), counts, exceptions, batch.received_at)
+                  m[:, 3].astype(bool), (uniq % _NB).astype(np.int32), counts, exceptions, batch.received_at,
+                  exemplars, refused)
 
 
 _NB = MAX_BUCKET + 1

@@ -220,6 +220,21 @@ class Metrics:
                                     "Seconds the pipeline waited for room in the Redis buffer while "
                                     "Redis answered (the receivers pushed back meanwhile)", registry=r)
         self.redis_up = Gauge("backflow_redis_up", "1 when the last Redis call succeeded", registry=r)
+        # two tiers (processor/pipeline/tiers.py): an aggregate replica's sending, a detect replica's replicas
+        self.forward_points = Counter("backflow_forward_points",
+                                      "Data points of partials an aggregate replica sent to the detect replica: "
+                                      "sent (taken), refused (refused by it)", ["outcome"], registry=r)
+        for outcome in ("sent", "refused"):
+            self.forward_points.labels(outcome)
+        self.forward_pending = Gauge("backflow_forward_pending_requests",
+                                     "Requests of partials waiting to be taken by the detect replica", registry=r)
+        self.forward_up = Gauge("backflow_forward_up", "1 when the detect replica took the last request",
+                                registry=r)
+        self.tier_replicas = Gauge("backflow_tier_replicas",
+                                   "Aggregate replicas the detect replica waits for (those that reported within "
+                                   "replica_timeout)", registry=r)
+        self.tier_dropped = Counter("backflow_tier_replicas_dropped",
+                                    "Aggregate replicas dropped after replica_timeout without a report", registry=r)
         self.overflow_locations = Gauge("backflow_metrics_overflow_locations",
                                         "Code locations folded into the overflow series",
                                         registry=r)

@@ -1,0 +1,278 @@
+"""Two tiers: aggregate replicas close windows into partials, a detect replica merges them.
+
+``backflow serve --role aggregate`` takes spans (routed by trace id, or not at all) into its
+windows as usual, but does not detect: each window it closes goes on, per code location,
+version and outcome, as an OTLP delta histogram (``backflow.duration``, unit ``ns``) whose
+explicit bounds are the sketch's own bucket bounds, so that the detect replica rebuilds the
+very buckets (no error beyond the sketch's); exceptions go as ``backflow.events`` sums, the
+slowest spans as the histograms' exemplars. Each request also carries the replica's
+watermark per service (the ``backflow.watermark`` gauge: every window of the service ending
+by it has been sent, and ``backflow.open_windows`` more are held), and the replica's
+identity (``backflow.replica.id``) and window length (``backflow.window_ns``) on its
+resources. ``partials`` makes these requests.
+
+The detect replica (``--role detect``, or the default role) takes them with its OTLP
+metrics receiver: the partials of a window from every replica merge in its window, and
+``Replicas`` decides when it closes. A service's window closes when every replica known to
+it has reported past it (a replica holding no open window of the service has sent all it
+has), or ``replica_wait`` seconds after the first one did; replicas announce themselves in
+every request, and one silent for ``replica_timeout`` seconds is dropped, counted, and no
+longer waited for.
+
+>>> r = Replicas(timeout=30.0, wait=10.0)
+>>> svc = ("prod", "shop")
+>>> r.report([Watermark("a", svc, 1000, 1, 60), Watermark("b", svc, 1060, 1, 60)], now=0.0)
+{('prod', 'shop')}
+>>> r.watermark(svc, now=1.0)   # a holds open windows from 1000 on
+1000
+>>> _ = r.report([Watermark("a", svc, 1060, 0, 60)], now=2.0)
+>>> r.watermark(svc, now=2.0)
+1060
+>>> _ = r.report([Watermark("b", svc, 1200, 1, 60)], now=3.0)  # a holds none: b's is the one
+>>> r.watermark(svc, now=3.0)
+1200
+>>> r.announce(["c"], now=4.0)  # c may send some of it: waited for, 10 s at most
+>>> r.watermark(svc, now=5.0), r.watermark(svc, now=13.0)
+(-4611686018427387904, 1200)
+>>> sorted(r.expire(now=40.0)), r.dropped, r.known
+([('prod', 'shop')], 3, 0)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import KeyValue
+from opentelemetry.proto.metrics.v1.metrics_pb2 import AGGREGATION_TEMPORALITY_DELTA
+
+from processor.pipeline.sketch import GAMMA
+from processor.pipeline.window import ClosedWindow
+from processor.receiver.metrics import REPLICA, WATERMARK, WINDOW, Watermark
+
+DURATION, EVENTS = "backflow.duration", "backflow.events"
+POINTS_PER_REQUEST = 2_000  # a request stays well under the receiver's 4 MiB limit
+
+
+def _kv(key: str, value) -> KeyValue:
+    kv = KeyValue(key=key)
+    if isinstance(value, int):
+        kv.value.int_value = value
+    else:
+        kv.value.string_value = value
+    return kv
+
+
+def explicit_bounds(index: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Explicit-bounds buckets holding a sketch's buckets exactly: each present bucket ``i``
+    of the sketch, ``(GAMMA^(i-1), GAMMA^i]``, is one bucket; a run of absent ones between two
+    present ones is one empty bucket. Returns the bounds (ns) and the bucket counts.
+
+    >>> b, c = explicit_bounds(np.array([10, 11, 14]), np.array([2, 1, 5]))
+    >>> c.tolist(), len(b) + 1 == len(c)
+    ([0, 2, 1, 0, 5, 0], True)
+    """
+    index = np.asarray(index, np.int64)
+    gap = np.concatenate(([True], index[1:] - 1 != index[:-1]))  # a bucket whose lower bound is new
+    edges = np.empty(len(index) + int(gap.sum()), np.int64)
+    pos = np.arange(len(index)) + np.cumsum(gap)  # where each bucket's upper bound goes
+    edges[pos] = index
+    edges[pos[gap] - 1] = index[gap] - 1
+    out = np.zeros(len(edges) + 1, np.int64)
+    out[pos] = counts
+    return GAMMA ** edges.astype(np.float64), out
+
+
+def _attributes(point, lw, version: tuple, error: bool | None = None) -> None:
+    loc = lw.location
+    attrs = [_kv("code.function.name", loc.function)]
+    if loc.file:
+        attrs.append(_kv("code.file.path", loc.file))
+    if loc.line:
+        attrs.append(_kv("code.line.number", loc.line))
+    if loc.scope:
+        attrs.append(_kv("otel.scope.name", loc.scope))
+    attrs.append(_kv("service.version", version[1]))
+    if version[2]:
+        attrs.append(_kv("vcs.ref.head.revision", version[2]))
+    if error:
+        attrs.append(_kv("status.code", "STATUS_CODE_ERROR"))
+    point.attributes.extend(attrs)
+
+
+def _resource(req: ExportMetricsServiceRequest, service: tuple[str, str] | None, replica: str, window_ns: int):
+    rm = req.resource_metrics.add()
+    rm.resource.attributes.extend([_kv(REPLICA, replica), _kv(WINDOW, window_ns)])
+    if service is None:
+        return None
+    env, name = service
+    rm.resource.attributes.extend([_kv("service.name", name)] + ([_kv("deployment.environment.name", env)]
+                                                                  if env else []))
+    sm = rm.scope_metrics.add()
+    sm.scope.name = "backflow"
+    return sm
+
+
+def partials(closed: list[ClosedWindow], marks: dict[tuple[str, str], tuple[int, int]], replica: str,
+             window_ns: int, per_request: int = POINTS_PER_REQUEST) -> list[tuple[bytes, int]]:
+    """The windows ``closed`` (of a stage with ``partial`` set) as serialized OTLP requests
+    of at most about ``per_request`` data points each (with their counts of data points),
+    then the watermarks ``marks``
+    ((environment, service) -> (watermark, open windows)) in the last request, so that a
+    receiver that takes them in order has every window before the watermark that passes it."""
+    out: list[tuple[bytes, int]] = []
+    req, n = ExportMetricsServiceRequest(), 0
+
+    def cut():
+        nonlocal req, n
+        out.append((req.SerializeToString(), n))
+        req, n = ExportMetricsServiceRequest(), 0
+
+    for cw in closed:
+        service = (cw.environment, cw.service)
+        sm = hist = events = None
+        end = cw.start_ns + window_ns - 1  # (the window's last nanosecond: the receiver's window is the one holding it)
+        for lw in cw.locations:
+            if sm is None or n >= per_request:
+                if n >= per_request:
+                    cut()
+                sm = _resource(req, service, replica, window_ns)
+                hist = sm.metrics.add(name=DURATION, unit="ns")
+                hist.histogram.aggregation_temporality = AGGREGATION_TEMPORALITY_DELTA
+                events = None
+            ids, durations = lw.trace_ids, lw.exemplar_ns
+            for v in lw.versions:
+                counts = v.sketch.counts.astype(np.int64)
+                errors = v.error_counts.astype(np.int64) if v.error_counts is not None else np.zeros_like(counts)
+                for error, c in ((False, counts - errors), (True, errors)):
+                    present = c > 0
+                    if not present.any():
+                        continue
+                    bounds, bucket_counts = explicit_bounds(v.sketch.index[present], c[present])
+                    dp = hist.histogram.data_points.add(start_time_unix_nano=cw.start_ns, time_unix_nano=end,
+                                                        count=int(c.sum()))
+                    dp.explicit_bounds.extend(bounds.tolist())
+                    dp.bucket_counts.extend(bucket_counts.tolist())
+                    _attributes(dp, lw, v.version, error)
+                    if ids and durations is not None:  # (the location's slowest: on its first point)
+                        for k, d in enumerate(durations.tolist()):
+                            dp.exemplars.add(time_unix_nano=end, as_int=int(d), trace_id=ids[16 * k:16 * k + 16])
+                        ids = b""
+                    n += 1
+                for etype, k in v.exceptions.items():
+                    if events is None:
+                        events = sm.metrics.add(name=EVENTS)
+                        events.sum.aggregation_temporality = AGGREGATION_TEMPORALITY_DELTA
+                        events.sum.is_monotonic = True
+                    dp = events.sum.data_points.add(start_time_unix_nano=cw.start_ns, time_unix_nano=end, as_int=k)
+                    _attributes(dp, lw, v.version)
+                    dp.attributes.append(_kv("exception.type", etype))
+                    n += 1
+    by_service: dict[tuple, list] = {}
+    for service, (wm, held) in sorted(marks.items()):
+        by_service.setdefault(service, []).append((wm, held))
+    for service, rows in by_service.items():
+        if n >= per_request:
+            cut()
+        g = _resource(req, service, replica, window_ns).metrics.add(name=WATERMARK, unit="ns").gauge
+        for wm, held in rows:
+            g.data_points.add(as_int=wm).attributes.append(_kv("backflow.open_windows", held))
+            n += 1
+    if not n and not out:  # (nothing to say: the replica announces itself)
+        _resource(req, None, replica, window_ns)
+    if n or not out:
+        cut()
+    return out
+
+
+class Replicas:
+    """What the detect replica knows of the aggregate replicas: the replicas that announced
+    themselves and when each last reported, and per service each one's watermark and whether
+    it holds open windows.
+
+    A known replica that has not reported a service may yet send some of it: it is waited
+    for like one holding open windows. Once one replica has reported past a window, the
+    others are waited for at most ``wait`` seconds (processing time). ``report``, ``expire``
+    and ``due`` return the services whose ``watermark`` may have moved: the caller closes
+    their windows up to it.
+    """
+
+    def __init__(self, timeout: float, wait: float):
+        self.timeout = timeout
+        self.wait = wait
+        self.seen: dict[str, float] = {}  # replica -> processing time of its latest report
+        self.marks: dict[tuple, dict[str, list[int]]] = {}  # service -> replica -> [watermark, open]
+        self._tops: dict[tuple, deque] = {}  # service -> (highest watermark, when first reported), rising
+        self.dropped = 0  # replicas dropped for silence
+
+    @property
+    def known(self) -> int:
+        return len(self.seen)
+
+    def announce(self, replicas, now: float) -> None:
+        """Replicas heard from (with or without a service's watermark)."""
+        for r in replicas:
+            self.seen[r] = now
+
+    def report(self, marks: list[Watermark], now: float) -> set[tuple]:
+        self.announce({m.replica for m in marks}, now)
+        touched = set()
+        for m in marks:
+            by_replica = self.marks.setdefault(m.service, {})
+            held = by_replica.get(m.replica)
+            if held is None:
+                by_replica[m.replica] = [m.watermark, m.open]
+            else:  # (a replica's watermark only moves on: one restarted starts from nothing)
+                held[0], held[1] = max(held[0], m.watermark), m.open
+            touched.add(m.service)
+        for service in touched:
+            top = max(w for w, _ in self.marks[service].values())
+            tops = self._tops.setdefault(service, deque())
+            if not tops or top > tops[-1][0]:
+                tops.append((top, now))
+        return touched
+
+    def expire(self, now: float) -> set[tuple]:
+        """Drop the replicas silent for ``timeout`` seconds; the services they held."""
+        gone = {r for r, t in self.seen.items() if now - t >= self.timeout}
+        if not gone:
+            return set()
+        self.dropped += len(gone)
+        for r in gone:
+            del self.seen[r]
+        touched = set()
+        for service, by_replica in self.marks.items():
+            touched.add(service)  # (it may have waited for one of them without a report)
+            for r in gone & by_replica.keys():
+                del by_replica[r]
+        return touched
+
+    def due(self, now: float) -> set[tuple]:
+        """The services with a watermark reported ``wait`` seconds ago or more."""
+        return {service for service, tops in self._tops.items() if tops and tops[0][1] <= now - self.wait}
+
+    def watermark(self, service: tuple, now: float) -> int | None:
+        """Through where the service's windows may close: the lowest watermark of the known
+        replicas holding open windows of it or not having reported it (the highest watermark
+        when none does), or what the highest was ``wait`` seconds ago, whichever is later.
+        None when no replica reports it."""
+        by_replica = self.marks.get(service)
+        if not by_replica:
+            return None
+        top = max(w for w, _ in by_replica.values())
+        waiting = [by_replica[r][0] if r in by_replica else None for r in self.seen
+                   if r not in by_replica or by_replica[r][1]]
+        low = top if not waiting else -(1 << 62) if None in waiting else min(waiting)
+        tops = self._tops.get(service)
+        while tops and len(tops) > 1 and tops[1][1] <= now - self.wait:
+            tops.popleft()
+        if tops and tops[0][1] <= now - self.wait:
+            low = max(low, tops[0][0])
+            if len(tops) == 1:
+                tops.clear()  # (applied: due() stops naming it until a higher one comes)
+        return max(low, -(1 << 62))
+
+    def forget(self, service: tuple) -> None:
+        self.marks.pop(service, None)
+        self._tops.pop(service, None)

@@ -1,0 +1,125 @@
+"""OTLP metrics out: an aggregate replica's partials to the detect replica, over gRPC.
+
+Requests (``processor.pipeline.tiers.partials``, serialized) are sent one at a time, in the
+order they were made, each until the detect replica takes it: a watermark must never reach
+it before the windows it passes. While it is away they wait in memory; past ``max_bytes``,
+``has_room`` turns false and the replica's receivers tell their senders to retry, so that
+nothing acknowledged is dropped. A request the detect replica refuses as malformed
+(INVALID_ARGUMENT) would be refused again: it is logged and counted, not retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+
+import grpc
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
+
+log = logging.getLogger("backflow.forward")
+
+_EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
+_FINAL = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED)  # retrying would not help
+
+
+class Forwarder:
+    """Sends serialized ExportMetricsServiceRequests to ``target`` (HOST:PORT) in order."""
+
+    def __init__(self, target: str, max_bytes: int = 256 << 20, timeout: float = 10.0,
+                 on_sent=lambda points: None, on_refused=lambda n: None):
+        self.target = target
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+        self.on_sent, self.on_refused = on_sent, on_refused
+        self._channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+        self._export = self._channel.unary_unary(_EXPORT, request_serializer=None,
+                                                 response_deserializer=ExportMetricsServiceResponse.FromString)
+        self._queue: deque[tuple[bytes, int]] = deque()
+        self._cond = threading.Condition()
+        self.bytes = 0
+        self.reachable = True
+        self.last_error = ""
+        self.sent = 0
+        self._stopping = False
+        self._deadline = float("inf")
+        self._thread = threading.Thread(target=self._run, name="forward", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, requests: list[tuple[bytes, int]]) -> None:
+        """Requests with the data points each holds; never refused (see ``has_room``)."""
+        with self._cond:
+            for r in requests:
+                self._queue.append(r)
+                self.bytes += len(r[0])
+            self._cond.notify()
+
+    def has_room(self) -> bool:
+        return self.bytes < self.max_bytes
+
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def _run(self) -> None:
+        wait = 0.1
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                data, points = self._queue[0]
+            try:
+                response = self._export(data, timeout=self.timeout, wait_for_ready=False)
+            except grpc.RpcError as e:
+                code = e.code() if hasattr(e, "code") else None
+                if code in _FINAL:
+                    log.error("the detect replica at %s refused %d data points (%s: %s); not sent again",
+                              self.target, points, code.name, e.details())
+                    self.on_refused(points)
+                    self._done(data)
+                    continue
+                if self.reachable:
+                    log.warning("the detect replica at %s is not taking partials (%s); %d requests wait, "
+                                "retrying", self.target, code.name if code else e, len(self._queue))
+                self.reachable, self.last_error = False, str(code.name if code else e)
+                if self._stopping and time.monotonic() > self._deadline:
+                    return
+                time.sleep(wait)
+                wait = min(wait * 2, 2.0)
+                continue
+            wait = 0.1
+            if not self.reachable:
+                log.info("the detect replica at %s takes partials again", self.target)
+            self.reachable = True
+            rejected = response.partial_success.rejected_data_points
+            if rejected:
+                log.warning("the detect replica refused %d of %d data points: %s", rejected, points,
+                            response.partial_success.error_message)
+                self.on_refused(rejected)
+            self.on_sent(points - rejected)
+            self._done(data)
+
+    def _done(self, data: bytes) -> None:
+        with self._cond:
+            self._queue.popleft()
+            self.bytes -= len(data)
+            self.sent += 1
+            self._cond.notify_all()
+
+    def stop(self, timeout: float) -> bool:
+        """Send what waits, within ``timeout`` seconds; True when everything was taken."""
+        self._deadline = time.monotonic() + timeout
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        left = len(self._queue)
+        if left:
+            log.error("exiting with %d requests of partials not taken by the detect replica at %s",
+                      left, self.target)
+        self._channel.close()
+        return not left

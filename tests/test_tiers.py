@@ -1,0 +1,258 @@
+"""Two tiers (processor/pipeline/tiers.py): aggregate replicas close windows into partials
+sent as OTLP metrics, a detect replica merges them and closes its windows by the replicas'
+watermarks. Events equal those of one process fed everything: in-process over every
+interleaving tried, and with three real ``backflow serve --role aggregate`` and one
+``--role detect``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from benchmarks.scenarios import OtlpEncoder, generate
+from processor.config import Config, ConfigError, load_config
+from processor.pipeline.engine import Engine
+from processor.pipeline.sketch import LogSketch
+from processor.pipeline.tiers import Replicas, explicit_bounds, partials
+from processor.pipeline.window import WindowStage
+from processor.receiver.decode import count_spans
+from processor.receiver.metrics import ExplicitBuckets, Watermark, decode_metrics
+from tests.conftest import BackflowProcess
+from tests.lanes import send_lanes
+from tests.otlp import batch_rows
+
+CFG = Config.defaults(window=60.0, allowed_lateness=5.0, idle_timeout=1e9)
+FLAGS = ("--window", "60", "--allowed-lateness", "5", "--idle-timeout", "100000", "--checkpoint-interval", "2")
+
+
+@pytest.fixture(scope="module")
+def scenario():
+    return generate(7, services=4, functions_per_service=3, hours=4.0, rate=(4.0, 8.0), min_rate=3.0)
+
+
+def _replica_of(b, n: int) -> np.ndarray:
+    """Each span's replica, by its trace id (the collector's loadbalancing exporter routes by it)."""
+    return (np.ascontiguousarray(b.trace_id).view(">u8")[:, 1] % n).astype(np.int64)
+
+
+def test_explicit_bounds_give_back_the_sketchs_buckets_exactly():
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        index = np.unique(rng.integers(-3, 2200, rng.integers(1, 40)))
+        counts = rng.integers(1, 1000, len(index))
+        bounds, bucket_counts = explicit_bounds(index, counts)
+        assert (np.diff(bounds) > 0).all() and len(bucket_counts) == len(bounds) + 1
+        values = ExplicitBuckets(bounds, bucket_counts).values()
+        back = LogSketch.from_values(np.repeat(values, bucket_counts))
+        assert back.index.tolist() == np.maximum(index, 0).tolist() if (index > 0).all() else True
+        assert back.count == counts.sum()
+        if (index > 0).all():
+            assert back.counts.astype(np.int64).tolist() == counts.tolist()
+
+
+class Tiers:
+    """``n`` aggregate window stages and a detect engine, in one process; each replica's
+    requests go through the OTLP bytes, held back by ``delay`` steps per replica."""
+
+    def __init__(self, n: int, delay=(0, 0, 0), wait: float = 1e9):
+        self.now = 0.0
+        clock = lambda: self.now  # noqa: E731
+        cfg = Config.defaults(**{**{k: getattr(CFG, k) for k in ("window", "allowed_lateness", "idle_timeout")},
+                                 "replica_wait": wait, "replica_timeout": 1e9})
+        self.detect = Engine(cfg, clock=clock)
+        self.stages = []
+        for _ in range(n):
+            w = WindowStage(cfg.window_ns, cfg.lateness_ns, cfg.idle_timeout, cfg.exemplars, clock=clock)
+            w.partial = True
+            self.stages.append(w)
+        self.reported = [{} for _ in range(n)]
+        self.held = [[] for _ in range(n)]
+        self.delay = delay
+        self.events = []
+        for i in range(n):  # (each replica announces itself at start)
+            self._deliver([data for data, _ in partials([], {}, f"r{i}", cfg.window_ns)])
+
+    def requests(self, i: int, closed, full=False):
+        w = self.stages[i]
+        marks = {}
+        for s, c in w.services.items():
+            mark, name = (c.closed_through, len(c.windows)), w.tables.services[s]
+            if full or self.reported[i].get(name) != mark:
+                marks[name] = self.reported[i][name] = mark
+        return [data for data, _ in partials(closed, marks, f"r{i}", w.window_ns, per_request=50)]
+
+    def step(self, i: int, closed, full=False):
+        self.held[i].append(self.requests(i, closed, full))
+        while len(self.held[i]) > self.delay[i]:
+            self._deliver(self.held[i].pop(0))
+
+    def _deliver(self, requests):
+        for data in requests:
+            for r in self.detect.ingest_metrics(decode_metrics(data)):
+                self.events += r.events
+
+    def finish(self):
+        for i, w in enumerate(self.stages):
+            self.step(i, w.flush_all(), full=True)
+            while self.held[i]:
+                self._deliver(self.held[i].pop(0))
+        for r in self.detect.flush_all():
+            self.events += r.events
+
+
+def _fields(events):
+    return sorted(tuple(sorted((k, str(v)) for k, v in vars(e).items())) for e in events)
+
+
+def _single(scenario):
+    single = Engine(CFG, clock=lambda: 0.0)
+    events = []
+    for c in range(scenario.n_chunks):
+        for r in single.ingest(scenario.chunk(c)):
+            events += r.events
+    for r in single.flush_all():
+        events += r.events
+    return events, single
+
+
+@pytest.mark.parametrize("delay", [(0, 0, 0), (0, 3, 9)], ids=["in step", "replicas behind"])
+def test_three_replicas_and_a_detect_engine_raise_what_one_engine_raises(scenario, delay):
+    expected, single = _single(scenario)
+    tiers = Tiers(3, delay)
+    for c in range(scenario.n_chunks):
+        b = scenario.chunk(c)
+        replica = _replica_of(b, 3)
+        for i, w in enumerate(tiers.stages):
+            tiers.step(i, w.ingest(batch_rows(b, np.flatnonzero(replica == i))))
+    tiers.finish()
+    assert {e.type for e in expected} >= {"first_seen", "latency_regression", "new_exception", "rollout"}
+    assert _fields(tiers.events) == _fields(expected)
+    stats = tiers.detect.windows.stats
+    assert stats["late"] == 0 and stats["spans"] == single.windows.stats["spans"]
+    # the same baselines, bucket for bucket
+    ids = tiers.detect.windows.tables._loc_ids
+    for loc_id, loc in enumerate(single.windows.tables.locations):
+        if loc is not None and single.baselines.baseline(loc_id) is not None:
+            a, b = single.baselines.baseline(loc_id), tiers.detect.baselines.baseline(ids[loc.key])
+            assert (a.windows, a.sketch.index.tolist(), a.sketch.counts.tolist()) == \
+                (b.windows, b.sketch.index.tolist(), b.sketch.counts.tolist())
+
+
+def test_a_replica_behind_holds_windows_until_it_reports_or_the_wait_ends(scenario):
+    tiers = Tiers(2, delay=(0, 10_000), wait=30.0)
+    tiers.detect.replicas.seen.pop("r1")  # (not announced yet)
+    closed_at = []
+    for c in range(scenario.n_chunks // 4):
+        b = scenario.chunk(c)
+        replica = _replica_of(b, 2)
+        for i, w in enumerate(tiers.stages):
+            tiers.step(i, w.ingest(batch_rows(b, np.flatnonzero(replica == i))))
+    tiers.now = 1.0
+    # replica 1 announced nothing yet: replica 0 alone is known, its windows close
+    assert tiers.detect.windows.stats["windows"] > 0
+    # now replica 1 announces itself: windows wait for it, up to replica_wait
+    tiers._deliver([partials([], {}, "r1", CFG.window_ns)[0][0]])
+    before = tiers.detect.windows.stats["windows"]
+    for c in range(scenario.n_chunks // 4, scenario.n_chunks // 2):
+        b = scenario.chunk(c)
+        tiers.step(0, tiers.stages[0].ingest(batch_rows(b, np.flatnonzero(_replica_of(b, 2) == 0))))
+    assert tiers.detect.windows.stats["windows"] == before, "closed without the replica known to hold them"
+    tiers.now = 20.0
+    closed_at.append(len(tiers.detect.flush_idle(20.0)))
+    tiers.now = 40.0
+    closed_at.append(len(tiers.detect.flush_idle(40.0)))
+    assert closed_at[0] == 0 and closed_at[1] > 0, closed_at
+
+
+def test_a_silent_replica_is_dropped_after_the_timeout_and_counted():
+    r = Replicas(timeout=30.0, wait=1e9)
+    svc = ("prod", "shop")
+    r.report([Watermark("a", svc, 600, 1, 60), Watermark("b", svc, 120, 1, 60)], now=0.0)
+    assert r.watermark(svc, now=1.0) == 120
+    r.report([Watermark("a", svc, 900, 1, 60)], now=25.0)
+    assert r.expire(now=29.0) == set() and r.watermark(svc, now=29.0) == 120
+    assert r.expire(now=31.0) == {svc} and r.dropped == 1 and r.known == 1
+    assert r.watermark(svc, now=31.0) == 900
+
+
+def test_a_replica_with_another_window_length_is_refused_and_counted():
+    stage = WindowStage(30 * 10**9, 0)
+    stage.partial = True
+    engine = Engine(CFG, clock=lambda: 0.0)
+    data, n = partials([], {("prod", "shop"): (10**12, 1)}, "r0", stage.window_ns)[0]
+    engine.ingest_metrics(decode_metrics(data))
+    assert engine.windows.stats["tier_refused"] == 1 and engine.replicas.known == 0
+
+
+def test_role_settings_are_checked_at_start():
+    with pytest.raises(ConfigError, match="forward"):
+        load_config(["--role", "aggregate"], environ={})
+    with pytest.raises(ConfigError, match="only an aggregate replica forwards"):
+        load_config(["--forward", "127.0.0.1:4317"], environ={})
+    with pytest.raises(ConfigError, match="role"):
+        load_config(["--role", "leader"], environ={})
+    cfg = load_config(["--role", "aggregate", "--forward", "detect:4317", "--replica-id", "agg-0"], environ={})
+    assert (cfg.role, cfg.forward, cfg.replica_name) == ("aggregate", "detect:4317", "agg-0")
+
+
+def _settle(bf: BackflowProcess, spans: int, what: str = "spans"):
+    def settled():
+        m = bf.metrics()
+        return m if m["backflow_processed_spans_total"] == spans else None
+    return bf.wait_for(settled, timeout=120, what=f"{spans} {what} processed")
+
+
+def test_three_aggregate_processes_and_a_detect_process_publish_what_one_process_publishes(
+        redis_server, redis_client, scenario):
+    enc = OtlpEncoder(scenario)
+    everything, parts = [], [[] for _ in range(3)]
+    for c in range(scenario.n_chunks):
+        b = scenario.chunk(c)
+        everything += enc.encode(b)
+        replica = _replica_of(b, 3)
+        for i in range(3):
+            parts[i] += enc.encode(batch_rows(b, np.flatnonzero(replica == i)))
+    total = sum(count_spans(r) for r in everything)
+
+    single = BackflowProcess(redis_server.url, *FLAGS, prefix="single").start()
+    try:
+        send_lanes({"all": single.grpc_target}, {"all": everything})
+        _settle(single, total)
+    finally:
+        assert single.stop() == 0, single.log
+
+    detect = BackflowProcess(redis_server.url, *FLAGS, "--role", "detect", "--replica-wait", "600",
+                             prefix="tiers").start()
+    aggregates = [BackflowProcess(redis_server.url, *FLAGS, "--role", "aggregate", "--forward", detect.grpc_target,
+                                  "--replica-id", f"agg-{i}", prefix="unused") for i in range(3)]
+    try:
+        for a in aggregates:
+            a.start()
+        detect.wait_for(lambda: detect.metrics()["backflow_tier_replicas"] == 3, timeout=30,
+                        what="three aggregate replicas announced")
+        send_lanes({f"agg-{i}": a.grpc_target for i, a in enumerate(aggregates)},
+                   {f"agg-{i}": parts[i] for i in range(3)})
+        for i, a in enumerate(aggregates):
+            _settle(a, sum(count_spans(r) for r in parts[i]))
+            a.wait_for(lambda: (m := a.metrics())["backflow_forward_pending_requests"] == 0 and m["backflow_forward_up"],
+                       timeout=60, what="the partials taken by the detect replica")
+        assert [a.stop() for a in aggregates] == [0, 0, 0], [a.log for a in aggregates]
+        m = _settle(detect, total, "spans' partials")
+        assert m["backflow_late_spans_total"] == 0
+        assert m['backflow_forward_points_total{outcome="sent"}'] == 0  # (the detect replica sends nothing)
+    finally:
+        for a in aggregates:
+            a.stop()
+        assert detect.stop() == 0, detect.log
+    assert not redis_client.exists("unused:events"), "an aggregate replica wrote to Redis"
+
+    def published(prefix):
+        events = sorted(tuple(sorted(f.items())) for _, f in redis_client.xrange(f"{prefix}:events"))
+        keys = redis_client.smembers(f"{prefix}:keys")
+        return events, keys, {k: redis_client.hgetall(f"{prefix}:baseline:{k}") for k in keys}
+
+    events1, keys1, baselines1 = published("single")
+    events2, keys2, baselines2 = published("tiers")
+    assert any(dict(e)["type"] == "latency_regression" for e in events1)
+    assert events2 == events1
+    assert keys2 == keys1 and baselines2 == baselines1
