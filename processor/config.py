@@ -27,7 +27,7 @@ from processor.parsing import (  # noqa: F401 (re-exported: the settings' parser
     ConfigError, parse_address, split_address, parse_address_or_off, parse_redis_url, redact_url,
     url_secrets, parse_readable_file, parse_writable_dir, parse_codeowners, parse_token, parse_prefix, positive_float,
     non_negative_float, positive_int, non_negative_int, parse_log_level, flag_of, env_of, parse_role,
-    parse_replica_id,
+    parse_replica_id, parse_addresses,
 )
 
 
@@ -171,8 +171,10 @@ SETTINGS: tuple[Setting, ...] = (
             "both: detect on the spans taken (one process per service); aggregate: close windows into "
             "partials sent to the detect replica at 'forward', no Redis (spans routed by trace id, or not "
             "at all); detect: both, taking the aggregate replicas' partials too (docs/tiers.md)", "ROLE"),
-    Setting("forward", None, parse_address,
-            "the detect replica's OTLP/gRPC address that an aggregate replica sends its partials to", "ADDR"),
+    Setting("forward", None, parse_addresses,
+            "the detect replicas' OTLP/gRPC addresses (comma-separated) that an aggregate replica sends its "
+            "partials to, each service's to one, chosen as the collector's loadbalancing exporter chooses "
+            "with routing_key service", "ADDRS"),
     Setting("replica_id", None, parse_replica_id,
             "an aggregate replica's name in its reports (default: host name and process id)", "NAME"),
     Setting("replica_timeout", 30.0, positive_float,

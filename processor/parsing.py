@@ -262,6 +262,19 @@ def parse_log_level(value: Any) -> str:
 ROLES = ("both", "aggregate", "detect")
 
 
+def parse_addresses(value: Any) -> str:
+    """One or more ``HOST:PORT`` separated by commas (``parse_address`` each), sorted.
+
+    >>> parse_addresses("b:4317, a:4317")
+    'a:4317,b:4317'
+    """
+    parts = [p for p in (x.strip() for x in str(value).split(",")) if p]
+    if not parts:
+        raise ValueError("expected HOST:PORT[,HOST:PORT...]")
+    out = sorted({parse_address(p) for p in parts})
+    return ",".join(out)
+
+
 def parse_role(value: Any) -> str:
     text = str(value).strip().lower()
     if text not in ROLES:

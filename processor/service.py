@@ -32,6 +32,7 @@ from processor.pipeline.tiers import partials
 from processor.pipeline.window import WindowStage
 from processor.receiver.metrics import Deltas, to_counts
 from processor.sinks.forward import Forwarder
+from processor.sinks.ring import HashRing
 from processor.sinks.prometheus import Metrics, serve_http
 from processor.sinks.redis_streams import RedisSink
 from processor.sinks.spool import Spool
@@ -278,9 +279,10 @@ class AggregatePipeline:
 
     FULL_REPORT_S = 5.0  # every service's watermark again (a detect replica restarted learns them)
 
-    def __init__(self, cfg: Config, forwarder: Forwarder, metrics: Metrics):
+    def __init__(self, cfg: Config, forwarders: dict[str, Forwarder], metrics: Metrics):
         self.cfg = cfg
-        self.forwarder = forwarder
+        self.forwarders = forwarders  # detect replica's address -> its Forwarder
+        self.ring = HashRing(list(forwarders))
         self.metrics = metrics
         self.windows = WindowStage(cfg.window_ns, cfg.lateness_ns, cfg.idle_timeout, cfg.exemplars,
                                    max_locations=cfg.max_locations, max_services=cfg.max_services,
@@ -299,7 +301,7 @@ class AggregatePipeline:
     put, offer, start, stop = Pipeline.put, Pipeline.offer, Pipeline.start, Pipeline.stop
 
     def has_room(self) -> bool:
-        return not self.queue.full() and self.forwarder.has_room()
+        return not self.queue.full() and all(f.has_room() for f in self.forwarders.values())
 
     def _run(self) -> None:
         stats = self.windows.stats
@@ -331,22 +333,30 @@ class AggregatePipeline:
             self.metrics.active_keys.set(self.windows.tables.held_locations)
             self.metrics.queue.set(self.queue.qsize())
             self.metrics.open_windows.set(self.windows.open_windows())
-            self.metrics.forward_pending.set(self.forwarder.pending())
-            self.metrics.forward_up.set(1 if self.forwarder.reachable else 0)
+            self.metrics.forward_pending.set(sum(f.pending() for f in self.forwarders.values()))
+            self.metrics.forward_up.set(1 if all(f.reachable for f in self.forwarders.values()) else 0)
             self.on_tick()
 
     def _send(self, closed: list, full: bool) -> None:
-        """The closed windows as partials, then the watermarks that changed (all: ``full``)."""
+        """The closed windows as partials, then the watermarks that changed (all: ``full``),
+        each service's to its detect replica."""
         t = self.windows.tables
-        marks = {}
+        target = self.ring.backend_for
+        windows: dict[str, list] = {}
+        marks: dict[str, dict] = {}
+        for cw in closed:
+            windows.setdefault(target(cw.service), []).append(cw)
         for s, clock in self.windows.services.items():
             name = t.services[s]
             mark = (clock.closed_through, len(clock.windows))
             if name is not None and (full or self._reported.get(name) != mark):
-                marks[name] = self._reported[name] = mark
-        if closed or marks or full:  # (a full report announces the replica, even one holding nothing)
-            self.metrics.windows.inc(len(closed))
-            self.forwarder.submit(partials(closed, marks, self.replica, self.windows.window_ns))
+                marks.setdefault(target(name[1]), {})[name] = self._reported[name] = mark
+        self.metrics.windows.inc(len(closed))
+        for address, forwarder in self.forwarders.items():
+            # (a full report announces the replica to every detect replica, even holding nothing)
+            if address in windows or address in marks or full:
+                forwarder.submit(partials(windows.get(address, []), marks.get(address, {}), self.replica,
+                                          self.windows.window_ns))
 
 
 _CHECKPOINT_PART = 5_000  # locations encoded per checkpoint step
@@ -366,11 +376,12 @@ class Backflow:
         self.receivers: ReceiverPool | None = None
         self.http = None
         self._listening = False
-        self.forwarder: Forwarder | None = None
+        self.forwarders: dict[str, Forwarder] = {}
         self.sink: RedisSink | None = None
-        if cfg.role == "aggregate":  # (no Redis: the detect replica keeps the state)
-            self.forwarder = Forwarder(cfg.forward, on_sent=self.metrics.forward_points.labels("sent").inc,
-                                       on_refused=self.metrics.forward_points.labels("refused").inc)
+        if cfg.role == "aggregate":  # (no Redis: the detect replicas keep the state)
+            self.forwarders = {a: Forwarder(a, on_sent=self.metrics.forward_points.labels("sent").inc,
+                                            on_refused=self.metrics.forward_points.labels("refused").inc)
+                               for a in cfg.forward.split(",")}
             return
         client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=5,
                                       health_check_interval=30)
@@ -390,11 +401,13 @@ class Backflow:
             return False, "not ready: the receiver is not listening"
         if self.receivers and not self.receivers.alive():
             return False, "not ready: a receiver process is down"
-        if self.forwarder is not None:
-            if self.forwarder.reachable:
+        if self.forwarders:
+            away = [f for f in self.forwarders.values() if not f.reachable]
+            if not away:
                 return True, "ok"
-            return True, (f"degraded: the detect replica at {self.cfg.forward} is not taking partials "
-                          f"({self.forwarder.last_error}); {self.forwarder.pending()} requests wait")
+            return True, "degraded: " + "; ".join(
+                f"the detect replica at {f.target} is not taking partials ({f.last_error}), {f.pending()} "
+                f"requests wait" for f in away)
         if self.sink.reachable:
             return True, "ok"
         if not self.sink.ever_reached:
@@ -410,10 +423,11 @@ class Backflow:
         set while waiting."""
         with listening("metrics", self.cfg.metrics):
             self.http = serve_http(self.cfg.metrics, self.metrics.registry, self.health)
-        if self.forwarder is not None:
-            self.pipeline = AggregatePipeline(self.cfg, self.forwarder, self.metrics)
+        if self.forwarders:
+            self.pipeline = AggregatePipeline(self.cfg, self.forwarders, self.metrics)
             self.pipeline.start()
-            self.forwarder.start()
+            for f in self.forwarders.values():
+                f.start()
             log.info("aggregate replica %s: partials of %g s windows go to the detect replica at %s",
                      self.pipeline.replica, self.cfg.window, self.cfg.forward)
             return self._listen()
@@ -473,8 +487,10 @@ class Backflow:
         if self.pipeline:
             self.pipeline.stop(timeout=max(1.0, deadline - (time.monotonic() - t0)))
         left = max(0.5, deadline - (time.monotonic() - t0))
-        if self.forwarder is not None:
-            delivered = self.forwarder.stop(timeout=left)
+        if self.forwarders:
+            for f in self.forwarders.values():  # (side by side: each sends what waits for it)
+                f.stop(timeout=left, join=False)
+            delivered = all([f.stop(timeout=left) for f in self.forwarders.values()])
             if self.http:
                 self.http.shutdown()
             return delivered

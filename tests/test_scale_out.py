@@ -22,7 +22,7 @@ from benchmarks.scenarios import generate
 from processor.receiver.decode import count_spans
 from tests.conftest import BackflowProcess
 from tests.lanes import requests_by_service as split_by_service, send_lanes
-from tests.lbring import HashRing, backend_points
+from processor.sinks.ring import HashRing, backend_points
 
 GATEWAY_COLLECTOR = Path(__file__).resolve().parent.parent / "deploy" / "k8s" / "gateway" / "otelcol.yaml"
 FLAGS = ("--window", "60", "--allowed-lateness", "5", "--idle-timeout", "100000",

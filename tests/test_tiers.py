@@ -195,15 +195,16 @@ def test_role_settings_are_checked_at_start():
     assert (cfg.role, cfg.forward, cfg.replica_name) == ("aggregate", "detect:4317", "agg-0")
 
 
-def _settle(bf: BackflowProcess, spans: int, what: str = "spans"):
+def _settle(bf: BackflowProcess, spans: int):
     def settled():
         m = bf.metrics()
         return m if m["backflow_processed_spans_total"] == spans else None
-    return bf.wait_for(settled, timeout=120, what=f"{spans} {what} processed")
+    return bf.wait_for(settled, timeout=120, what=f"{spans} spans processed")
 
 
-def test_three_aggregate_processes_and_a_detect_process_publish_what_one_process_publishes(
-        redis_server, redis_client, scenario):
+@pytest.mark.parametrize("detects", [1, 2])
+def test_three_aggregate_processes_and_detect_processes_publish_what_one_process_publishes(
+        redis_server, redis_client, scenario, detects):
     enc = OtlpEncoder(scenario)
     everything, parts = [], [[] for _ in range(3)]
     for c in range(scenario.n_chunks):
@@ -213,37 +214,45 @@ def test_three_aggregate_processes_and_a_detect_process_publish_what_one_process
         for i in range(3):
             parts[i] += enc.encode(batch_rows(b, np.flatnonzero(replica == i)))
     total = sum(count_spans(r) for r in everything)
+    single, tiers = f"single{detects}", f"tiers{detects}"
 
-    single = BackflowProcess(redis_server.url, *FLAGS, prefix="single").start()
+    bf = BackflowProcess(redis_server.url, *FLAGS, prefix=single).start()
     try:
-        send_lanes({"all": single.grpc_target}, {"all": everything})
-        _settle(single, total)
+        send_lanes({"all": bf.grpc_target}, {"all": everything})
+        _settle(bf, total)
     finally:
-        assert single.stop() == 0, single.log
+        assert bf.stop() == 0, bf.log
 
-    detect = BackflowProcess(redis_server.url, *FLAGS, "--role", "detect", "--replica-wait", "600",
-                             prefix="tiers").start()
-    aggregates = [BackflowProcess(redis_server.url, *FLAGS, "--role", "aggregate", "--forward", detect.grpc_target,
+    # Detect replicas on one prefix; each aggregate replica sends each service's partials to one
+    detect = [BackflowProcess(redis_server.url, *FLAGS, "--role", "detect", "--replica-wait", "600",
+                              prefix=tiers).start() for _ in range(detects)]
+    forward = ",".join(d.grpc_target for d in detect)
+    aggregates = [BackflowProcess(redis_server.url, *FLAGS, "--role", "aggregate", "--forward", forward,
                                   "--replica-id", f"agg-{i}", prefix="unused") for i in range(3)]
     try:
         for a in aggregates:
             a.start()
-        detect.wait_for(lambda: detect.metrics()["backflow_tier_replicas"] == 3, timeout=30,
-                        what="three aggregate replicas announced")
+        for d in detect:
+            d.wait_for(lambda: d.metrics()["backflow_tier_replicas"] == 3, timeout=30,
+                       what="three aggregate replicas announced")
         send_lanes({f"agg-{i}": a.grpc_target for i, a in enumerate(aggregates)},
                    {f"agg-{i}": parts[i] for i in range(3)})
         for i, a in enumerate(aggregates):
             _settle(a, sum(count_spans(r) for r in parts[i]))
             a.wait_for(lambda: (m := a.metrics())["backflow_forward_pending_requests"] == 0 and m["backflow_forward_up"],
-                       timeout=60, what="the partials taken by the detect replica")
+                       timeout=60, what="the partials taken by the detect replicas")
         assert [a.stop() for a in aggregates] == [0, 0, 0], [a.log for a in aggregates]
-        m = _settle(detect, total, "spans' partials")
-        assert m["backflow_late_spans_total"] == 0
-        assert m['backflow_forward_points_total{outcome="sent"}'] == 0  # (the detect replica sends nothing)
+
+        def all_processed():
+            p = [d.metrics()["backflow_processed_spans_total"] for d in detect]
+            return p if sum(p) == total else None
+        processed = detect[0].wait_for(all_processed, timeout=120, what=f"{total} spans' partials processed")
+        assert min(processed) > 0, f"each detect replica should get a service: {processed}"
+        assert all(d.metrics()["backflow_late_spans_total"] == 0 for d in detect)
     finally:
         for a in aggregates:
             a.stop()
-        assert detect.stop() == 0, detect.log
+        assert [d.stop() for d in detect] == [0] * detects, [d.log for d in detect]
     assert not redis_client.exists("unused:events"), "an aggregate replica wrote to Redis"
 
     def published(prefix):
@@ -251,8 +260,8 @@ def test_three_aggregate_processes_and_a_detect_process_publish_what_one_process
         keys = redis_client.smembers(f"{prefix}:keys")
         return events, keys, {k: redis_client.hgetall(f"{prefix}:baseline:{k}") for k in keys}
 
-    events1, keys1, baselines1 = published("single")
-    events2, keys2, baselines2 = published("tiers")
+    events1, keys1, baselines1 = published(single)
+    events2, keys2, baselines2 = published(tiers)
     assert any(dict(e)["type"] == "latency_regression" for e in events1)
     assert events2 == events1
     assert keys2 == keys1 and baselines2 == baselines1

@@ -110,13 +110,17 @@ class Forwarder:
             self.sent += 1
             self._cond.notify_all()
 
-    def stop(self, timeout: float) -> bool:
-        """Send what waits, within ``timeout`` seconds; True when everything was taken."""
-        self._deadline = time.monotonic() + timeout
+    def stop(self, timeout: float, join: bool = True) -> bool:
+        """Send what waits, within ``timeout`` seconds; True when everything was taken
+        (``join`` False: only tell the sending thread, for several forwarders side by side)."""
+        if not self._stopping:
+            self._deadline = time.monotonic() + timeout
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if not join:
+            return True
+        self._thread.join(max(0.0, self._deadline - time.monotonic()))
         left = len(self._queue)
         if left:
             log.error("exiting with %d requests of partials not taken by the detect replica at %s",

@@ -6,7 +6,9 @@ crc32(backend + byte(i)) mod 36,000 (backends sorted by name; a position already
 keeps its first backend), and sends a routing key (with ``routing_key: service``, the
 resource's service.name) to the backend of the first point at or after
 crc32(key) mod 36,000, wrapping around. Checked against the exporter's own test vectors
-in tests/test_scale_out.py.
+in tests/test_scale_out.py. An aggregate replica routes each service's partials to the
+detect replica the gateway's collectors route that service's spans to (``--forward`` with
+several addresses, processor/service.py).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def backend_points(backend: str, points: int = POINTS_PER_BACKEND) -> list[int]:
 
 
 class HashRing:
+    """The backends on the ring; ``backend_for(key)`` the one a key goes to."""
+
     def __init__(self, backends: list[str], points: int = POINTS_PER_BACKEND):
         owner: dict[int, str] = {}
         for backend in sorted(backends):
