@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 ARGS   ?=
 
-.PHONY: run demo tail top test test-fast test-sanitize sanitize-build fuzz fuzz-build test-tools compiler bench-ingest bench-detection bench-call-graph bench-trend bench-rollouts bench-metrics-in bench-decode bench-memory bench-sink bench-churn bench-soak install redis-server promtool node-deps clean
+.PHONY: run demo tail top test test-fast test-sanitize sanitize-build fuzz fuzz-build test-tools compiler bench-ingest bench-detection bench-call-graph bench-trend bench-rollouts bench-metrics-in bench-tiers bench-decode bench-memory bench-sink bench-churn bench-soak install redis-server promtool node-deps clean
 
 $(VENV)/.installed: pyproject.toml setup.py processor/receiver/_fastdecode.c | compiler
 	$(PYTHON) -m venv $(VENV)
@@ -174,6 +174,9 @@ bench-rollouts: install
 
 bench-metrics-in: install redis-server
 	$(PY) -m benchmarks.metrics_in $(ARGS)
+
+bench-tiers: install redis-server
+	$(PY) -m benchmarks.tiers $(ARGS)
 
 bench-real-traces: install redis-server
 	$(PY) -m benchmarks.real_traces $(ARGS)

@@ -19,7 +19,7 @@ import grpc
 import pytest
 import yaml
 
-from processor.config import SETTINGS, Config, resolve, split_address
+from processor.config import SETTINGS, Config, load_config, resolve, split_address
 from tests.otlp import S, encoded, request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -601,3 +601,26 @@ def test_the_spanmetrics_collector_sends_what_the_metrics_receiver_reads():
     assert exporter.startswith("otlp") and cfg["exporters"][exporter]["endpoint"].endswith(f":{PORTS['otlp-grpc']}")
     named = {c for p in pipes.values() for k in ("receivers", "processors", "exporters") for c in p.get(k, [])}
     assert named <= set(cfg["receivers"]) | set(cfg["processors"]) | set(cfg["exporters"]) | set(cfg["connectors"])
+
+
+TIERS = DEPLOY / "collector" / "tiers.yaml"
+
+
+def test_the_tiers_collector_routes_traces_by_trace_id_and_its_backflow_commands_resolve():
+    """deploy/collector/tiers.yaml: the gateway sends whole traces to the aggregate replicas
+    (routing_key traceID), and the `backflow serve` commands in its comments are valid."""
+    (cfg,) = load_yaml(TIERS)
+    exporter = cfg["exporters"]["loadbalancing/backflow-aggregate"]
+    assert exporter["routing_key"] == "traceID"
+    assert exporter["resolver"]["dns"]["port"] == PORTS["otlp-grpc"]
+    assert "loadbalancing/backflow-aggregate" in cfg["service"]["pipelines"]["traces"]["exporters"]
+    commands = re.findall(r"#   backflow serve (.+(?:\n#\s+--.+)*)", TIERS.read_text())
+    assert len(commands) == 2
+    roles = []
+    for text in commands:
+        argv = re.sub(r"\\\n#\s+", "", text).split()
+        cfg_ = load_config(argv, environ={})
+        roles.append(cfg_.role)
+        if cfg_.role == "aggregate":
+            assert len(cfg_.forward.split(",")) == 2
+    assert roles == ["aggregate", "detect"]

@@ -308,3 +308,18 @@ def test_what_could_stop_the_pipeline_is_refused_or_read_as_a_reset():
     assert d.resets == 1
     wide = ExpBuckets(4, -2 ** 31, np.array([1])).minus(ExpBuckets(4, 2 ** 31 - 10, np.array([1])))
     assert wide is None
+
+
+def test_exemplars_of_a_point_become_the_windows_slowest_traces():
+    ends = T0 + 30 * SEC
+    dp = exp_point([5.0, 7.0, 120.0], ends)
+    for ms, tid in ((120.0, b"\x01" * 16), (7.0, b"\x02" * 16), (1.0, b"short")):  # (an id not 16 bytes: left out)
+        dp.exemplars.add(time_unix_nano=ends, as_double=ms, trace_id=tid)
+    c = to_counts(decode_metrics(request([dp])), Deltas())
+    _, _, _, dur, tid = c.exemplars
+    assert dur.tolist() == [120 * MS, 7 * MS] and tid.tobytes() == b"\x01" * 16 + b"\x02" * 16
+    engine = Engine(Config.defaults(window=60.0, allowed_lateness=0.0, exemplars=1), clock=lambda: 0.0)
+    engine.ingest_metrics(decode_metrics(request([dp])))
+    (result,) = engine.flush_all()
+    (lw,) = result.window.locations
+    assert lw.exemplars == ["01" * 16]

@@ -22,7 +22,8 @@ receiver process decoded them): the difference with the series' previous point, 
 whole point after a reset (a new ``start_time_unix_nano``, or counts that went down). A
 series' first point only starts it (what it holds came before: since a sender's start). The
 calls counter is not read: the histogram's count is the same figure. What is lost against
-spans: the call graph (no parent links), exemplar trace ids, and the durations' resolution
+spans: the call graph (no parent links), exemplars beyond those a point carries (its
+``exemplars``, read: trace id and value), and the durations' resolution
 within an OTLP bucket (exponential at scale s, a value put at its bucket's geometric middle
 is off by at most 2^(2^-s / 2) - 1: 2.2% at scale 4, 0.5% at scale 6, beside the sketch's
 own 1%; explicit buckets: up to half a bucket's width, and the last bucket's values are put
