@@ -9,12 +9,15 @@ same output; the Redis sink writes on a thread of its own. ``backflow serve``
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
 import threading
 import time
+from collections import Counter
 
+import numpy as np
 import redis
 
 from processor.activity import Activity
@@ -41,6 +44,7 @@ log = logging.getLogger("backflow")
 
 _STOP = object()
 _COALESCE_SPANS = 16_384  # most spans the pipeline takes off its queue in one step
+_HOLD_SPANS = 1_000_000  # spans held for services whose checkpoint is being read, at most
 
 
 def _take(q: queue.Queue) -> tuple[list, bool]:
@@ -66,6 +70,81 @@ def _take(q: queue.Queue) -> tuple[list, bool]:
     return batches, False
 
 
+class Restorer:
+    """Reads a service's checkpoint fields from ``{prefix}:state`` on a thread of its own,
+    when the pipeline first sees the service: its ``svc:`` field, then the ``loc:`` fields
+    it names. A process so reads the checkpoints of its own services only, and a service's
+    restore does not hold up the others' spans. A service field written before it named its
+    locations is served from one scan of the whole hash, kept until its services came."""
+
+    def __init__(self, sink: RedisSink, chunk: int = 1000):
+        self.sink = sink
+        self.chunk = chunk
+        self.requests: queue.Queue = queue.Queue()
+        self.results: queue.Queue = queue.Queue()  # (service, its fields)
+        self._legacy: dict[tuple, dict] | None = None  # service -> fields, from the scan
+        self._thread = threading.Thread(target=self._run, name="restore", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request(self, service: tuple[str, str]) -> None:
+        self.requests.put(service)
+
+    def stop(self) -> None:
+        self.requests.put(_STOP)
+
+    def _run(self) -> None:
+        while True:
+            service = self.requests.get()
+            if service is _STOP:
+                return
+            wait = 0.5
+            while True:
+                try:
+                    fields = self.read(service)
+                    break
+                except redis.RedisError as e:  # (its spans wait meanwhile, the others' go on)
+                    log.warning("could not read the checkpoint of service %s (%s); trying again", service[1], e)
+                    time.sleep(wait)
+                    wait = min(wait * 2, 5.0)
+            self.results.put((service, fields))
+
+    def read(self, service: tuple[str, str]) -> dict[str, bytes]:
+        """The checkpoint fields of ``service``: none for a service new to the prefix."""
+        r, key, name = self.sink.r, self.sink.state_key, checkpoint.service_field(service)
+        blob = r.hget(key, name)
+        if blob is None:
+            return {}
+        try:
+            state = checkpoint.decode(name, blob)
+        except (checkpoint.Malformed, checkpoint.OtherFormat):
+            return {name: blob}  # (refused and counted by checkpoint.restore)
+        if state.locations is None:
+            return self._legacy_fields(service, name, blob)
+        out = {name: blob}
+        names = [checkpoint.location_field(k) for k in state.locations]
+        for a in range(0, len(names), self.chunk):
+            part = names[a:a + self.chunk]
+            out.update((n, v) for n, v in zip(part, r.hmget(key, part)) if v is not None)
+        return out
+
+    def _legacy_fields(self, service: tuple, name: str, blob: bytes) -> dict[str, bytes]:
+        if self._legacy is None:
+            log.info("checkpoint fields of %s:state written before they named their locations: reading "
+                     "it whole once", self.sink.prefix)
+            self._legacy = {}
+            for field, value in self.sink.read_state().items():
+                try:
+                    state = checkpoint.decode(field, value)
+                except (checkpoint.Malformed, checkpoint.OtherFormat):
+                    continue  # (a location's: refused when its service's fields are restored)
+                if isinstance(state, checkpoint.LocationState):
+                    loc = state.location
+                    self._legacy.setdefault((loc.environment, loc.service), {})[field] = value
+        return {name: blob, **self._legacy.pop(service, {})}
+
+
 class Pipeline:
     """The engine on a thread of its own, fed by a bounded queue, writing to the sinks."""
 
@@ -83,6 +162,12 @@ class Pipeline:
         self._refused: dict[str, int] = {}  # service / version names folded, as last counted
         self._graph_counted: dict[str, int] = {}  # the call graph's counts, as last counted
         self.activity = Activity(metrics, cfg.log_interval, cfg.allowed_lateness)
+        # Lazy restore (``Restorer``): the services whose checkpoint was read, and those
+        # waiting for theirs, with their batches held meanwhile, in order.
+        self.restorer: Restorer | None = None
+        self.ready: set[tuple] = set()
+        self.pending: dict[tuple, list] = {}
+        self._held = 0  # spans (or data points) held
 
     def put(self, batch: Batch) -> None:
         """Called by the readers of receiver processes: waits while the queue is full (the
@@ -117,7 +202,15 @@ class Pipeline:
         engine, stats = self.engine, self.engine.windows.stats
         last_idle_check = last_arrival = time.monotonic()
         while True:
-            batches, stop = _take(self.queue)
+            if self.restorer is None:
+                batches, stop = _take(self.queue)
+            elif self._held > _HOLD_SPANS:  # (wait for the checkpoints being read, not for more spans)
+                batches, stop = self._restored(block=True), False
+            else:
+                batches, stop = _take(self.queue)
+                batches = self._restored() + self._hold(batches)
+            if stop and self.pending:
+                batches += self._restored(block=True, every=True)
             if batches:
                 late, spans, overflow = stats["late"], stats["spans"], stats["overflow"]
                 # (in arrival order: runs of span batches as one, metrics batches each on
@@ -163,6 +256,74 @@ class Pipeline:
             self.metrics.redis_up.set(1 if self.sink.reachable else 0)
             self.on_tick()
 
+    def _hold(self, batches: list) -> list:
+        """``batches`` less the spans and data points of services whose checkpoint was not
+        read yet: held in ``pending`` (its reading asked for on a service's first sight)."""
+        out = []
+        for b in batches:
+            spans = isinstance(b, Batch)
+            named = [(x.environment, x.service) for x in b.locations] if spans else \
+                [(p.location.environment, p.location.service) for p in b.points]
+            waiting = set(named).union(() if spans else (m.service for m in b.watermarks)) - self.ready
+            if not waiting:
+                out.append(b)
+                continue
+            for service in waiting:
+                if service not in self.pending:
+                    self.pending[service] = []
+                    self.restorer.request(service)
+            if spans:
+                index = {s: i for i, s in enumerate(sorted(waiting))}
+                of_row = np.array([index.get(n, -1) for n in named], np.int64)[b.loc]
+                parts = {s: b.take(np.flatnonzero(of_row == i)) for s, i in index.items()}
+                rest = np.flatnonzero(of_row < 0)
+                if len(rest):
+                    out.append(b.take(rest))
+            else:
+                parts = {s: dataclasses.replace(b, points=[p for p, n in zip(b.points, named) if n == s],
+                                                watermarks=[m for m in b.watermarks if m.service == s],
+                                                reasons=Counter(), replicas={}) for s in waiting}
+                out.append(dataclasses.replace(b, points=[p for p, n in zip(b.points, named) if n not in waiting],
+                                               watermarks=[m for m in b.watermarks if m.service not in waiting]))
+            for service, part in parts.items():
+                if len(part):
+                    self.pending[service].append(part)
+                    self._held += len(part)
+        return out
+
+    def _restored(self, block: bool = False, every: bool = False) -> list:
+        """Restore the services whose checkpoint fields came; their batches held meanwhile,
+        in order. ``block``: wait for one; ``every``: for all asked (shutdown, bounded)."""
+        out = []
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                if block or (every and self.pending):
+                    service, fields = self.restorer.results.get(timeout=max(0.0, deadline - time.monotonic()))
+                else:
+                    service, fields = self.restorer.results.get_nowait()
+            except queue.Empty:
+                if every and self.pending:  # (Redis away at shutdown: the spans go on unrestored)
+                    log.warning("the checkpoints of %d services could not be read before the stop; their "
+                                "spans are taken without them", len(self.pending))
+                    for held in self.pending.values():
+                        out += held
+                    self.ready.update(self.pending)
+                    self.pending.clear()
+                    self._held = 0
+                return out
+            block = False
+            result = checkpoint.restore(self.engine, fields)
+            self.metrics.restored.inc(result.locations)
+            for reason, n in result.rejected.items():
+                self.metrics.checkpoint_rejected.labels(reason).inc(n)
+            if result.locations:
+                log.debug("restored %d code locations of %s", result.locations, service[1])
+            self.ready.add(service)
+            held = self.pending.pop(service, [])
+            self._held -= sum(len(b) for b in held)
+            out += held
+
     def _ingest_metrics(self, batch) -> None:
         """One metrics batch; one that fails is logged and dropped, not the pipeline with it."""
         try:
@@ -192,6 +353,7 @@ class Pipeline:
         """Forget what has been idle too long (``Engine.forget_idle``), its series on
         /metrics too, and count it."""
         f = self.engine.forget_idle(now)
+        self.ready.difference_update(f.services)  # (its checkpoint field went: nothing to read if it comes back)
         if f.versions or f.locations or f.services:
             self.metrics.forget(f)
             self.metrics.active_keys.set(self.engine.windows.tables.held_locations)
@@ -378,6 +540,7 @@ class Backflow:
         self._listening = False
         self.forwarders: dict[str, Forwarder] = {}
         self.sink: RedisSink | None = None
+        self.restorer: Restorer | None = None
         if cfg.role == "aggregate":  # (no Redis: the detect replicas keep the state)
             self.forwarders = {a: Forwarder(a, on_sent=self.metrics.forward_points.labels("sent").inc,
                                             on_refused=self.metrics.forward_points.labels("refused").inc)
@@ -447,15 +610,9 @@ class Backflow:
             log.warning("could not send the spool yet (%s); it goes first once Redis answers", e)
         known = self.sink.known_keys()
         self.pipeline = Pipeline(self.cfg, self.sink, self.metrics, known)
-        t0 = time.monotonic()
-        result = checkpoint.restore(self.pipeline.engine, self.sink.read_state())
-        restored = result.locations
-        self.metrics.restored.set(restored)
-        for reason, n in result.rejected.items():
-            self.metrics.checkpoint_rejected.labels(reason).inc(n)
-        if restored:
-            log.info("restored %d code locations from %s:state in %.1f s", restored,
-                     self.cfg.prefix, time.monotonic() - t0)
+        # (each service's checkpoint is read when its first span comes: Restorer)
+        self.restorer = self.pipeline.restorer = Restorer(self.sink)
+        self.restorer.start()
         self.pipeline.start()
         self.sink.start()
         return self._listen()
@@ -486,6 +643,8 @@ class Backflow:
             self.receivers.stop()
         if self.pipeline:
             self.pipeline.stop(timeout=max(1.0, deadline - (time.monotonic() - t0)))
+        if self.restorer:
+            self.restorer.stop()
         left = max(0.5, deadline - (time.monotonic() - t0))
         if self.forwarders:
             for f in self.forwarders.values():  # (side by side: each sends what waits for it)

@@ -11,6 +11,7 @@ import numpy as np
 import pickle
 import struct
 
+import grpc
 import msgpack
 import pytest
 import redis
@@ -26,6 +27,9 @@ from processor.pipeline.engine import Engine, checkpoint_fingerprint
 from processor.pipeline.location import Location
 from processor.receiver.decode import Batch
 from processor.sinks.redis_streams import RedisSink
+from tests.otlp import S, encoded
+
+EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 CFG = dict(window=60.0, allowed_lateness=0.0, idle_timeout=1e9)
 SEC = 1_000_000_000
@@ -295,15 +299,25 @@ def test_backflow_serve_refuses_a_crafted_pickle_and_counts_it(learned, backflow
     """The same through ``backflow serve``: the process that would hold the TLS key."""
     _, fields = learned
     target = tmp_path / "pwned"
+    # (a service's checkpoint is read at its first span: the crafted fields named among its locations)
+    name = min(k for k in fields if k.startswith("svc:"))
+    state = checkpoint.decode(name, fields[name])
+    mine = [k for k in state.locations]
+    state.locations = (*mine, "0000000000000001", "0000000000000002")
     redis_client.hset("crafted:state", mapping={
-        **fields,
+        **fields, name: checkpoint.encode_service(state),
         "loc:0000000000000001": pickle.dumps(_Touch(target), protocol=5),
         "loc:0000000000000002": pickle.dumps(_Touch(target), protocol=0),
     })
     bf = backflow(prefix="crafted")
-    metrics = bf.metrics()
+    assert bf.metrics()["backflow_restored_locations"] == 0
+    env, service = state.service
+    with grpc.insecure_channel(bf.grpc_target) as ch:
+        ch.unary_unary(EXPORT)(encoded([S(state.max_end + 1, service=service, env=env)]), timeout=10)
+    metrics = bf.wait_for(lambda: (m := bf.metrics())["backflow_processed_spans_total"] == 1 and m,
+                          what="the span processed")
     assert not target.exists()
-    assert metrics["backflow_restored_locations"] == len(_locations(fields))
+    assert metrics["backflow_restored_locations"] == len(mine) > 0
     assert metrics['backflow_checkpoint_rejected_fields_total{reason="malformed"}'] == 1
     assert metrics['backflow_checkpoint_rejected_fields_total{reason="other_format"}'] == 1
     assert bf.stop() == 0 and not target.exists()

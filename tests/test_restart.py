@@ -55,8 +55,9 @@ def test_kill_9_and_restart_goes_on_where_it_stopped(backflow, redis_client, req
     assert killed.proc.returncode == -signal.SIGKILL
 
     restarted = backflow(*FLAGS, prefix="killed")
-    assert restarted.metrics()["backflow_restored_locations"] == len(learned) > 0
+    assert restarted.metrics()["backflow_restored_locations"] == 0  # (read at a service's first span)
     _send_and_settle(restarted, second, 0)
+    assert restarted.metrics()["backflow_restored_locations"] == len(learned) > 0
     assert restarted.stop() == 0, restarted.log
     after, baselines_after = _published(redis_client, "killed")
 
@@ -73,8 +74,64 @@ def test_kill_9_and_restart_goes_on_where_it_stopped(backflow, redis_client, req
     lost.stop(sig=signal.SIGKILL)
     redis_client.delete("lost:state")
     again = backflow(*FLAGS, prefix="lost")
-    assert again.metrics()["backflow_restored_locations"] == 0
     _send_and_settle(again, second, 0)
+    assert again.metrics()["backflow_restored_locations"] == 0
     again.stop()
     relearned, _ = _published(redis_client, "lost")
     assert sorted(relearned) != sorted(events)
+
+
+def test_a_process_reads_the_checkpoints_of_its_own_services_only_and_at_their_first_span(
+        backflow, redis_client):
+    """Restoring is per service, when its first span comes: a process holds the checkpoints of
+    the services it is sent, not of every service under the prefix, and while one service's
+    checkpoint is read (Redis paused here), the others' windows go on closing."""
+    import grpc
+
+    from tests.otlp import S, encoded
+
+    flags = ("--window", "1", "--allowed-lateness", "0", "--idle-timeout", "1000", "--checkpoint-interval", "0")
+    t0 = 1_700_000_000 * 10**9
+    sec = 10**9
+
+    def send(bf, spans):
+        with grpc.insecure_channel(bf.grpc_target) as ch:
+            ch.unary_unary("/opentelemetry.proto.collector.trace.v1.TraceService/Export")(encoded(spans), timeout=30)
+
+    def spans(service, functions, seconds, start=0):
+        return [S(t0 + (start + s) * sec + i, service=service, function=f"{service}.f{i}")
+                for s in range(seconds) for i in range(functions)]
+
+    # One process learns four services, and checkpoints them.
+    first = backflow(*flags, prefix="lazy")
+    sizes = {"a": 2, "b": 3, "c": 4, "d": 5}
+    for service, n in sizes.items():
+        send(first, spans(service, n, 3))
+    first.wait_for(lambda: first.metrics()["backflow_processed_spans_total"] == 3 * sum(sizes.values()),
+                   what="spans processed")
+    assert first.stop() == 0, first.log
+    assert len([k for k in redis_client.hkeys("lazy:state") if k.startswith("loc:")]) == sum(sizes.values())
+
+    # Another process on the prefix is sent services a and b only: it reads theirs, no more.
+    second = backflow(*flags, prefix="lazy")
+    send(second, spans("a", 2, 2, start=10))
+    m = second.wait_for(lambda: (m := second.metrics())["backflow_restored_locations"] == 2 and m,
+                        what="service a restored")
+    assert m["backflow_active_keys"] == 2
+    # While Redis is paused, b's first spans wait for its checkpoint; a's windows go on closing.
+    closed = m["backflow_windows_closed_total"]
+    redis_client.execute_command("CLIENT", "PAUSE", 3000, "ALL")
+    send(second, spans("b", 3, 2, start=10))
+    send(second, spans("a", 2, 3, start=12))
+    during = second.wait_for(lambda: (m := second.metrics())["backflow_windows_closed_total"] >= closed + 2 and m,
+                             timeout=2.5, what="a's windows closed while b's checkpoint is read")
+    assert during["backflow_restored_locations"] == 2  # (b's not read yet)
+    assert during["backflow_processed_spans_total"] == 2 * 2 + 2 * 3  # (b's spans held, none lost)
+    after = second.wait_for(lambda: (m := second.metrics())["backflow_processed_spans_total"] == 4 + 6 + 6 and m,
+                            timeout=30, what="b's spans processed once its checkpoint came")
+    assert after["backflow_restored_locations"] == 2 + 3 and after["backflow_active_keys"] == 5
+    assert after["backflow_late_spans_total"] == 0
+    assert second.stop() == 0, second.log
+    # b's locations were not new: no second first_seen for them
+    firsts = [f["code.function.name"] for _, f in redis_client.xrange("lazy:events") if f["type"] == "first_seen"]
+    assert sorted(firsts) == sorted(f"{s}.f{i}" for s, n in sizes.items() for i in range(n))

@@ -49,7 +49,7 @@ FORMAT = 3  # bumped when what a field holds changes; fields of other formats ar
 _LOCATION_FIELDS = tuple(f.name for f in dataclasses.fields(Location) if f.init)
 _LOCATION_KEYS = frozenset({"format", "location", "order", "baseline", "detectors", "fingerprint"})
 _SERVICE_KEYS = frozenset({"format", "service", "max_end", "closed_through", "version_first_seen", "ticks",
-                           "rollouts"})
+                           "rollouts", "locations"})
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes})  # and tuples and dicts of them
 _LOGGED = 10  # refused fields logged one by one at start; the rest only counted
 
@@ -71,6 +71,9 @@ class ServiceState:
     version_first_seen: dict        # (service, version, revision) -> end of its first window
     ticks: int = 0                  # windows it closed (Engine.service_ticks)
     rollouts: dict | None = None    # its rollouts (Rollouts.freeze), plain data
+    # its code locations' keys: the fields to read when it is restored (None: a field
+    # written before they were kept, restored from a scan of the whole hash)
+    locations: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -150,10 +153,12 @@ def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | int]:
     engine.detectors.checked(set(dirty).difference(left_out))
     for service in sorted(engine.dirty_services):
         clock = engine.windows.services[tables.service_id(service)]
+        ids = engine.service_locations.get(service, ())
         out[service_field(service)] = encode_service(ServiceState(
             service, clock.max_end, clock.closed_through, engine.version_first_seen.get(service, {}),
             engine.service_ticks.get(service, 0),
-            engine.rollouts.freeze(service) if engine.rollouts is not None else None))
+            engine.rollouts.freeze(service) if engine.rollouts is not None else None,
+            tuple(tables.locations[i].key for i in ids)))
     engine.dirty_services.clear()
     if failed:
         log.error("%d code locations were not checkpointed (their state is not plain data; "
@@ -184,7 +189,7 @@ def encode_location(state: LocationState, check: list[int] | None = None) -> byt
 def encode_service(state: ServiceState) -> bytes:
     """A ``svc:{environment}:{service}`` field; the first-seen versions as rows
     ``[service, version, revision, end_ns]``."""
-    return msgpack.packb({
+    fields = {
         "format": FORMAT,
         "service": list(state.service),
         "max_end": state.max_end,
@@ -192,7 +197,10 @@ def encode_service(state: ServiceState) -> bytes:
         "version_first_seen": [[*version, end] for version, end in state.version_first_seen.items()],
         "ticks": state.ticks,
         "rollouts": state.rollouts,
-    }, use_bin_type=True)
+    }
+    if state.locations is not None:  # (8 bytes a key: 80 KB for a service of 10,000 locations)
+        fields["locations"] = b"".join(bytes.fromhex(k) for k in state.locations)
+    return msgpack.packb(fields, use_bin_type=True)
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -301,8 +309,9 @@ def _location_state(d: dict) -> LocationState:
 
 
 def _service_state(d: dict) -> ServiceState:
-    # (fields written before ticks, and before rollouts, lack them)
-    if d.keys() not in (_SERVICE_KEYS, _SERVICE_KEYS - {"rollouts"}, _SERVICE_KEYS - {"ticks", "rollouts"}):
+    # (fields written before ticks, rollouts and locations lack them)
+    if d.keys() not in (_SERVICE_KEYS, _SERVICE_KEYS - {"locations"}, _SERVICE_KEYS - {"rollouts", "locations"},
+                        _SERVICE_KEYS - {"ticks", "rollouts", "locations"}):
         raise Malformed("a service field has the keys " + ", ".join(sorted(_SERVICE_KEYS)))
     ticks = d.get("ticks", 0)
     if type(ticks) is not int or ticks < 0:
@@ -320,7 +329,12 @@ def _service_state(d: dict) -> ServiceState:
     rollouts = d.get("rollouts")
     if rollouts is not None and type(rollouts) is not dict:
         raise Malformed("rollouts is not a mapping")
-    return ServiceState(service, d["max_end"], d["closed_through"], {r[:3]: r[3] for r in rows}, ticks, rollouts)
+    keys = d.get("locations")
+    if keys is not None and (type(keys) is not bytes or len(keys) % 8):
+        raise Malformed("locations is not 8-byte location keys")
+    locations = None if keys is None else tuple(keys[i:i + 8].hex() for i in range(0, len(keys), 8))
+    return ServiceState(service, d["max_end"], d["closed_through"], {r[:3]: r[3] for r in rows}, ticks, rollouts,
+                        locations)
 
 
 def _check_detectors(value) -> None:

@@ -413,6 +413,7 @@ class Engine:
             known = self.service_locations.get(service)
             if known is not None:
                 self.service_locations[service] = array("q", (i for i in known if i not in ids))
+                self.dirty_services.add(service)  # (its field names its locations)
         for service in f.services:
             self.version_first_seen.pop(service, None)
             self.service_ticks.pop(service, None)

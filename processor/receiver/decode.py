@@ -142,6 +142,17 @@ class Batch:
             parent_id=np.concatenate([b.parent_id for b in batches]) if links else None,
             kind=np.concatenate([b.kind for b in batches]) if links else None)
 
+    def take(self, rows: np.ndarray) -> "Batch":
+        """The spans at ``rows`` (ascending), exceptions renumbered."""
+        pos = np.full(len(self), -1, np.int64)
+        pos[rows] = np.arange(len(rows))
+        links = self.span_id is not None
+        return Batch(self.locations, self.versions, self.loc[rows], self.ver[rows], self.start[rows], self.end[rows],
+                     self.error[rows], self.trace_id[rows],
+                     [(int(pos[r]), t) for r, t in self.exceptions if pos[r] >= 0], received_at=self.received_at,
+                     span_id=self.span_id[rows] if links else None,
+                     parent_id=self.parent_id[rows] if links else None, kind=self.kind[rows] if links else None)
+
     def to_wire(self) -> bytes:
         """Bytes for another process (receiver workers -> pipeline); see ``from_wire``."""
         return pickle.dumps((

@@ -173,7 +173,7 @@ class Metrics:
                                     "Redis sink for {prefix}:state", registry=r)
         self.restored = Gauge("backflow_restored_locations",
                               "Code locations whose baseline and detectors were restored from the "
-                              "checkpoint at start", registry=r)
+                              "checkpoint since start (each service's when its first span came)", registry=r)
         self.checkpoint_rejected = Counter(
             "backflow_checkpoint_rejected_fields",
             "Checkpoint fields of {prefix}:state not loaded at start (their locations are learned "
