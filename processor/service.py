@@ -282,7 +282,7 @@ class Pipeline:
             else:
                 parts = {s: dataclasses.replace(b, points=[p for p, n in zip(b.points, named) if n == s],
                                                 watermarks=[m for m in b.watermarks if m.service == s],
-                                                reasons=Counter(), replicas={}) for s in waiting}
+                                                reasons=Counter(), replicas={}, sequence=None) for s in waiting}
                 out.append(dataclasses.replace(b, points=[p for p, n in zip(b.points, named) if n not in waiting],
                                                watermarks=[m for m in b.watermarks if m.service not in waiting]))
             for service, part in parts.items():
@@ -338,9 +338,12 @@ class Pipeline:
         """The aggregate replicas known and dropped, and their figures refused."""
         replicas, stats = self.engine.replicas, self.engine.windows.stats
         self.metrics.tier_replicas.set(replicas.known)
+        refused = self.metrics.refused_points
         for name, now, inc in (("dropped", replicas.dropped, self.metrics.tier_dropped.inc),
-                               ("refused", stats["tier_refused"], self.metrics.refused_points.labels(
-                                   transport="pipeline", reason="window_length").inc)):
+                               ("refused", stats["tier_refused"],
+                                refused.labels(transport="pipeline", reason="window_length").inc),
+                               ("duplicates", stats["tier_duplicates"],
+                                refused.labels(transport="pipeline", reason="duplicate_request").inc)):
             before = self._refused.get(name, 0)
             if now > before:
                 inc(now - before)
@@ -471,15 +474,20 @@ class AggregatePipeline:
         while True:
             batches, stop = _take(self.queue)
             closed = []
-            late, spans = stats["late"], stats["spans"]
+            late, spans, overflow = stats["late"], stats["spans"], stats["overflow"]
             for kind, run in itertools.groupby(batches, key=lambda b: isinstance(b, Batch)):
                 if kind:
                     closed += self.windows.ingest(Batch.concat(list(run)))
                 else:
                     for b in run:
-                        closed += self.windows.ingest_counts(to_counts(b, self.deltas, self.windows.window_ns))
+                        try:
+                            closed += self.windows.ingest_counts(to_counts(b, self.deltas, self.windows.window_ns))
+                        except Exception:  # noqa: BLE001 (as Pipeline._ingest_metrics: the batch, not the pipeline)
+                            log.exception("a batch of %d OTLP metrics data points could not be taken; dropped", len(b))
+                            self.metrics.refused_points.labels(transport="pipeline", reason="internal_error").inc(len(b))
             self.metrics.late.inc(stats["late"] - late)
             self.metrics.processed.inc(stats["spans"] - spans)
+            self.metrics.overflow_spans.inc(stats["overflow"] - overflow)
             now = time.monotonic()
             if stop:
                 self._send(self.windows.flush_all(), full=True)
@@ -508,6 +516,8 @@ class AggregatePipeline:
         marks: dict[str, dict] = {}
         for cw in closed:
             windows.setdefault(target(cw.service), []).append(cw)
+        if full:  # (services forgotten since leave it)
+            self._reported = {}
         for s, clock in self.windows.services.items():
             name = t.services[s]
             mark = (clock.closed_through, len(clock.windows))
@@ -542,7 +552,7 @@ class Backflow:
         self.sink: RedisSink | None = None
         self.restorer: Restorer | None = None
         if cfg.role == "aggregate":  # (no Redis: the detect replicas keep the state)
-            self.forwarders = {a: Forwarder(a, on_sent=self.metrics.forward_points.labels("sent").inc,
+            self.forwarders = {a: Forwarder(a, cfg.replica_name, on_sent=self.metrics.forward_points.labels("sent").inc,
                                             on_refused=self.metrics.forward_points.labels("refused").inc)
                                for a in cfg.forward.split(",")}
             return
@@ -643,13 +653,16 @@ class Backflow:
             self.receivers.stop()
         if self.pipeline:
             self.pipeline.stop(timeout=max(1.0, deadline - (time.monotonic() - t0)))
+        drained = self.pipeline is None or not self.pipeline._thread.is_alive()
         if self.restorer:
             self.restorer.stop()
         left = max(0.5, deadline - (time.monotonic() - t0))
         if self.forwarders:
             for f in self.forwarders.values():  # (side by side: each sends what waits for it)
                 f.stop(timeout=left, join=False)
-            delivered = all([f.stop(timeout=left) for f in self.forwarders.values()])
+            delivered = all([f.stop(timeout=left) for f in self.forwarders.values()]) and drained
+            if not drained:
+                log.error("the pipeline did not close its windows in time: their partials were not sent")
             if self.http:
                 self.http.shutdown()
             return delivered

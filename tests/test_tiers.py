@@ -13,15 +13,19 @@ from benchmarks.scenarios import OtlpEncoder, generate
 from processor.config import Config, ConfigError, load_config
 from processor.pipeline.engine import Engine
 from processor.pipeline.sketch import LogSketch
-from processor.pipeline.tiers import Replicas, explicit_bounds, partials
+from processor.pipeline.location import Location
+from processor.pipeline.tiers import Replicas, explicit_bounds, partials, sequenced
 from processor.pipeline.window import WindowStage
-from processor.receiver.decode import count_spans
+from processor.receiver.decode import Batch, count_spans
 from processor.receiver.metrics import ExplicitBuckets, Watermark, decode_metrics
+from processor.sinks.ring import HashRing
 from tests.conftest import BackflowProcess
 from tests.lanes import send_lanes
 from tests.otlp import batch_rows
 
 CFG = Config.defaults(window=60.0, allowed_lateness=5.0, idle_timeout=1e9)
+SEC, MS = 10**9, 10**6
+T0 = 1_700_000_000 * SEC
 FLAGS = ("--window", "60", "--allowed-lateness", "5", "--idle-timeout", "100000", "--checkpoint-interval", "2")
 
 
@@ -60,6 +64,7 @@ class Tiers:
         cfg = Config.defaults(**{**{k: getattr(CFG, k) for k in ("window", "allowed_lateness", "idle_timeout")},
                                  "replica_wait": wait, "replica_timeout": 1e9})
         self.detect = Engine(cfg, clock=clock)
+        self.detect.replicas.settle = 0.0  # (every replica announces itself below, at once)
         self.stages = []
         for _ in range(n):
             w = WindowStage(cfg.window_ns, cfg.lateness_ns, cfg.idle_timeout, cfg.exemplars, clock=clock)
@@ -164,8 +169,86 @@ def test_a_replica_behind_holds_windows_until_it_reports_or_the_wait_ends(scenar
     assert closed_at[0] == 0 and closed_at[1] > 0, closed_at
 
 
+def _spans(*at_s, function="shop.f"):
+    """A batch of one 10 ms span ending at each of ``at_s`` seconds after T0."""
+    end = np.array([T0 + int(t * SEC) for t in at_s], np.int64)
+    n = len(end)
+    return Batch([Location("prod", "shop", function)], [("shop", "1.0", "")], np.zeros(n, np.int32),
+                 np.zeros(n, np.int32), end - 10 * MS, end, np.zeros(n, bool), np.full((n, 16), 7, np.uint8))
+
+
+def test_a_replica_holding_a_window_open_is_waited_for_however_long():
+    """A sparse service: replica 0's window stays open until its own next span passes it,
+    long after replica 1 passed it; the detect replica waits (no figure is late)."""
+    tiers = Tiers(2, wait=1.0)
+    tiers.step(0, tiers.stages[0].ingest(_spans(30)))
+    tiers.step(1, tiers.stages[1].ingest(_spans(80)))   # replica 1 passes window [0, 60)
+    for t in (5.0, 60.0, 600.0):  # (processing time goes on: the wait is for replicas that never reported it)
+        tiers.now = t
+        tiers.detect.flush_idle(t)
+    assert tiers.detect.windows.stats["windows"] == 0
+    tiers.step(0, tiers.stages[0].ingest(_spans(100)))  # replica 0 passes it too: it closes, whole
+    assert tiers.detect.windows.stats["windows"] == 1 and tiers.detect.windows.stats["late"] == 0
+    tiers.finish()
+    assert tiers.detect.windows.stats["spans"] == 3 and tiers.detect.windows.stats["late"] == 0
+
+
+def test_data_before_its_watermark_does_not_close_windows_by_itself():
+    """A first request holding only partials (the watermarks come in a later one): the
+    service's windows wait for the replicas, not for its figures' own ends."""
+    cfg = Config.defaults(window=60.0, allowed_lateness=0.0)
+    stage = WindowStage(cfg.window_ns, 0, 1e9, 3, clock=lambda: 0.0)
+    stage.partial = True
+    closed = stage.ingest(_spans(10, 70, 130, 190))
+    detect = Engine(cfg, clock=lambda: 0.0)
+    for data, _ in partials(closed, {}, "r0", cfg.window_ns):
+        detect.ingest_metrics(decode_metrics(data))
+    assert detect.windows.stats["windows"] == 0 and detect.windows.open_windows() == 3
+
+
+def test_a_service_no_replica_reports_closes_by_its_own_figures_again():
+    tiers = Tiers(1)
+    tiers.step(0, tiers.stages[0].ingest(_spans(10, 70)), full=True)
+    tiers.now = 100.0
+    tiers.detect.replicas.timeout = 30.0
+    tiers.detect.flush_idle(100.0)  # the replica is dropped
+    assert tiers.detect.replicas.known == 0
+    # spans sent straight to the detect replica close its windows as spans do
+    before = tiers.detect.windows.stats["windows"]
+    tiers.detect.ingest(_spans(200, 300))
+    assert tiers.detect.windows.stats["windows"] > before
+
+
+def test_a_request_sent_again_is_taken_once():
+    tiers = Tiers(1)
+    closed = tiers.stages[0].ingest(_spans(10, 20, 70))
+    (data, _), = partials(closed, {}, "r0", CFG.window_ns)
+    again = sequenced(data, "r0", 42, 0)
+    for _ in range(2):
+        tiers.detect.ingest_metrics(decode_metrics(again))
+    tiers.detect.ingest_metrics(decode_metrics(sequenced(data, "r0", 43, 0)))  # (another run of it: taken)
+    assert tiers.detect.windows.stats["spans"] == 4 and tiers.detect.windows.stats["tier_duplicates"] == 1
+
+
+def test_requests_stay_under_the_byte_limit():
+    rng = np.random.default_rng(5)
+    stage = WindowStage(60 * SEC, 0, 1e9, 3, clock=lambda: 0.0)
+    stage.partial = True
+    n = 200_000
+    locations = [Location("prod", "shop", f"shop.f{i}") for i in range(2000)]
+    end = T0 + rng.integers(0, 59 * SEC, n)
+    dur = np.exp(rng.uniform(np.log(1e5), np.log(3e9), n)).astype(np.int64)  # 100 us to 3 s
+    end.sort()
+    closed = stage.ingest(Batch(locations, [("shop", "1.0", "")], rng.integers(0, 2000, n).astype(np.int32),
+                                np.zeros(n, np.int32), end - dur, end, np.zeros(n, bool),
+                                rng.integers(0, 256, (n, 16), dtype=np.uint8)))
+    requests = partials(closed + stage.flush_all(), {}, "r0", 60 * SEC, max_bytes=1 << 18)
+    assert len(requests) > 4 and max(len(d) for d, _ in requests) < (1 << 18) + (1 << 14)
+    assert sum(int(p.buckets.counts.sum()) for d, _ in requests for p in decode_metrics(d).points) == n
+
+
 def test_a_silent_replica_is_dropped_after_the_timeout_and_counted():
-    r = Replicas(timeout=30.0, wait=1e9)
+    r = Replicas(timeout=30.0, wait=1e9, settle=0.0)
     svc = ("prod", "shop")
     r.report([Watermark("a", svc, 600, 1, 60), Watermark("b", svc, 120, 1, 60)], now=0.0)
     assert r.watermark(svc, now=1.0) == 120
@@ -207,9 +290,13 @@ def test_three_aggregate_processes_and_detect_processes_publish_what_one_process
         redis_server, redis_client, scenario, detects):
     enc = OtlpEncoder(scenario)
     everything, parts = [], [[] for _ in range(3)]
+    per_service: dict[str, int] = {}
     for c in range(scenario.n_chunks):
         b = scenario.chunk(c)
         everything += enc.encode(b)
+        names, counts = np.unique(np.array([loc.service for loc in b.locations])[b.loc], return_counts=True)
+        for name, k in zip(names.tolist(), counts.tolist()):
+            per_service[name] = per_service.get(name, 0) + k
         replica = _replica_of(b, 3)
         for i in range(3):
             parts[i] += enc.encode(batch_rows(b, np.flatnonzero(replica == i)))
@@ -247,7 +334,9 @@ def test_three_aggregate_processes_and_detect_processes_publish_what_one_process
             p = [d.metrics()["backflow_processed_spans_total"] for d in detect]
             return p if sum(p) == total else None
         processed = detect[0].wait_for(all_processed, timeout=120, what=f"{total} spans' partials processed")
-        assert min(processed) > 0, f"each detect replica should get a service: {processed}"
+        ring = HashRing([d.grpc_target for d in detect])  # (each service's partials to the ring's choice)
+        assert processed == [sum(n for svc, n in per_service.items() if ring.backend_for(svc) == d.grpc_target)
+                             for d in detect]
         assert all(d.metrics()["backflow_late_spans_total"] == 0 for d in detect)
     finally:
         for a in aggregates:
@@ -265,3 +354,11 @@ def test_three_aggregate_processes_and_detect_processes_publish_what_one_process
     assert any(dict(e)["type"] == "latency_regression" for e in events1)
     assert events2 == events1
     assert keys2 == keys1 and baselines2 == baselines1
+
+
+def test_watermarks_of_services_beyond_max_services_hold_no_service():
+    detect = Engine(Config.defaults(window=60.0, max_services=1), clock=lambda: 0.0)
+    marks = {("prod", f"svc{i}"): (T0, 1) for i in range(3)}
+    for data, _ in partials([], marks, "r0", 60 * SEC):
+        detect.ingest_metrics(decode_metrics(data))
+    assert len(detect.windows.services) == 1

@@ -26,7 +26,7 @@ from processor.events import Event
 from processor.pipeline.baseline import Baseline, BaselineStage
 from processor.pipeline import checkpoint
 from processor.pipeline.graph import CallGraph
-from processor.pipeline.tiers import Replicas
+from processor.pipeline.tiers import SETTLE_S, Replicas
 from processor.pipeline.window import ClosedWindow, Forgotten, WindowStage, is_overflow
 from processor.receiver.decode import Batch
 from processor.receiver.metrics import Deltas, MetricsBatch, to_counts
@@ -286,7 +286,7 @@ class Engine:
             self.windows.graph = CallGraph(cfg.window_ns, cfg.graph_wait_ns, cfg.call_graph_max_spans)
         self.deltas = Deltas()  # cumulative OTLP metrics' previous points, per series
         # the aggregate replicas whose partials this process merges (processor/pipeline/tiers.py)
-        self.replicas = Replicas(cfg.replica_timeout, cfg.replica_wait)
+        self.replicas = Replicas(cfg.replica_timeout, cfg.replica_wait, SETTLE_S)
         # each new version's rollout and verdict (processor/detect/rollout.py)
         self.rollouts = Rollouts(cfg.rollouts, RESOLVED_TYPES) if cfg.rollouts.enabled else None
         self._started = self.windows.clock()
@@ -362,12 +362,17 @@ class Engine:
         """OTLP metrics (processor/receiver/metrics.py): cumulative points made deltas here,
         one place whichever receiver decoded them, then into the windows as spans are."""
         window_ns = self.windows.window_ns
+        if not self.replicas.first(batch.sequence):  # (sent again after its answer was lost)
+            self.windows.stats["tier_duplicates"] += 1
+            return []
         counts = to_counts(batch, self.deltas, window_ns)
         marks = [m for m in batch.watermarks if m.window_ns == window_ns]
         stats = self.windows.stats
         stats["tier_refused"] += counts.refused + len(batch.watermarks) - len(marks)
-        for m in marks:  # (closed by the replicas from their first figures on)
-            self.windows.advance(m.service, None)
+        if batch.replicas:  # (closed by the replicas from their first figures on)
+            for service in {(p.location.environment, p.location.service) for p in batch.points
+                            if p.window_ns == window_ns} | {m.service for m in marks}:
+                self.windows.advance(service, None)
         closed = self.windows.ingest_counts(counts)
         if batch.replicas:
             now = batch.received_at if batch.received_at is not None else self.windows.clock()
@@ -380,7 +385,9 @@ class Engine:
         more = []
         for service in sorted(services):
             watermark = self.replicas.watermark(service, now)
-            if watermark is not None:
+            if watermark is None:  # (no replica reports it: its own figures close its windows again)
+                more += self.windows.release(service)
+            else:
                 more += self.windows.advance(service, watermark)
         return sorted(closed + more, key=lambda c: (c.end_ns, c.service)) if more else closed
 

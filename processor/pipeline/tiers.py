@@ -15,11 +15,12 @@ The detect replica (``--role detect``, or the default role) takes them with its 
 metrics receiver: the partials of a window from every replica merge in its window, and
 ``Replicas`` decides when it closes. A service's window closes when every replica known to
 it has reported past it (a replica holding no open window of the service has sent all it
-has), or ``replica_wait`` seconds after the first one did; replicas announce themselves in
-every request, and one silent for ``replica_timeout`` seconds is dropped, counted, and no
-longer waited for.
+has); a known replica that has not reported the service is waited for ``replica_wait``
+seconds at most after the first one passed the window (it may never get the service).
+Replicas announce themselves in every request; one silent for ``replica_timeout`` seconds
+is dropped, counted, and no longer waited for.
 
->>> r = Replicas(timeout=30.0, wait=10.0)
+>>> r = Replicas(timeout=30.0, wait=10.0, settle=0.0)
 >>> svc = ("prod", "shop")
 >>> r.report([Watermark("a", svc, 1000, 1, 60), Watermark("b", svc, 1060, 1, 60)], now=0.0)
 {('prod', 'shop')}
@@ -31,11 +32,11 @@ longer waited for.
 >>> _ = r.report([Watermark("b", svc, 1200, 1, 60)], now=3.0)  # a holds none: b's is the one
 >>> r.watermark(svc, now=3.0)
 1200
->>> r.announce(["c"], now=4.0)  # c may send some of it: waited for, 10 s at most
+>>> r.announce(["c"], now=4.0)  # c has not reported it: waited for, 10 s at most
 >>> r.watermark(svc, now=5.0), r.watermark(svc, now=13.0)
 (-4611686018427387904, 1200)
->>> sorted(r.expire(now=40.0)), r.dropped, r.known
-([('prod', 'shop')], 3, 0)
+>>> sorted(r.expire(now=40.0)), r.dropped, r.known, r.watermark(svc, now=40.0)
+([('prod', 'shop')], 3, 0, None)
 """
 
 from __future__ import annotations
@@ -49,10 +50,12 @@ from opentelemetry.proto.metrics.v1.metrics_pb2 import AGGREGATION_TEMPORALITY_D
 
 from processor.pipeline.sketch import GAMMA
 from processor.pipeline.window import ClosedWindow
-from processor.receiver.metrics import REPLICA, WATERMARK, WINDOW, Watermark
+from processor.receiver.metrics import REPLICA, SEQUENCE, SESSION, WATERMARK, WINDOW, Watermark
 
 DURATION, EVENTS = "backflow.duration", "backflow.events"
-POINTS_PER_REQUEST = 2_000  # a request stays well under the receiver's 4 MiB limit
+POINTS_PER_REQUEST = 2_000  # data points a request holds at most
+BYTES_PER_REQUEST = 3 << 20  # and bytes: under the receiver's 4 MiB (max_request_bytes) limit
+SETTLE_S = 5.0  # a detect replica's wait for the aggregate replicas' announcements (a full report's interval)
 
 
 def _kv(key: str, value) -> KeyValue:
@@ -115,27 +118,30 @@ def _resource(req: ExportMetricsServiceRequest, service: tuple[str, str] | None,
 
 
 def partials(closed: list[ClosedWindow], marks: dict[tuple[str, str], tuple[int, int]], replica: str,
-             window_ns: int, per_request: int = POINTS_PER_REQUEST) -> list[tuple[bytes, int]]:
+             window_ns: int, per_request: int = POINTS_PER_REQUEST,
+             max_bytes: int = BYTES_PER_REQUEST) -> list[tuple[bytes, int]]:
     """The windows ``closed`` (of a stage with ``partial`` set) as serialized OTLP requests
-    of at most about ``per_request`` data points each (with their counts of data points),
+    of at most about ``per_request`` data points and ``max_bytes`` each (with their counts
+    of data points),
     then the watermarks ``marks``
     ((environment, service) -> (watermark, open windows)) in the last request, so that a
     receiver that takes them in order has every window before the watermark that passes it."""
     out: list[tuple[bytes, int]] = []
-    req, n = ExportMetricsServiceRequest(), 0
+    req, n, size = ExportMetricsServiceRequest(), 0, 0
 
     def cut():
-        nonlocal req, n
+        nonlocal req, n, size
         out.append((req.SerializeToString(), n))
-        req, n = ExportMetricsServiceRequest(), 0
+        req, n, size = ExportMetricsServiceRequest(), 0, 0
 
     for cw in closed:
         service = (cw.environment, cw.service)
         sm = hist = events = None
         end = cw.start_ns + window_ns - 1  # (the window's last nanosecond: the receiver's window is the one holding it)
         for lw in cw.locations:
-            if sm is None or n >= per_request:
-                if n >= per_request:
+            full = n >= per_request or size >= max_bytes
+            if sm is None or full:
+                if full:
                     cut()
                 sm = _resource(req, service, replica, window_ns)
                 hist = sm.metrics.add(name=DURATION, unit="ns")
@@ -160,6 +166,7 @@ def partials(closed: list[ClosedWindow], marks: dict[tuple[str, str], tuple[int,
                             dp.exemplars.add(time_unix_nano=end, as_int=int(d), trace_id=ids[16 * k:16 * k + 16])
                         ids = b""
                     n += 1
+                    size += dp.ByteSize() + 8
                 for etype, k in v.exceptions.items():
                     if events is None:
                         events = sm.metrics.add(name=EVENTS)
@@ -169,21 +176,34 @@ def partials(closed: list[ClosedWindow], marks: dict[tuple[str, str], tuple[int,
                     _attributes(dp, lw, v.version)
                     dp.attributes.append(_kv("exception.type", etype))
                     n += 1
+                    size += dp.ByteSize() + 8
     by_service: dict[tuple, list] = {}
     for service, (wm, held) in sorted(marks.items()):
         by_service.setdefault(service, []).append((wm, held))
     for service, rows in by_service.items():
-        if n >= per_request:
+        if n >= per_request or size >= max_bytes:
             cut()
         g = _resource(req, service, replica, window_ns).metrics.add(name=WATERMARK, unit="ns").gauge
         for wm, held in rows:
             g.data_points.add(as_int=wm).attributes.append(_kv("backflow.open_windows", held))
             n += 1
+            size += 64
     if not n and not out:  # (nothing to say: the replica announces itself)
         _resource(req, None, replica, window_ns)
     if n or not out:
         cut()
     return out
+
+
+def sequenced(data: bytes, replica: str, session: int, sequence: int) -> bytes:
+    """A serialized request with a resource naming its place in the replica's sending
+    (``session``: one run of the replica, ``sequence``: the request's number in it): a
+    request sent again after an answer was lost is then taken once (``Replicas.first``).
+    Appended as bytes: a serialized message followed by another is their merge."""
+    extra = ExportMetricsServiceRequest()
+    extra.resource_metrics.add().resource.attributes.extend(
+        [_kv(REPLICA, replica), _kv(SESSION, session), _kv(SEQUENCE, sequence)])
+    return data + extra.SerializeToString()
 
 
 class Replicas:
@@ -198,22 +218,48 @@ class Replicas:
     their windows up to it.
     """
 
-    def __init__(self, timeout: float, wait: float):
+    def __init__(self, timeout: float, wait: float, settle: float = 5.0):
         self.timeout = timeout
         self.wait = wait
         self.seen: dict[str, float] = {}  # replica -> processing time of its latest report
         self.marks: dict[tuple, dict[str, list[int]]] = {}  # service -> replica -> [watermark, open]
         self._tops: dict[tuple, deque] = {}  # service -> (highest watermark, when first reported), rising
         self.dropped = 0  # replicas dropped for silence
+        self.settle = settle
+        self._first: float | None = None  # when the first report came
+        self._settling = True
+        self._taken: dict[tuple, tuple[set, deque]] = {}  # (replica, session) -> request numbers taken
 
     @property
     def known(self) -> int:
         return len(self.seen)
 
+    def first(self, sequence: tuple | None) -> bool:
+        """Whether a request (``sequenced``'s (replica, session, number)) is new: False for
+        one taken before (sent again after its answer was lost)."""
+        if sequence is None:
+            return True
+        replica, session, number = sequence
+        taken = self._taken.get((replica, session))
+        if taken is None:
+            if len(self._taken) >= 4096:  # (sessions of replicas long gone)
+                self._taken.pop(next(iter(self._taken)))
+            taken = self._taken[(replica, session)] = (set(), deque())
+        numbers, order = taken
+        if number in numbers:
+            return False
+        numbers.add(number)
+        order.append(number)
+        if len(order) > 1024:  # (requests come one at a time: the last thousand are enough)
+            numbers.discard(order.popleft())
+        return True
+
     def announce(self, replicas, now: float) -> None:
         """Replicas heard from (with or without a service's watermark)."""
         for r in replicas:
             self.seen[r] = now
+            if self._first is None:
+                self._first = now
 
     def report(self, marks: list[Watermark], now: float) -> set[tuple]:
         self.announce({m.replica for m in marks}, now)
@@ -241,37 +287,47 @@ class Replicas:
         self.dropped += len(gone)
         for r in gone:
             del self.seen[r]
-        touched = set()
-        for service, by_replica in self.marks.items():
-            touched.add(service)  # (it may have waited for one of them without a report)
+        touched = set(self.marks)  # (each may have waited for one of them, reported or not)
+        for service in list(self.marks):
+            by_replica = self.marks[service]
             for r in gone & by_replica.keys():
                 del by_replica[r]
+            if not by_replica:  # (no replica reports it: its windows close by its own figures again)
+                self.forget(service)
         return touched
 
     def due(self, now: float) -> set[tuple]:
-        """The services with a watermark reported ``wait`` seconds ago or more."""
+        """The services whose watermark may have moved with time alone: every one in the
+        first ``settle`` seconds' end, else those reported ``wait`` seconds ago or more."""
+        if self._first is not None and self._settling and now - self._first >= self.settle:
+            self._settling = False
+            return set(self.marks)
         return {service for service, tops in self._tops.items() if tops and tops[0][1] <= now - self.wait}
 
     def watermark(self, service: tuple, now: float) -> int | None:
         """Through where the service's windows may close: the lowest watermark of the known
-        replicas holding open windows of it or not having reported it (the highest watermark
-        when none does), or what the highest was ``wait`` seconds ago, whichever is later.
-        None when no replica reports it."""
+        replicas holding open windows of it (the highest watermark when none does); while a
+        known replica has not reported the service, at most what the highest was ``wait``
+        seconds ago (it may yet send some). Nothing closes in the first ``settle`` seconds
+        after the first report (the replicas announce themselves in that time: one must not
+        decide alone). None when no replica reports it.
+        """
         by_replica = self.marks.get(service)
         if not by_replica:
             return None
+        if self._first is None or now - self._first < self.settle:
+            return -(1 << 62)
         top = max(w for w, _ in by_replica.values())
-        waiting = [by_replica[r][0] if r in by_replica else None for r in self.seen
-                   if r not in by_replica or by_replica[r][1]]
-        low = top if not waiting else -(1 << 62) if None in waiting else min(waiting)
+        holding = [w for w, held in by_replica.values() if held]
+        low = min(holding) if holding else top
         tops = self._tops.get(service)
         while tops and len(tops) > 1 and tops[1][1] <= now - self.wait:
             tops.popleft()
-        if tops and tops[0][1] <= now - self.wait:
-            low = max(low, tops[0][0])
-            if len(tops) == 1:
-                tops.clear()  # (applied: due() stops naming it until a higher one comes)
-        return max(low, -(1 << 62))
+        if any(r not in by_replica for r in self.seen):
+            low = min(low, tops[0][0] if tops and tops[0][1] <= now - self.wait else -(1 << 62))
+        if tops and len(tops) == 1 and tops[0][1] <= now - self.wait:
+            tops.clear()  # (applied: ``due`` stops naming it until a higher one comes)
+        return low
 
     def forget(self, service: tuple) -> None:
         self.marks.pop(service, None)

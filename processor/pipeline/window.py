@@ -899,9 +899,12 @@ class WindowStage:
         """Close the windows of ``service`` (environment, name) ending by ``watermark``, which
         the aggregate replicas' reports set (processor/pipeline/tiers.py): from now on its
         windows close by these, not by the ends of its figures (None: only that)."""
-        s = self.tables._svc_ids.get(service)
+        t = self.tables
+        s = t._svc_ids.get(service)
         if s is None:
-            s = self.tables.service_id(service)
+            if len(t._svc_ids) - (_SHARED in t._svc_ids) >= t.max_services:
+                return []  # (its figures fold into the shared overflow location, as spans' would)
+            s = t.service_id(service)
         clock = self.services.get(s)
         if clock is None:
             clock = self.services[s] = _ServiceClock(last_arrival=self.clock())
@@ -911,6 +914,16 @@ class WindowStage:
         out = self._close(s, lambda ws: ws + self.window_ns <= watermark)
         clock.closed_through = max(clock.closed_through, watermark)
         return out
+
+    def release(self, service: tuple[str, str]) -> list[ClosedWindow]:
+        """``service``'s windows close by its own figures again (no replica reports it): those
+        its figures' watermark passed, now."""
+        s = self.tables._svc_ids.get(service)
+        clock = self.services.get(s) if s is not None else None
+        if clock is None or not clock.external:
+            return []
+        clock.external = False
+        return self._close_behind([s])
 
     def open_windows(self) -> int:
         return sum(len(c.windows) for c in self.services.values())

@@ -169,6 +169,7 @@ class MetricsBatch:
     reasons: Counter = field(default_factory=Counter)
     watermarks: list[Watermark] = field(default_factory=list)
     replicas: dict = field(default_factory=dict)  # aggregate replicas heard from -> their window length (ns)
+    sequence: tuple | None = None  # an aggregate replica's request: (replica, session, number)
     received_at: float | None = None
     max_end_ns: int = 0      # (the limits it was decoded with)
     max_length: int = 0
@@ -235,6 +236,8 @@ def from_request(req: ExportMetricsServiceRequest, max_end_ns: int = MAX_END_NS,
         rkey = tuple(sorted(rattrs.items()))
         if REPLICA in rattrs and type(rattrs.get(WINDOW)) is int:
             out.replicas[str(rattrs[REPLICA])] = rattrs[WINDOW]
+        if REPLICA in rattrs and type(rattrs.get(SESSION)) is int and type(rattrs.get(SEQUENCE)) is int:
+            out.sequence = (str(rattrs[REPLICA]), rattrs[SESSION], rattrs[SEQUENCE])
         for sm in rm.scope_metrics:
             for m in sm.metrics:
                 which = m.WhichOneof("data")
@@ -290,6 +293,7 @@ def from_request(req: ExportMetricsServiceRequest, max_end_ns: int = MAX_END_NS,
 MAX_COUNT = 1 << 53  # counts beyond it are not counts of spans (and would overflow sums)
 WATERMARK = "backflow.watermark"  # an aggregate replica's gauge (processor/pipeline/tiers.py)
 REPLICA, WINDOW = "backflow.replica.id", "backflow.window_ns"  # its resource's attributes
+SESSION, SEQUENCE = "backflow.session", "backflow.sequence"  # a request's place in its sending
 
 
 def _watermarks(rattrs: dict, points, out: MetricsBatch) -> None:

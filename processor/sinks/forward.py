@@ -4,13 +4,15 @@ Requests (``processor.pipeline.tiers.partials``, serialized) are sent one at a t
 order they were made, each until the detect replica takes it: a watermark must never reach
 it before the windows it passes. While it is away they wait in memory; past ``max_bytes``,
 ``has_room`` turns false and the replica's receivers tell their senders to retry, so that
-nothing acknowledged is dropped. A request the detect replica refuses as malformed
-(INVALID_ARGUMENT) would be refused again: it is logged and counted, not retried.
+nothing acknowledged is dropped. Each request is numbered (``sequenced``): one sent again
+after its answer was lost is taken once. A request the detect replica refuses as
+malformed or too large would be refused again: it is logged and counted, not retried.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -18,18 +20,24 @@ from collections import deque
 import grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
+from processor.pipeline.tiers import sequenced
+
 log = logging.getLogger("backflow.forward")
 
 _EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
-_FINAL = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED)  # retrying would not help
+# retrying would not help (RESOURCE_EXHAUSTED: larger than the detect replica's max_request_bytes)
+_FINAL = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class Forwarder:
     """Sends serialized ExportMetricsServiceRequests to ``target`` (HOST:PORT) in order."""
 
-    def __init__(self, target: str, max_bytes: int = 256 << 20, timeout: float = 10.0,
+    def __init__(self, target: str, replica: str, max_bytes: int = 256 << 20, timeout: float = 10.0,
                  on_sent=lambda points: None, on_refused=lambda n: None):
         self.target = target
+        self.replica = replica
+        self.session = random.getrandbits(62)  # (this run's requests: numbered from 0)
+        self._number = 0
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.on_sent, self.on_refused = on_sent, on_refused
@@ -52,9 +60,11 @@ class Forwarder:
     def submit(self, requests: list[tuple[bytes, int]]) -> None:
         """Requests with the data points each holds; never refused (see ``has_room``)."""
         with self._cond:
-            for r in requests:
-                self._queue.append(r)
-                self.bytes += len(r[0])
+            for data, points in requests:
+                data = sequenced(data, self.replica, self.session, self._number)
+                self._number += 1
+                self._queue.append((data, points))
+                self.bytes += len(data)
             self._cond.notify()
 
     def has_room(self) -> bool:
@@ -120,7 +130,8 @@ class Forwarder:
             self._cond.notify_all()
         if not join:
             return True
-        self._thread.join(max(0.0, self._deadline - time.monotonic()))
+        if self._thread.ident is not None:  # (started)
+            self._thread.join(max(0.0, self._deadline - time.monotonic()))
         left = len(self._queue)
         if left:
             log.error("exiting with %d requests of partials not taken by the detect replica at %s",
