@@ -32,6 +32,9 @@ redis-server:
 	@command -v redis-server >/dev/null 2>&1 || [ -x /usr/bin/redis-server ] || \
 	  { echo "installing redis-server (Debian package)"; \
 	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-server >/dev/null; }
+	@command -v redis-cli >/dev/null 2>&1 || \
+	  { echo "installing redis-cli (Debian package redis-tools: tests/rediscluster.py creates clusters with it)"; \
+	    $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq redis-tools >/dev/null; }
 
 # promtool checks and unit-tests deploy/prometheus/backflow-alerts.yaml (tests/test_deploy.py).
 promtool:

@@ -140,6 +140,10 @@ SETTINGS: tuple[Setting, ...] = (
             "N"),
     Setting("baseline_half_life", 86400.0, positive_float,
             "event-time seconds after which a window's weight in the baseline has halved", "SECONDS"),
+    Setting("redis_wait_replicas", 0, non_negative_int,
+            "replicas that must have each batch of writes (Redis WAIT) before it counts as written; 1 or more "
+            "with a replicated Redis (Redis Cluster, Sentinel) makes a master's failover lose nothing "
+            "acknowledged; while fewer answer, writes wait and are sent again", "N"),
     Setting("events_maxlen", 100_000, positive_int,
             "approximate length the events stream is trimmed to (XADD MAXLEN ~)", "N"),
     Setting("redis_buffer", 100_000, positive_int,
@@ -226,6 +230,7 @@ class Config:
     trend_period: float
     trend_points: int
     baseline_half_life: float
+    redis_wait_replicas: int
     events_maxlen: int
     redis_buffer: int
     spool_dir: str | None

@@ -18,10 +18,10 @@ import time
 from collections import Counter
 
 import numpy as np
-import redis
+from redis.cluster import RedisCluster
 
 from processor.activity import Activity
-from processor.config import Config, redact_url
+from processor.config import Config, ConfigError, redact_url
 from processor.owners import Owners
 from processor.parsing import listening
 from processor.pipeline import checkpoint
@@ -34,6 +34,7 @@ from processor.receiver.workers import ReceiverPool
 from processor.pipeline.tiers import partials
 from processor.pipeline.window import WindowStage
 from processor.receiver.metrics import Deltas, to_counts
+from processor.sinks.connect import REDIS_ERRORS, client_for, cluster_client, hash_tagged, is_cluster
 from processor.sinks.forward import Forwarder
 from processor.sinks.ring import HashRing
 from processor.sinks.prometheus import Metrics, serve_http
@@ -43,6 +44,7 @@ from processor.sinks.spool import Spool
 log = logging.getLogger("backflow")
 
 _STOP = object()
+_REDIS_OPTIONS = {"socket_timeout": 5, "socket_connect_timeout": 5, "health_check_interval": 30}
 _COALESCE_SPANS = 16_384  # most spans the pipeline takes off its queue in one step
 _HOLD_SPANS = 1_000_000  # spans held for services whose checkpoint is being read, at most
 
@@ -104,7 +106,7 @@ class Restorer:
                 try:
                     fields = self.read(service)
                     break
-                except redis.RedisError as e:  # (its spans wait meanwhile, the others' go on)
+                except REDIS_ERRORS as e:  # (its spans wait meanwhile, the others' go on)
                     log.warning("could not read the checkpoint of service %s (%s); trying again", service[1], e)
                     time.sleep(wait)
                     wait = min(wait * 2, 5.0)
@@ -282,7 +284,7 @@ class Pipeline:
             else:
                 parts = {s: dataclasses.replace(b, points=[p for p, n in zip(b.points, named) if n == s],
                                                 watermarks=[m for m in b.watermarks if m.service == s],
-                                                reasons=Counter(), replicas={}, sequence=None) for s in waiting}
+                                                reasons=Counter(), sequence=None) for s in waiting}
                 out.append(dataclasses.replace(b, points=[p for p, n in zip(b.points, named) if n not in waiting],
                                                watermarks=[m for m in b.watermarks if m.service not in waiting]))
             for service, part in parts.items():
@@ -556,15 +558,15 @@ class Backflow:
                                             on_refused=self.metrics.forward_points.labels("refused").inc)
                                for a in cfg.forward.split(",")}
             return
-        client = redis.Redis.from_url(cfg.redis_url, socket_timeout=5, socket_connect_timeout=5,
-                                      health_check_interval=30)
+        client = client_for(cfg.redis_url, **_REDIS_OPTIONS)
         self.sink = RedisSink(client, cfg.prefix, cfg.events_maxlen, cfg.redis_buffer,
                               on_event_written=lambda t: self.metrics.events.labels(type=t).inc(),
                               on_dropped=self.metrics.redis_dropped.inc,
                               on_waited=self.metrics.redis_waited.inc,
                               spool=Spool(cfg.spool_dir, cfg.spool_max_bytes) if cfg.spool_dir else None,
                               owners=Owners.from_file(cfg.codeowners).of if cfg.codeowners else None,
-                              trend_period=cfg.trend_period, trend_points=cfg.trend_points)
+                              trend_period=cfg.trend_period, trend_points=cfg.trend_points,
+                              wait_replicas=cfg.redis_wait_replicas)
 
     def health(self) -> tuple[bool, str]:
         """/healthz: serving or not, and why. A Redis outage after start is "degraded", not
@@ -614,9 +616,10 @@ class Backflow:
             if stop.wait(wait):
                 return False
             wait = min(wait * 2, 5.0)
+        self._check_cluster()
         try:
             self.sink.replay_spool()  # what an earlier run could not write, before anything else
-        except redis.RedisError as e:
+        except REDIS_ERRORS as e:
             log.warning("could not send the spool yet (%s); it goes first once Redis answers", e)
         known = self.sink.known_keys()
         self.pipeline = Pipeline(self.cfg, self.sink, self.metrics, known)
@@ -626,6 +629,24 @@ class Backflow:
         self.pipeline.start()
         self.sink.start()
         return self._listen()
+
+    def _check_cluster(self) -> None:
+        """Against Redis Cluster: a cluster client (if Redis did not answer when the client
+        was made), and a prefix that is a hash tag, or ConfigError."""
+        try:
+            if not is_cluster(self.sink.r):
+                return
+        except REDIS_ERRORS as e:  # (INFO refused: a plain server that hides it)
+            log.debug("INFO cluster: %s", e)
+            return
+        if not isinstance(self.sink.r, RedisCluster):
+            self.sink.use(cluster_client(self.sink.r, self.cfg.redis_url, **_REDIS_OPTIONS))
+        if not hash_tagged(self.cfg.prefix):
+            raise ConfigError(f"invalid setting prefix: {redact_url(self.cfg.redis_url)} is a Redis Cluster; the "
+                              f"keys a write touches together must share a slot: give a prefix that is a hash tag, "
+                              f"such as '{{{self.cfg.prefix}}}' (docs/operations.md)")
+        log.info("Redis at %s is a cluster; every key is under the hash tag of %s", redact_url(self.cfg.redis_url),
+                 self.cfg.prefix)
 
     def _listen(self) -> bool:
         """Start the receivers, in this process or in receiver processes."""

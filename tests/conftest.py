@@ -142,6 +142,7 @@ def _published_records_conform(monkeypatch):
     from urllib.parse import urlsplit
 
     from processor.schema.conformance import Tally, check
+    from processor.sinks.connect import REDIS_ERRORS, client_for
 
     started: list[BackflowProcess] = []
     tally, read = Tally(), set()
@@ -160,10 +161,13 @@ def _published_records_conform(monkeypatch):
             try:
                 if ports is not None and urlsplit(url).port not in ports:
                     continue
-                with redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=2) as client:
+                client = client_for(url, socket_timeout=10, socket_connect_timeout=2)  # (a cluster's too)
+                try:
                     tally.update(check(client, prefix))
+                finally:
+                    client.close()
                 read.add((url, prefix))
-            except (redis.RedisError, ValueError, OSError):
+            except (*REDIS_ERRORS, ValueError, OSError):
                 pass  # gone, or a test's wrong password: nothing there to read
 
     def following(real_start):

@@ -278,6 +278,11 @@ def test_role_settings_are_checked_at_start():
     assert (cfg.role, cfg.forward, cfg.replica_name) == ("aggregate", "detect:4317", "agg-0")
 
 
+def _around(a: str, b: str) -> tuple[str, str]:
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return a[max(0, i - 150):i + 150], b[max(0, i - 150):i + 150]
+
+
 def _settle(bf: BackflowProcess, spans: int):
     def settled():
         m = bf.metrics()
@@ -352,7 +357,11 @@ def test_three_aggregate_processes_and_detect_processes_publish_what_one_process
     events1, keys1, baselines1 = published(single)
     events2, keys2, baselines2 = published(tiers)
     assert any(dict(e)["type"] == "latency_regression" for e in events1)
-    assert events2 == events1
+    if events2 != events1:  # (what differs, readably)
+        only1, only2 = set(events1) - set(events2), set(events2) - set(events1)
+        raise AssertionError(f"{len(events1)} vs {len(events2)} events; only in one process: "
+                             f"{[dict(e)['summary'] for e in only1]}; only in tiers: {[dict(e)['summary'] for e in only2]}"
+                             f"; fields that differ: {[_around(dict(a)[k], dict(b).get(k, '')) for a in only1 for b in only2 if dict(a)['summary'] == dict(b)['summary'] for k in dict(a) if dict(a)[k] != dict(b).get(k)]}")
     assert keys2 == keys1 and baselines2 == baselines1
 
 

@@ -15,6 +15,7 @@ from processor.config import ConfigError, parse_prefix, parse_redis_url
 from processor.parsing import env_of
 from processor.commands.consume import EventFilter, default_consumer
 from processor.detect.registry import EVENT_TYPES, RESOLVED
+from processor.sinks.connect import client_for
 
 KNOWN_TYPES = EVENT_TYPES + (RESOLVED,)
 
@@ -50,9 +51,10 @@ def redis_settings(args: argparse.Namespace, environ: dict[str, str] | None = No
 
 
 def connect(url: str) -> redis.Redis:
+    """A client of ``url``, a cluster one against Redis Cluster (processor/sinks/connect.py)."""
     # socket_timeout above the longest XREADGROUP BLOCK (1 s), so a blocked read is not cut
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=10,
-                                socket_connect_timeout=5, health_check_interval=30)
+    return client_for(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5,
+                      health_check_interval=30)
 
 
 def add_filter_arguments(parser: argparse.ArgumentParser, what: str) -> None:

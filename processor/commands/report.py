@@ -19,6 +19,7 @@ import os
 import sys
 
 from processor.config import ConfigError, parse_prefix, parse_redis_url, redact_url
+from processor.sinks.connect import client_for
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
@@ -89,7 +90,7 @@ def run(args, environ=None, out=None) -> int:
         print(f"backflow report: {e}", file=sys.stderr)
         return 2
 
-    client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5)
+    client = client_for(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5)
     try:
         prod = read_production(client, prefix, args.service, args.environment)
     except redis.RedisError as e:

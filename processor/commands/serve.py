@@ -95,6 +95,10 @@ def serve(cfg) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         started = app.start(stop)
+    except ConfigError as e:  # (found only once Redis answered: a setting to change)
+        logging.getLogger("backflow").error("cannot start: %s", e)
+        app.stop(deadline=2.0)
+        return 2
     except OSError as e:
         logging.getLogger("backflow").error("cannot start: %s", e)
         app.stop(deadline=2.0)

@@ -378,8 +378,10 @@ class Rollouts:
 
     def _note(self, r: Rollout, events: list[Event]) -> None:
         """The window's events that concern the rollout: regressions opened (attributed to
-        its version) and resolved, its new functions and exception types."""
-        for e in events:
+        its version) and resolved, its new functions and exception types; a window's by
+        function name (their order in the window follows the locations' ids, which follow
+        arrival: one process and two tiers must list them alike)."""
+        for e in sorted(events, key=lambda e: e.location.function):
             if e.type == "resolved":
                 r.regressions.pop(f"{e.subject} {e.location.key}", None)
             elif e.version != r.version:

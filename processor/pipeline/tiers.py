@@ -257,7 +257,7 @@ class Replicas:
     def announce(self, replicas, now: float) -> None:
         """Replicas heard from (with or without a service's watermark)."""
         for r in replicas:
-            self.seen[r] = now
+            self.seen[r] = max(now, self.seen.get(r, now))  # (a batch held for a restore may come later)
             if self._first is None:
                 self._first = now
 

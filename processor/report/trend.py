@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import redis
 
+from processor.sinks.connect import raw
 from processor.sinks.versions import TREND_POINT
 
 BARS = "▁▂▃▄▅▆▇█"
@@ -37,16 +38,6 @@ def points(blob: bytes) -> list[Point]:
     if len(blob) % TREND_POINT.size:
         raise ValueError(f"a trend value of {len(blob)} bytes is not whole {TREND_POINT.size}-byte points")
     return [Point(b, c, e / 65535, p50, p99) for b, c, e, p50, p99 in TREND_POINT.iter_unpack(blob)]
-
-
-def raw(client: redis.Redis) -> redis.Redis:
-    """A client of the same server that does not decode replies (the points are bytes)."""
-    kwargs = client.connection_pool.connection_kwargs
-    if not kwargs.get("decode_responses"):
-        return client
-    pool = client.connection_pool
-    return redis.Redis(connection_pool=type(pool)(connection_class=pool.connection_class,
-                                                  **{**kwargs, "decode_responses": False}))
 
 
 def read(client: redis.Redis, prefix: str, key: str) -> dict[tuple[str, str], list[Point]]:

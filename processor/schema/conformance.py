@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from processor.sinks.connect import client_for
 from processor.schema.backflow.v1.baseline_pb2 import Baseline
 from processor.schema.backflow.v1.event_pb2 import Event
 from processor.schema.redis_map import (SchemaError, callers_from_hash, edges_from_hash, from_fields,
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redis-url", default="redis://localhost:6379/0")
     ap.add_argument("--prefix", action="append", help="a prefix to check (repeatable); default: every one found")
     args = ap.parse_args(argv)
-    client = redis.Redis.from_url(args.redis_url)
+    client = client_for(args.redis_url)
     tally = Tally()
     for prefix in sorted(args.prefix or prefixes(client)):
         tally.update(check(client, prefix))

@@ -39,9 +39,11 @@ from typing import Callable
 
 import msgpack
 import redis
+from redis.cluster import RedisCluster
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from processor.sinks.connect import REDIS_ERRORS
 from processor.events import Event
 from processor.pipeline.memtrim import release_free_memory
 from processor.sinks.idempotency import (EVENT_LUA, WRITTEN, WRITTEN_BEFORE_BY_US, WRITTEN_TTL, Tokens,
@@ -52,6 +54,7 @@ from processor.sinks.versions import MERGE_LUA, MERGES_LUA, VersionLedger, field
 log = logging.getLogger("backflow.redis")
 
 WRITE_TIMEOUT_S = 1.0  # with a spool: a write not answered by then is spooled (see __init__)
+WAIT_MS = 2000  # how long a batch waits for its replicas (redis_wait_replicas)
 _TRIM_AFTER_FIELDS = 20_000  # checkpoint fields (kilobytes each) written before a malloc_trim
 
 # KEYS: the baseline hash, the key set. ARGV: the location key, the fields as a JSON array.
@@ -257,15 +260,18 @@ class RedisSink:
                  on_waited: Callable[[float], None] = lambda s: None,
                  batch_size: int = 500, owners: Callable[[str], str] | None = None,
                  written_ttl: int = WRITTEN_TTL, spool: Spool | None = None,
-                 trend_period: float = 0.0, trend_points: int = 1):
+                 trend_period: float = 0.0, trend_points: int = 1, wait_replicas: int = 0):
         self.r = client
+        # a batch counts as written once this many replicas have it (WAIT): a master's
+        # failover then loses nothing acknowledged
+        self.wait_replicas = wait_replicas
         # With a spool, a write (or a replay of the spool) Redis has not answered within
         # WRITE_TIMEOUT_S fails, and the batch goes to the spool (and what waits behind it): a
         # stalled Redis must not keep closed windows in memory only, where kill -9 would lose
         # them. Written twice is harmless: every write is idempotent. No retries in the
         # client: _run has its own.
         self.w = client
-        if spool is not None:
+        if spool is not None and not isinstance(client, RedisCluster):  # (a cluster's: its own timeouts)
             pool = client.connection_pool
             self.w = redis.Redis(connection_pool=type(pool)(
                 connection_class=pool.connection_class,
@@ -326,12 +332,19 @@ class RedisSink:
         self._thread: threading.Thread | None = None
         self._inflight = 0
 
+    def use(self, client) -> None:
+        """Talk to Redis through ``client`` from now on (a cluster client, once the server
+        was found to be a cluster node: processor/sinks/connect.py)."""
+        with self._cv:
+            self.r = self.w = client
+            self._loaded = False  # (its scripts are loaded again, on every primary)
+
     # --- reading at start -------------------------------------------------------------------
     def ping(self) -> bool:
         try:
             self.r.ping()
             self.reachable = self.ever_reached = True
-        except redis.RedisError as e:
+        except REDIS_ERRORS as e:
             self.reachable = False
             self.last_error = e
         return self.reachable
@@ -340,7 +353,7 @@ class RedisSink:
         """Keys already announced, so a restart does not announce them again."""
         try:
             return {k.decode() if isinstance(k, bytes) else k for k in self.r.smembers(self.keys_key)}
-        except redis.RedisError as e:
+        except REDIS_ERRORS as e:
             log.warning("could not read %s (%s); first_seen relies on the Redis script", self.keys_key, e)
             return set()
 
@@ -498,7 +511,7 @@ class RedisSink:
                     self.replay_spool()
                     self.reachable = self.ever_reached = True
                     backoff = 0.1
-                except redis.RedisError:
+                except REDIS_ERRORS:
                     self.reachable = False
                     next_try = time.monotonic() + backoff
                     backoff = min(backoff * 2, 5.0)
@@ -525,7 +538,7 @@ class RedisSink:
                 backoff = 0.1
                 with self._cv:
                     self._inflight = 0
-            except redis.RedisError as e:
+            except REDIS_ERRORS as e:
                 if self.reachable:
                     log.warning("Redis write failed (%s); %s", e, "keeping what waits in the spool"
                                 if self.spool is not None else "retrying with backoff")
@@ -625,14 +638,20 @@ class RedisSink:
         pipe.hsetnx(self.instances_key, self.instance, int(time.time()))  # reply 0: see __init__
         unlink = self._unlink[:]
         if unlink:  # markers of the writes acknowledged last time (module docstring)
-            pipe.unlink(*unlink)
+            pipe.execute_command("UNLINK", *unlink)  # (as a command: a cluster pipeline splits no multi-key call)
         base = len(pipe)
         merges = [(base + i, m) for i, m in merges]
         partial = partial and (base + partial[0], partial[1])
         events = [(base + i, w, m) for i, w, m in events]
         for c in cmds:
             pipe.execute_command(*c)
+        if self.wait_replicas:  # (on the connection that wrote: WAIT covers its own writes)
+            pipe.execute_command("WAIT", self.wait_replicas, WAIT_MS, **(
+                {"target_nodes": self.w.get_node_from_key(self.events_key)} if isinstance(self.w, RedisCluster) else {}))
         replies = pipe.execute(raise_on_error=False)
+        if self.wait_replicas and isinstance(replies[-1], int) and replies[-1] < self.wait_replicas:
+            raise redis.ConnectionError(f"the batch reached {replies[-1]} of {self.wait_replicas} replicas within "
+                                        f"{WAIT_MS} ms (redis_wait_replicas): sent again")
         if replies[0] == 1:
             if self._registered:
                 with self._cv:
