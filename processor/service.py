@@ -110,6 +110,10 @@ class Restorer:
                     log.warning("could not read the checkpoint of service %s (%s); trying again", service[1], e)
                     time.sleep(wait)
                     wait = min(wait * 2, 5.0)
+                except Exception:  # noqa: BLE001 (what cannot be read is learned again, not waited for)
+                    log.exception("the checkpoint of service %s could not be read; it is learned again", service[1])
+                    fields = {}
+                    break
             self.results.put((service, fields))
 
     def read(self, service: tuple[str, str]) -> dict[str, bytes]:
@@ -135,15 +139,16 @@ class Restorer:
         if self._legacy is None:
             log.info("checkpoint fields of %s:state written before they named their locations: reading "
                      "it whole once", self.sink.prefix)
-            self._legacy = {}
+            legacy: dict[tuple, dict] = {}  # (kept only once the whole hash was read: a failed scan is retried)
             for field, value in self.sink.read_state().items():
                 try:
                     state = checkpoint.decode(field, value)
                 except (checkpoint.Malformed, checkpoint.OtherFormat):
-                    continue  # (a location's: refused when its service's fields are restored)
+                    continue  # (whose it is cannot be told: learned again)
                 if isinstance(state, checkpoint.LocationState):
                     loc = state.location
-                    self._legacy.setdefault((loc.environment, loc.service), {})[field] = value
+                    legacy.setdefault((loc.environment, loc.service), {})[field] = value
+            self._legacy = legacy
         return {name: blob, **self._legacy.pop(service, {})}
 
 
@@ -170,6 +175,10 @@ class Pipeline:
         self.ready: set[tuple] = set()
         self.pending: dict[tuple, list] = {}
         self._held = 0  # spans (or data points) held
+        # services taken without their checkpoint (it could not be read by the stop): left
+        # out of checkpoints, so that what they had learned is not written over
+        self.unrestored: set[tuple] = set()
+        self._stopping = threading.Event()
 
     def put(self, batch: Batch) -> None:
         """Called by the readers of receiver processes: waits while the queue is full (the
@@ -192,6 +201,7 @@ class Pipeline:
     def stop(self, timeout: float) -> None:
         """Process everything queued, close all open windows, hand results to the sink."""
         t0 = time.monotonic()
+        self._stopping.set()
         try:
             # (bounded: a pipeline waiting for a full spool while Redis is away takes nothing)
             self.queue.put(_STOP, timeout=timeout)
@@ -206,8 +216,8 @@ class Pipeline:
         while True:
             if self.restorer is None:
                 batches, stop = _take(self.queue)
-            elif self._held > _HOLD_SPANS:  # (wait for the checkpoints being read, not for more spans)
-                batches, stop = self._restored(block=True), False
+            elif self._held > _HOLD_SPANS and not self._stopping.is_set():
+                batches, stop = self._restored(block=True), False  # (for the checkpoints being read, not more spans)
             else:
                 batches, stop = _take(self.queue)
                 batches = self._restored() + self._hold(batches)
@@ -264,6 +274,11 @@ class Pipeline:
         out = []
         for b in batches:
             spans = isinstance(b, Batch)
+            if not spans and b.sequence is not None:  # (taken once, before its parts are held apart)
+                if not self.engine.replicas.first(b.sequence):
+                    self.engine.windows.stats["tier_duplicates"] += 1
+                    continue
+                b.sequence = None
             named = [(x.environment, x.service) for x in b.locations] if spans else \
                 [(p.location.environment, p.location.service) for p in b.points]
             waiting = set(named).union(() if spans else (m.service for m in b.watermarks)) - self.ready
@@ -311,11 +326,12 @@ class Pipeline:
                     for held in self.pending.values():
                         out += held
                     self.ready.update(self.pending)
+                    self.unrestored.update(self.pending)
                     self.pending.clear()
                     self._held = 0
                 return out
             block = False
-            result = checkpoint.restore(self.engine, fields)
+            result = checkpoint.restore(self.engine, fields, only=service)
             self.metrics.restored.inc(result.locations)
             for reason, n in result.rejected.items():
                 self.metrics.checkpoint_rejected.labels(reason).inc(n)
@@ -411,6 +427,9 @@ class Pipeline:
             if not due or not (self.sink.reachable or self.sink.spool is not None) or self.sink.state_pending():
                 return
         self._last_checkpoint = now
+        for service in self.unrestored:  # (their checkpoint in Redis stays as it was)
+            engine.dirty_services.discard(service)
+            engine.dirty_locations.difference_update(engine.service_locations.get(service, ()))
         # (a part at a time: the next loop takes the rest once the sink wrote this part)
         fields = checkpoint.dumps_dirty(engine, limit=None if force else _CHECKPOINT_PART)
         self._checkpoint_rest = bool(engine.dirty_locations)
@@ -463,6 +482,7 @@ class AggregatePipeline:
         self._thread = threading.Thread(target=self._run, name="aggregate", daemon=True)
         self._reported: dict[tuple, tuple[int, int]] = {}  # service -> (watermark, open) as last sent
         self._full_at = 0.0
+        self._stopping = threading.Event()  # (set by stop: Pipeline's)
         self.on_tick = lambda: None
 
     put, offer, start, stop = Pipeline.put, Pipeline.offer, Pipeline.start, Pipeline.stop
@@ -640,7 +660,11 @@ class Backflow:
             log.debug("INFO cluster: %s", e)
             return
         if not isinstance(self.sink.r, RedisCluster):
-            self.sink.use(cluster_client(self.sink.r, self.cfg.redis_url, **_REDIS_OPTIONS))
+            try:
+                self.sink.use(cluster_client(self.sink.r, self.cfg.redis_url, **_REDIS_OPTIONS))
+            except REDIS_ERRORS as e:
+                raise ConfigError(f"redis_url: {redact_url(self.cfg.redis_url)} is a Redis Cluster node, but its "
+                                  f"cluster could not be read: {e}") from None
         if not hash_tagged(self.cfg.prefix):
             raise ConfigError(f"invalid setting prefix: {redact_url(self.cfg.redis_url)} is a Redis Cluster; the "
                               f"keys a write touches together must share a slot: give a prefix that is a hash tag, "

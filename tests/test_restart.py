@@ -115,16 +115,16 @@ def test_a_process_reads_the_checkpoints_of_its_own_services_only_and_at_their_f
     # Another process on the prefix is sent services a and b only: it reads theirs, no more.
     second = backflow(*flags, prefix="lazy")
     send(second, spans("a", 2, 2, start=10))
-    m = second.wait_for(lambda: (m := second.metrics())["backflow_restored_locations"] == 2 and m,
-                        what="service a restored")
+    m = second.wait_for(lambda: (m := second.metrics())["backflow_restored_locations"] == 2
+                        and m["backflow_processed_spans_total"] == 4 and m, what="service a restored, its spans taken")
     assert m["backflow_active_keys"] == 2
     # While Redis is paused, b's first spans wait for its checkpoint; a's windows go on closing.
     closed = m["backflow_windows_closed_total"]
-    redis_client.execute_command("CLIENT", "PAUSE", 3000, "ALL")
+    redis_client.execute_command("CLIENT", "PAUSE", 6000, "ALL")
     send(second, spans("b", 3, 2, start=10))
     send(second, spans("a", 2, 3, start=12))
     during = second.wait_for(lambda: (m := second.metrics())["backflow_windows_closed_total"] >= closed + 2 and m,
-                             timeout=2.5, what="a's windows closed while b's checkpoint is read")
+                             timeout=5, what="a's windows closed while b's checkpoint is read")
     assert during["backflow_restored_locations"] == 2  # (b's not read yet)
     assert during["backflow_processed_spans_total"] == 2 * 2 + 2 * 3  # (b's spans held, none lost)
     after = second.wait_for(lambda: (m := second.metrics())["backflow_processed_spans_total"] == 4 + 6 + 6 and m,
@@ -135,3 +135,44 @@ def test_a_process_reads_the_checkpoints_of_its_own_services_only_and_at_their_f
     # b's locations were not new: no second first_seen for them
     firsts = [f["code.function.name"] for _, f in redis_client.xrange("lazy:events") if f["type"] == "first_seen"]
     assert sorted(firsts) == sorted(f"{s}.f{i}" for s, n in sizes.items() for i in range(n))
+
+
+def test_the_restorer_reads_a_service_s_fields_and_old_style_ones_from_one_scan(redis_server, redis_client):
+    """A svc: field written before it named its locations: the service's fields come from one
+    read of the whole hash; a location named by another service's field is not loaded."""
+    from processor.config import Config
+    from processor.pipeline import checkpoint
+    from processor.pipeline.engine import Engine
+    from processor.receiver.decode import Batch
+    from processor.pipeline.location import Location
+    from processor.service import Restorer
+    from processor.sinks.redis_streams import RedisSink
+    import numpy as np
+    import redis
+
+    engine = Engine(Config.defaults(window=60.0, allowed_lateness=0.0), clock=lambda: 0.0)
+    t0 = 1_700_000_000 * 10**9
+    for service in ("a", "b"):
+        locs = [Location("prod", service, f"{service}.f{i}") for i in range(3)]
+        end = t0 + np.arange(30, dtype=np.int64) * 10**9
+        engine.ingest(Batch(locs, [(service, "1.0", "")], (np.arange(30) % 3).astype(np.int32),
+                            np.zeros(30, np.int32), end - 10**6, end, np.zeros(30, bool),
+                            np.full((30, 16), 3, np.uint8)))
+    engine.flush_all()
+    fields = checkpoint.dumps_dirty(engine)
+    old_style = dict(fields)
+    for name in [n for n in fields if n.startswith("svc:")]:
+        state = checkpoint.decode(name, fields[name])
+        state.locations = None  # (as written before svc: fields named their locations)
+        old_style[name] = checkpoint.encode_service(state)
+    redis_client.hset("old:state", mapping=old_style)
+    client = redis.Redis.from_url(redis_server.url)
+    restorer = Restorer(RedisSink(client, "old", 1000, 1000))
+    got = restorer.read(("prod", "a"))
+    assert sorted(got) == sorted(n for n in fields if n == "svc:prod:a" or (
+        n.startswith("loc:") and checkpoint.decode(n, fields[n]).location.service == "a"))
+    assert len(got) == 4 and ("prod", "b") in restorer._legacy  # (b's from the same read, kept for it)
+    assert restorer.read(("prod", "b")).keys() - got.keys() and ("prod", "b") not in restorer._legacy
+    # a restore loads the service's own fields only, whatever else it is handed
+    fresh = Engine(Config.defaults(window=60.0, allowed_lateness=0.0), clock=lambda: 0.0)
+    assert checkpoint.restore(fresh, fields, only=("prod", "a")).locations == 3

@@ -27,6 +27,8 @@ from typing import Callable
 
 import redis
 
+from processor.sinks.connect import TRANSIENT
+
 log = logging.getLogger("backflow.consume")
 
 Entry = tuple[str, dict[str, str]]  # (stream id, fields)
@@ -168,7 +170,7 @@ class GroupReader:
             try:
                 entries = self.read(block_ms if follow else None)
                 backoff = 0.5
-            except (redis.ConnectionError, redis.TimeoutError) as e:
+            except TRANSIENT as e:
                 if not follow:
                     raise  # a one-off read: say so rather than wait
                 log.warning("Redis unreachable (%s); retrying in %.1f s", e, backoff)

@@ -23,8 +23,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
-import redis
 
+from processor.sinks.connect import REDIS_ERRORS
 from processor.commands import common
 from processor.config import ConfigError, parse_redis_url, redact_url
 from processor.commands.consume import GroupReader
@@ -201,7 +201,7 @@ class Demo:
         while not self.stop.is_set():
             try:
                 reader.run(show, self.stop, block_ms=200)
-            except redis.RedisError:
+            except REDIS_ERRORS:
                 self.stop.wait(0.5)
 
     def _summary(self, took_s: float) -> int:
@@ -221,7 +221,7 @@ class Demo:
         url = self.redis_url or (self.redis.url if self.redis else None)
         try:
             state = find(common.connect(url), self.prefix, "shop", V2, None, None) if url else None
-        except (redis.RedisError, common.ConfigError):
+        except (*REDIS_ERRORS, common.ConfigError):
             state = None
         if state is not None:
             self.say(f"the verdict on {V2}, as `backflow verdict --service shop --version {V2}` prints it:")

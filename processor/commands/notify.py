@@ -43,6 +43,7 @@ from urllib.parse import urlsplit
 
 import redis
 
+from processor.sinks.connect import REDIS_ERRORS
 from processor.commands import common
 from processor.config import ConfigError
 from processor.commands.consume import GroupReader
@@ -475,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"backflow notify: could not post an event ({e}); it stays pending and is posted "
               "when notify runs again", file=sys.stderr)
         return 1
-    except redis.RedisError as e:
+    except REDIS_ERRORS as e:
         print(f"backflow notify: {e}", file=sys.stderr)
         return 1
     return 0

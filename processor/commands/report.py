@@ -19,7 +19,7 @@ import os
 import sys
 
 from processor.config import ConfigError, parse_prefix, parse_redis_url, redact_url
-from processor.sinks.connect import client_for
+from processor.sinks.connect import REDIS_ERRORS, client_for
 
 DEFAULT_REDIS_URL = "redis://localhost:6379/0"
 
@@ -65,7 +65,6 @@ def _settings(args, environ) -> tuple[str, str, str]:
 
 
 def run(args, environ=None, out=None) -> int:
-    import redis
 
     from processor.report.findings import build_report, render_text
     from processor.report.sarif import sarif_log
@@ -93,7 +92,7 @@ def run(args, environ=None, out=None) -> int:
     client = client_for(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5)
     try:
         prod = read_production(client, prefix, args.service, args.environment)
-    except redis.RedisError as e:
+    except REDIS_ERRORS as e:
         print(f"backflow report: cannot read Redis at {redact_url(url)}: {e}", file=sys.stderr)
         return 1
     finally:

@@ -8,8 +8,8 @@ import json
 import os
 import sys
 
-import redis
 
+from processor.sinks.connect import REDIS_ERRORS
 from processor.commands import common
 from processor.commands.consume import GroupReader
 
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `backflow tail | head`: the reader went away
         sys.stderr.close()
         return 0
-    except redis.RedisError as e:
+    except REDIS_ERRORS as e:
         print(f"backflow tail: {e}", file=sys.stderr)
         return 1
     return 0

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from processor.sinks.connect import REDIS_ERRORS
 from processor.commands import common
 from processor.config import ConfigError
 from processor.detect.registry import REGRESSION_TYPES as REGRESSIONS
@@ -302,7 +303,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             table = snapshot(client, prefix, args, size.columns if tty else 200,
                              size.lines if tty else None)
-        except redis.RedisError as e:
+        except REDIS_ERRORS as e:
             if args.once:
                 print(f"backflow top: {e}", file=sys.stderr)
                 return 1

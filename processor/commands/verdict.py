@@ -17,6 +17,7 @@ import time
 
 import redis
 
+from processor.sinks.connect import REDIS_ERRORS
 from processor.commands import common
 from processor.config import ConfigError
 from processor.detect.rollout import FAIL, INCONCLUSIVE, PASS
@@ -130,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
     while True:
         try:
             state = find(client, prefix, args.service, args.service_version, args.environment, args.revision)
-        except redis.RedisError as e:
+        except REDIS_ERRORS as e:
             print(f"backflow verdict: {e}", file=sys.stderr)
             if time.monotonic() >= deadline or stop.is_set():
                 return EXIT[INCONCLUSIVE]

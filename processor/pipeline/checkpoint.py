@@ -205,8 +205,9 @@ def encode_service(state: ServiceState) -> bytes:
 
 # --- reading ------------------------------------------------------------------------------
 
-def restore(engine, fields: dict) -> Restored:
-    """Load checkpoint fields (as read from ``{prefix}:state``) into a fresh engine.
+def restore(engine, fields: dict, only: tuple[str, str] | None = None) -> Restored:
+    """Load checkpoint fields (as read from ``{prefix}:state``) into a fresh engine
+    (``only``: those of that service, (environment, name); others' are left out).
 
     A field that does not parse is refused (logged, the first few one by one) and a field of
     another format skipped (logged once, with the count); their locations are learned
@@ -225,6 +226,9 @@ def restore(engine, fields: dict) -> Restored:
             if malformed <= _LOGGED:
                 log.warning("checkpoint field %.80r refused, learned again: %s", name, e)
             continue
+        if only is not None and (state.service if isinstance(state, ServiceState) else (
+                state.location.environment, state.location.service)) != only:
+            continue  # (a field named by another service's: not this restore's to load)
         (services if isinstance(state, ServiceState) else locations).append(state)
     if malformed:
         log.warning("%d checkpoint fields refused (they do not parse as format %d); their code "

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import redis
 from redis.cluster import RedisCluster
-from redis.exceptions import RedisClusterException
+from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 
 # What a failed Redis call raises: a cluster client's own errors (no node for a slot while
 # it learns the slots again after a failover) are not RedisErrors.
 REDIS_ERRORS = (redis.RedisError, RedisClusterException)
+# What passes by itself: Redis away, or a cluster between two masters of a slot.
+TRANSIENT = (redis.ConnectionError, redis.TimeoutError, ClusterError, TryAgainError, RedisClusterException)
 
 
 def hash_tagged(prefix: str) -> bool:
@@ -61,11 +63,17 @@ def raw(client):
         opts = client.nodes_manager.connection_kwargs
         if not opts.get("decode_responses"):
             return client
-        node = client.get_default_node()
-        # (the options given: plain values; the client's own hooks are its own)
-        given = {k: v for k, v in opts.items()
-                 if k not in ("host", "port", "db") and isinstance(v, (str, int, float, bool, type(None)))}
-        return RedisCluster(host=node.host, port=node.port, **{**given, "decode_responses": False})
+        made = getattr(client, "_backflow_raw", None)
+        if made is None:
+            node = client.get_default_node()
+            # (the options given: plain values, and TLS; the client's own hooks are its own)
+            given = {k: v for k, v in opts.items()
+                     if k not in ("host", "port", "db") and isinstance(v, (str, int, float, bool, type(None)))}
+            if issubclass(opts.get("connection_class", redis.Connection), redis.SSLConnection):
+                given["ssl"] = True
+            made = client._backflow_raw = RedisCluster(host=node.host, port=node.port,
+                                                       **{**given, "decode_responses": False})
+        return made
     kwargs = client.connection_pool.connection_kwargs
     if not kwargs.get("decode_responses"):
         return client

@@ -273,9 +273,10 @@ class RedisSink:
         self.w = client
         if spool is not None and not isinstance(client, RedisCluster):  # (a cluster's: its own timeouts)
             pool = client.connection_pool
+            timeout = WRITE_TIMEOUT_S + (WAIT_MS / 1000 if wait_replicas else 0)  # (a WAIT's time on top)
             self.w = redis.Redis(connection_pool=type(pool)(
                 connection_class=pool.connection_class,
-                **{**pool.connection_kwargs, "socket_timeout": WRITE_TIMEOUT_S,
+                **{**pool.connection_kwargs, "socket_timeout": timeout,
                    "socket_connect_timeout": WRITE_TIMEOUT_S, "retry": Retry(NoBackoff(), 0)}))
         self.owners = owners  # code.file.path -> owners (processor/owners.py), if configured
         self.spool = spool    # batches Redis could not take, on disk (processor/sinks/spool.py)
@@ -331,6 +332,13 @@ class RedisSink:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._inflight = 0
+
+    def _wait(self, pipe) -> None:
+        """End ``pipe`` with WAIT for ``wait_replicas`` replicas, on the connection that wrote
+        (WAIT covers its own connection's writes): a cluster's, the node of the prefix's slot."""
+        if self.wait_replicas:
+            pipe.execute_command("WAIT", self.wait_replicas, WAIT_MS, **(
+                {"target_nodes": self.w.get_node_from_key(self.events_key)} if isinstance(self.w, RedisCluster) else {}))
 
     def use(self, client) -> None:
         """Talk to Redis through ``client`` from now on (a cluster client, once the server
@@ -604,14 +612,20 @@ class RedisSink:
                 pipe = self.w.pipeline(transaction=False)
                 for c in cmds:
                     pipe.execute_command(*c)
+                self._wait(pipe)
                 replies = pipe.execute(raise_on_error=False)
                 if attempt == 1 and any(isinstance(r, redis.exceptions.NoScriptError) for r in replies):
                     self._load_scripts()  # Redis restarted meanwhile
                     continue
                 break
+            if self.wait_replicas and isinstance(replies[-1], int) and replies[-1] < self.wait_replicas:
+                raise redis.ConnectionError(f"a spooled batch reached {replies[-1]} of {self.wait_replicas} "
+                                            f"replicas (redis_wait_replicas): the spool is sent again")
             for c, r in zip(cmds, replies):
                 if c[0] == "EVAL" and c[1] == MERGES_LUA and isinstance(r, list) and r:
                     self._refused_merges(r)
+                if isinstance(r, Exception) and not isinstance(r, redis.ResponseError):
+                    raise r  # (a cluster pipeline hands a command's connection error back as its reply)
                 if isinstance(r, redis.ResponseError):
                     # (a one-merge record of a spool written before merges were batched: a key of
                     # another type, or a value the script cannot read, would fail every replay)
@@ -645,9 +659,7 @@ class RedisSink:
         events = [(base + i, w, m) for i, w, m in events]
         for c in cmds:
             pipe.execute_command(*c)
-        if self.wait_replicas:  # (on the connection that wrote: WAIT covers its own writes)
-            pipe.execute_command("WAIT", self.wait_replicas, WAIT_MS, **(
-                {"target_nodes": self.w.get_node_from_key(self.events_key)} if isinstance(self.w, RedisCluster) else {}))
+        self._wait(pipe)
         replies = pipe.execute(raise_on_error=False)
         if self.wait_replicas and isinstance(replies[-1], int) and replies[-1] < self.wait_replicas:
             raise redis.ConnectionError(f"the batch reached {replies[-1]} of {self.wait_replicas} replicas within "
@@ -674,9 +686,10 @@ class RedisSink:
             if isinstance(replies[i], list):
                 self._refused_merges(replies[i])
         # Like execute()'s raise_on_error: every reply was read (the connection is in sync)
-        # and nothing counts as written; _run sends the batch again.
+        # and nothing counts as written; _run sends the batch again. (A cluster pipeline
+        # hands back a command's connection error as its reply, after sending it alone.)
         for i, reply in enumerate(replies):
-            if isinstance(reply, redis.ResponseError):
+            if isinstance(reply, Exception):
                 reply.args = (f"command #{i + 1} of {len(replies)} in the batch failed: "
                               f"{reply.args[0] if reply.args else ''}",) + reply.args[1:]
                 raise reply
