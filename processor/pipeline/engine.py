@@ -290,6 +290,7 @@ class Engine:
         # each new version's rollout and verdict (processor/detect/rollout.py)
         self.rollouts = Rollouts(cfg.rollouts, RESOLVED_TYPES) if cfg.rollouts.enabled else None
         self._started = self.windows.clock()
+        self._restored_at: dict[tuple, float] = {}  # (env, service) -> when its checkpoint was restored
         # Windows each service closed: the columnar detectors count time in them.
         self.service_ticks: dict[tuple, int] = {}
         tables = self.windows.tables
@@ -306,6 +307,7 @@ class Engine:
         """A service's clock, versions, window count and rollouts from a checkpoint: its
         closed windows stay closed."""
         self.windows.restore_clock(service, max_end, closed_through)
+        self._restored_at[service] = self.windows.clock()
         self.service_ticks[service] = ticks
         if self.rollouts is not None and rollouts is not None:
             try:
@@ -430,6 +432,7 @@ class Engine:
             if self.rollouts is not None:
                 self.rollouts.forget(service)
             self.replicas.forget(service)
+            self._restored_at.pop(service, None)
             self.forgotten_fields[checkpoint.service_field(service)] = f.service_ends.get(service, 0)
         if f.versions or f.locations:
             self._forget_versions(gone_versions, self.windows.clock() if now is None else now)
@@ -442,10 +445,11 @@ class Engine:
         service's newest span."""
         tables, clocks = self.windows.tables, self.windows.services
         timeout = self.cfg.version_idle_timeout
-        restored_idle = now - self._started >= timeout
         for service, first_seen in self.version_first_seen.items():
             clock = clocks.get(tables._svc_ids.get(service))
             newest = clock.max_end if clock is not None else 0
+            # (counted from the service's restore: a service restores at its first span)
+            restored_idle = now - self._restored_at.get(service, self._started) >= timeout
             old = [v for v, end in first_seen.items() if v in gone or (
                 restored_idle and v not in tables._ver_ids and end < newest - timeout * 1e9)]
             for v in old:
