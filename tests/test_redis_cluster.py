@@ -1,5 +1,5 @@
 """Redis Cluster (processor/sinks/connect.py): `backflow serve` with a hash-tag prefix, and
-`tail`, `top`, `verdict` and `report`, against a real cluster of three masters with a
+`tail`, `top`, `verdict`, `report` and `notify`, against a real cluster of three masters with a
 replica each; a master killed during ingest fails over with nothing lost and nothing twice,
 the batches counting once a replica has them (``--redis-wait-replicas 1``)."""
 
@@ -18,6 +18,7 @@ from processor.devtools.redis_server import free_port
 from processor.receiver.decode import count_spans
 from tests.conftest import BackflowProcess
 from tests.rediscluster import Cluster
+from tests.test_notify import Webhook
 from tests.test_workers import _send_all, requests_by_service  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.e2e
@@ -128,3 +129,11 @@ def test_the_commands_read_a_cluster(cluster, requests_by_service):  # noqa: F81
     report = run("report", "--service", service)
     assert report.returncode == 0, report.stderr
     assert first["code.function.name"] in report.stdout
+    hook = Webhook()
+    try:
+        posted = run("notify", "--webhook", hook.url, "--no-follow", "--start", "all", "--rate-per-minute", "100000",
+                     "--burst", "100000")
+        assert posted.returncode == 0, posted.stderr
+        assert len(hook.posts) == n and first["summary"].split(":")[0] in " ".join(hook.texts())
+    finally:
+        hook.close()
