@@ -72,6 +72,17 @@ def _take(q: queue.Queue) -> tuple[list, bool]:
     return batches, False
 
 
+def _taken(batch, take, metrics: Metrics) -> list:
+    """``take(batch)`` of a metrics batch; one that fails is logged, counted and dropped,
+    not the pipeline with it (the receivers check what they can; this is the rest)."""
+    try:
+        return take(batch)
+    except Exception:  # noqa: BLE001
+        log.exception("a batch of %d OTLP metrics data points could not be taken; dropped", len(batch))
+        metrics.refused_points.labels(transport="pipeline", reason="internal_error").inc(len(batch))
+        return []
+
+
 class Restorer:
     """Reads a service's checkpoint fields from ``{prefix}:state`` on a thread of its own,
     when the pipeline first sees the service: its ``svc:`` field, then the ``loc:`` fields
@@ -343,14 +354,7 @@ class Pipeline:
             out += held
 
     def _ingest_metrics(self, batch) -> None:
-        """One metrics batch; one that fails is logged and dropped, not the pipeline with it."""
-        try:
-            results = self.engine.ingest_metrics(batch)
-        except Exception:  # noqa: BLE001 (the receivers check what they can; this is the rest)
-            log.exception("a batch of %d OTLP metrics data points could not be taken; dropped", len(batch))
-            self.metrics.refused_points.labels(transport="pipeline", reason="internal_error").inc(len(batch))
-            return
-        self._emit(results)
+        self._emit(_taken(batch, self.engine.ingest_metrics, self.metrics))
 
     def _count_tiers(self) -> None:
         """The aggregate replicas known and dropped, and their figures refused."""
@@ -502,11 +506,8 @@ class AggregatePipeline:
                     closed += self.windows.ingest(Batch.concat(list(run)))
                 else:
                     for b in run:
-                        try:
-                            closed += self.windows.ingest_counts(to_counts(b, self.deltas, self.windows.window_ns))
-                        except Exception:  # noqa: BLE001 (as Pipeline._ingest_metrics: the batch, not the pipeline)
-                            log.exception("a batch of %d OTLP metrics data points could not be taken; dropped", len(b))
-                            self.metrics.refused_points.labels(transport="pipeline", reason="internal_error").inc(len(b))
+                        closed += _taken(b, lambda b: self.windows.ingest_counts(
+                            to_counts(b, self.deltas, self.windows.window_ns)), self.metrics)
             self.metrics.late.inc(stats["late"] - late)
             self.metrics.processed.inc(stats["spans"] - spans)
             self.metrics.overflow_spans.inc(stats["overflow"] - overflow)

@@ -177,17 +177,13 @@ def partials(closed: list[ClosedWindow], marks: dict[tuple[str, str], tuple[int,
                     dp.attributes.append(_kv("exception.type", etype))
                     n += 1
                     size += dp.ByteSize() + 8
-    by_service: dict[tuple, list] = {}
     for service, (wm, held) in sorted(marks.items()):
-        by_service.setdefault(service, []).append((wm, held))
-    for service, rows in by_service.items():
         if n >= per_request or size >= max_bytes:
             cut()
         g = _resource(req, service, replica, window_ns).metrics.add(name=WATERMARK, unit="ns").gauge
-        for wm, held in rows:
-            g.data_points.add(as_int=wm).attributes.append(_kv("backflow.open_windows", held))
-            n += 1
-            size += 64
+        g.data_points.add(as_int=wm).attributes.append(_kv("backflow.open_windows", held))
+        n += 1
+        size += 64
     if not n and not out:  # (nothing to say: the replica announces itself)
         _resource(req, None, replica, window_ns)
     if n or not out:

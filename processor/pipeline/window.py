@@ -715,21 +715,30 @@ class WindowStage:
             acc = self.services[s].windows[ws] = _Accumulator(self.exemplars)
         return acc
 
+    def _groups(self, rsvc, rws):
+        """Rows (at least one) by (service, window start): each group's accumulator, opened
+        if it is not yet, and the group's rows."""
+        order = np.lexsort((rws, rsvc))
+        bounds = np.flatnonzero((np.diff(rsvc[order]) != 0) | (np.diff(rws[order]) != 0)) + 1
+        for sel in np.split(order, bounds):
+            yield self._accumulator(int(rsvc[sel[0]]), int(rws[sel[0]])), sel
+
     def _accumulate(self, rsvc, rws, series, bucket, err, counts=None) -> tuple[np.ndarray, list]:
         """Rows into the accumulators of their (service, window start): per row the number
         of its accumulator, and the accumulators (``counts``: spans a row stands for)."""
-        order = np.lexsort((rws, rsvc))
-        change = (np.diff(rsvc[order]) != 0) | (np.diff(rws[order]) != 0)
-        bounds = np.flatnonzero(change) + 1
         group = np.empty(len(rsvc), np.int64)
         accs = []
-        for lo, hi in zip(np.concatenate(([0], bounds)), np.concatenate((bounds, [len(rsvc)]))):
-            sel = order[lo:hi]
-            acc = self._accumulator(int(rsvc[sel[0]]), int(rws[sel[0]]))
+        for acc, sel in self._groups(rsvc, rws):
             group[sel] = len(accs)
             accs.append(acc)
             acc.add(series[sel], bucket[sel], err[sel], None if counts is None else counts[sel])
         return group, accs
+
+    def _closed(self, clock: "_ServiceClock") -> int:
+        """Through where a service's windows are closed, or close now, after the figures
+        taken so far: its replicas' watermark, or its own less the lateness."""
+        return clock.closed_through if clock.external else max(clock.closed_through,
+                                                              clock.max_end - self.lateness_ns)
 
     def _close_behind(self, touched: list[int]) -> list[ClosedWindow]:
         """The windows of the ``touched`` services that their watermark has passed."""
@@ -771,8 +780,7 @@ class WindowStage:
                 s = int(t.loc_service.view[lid])
                 clock = self.services.get(s)
                 ws = e - e % self.window_ns
-                if clock is None or ws + self.window_ns <= (clock.closed_through if clock.external else max(
-                        clock.closed_through, clock.max_end - self.lateness_ns)):
+                if clock is None or ws + self.window_ns <= self._closed(clock):
                     continue  # (its window closed, or closes now: dropped, as its spans' figures would be)
                 self._accumulator(s, ws).exceptions[(s_id, etype)] += k
         if c.exemplars is not None and len(c.exemplars[0]) and self.exemplars:
@@ -794,19 +802,13 @@ class WindowStage:
         for s in np.unique(svc).tolist():
             clock = self.services.get(s)
             rows = svc == s
-            closed = (clock.closed_through if clock.external else max(
-                clock.closed_through, clock.max_end - self.lateness_ns)) if clock is not None else None
-            keep &= ~rows | ((ws + self.window_ns > closed) if closed is not None else False)
+            keep &= ~rows | ((ws + self.window_ns > self._closed(clock)) if clock is not None else False)
         rows = np.flatnonzero(keep)
         if not len(rows):
             return
         series = t.series_ids(lids[rows], vids[rows])
         tid64 = np.ascontiguousarray(tid[rows]).view(">u8").reshape(-1, 2).astype(np.uint64)
-        rsvc, rws = svc[rows], ws[rows]
-        order = np.lexsort((rws, rsvc))
-        cut = np.flatnonzero((np.diff(rsvc[order]) != 0) | (np.diff(rws[order]) != 0)) + 1
-        for part in np.split(order, cut):
-            acc = self._accumulator(int(rsvc[part[0]]), int(rws[part[0]]))
+        for acc, part in self._groups(svc[rows], ws[rows]):
             acc.add_exemplars(series[part], dur[rows][part], tid64[part])
 
     def _flush_graph(self, touched: list[int], force: bool | set[int] = False) -> None:
