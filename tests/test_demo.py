@@ -23,7 +23,7 @@ def test_demo_shows_every_event_of_the_rollout_and_cleans_up():
     # 2.0.0's rollout: its events, and its verdict as `backflow verdict` prints it
     assert any(re.search(r" rollout +shop 2\.0\.0 took its first calls", line) for line in events)
     assert re.search(r"demo:   shop 2\.0\.0 in \S+: (FAIL|PASS|INCONCLUSIVE)", p.stdout)
-    charge = next(line for line in events if "error_regression" in line)
+    charge = next(line for line in events if re.search(r" error_regression +shop@", line))
     assert "shop@2.0.0" in charge and charge.endswith("[owners @demo/payments]")  # from the shop's CODEOWNERS
     port = int(re.search(r"started redis-server on 127\.0\.0\.1:(\d+)", p.stdout).group(1))
     assert not answers_ping("127.0.0.1", port)  # the throwaway Redis is gone
