@@ -179,6 +179,19 @@ SETTINGS: tuple[Setting, ...] = (
             "the detect replicas' OTLP/gRPC addresses (comma-separated) that an aggregate replica sends its "
             "partials to, each service's to one, chosen as the collector's loadbalancing exporter chooses "
             "with routing_key service", "ADDRS"),
+    Setting("forward_tls_ca", None, parse_readable_file,
+            "PEM CA certificates; when set, an aggregate replica speaks TLS to the detect replicas and "
+            "trusts the certificates these signed (plaintext when unset)", "FILE"),
+    Setting("forward_tls_cert", None, parse_readable_file,
+            "PEM client certificate an aggregate replica presents to the detect replicas (their "
+            "tls_client_ca: mutual TLS); with forward_tls_key, needs forward_tls_ca", "FILE"),
+    Setting("forward_tls_key", None, parse_readable_file,
+            "PEM private key (not encrypted) of forward_tls_cert", "FILE"),
+    Setting("forward_auth_token", None, parse_token,
+            "bearer token an aggregate replica sends with its partials (the detect replicas' auth_token); "
+            "prefer the environment or forward_auth_token_file to the flag", "TOKEN"),
+    Setting("forward_auth_token_file", None, parse_readable_file,
+            "file holding forward_auth_token (surrounding whitespace ignored); instead of it", "FILE"),
     Setting("replica_id", None, parse_replica_id,
             "an aggregate replica's name in its reports (default: host name and process id)", "NAME"),
     Setting("replica_timeout", 30.0, positive_float,
@@ -241,6 +254,11 @@ class Config:
     codeowners: str | None
     role: str
     forward: str | None
+    forward_tls_ca: str | None
+    forward_tls_cert: str | None
+    forward_tls_key: str | None
+    forward_auth_token: str | None = dataclasses.field(repr=False)
+    forward_auth_token_file: str | None
     replica_id: str | None
     replica_timeout: float
     replica_wait: float
@@ -282,7 +300,7 @@ class Config:
     @property
     def secrets(self) -> list[str]:
         """Values that must never reach a log line: the token and the Redis passwords."""
-        return ([self.auth_token] if self.auth_token else []) + url_secrets(self.redis_url)
+        return ([t for t in (self.auth_token, self.forward_auth_token) if t]) + url_secrets(self.redis_url)
 
     @property
     def max_clock_skew_ns(self) -> int:
@@ -376,8 +394,10 @@ def resolve(flags: dict[str, Any], environ: dict[str, str]) -> Config:
     if values["role"] == "aggregate" and not values["forward"]:
         raise _invalid("forward", sources, "role aggregate sends its partials to a detect replica: give its "
                                            "OTLP/gRPC address as forward")
-    if values["forward"] and values["role"] != "aggregate":
-        raise _invalid("forward", sources, f"only an aggregate replica forwards; role is {values['role']}")
+    for name in ("forward", "forward_tls_ca", "forward_auth_token", "forward_auth_token_file"):
+        if values[name] and values["role"] != "aggregate":
+            raise _invalid(name, sources, f"only an aggregate replica forwards; role is {values['role']}")
+    _read_token_file(values, sources, "forward_auth_token")
     detectors = parse_detector_settings(from_yaml.get("detectors"), where=str(config_path))
     rollouts = parse_rollout_settings(from_yaml.get("rollouts"), where=str(config_path))
     return Config(config=config_path, detectors=_detector_overrides(detectors, flags, environ), rollouts=rollouts,
@@ -421,51 +441,67 @@ def _no_passphrase():
 
 def _check_tls(values: dict[str, Any], sources: dict[str, str]) -> None:
     """Both or neither of tls_cert and tls_key, and files that TLS can use: a receiver that
-    cannot load them would otherwise fail only when it starts listening (in every worker)."""
-    cert, key, client_ca = values["tls_cert"], values["tls_key"], values["tls_client_ca"]
+    cannot load them would otherwise fail only when it starts listening (in every worker).
+    The same for the forwarder's files, whose client certificate needs its CA."""
+    _check_pair(values, sources, "tls_cert", "tls_key")
+    if values["tls_client_ca"] is not None and values["tls_cert"] is None:
+        raise _invalid("tls_client_ca", sources, "mutual TLS needs tls_cert and tls_key as well")
+    if values["tls_cert"] is not None:
+        _check_ca(values, sources, "tls_client_ca")
+    _check_pair(values, sources, "forward_tls_cert", "forward_tls_key")
+    if values["forward_tls_cert"] is not None and values["forward_tls_ca"] is None:
+        raise _invalid("forward_tls_cert", sources, "a client certificate is sent over TLS: give forward_tls_ca "
+                                                    "(the CA that signed the detect replicas' certificates)")
+    _check_ca(values, sources, "forward_tls_ca")
+
+
+def _check_pair(values: dict[str, Any], sources: dict[str, str], cert_name: str, key_name: str) -> None:
+    cert, key = values[cert_name], values[key_name]
     if (cert is None) != (key is None):
-        given, missing = ("tls_cert", "tls_key") if key is None else ("tls_key", "tls_cert")
+        given, missing = (cert_name, key_name) if key is None else (key_name, cert_name)
         raise _invalid(missing, sources,
                        f"{given} ({sources[given]}) is set but {missing} is not; give both or neither")
-    if client_ca is not None and cert is None:
-        raise _invalid("tls_client_ca", sources, "mutual TLS needs tls_cert and tls_key as well")
     if cert is None:
         return
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=cert)
     except ssl.SSLError as e:
-        raise _invalid("tls_cert", sources, f"no PEM certificate in {cert!r} ({e.reason or e})") from None
+        raise _invalid(cert_name, sources, f"no PEM certificate in {cert!r} ({e.reason or e})") from None
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=_no_passphrase)
     except _Encrypted:
-        raise _invalid("tls_key", sources, f"{key!r} is encrypted; give the key unencrypted "
-                                           "(gRPC takes no passphrase)") from None
+        raise _invalid(key_name, sources, f"{key!r} is encrypted; give the key unencrypted "
+                                          "(gRPC takes no passphrase)") from None
     except ssl.SSLError as e:
-        reason = "the key does not belong to tls_cert" if e.reason == "KEY_VALUES_MISMATCH" \
+        reason = f"the key does not belong to {cert_name}" if e.reason == "KEY_VALUES_MISMATCH" \
             else f"no usable PEM private key ({e.reason or e})"
-        raise _invalid("tls_key", sources, f"{key!r}: {reason}") from None
-    if client_ca is not None:
-        try:
-            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=client_ca)
-        except ssl.SSLError as e:
-            raise _invalid("tls_client_ca", sources,
-                           f"no PEM certificate in {client_ca!r} ({e.reason or e})") from None
+        raise _invalid(key_name, sources, f"{key!r}: {reason}") from None
 
 
-def _read_token_file(values: dict[str, Any], sources: dict[str, str]) -> None:
-    """auth_token_file's content becomes auth_token; giving both is an error (which one
-    counts would otherwise depend on where each was set)."""
-    path = values["auth_token_file"]
+def _check_ca(values: dict[str, Any], sources: dict[str, str], name: str) -> None:
+    if values[name] is None:
+        return
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=values[name])
+    except ssl.SSLError as e:
+        raise _invalid(name, sources, f"no PEM certificate in {values[name]!r} ({e.reason or e})") from None
+
+
+def _read_token_file(values: dict[str, Any], sources: dict[str, str], token: str = "auth_token") -> None:
+    """auth_token_file's content becomes auth_token (or ``token``'s file, ``token``); giving
+    both is an error (which one counts would otherwise depend on where each was set)."""
+    file = f"{token}_file"
+    path = values[file]
     if path is None:
         return
-    if values["auth_token"] is not None:
-        raise _invalid("auth_token_file", sources, "auth_token is set as well; give one of them")
+    if values[token] is not None:
+        raise _invalid(file, sources, f"{token} is set as well; give one of them")
     with open(path, encoding="ascii", errors="replace") as f:
         content = f.read()
     try:
-        values["auth_token"] = parse_token(content)
+        values[token] = parse_token(content)
     except ValueError as e:
-        raise _invalid("auth_token_file", sources, f"{path!r}: {e}") from None
+        raise _invalid(file, sources, f"{path!r}: {e}") from None
 
 
 def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Config:

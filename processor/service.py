@@ -35,7 +35,7 @@ from processor.pipeline.tiers import partials
 from processor.pipeline.window import WindowStage
 from processor.receiver.metrics import Deltas, to_counts
 from processor.sinks.connect import REDIS_ERRORS, client_for, cluster_client, hash_tagged, is_cluster
-from processor.sinks.forward import Forwarder
+from processor.sinks.forward import Forwarder, channel_credentials
 from processor.sinks.ring import HashRing
 from processor.sinks.prometheus import Metrics, serve_http
 from processor.sinks.redis_streams import RedisSink
@@ -575,8 +575,10 @@ class Backflow:
         self.sink: RedisSink | None = None
         self.restorer: Restorer | None = None
         if cfg.role == "aggregate":  # (no Redis: the detect replicas keep the state)
+            credentials = channel_credentials(cfg.forward_tls_ca, cfg.forward_tls_cert, cfg.forward_tls_key)
             self.forwarders = {a: Forwarder(a, cfg.replica_name, on_sent=self.metrics.forward_points.labels("sent").inc,
-                                            on_refused=self.metrics.forward_points.labels("refused").inc)
+                                            on_refused=self.metrics.forward_points.labels("refused").inc,
+                                            credentials=credentials, token=cfg.forward_auth_token)
                                for a in cfg.forward.split(",")}
             return
         client = client_for(cfg.redis_url, **_REDIS_OPTIONS)

@@ -189,6 +189,36 @@ def test_tls_key_of_another_certificate_or_encrypted_is_refused(tls, tmp_path):
     assert msg.startswith("invalid setting tls_key") and "encrypted" in msg
 
 
+AGGREGATE = ["--role", "aggregate", "--forward", "detect:4317"]
+
+
+def test_forward_tls_and_token_are_an_aggregate_replicas_and_checked_like_the_receivers(tls, tmp_path):
+    server, other, ca = tls["server"], tls["other"], str(tls["ca"])
+    token = tmp_path / "token"
+    token.write_text("fw-s3cret\n")
+    cfg = load_config([*AGGREGATE, "--forward-tls-ca", ca, "--forward-tls-cert", str(server.cert),
+                       "--forward-tls-key", str(server.key)], environ={"BACKFLOW_FORWARD_AUTH_TOKEN_FILE": str(token)})
+    assert (cfg.forward_tls_ca, cfg.forward_tls_cert, cfg.forward_auth_token) == (ca, str(server.cert), "fw-s3cret")
+    assert "fw-s3cret" in cfg.secrets and "fw-s3cret" not in repr(cfg)
+    assert _config_error(["--forward-tls-ca", ca]) == \
+        "invalid setting forward_tls_ca (--forward-tls-ca): only an aggregate replica forwards; role is both"
+    assert _config_error(["--role", "detect"], {"BACKFLOW_FORWARD_AUTH_TOKEN": "t"}).startswith(
+        "invalid setting forward_auth_token (BACKFLOW_FORWARD_AUTH_TOKEN): only an aggregate replica forwards")
+    assert _config_error([*AGGREGATE, "--forward-tls-cert", str(server.cert), "--forward-tls-key", str(server.key)]) \
+        .startswith("invalid setting forward_tls_cert (--forward-tls-cert): a client certificate is sent over TLS")
+    assert _config_error([*AGGREGATE, "--forward-tls-ca", ca, "--forward-tls-cert", str(server.cert)]) == \
+        "invalid setting forward_tls_key: forward_tls_cert (--forward-tls-cert) is set but forward_tls_key is " \
+        "not; give both or neither"
+    msg = _config_error([*AGGREGATE, "--forward-tls-ca", ca, "--forward-tls-cert", str(server.cert),
+                         "--forward-tls-key", str(other.key)])
+    assert msg.startswith("invalid setting forward_tls_key (--forward-tls-key)") and "forward_tls_cert" in msg
+    assert _config_error([*AGGREGATE, "--forward-tls-ca", str(token)]).startswith(
+        "invalid setting forward_tls_ca (--forward-tls-ca): no PEM certificate")
+    assert _config_error([*AGGREGATE, "--forward-auth-token", "t"], {"BACKFLOW_FORWARD_AUTH_TOKEN_FILE": str(token)}) \
+        == "invalid setting forward_auth_token_file (BACKFLOW_FORWARD_AUTH_TOKEN_FILE): forward_auth_token is set " \
+           "as well; give one of them"
+
+
 def test_missing_tls_file_is_named():
     msg = _config_error([], {"BACKFLOW_TLS_CERT": "/nonexistent/cert.pem"})
     assert msg == "invalid setting tls_cert (BACKFLOW_TLS_CERT): cannot read '/nonexistent/cert.pem': " \

@@ -270,3 +270,34 @@ def test_a_token_on_a_plaintext_port_beyond_this_host_is_warned_about_at_start(r
     warned = "a bearer token is required, but OTLP/gRPC on 0.0.0.0" in bf.log
     assert warned != tls_on, bf.log
     assert TOKEN not in bf.log
+
+
+def test_an_aggregate_replica_forwards_over_mutual_tls_with_a_token(backflow, redis_client, tls):
+    """The detect replica asks TLS, a client certificate from its CA and a token; an
+    aggregate replica with forward_tls_* and the token delivers, one without the token is
+    refused (counted there) and keeps its partials, saying why in /healthz."""
+    detect = backflow("--role", "detect", "--window", "10", "--replica-wait", "0",
+                      "--tls-cert", str(tls["server"].cert), "--tls-key", str(tls["server"].key),
+                      "--tls-client-ca", str(tls["ca"]), env={"BACKFLOW_AUTH_TOKEN": TOKEN})
+    client = ("--forward", detect.grpc_target, "--forward-tls-ca", str(tls["ca"]),
+              "--forward-tls-cert", str(tls["client"].cert), "--forward-tls-key", str(tls["client"].key))
+    good = backflow("--role", "aggregate", "--window", "10", *client, "--replica-id", "good",
+                    prefix="unused", env={"BACKFLOW_FORWARD_AUTH_TOKEN": TOKEN})
+    assert export(good.grpc_target, spans("shop.sealed"), insecure=True) == SpanExportResult.SUCCESS
+    assert good.stop(signal.SIGTERM) == 0, good.log  # (its open window goes out, and is taken)
+    detect.wait_for(lambda: detect.metrics().get("backflow_processed_spans_total") == 5, timeout=30,
+                    what="the forwarded partials processed")
+
+    tokenless = backflow("--role", "aggregate", "--window", "10", *client, "--replica-id", "tokenless",
+                         prefix="unused")
+    assert export(tokenless.grpc_target, spans("shop.open"), insecure=True) == SpanExportResult.SUCCESS
+    refused = 'backflow_receiver_refused_requests_total{reason="unauthenticated",transport="grpc"}'
+    detect.wait_for(lambda: detect.metrics().get(refused, 0) >= 1, timeout=30, what="the tokenless replica refused")
+    health = tokenless.wait_for(lambda: "UNAUTHENTICATED" in (h := http_text(tokenless, "/healthz")) and h,
+                                what="/healthz naming the refusal")
+    assert health.startswith("degraded: the detect replica at ") and tokenless.http_status("/healthz") == 200
+    assert tokenless.metrics()["backflow_forward_pending_requests"] >= 1
+    assert detect.metrics()["backflow_processed_spans_total"] == 5  # (the tokenless replica's spans: none)
+    assert detect.stop(signal.SIGTERM) == 0
+    assert redis_client.smembers("backflow:keys") == {key("shop.sealed")}
+    assert TOKEN not in good.log and TOKEN not in tokenless.log + http_text(tokenless, "/metrics")

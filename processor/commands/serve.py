@@ -32,24 +32,38 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def plaintext_token_warning(cfg) -> str | None:
-    """What to say at start when a bearer token is required on a receiver that speaks
-    plaintext beyond this host: the token then crosses the network readable.
+    """What to say at start when a bearer token crosses the network in plaintext: required
+    on a receiver that speaks plaintext beyond this host, or sent to detect replicas beyond
+    it without forward_tls_ca.
 
     >>> from types import SimpleNamespace as C
-    >>> plaintext_token_warning(C(auth_token="t", tls_cert=None, otlp_grpc="0.0.0.0:4317", otlp_http=None))[:40]
+    >>> def cfg(**kw):
+    ...     return C(**{"auth_token": "t", "tls_cert": None, "otlp_grpc": "0.0.0.0:4317", "otlp_http": None,
+    ...                 "forward_auth_token": None, "forward_tls_ca": None, "forward": None, **kw})
+    >>> plaintext_token_warning(cfg())[:40]
     'a bearer token is required, but OTLP/gRP'
-    >>> plaintext_token_warning(C(auth_token="t", tls_cert=None, otlp_grpc="127.0.0.1:4317", otlp_http=None))
-    >>> plaintext_token_warning(C(auth_token="t", tls_cert="c.pem", otlp_grpc="0.0.0.0:4317", otlp_http=None))
+    >>> plaintext_token_warning(cfg(otlp_grpc="127.0.0.1:4317"))
+    >>> plaintext_token_warning(cfg(tls_cert="c.pem"))
+    >>> plaintext_token_warning(cfg(auth_token=None, forward_auth_token="t", forward="detect:4317"))[:49]
+    "the partials' bearer token goes to detect:4317 in"
+    >>> plaintext_token_warning(cfg(auth_token=None, forward_auth_token="t", forward="localhost:4317"))
     """
-    if not cfg.auth_token or cfg.tls_cert:
-        return None
+    said = []
     exposed = [f"{name} on {addr}" for name, addr in (("OTLP/gRPC", cfg.otlp_grpc), ("OTLP/HTTP", cfg.otlp_http))
-               if addr and addr.rpartition(":")[0].strip("[]") not in ("127.0.0.1", "::1", "localhost")]
-    if not exposed:
-        return None
-    return (f"a bearer token is required, but {' and '.join(exposed)} speak plaintext: the token "
-            f"crosses the network readable by anyone on the path; give tls_cert and tls_key "
-            f"(docs/security.md), or listen on a network you trust")
+               if addr and _beyond_host(addr)]
+    if cfg.auth_token and not cfg.tls_cert and exposed:
+        said.append(f"a bearer token is required, but {' and '.join(exposed)} speak plaintext: the token "
+                    f"crosses the network readable by anyone on the path; give tls_cert and tls_key "
+                    f"(docs/security.md), or listen on a network you trust")
+    away = [a for a in (cfg.forward or "").split(",") if a and _beyond_host(a)]
+    if cfg.forward_auth_token and not cfg.forward_tls_ca and away:
+        said.append(f"the partials' bearer token goes to {', '.join(away)} in plaintext, readable by anyone "
+                    f"on the path; give forward_tls_ca (docs/tiers.md), or forward on a network you trust")
+    return "; ".join(said) or None
+
+
+def _beyond_host(address: str) -> bool:
+    return address.rpartition(":")[0].strip("[]") not in ("127.0.0.1", "::1", "localhost")
 
 
 def detection_timing(cfg) -> str:

@@ -4,7 +4,8 @@ Requests (``processor.pipeline.tiers.partials``, serialized) are sent one at a t
 order they were made, each until the detect replica takes it: a watermark must never reach
 it before the windows it passes. While it is away they wait in memory; past ``max_bytes``,
 ``has_room`` turns false and the replica's receivers tell their senders to retry, so that
-nothing acknowledged is dropped. Each request is numbered (``sequenced``): one sent again
+nothing acknowledged is dropped; a detect replica that answers UNAUTHENTICATED (a token
+changed on one side) is retried the same way. Each request is numbered (``sequenced``): one sent again
 after its answer was lost is taken once. A request the detect replica refuses as
 malformed or too large would be refused again: it is logged and counted, not retried.
 """
@@ -29,11 +30,27 @@ _EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 _FINAL = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
+def channel_credentials(ca: str | None, cert: str | None = None, key: str | None = None):
+    """gRPC channel credentials trusting ``ca`` (with a client certificate for mutual TLS),
+    or None for plaintext. (The files were checked in config.)"""
+    if ca is None:
+        return None
+
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    return grpc.ssl_channel_credentials(read(ca), read(key), read(cert))
+
+
 class Forwarder:
     """Sends serialized ExportMetricsServiceRequests to ``target`` (HOST:PORT) in order."""
 
     def __init__(self, target: str, replica: str, max_bytes: int = 256 << 20, timeout: float = 10.0,
-                 on_sent=lambda points: None, on_refused=lambda n: None):
+                 on_sent=lambda points: None, on_refused=lambda n: None, credentials=None,
+                 token: str | None = None):
         self.target = target
         self.replica = replica
         self.session = random.getrandbits(62)  # (this run's requests: numbered from 0)
@@ -41,7 +58,10 @@ class Forwarder:
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.on_sent, self.on_refused = on_sent, on_refused
-        self._channel = grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)])
+        options = [("grpc.max_send_message_length", 64 << 20)]
+        self._channel = grpc.secure_channel(target, credentials, options) if credentials \
+            else grpc.insecure_channel(target, options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._export = self._channel.unary_unary(_EXPORT, request_serializer=None,
                                                  response_deserializer=ExportMetricsServiceResponse.FromString)
         self._queue: deque[tuple[bytes, int]] = deque()
@@ -83,7 +103,7 @@ class Forwarder:
                     return
                 data, points = self._queue[0]
             try:
-                response = self._export(data, timeout=self.timeout, wait_for_ready=False)
+                response = self._export(data, timeout=self.timeout, wait_for_ready=False, metadata=self._metadata)
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else None
                 if code in _FINAL:
@@ -92,10 +112,11 @@ class Forwarder:
                     self.on_refused(points)
                     self._done(data)
                     continue
-                if self.reachable:
+                error = f"{code.name}: {e.details()}" if code else str(e)
+                if self.reachable or not self.last_error.startswith(error.partition(":")[0]):  # (once a kind)
                     log.warning("the detect replica at %s is not taking partials (%s); %d requests wait, "
-                                "retrying", self.target, code.name if code else e, len(self._queue))
-                self.reachable, self.last_error = False, str(code.name if code else e)
+                                "retrying", self.target, error, len(self._queue))
+                self.reachable, self.last_error = False, error
                 if self._stopping and time.monotonic() > self._deadline:
                     return
                 time.sleep(wait)
