@@ -384,6 +384,10 @@ def resolve(flags: dict[str, Any], environ: dict[str, str]) -> Config:
         except ValueError as e:
             raise ConfigError(f"invalid setting {s.name} ({where}): {e}") from None
         sources[s.name] = where
+    for name in ("forward", "forward_tls_ca", "forward_tls_cert", "forward_tls_key", "forward_auth_token",
+                 "forward_auth_token_file"):
+        if values[name] and values["role"] != "aggregate":
+            raise _invalid(name, sources, f"only an aggregate replica forwards; role is {values['role']}")
     _check_tls(values, sources)
     if values["trend_period"] and values["trend_period"] / values["trend_points"] < values["window"]:
         where = sources.get("trend_points") or sources.get("trend_period") or "the defaults"
@@ -394,9 +398,6 @@ def resolve(flags: dict[str, Any], environ: dict[str, str]) -> Config:
     if values["role"] == "aggregate" and not values["forward"]:
         raise _invalid("forward", sources, "role aggregate sends its partials to a detect replica: give its "
                                            "OTLP/gRPC address as forward")
-    for name in ("forward", "forward_tls_ca", "forward_auth_token", "forward_auth_token_file"):
-        if values[name] and values["role"] != "aggregate":
-            raise _invalid(name, sources, f"only an aggregate replica forwards; role is {values['role']}")
     _read_token_file(values, sources, "forward_auth_token")
     detectors = parse_detector_settings(from_yaml.get("detectors"), where=str(config_path))
     rollouts = parse_rollout_settings(from_yaml.get("rollouts"), where=str(config_path))

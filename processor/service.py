@@ -578,7 +578,8 @@ class Backflow:
             credentials = channel_credentials(cfg.forward_tls_ca, cfg.forward_tls_cert, cfg.forward_tls_key)
             self.forwarders = {a: Forwarder(a, cfg.replica_name, on_sent=self.metrics.forward_points.labels("sent").inc,
                                             on_refused=self.metrics.forward_points.labels("refused").inc,
-                                            credentials=credentials, token=cfg.forward_auth_token)
+                                            credentials=credentials, token=cfg.forward_auth_token,
+                                            token_file=cfg.forward_auth_token_file)
                                for a in cfg.forward.split(",")}
             return
         client = client_for(cfg.redis_url, **_REDIS_OPTIONS)

@@ -204,6 +204,8 @@ def test_forward_tls_and_token_are_an_aggregate_replicas_and_checked_like_the_re
         "invalid setting forward_tls_ca (--forward-tls-ca): only an aggregate replica forwards; role is both"
     assert _config_error(["--role", "detect"], {"BACKFLOW_FORWARD_AUTH_TOKEN": "t"}).startswith(
         "invalid setting forward_auth_token (BACKFLOW_FORWARD_AUTH_TOKEN): only an aggregate replica forwards")
+    assert _config_error(["--forward-tls-cert", str(server.cert), "--forward-tls-key", str(server.key)]).startswith(
+        "invalid setting forward_tls_cert (--forward-tls-cert): only an aggregate replica forwards")
     assert _config_error([*AGGREGATE, "--forward-tls-cert", str(server.cert), "--forward-tls-key", str(server.key)]) \
         .startswith("invalid setting forward_tls_cert (--forward-tls-cert): a client certificate is sent over TLS")
     assert _config_error([*AGGREGATE, "--forward-tls-ca", ca, "--forward-tls-cert", str(server.cert)]) == \

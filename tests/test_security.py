@@ -272,10 +272,11 @@ def test_a_token_on_a_plaintext_port_beyond_this_host_is_warned_about_at_start(r
     assert TOKEN not in bf.log
 
 
-def test_an_aggregate_replica_forwards_over_mutual_tls_with_a_token(backflow, redis_client, tls):
+def test_an_aggregate_replica_forwards_over_mutual_tls_with_a_token(backflow, redis_client, tls, tmp_path):
     """The detect replica asks TLS, a client certificate from its CA and a token; an
-    aggregate replica with forward_tls_* and the token delivers, one without the token is
-    refused (counted there) and keeps its partials, saying why in /healthz."""
+    aggregate replica with forward_tls_* and the token delivers. One whose token file holds
+    another token is refused (counted there) and keeps its partials, /healthz saying why;
+    once the file holds the detect replica's token, they go."""
     detect = backflow("--role", "detect", "--window", "10", "--replica-wait", "0",
                       "--tls-cert", str(tls["server"].cert), "--tls-key", str(tls["server"].key),
                       "--tls-client-ca", str(tls["ca"]), env={"BACKFLOW_AUTH_TOKEN": TOKEN})
@@ -284,20 +285,32 @@ def test_an_aggregate_replica_forwards_over_mutual_tls_with_a_token(backflow, re
     good = backflow("--role", "aggregate", "--window", "10", *client, "--replica-id", "good",
                     prefix="unused", env={"BACKFLOW_FORWARD_AUTH_TOKEN": TOKEN})
     assert export(good.grpc_target, spans("shop.sealed"), insecure=True) == SpanExportResult.SUCCESS
+    shown = http_text(good, "/healthz") + http_text(good, "/metrics")
     assert good.stop(signal.SIGTERM) == 0, good.log  # (its open window goes out, and is taken)
     detect.wait_for(lambda: detect.metrics().get("backflow_processed_spans_total") == 5, timeout=30,
                     what="the forwarded partials processed")
 
-    tokenless = backflow("--role", "aggregate", "--window", "10", *client, "--replica-id", "tokenless",
-                         prefix="unused")
-    assert export(tokenless.grpc_target, spans("shop.open"), insecure=True) == SpanExportResult.SUCCESS
+    old = "tok-old-5e0c2a9d41"
+    token_file = tmp_path / "forward-token"
+    token_file.write_text(old + "\n")
+    rotated = backflow("--role", "aggregate", "--window", "10", *client, "--replica-id", "rotated",
+                       "--forward-auth-token-file", str(token_file), prefix="unused")
+    assert export(rotated.grpc_target, spans("shop.rotated"), insecure=True) == SpanExportResult.SUCCESS
     refused = 'backflow_receiver_refused_requests_total{reason="unauthenticated",transport="grpc"}'
-    detect.wait_for(lambda: detect.metrics().get(refused, 0) >= 1, timeout=30, what="the tokenless replica refused")
-    health = tokenless.wait_for(lambda: "UNAUTHENTICATED" in (h := http_text(tokenless, "/healthz")) and h,
-                                what="/healthz naming the refusal")
-    assert health.startswith("degraded: the detect replica at ") and tokenless.http_status("/healthz") == 200
-    assert tokenless.metrics()["backflow_forward_pending_requests"] >= 1
-    assert detect.metrics()["backflow_processed_spans_total"] == 5  # (the tokenless replica's spans: none)
+    detect.wait_for(lambda: detect.metrics().get(refused, 0) >= 1, timeout=30, what="the old token refused")
+    health = rotated.wait_for(lambda: "UNAUTHENTICATED" in (h := http_text(rotated, "/healthz")) and h,
+                              what="/healthz naming the refusal")
+    assert health.startswith("degraded: the detect replica at ") and rotated.http_status("/healthz") == 200
+    assert rotated.metrics()["backflow_forward_pending_requests"] >= 1
+    assert detect.metrics()["backflow_processed_spans_total"] == 5  # (nothing of the refused replica's)
+    shown += health + http_text(rotated, "/metrics")
+    token_file.write_text(TOKEN + "\n")  # (rotated at the detect replica first, then here: no restart)
+    rotated.wait_for(lambda: (m := rotated.metrics())["backflow_forward_up"] and
+                     not m["backflow_forward_pending_requests"], timeout=30, what="the waiting requests taken")
+    assert rotated.stop(signal.SIGTERM) == 0, rotated.log  # (its open window goes out now)
+    detect.wait_for(lambda: detect.metrics().get("backflow_processed_spans_total") == 10, timeout=30,
+                    what="the partials sent with the new token")
     assert detect.stop(signal.SIGTERM) == 0
-    assert redis_client.smembers("backflow:keys") == {key("shop.sealed")}
-    assert TOKEN not in good.log and TOKEN not in tokenless.log + http_text(tokenless, "/metrics")
+    assert redis_client.smembers("backflow:keys") == {key("shop.sealed"), key("shop.rotated")}
+    for secret in (TOKEN, old):
+        assert secret not in good.log + rotated.log + detect.log + shown

@@ -5,7 +5,8 @@ order they were made, each until the detect replica takes it: a watermark must n
 it before the windows it passes. While it is away they wait in memory; past ``max_bytes``,
 ``has_room`` turns false and the replica's receivers tell their senders to retry, so that
 nothing acknowledged is dropped; a detect replica that answers UNAUTHENTICATED (a token
-changed on one side) is retried the same way. Each request is numbered (``sequenced``): one sent again
+changed on one side) is retried the same way, with the token file read again. Each request
+is numbered (``sequenced``): one sent again
 after its answer was lost is taken once. A request the detect replica refuses as
 malformed or too large would be refused again: it is logged and counted, not retried.
 """
@@ -21,6 +22,7 @@ from collections import deque
 import grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
+from processor.parsing import parse_token
 from processor.pipeline.tiers import sequenced
 
 log = logging.getLogger("backflow.forward")
@@ -28,6 +30,8 @@ log = logging.getLogger("backflow.forward")
 _EXPORT = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
 # retrying would not help (RESOURCE_EXHAUSTED: larger than the detect replica's max_request_bytes)
 _FINAL = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+# (their details are not shown: a server in between might echo the header it got)
+_AUTH = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 def channel_credentials(ca: str | None, cert: str | None = None, key: str | None = None):
@@ -50,7 +54,7 @@ class Forwarder:
 
     def __init__(self, target: str, replica: str, max_bytes: int = 256 << 20, timeout: float = 10.0,
                  on_sent=lambda points: None, on_refused=lambda n: None, credentials=None,
-                 token: str | None = None):
+                 token: str | None = None, token_file: str | None = None):
         self.target = target
         self.replica = replica
         self.session = random.getrandbits(62)  # (this run's requests: numbered from 0)
@@ -61,6 +65,7 @@ class Forwarder:
         options = [("grpc.max_send_message_length", 64 << 20)]
         self._channel = grpc.secure_channel(target, credentials, options) if credentials \
             else grpc.insecure_channel(target, options)
+        self._token, self._token_file = token, token_file
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._export = self._channel.unary_unary(_EXPORT, request_serializer=None,
                                                  response_deserializer=ExportMetricsServiceResponse.FromString)
@@ -94,7 +99,7 @@ class Forwarder:
         return len(self._queue)
 
     def _run(self) -> None:
-        wait = 0.1
+        wait, logged = 0.1, set()
         while True:
             with self._cond:
                 while not self._queue and not self._stopping:
@@ -112,8 +117,12 @@ class Forwarder:
                     self.on_refused(points)
                     self._done(data)
                     continue
-                error = f"{code.name}: {e.details()}" if code else str(e)
-                if self.reachable or not self.last_error.startswith(error.partition(":")[0]):  # (once a kind)
+                kind = code.name if code else type(e).__name__
+                error = kind if code in _AUTH else f"{kind}: {e.details()}" if code else str(e)
+                if code in _AUTH:
+                    self._reread_token()
+                if kind not in logged:  # (each kind once until the detect replica takes a request)
+                    logged.add(kind)
                     log.warning("the detect replica at %s is not taking partials (%s); %d requests wait, "
                                 "retrying", self.target, error, len(self._queue))
                 self.reachable, self.last_error = False, error
@@ -123,6 +132,7 @@ class Forwarder:
                 wait = min(wait * 2, 2.0)
                 continue
             wait = 0.1
+            logged.clear()
             if not self.reachable:
                 log.info("the detect replica at %s takes partials again", self.target)
             self.reachable = True
@@ -133,6 +143,22 @@ class Forwarder:
                 self.on_refused(rejected)
             self.on_sent(points - rejected)
             self._done(data)
+
+    def _reread_token(self) -> None:
+        """The token file again, so that a token rotated at the detect replica first
+        (then in the file) is taken without a restart."""
+        if self._token_file is None:
+            return
+        try:
+            with open(self._token_file, encoding="ascii", errors="replace") as f:
+                token = parse_token(f.read())
+        except (OSError, ValueError) as e:
+            log.warning("cannot read forward_auth_token_file %r again: %s", self._token_file,
+                        getattr(e, "strerror", None) or e)
+            return
+        if token != self._token:
+            log.info("forward_auth_token_file holds a new token; sending with it")
+            self._token, self._metadata = token, (("authorization", f"Bearer {token}"),)
 
     def _done(self, data: bytes) -> None:
         with self._cond:
