@@ -153,10 +153,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("spool_dir", None, parse_writable_dir,
             "directory where Redis writes wait on disk while Redis is away (redis-spool.log), "
             "sent at the next start if the process dies meanwhile; without it they wait in memory "
-            "only (docs/operations.md)", "DIR"),
+            "only (docs/operations.md). An aggregate replica's partials wait there (forward-ADDR.log) "
+            "past 256 MiB in memory and at exit while a detect replica is away (docs/tiers.md)", "DIR"),
     Setting("spool_max_bytes", 1 << 30, positive_int,
             "size of the spool beyond which the receivers push back at the senders while Redis "
-            "is away", "BYTES"),
+            "(or a detect replica: the size is shared among them) is away", "BYTES"),
     Setting("checkpoint_interval", 0.0, non_negative_float,
             "processing-time seconds between checkpoints of the baselines, detector state and "
             "window clocks to {prefix}:state, read back at start; 0 checkpoints whenever windows "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
 import queue
 import threading
 import time
@@ -35,7 +36,7 @@ from processor.pipeline.tiers import partials
 from processor.pipeline.window import WindowStage
 from processor.receiver.metrics import Deltas, to_counts
 from processor.sinks.connect import REDIS_ERRORS, client_for, cluster_client, hash_tagged, is_cluster
-from processor.sinks.forward import Forwarder, channel_credentials
+from processor.sinks.forward import Forwarder, channel_credentials, spool_name
 from processor.sinks.ring import HashRing
 from processor.sinks.prometheus import Metrics, serve_http
 from processor.sinks.redis_streams import RedisSink
@@ -560,6 +561,18 @@ _CHECKPOINT_PART = 5_000  # locations encoded per checkpoint step
 _TRIM_AFTER_LOCATIONS = 20_000
 
 
+def _orphan_spools(directory: str | None, ours: set[str]) -> None:
+    """Spools of detect replicas no longer forwarded to (``--forward`` changed) are named at
+    start: their partials belong to services now routed elsewhere, so they are not sent."""
+    if directory is None or not os.path.isdir(directory):
+        return
+    for name in sorted(os.listdir(directory)):
+        if name.startswith("forward-") and name.endswith(".log") and name not in ours \
+                and os.path.getsize(os.path.join(directory, name)):
+            log.warning("the spool %s holds partials for a detect replica not in forward; not sent (remove it "
+                        "once done with it, or forward to that replica again)", os.path.join(directory, name))
+
+
 class Backflow:
     """The whole process: ``start()``, then ``stop()`` on SIGTERM."""
 
@@ -576,11 +589,15 @@ class Backflow:
         self.restorer: Restorer | None = None
         if cfg.role == "aggregate":  # (no Redis: the detect replicas keep the state)
             credentials = channel_credentials(cfg.forward_tls_ca, cfg.forward_tls_cert, cfg.forward_tls_key)
+            targets = cfg.forward.split(",")
             self.forwarders = {a: Forwarder(a, cfg.replica_name, on_sent=self.metrics.forward_points.labels("sent").inc,
                                             on_refused=self.metrics.forward_points.labels("refused").inc,
                                             credentials=credentials, token=cfg.forward_auth_token,
-                                            token_file=cfg.forward_auth_token_file)
-                               for a in cfg.forward.split(",")}
+                                            token_file=cfg.forward_auth_token_file,
+                                            spool=Spool(cfg.spool_dir, cfg.spool_max_bytes // len(targets),
+                                                        spool_name(a)) if cfg.spool_dir else None)
+                               for a in targets}
+            _orphan_spools(cfg.spool_dir, {spool_name(a) for a in targets})
             return
         client = client_for(cfg.redis_url, **_REDIS_OPTIONS)
         self.sink = RedisSink(client, cfg.prefix, cfg.events_maxlen, cfg.redis_buffer,

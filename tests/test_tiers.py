@@ -290,9 +290,11 @@ def _settle(bf: BackflowProcess, spans: int):
     return bf.wait_for(settled, timeout=120, what=f"{spans} spans processed")
 
 
-@pytest.mark.parametrize("detects", [1, 2])
+@pytest.mark.parametrize("detects, away", [(1, False), (2, False), (1, True)])
 def test_three_aggregate_processes_and_detect_processes_publish_what_one_process_publishes(
-        redis_server, redis_client, scenario, detects):
+        redis_server, redis_client, scenario, detects, away, tmp_path):
+    """(``away``: the detect replica starts only after the aggregate replicas took every span
+    and stopped, keeping their partials in their spools; started again, they send them.)"""
     enc = OtlpEncoder(scenario)
     everything, parts = [], [[] for _ in range(3)]
     per_service: dict[str, int] = {}
@@ -306,7 +308,7 @@ def test_three_aggregate_processes_and_detect_processes_publish_what_one_process
         for i in range(3):
             parts[i] += enc.encode(batch_rows(b, np.flatnonzero(replica == i)))
     total = sum(count_spans(r) for r in everything)
-    single, tiers = f"single{detects}", f"tiers{detects}"
+    single, tiers = f"single{detects}{away}", f"tiers{detects}{away}"
 
     bf = BackflowProcess(redis_server.url, *FLAGS, prefix=single).start()
     try:
@@ -317,11 +319,28 @@ def test_three_aggregate_processes_and_detect_processes_publish_what_one_process
 
     # Detect replicas on one prefix; each aggregate replica sends each service's partials to one
     detect = [BackflowProcess(redis_server.url, *FLAGS, "--role", "detect", "--replica-wait", "600",
-                              prefix=tiers).start() for _ in range(detects)]
+                              prefix=tiers) for _ in range(detects)]
     forward = ",".join(d.grpc_target for d in detect)
-    aggregates = [BackflowProcess(redis_server.url, *FLAGS, "--role", "aggregate", "--forward", forward,
-                                  "--replica-id", f"agg-{i}", prefix="unused") for i in range(3)]
+
+    def aggregate(i):
+        return BackflowProcess(redis_server.url, *FLAGS, "--role", "aggregate", "--forward", forward,
+                               "--replica-id", f"agg-{i}", "--spool-dir", str(tmp_path / f"agg-{i}"), prefix="unused")
+    aggregates = [aggregate(i) for i in range(3)]
     try:
+        if away:
+            for a in aggregates:
+                a.start()
+            send_lanes({f"agg-{i}": a.grpc_target for i, a in enumerate(aggregates)},
+                       {f"agg-{i}": parts[i] for i in range(3)})
+            for i, a in enumerate(aggregates):
+                _settle(a, sum(count_spans(r) for r in parts[i]))
+            assert [a.stop() for a in aggregates] == [0, 0, 0], [a.log for a in aggregates]
+            assert all("the next start sends them first" in a.log for a in aggregates)
+            assert all(any(p.stat().st_size for p in (tmp_path / f"agg-{i}").iterdir()) for i in range(3))
+            parts = [[] for _ in range(3)]  # (nothing more to send: the spools hold it all)
+            aggregates = [aggregate(i) for i in range(3)]
+        for d in detect:
+            d.start()
         for a in aggregates:
             a.start()
         for d in detect:

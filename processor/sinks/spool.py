@@ -46,9 +46,9 @@ FILE_NAME = "redis-spool.log"
 
 
 class Spool:
-    def __init__(self, directory: str, max_bytes: int):
+    def __init__(self, directory: str, max_bytes: int, name: str = FILE_NAME):
         os.makedirs(directory, exist_ok=True)
-        self.path = os.path.join(directory, FILE_NAME)
+        self.path = os.path.join(directory, name)
         self.max_bytes = max_bytes
         self._file = open(self.path, "ab")
         self.size = self._file.tell()
@@ -62,8 +62,9 @@ class Spool:
     def full(self) -> bool:
         return self.size >= self.max_bytes
 
-    def append(self, commands: list[list]) -> None:
-        """Add a batch, on disk when this returns; OSError (a full disk) leaves the file as it was."""
+    def append(self, commands: list) -> None:
+        """Add a batch (any MessagePack value: the forwarder spools requests), on disk when this
+        returns; OSError (a full disk) leaves the file as it was."""
         payload = msgpack.packb(commands, use_bin_type=True)
         try:
             self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
@@ -107,6 +108,37 @@ class Spool:
                     log.warning("the spool ends in a record cut short or damaged; what follows is not replayed")
                     return
                 yield msgpack.unpackb(payload, raw=False)
+
+    def read_at(self, offset: int) -> tuple[list, int] | None:
+        """The record at ``offset`` and the offset of the next; None at the end, or (logged)
+        at a record cut short or damaged."""
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            header = f.read(_HEADER.size)
+            if not header:
+                return None
+            length, crc = _HEADER.unpack(header) if len(header) == _HEADER.size else (0, None)
+            payload = f.read(length)
+            if crc is None or len(payload) < length or zlib.crc32(payload) != crc:
+                log.warning("the spool %s holds a record cut short or damaged at %d; what follows is not "
+                            "sent", self.path, offset)
+                return None
+            return msgpack.unpackb(payload, raw=False), offset + _HEADER.size + length
+
+    def replace(self, records: list) -> None:
+        """The spool holding ``records`` instead, written aside then renamed over it (a crash
+        leaves the old or the new, whole)."""
+        aside = self.path + ".new"
+        with open(aside, "wb") as f:
+            for r in records:
+                payload = msgpack.packb(r, use_bin_type=True)
+                f.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(aside, self.path)
+        self._file.close()
+        self._file = open(self.path, "ab")
+        self.size = self._file.tell()
 
     def clear(self) -> None:
         self._file.truncate(0)
