@@ -589,7 +589,7 @@ class Backflow:
         self.restorer: Restorer | None = None
         if cfg.role == "aggregate":  # (no Redis: the detect replicas keep the state)
             credentials = channel_credentials(cfg.forward_tls_ca, cfg.forward_tls_cert, cfg.forward_tls_key)
-            targets = cfg.forward.split(",")
+            targets = list(dict.fromkeys(cfg.forward.split(",")))
             self.forwarders = {a: Forwarder(a, cfg.replica_name, on_sent=self.metrics.forward_points.labels("sent").inc,
                                             on_refused=self.metrics.forward_points.labels("refused").inc,
                                             credentials=credentials, token=cfg.forward_auth_token,

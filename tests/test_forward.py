@@ -24,6 +24,7 @@ class Detect:
 
     def __init__(self):
         self.away = threading.Event()
+        self.away_after: int | None = None  # (away once that many are taken)
         self.taken: list[tuple[int, int]] = []
         self.port = free_port()
         self.server = grpc.server(futures.ThreadPoolExecutor(2))
@@ -37,6 +38,8 @@ class Detect:
         self.target = f"127.0.0.1:{self.port}"
 
     def _export(self, request, context):
+        if self.away_after is not None and len(self.taken) >= self.away_after:
+            self.away.set()
         if self.away.is_set():
             context.abort(grpc.StatusCode.UNAVAILABLE, "away")
         attrs = {kv.key: kv.value.int_value for rm in request.resource_metrics for kv in rm.resource.attributes}
@@ -155,3 +158,55 @@ def test_while_the_detect_replica_is_away_requests_are_on_disk_at_once(detect, t
     detect.away.clear()
     _wait(lambda: f.pending() == 0, "everything taken")
     assert detect.taken == [(f.session, n) for n in range(6)]
+
+
+def test_a_full_spool_pushes_back(detect, tmp_path):
+    f = Forwarder(detect.target, "agg-0", max_bytes=3000, spool=Spool(str(tmp_path), 3000, "s.log"))
+    detect.away.set()
+    f.start()
+    f.submit(_requests(1))
+    _wait(lambda: not f.reachable, "the detect replica seen away")
+    for _ in range(3):
+        assert f.has_room()
+        f.submit(_requests(1))
+    assert f.bytes < 3000 and not f.has_room()  # (memory holds one: the spool is what is full)
+    detect.away.clear()
+    _wait(lambda: f.pending() == 0, "everything taken")
+    assert f.has_room() and len(detect.taken) == 4
+
+
+def test_a_restart_while_the_spool_is_sent_goes_on_where_it_was(detect, tmp_path):
+    name = spool_name(detect.target)
+    spool = Spool(str(tmp_path), 1 << 20, name)
+    for n in range(6):
+        spool.append([sequenced(_requests(1)[0][0], "agg-0", 7, n), 1])
+    detect.away_after = 3
+    f = Forwarder(detect.target, "agg-0", spool=spool)
+    f.start()
+    _wait(lambda: not f.reachable, "three taken, then away")
+    killed = Forwarder(detect.target, "agg-0", spool=Spool(str(tmp_path), 1 << 20, name))  # (as after kill -9)
+    assert killed.pending() == 3
+    f.stop(0)
+    detect.away_after = None
+    detect.away.clear()
+    killed.start()
+    _wait(lambda: killed.pending() == 0, "the other three taken")
+    assert detect.taken == [(7, n) for n in range(6)] and killed.stop(5)
+
+
+def test_a_failed_spool_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    import errno
+    import os
+    spool = Spool(str(tmp_path), 1 << 20, "s.log")
+    spool.append(["first"])
+    real = os.write
+
+    def half_then_full(fd, data):  # (a disk that fills up in the middle of a record)
+        real(fd, bytes(data)[:len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "write", half_then_full)
+    with pytest.raises(OSError):
+        spool.append(["lost: not acknowledged"])
+    monkeypatch.setattr(os, "write", real)
+    spool.append(["third"])
+    assert list(spool.records()) == [["first"], ["third"]] and spool.size == (tmp_path / "s.log").stat().st_size

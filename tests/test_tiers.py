@@ -228,6 +228,10 @@ def test_a_request_sent_again_is_taken_once():
         tiers.detect.ingest_metrics(decode_metrics(again))
     tiers.detect.ingest_metrics(decode_metrics(sequenced(data, "r0", 43, 0)))  # (another run of it: taken)
     assert tiers.detect.windows.stats["spans"] == 4 and tiers.detect.windows.stats["tier_duplicates"] == 1
+    # A spool sent again from its start after a kill: every number up to the highest taken
+    for n in (1, 2, 0, 1, 2):
+        tiers.detect.ingest_metrics(decode_metrics(sequenced(data, "r0", 43, n)))
+    assert tiers.detect.windows.stats["spans"] == 8 and tiers.detect.windows.stats["tier_duplicates"] == 4
 
 
 def test_requests_stay_under_the_byte_limit():

@@ -224,7 +224,7 @@ class Replicas:
         self.settle = settle
         self._first: float | None = None  # when the first report came
         self._settling = True
-        self._taken: dict[tuple, tuple[set, deque]] = {}  # (replica, session) -> request numbers taken
+        self._taken: dict[tuple, int] = {}  # (replica, session) -> the highest request number taken
 
     @property
     def known(self) -> int:
@@ -232,22 +232,18 @@ class Replicas:
 
     def first(self, sequence: tuple | None) -> bool:
         """Whether a request (``sequenced``'s (replica, session, number)) is new: False for
-        one taken before (sent again after its answer was lost)."""
+        one at or below the highest number taken from its session (sent again after its
+        answer was lost, or from a spool replayed again). A session's requests are sent one
+        at a time, in order, each until taken, so a higher number was sent after it."""
         if sequence is None:
             return True
         replica, session, number = sequence
-        taken = self._taken.get((replica, session))
-        if taken is None:
-            if len(self._taken) >= 4096:  # (sessions of replicas long gone)
-                self._taken.pop(next(iter(self._taken)))
-            taken = self._taken[(replica, session)] = (set(), deque())
-        numbers, order = taken
-        if number in numbers:
+        top = self._taken.get((replica, session))
+        if top is None and len(self._taken) >= 4096:  # (sessions of replicas long gone)
+            self._taken.pop(next(iter(self._taken)))
+        if top is not None and number <= top:
             return False
-        numbers.add(number)
-        order.append(number)
-        if len(order) > 1024:  # (requests come one at a time: the last thousand are enough)
-            numbers.discard(order.popleft())
+        self._taken[(replica, session)] = number
         return True
 
     def announce(self, replicas, now: float) -> None:

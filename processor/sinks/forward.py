@@ -88,8 +88,8 @@ class Forwarder:
         self._queue: deque[tuple[bytes, int]] = deque()
         self._tail: deque[tuple[bytes, int]] = deque()
         self.spool = spool
-        self._spool_at = 0  # where the spool's first record not taken yet starts
-        self._spooled = sum(1 for _ in spool.records()) if spool is not None else 0
+        self._spool_at = spool.start if spool is not None else 0  # its first record not taken yet
+        self._spooled = sum(1 for _ in spool.records(self._spool_at)) if spool is not None else 0
         if self._spooled:
             log.info("%d requests of partials for the detect replica at %s wait in %s from an earlier run; "
                      "sent first", self._spooled, target, spool.path)
@@ -115,6 +115,15 @@ class Forwarder:
             self._cond.notify()
 
     def _place(self, data: bytes, points: int) -> None:
+        if self._closed:  # (after stop(): behind what it kept, or lost)
+            try:
+                if self.spool is None:
+                    raise OSError("no spool_dir")
+                self.spool.append([data, points])
+            except OSError as e:
+                log.error("%d data points for the detect replica at %s came after the stop and are lost (%s)",
+                          points, self.target, e)
+            return
         # (to the spool while the detect replica is away too: what is on disk outlives a kill)
         if not self._tail and self.spool is not None and (self._spooled or self.bytes >= self.max_bytes
                                                           or not self.reachable):
@@ -129,7 +138,9 @@ class Forwarder:
         self.bytes += len(data)
 
     def has_room(self) -> bool:
-        return self.bytes < self.max_bytes or (self.spool is not None and not self._tail and not self.spool.full)
+        if self.spool is None:
+            return self.bytes < self.max_bytes
+        return (self.bytes < self.max_bytes or not self._tail) and not self.spool.full
 
     def pending(self) -> int:
         return len(self._queue) + self._spooled + len(self._tail)
@@ -228,7 +239,9 @@ class Forwarder:
                 self.bytes -= len(data)
             else:
                 self._spool_at, self._spooled = after, self._spooled - 1
-                if not self._spooled:
+                if self._spooled:
+                    self.spool.mark(after)  # (a restart goes on from here)
+                else:
                     self.spool.clear()
                     self._spool_at = 0
             self.sent += 1
@@ -261,13 +274,14 @@ class Forwarder:
         return not left or kept
 
     def _keep(self) -> bool:
-        """What waits, into the spool in its order: memory's, the spool's, memory's again."""
+        """What waits, into the spool in its order: memory's, the spool's, memory's again
+        (the spool rewritten only when memory's first part has some)."""
         try:
-            spooled, at = [], self._spool_at
-            while len(spooled) < self._spooled and (got := self.spool.read_at(at)) is not None:
-                spooled.append(got[0])
-                at = got[1]
-            self.spool.replace([[d, p] for d, p in self._queue] + spooled + [[d, p] for d, p in self._tail])
+            if self._queue:
+                self.spool.rewrite([[d, p] for d, p in self._queue], [[d, p] for d, p in self._tail])
+            else:
+                for d, p in self._tail:
+                    self.spool.append([d, p])
             return True
         except OSError as e:
             log.error("cannot write the spool %s (%s)", self.spool.path, e)

@@ -22,7 +22,7 @@ it cannot be trusted to be whole.
 
 A record cut short by a crash is removed when the spool is opened again:
 
->>> spool.append([["SADD", "s", "m"]]); spool._file.write(bytes(3)); spool._file.flush()
+>>> spool.append([["SADD", "s", "m"]]); os.write(spool._fd, bytes(3))
 3
 >>> again = Spool(spool.path.rsplit("/", 1)[0], max_bytes=1 << 20)
 >>> list(again.records()), again.size == spool.size
@@ -50,13 +50,15 @@ class Spool:
         os.makedirs(directory, exist_ok=True)
         self.path = os.path.join(directory, name)
         self.max_bytes = max_bytes
-        self._file = open(self.path, "ab")
-        self.size = self._file.tell()
+        # Unbuffered: a write that fails leaves nothing behind to be written with the next.
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self.size = os.lseek(self._fd, 0, os.SEEK_END)
         whole = self._whole_length()
         if whole < self.size:  # a record cut short by a crash: what follows must not hide behind it
             log.warning("the spool %s ends in a record cut short (%d bytes); removed", self.path, self.size - whole)
-            self._file.truncate(whole)
+            os.ftruncate(self._fd, whole)
             self.size = whole
+        self.start = self._marked()
 
     @property
     def full(self) -> bool:
@@ -66,13 +68,14 @@ class Spool:
         """Add a batch (any MessagePack value: the forwarder spools requests), on disk when this
         returns; OSError (a full disk) leaves the file as it was."""
         payload = msgpack.packb(commands, use_bin_type=True)
+        record = memoryview(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
         try:
-            self._file.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            while record:  # (a write may take part of it)
+                record = record[os.write(self._fd, record):]
+            os.fsync(self._fd)
         except OSError:
             try:
-                self._file.truncate(self.size)
+                os.ftruncate(self._fd, self.size)
             except OSError:
                 pass
             raise
@@ -92,9 +95,11 @@ class Spool:
                     return end
                 end += _HEADER.size + length
 
-    def records(self) -> Iterator[list[list]]:
-        """The batches in the order they were appended, up to the first one not whole."""
+    def records(self, start: int = 0) -> Iterator[list[list]]:
+        """The batches in the order they were appended (from offset ``start``), up to the
+        first one not whole."""
         with open(self.path, "rb") as f:
+            f.seek(start)
             while True:
                 header = f.read(_HEADER.size)
                 if not header:
@@ -125,27 +130,69 @@ class Spool:
                 return None
             return msgpack.unpackb(payload, raw=False), offset + _HEADER.size + length
 
-    def replace(self, records: list) -> None:
-        """The spool holding ``records`` instead, written aside then renamed over it (a crash
-        leaves the old or the new, whole)."""
+    # The offset of the first record not yet taken, kept beside the spool (``mark``) so that
+    # a restart while the spool is being sent does not send it all again from its start.
+
+    def mark(self, offset: int) -> None:
+        aside = self.path + ".at.new"
+        with open(aside, "w") as f:
+            f.write(str(offset))
+        os.replace(aside, self.path + ".at")
+        self.start = offset
+
+    def _marked(self) -> int:
+        try:
+            with open(self.path + ".at") as f:
+                at = int(f.read())
+        except (OSError, ValueError):
+            return 0
+        return at if 0 <= at <= self.size and self._at_record(at) else 0
+
+    def _at_record(self, offset: int) -> bool:
+        end = 0
+        with open(self.path, "rb") as f:
+            while end < offset:
+                header = f.read(_HEADER.size)
+                if len(header) < _HEADER.size:
+                    return False
+                end += _HEADER.size + _HEADER.unpack(header)[0]
+                f.seek(end)
+        return end == offset
+
+    def rewrite(self, before: list, after: list) -> None:
+        """The spool as ``before``'s records, then its own from ``start`` on, then ``after``'s:
+        written aside and renamed over it (a crash leaves the old or the new, whole)."""
         aside = self.path + ".new"
-        with open(aside, "wb") as f:
-            for r in records:
-                payload = msgpack.packb(r, use_bin_type=True)
-                f.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
-            f.flush()
-            os.fsync(f.fileno())
+        with open(aside, "wb") as out, open(self.path, "rb") as old:
+            def put(records):
+                for r in records:
+                    payload = msgpack.packb(r, use_bin_type=True)
+                    out.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+            put(before)
+            old.seek(self.start)
+            while chunk := old.read(1 << 20):
+                out.write(chunk)
+            put(after)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(aside, self.path)
-        self._file.close()
-        self._file = open(self.path, "ab")
-        self.size = self._file.tell()
+        self._unmark()
+        os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        self.size = os.lseek(self._fd, 0, os.SEEK_END)
+
+    def _unmark(self) -> None:
+        self.start = 0
+        try:
+            os.unlink(self.path + ".at")
+        except FileNotFoundError:
+            pass
 
     def clear(self) -> None:
-        self._file.truncate(0)
-        self._file.seek(0)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        os.ftruncate(self._fd, 0)
+        os.fsync(self._fd)
         self.size = 0
+        self._unmark()
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)
