@@ -19,7 +19,7 @@ import grpc
 import pytest
 import yaml
 
-from processor.config import SETTINGS, Config, load_config, resolve, split_address
+from processor.config import SETTINGS, Config, resolve, split_address
 from tests.otlp import S, encoded, request
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,7 +30,8 @@ ALERTS = DEPLOY / "prometheus" / "backflow-alerts.yaml"
 DASHBOARD = DEPLOY / "grafana" / "backflow-dashboard.json"
 COLLECTORS = {"compose": DEPLOY / "compose" / "otelcol.yaml",
               "sidecar": K8S / "sidecar" / "otelcol.yaml",
-              "gateway": K8S / "gateway" / "otelcol.yaml"}
+              "gateway": K8S / "gateway" / "otelcol.yaml",
+              "tiers": K8S / "tiers" / "otelcol.yaml"}
 PORTS = {"otlp-grpc": 4317, "otlp-http": 4318, "metrics": 9464}
 EXPORT = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
@@ -163,12 +164,13 @@ def test_the_healthcheck_passes_when_backflow_is_healthy_and_fails_otherwise(bac
 def backflow_environments() -> dict[str, dict[str, str]]:
     """The BACKFLOW_* environment of every Backflow container the deployments run."""
     out = {"compose": load_yaml(COMPOSE)[0]["services"]["backflow"]["environment"]}
-    for mode in ("sidecar", "gateway"):
+    for mode in ("sidecar", "gateway", "tiers"):
         for doc in kustomization(mode):
             if doc["kind"] in ("Deployment", "StatefulSet"):
                 for c in doc["spec"]["template"]["spec"]["containers"]:
                     if c["name"] == "backflow":
-                        out[mode] = {e["name"]: e["value"] for e in c.get("env", [])}
+                        name = f"{mode}/{doc['metadata']['name']}" if mode == "tiers" else mode
+                        out[name] = {e["name"]: e["value"] for e in c.get("env", [])}
     return out
 
 
@@ -180,10 +182,13 @@ def test_every_backflow_setting_named_in_deploy_exists_and_each_deployment_confi
             for name in re.findall(r"\bBACKFLOW_[A-Z0-9_]+", path.read_text()):
                 assert name in known, f"{path.relative_to(ROOT)}: {name} is not a setting"
     environments = backflow_environments()
-    assert set(environments) == {"compose", "sidecar", "gateway"}
+    assert set(environments) == {"compose", "sidecar", "gateway", "tiers/backflow-aggregate", "tiers/backflow-detect"}
     for mode, env in environments.items():
         cfg = resolve({}, env)  # what `backflow serve` would start with (exit 2 if invalid)
-        assert cfg.redis_url.startswith("redis://redis:"), mode
+        if cfg.role == "aggregate":  # (no Redis: partials to the detect replicas)
+            assert cfg.forward and cfg.spool_dir, mode
+        else:
+            assert cfg.redis_url.startswith("redis://redis:"), mode
 
 
 # --- Kubernetes --------------------------------------------------------------------------
@@ -252,7 +257,7 @@ def assert_backflow_container(c: dict, pod_spec: dict) -> None:
 @pytest.mark.e2e
 def test_kubernetes_manifests_validate_against_the_kubernetes_schemas():
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
-    for name in ("sidecar", "gateway", "redis"):
+    for name in ("sidecar", "gateway", "tiers", "redis"):
         for doc in kustomization(name):
             kubernetes_validate.validate(doc, "1.32.0", strict=True)
 
@@ -324,7 +329,7 @@ def test_collector_configuration_sends_traces_to_backflow_beside_the_other_expor
             assert component in config[kind], f"{mode}: {component} is not configured"
     protocols = config["receivers"]["otlp"]["protocols"]
     assert protocols["grpc"]["endpoint"].endswith(":4317") and protocols["http"]["endpoint"].endswith(":4318")
-    to_backflow = [e for e in traces["exporters"] if e.split("/")[-1] == "backflow"]
+    to_backflow = [e for e in traces["exporters"] if e.split("/")[-1] in ("backflow", "backflow-aggregate")]
     assert len(to_backflow) == 1 and len(traces["exporters"]) >= 2, "Backflow beside the existing exporters"
     exporter = config["exporters"][to_backflow[0]]
     otlp = exporter["protocol"]["otlp"] if to_backflow[0].startswith("loadbalancing") else exporter
@@ -603,24 +608,33 @@ def test_the_spanmetrics_collector_sends_what_the_metrics_receiver_reads():
     assert named <= set(cfg["receivers"]) | set(cfg["processors"]) | set(cfg["exporters"]) | set(cfg["connectors"])
 
 
-TIERS = DEPLOY / "collector" / "tiers.yaml"
-
-
-def test_the_tiers_collector_routes_traces_by_trace_id_and_its_backflow_commands_resolve():
-    """deploy/collector/tiers.yaml: the gateway sends whole traces to the aggregate replicas
-    (routing_key traceID), and the `backflow serve` commands in its comments are valid."""
-    (cfg,) = load_yaml(TIERS)
-    exporter = cfg["exporters"]["loadbalancing/backflow-aggregate"]
-    assert exporter["routing_key"] == "traceID"
-    assert exporter["resolver"]["dns"]["port"] == PORTS["otlp-grpc"]
-    assert "loadbalancing/backflow-aggregate" in cfg["service"]["pipelines"]["traces"]["exporters"]
-    commands = re.findall(r"#   backflow serve (.+(?:\n#\s+--.+)*)", TIERS.read_text())
-    assert len(commands) == 2
-    roles = []
-    for text in commands:
-        argv = re.sub(r"\\\n#\s+", "", text).split()
-        cfg_ = load_config(argv, environ={})
-        roles.append(cfg_.role)
-        if cfg_.role == "aggregate":
-            assert len(cfg_.forward.split(",")) == 2
-    assert roles == ["aggregate", "detect"]
+@pytest.mark.e2e
+def test_tiers_mode_routes_traces_to_aggregate_replicas_that_forward_to_every_detect_pod():
+    """deploy/k8s/tiers: the gateway sends whole traces (routing_key traceID) to the
+    aggregate Deployment's headless Service; their BACKFLOW_FORWARD names every pod of the
+    detect StatefulSet, in order; the detect replicas run as gateway mode's do."""
+    docs = kustomization("tiers")
+    services, deployments = by_kind(docs, "Service"), by_kind(docs, "Deployment")
+    aggregate, detect = deployments["backflow-aggregate"], by_kind(docs, "StatefulSet")["backflow-detect"]
+    gateway = deployments["otelcol-gateway"]
+    config = mounted_config(docs, gateway["spec"]["template"]["spec"], "otelcol")
+    assert config == yaml.safe_load(COLLECTORS["tiers"].read_text())
+    lb = config["exporters"]["loadbalancing/backflow-aggregate"]
+    assert lb["routing_key"] == "traceID" and "loadbalancing/backflow-aggregate" in \
+        config["service"]["pipelines"]["traces"]["exporters"]
+    headless = services[lb["resolver"]["dns"]["hostname"]]
+    assert headless["spec"]["clusterIP"] == "None" and lb["resolver"]["dns"]["port"] == PORTS["otlp-grpc"]
+    assert headless["spec"]["selector"].items() <= aggregate["spec"]["template"]["metadata"]["labels"].items()
+    for workload in (aggregate, detect):
+        pod = workload["spec"]["template"]
+        c = container(pod["spec"], "backflow")
+        assert {p["name"]: p["containerPort"] for p in c["ports"]} == PORTS
+        assert_backflow_container(c, pod["spec"])
+    env = {e["name"]: e["value"] for e in container(aggregate["spec"]["template"]["spec"], "backflow")["env"]}
+    cfg = resolve({}, env)
+    detect_headless = services[detect["spec"]["serviceName"]]
+    assert detect_headless["spec"]["clusterIP"] == "None"
+    assert cfg.role == "aggregate" and cfg.forward.split(",") == [
+        f"{detect['metadata']['name']}-{i}.{detect_headless['metadata']['name']}:{PORTS['otlp-grpc']}"
+        for i in range(detect["spec"]["replicas"])]
+    assert {p["name"]: p["port"] for p in detect_headless["spec"]["ports"]} == PORTS
