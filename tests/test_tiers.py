@@ -234,6 +234,14 @@ def test_a_request_sent_again_is_taken_once():
     assert tiers.detect.windows.stats["spans"] == 8 and tiers.detect.windows.stats["tier_duplicates"] == 4
 
 
+def test_numbers_long_taken_and_requests_a_little_out_of_order_are_told_apart():
+    replicas = Replicas(timeout=30, wait=10)
+    assert all(replicas.first(("r0", 1, n)) for n in range(1500))
+    assert not any(replicas.first(("r0", 1, n)) for n in (0, 5, 475, 1499))  # (a spool sent again from its start)
+    assert replicas.first(("r0", 1, 1501)) and replicas.first(("r0", 1, 1500))  # (relayed out of order)
+    assert replicas.first(("r0", 2, 0))  # (another run)
+
+
 def test_requests_stay_under_the_byte_limit():
     rng = np.random.default_rng(5)
     stage = WindowStage(60 * SEC, 0, 1e9, 3, clock=lambda: 0.0)

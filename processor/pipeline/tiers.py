@@ -202,6 +202,9 @@ def sequenced(data: bytes, replica: str, session: int, sequence: int) -> bytes:
     return data + extra.SerializeToString()
 
 
+_KEPT = 1024  # request numbers remembered per aggregate replica's session
+
+
 class Replicas:
     """What the detect replica knows of the aggregate replicas: the replicas that announced
     themselves and when each last reported, and per service each one's watermark and whether
@@ -224,7 +227,7 @@ class Replicas:
         self.settle = settle
         self._first: float | None = None  # when the first report came
         self._settling = True
-        self._taken: dict[tuple, int] = {}  # (replica, session) -> the highest request number taken
+        self._taken: dict[tuple, tuple[set, deque]] = {}  # (replica, session) -> request numbers taken
 
     @property
     def known(self) -> int:
@@ -232,18 +235,25 @@ class Replicas:
 
     def first(self, sequence: tuple | None) -> bool:
         """Whether a request (``sequenced``'s (replica, session, number)) is new: False for
-        one at or below the highest number taken from its session (sent again after its
-        answer was lost, or from a spool replayed again). A session's requests are sent one
-        at a time, in order, each until taken, so a higher number was sent after it."""
+        one taken before (sent again after its answer was lost, or from a spool sent again).
+        The last ``_KEPT`` numbers of a session are remembered; one below them was taken:
+        a session's requests go one at a time, each until taken, so only a few can come
+        out of order (answered by one receiver process, relayed after the next's)."""
         if sequence is None:
             return True
         replica, session, number = sequence
-        top = self._taken.get((replica, session))
-        if top is None and len(self._taken) >= 4096:  # (sessions of replicas long gone)
-            self._taken.pop(next(iter(self._taken)))
-        if top is not None and number <= top:
+        taken = self._taken.get((replica, session))
+        if taken is None:
+            if len(self._taken) >= 4096:  # (sessions of replicas long gone)
+                self._taken.pop(next(iter(self._taken)))
+            taken = self._taken[(replica, session)] = (set(), deque())
+        numbers, order = taken
+        if number in numbers or (len(order) >= _KEPT and number < min(numbers)):
             return False
-        self._taken[(replica, session)] = number
+        numbers.add(number)
+        order.append(number)
+        if len(order) > _KEPT:
+            numbers.discard(order.popleft())
         return True
 
     def announce(self, replicas, now: float) -> None:
