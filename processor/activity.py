@@ -2,8 +2,9 @@
 
 - every event in one line (at most ``EVENT_LINES`` a second; the rest counted in one line);
 - when a service's first code location leaves its warm-up: regressions can come from then on;
-- a summary every ``interval`` seconds: spans accepted, windows closed, locations held,
-  events by type since the last summary;
+- a summary every ``interval`` seconds: spans accepted and processed, windows closed,
+  locations held, events by type since the last summary (an aggregate replica: the data
+  points it sent on instead);
 - refused and late spans as warnings with their reasons, at most one of each per interval.
 
 The figures come from the process's Prometheus counters, so that the log and ``/metrics``
@@ -45,8 +46,9 @@ class Activity:
     5
     """
 
-    def __init__(self, metrics, interval: float = 60.0, lateness_s: float = 10.0, clock=time.monotonic):
-        self.metrics, self.interval, self.lateness_s = metrics, interval, lateness_s
+    def __init__(self, metrics, interval: float = 60.0, lateness_s: float = 10.0, clock=time.monotonic,
+                 role: str = "both"):
+        self.metrics, self.interval, self.lateness_s, self.role = metrics, interval, lateness_s, role
         now = clock()
         self._next_summary = now + interval
         self._second, self._lines, self._held = int(now), 0, Counter()
@@ -57,8 +59,9 @@ class Activity:
 
     def _totals(self) -> dict:
         m = self.metrics
-        return {"accepted": _by_label(m.accepted)[""], "windows": _by_label(m.windows)[""],
-                "events": _by_label(m.events, "type")}
+        return {"accepted": _by_label(m.accepted)[""], "processed": _by_label(m.processed)[""],
+                "windows": _by_label(m.windows)[""], "events": _by_label(m.events, "type"),
+                "sent": _by_label(m.forward_points, "outcome")["sent"] if self.role == "aggregate" else 0}
 
     def event(self, e, now: float) -> None:
         self._new_second(now)
@@ -99,10 +102,14 @@ class Activity:
         totals = self._totals()
         last, self._last = self._last, totals
         events = totals["events"] - last["events"]
-        log.info("last %gs: %d spans accepted, %d windows closed, %d code locations held, events: %s",
-                 self.interval, totals["accepted"] - last["accepted"], totals["windows"] - last["windows"],
-                 self.metrics.active_keys._value.get(),
-                 ", ".join(f"{n:.0f} {t}" for t, n in sorted(events.items()) if n) or "none")
+        head = (f"last {self.interval:g}s: {totals['accepted'] - last['accepted']:.0f} spans accepted, "
+                f"{totals['processed'] - last['processed']:.0f} processed, {totals['windows'] - last['windows']:.0f} "
+                f"windows closed, {self.metrics.active_keys._value.get():.0f} code locations held")
+        if self.role == "aggregate":  # (it detects nothing: what it sent on instead)
+            log.info("%s, %d data points of partials taken by the detect replicas, %d requests wait", head,
+                     totals["sent"] - last["sent"], self.metrics.forward_pending._value.get())
+            return
+        log.info("%s, events: %s", head, ", ".join(f"{n:.0f} {t}" for t, n in sorted(events.items()) if n) or "none")
 
     def _warn_refused(self, now: float) -> None:
         if now - self._refused_at < self.interval:
@@ -120,7 +127,9 @@ class Activity:
         late = _by_label(self.metrics.late)[""]
         if late > self.late_said:
             self._late_at = now
+            tiers = ("; or, from aggregate replicas, their figures came after the replicas had reported past "
+                     "the window: --replica-wait, --replica-timeout") if self.role == "detect" else ""
             log.warning("dropped %d late spans since the last such line: their windows had closed "
-                        "(--allowed-lateness %g s after their service's newest span; backflow_late_spans_total)",
-                        late - self.late_said, self.lateness_s)
+                        "(--allowed-lateness %g s after their service's newest span%s; backflow_late_spans_total)",
+                        late - self.late_said, self.lateness_s, tiers)
             self.late_said = late

@@ -180,7 +180,7 @@ class Pipeline:
         self._closed_since_trim = 0    # location-windows closed since the heap was last trimmed
         self._refused: dict[str, int] = {}  # service / version names folded, as last counted
         self._graph_counted: dict[str, int] = {}  # the call graph's counts, as last counted
-        self.activity = Activity(metrics, cfg.log_interval, cfg.allowed_lateness)
+        self.activity = Activity(metrics, cfg.log_interval, cfg.allowed_lateness, role=cfg.role)
         # Lazy restore (``Restorer``): the services whose checkpoint was read, and those
         # waiting for theirs, with their batches held meanwhile, in order.
         self.restorer: Restorer | None = None
@@ -489,6 +489,7 @@ class AggregatePipeline:
         self._full_at = 0.0
         self._stopping = threading.Event()  # (set by stop: Pipeline's)
         self.on_tick = lambda: None
+        self.activity = Activity(metrics, cfg.log_interval, cfg.allowed_lateness, role="aggregate")
 
     put, offer, start, stop = Pipeline.put, Pipeline.offer, Pipeline.start, Pipeline.stop
 
@@ -529,6 +530,7 @@ class AggregatePipeline:
             self.metrics.open_windows.set(self.windows.open_windows())
             self.metrics.forward_pending.set(sum(f.pending() for f in self.forwarders.values()))
             self.metrics.forward_up.set(1 if all(f.reachable for f in self.forwarders.values()) else 0)
+            self.activity.tick(now)
             self.on_tick()
 
     def _send(self, closed: list, full: bool) -> None:
@@ -578,7 +580,10 @@ class Backflow:
 
     def __init__(self, cfg: Config, metrics: Metrics | None = None):
         self.cfg = cfg
-        self.metrics = metrics or Metrics(max_locations=cfg.metrics_max_locations)
+        if metrics is None:
+            metrics = Metrics(max_locations=cfg.metrics_max_locations)
+            metrics.for_role(cfg.role)
+        self.metrics = metrics
         self.pipeline: Pipeline | AggregatePipeline | None = None
         self.receivers_here: list = []  # OTLP/gRPC and OTLP/HTTP, when they run in this process
         self.receivers: ReceiverPool | None = None

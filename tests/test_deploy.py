@@ -468,7 +468,12 @@ def scraped(backflow):
         export(encoded([S(t0 + 2 * sec)]))            # its window has closed: late
     m = bf.wait_for(lambda: (m := bf.metrics()).get("backflow_late_spans_total") == 1 and m, what="late span")
     assert any(k.startswith("backflow_location_latency_milliseconds") for k in m)
-    return exposition(bf.http_body("/metrics"))
+    out = exposition(bf.http_body("/metrics"))
+    # and an aggregate replica's own families (two tiers), which the others leave out
+    aggregate = backflow("--role", "aggregate", "--forward", bf.grpc_target, prefix="unused")
+    own = exposition(aggregate.http_body("/metrics"))
+    assert "backflow_redis_up" not in own and "backflow_forward_up" not in out
+    return {**own, **out}
 
 
 def test_alert_rules_and_dashboard_query_only_metrics_backflow_exports(scraped):

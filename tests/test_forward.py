@@ -106,6 +106,7 @@ def test_what_waits_at_exit_is_kept_in_order_and_sent_first_at_the_next_start(de
     for _ in range(6):
         f.submit(_requests(1))
     assert f.stop(0.5)  # (nothing taken, all kept: memory's first, then the spool's)
+    assert (tmp_path / name).stat().st_mode & 0o777 == 0o600  # (partials: readable by this user only)
     again = Forwarder(detect.target, "agg-0", max_bytes=3000, spool=Spool(str(tmp_path), 1 << 20, name))
     assert again.pending() == 6 and again.session != f.session
     again.submit(_requests(2))

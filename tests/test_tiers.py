@@ -11,6 +11,7 @@ import pytest
 
 from benchmarks.scenarios import OtlpEncoder, generate
 from processor.config import Config, ConfigError, load_config
+from processor.pipeline import checkpoint
 from processor.pipeline.engine import Engine
 from processor.pipeline.sketch import LogSketch
 from processor.pipeline.location import Location
@@ -193,6 +194,33 @@ def test_a_replica_holding_a_window_open_is_waited_for_however_long():
     assert tiers.detect.windows.stats["spans"] == 3 and tiers.detect.windows.stats["late"] == 0
 
 
+@pytest.mark.parametrize("returns", [True, False])
+def test_a_restarted_detect_replica_waits_for_the_replicas_its_checkpoint_names(returns):
+    """After a restart, a replica slower to reconnect than another (its spool holds the
+    service's partials) is waited for: until it reports, or is dropped after the timeout."""
+    tiers = Tiers(2)
+    tiers.step(0, tiers.stages[0].ingest(_spans(10, 70)), full=True)
+    tiers.step(1, tiers.stages[1].ingest(_spans(20, 80)), full=True)
+    assert tiers.detect.windows.stats["windows"] == 1  # [0, 60)
+    fields = checkpoint.dumps_dirty(tiers.detect)
+    tiers.detect = Engine(tiers.detect.cfg, clock=lambda: tiers.now)  # (the restart)
+    tiers.detect.replicas.settle = 0.0
+    checkpoint.restore(tiers.detect, fields)
+    tiers.step(0, tiers.stages[0].ingest(_spans(130)))  # replica 0 is back first, past [60, 120)
+    assert tiers.detect.windows.stats["windows"] == 0
+    if returns:
+        tiers.step(1, tiers.stages[1].ingest(_spans(140)))  # replica 1's figures of [60, 120), then past it
+        assert tiers.detect.windows.stats["windows"] == 1 and tiers.detect.windows.stats["late"] == 0
+        tiers.finish()
+        assert tiers.detect.windows.stats["spans"] == 4 and tiers.detect.windows.stats["late"] == 0
+    else:
+        tiers.detect.replicas.timeout = 30.0
+        tiers.now = 40.0
+        tiers.step(0, [], full=True)  # (replica 0 reports on)
+        tiers.detect.flush_idle(40.0)  # replica 1 is dropped: replica 0's figures close the window
+        assert tiers.detect.windows.stats["windows"] == 1 and tiers.detect.replicas.dropped == 1
+
+
 def test_data_before_its_watermark_does_not_close_windows_by_itself():
     """A first request holding only partials (the watermarks come in a later one): the
     service's windows wait for the replicas, not for its figures' own ends."""
@@ -336,7 +364,8 @@ def test_three_aggregate_processes_and_detect_processes_publish_what_one_process
 
     def aggregate(i):
         return BackflowProcess(redis_server.url, *FLAGS, "--role", "aggregate", "--forward", forward,
-                               "--replica-id", f"agg-{i}", "--spool-dir", str(tmp_path / f"agg-{i}"), prefix="unused")
+                               "--replica-id", f"agg-{i}", "--spool-dir", str(tmp_path / f"agg-{i}"),
+                               "--log-interval", "1", prefix="unused")
     aggregates = [aggregate(i) for i in range(3)]
     try:
         if away:
@@ -365,6 +394,7 @@ def test_three_aggregate_processes_and_detect_processes_publish_what_one_process
             a.wait_for(lambda: (m := a.metrics())["backflow_forward_pending_requests"] == 0 and m["backflow_forward_up"],
                        timeout=60, what="the partials taken by the detect replicas")
         assert [a.stop() for a in aggregates] == [0, 0, 0], [a.log for a in aggregates]
+        assert all("data points of partials taken by the detect replicas" in a.log for a in aggregates)
 
         def all_processed():
             p = [d.metrics()["backflow_processed_spans_total"] for d in detect]

@@ -119,7 +119,8 @@ def serve(cfg) -> int:
         return 2 if isinstance(e, ListenError) else 1  # (2: a setting to change)
     if started:
         logging.getLogger("backflow").info("backflow %s serving; metrics on %s", __version__, cfg.metrics)
-        logging.getLogger("backflow").info(detection_timing(cfg))
+        if cfg.role != "aggregate":  # (an aggregate replica detects nothing)
+            logging.getLogger("backflow").info(detection_timing(cfg))
     while not stop.wait(timeout=1.0):
         pass
     logging.getLogger("backflow").info("stopping: closing open windows, checkpointing and flushing "

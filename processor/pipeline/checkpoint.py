@@ -48,8 +48,8 @@ FORMAT = 3  # bumped when what a field holds changes; fields of other formats ar
 
 _LOCATION_FIELDS = tuple(f.name for f in dataclasses.fields(Location) if f.init)
 _LOCATION_KEYS = frozenset({"format", "location", "order", "baseline", "detectors", "fingerprint"})
-_SERVICE_KEYS = frozenset({"format", "service", "max_end", "closed_through", "version_first_seen", "ticks",
-                           "rollouts", "locations"})
+_SERVICE_KEYS = frozenset({"format", "service", "max_end", "closed_through", "version_first_seen"})
+_SERVICE_OPTIONAL = frozenset({"ticks", "rollouts", "locations", "replicas"})  # (added since; absent in older fields)
 _PLAIN = frozenset({type(None), bool, int, float, str, bytes})  # and tuples and dicts of them
 _LOGGED = 10  # refused fields logged one by one at start; the rest only counted
 
@@ -74,6 +74,8 @@ class ServiceState:
     # its code locations' keys: the fields to read when it is restored (None: a field
     # written before they were kept, restored from a scan of the whole hash)
     locations: tuple[str, ...] | None = None
+    # the aggregate replicas that reported it (a detect replica's): waited for after a restart
+    replicas: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -158,7 +160,7 @@ def dumps_dirty(engine, limit: int | None = None) -> dict[str, bytes | int]:
             service, clock.max_end, clock.closed_through, engine.version_first_seen.get(service, {}),
             engine.service_ticks.get(service, 0),
             engine.rollouts.freeze(service) if engine.rollouts is not None else None,
-            tuple(tables.locations[i].key for i in ids)))
+            tuple(tables.locations[i].key for i in ids), tuple(sorted(engine.replicas.marks.get(service, ())))))
     engine.dirty_services.clear()
     if failed:
         log.error("%d code locations were not checkpointed (their state is not plain data; "
@@ -200,6 +202,8 @@ def encode_service(state: ServiceState) -> bytes:
     }
     if state.locations is not None:  # (8 bytes a key: 80 KB for a service of 10,000 locations)
         fields["locations"] = b"".join(bytes.fromhex(k) for k in state.locations)
+    if state.replicas:
+        fields["replicas"] = list(state.replicas)
     return msgpack.packb(fields, use_bin_type=True)
 
 
@@ -238,7 +242,8 @@ def restore(engine, fields: dict, only: tuple[str, str] | None = None) -> Restor
                     "never unpickled); their code locations are learned again: a one-time "
                     "relearn after an upgrade", other)
     for s in sorted(services, key=lambda s: s.service):
-        engine.restore_service(s.service, s.max_end, s.closed_through, s.version_first_seen, s.ticks, s.rollouts)
+        engine.restore_service(s.service, s.max_end, s.closed_through, s.version_first_seen, s.ticks, s.rollouts,
+                               s.replicas)
     restored = 0
     for state in sorted(locations, key=lambda s: s.order):
         restored += engine.restore_location(state.location, state.baseline, state.detectors,
@@ -313,10 +318,10 @@ def _location_state(d: dict) -> LocationState:
 
 
 def _service_state(d: dict) -> ServiceState:
-    # (fields written before ticks, rollouts and locations lack them)
-    if d.keys() not in (_SERVICE_KEYS, _SERVICE_KEYS - {"locations"}, _SERVICE_KEYS - {"rollouts", "locations"},
-                        _SERVICE_KEYS - {"ticks", "rollouts", "locations"}):
-        raise Malformed("a service field has the keys " + ", ".join(sorted(_SERVICE_KEYS)))
+    # (fields written before ticks, rollouts, locations and replicas lack them)
+    if not _SERVICE_KEYS <= d.keys() <= _SERVICE_KEYS | _SERVICE_OPTIONAL:
+        raise Malformed("a service field has the keys " + ", ".join(sorted(_SERVICE_KEYS)) + " (and "
+                        + ", ".join(sorted(_SERVICE_OPTIONAL)) + ")")
     ticks = d.get("ticks", 0)
     if type(ticks) is not int or ticks < 0:
         raise Malformed("ticks is not an integer >= 0")
@@ -337,8 +342,11 @@ def _service_state(d: dict) -> ServiceState:
     if keys is not None and (type(keys) is not bytes or len(keys) % 8):
         raise Malformed("locations is not 8-byte location keys")
     locations = None if keys is None else tuple(keys[i:i + 8].hex() for i in range(0, len(keys), 8))
+    replicas = d.get("replicas", ())
+    if type(replicas) is not tuple or not all(type(r) is str for r in replicas):
+        raise Malformed("replicas is not a list of names")
     return ServiceState(service, d["max_end"], d["closed_through"], {r[:3]: r[3] for r in rows}, ticks, rollouts,
-                        locations)
+                        locations, replicas)
 
 
 def _check_detectors(value) -> None:

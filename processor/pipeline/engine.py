@@ -303,11 +303,17 @@ class Engine:
         return [self.detectors.state(i) for i in range(len(self.detectors.frozen))]
 
     def restore_service(self, service: tuple[str, str], max_end: int, closed_through: int,
-                        version_first_seen: dict, ticks: int = 0, rollouts: dict | None = None) -> None:
+                        version_first_seen: dict, ticks: int = 0, rollouts: dict | None = None,
+                        replicas: tuple[str, ...] = ()) -> None:
         """A service's clock, versions, window count and rollouts from a checkpoint: its
-        closed windows stay closed."""
+        closed windows stay closed. The aggregate replicas that reported it are waited for
+        again (they may hold its partials in their spools), until each reports or is
+        dropped after ``replica_timeout``."""
         self.windows.restore_clock(service, max_end, closed_through)
         self._restored_at[service] = self.windows.clock()
+        if replicas:
+            self.replicas.restore(service, replicas, closed_through, self._restored_at[service])
+            self.windows.advance(service, None)  # (closed by the replicas' reports)
         self.service_ticks[service] = ticks
         if self.rollouts is not None and rollouts is not None:
             try:

@@ -281,6 +281,14 @@ class Replicas:
                 tops.append((top, now))
         return touched
 
+    def restore(self, service: tuple, replicas, watermark: int, now: float) -> None:
+        """Replicas a checkpoint says reported ``service``: known as of ``now``, and holding
+        its windows after ``watermark`` until each reports again (or is dropped)."""
+        self.announce(replicas, now)
+        by_replica = self.marks.setdefault(service, {})
+        for r in replicas:
+            by_replica.setdefault(r, [watermark, True])
+
     def expire(self, now: float) -> set[tuple]:
         """Drop the replicas silent for ``timeout`` seconds; the services they held."""
         gone = {r for r, t in self.seen.items() if now - t >= self.timeout}

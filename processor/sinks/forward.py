@@ -76,7 +76,10 @@ class Forwarder:
         self.max_bytes = max_bytes
         self.timeout = timeout
         self.on_sent, self.on_refused = on_sent, on_refused
-        options = [("grpc.max_send_message_length", 64 << 20)]
+        # (gRPC's reconnect backoff grows to 2 minutes: a detect replica back after an outage
+        # would wait that long for this replica, whose spool holds its partials)
+        options = [("grpc.max_send_message_length", 64 << 20), ("grpc.initial_reconnect_backoff_ms", 200),
+                   ("grpc.max_reconnect_backoff_ms", 2000)]
         self._channel = grpc.secure_channel(target, credentials, options) if credentials \
             else grpc.insecure_channel(target, options)
         self._token, self._token_file = token, token_file
@@ -252,7 +255,9 @@ class Forwarder:
         kept in the spool (``join`` False: only tell the sending thread, for several
         forwarders side by side)."""
         if not self._stopping:
-            self._deadline = time.monotonic() + timeout
+            # (with the detect replica away, the spool keeps what waits: no need to wait for it)
+            away = self.spool is not None and not self.reachable
+            self._deadline = time.monotonic() + (min(timeout, 1.0) if away else timeout)
         with self._cond:
             self._stopping = True
             self._cond.notify_all()

@@ -253,6 +253,18 @@ class Metrics:
         for t in EVENT_TYPES + (RESOLVED,):
             self.events.labels(type=t)
 
+    def for_role(self, role: str) -> None:
+        """Leave out the families that do not apply to ``role``: an aggregate replica has no
+        Redis and no replicas of its own, the others forward nothing (a gauge left at 0
+        would read as down to an alert)."""
+        if role == "aggregate":
+            gone = [self.redis_pending, self.redis_dropped, self.redis_republished, self.redis_spool_bytes,
+                    self.redis_waited, self.redis_up, self.tier_replicas, self.tier_dropped]
+        else:
+            gone = [self.forward_points, self.forward_pending, self.forward_up]
+        for metric in gone:
+            self.registry.unregister(metric)
+
     def forget(self, forgotten) -> None:
         """Count what the engine forgot (``Forgotten``) and drop its per-location series."""
         self.forgotten_versions.inc(len(forgotten.versions))

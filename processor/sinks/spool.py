@@ -135,7 +135,7 @@ class Spool:
 
     def mark(self, offset: int) -> None:
         aside = self.path + ".at.new"
-        with open(aside, "w") as f:
+        with open(os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write(str(offset))
         os.replace(aside, self.path + ".at")
         self.start = offset
@@ -163,7 +163,8 @@ class Spool:
         """The spool as ``before``'s records, then its own from ``start`` on, then ``after``'s:
         written aside and renamed over it (a crash leaves the old or the new, whole)."""
         aside = self.path + ".new"
-        with open(aside, "wb") as out, open(self.path, "rb") as old:
+        with open(os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out, \
+                open(self.path, "rb") as old:
             def put(records):
                 for r in records:
                     payload = msgpack.packb(r, use_bin_type=True)
