@@ -221,6 +221,26 @@ def test_a_restarted_detect_replica_waits_for_the_replicas_its_checkpoint_names(
         assert tiers.detect.windows.stats["windows"] == 1 and tiers.detect.replicas.dropped == 1
 
 
+def test_a_restored_replica_that_no_longer_reports_the_service_is_waited_for_the_timeout_only():
+    """Alive (it reports another service) but silent on this one; and a name dropped in this
+    run that a later service's checkpoint names again is not waited for."""
+    r = Replicas(timeout=30.0, wait=10.0, settle=0.0)
+    shop, cart, shoes = ("prod", "shop"), ("prod", "cart"), ("prod", "shoes")
+    r.restore(shop, ["r0", "r1"], 1000, now=0.0)
+    for t in (1.0, 10.0, 20.0, 29.0):
+        r.report([Watermark("r0", shop, 1000 + int(t) * 60, 0, 60), Watermark("r1", cart, 5000, 0, 60)], now=t)
+        assert r.watermark(shop, now=t) == 1000  # (r1 may hold shop's partials in its spool)
+    assert shop in r.expire(now=30.0) and r.known == 2  # r1's mark on shop goes; r1 stays
+    # (from now on r1 is a known replica that has not reported shop: replica_wait, as ever)
+    assert r.watermark(shop, now=39.0) == 1000 + 29 * 60
+    r.restore(cart, ["old"], 2000, now=31.0)
+    assert r.known == 3
+    r.report([Watermark("r0", shop, 3000, 0, 60), Watermark("r1", cart, 5000, 0, 60)], now=60.0)
+    assert r.expire(now=61.0) and "old" not in r.seen and r.known == 2
+    r.restore(shoes, ["old", "r0"], 3000, now=62.0)  # (old was dropped: only r0 is waited for)
+    assert r.known == 2 and set(r.marks[shoes]) == {"r0"}
+
+
 def test_data_before_its_watermark_does_not_close_windows_by_itself():
     """A first request holding only partials (the watermarks come in a later one): the
     service's windows wait for the replicas, not for its figures' own ends."""

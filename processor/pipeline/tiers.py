@@ -228,6 +228,8 @@ class Replicas:
         self._first: float | None = None  # when the first report came
         self._settling = True
         self._taken: dict[tuple, tuple[set, deque]] = {}  # (replica, session) -> request numbers taken
+        self._restored: dict[tuple, float] = {}  # (service, replica) from a checkpoint -> waited for until
+        self._gone: set[str] = set()  # replicas dropped in this run
 
     @property
     def known(self) -> int:
@@ -262,11 +264,14 @@ class Replicas:
             self.seen[r] = max(now, self.seen.get(r, now))  # (a batch held for a restore may come later)
             if self._first is None:
                 self._first = now
+        if self._gone:
+            self._gone.difference_update(replicas)  # (back: a checkpoint may name it again)
 
     def report(self, marks: list[Watermark], now: float) -> set[tuple]:
         self.announce({m.replica for m in marks}, now)
         touched = set()
         for m in marks:
+            self._restored.pop((m.service, m.replica), None)
             by_replica = self.marks.setdefault(m.service, {})
             held = by_replica.get(m.replica)
             if held is None:
@@ -282,22 +287,39 @@ class Replicas:
         return touched
 
     def restore(self, service: tuple, replicas, watermark: int, now: float) -> None:
-        """Replicas a checkpoint says reported ``service``: known as of ``now``, and holding
-        its windows after ``watermark`` until each reports again (or is dropped)."""
-        self.announce(replicas, now)
+        """Replicas a checkpoint says reported ``service`` (but none dropped in this run):
+        holding its windows after ``watermark`` until each reports it again, for at most
+        ``timeout`` seconds from ``now`` (alive, one may no longer have the service)."""
+        replicas = [r for r in replicas if r not in self._gone]
+        if not replicas:
+            return
+        if self._first is None:
+            self._first = now
         by_replica = self.marks.setdefault(service, {})
         for r in replicas:
-            by_replica.setdefault(r, [watermark, True])
+            self.seen.setdefault(r, now)  # (known from now, if not already: never made younger)
+            if r not in by_replica:
+                by_replica[r] = [watermark, True]
+                self._restored[(service, r)] = now + self.timeout
 
     def expire(self, now: float) -> set[tuple]:
-        """Drop the replicas silent for ``timeout`` seconds; the services they held."""
+        """Drop the replicas silent for ``timeout`` seconds, and the restored marks no
+        report answered in that time; the services they held."""
+        touched = {service for (service, _), until in self._restored.items() if now >= until}
+        for service, r in [k for k, until in self._restored.items() if now >= until]:
+            del self._restored[(service, r)]
+            by_replica = self.marks.get(service, {})
+            by_replica.pop(r, None)
+            if not by_replica:
+                self.forget(service)
         gone = {r for r, t in self.seen.items() if now - t >= self.timeout}
         if not gone:
-            return set()
+            return touched
         self.dropped += len(gone)
+        self._gone |= gone
         for r in gone:
             del self.seen[r]
-        touched = set(self.marks)  # (each may have waited for one of them, reported or not)
+        touched |= set(self.marks)  # (each may have waited for one of them, reported or not)
         for service in list(self.marks):
             by_replica = self.marks[service]
             for r in gone & by_replica.keys():
@@ -342,3 +364,5 @@ class Replicas:
     def forget(self, service: tuple) -> None:
         self.marks.pop(service, None)
         self._tops.pop(service, None)
+        for key in [k for k in self._restored if k[0] == service]:
+            del self._restored[key]

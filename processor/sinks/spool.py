@@ -135,6 +135,7 @@ class Spool:
 
     def mark(self, offset: int) -> None:
         aside = self.path + ".at.new"
+        _unlink(aside)  # (one a crash left: O_CREAT would keep its mode)
         with open(os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             f.write(str(offset))
         os.replace(aside, self.path + ".at")
@@ -163,6 +164,7 @@ class Spool:
         """The spool as ``before``'s records, then its own from ``start`` on, then ``after``'s:
         written aside and renamed over it (a crash leaves the old or the new, whole)."""
         aside = self.path + ".new"
+        _unlink(aside)
         with open(os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out, \
                 open(self.path, "rb") as old:
             def put(records):
@@ -184,10 +186,7 @@ class Spool:
 
     def _unmark(self) -> None:
         self.start = 0
-        try:
-            os.unlink(self.path + ".at")
-        except FileNotFoundError:
-            pass
+        _unlink(self.path + ".at")
 
     def clear(self) -> None:
         os.ftruncate(self._fd, 0)
@@ -197,3 +196,10 @@ class Spool:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
