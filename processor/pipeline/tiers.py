@@ -305,8 +305,9 @@ class Replicas:
     def expire(self, now: float) -> set[tuple]:
         """Drop the replicas silent for ``timeout`` seconds, and the restored marks no
         report answered in that time; the services they held."""
-        touched = {service for (service, _), until in self._restored.items() if now >= until}
-        for service, r in [k for k, until in self._restored.items() if now >= until]:
+        unanswered = [k for k, until in self._restored.items() if now >= until]
+        touched = {service for service, _ in unanswered}
+        for service, r in unanswered:
             del self._restored[(service, r)]
             by_replica = self.marks.get(service, {})
             by_replica.pop(r, None)

@@ -4,14 +4,14 @@ Requests (``processor.pipeline.tiers.partials``, serialized) are sent one at a t
 order they were made, each until the detect replica takes it: a watermark must never reach
 it before the windows it passes. While it is away they go to the spool on disk when there
 is one (``spool_dir``, a file per detect replica), else wait in memory; past ``max_bytes``
-in memory and the spool's size, ``has_room`` turns false and the replica's receivers tell their senders to
-retry, so that nothing acknowledged is dropped. At exit, what was not taken is written to
-the spool (memory's first, in order) and the next start sends it first. A detect replica
-that answers UNAUTHENTICATED (a token changed on one side) is retried the same way, with
-the token file read again. Each request is numbered (``sequenced``): one sent again after
-its answer was lost, or after a restart, is taken once. A request the detect replica
-refuses as malformed or too large would be refused again: it is logged and counted, not
-retried.
+in memory and the spool's size, ``has_room`` turns false and the replica's receivers tell
+their senders to retry, so that nothing acknowledged is dropped. At exit, what was not
+taken is written to the spool (memory's first, in order) and the next start sends it
+first. A detect replica that answers UNAUTHENTICATED (a token changed on one side) is
+retried the same way, with the token file read again. Each request is numbered
+(``sequenced``): one sent again after its answer was lost, or after a restart, is taken
+once. A request the detect replica refuses as malformed or too large would be refused
+again: it is logged and counted, not retried.
 """
 
 from __future__ import annotations
