@@ -268,6 +268,8 @@ class Config:
     config: str | None = None
     detectors: DetectorSettings = None  # the detectors: section (processor/detect/registry.py)
     rollouts: RolloutSettings = None    # the rollouts: section (processor/detect/rollout.py)
+    # where each setting given was given (flag, environment variable, YAML): for messages
+    sources: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         if self.detectors is None:
@@ -314,7 +316,7 @@ class Config:
         return cls(**values)
 
 
-assert {f.name for f in dataclasses.fields(Config)} == set(_BY_NAME) | {"config", "detectors", "rollouts"}
+assert {f.name for f in dataclasses.fields(Config)} == set(_BY_NAME) | {"config", "detectors", "rollouts", "sources"}
 
 
 # The detector settings changed most often are flags and environment variables too; they
@@ -402,8 +404,35 @@ def resolve(flags: dict[str, Any], environ: dict[str, str]) -> Config:
     _read_token_file(values, sources, "forward_auth_token")
     detectors = parse_detector_settings(from_yaml.get("detectors"), where=str(config_path))
     rollouts = parse_rollout_settings(from_yaml.get("rollouts"), where=str(config_path))
+    for name in ("detectors", "rollouts"):
+        if name in from_yaml:
+            sources[name] = f"{name} in {config_path}"
+    for name in DETECTOR_FLAGS:
+        flag, env, _, _ = _detector_flag(name)
+        if flags.get(name) is not None or environ.get(env) not in (None, ""):
+            sources[name] = flag if flags.get(name) is not None else env
     return Config(config=config_path, detectors=_detector_overrides(detectors, flags, environ), rollouts=rollouts,
-                  **values)
+                  sources=sources, **values)
+
+
+# Settings an aggregate replica has no use for (no Redis, no detectors): named at its start.
+_NOT_AGGREGATES = ("redis_url", "prefix", "events_maxlen", "redis_buffer", "redis_wait_replicas",
+                   "checkpoint_interval", "codeowners", "trend_period", "trend_points", "baseline_half_life",
+                   "replica_timeout", "replica_wait", "detectors", "rollouts") + DETECTOR_FLAGS
+
+
+def unused_settings(cfg: Config) -> list[str]:
+    """The settings given that ``cfg``'s role does not use, each with where it was given.
+
+    >>> unused_settings(load_config(["--role", "aggregate", "--forward", "d:4317", "--replica-wait", "3"],
+    ...                             environ={"BACKFLOW_WARMUP_WINDOWS": "5"}))
+    ['replica_wait (--replica-wait)', 'warmup_windows (BACKFLOW_WARMUP_WINDOWS)']
+    >>> unused_settings(load_config(["--replica-wait", "3"], environ={}))
+    []
+    """
+    if cfg.role != "aggregate":
+        return []
+    return [f"{name} ({cfg.sources[name]})" for name in _NOT_AGGREGATES if name in cfg.sources]
 
 
 def _detector_overrides(detectors: DetectorSettings, flags: dict[str, Any], environ: dict[str, str]):

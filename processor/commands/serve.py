@@ -14,7 +14,7 @@ import sys
 import threading
 
 from processor import __version__
-from processor.config import ConfigError, add_arguments, resolve
+from processor.config import ConfigError, add_arguments, resolve, unused_settings
 from processor.logs import configure_logging
 from processor.parsing import ListenError
 
@@ -100,6 +100,10 @@ def serve(cfg) -> int:
     warning = plaintext_token_warning(cfg)
     if warning:
         logging.getLogger("backflow").warning(warning)
+    unused = unused_settings(cfg)
+    if unused:  # (often set for every process alike: said, not refused)
+        logging.getLogger("backflow").warning(
+            "an aggregate replica does not use %s: the detect replicas do (docs/tiers.md)", ", ".join(unused))
     # Receiver threads answer Export calls while the pipeline thread computes: a shorter
     # GIL switch interval (5 ms by default) bounds how long a call waits for its turn.
     sys.setswitchinterval(0.001)
