@@ -241,6 +241,20 @@ def test_a_restored_replica_that_no_longer_reports_the_service_is_waited_for_the
     assert r.known == 2 and set(r.marks[shoes]) == {"r0"}
 
 
+def test_a_restored_replica_dropped_as_silent_leaves_no_mark_behind():
+    """agg-2, restored for two services, is dropped as silent; agg-0 is alive but never
+    reports b: b's restored marks go by their time, one after the other, without a trace."""
+    r = Replicas(timeout=30.0, wait=10.0, settle=0.0)
+    a, b = ("prod", "a"), ("prod", "b")
+    assert r.restore(a, ["agg-2"], 1000, now=0.0)
+    assert r.restore(b, ["agg-0", "agg-2"], 1000, now=20.0)
+    for t in (21.0, 34.0, 49.0):
+        r.announce(["agg-0"], now=t)
+    assert r.expire(now=35.0) and "agg-2" not in r.seen  # (silent since 0)
+    assert b in r.expire(now=50.0) and r.watermark(b, now=50.0) is None  # (no replica reports b any more)
+    assert not r.restore(a, ["agg-2"], 1000, now=51.0)  # (dropped in this run)
+
+
 def test_data_before_its_watermark_does_not_close_windows_by_itself():
     """A first request holding only partials (the watermarks come in a later one): the
     service's windows wait for the replicas, not for its figures' own ends."""

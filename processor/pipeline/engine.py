@@ -311,8 +311,7 @@ class Engine:
         dropped after ``replica_timeout``."""
         self.windows.restore_clock(service, max_end, closed_through)
         self._restored_at[service] = self.windows.clock()
-        if replicas:
-            self.replicas.restore(service, replicas, closed_through, self._restored_at[service])
+        if replicas and self.replicas.restore(service, replicas, closed_through, self._restored_at[service]):
             self.windows.advance(service, None)  # (closed by the replicas' reports)
         self.service_ticks[service] = ticks
         if self.rollouts is not None and rollouts is not None:

@@ -286,13 +286,14 @@ class Replicas:
                 tops.append((top, now))
         return touched
 
-    def restore(self, service: tuple, replicas, watermark: int, now: float) -> None:
+    def restore(self, service: tuple, replicas, watermark: int, now: float) -> bool:
         """Replicas a checkpoint says reported ``service`` (but none dropped in this run):
         holding its windows after ``watermark`` until each reports it again, for at most
-        ``timeout`` seconds from ``now`` (alive, one may no longer have the service)."""
+        ``timeout`` seconds from ``now`` (alive, one may no longer have the service). Whether
+        any is waited for."""
         replicas = [r for r in replicas if r not in self._gone]
         if not replicas:
-            return
+            return False
         if self._first is None:
             self._first = now
         by_replica = self.marks.setdefault(service, {})
@@ -301,6 +302,7 @@ class Replicas:
             if r not in by_replica:
                 by_replica[r] = [watermark, True]
                 self._restored[(service, r)] = now + self.timeout
+        return True
 
     def expire(self, now: float) -> set[tuple]:
         """Drop the replicas silent for ``timeout`` seconds, and the restored marks no
@@ -308,7 +310,7 @@ class Replicas:
         unanswered = [k for k, until in self._restored.items() if now >= until]
         touched = {service for service, _ in unanswered}
         for service, r in unanswered:
-            del self._restored[(service, r)]
+            self._restored.pop((service, r), None)  # (one forget() below may have taken it)
             by_replica = self.marks.get(service, {})
             by_replica.pop(r, None)
             if not by_replica:
@@ -320,6 +322,8 @@ class Replicas:
         self._gone |= gone
         for r in gone:
             del self.seen[r]
+        for key in [k for k in self._restored if k[1] in gone]:
+            del self._restored[key]
         touched |= set(self.marks)  # (each may have waited for one of them, reported or not)
         for service in list(self.marks):
             by_replica = self.marks[service]
