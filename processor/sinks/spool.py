@@ -53,12 +53,19 @@ class Spool:
         # Unbuffered: a write that fails leaves nothing behind to be written with the next.
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         self.size = os.lseek(self._fd, 0, os.SEEK_END)
-        whole = self._whole_length()
+        # One pass: where the whole records end, and whether the mark is one of those ends.
+        marked, whole, self.start = self._marked(), 0, 0
+        with open(self.path, "rb") as f:
+            for payload, end in _scan(f):
+                if payload is None:
+                    break
+                whole = end
+                if end == marked:
+                    self.start = marked
         if whole < self.size:  # a record cut short by a crash: what follows must not hide behind it
             log.warning("the spool %s ends in a record cut short (%d bytes); removed", self.path, self.size - whole)
             os.ftruncate(self._fd, whole)
             self.size = whole
-        self.start = self._marked()
 
     @property
     def full(self) -> bool:
@@ -67,8 +74,8 @@ class Spool:
     def append(self, commands: list) -> None:
         """Add a batch (any MessagePack value: the forwarder spools requests), on disk when this
         returns; OSError (a full disk) leaves the file as it was."""
-        payload = msgpack.packb(commands, use_bin_type=True)
-        record = memoryview(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
+        record = memoryview(_frame(commands))
+        n = len(record)
         try:
             while record:  # (a write may take part of it)
                 record = record[os.write(self._fd, record):]
@@ -79,37 +86,14 @@ class Spool:
             except OSError:
                 pass
             raise
-        self.size += _HEADER.size + len(payload)
-
-    def _whole_length(self) -> int:
-        """Bytes from the start of the file up to the end of its last whole record."""
-        end = 0
-        with open(self.path, "rb") as f:
-            while True:
-                header = f.read(_HEADER.size)
-                if len(header) < _HEADER.size:
-                    return end
-                length, crc = _HEADER.unpack(header)
-                payload = f.read(length)
-                if len(payload) < length or zlib.crc32(payload) != crc:
-                    return end
-                end += _HEADER.size + length
+        self.size += n
 
     def records(self, start: int = 0) -> Iterator[list[list]]:
         """The batches in the order they were appended (from offset ``start``), up to the
         first one not whole."""
         with open(self.path, "rb") as f:
-            f.seek(start)
-            while True:
-                header = f.read(_HEADER.size)
-                if not header:
-                    return
-                if len(header) < _HEADER.size:
-                    log.warning("the spool ends in a record cut short; what it held is lost")
-                    return
-                length, crc = _HEADER.unpack(header)
-                payload = f.read(length)
-                if len(payload) < length or zlib.crc32(payload) != crc:
+            for payload, _ in _scan(f, start):
+                if payload is None:
                     log.warning("the spool ends in a record cut short or damaged; what follows is not replayed")
                     return
                 yield msgpack.unpackb(payload, raw=False)
@@ -118,17 +102,15 @@ class Spool:
         """The record at ``offset`` and the offset of the next; None at the end, or (logged)
         at a record cut short or damaged."""
         with open(self.path, "rb") as f:
-            f.seek(offset)
-            header = f.read(_HEADER.size)
-            if not header:
-                return None
-            length, crc = _HEADER.unpack(header) if len(header) == _HEADER.size else (0, None)
-            payload = f.read(length)
-            if crc is None or len(payload) < length or zlib.crc32(payload) != crc:
-                log.warning("the spool %s holds a record cut short or damaged at %d; what follows is not "
-                            "sent", self.path, offset)
-                return None
-            return msgpack.unpackb(payload, raw=False), offset + _HEADER.size + length
+            got = next(_scan(f, offset), None)
+        if got is None:
+            return None
+        payload, after = got
+        if payload is None:
+            log.warning("the spool %s holds a record cut short or damaged at %d; what follows is not "
+                        "sent", self.path, offset)
+            return None
+        return msgpack.unpackb(payload, raw=False), after
 
     # The offset of the first record not yet taken, kept beside the spool (``mark``) so that
     # a restart while the spool is being sent does not send it all again from its start.
@@ -142,23 +124,12 @@ class Spool:
         self.start = offset
 
     def _marked(self) -> int:
+        """The mark as written (0 without one); used only where a whole record ends."""
         try:
             with open(self.path + ".at") as f:
-                at = int(f.read())
+                return int(f.read())
         except (OSError, ValueError):
             return 0
-        return at if 0 <= at <= self.size and self._at_record(at) else 0
-
-    def _at_record(self, offset: int) -> bool:
-        end = 0
-        with open(self.path, "rb") as f:
-            while end < offset:
-                header = f.read(_HEADER.size)
-                if len(header) < _HEADER.size:
-                    return False
-                end += _HEADER.size + _HEADER.unpack(header)[0]
-                f.seek(end)
-        return end == offset
 
     def rewrite(self, before: list, after: list) -> None:
         """The spool as ``before``'s records, then its own from ``start`` on, then ``after``'s:
@@ -167,15 +138,11 @@ class Spool:
         _unlink(aside)
         with open(os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as out, \
                 open(self.path, "rb") as old:
-            def put(records):
-                for r in records:
-                    payload = msgpack.packb(r, use_bin_type=True)
-                    out.write(_HEADER.pack(len(payload), zlib.crc32(payload)) + payload)
-            put(before)
+            out.writelines(_frame(r) for r in before)
             old.seek(self.start)
             while chunk := old.read(1 << 20):
                 out.write(chunk)
-            put(after)
+            out.writelines(_frame(r) for r in after)
             out.flush()
             os.fsync(out.fileno())
         os.replace(aside, self.path)
@@ -196,6 +163,26 @@ class Spool:
 
     def close(self) -> None:
         os.close(self._fd)
+
+
+def _frame(value) -> bytes:
+    """A record: length, CRC-32 and the MessagePack of ``value``."""
+    payload = msgpack.packb(value, use_bin_type=True)
+    return _HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _scan(f, at: int = 0):
+    """The records of ``f`` from offset ``at``: (payload, offset after it) for each whole
+    one; at one cut short or damaged, (None, its offset), and no more."""
+    f.seek(at)
+    while header := f.read(_HEADER.size):
+        length, crc = _HEADER.unpack(header) if len(header) == _HEADER.size else (0, None)
+        payload = f.read(length)
+        if crc is None or len(payload) < length or zlib.crc32(payload) != crc:
+            yield None, at
+            return
+        at += _HEADER.size + length
+        yield payload, at
 
 
 def _unlink(path: str) -> None:
