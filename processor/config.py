@@ -407,12 +407,8 @@ def resolve(flags: dict[str, Any], environ: dict[str, str]) -> Config:
     for name in ("detectors", "rollouts"):
         if name in from_yaml:
             sources[name] = f"{name} in {config_path}"
-    for name in DETECTOR_FLAGS:
-        flag, env, _, _ = _detector_flag(name)
-        if flags.get(name) is not None or environ.get(env) not in (None, ""):
-            sources[name] = flag if flags.get(name) is not None else env
-    return Config(config=config_path, detectors=_detector_overrides(detectors, flags, environ), rollouts=rollouts,
-                  sources=sources, **values)
+    return Config(config=config_path, detectors=_detector_overrides(detectors, flags, environ, sources),
+                  rollouts=rollouts, sources=sources, **values)
 
 
 # Settings an aggregate replica has no use for (no Redis, no detectors): named at its start.
@@ -435,8 +431,10 @@ def unused_settings(cfg: Config) -> list[str]:
     return [f"{name} ({cfg.sources[name]})" for name in _NOT_AGGREGATES if name in cfg.sources]
 
 
-def _detector_overrides(detectors: DetectorSettings, flags: dict[str, Any], environ: dict[str, str]):
-    """``detectors`` with the common settings given as flags or environment variables."""
+def _detector_overrides(detectors: DetectorSettings, flags: dict[str, Any], environ: dict[str, str],
+                        sources: dict[str, str]):
+    """``detectors`` with the common settings given as flags or environment variables
+    (where each was given, into ``sources``)."""
     common = detectors.common
     for name in DETECTOR_FLAGS:
         flag, env, _, _ = _detector_flag(name)
@@ -448,6 +446,7 @@ def _detector_overrides(detectors: DetectorSettings, flags: dict[str, Any], envi
             continue
         parsed = CommonSettings.parse({name: raw}, "detectors", where)
         common = dataclasses.replace(common, **{name: getattr(parsed, name)})
+        sources[name] = where
     if common is detectors.common:
         return detectors
     try:
@@ -494,10 +493,7 @@ def _check_pair(values: dict[str, Any], sources: dict[str, str], cert_name: str,
                        f"{given} ({sources[given]}) is set but {missing} is not; give both or neither")
     if cert is None:
         return
-    try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=cert)
-    except ssl.SSLError as e:
-        raise _invalid(cert_name, sources, f"no PEM certificate in {cert!r} ({e.reason or e})") from None
+    _check_ca(values, sources, cert_name)  # (a PEM certificate at all)
     try:
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=_no_passphrase)
     except _Encrypted:

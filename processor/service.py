@@ -286,11 +286,8 @@ class Pipeline:
         out = []
         for b in batches:
             spans = isinstance(b, Batch)
-            if not spans and b.sequence is not None:  # (taken once, before its parts are held apart)
-                if not self.engine.replicas.first(b.sequence):
-                    self.engine.windows.stats["tier_duplicates"] += 1
-                    continue
-                b.sequence = None
+            if not spans and not self.engine.new_request(b):  # (once, before its parts are held apart)
+                continue
             named = [(x.environment, x.service) for x in b.locations] if spans else \
                 [(p.location.environment, p.location.service) for p in b.points]
             waiting = set(named).union(() if spans else (m.service for m in b.watermarks)) - self.ready
@@ -311,7 +308,7 @@ class Pipeline:
             else:
                 parts = {s: dataclasses.replace(b, points=[p for p, n in zip(b.points, named) if n == s],
                                                 watermarks=[m for m in b.watermarks if m.service == s],
-                                                reasons=Counter(), sequence=None) for s in waiting}
+                                                reasons=Counter()) for s in waiting}
                 out.append(dataclasses.replace(b, points=[p for p, n in zip(b.points, named) if n not in waiting],
                                                watermarks=[m for m in b.watermarks if m.service not in waiting]))
             for service, part in parts.items():

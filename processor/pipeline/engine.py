@@ -369,8 +369,7 @@ class Engine:
         """OTLP metrics (processor/receiver/metrics.py): cumulative points made deltas here,
         one place whichever receiver decoded them, then into the windows as spans are."""
         window_ns = self.windows.window_ns
-        if not self.replicas.first(batch.sequence):  # (sent again after its answer was lost)
-            self.windows.stats["tier_duplicates"] += 1
+        if not self.new_request(batch):
             return []
         counts = to_counts(batch, self.deltas, window_ns)
         marks = [m for m in batch.watermarks if m.window_ns == window_ns]
@@ -386,6 +385,15 @@ class Engine:
             self.replicas.announce([r for r, w in batch.replicas.items() if w == window_ns], now)
             closed = self._advance(self.replicas.report(marks, now), closed, now)
         return self._evaluate(closed)
+
+    def new_request(self, batch: MetricsBatch) -> bool:
+        """Whether ``batch`` is not an aggregate replica's request taken before (sent again
+        after its answer was lost; counted); asked once a request: its number is cleared."""
+        new = self.replicas.first(batch.sequence)
+        batch.sequence = None
+        if not new:
+            self.windows.stats["tier_duplicates"] += 1
+        return new
 
     def _advance(self, services: set, closed: list[ClosedWindow], now: float) -> list[ClosedWindow]:
         """``closed``, and the windows of ``services`` that their replicas' watermark passed."""
