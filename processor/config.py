@@ -25,8 +25,8 @@ from processor.detect.rollout import RolloutSettings
 from processor.detect.settings import CommonSettings
 from processor.parsing import (  # noqa: F401 (re-exported: the settings' parsers)
     ConfigError, parse_address, split_address, parse_address_or_off, parse_redis_url, redact_url,
-    url_secrets, parse_readable_file, parse_writable_dir, parse_codeowners, parse_token, parse_prefix, positive_float,
-    non_negative_float, positive_int, non_negative_int, parse_log_level, flag_of, env_of, parse_role,
+    url_secrets, parse_readable_file, parse_writable_dir, parse_codeowners, parse_token, read_token, parse_prefix,
+    positive_float, non_negative_float, positive_int, non_negative_int, parse_log_level, flag_of, env_of, parse_role,
     parse_replica_id, parse_addresses,
 )
 
@@ -523,10 +523,8 @@ def _read_token_file(values: dict[str, Any], sources: dict[str, str], token: str
         return
     if values[token] is not None:
         raise _invalid(file, sources, f"{token} is set as well; give one of them")
-    with open(path, encoding="ascii", errors="replace") as f:
-        content = f.read()
     try:
-        values[token] = parse_token(content)
+        values[token] = read_token(path)
     except ValueError as e:
         raise _invalid(file, sources, f"{path!r}: {e}") from None
 

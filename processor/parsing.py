@@ -222,6 +222,12 @@ def parse_token(value: Any) -> str:
     return text
 
 
+def read_token(path: str) -> str:
+    """The bearer token a file holds (``parse_token``'s rules; OSError if unreadable)."""
+    with open(path, encoding="ascii", errors="replace") as f:
+        return parse_token(f.read())
+
+
 def parse_prefix(value: Any) -> str:
     text = str(value)
     if not re.fullmatch(r"[A-Za-z0-9_.\-{}]+", text):

@@ -26,7 +26,7 @@ from collections import deque
 import grpc
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceResponse
 
-from processor.parsing import parse_token
+from processor.parsing import read_token
 from processor.pipeline.tiers import sequenced
 from processor.sinks.spool import Spool
 
@@ -223,8 +223,7 @@ class Forwarder:
         if self._token_file is None:
             return
         try:
-            with open(self._token_file, encoding="ascii", errors="replace") as f:
-                token = parse_token(f.read())
+            token = read_token(self._token_file)
         except (OSError, ValueError) as e:
             log.warning("cannot read forward_auth_token_file %r again: %s", self._token_file,
                         getattr(e, "strerror", None) or e)
